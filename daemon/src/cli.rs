@@ -1,0 +1,841 @@
+//! The `millrace` command line: parses arguments, calls the engine and the store,
+//! prints for people (or JSON with `--json`) and maps outcomes to exit codes:
+//! 0 ok, 1 run failed, 2 usage, 78 bad configuration.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use crate::definition::{self, Pipeline};
+use crate::diagnostic::{Report, display_path};
+use crate::graph::{Graph, GraphFormat};
+use crate::planner::{Decision, KeyParts, short};
+use crate::run::{Datastores, Engine, Event, RunError, RunRequest, RunSummary, StepStatus};
+use crate::store::Store;
+use crate::store::db::now_ms;
+
+pub const EXIT_RUN_FAILED: i32 = 1;
+pub const EXIT_USAGE: i32 = 2;
+pub const EXIT_CONFIG: i32 = 78;
+
+#[derive(Parser, Debug)]
+#[command(name = "millrace", version, about = "Sandboxed ML pipelines with content-addressed reuse")]
+pub struct Cli {
+    /// State directory: database, artifacts, logs.
+    #[arg(long, global = true, env = "MILLRACE_STATE", default_value = ".millrace")]
+    state: PathBuf,
+    /// Machine-readable output on read commands.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a pipeline in this process; the exit code is the result.
+    Run {
+        pipeline: PathBuf,
+        /// Override a param: `--param c=0.7` (repeatable).
+        #[arg(long = "param", value_name = "K=V")]
+        params: Vec<String>,
+        /// Execute every step, even when an earlier result could be reused.
+        #[arg(long)]
+        no_reuse: bool,
+        /// Steps run at once (default: number of CPUs).
+        #[arg(long)]
+        max_parallel: Option<usize>,
+    },
+    /// Check pipeline files (or every *.toml in directories): all errors at once.
+    Validate {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Print the execution graph.
+    Graph {
+        pipeline: PathBuf,
+        #[arg(long, value_enum, default_value = "text")]
+        format: GraphFormat,
+    },
+    /// Show which steps would run or be reused, and why, without running anything.
+    Plan {
+        pipeline: PathBuf,
+        #[arg(long = "param", value_name = "K=V")]
+        params: Vec<String>,
+        #[arg(long)]
+        no_reuse: bool,
+    },
+    /// Run history; `runs show RUN` for one run.
+    Runs {
+        #[command(subcommand)]
+        show: Option<RunsCommand>,
+        #[arg(long)]
+        pipeline: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
+    },
+    /// Print a step's log (every step's, without STEP).
+    Logs {
+        run: String,
+        step: Option<String>,
+        /// Keep printing while the run goes on.
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Metrics of one or more runs, side by side.
+    Metrics {
+        #[arg(required = true)]
+        runs: Vec<String>,
+    },
+    /// Why a step ran (what changed in its key, vs which run) or which run it reused.
+    Explain { run: String, step: String },
+    /// Where an artifact came from and where it was used.
+    Lineage { artifact: String },
+    /// Copy an output out of the store; a single file goes to stdout without -o.
+    Output {
+        run: String,
+        /// `STEP.OUTPUT`
+        output: String,
+        #[arg(short = 'o', long)]
+        dir: Option<PathBuf>,
+    },
+    /// Finish a failed or interrupted run, reusing the steps that succeeded.
+    Resume { run: String },
+    /// Delete runs beyond the newest N per pipeline and the artifacts only they used.
+    Gc {
+        #[arg(long, default_value_t = 10)]
+        keep: i64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum RunsCommand {
+    /// One run: its steps, status, timing, reuse and outputs.
+    Show { run: String },
+}
+
+/// An error with the exit code it deserves.
+#[derive(Debug)]
+pub struct Exit {
+    pub code: i32,
+    pub message: String,
+}
+
+impl Exit {
+    fn config(message: impl Into<String>) -> Exit {
+        Exit { code: EXIT_CONFIG, message: message.into() }
+    }
+
+    fn usage(message: impl Into<String>) -> Exit {
+        Exit { code: EXIT_USAGE, message: message.into() }
+    }
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Exit {}
+
+/// Runs the command line; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MILLRACE_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return 1;
+        }
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            if let Some(exit) = e.downcast_ref::<Exit>() {
+                if !exit.message.is_empty() {
+                    eprintln!("{}", exit.message.trim_end());
+                }
+                exit.code
+            } else {
+                eprintln!("error: {e:#}");
+                1
+            }
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
+    let json = cli.json;
+    match cli.command {
+        Command::Validate { paths } => validate(&paths, json),
+        Command::Graph { pipeline, format } => {
+            let (p, _) = load(&pipeline)?;
+            print!("{}", Graph::new(&p).render(&p, format));
+            Ok(0)
+        }
+        Command::Run { pipeline, params, no_reuse, max_parallel } => {
+            let (p, text) = load(&pipeline)?;
+            let params = parse_params(&params)?;
+            let engine = engine(&cli.state, max_parallel)?;
+            let cancel = cancel_on_signal();
+            let events = progress(json, p.steps.len());
+            let req = RunRequest { params, no_reuse, trigger: "cli".into() };
+            let summary = engine.run(&p, &text, &std::path::absolute(&pipeline)?, req, events.sink(), cancel).await;
+            events.finish();
+            finish_run(summary, json)
+        }
+        Command::Resume { run } => {
+            let engine = engine(&cli.state, None)?;
+            let id = run_id(&engine.store, &run)?;
+            let steps = engine.store.db().read().steps(id)?.len();
+            let events = progress(json, steps);
+            let summary = engine.resume(id, events.sink(), cancel_on_signal()).await;
+            events.finish();
+            finish_run(summary, json)
+        }
+        Command::Plan { pipeline, params, no_reuse } => {
+            let (p, _) = load(&pipeline)?;
+            let params = parse_params(&params)?;
+            let engine = engine(&cli.state, None)?;
+            let plan = engine.plan(&p, &params, no_reuse).map_err(run_error)?;
+            if json {
+                let rows: Vec<_> = plan.iter().map(|(s, d)| serde_json::json!({"step": s, "plan": d})).collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                let width = plan.iter().map(|(s, _)| s.len()).max().unwrap_or(0);
+                for (step, d) in &plan {
+                    match d {
+                        Decision::Reuse { run, .. } => println!("{step:width$}  reuse  from run {run}"),
+                        Decision::Run { reason } => println!("{step:width$}  run    {reason}"),
+                        Decision::Pending { upstream } => {
+                            println!("{step:width$}  run?   after {} (reused if its inputs come out unchanged)", upstream.join(", "))
+                        }
+                    }
+                }
+            }
+            Ok(0)
+        }
+        Command::Runs { show: Some(RunsCommand::Show { run }), .. } => {
+            let store = open_store(&cli.state)?;
+            runs_show(&store, &run, json)
+        }
+        Command::Runs { show: None, pipeline, limit } => {
+            let store = open_store(&cli.state)?;
+            runs_list(&store, pipeline.as_deref(), limit, json)
+        }
+        Command::Logs { run, step, follow } => {
+            let store = open_store(&cli.state)?;
+            logs(&store, &run, step.as_deref(), follow).await
+        }
+        Command::Metrics { runs } => {
+            let store = open_store(&cli.state)?;
+            metrics(&store, &runs, json)
+        }
+        Command::Explain { run, step } => {
+            let store = open_store(&cli.state)?;
+            explain(&store, &run, &step, json)
+        }
+        Command::Lineage { artifact } => {
+            let store = open_store(&cli.state)?;
+            lineage(&store, &artifact, json)
+        }
+        Command::Output { run, output, dir } => {
+            let store = open_store(&cli.state)?;
+            output_cmd(&store, &run, &output, dir.as_deref())
+        }
+        Command::Gc { keep } => {
+            let store = open_store(&cli.state)?;
+            gc(&store, keep, json)
+        }
+    }
+}
+
+fn open_store(state: &Path) -> anyhow::Result<Arc<Store>> {
+    Ok(Arc::new(Store::open(state).with_context(|| format!("cannot open the state directory {}", state.display()))?))
+}
+
+fn engine(state: &Path, max_parallel: Option<usize>) -> anyhow::Result<Arc<Engine>> {
+    let store = open_store(state)?;
+    let parallel = max_parallel.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
+    Ok(Arc::new(Engine::new(store, parallel, Datastores::default())))
+}
+
+/// Loads and checks a pipeline file; bad configuration exits 78 with every error.
+fn load(path: &Path) -> anyhow::Result<(Pipeline, String)> {
+    let (pipeline, report) = definition::load(path, &definition::Environment::default())
+        .map_err(|e| Exit::config(format!("error: cannot read {}: {e}", path.display())))?;
+    match pipeline {
+        Some(p) => {
+            if !report.diagnostics.is_empty() {
+                eprint!("{report}");
+            }
+            Ok((p, report.source.text))
+        }
+        None => Err(Exit::config(format!("{report}{}", summary_line(&report))).into()),
+    }
+}
+
+fn summary_line(report: &Report) -> String {
+    let n = report.error_count();
+    format!("error: {} has {n} error{}\n", display_path(&report.source.path), if n == 1 { "" } else { "s" })
+}
+
+fn validate(paths: &[PathBuf], json: bool) -> anyhow::Result<i32> {
+    let mut files = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            let mut in_dir: Vec<PathBuf> = std::fs::read_dir(p)
+                .with_context(|| format!("cannot read {}", p.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| f.extension().is_some_and(|e| e == "toml"))
+                .collect();
+            in_dir.sort();
+            files.extend(in_dir);
+        } else {
+            files.push(p.clone());
+        }
+    }
+    let mut bad = 0;
+    let mut out = Vec::new();
+    for f in &files {
+        match definition::load(f, &definition::Environment::default()) {
+            Err(e) => {
+                bad += 1;
+                if json {
+                    out.push(serde_json::json!({"file": display_path(f), "valid": false, "errors": [{"message": e.to_string()}]}));
+                } else {
+                    eprintln!("{}: error: cannot read: {e}", display_path(f));
+                }
+            }
+            Ok((pipeline, report)) => {
+                if pipeline.is_none() {
+                    bad += 1;
+                }
+                if json {
+                    out.push(serde_json::json!({
+                        "file": display_path(f),
+                        "valid": pipeline.is_some(),
+                        "pipeline": pipeline.as_ref().map(|p| p.name.get_ref().clone()),
+                        "diagnostics": report.to_json(),
+                    }));
+                } else if pipeline.is_some() {
+                    eprint!("{report}");
+                    println!("{}: ok ({} steps)", display_path(f), pipeline.as_ref().map_or(0, |p| p.steps.len()));
+                } else {
+                    eprint!("{report}{}", summary_line(&report));
+                }
+            }
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    }
+    Ok(if bad > 0 { EXIT_CONFIG } else { 0 })
+}
+
+fn parse_params(raw: &[String]) -> anyhow::Result<Vec<(String, String)>> {
+    raw.iter()
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.trim().to_string(), v.to_string())),
+            _ => Err(Exit::usage(format!("error: --param expects KEY=VALUE, got `{p}`")).into()),
+        })
+        .collect()
+}
+
+fn run_error(e: RunError) -> anyhow::Error {
+    match e {
+        RunError::Params(m) => Exit::usage(format!("error: {m}")).into(),
+        RunError::Definition(r) => Exit::config(format!("{r}{}", summary_line(&r))).into(),
+        RunError::Input { .. } => Exit::config(format!("error: {e}")).into(),
+        RunError::NoSuchRun(_) | RunError::AlreadySucceeded(_) | RunError::Busy(_) => {
+            Exit::usage(format!("error: {e}")).into()
+        }
+        other => anyhow::Error::new(other),
+    }
+}
+
+fn finish_run(summary: Result<RunSummary, RunError>, json: bool) -> anyhow::Result<i32> {
+    let s = summary.map_err(run_error)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        eprintln!(
+            "run {} {}: {} executed, {} reused, {} failed, {} skipped in {:.2}s",
+            s.run_id, s.status, s.executed, s.reused, s.failed, s.skipped, s.seconds
+        );
+    }
+    Ok(match s.status.as_str() {
+        "succeeded" => 0,
+        "cancelled" => 130,
+        _ => EXIT_RUN_FAILED,
+    })
+}
+
+/// Ctrl-C / SIGTERM cancel the run; the steps are stopped and the run recorded
+/// as cancelled (resumable).
+fn cancel_on_signal() -> tokio_util::sync::CancellationToken {
+    let token = tokio_util::sync::CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        eprintln!("millrace: stopping the run (it can be finished later with `millrace resume`)");
+        t.cancel();
+    });
+    token
+}
+
+/// Progress for `run`: a bar on a terminal, plain lines otherwise.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    json: bool,
+}
+
+fn progress(json: bool, steps: usize) -> Arc<Progress> {
+    let bar = (!json && std::io::stderr().is_terminal()).then(|| {
+        let b = indicatif::ProgressBar::new(steps as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b.enable_steady_tick(Duration::from_millis(120));
+        b
+    });
+    Arc::new(Progress { bar, json })
+}
+
+impl Progress {
+    fn sink(self: &Arc<Self>) -> crate::run::EventSink {
+        let me = self.clone();
+        Arc::new(move |e: &Event| me.event(e))
+    }
+
+    fn line(&self, s: String) {
+        match &self.bar {
+            Some(b) => b.println(s),
+            None if !self.json => eprintln!("{s}"),
+            None => {}
+        }
+    }
+
+    fn event(&self, e: &Event) {
+        match e {
+            Event::RunStarted { run, pipeline, steps } => self.line(format!("run {run} of {pipeline}: {steps} steps")),
+            Event::StepStarted { step, attempt } => {
+                if let Some(b) = &self.bar {
+                    b.set_message(format!("{step}"));
+                } else if *attempt > 1 {
+                    self.line(format!("  {step}: attempt {attempt}"));
+                }
+            }
+            Event::StepFinished { step, status, detail, elapsed } => {
+                let retrying = *status == StepStatus::Failed && detail.ends_with("retrying");
+                if let Some(b) = &self.bar
+                    && !retrying
+                {
+                    b.inc(1);
+                }
+                let time = if elapsed.is_zero() { String::new() } else { format!(" ({:.2}s)", elapsed.as_secs_f64()) };
+                let detail = if detail.is_empty() { String::new() } else { format!(": {detail}") };
+                self.line(format!("  {step} {}{time}{detail}", status.as_str()));
+            }
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+/// `42`, or `latest`/`last` for the newest run.
+fn run_id(store: &Store, text: &str) -> anyhow::Result<i64> {
+    if text == "latest" || text == "last" {
+        return store.db().read().latest_run_id()?.ok_or_else(|| Exit::usage("error: there are no runs yet").into());
+    }
+    let id: i64 = text.parse().map_err(|_| Exit::usage(format!("error: `{text}` is not a run id (a number or `latest`)")))?;
+    if store.db().read().run(id)?.is_none() {
+        return Err(Exit::usage(format!("error: run {id} not found")).into());
+    }
+    Ok(id)
+}
+
+fn time(ms: Option<i64>) -> String {
+    match ms {
+        Some(ms) => {
+            let t = std::time::UNIX_EPOCH + Duration::from_millis(ms as u64);
+            humantime::format_rfc3339_seconds(t).to_string()
+        }
+        None => "-".into(),
+    }
+}
+
+fn duration(start: Option<i64>, end: Option<i64>) -> String {
+    match (start, end) {
+        (Some(s), Some(e)) => format!("{:.2}s", (e - s) as f64 / 1000.0),
+        (Some(s), None) => format!("{:.0}s so far", (now_ms() - s) as f64 / 1000.0),
+        _ => "-".into(),
+    }
+}
+
+/// A run still marked running whose process is gone was interrupted.
+fn shown_status(store: &Store, id: i64, status: &str) -> String {
+    if status == "running" && !crate::run::RunLock::is_held(store, id) { "interrupted".into() } else { status.into() }
+}
+
+fn runs_list(store: &Store, pipeline: Option<&str>, limit: i64, json: bool) -> anyhow::Result<i32> {
+    let mut runs = store.db().read().runs(pipeline, limit)?;
+    for r in &mut runs {
+        r.status = shown_status(store, r.id, &r.status);
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&runs)?);
+        return Ok(0);
+    }
+    if runs.is_empty() {
+        println!("no runs yet");
+        return Ok(0);
+    }
+    println!("{:>5}  {:20}  {:11}  {:20}  {:>10}  trigger", "run", "pipeline", "status", "started", "duration");
+    for r in runs {
+        println!(
+            "{:>5}  {:20}  {:11}  {:20}  {:>10}  {}",
+            r.id,
+            r.pipeline,
+            r.status,
+            time(r.started_at),
+            duration(r.started_at, r.finished_at),
+            r.trigger
+        );
+    }
+    Ok(0)
+}
+
+fn runs_show(store: &Store, run: &str, json: bool) -> anyhow::Result<i32> {
+    let id = run_id(store, run)?;
+    let db = store.db();
+    let mut r = db.read().run(id)?.context("run vanished")?;
+    r.status = shown_status(store, id, &r.status);
+    let steps = db.read().steps(id)?;
+    let inputs = db.read().run_inputs(id)?;
+    if json {
+        let steps: Vec<_> = steps
+            .iter()
+            .map(|s| {
+                let outputs = db.read().step_outputs(id, &s.name).unwrap_or_default();
+                let step_inputs = db.read().step_inputs(id, &s.name).unwrap_or_default();
+                let attempts = db.read().attempts(id, &s.name).unwrap_or_default();
+                serde_json::json!({
+                    "step": s,
+                    "inputs": step_inputs.iter().map(|(m, r, a)| serde_json::json!({"mount": m, "reference": r, "artifact": a})).collect::<Vec<_>>(),
+                    "outputs": outputs.iter().map(|(o, a)| serde_json::json!({"output": o, "artifact": a})).collect::<Vec<_>>(),
+                    "attempts": attempts,
+                })
+            })
+            .collect();
+        let inputs: Vec<_> =
+            inputs.iter().map(|(n, p, a)| serde_json::json!({"name": n, "path": p, "artifact": a})).collect();
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"run": r, "inputs": inputs, "steps": steps}))?);
+        return Ok(0);
+    }
+    println!("run {}  {}  {}", r.id, r.pipeline, r.status);
+    println!("  experiment  {}", r.experiment);
+    println!("  definition  {}", short(&r.definition));
+    println!("  trigger     {}", r.trigger);
+    println!("  params      {}", r.params);
+    println!("  started     {}  ({})", time(r.started_at), duration(r.started_at, r.finished_at));
+    if let Some(e) = &r.error {
+        println!("  error       {e}");
+    }
+    for (n, p, a) in &inputs {
+        println!("  input {n}  {}  {}", short(a), p);
+    }
+    println!();
+    let width = steps.iter().map(|s| s.name.len()).max().unwrap_or(4);
+    for s in &steps {
+        let extra = match (s.reused_from, &s.error) {
+            (Some(from), _) => format!("from run {from}"),
+            (None, Some(e)) => e.clone(),
+            _ => String::new(),
+        };
+        let attempts = if s.attempts > 1 { format!("  {} attempts", s.attempts) } else { String::new() };
+        println!(
+            "  {:width$}  {:9}  {:>8}{attempts}  {extra}",
+            s.name,
+            s.status,
+            duration(s.started_at, s.finished_at)
+        );
+        for (o, a) in db.read().step_outputs(id, &s.name)? {
+            println!("  {:width$}    → {o} {}", "", short(&a));
+        }
+    }
+    Ok(0)
+}
+
+async fn logs(store: &Store, run: &str, step: Option<&str>, follow: bool) -> anyhow::Result<i32> {
+    let id = run_id(store, run)?;
+    let steps = store.db().read().steps(id)?;
+    let names: Vec<String> = match step {
+        Some(s) => {
+            if !steps.iter().any(|x| x.name == s) {
+                let known: Vec<&str> = steps.iter().map(|s| s.name.as_str()).collect();
+                return Err(Exit::usage(format!("error: run {id} has no step `{s}` (steps: {})", known.join(", "))).into());
+            }
+            vec![s.to_string()]
+        }
+        None => steps.iter().map(|s| s.name.clone()).collect(),
+    };
+    let mut offsets: std::collections::HashMap<String, u64> = Default::default();
+    let mut out = std::io::stdout().lock();
+    loop {
+        for name in &names {
+            for a in store.db().read().attempts(id, name)? {
+                let Some(path) = a.log_path else { continue };
+                let key = path.clone();
+                let seen = offsets.get(&key).copied().unwrap_or(0);
+                let Ok(bytes) = std::fs::read(&path) else { continue };
+                if bytes.len() as u64 > seen {
+                    if seen == 0 && names.len() + usize::from(a.attempt > 1) > 1 {
+                        writeln!(out, "==> {name} (attempt {}) <==", a.attempt)?;
+                    }
+                    out.write_all(&bytes[seen as usize..])?;
+                    offsets.insert(key, bytes.len() as u64);
+                }
+            }
+        }
+        out.flush()?;
+        let r = store.db().read().run(id)?.context("run vanished")?;
+        if !follow || r.status != "running" || !crate::run::RunLock::is_held(store, id) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(0)
+}
+
+fn metrics(store: &Store, runs: &[String], json: bool) -> anyhow::Result<i32> {
+    let ids: Vec<i64> = runs.iter().map(|r| run_id(store, r)).collect::<anyhow::Result<_>>()?;
+    let mut table: std::collections::BTreeMap<(String, String), Vec<Option<String>>> = Default::default();
+    let mut all = Vec::new();
+    for (col, id) in ids.iter().enumerate() {
+        let rows = store.db().read().metrics(*id)?;
+        for m in &rows {
+            let cell = table.entry((m.step.clone(), m.name.clone())).or_insert_with(|| vec![None; ids.len()]);
+            // A curve (with `step` indexes) shows its last value and its length.
+            let shown = match m.step_index {
+                Some(ix) => format!("{} (@{ix})", fmt_num(m.value)),
+                None => fmt_num(m.value),
+            };
+            cell[col] = Some(shown);
+        }
+        all.push(serde_json::json!({"run": id, "metrics": rows}));
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&all)?);
+        return Ok(0);
+    }
+    if table.is_empty() {
+        println!("no metrics recorded");
+        return Ok(0);
+    }
+    let width = table.keys().map(|(s, n)| s.len() + n.len() + 1).max().unwrap_or(6);
+    print!("{:width$}", "metric");
+    for id in &ids {
+        print!("  {:>16}", format!("run {id}"));
+    }
+    println!();
+    for ((step, name), cells) in table {
+        print!("{:width$}", format!("{step}.{name}"));
+        for c in cells {
+            print!("  {:>16}", c.unwrap_or_else(|| "-".into()));
+        }
+        println!();
+    }
+    Ok(0)
+}
+
+fn fmt_num(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e15 { format!("{v:.0}") } else { format!("{v:.6}").trim_end_matches('0').to_string() }
+}
+
+fn explain(store: &Store, run: &str, step: &str, json: bool) -> anyhow::Result<i32> {
+    let id = run_id(store, run)?;
+    let r = store.db().read().run(id)?.context("run vanished")?;
+    let s = store
+        .db()
+        .read()
+        .step(id, step)?
+        .ok_or_else(|| Exit::usage(format!("error: run {id} has no step `{step}`")))?;
+    let parts: Option<KeyParts> = s.key_parts.clone().and_then(|v| serde_json::from_value(v).ok());
+    let prev = store.db().read().previous_step(&r.pipeline, step, id)?;
+    let prev_parts: Option<KeyParts> = prev.as_ref().and_then(|p| p.key_parts.clone()).and_then(|v| serde_json::from_value(v).ok());
+    let (verdict, changes): (String, Vec<String>) = match (&s.status[..], s.reused_from, &parts) {
+        (_, Some(from), _) => (format!("reused the outputs of run {from} (same cache key {})", short(s.cache_key.as_deref().unwrap_or(""))), vec![]),
+        ("skipped", _, _) => (format!("skipped: {}", s.error.clone().unwrap_or_default()), vec![]),
+        (_, None, None) => ("did not get as far as computing a cache key".into(), vec![]),
+        (_, None, Some(parts)) => {
+            if r.no_reuse {
+                ("executed: the run was started with --no-reuse".into(), vec![])
+            } else {
+                match (&prev, &prev_parts) {
+                    (Some(p), Some(old)) => {
+                        let changes = parts.changes_since(old);
+                        if changes.is_empty() {
+                            (
+                                format!("executed: same key as run {}, but that result was not reusable (reuse = false, failed, or its outputs were missing or damaged)", p.run_id),
+                                vec![],
+                            )
+                        } else {
+                            (format!("executed: compared with run {}:", p.run_id), changes)
+                        }
+                    }
+                    _ => ("executed: no earlier execution of this step".into(), vec![]),
+                }
+            }
+        }
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "run": id, "step": step, "status": s.status, "cache_key": s.cache_key,
+                "reused_from": s.reused_from, "compared_with": prev.as_ref().map(|p| p.run_id),
+                "explanation": verdict, "changes": changes, "key_parts": s.key_parts,
+            }))?
+        );
+        return Ok(0);
+    }
+    println!("run {id} step {step}: {}", s.status);
+    println!("  {verdict}");
+    for c in &changes {
+        println!("    - {c}");
+    }
+    if let Some(k) = &s.cache_key {
+        println!("  cache key {}", short(k));
+    }
+    Ok(0)
+}
+
+fn resolve_artifact(store: &Store, text: &str) -> anyhow::Result<String> {
+    let matches = store.db().read().artifacts_with_prefix(text)?;
+    match matches.len() {
+        1 => Ok(matches[0].clone()),
+        0 => Err(Exit::usage(format!("error: no artifact starts with `{text}`")).into()),
+        _ => Err(Exit::usage(format!("error: `{text}` matches several artifacts; give more digits")).into()),
+    }
+}
+
+fn lineage(store: &Store, artifact: &str, json: bool) -> anyhow::Result<i32> {
+    // Accept RUN STEP.OUTPUT's artifact too: `lineage 12:train.model`.
+    let digest = match artifact.split_once(':') {
+        Some((run, out)) => {
+            let id = run_id(store, run)?;
+            let (step, o) = out.split_once('.').ok_or_else(|| Exit::usage("error: write RUN:STEP.OUTPUT"))?;
+            store
+                .db()
+                .read()
+                .step_outputs(id, step)?
+                .into_iter()
+                .find(|(n, _)| n == o)
+                .map(|(_, d)| d)
+                .ok_or_else(|| Exit::usage(format!("error: run {id} has no output {out}")))?
+        }
+        None => resolve_artifact(store, artifact)?,
+    };
+    let rows = store.db().read().lineage(&digest)?;
+    let (size, files) = store.db().read().artifact(&digest)?.unwrap_or((0, 0));
+    if json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"artifact": digest, "size": size, "files": files, "uses": rows}))?);
+        return Ok(0);
+    }
+    println!("artifact {digest}  ({files} files, {size} bytes)");
+    for r in rows {
+        match r.role.as_str() {
+            "output" => println!("  produced by run {} {}.{} ({})", r.run_id, r.step, r.name, r.pipeline),
+            "input" => println!("  read by     run {} {} as /in/{} ({})", r.run_id, r.step, r.name, r.pipeline),
+            _ => println!("  input       run {} inputs.{} ({})", r.run_id, r.name, r.pipeline),
+        }
+    }
+    Ok(0)
+}
+
+fn output_cmd(store: &Store, run: &str, output: &str, dir: Option<&Path>) -> anyhow::Result<i32> {
+    let id = run_id(store, run)?;
+    let (step, name) = output.split_once('.').ok_or_else(|| Exit::usage(format!("error: `{output}`: write STEP.OUTPUT")))?;
+    let outs = store.db().read().step_outputs(id, step)?;
+    let Some((_, digest)) = outs.iter().find(|(o, _)| o == name) else {
+        let known: Vec<String> = outs.iter().map(|(o, _)| format!("{step}.{o}")).collect();
+        return Err(Exit::usage(format!(
+            "error: run {id} has no output `{output}`{}",
+            if known.is_empty() { String::new() } else { format!(" (outputs: {})", known.join(", ")) }
+        ))
+        .into());
+    };
+    store.verify(digest).with_context(|| format!("artifact {} is not intact", short(digest)))?;
+    match dir {
+        Some(d) => {
+            store.artifacts.export(digest, d)?;
+            eprintln!("{output} of run {id} → {}", d.display());
+        }
+        None => {
+            let entries = store.artifacts.list(digest)?;
+            match entries.as_slice() {
+                [one] if one.kind == crate::store::artifacts::EntryKind::File => {
+                    let bytes = std::fs::read(store.artifacts.blob_path(&one.digest))?;
+                    std::io::stdout().write_all(&bytes)?;
+                }
+                _ => {
+                    let names: Vec<String> = entries.iter().map(|e| e.name.clone()).collect();
+                    return Err(Exit::usage(format!(
+                        "error: {output} holds {} entries ({}); use -o DIR to copy them",
+                        entries.len(),
+                        names.join(", ")
+                    ))
+                    .into());
+                }
+            }
+        }
+    }
+    Ok(0)
+}
+
+fn gc(store: &Store, keep: i64, json: bool) -> anyhow::Result<i32> {
+    if keep < 1 {
+        return Err(Exit::usage("error: --keep must be at least 1").into());
+    }
+    let deleted = {
+        let mut db = store.db();
+        let keep_ids = db.read().runs_to_keep(keep)?;
+        db.batch(|b| b.delete_runs_except(&keep_ids))?
+    };
+    let mut blobs = std::collections::HashSet::new();
+    let mut trees = std::collections::HashSet::new();
+    for a in store.db().read().all_artifacts()? {
+        store.artifacts.reachable(&a, &mut blobs, &mut trees);
+    }
+    let (files, bytes) = store.artifacts.sweep(&blobs, &trees)?;
+    if json {
+        println!("{}", serde_json::json!({"runs_deleted": deleted, "objects_deleted": files, "bytes_freed": bytes}));
+    } else {
+        println!("deleted {deleted} runs and {files} objects ({bytes} bytes)");
+    }
+    Ok(0)
+}

@@ -1,0 +1,395 @@
+//! WASM steps under wasmtime + WASI: components (wasip2) and core modules
+//! (wasip1), told apart by their header.
+//!
+//! # What a step can do (deny by default)
+//!
+//! A fresh `WasiCtx` grants nothing; we add exactly:
+//! - `/in` read-only (one directory per input), `/out` read-write (one empty
+//!   directory per output), `/tmp` read-write scratch, `/millrace` with the metrics
+//!   file. No other host path: `..`, absolute paths and symlinks leading out of a
+//!   mount are refused by WASI's capability checks.
+//! - args and env as given; stdout and stderr into one capped log file; no stdin.
+//! - no network (no sockets are granted), the host clocks and random source.
+//! - linear memory bounded by `StoreLimits` (`memory`, trap on failed growth), wall
+//!   time bounded by a timer that drops the running future: epoch yields every tick
+//!   keep a busy guest interruptible, and a guest blocked in a host call (a `sleep`)
+//!   is dropped with it.
+//!
+//! # Compile once
+//!
+//! Compiled code is kept in `<state>/cache/wasm/` under a key of the module's digest,
+//! the engine's compatibility hash and the wasmtime version; only files this code
+//! wrote there are ever deserialized. In-process, `InstancePre`s are reused.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use wasmtime::component::{Component, Linker as ComponentLinker, ResourceTable};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, Linker, Module, PoolingAllocationConfig, Store, StoreLimits, StoreLimitsBuilder, Trap};
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::p2::bindings::CommandPre;
+use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+/// The version that enters cache keys as the runtime version.
+pub const WASMTIME_VERSION: &str = "48.0.8";
+
+/// How often the epoch advances: the granularity of yields and timeouts.
+const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum WasmError {
+    #[error("{path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path} is not a WebAssembly module or component")]
+    NotWasm { path: PathBuf },
+    #[error("{path}: cannot compile: {detail}")]
+    Compile { path: PathBuf, detail: String },
+    #[error("{path}: cannot link: {detail} (a step must be a WASI command: a wasip2 component exporting wasi:cli/run or a wasip1 module with _start)")]
+    Link { path: PathBuf, detail: String },
+    #[error("cannot set up the sandbox: {0}")]
+    Sandbox(String),
+    #[error("wasm engine: {0}")]
+    Engine(String),
+}
+
+/// How a step's program ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Exited(i32),
+    /// A trap or a host error, with wasmtime's message.
+    Trapped(String),
+    /// The memory limit was hit.
+    OutOfMemory(String),
+    TimedOut(Duration),
+}
+
+/// A host directory visible to the guest.
+#[derive(Debug, Clone)]
+pub struct Mount {
+    pub host: PathBuf,
+    pub guest: String,
+    pub writable: bool,
+}
+
+/// Everything a step's program may see.
+pub struct Sandbox {
+    /// `argv`, program name first.
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub mounts: Vec<Mount>,
+    pub log: LogFile,
+    pub memory: u64,
+    pub timeout: Option<Duration>,
+}
+
+enum Compiled {
+    Component(CommandPre<P2State>),
+    Module(wasmtime::InstancePre<P1State>),
+}
+
+impl Clone for Compiled {
+    fn clone(&self) -> Self {
+        match self {
+            Compiled::Component(p) => Compiled::Component(p.clone()),
+            Compiled::Module(p) => Compiled::Module(p.clone()),
+        }
+    }
+}
+
+struct P2State {
+    ctx: WasiCtx,
+    table: ResourceTable,
+    limits: StoreLimits,
+}
+
+impl WasiView for P2State {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.ctx, table: &mut self.table }
+    }
+}
+
+struct P1State {
+    wasi: WasiP1Ctx,
+    limits: StoreLimits,
+}
+
+/// One engine for the process: compiled code, linkers and the epoch ticker.
+pub struct WasmRuntime {
+    engine: Engine,
+    cache_dir: PathBuf,
+    engine_key: String,
+    compiled: Mutex<HashMap<String, Compiled>>,
+    p1_linker: Linker<P1State>,
+    p2_linker: ComponentLinker<P2State>,
+}
+
+impl WasmRuntime {
+    /// Builds the engine. `parallel` sizes the instance pool. Must be called
+    /// inside a tokio runtime (it starts the epoch ticker).
+    pub fn new(cache_dir: &Path, parallel: usize) -> Result<Arc<WasmRuntime>, WasmError> {
+        let engine = match Engine::new(&config(Some(parallel))) {
+            Ok(e) => e,
+            // A pool reserves address space up front; fall back if the host refuses.
+            Err(_) => Engine::new(&config(None)).map_err(|e| WasmError::Engine(e.to_string()))?,
+        };
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut h);
+        let engine_key = format!("{WASMTIME_VERSION}-{:016x}", h.finish());
+        let mut p1_linker = Linker::new(&engine);
+        wasmtime_wasi::p1::add_to_linker_async(&mut p1_linker, |s: &mut P1State| &mut s.wasi)
+            .map_err(|e| WasmError::Engine(e.to_string()))?;
+        let mut p2_linker = ComponentLinker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut p2_linker).map_err(|e| WasmError::Engine(e.to_string()))?;
+        let ticker = engine.weak();
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(EPOCH_TICK);
+            loop {
+                interval.tick().await;
+                match ticker.upgrade() {
+                    Some(e) => e.increment_epoch(),
+                    None => break,
+                }
+            }
+        });
+        Ok(Arc::new(WasmRuntime {
+            engine,
+            cache_dir: cache_dir.to_path_buf(),
+            engine_key,
+            compiled: Mutex::new(HashMap::new()),
+            p1_linker,
+            p2_linker,
+        }))
+    }
+
+    /// Compiles (or loads the precompiled form of) the wasm at `path`, whose
+    /// content digest is `digest`.
+    fn prepare(&self, path: &Path, digest: &str) -> Result<Compiled, WasmError> {
+        if let Some(c) = self.compiled.lock().unwrap_or_else(|e| e.into_inner()).get(digest) {
+            return Ok(c.clone());
+        }
+        let key = blake3::hash(format!("{digest}\n{}", self.engine_key).as_bytes()).to_hex().to_string();
+        let cached = self.cache_dir.join(format!("{key}.cwasm"));
+        let read = |source| WasmError::Read { path: path.to_path_buf(), source };
+        let compile_err = |e: wasmtime::Error| WasmError::Compile { path: path.to_path_buf(), detail: format!("{e:#}") };
+        let link_err = |e: wasmtime::Error| WasmError::Link { path: path.to_path_buf(), detail: format!("{e:#}") };
+        let is_component = {
+            let mut header = [0u8; 8];
+            let mut f = std::fs::File::open(path).map_err(read)?;
+            std::io::Read::read_exact(&mut f, &mut header).map_err(|_| WasmError::NotWasm { path: path.to_path_buf() })?;
+            match header {
+                [0, b'a', b's', b'm', 1, 0, 0, 0] => false,
+                [0, b'a', b's', b'm', _, _, 1, 0] => true,
+                _ => return Err(WasmError::NotWasm { path: path.to_path_buf() }),
+            }
+        };
+        let compiled = if is_component {
+            // SAFETY: `cached` lives in our state directory and is only ever written
+            // by `store_precompiled` below from this engine's own output.
+            let loaded = cached.is_file().then(|| unsafe { Component::deserialize_file(&self.engine, &cached) }.ok()).flatten();
+            let component = match loaded {
+                Some(c) => c,
+                None => {
+                    let bytes = std::fs::read(path).map_err(read)?;
+                    let c = Component::new(&self.engine, &bytes).map_err(compile_err)?;
+                    if let Ok(bin) = c.serialize() {
+                        store_precompiled(&self.cache_dir, &cached, &bin);
+                    }
+                    c
+                }
+            };
+            let pre = self.p2_linker.instantiate_pre(&component).map_err(link_err)?;
+            Compiled::Component(CommandPre::new(pre).map_err(link_err)?)
+        } else {
+            // SAFETY: as above.
+            let loaded = cached.is_file().then(|| unsafe { Module::deserialize_file(&self.engine, &cached) }.ok()).flatten();
+            let module = match loaded {
+                Some(m) => m,
+                None => {
+                    let bytes = std::fs::read(path).map_err(read)?;
+                    let m = Module::new(&self.engine, &bytes).map_err(compile_err)?;
+                    if let Ok(bin) = m.serialize() {
+                        store_precompiled(&self.cache_dir, &cached, &bin);
+                    }
+                    m
+                }
+            };
+            if module.get_export("_start").is_none() {
+                return Err(link_err(wasmtime::Error::msg("the module exports no `_start`")));
+            }
+            Compiled::Module(self.p1_linker.instantiate_pre(&module).map_err(link_err)?)
+        };
+        self.compiled.lock().unwrap_or_else(|e| e.into_inner()).insert(digest.to_string(), compiled.clone());
+        Ok(compiled)
+    }
+
+    /// Runs the program at `path` (content digest `digest`) in `sandbox`.
+    pub async fn run(&self, path: &Path, digest: &str, sandbox: Sandbox) -> Result<Outcome, WasmError> {
+        let compiled = self.prepare(path, digest)?;
+        let mut b = WasiCtxBuilder::new();
+        b.args(&sandbox.args).envs(&sandbox.env).stdout(sandbox.log.clone()).stderr(sandbox.log.clone());
+        for m in &sandbox.mounts {
+            let perms = if m.writable { FsPerms::ReadWrite } else { FsPerms::ReadOnly };
+            b.preopened_dir(&m.host, &m.guest, perms)
+                .map_err(|e| WasmError::Sandbox(format!("{} → {}: {e}", m.host.display(), m.guest)))?;
+        }
+        let limits = StoreLimitsBuilder::new()
+            .memory_size(usize::try_from(sandbox.memory).unwrap_or(usize::MAX))
+            .instances(64)
+            .trap_on_grow_failure(true)
+            .build();
+        let run = async {
+            match compiled {
+                Compiled::Component(pre) => {
+                    let mut store = Store::new(&self.engine, P2State { ctx: b.build(), table: ResourceTable::new(), limits });
+                    store.limiter(|s| &mut s.limits);
+                    store.set_epoch_deadline(1);
+                    store.epoch_deadline_async_yield_and_update(1);
+                    let cmd = pre.instantiate_async(&mut store).await?;
+                    cmd.wasi_cli_run().call_run(&mut store).await.map(|r| if r.is_ok() { 0 } else { 1 })
+                }
+                Compiled::Module(pre) => {
+                    let mut store = Store::new(&self.engine, P1State { wasi: b.build_p1(), limits });
+                    store.limiter(|s| &mut s.limits);
+                    store.set_epoch_deadline(1);
+                    store.epoch_deadline_async_yield_and_update(1);
+                    let instance = pre.instantiate_async(&mut store).await?;
+                    let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
+                    start.call_async(&mut store, ()).await.map(|()| 0)
+                }
+            }
+        };
+        let result = match sandbox.timeout {
+            Some(t) => match tokio::time::timeout(t, run).await {
+                Ok(r) => r,
+                Err(_) => return Ok(Outcome::TimedOut(t)),
+            },
+            None => run.await,
+        };
+        Ok(match result {
+            Ok(code) => Outcome::Exited(code),
+            Err(e) => {
+                if let Some(I32Exit(code)) = e.downcast_ref::<I32Exit>() {
+                    Outcome::Exited(*code)
+                } else {
+                    let msg = format!("{e:#}");
+                    if msg.contains("growing memory") || matches!(e.downcast_ref::<Trap>(), Some(Trap::AllocationTooLarge)) {
+                        Outcome::OutOfMemory(msg)
+                    } else {
+                        Outcome::Trapped(msg)
+                    }
+                }
+            }
+        })
+    }
+}
+
+fn config(pool: Option<usize>) -> Config {
+    let mut c = Config::new();
+    c.epoch_interruption(true);
+    // The Python runtime of a later issue needs deep stacks.
+    c.max_wasm_stack(8 << 20);
+    c.async_stack_size(8 << 20);
+    if let Some(parallel) = pool {
+        let slots = (parallel as u32 * 4).clamp(16, 256);
+        let mut p = PoolingAllocationConfig::default();
+        p.total_component_instances(slots)
+            .total_core_instances(slots * 2)
+            .total_memories(slots * 2)
+            .total_tables(slots * 2)
+            .total_stacks(slots)
+            .max_memory_size(4 << 30);
+        c.allocation_strategy(InstanceAllocationStrategy::Pooling(p));
+    }
+    c
+}
+
+/// Writes a precompiled artifact beside its final name, then renames it into place.
+fn store_precompiled(dir: &Path, dest: &Path, bytes: &[u8]) {
+    let _ = std::fs::create_dir_all(dir);
+    let tmp = dest.with_extension(format!("tmp{}", std::process::id()));
+    let ok = std::fs::File::create(&tmp).and_then(|mut f| f.write_all(bytes)).is_ok();
+    if ok {
+        let _ = std::fs::rename(&tmp, dest);
+    } else {
+        let _ = std::fs::remove_file(&tmp);
+    }
+}
+
+/// A step attempt's log: stdout and stderr interleaved in one file, capped in size.
+/// Output past the cap is dropped and a single notice is appended.
+#[derive(Clone)]
+pub struct LogFile {
+    inner: Arc<Mutex<LogInner>>,
+}
+
+struct LogInner {
+    file: std::fs::File,
+    written: u64,
+    cap: u64,
+    truncated: bool,
+}
+
+impl LogFile {
+    pub fn create(path: &Path, cap: u64) -> std::io::Result<LogFile> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        Ok(LogFile { inner: Arc::new(Mutex::new(LogInner { file, written: 0, cap, truncated: false })) })
+    }
+
+    /// Appends a line from millrace itself (not the guest).
+    pub fn note(&self, line: &str) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = writeln!(inner.file, "[millrace] {line}");
+    }
+
+    fn write(&self, buf: &[u8]) -> std::io::Result<()> {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let room = inner.cap.saturating_sub(inner.written) as usize;
+        if buf.len() <= room {
+            inner.file.write_all(buf)?;
+            inner.written += buf.len() as u64;
+        } else if !inner.truncated {
+            inner.file.write_all(&buf[..room])?;
+            inner.written = inner.cap;
+            inner.truncated = true;
+            let cap = inner.cap;
+            writeln!(inner.file, "\n[millrace] log truncated: output beyond {cap} bytes was dropped")?;
+        }
+        Ok(())
+    }
+}
+
+impl IsTerminal for LogFile {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for LogFile {
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+impl tokio::io::AsyncWrite for LogFile {
+    fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Poll::Ready(self.write(buf).map(|()| buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}

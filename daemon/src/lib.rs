@@ -1,0 +1,26 @@
+//! millrace: TOML pipelines of sandboxed steps, with content-addressed reuse and
+//! their history in SQLite.
+//!
+//! # Layout
+//!
+//! The modules in the order data flows through them:
+//!
+//! - [`diagnostic`]: `file:line:col` errors with the offending text and a caret.
+//! - [`definition`]: a pipeline file → [`definition::Pipeline`], every mistake reported.
+//! - [`graph`]: references and cycles checked; the DAG of steps; text/dot/mermaid.
+//! - trigger: cron, watch, after and API triggers (the daemon issue; `cli` for now).
+//! - [`planner`]: cache keys over code, inputs, params, args and env; reuse decisions.
+//! - [`executor`]: what runs a step: [`executor::wasm`] (wasmtime + WASI) and
+//!   [`executor::transfer`] (copy into a datastore).
+//! - [`run`]: one run's scheduler: parallel steps, retries, skips, resume.
+//! - [`store`]: SQLite records and the BLAKE3 artifact store.
+//! - [`cli`]: the `millrace` command line over all of the above.
+
+pub mod cli;
+pub mod definition;
+pub mod diagnostic;
+pub mod executor;
+pub mod graph;
+pub mod planner;
+pub mod run;
+pub mod store;

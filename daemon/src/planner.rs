@@ -1,0 +1,172 @@
+//! Reuse decisions. A step's cache key is a BLAKE3 digest over its [`KeyParts`]:
+//! the runtime and its version, the code digest, args and env after interpolation,
+//! the params, the declared outputs and the content digest of every input. No
+//! timestamp enters it. [`KeyParts`] is stored with each step so `explain` can name
+//! the component that changed.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::definition::{ParamValue, Pipeline, Step, StepKind, interpolate};
+
+/// The components of a cache key, kept for `explain`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyParts {
+    /// e.g. `wasm/wasmtime-48.0.8`.
+    pub runtime: String,
+    /// Digest of the code (wasm bytes); for a transfer, its destination.
+    pub code: String,
+    pub args: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    /// Every param of the run: each is visible to the step as `MILLRACE_PARAM_*`.
+    pub params: BTreeMap<String, String>,
+    pub outputs: Vec<String>,
+    /// Input mount → artifact digest.
+    pub inputs: BTreeMap<String, String>,
+}
+
+impl KeyParts {
+    pub fn key(&self) -> String {
+        let canonical = serde_json::to_string(self).expect("plain data serialises");
+        blake3::hash(format!("millrace-key-v1\n{canonical}").as_bytes()).to_hex().to_string()
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).expect("plain data serialises")
+    }
+
+    /// Human-readable differences from an earlier execution's parts.
+    pub fn changes_since(&self, old: &KeyParts) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.runtime != old.runtime {
+            out.push(format!("runtime changed: {} → {}", old.runtime, self.runtime));
+        }
+        if self.code != old.code {
+            out.push(format!("code changed: {} → {}", short(&old.code), short(&self.code)));
+        }
+        if self.args != old.args {
+            out.push(format!("args changed: {:?} → {:?}", old.args, self.args));
+        }
+        diff_maps("env", &old.env, &self.env, &mut out, |v| format!("{v:?}"));
+        diff_maps("param", &old.params, &self.params, &mut out, |v| v.to_string());
+        if self.outputs != old.outputs {
+            out.push(format!("declared outputs changed: {:?} → {:?}", old.outputs, self.outputs));
+        }
+        diff_maps("input", &old.inputs, &self.inputs, &mut out, |v| short(v).to_string());
+        out
+    }
+}
+
+fn diff_maps(
+    what: &str,
+    old: &BTreeMap<String, String>,
+    new: &BTreeMap<String, String>,
+    out: &mut Vec<String>,
+    show: impl Fn(&str) -> String,
+) {
+    for (k, v) in new {
+        match old.get(k) {
+            None => out.push(format!("{what} `{k}` added ({})", show(v))),
+            Some(o) if o != v => out.push(format!("{what} `{k}` changed: {} → {}", show(o), show(v))),
+            _ => {}
+        }
+    }
+    for k in old.keys().filter(|k| !new.contains_key(*k)) {
+        out.push(format!("{what} `{k}` removed"));
+    }
+}
+
+/// The first 12 hex digits of a digest, as users see it.
+pub fn short(digest: &str) -> &str {
+    &digest[..digest.len().min(12)]
+}
+
+/// The environment variable name a param is exposed as.
+pub fn param_env_name(param: &str) -> String {
+    format!("MILLRACE_PARAM_{}", param.to_ascii_uppercase().replace('-', "_"))
+}
+
+/// A step's args and env after `${params.x}` interpolation.
+pub fn interpolated(step: &Step, params: &[(String, ParamValue)]) -> (Vec<String>, BTreeMap<String, String>) {
+    let lookup = |name: &str| params.iter().find(|(n, _)| n == name).map(|(_, v)| v.to_string());
+    let args = step.args.iter().map(|a| interpolate(a.get_ref(), &lookup)).collect();
+    let env = step.env.iter().map(|(k, v)| (k.get_ref().clone(), interpolate(v.get_ref(), &lookup))).collect();
+    (args, env)
+}
+
+/// The key parts of a step, given its code digest and its inputs' digests.
+pub fn key_parts(
+    step: &Step,
+    params: &[(String, ParamValue)],
+    code: &str,
+    inputs: BTreeMap<String, String>,
+) -> KeyParts {
+    let (args, env) = interpolated(step, params);
+    let runtime = match &step.kind {
+        StepKind::Wasm { .. } => format!("wasm/wasmtime-{}", crate::executor::wasm::WASMTIME_VERSION),
+        other => other.runtime_name().to_string(),
+    };
+    KeyParts {
+        runtime,
+        code: code.to_string(),
+        args,
+        env,
+        params: params.iter().map(|(k, v)| (k.clone(), format!("{}:{v}", v.type_name()))).collect(),
+        outputs: step.outputs.iter().map(|o| o.get_ref().clone()).collect(),
+        inputs,
+    }
+}
+
+/// What `plan` expects for one step.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "decision", rename_all = "snake_case")]
+pub enum Decision {
+    /// Outputs of an earlier execution with the same key are present and intact.
+    Reuse { run: i64, step: String },
+    /// Will execute; `reason` says why.
+    Run { reason: String },
+    /// Depends on a step that will execute: decided once that step's outputs exist
+    /// (unchanged outputs still allow reuse).
+    Pending { upstream: Vec<String> },
+}
+
+/// Params of a run as JSON, for the run record.
+pub fn params_json(params: &[(String, ParamValue)]) -> serde_json::Value {
+    serde_json::Value::Object(params.iter().map(|(k, v)| (k.clone(), v.to_json())).collect())
+}
+
+/// The names of the steps a pipeline's step waits for.
+pub fn upstream_names(p: &Pipeline, deps: &[usize]) -> Vec<String> {
+    deps.iter().map(|&d| p.steps[d].name.get_ref().clone()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts() -> KeyParts {
+        KeyParts {
+            runtime: "wasm/wasmtime-48.0.8".into(),
+            code: "aaaa".into(),
+            args: vec!["--x".into()],
+            env: BTreeMap::new(),
+            params: BTreeMap::from([("c".into(), "float:0.5".into())]),
+            outputs: vec!["out".into()],
+            inputs: BTreeMap::from([("data".into(), "bbbb".into())]),
+        }
+    }
+
+    #[test]
+    fn the_key_changes_with_every_component_and_explains_which() {
+        let a = parts();
+        let mut b = parts();
+        assert_eq!(a.key(), b.key());
+        b.inputs.insert("data".into(), "cccc".into());
+        assert_ne!(a.key(), b.key());
+        assert_eq!(b.changes_since(&a), vec!["input `data` changed: bbbb → cccc"]);
+        let mut c = parts();
+        c.params.insert("c".into(), "float:0.7".into());
+        assert_eq!(c.changes_since(&a), vec!["param `c` changed: float:0.5 → float:0.7"]);
+    }
+}

@@ -1,0 +1,699 @@
+//! The SQLite database: pipeline definitions, runs, steps and their attempts,
+//! artifacts, step inputs and outputs (lineage), cache entries, metrics and the stat
+//! cache. WAL, foreign keys on, migrations embedded and applied at open.
+//!
+//! Commits use `synchronous = NORMAL`: in WAL mode a crash of the process or the
+//! machine can lose the last transactions but never corrupts the database, and a
+//! commit costs no fsync, which is what keeps per-step bookkeeping cheap.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+
+use crate::store::artifacts::FileStat;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("database {path}: {source}")]
+    Open { path: String, source: rusqlite::Error },
+    #[error("database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("the database was written by a newer millrace (schema {found}, this binary knows {known})")]
+    TooNew { found: i64, known: i64 },
+}
+
+pub type Result<T> = std::result::Result<T, DbError>;
+
+/// Migrations, applied in order; `PRAGMA user_version` is the number applied.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE definitions (
+    digest     TEXT PRIMARY KEY,
+    pipeline   TEXT NOT NULL,
+    path       TEXT NOT NULL,
+    text       TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE runs (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    pipeline    TEXT NOT NULL,
+    experiment  TEXT NOT NULL,
+    definition  TEXT NOT NULL REFERENCES definitions(digest),
+    params      TEXT NOT NULL,
+    trigger     TEXT NOT NULL,
+    no_reuse    INTEGER NOT NULL DEFAULT 0,
+    status      TEXT NOT NULL,
+    created_at  INTEGER NOT NULL,
+    started_at  INTEGER,
+    finished_at INTEGER,
+    error       TEXT
+);
+CREATE INDEX runs_by_pipeline ON runs(pipeline, id);
+CREATE TABLE steps (
+    run_id      INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    name        TEXT NOT NULL,
+    position    INTEGER NOT NULL,
+    runtime     TEXT NOT NULL,
+    status      TEXT NOT NULL,
+    cache_key   TEXT,
+    key_parts   TEXT,
+    reused_from INTEGER,
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    started_at  INTEGER,
+    finished_at INTEGER,
+    error       TEXT,
+    PRIMARY KEY (run_id, name)
+);
+CREATE TABLE attempts (
+    run_id      INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    step        TEXT NOT NULL,
+    attempt     INTEGER NOT NULL,
+    status      TEXT NOT NULL,
+    started_at  INTEGER NOT NULL,
+    finished_at INTEGER,
+    exit_code   INTEGER,
+    error       TEXT,
+    log_path    TEXT,
+    PRIMARY KEY (run_id, step, attempt)
+);
+CREATE TABLE artifacts (
+    digest     TEXT PRIMARY KEY,
+    size       INTEGER NOT NULL,
+    files      INTEGER NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE run_inputs (
+    run_id   INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    name     TEXT NOT NULL,
+    path     TEXT NOT NULL,
+    artifact TEXT NOT NULL REFERENCES artifacts(digest),
+    PRIMARY KEY (run_id, name)
+);
+CREATE TABLE step_inputs (
+    run_id    INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    step      TEXT NOT NULL,
+    mount     TEXT NOT NULL,
+    reference TEXT NOT NULL,
+    artifact  TEXT NOT NULL REFERENCES artifacts(digest),
+    PRIMARY KEY (run_id, step, mount)
+);
+CREATE INDEX step_inputs_by_artifact ON step_inputs(artifact);
+CREATE TABLE step_outputs (
+    run_id   INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    step     TEXT NOT NULL,
+    output   TEXT NOT NULL,
+    artifact TEXT NOT NULL REFERENCES artifacts(digest),
+    PRIMARY KEY (run_id, step, output)
+);
+CREATE INDEX step_outputs_by_artifact ON step_outputs(artifact);
+CREATE TABLE cache_entries (
+    key        TEXT PRIMARY KEY,
+    run_id     INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    step       TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE metrics (
+    run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    step   TEXT NOT NULL,
+    name   TEXT NOT NULL,
+    value  REAL NOT NULL,
+    idx    INTEGER,
+    seq    INTEGER NOT NULL
+);
+CREATE INDEX metrics_by_run ON metrics(run_id, name);
+CREATE TABLE stat_cache (
+    path     TEXT PRIMARY KEY,
+    size     INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    ino      INTEGER NOT NULL,
+    digest   TEXT NOT NULL
+);
+"#];
+
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_millis() as i64
+}
+
+pub struct Db {
+    conn: Connection,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunRow {
+    pub id: i64,
+    pub pipeline: String,
+    pub experiment: String,
+    pub definition: String,
+    pub params: serde_json::Value,
+    pub trigger: String,
+    pub no_reuse: bool,
+    pub status: String,
+    pub created_at: i64,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StepRow {
+    pub run_id: i64,
+    pub name: String,
+    pub position: i64,
+    pub runtime: String,
+    pub status: String,
+    pub cache_key: Option<String>,
+    pub key_parts: Option<serde_json::Value>,
+    pub reused_from: Option<i64>,
+    pub attempts: i64,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AttemptRow {
+    pub attempt: i64,
+    pub status: String,
+    pub started_at: i64,
+    pub finished_at: Option<i64>,
+    pub exit_code: Option<i64>,
+    pub error: Option<String>,
+    pub log_path: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MetricRow {
+    pub step: String,
+    pub name: String,
+    pub value: f64,
+    pub step_index: Option<i64>,
+}
+
+/// Where an artifact is used: produced as an output, or read as an input.
+#[derive(Debug, Clone, Serialize)]
+pub struct LineageRow {
+    pub run_id: i64,
+    pub pipeline: String,
+    pub step: String,
+    pub name: String,
+    pub role: String,
+}
+
+const RUN_COLUMNS: &str =
+    "id, pipeline, experiment, definition, params, trigger, no_reuse, status, created_at, started_at, finished_at, error";
+const STEP_COLUMNS: &str =
+    "run_id, name, position, runtime, status, cache_key, key_parts, reused_from, attempts, started_at, finished_at, error";
+
+fn run_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRow> {
+    let params: String = r.get(4)?;
+    Ok(RunRow {
+        id: r.get(0)?,
+        pipeline: r.get(1)?,
+        experiment: r.get(2)?,
+        definition: r.get(3)?,
+        params: serde_json::from_str(&params).unwrap_or(serde_json::Value::Null),
+        trigger: r.get(5)?,
+        no_reuse: r.get(6)?,
+        status: r.get(7)?,
+        created_at: r.get(8)?,
+        started_at: r.get(9)?,
+        finished_at: r.get(10)?,
+        error: r.get(11)?,
+    })
+}
+
+fn step_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StepRow> {
+    let parts: Option<String> = r.get(6)?;
+    Ok(StepRow {
+        run_id: r.get(0)?,
+        name: r.get(1)?,
+        position: r.get(2)?,
+        runtime: r.get(3)?,
+        status: r.get(4)?,
+        cache_key: r.get(5)?,
+        key_parts: parts.and_then(|p| serde_json::from_str(&p).ok()),
+        reused_from: r.get(7)?,
+        attempts: r.get(8)?,
+        started_at: r.get(9)?,
+        finished_at: r.get(10)?,
+        error: r.get(11)?,
+    })
+}
+
+/// A new run's identity.
+pub struct NewRun<'a> {
+    pub pipeline: &'a str,
+    pub experiment: &'a str,
+    pub definition: &'a str,
+    pub params: &'a serde_json::Value,
+    pub trigger: &'a str,
+    pub no_reuse: bool,
+}
+
+impl Db {
+    pub fn open(path: &Path) -> Result<Db> {
+        let conn = Connection::open(path).map_err(|source| DbError::Open { path: path.display().to_string(), source })?;
+        Db::init(conn)
+    }
+
+    pub fn open_in_memory() -> Result<Db> {
+        Db::init(Connection::open_in_memory()?)
+    }
+
+    fn init(conn: Connection) -> Result<Db> {
+        conn.busy_timeout(Duration::from_secs(30))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        let mut db = Db { conn };
+        db.migrate()?;
+        Ok(db)
+    }
+
+    fn migrate(&mut self) -> Result<()> {
+        let version: i64 = self.conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let known = MIGRATIONS.len() as i64;
+        if version > known {
+            return Err(DbError::TooNew { found: version, known });
+        }
+        for (i, m) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let tx = self.conn.transaction()?;
+            tx.execute_batch(m)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+            tx.commit()?;
+        }
+        Ok(())
+    }
+
+    /// Runs `f` in one transaction: several writes, one commit.
+    pub fn batch<T>(&mut self, f: impl FnOnce(&Batch<'_>) -> Result<T>) -> Result<T> {
+        let tx = self.conn.transaction()?;
+        let out = f(&Batch { conn: &tx })?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Read access (every write method of [`Batch`] also works outside a batch).
+    pub fn read(&self) -> Batch<'_> {
+        Batch { conn: &self.conn }
+    }
+}
+
+/// Statements over a connection or a transaction.
+pub struct Batch<'c> {
+    conn: &'c Connection,
+}
+
+impl Batch<'_> {
+    pub fn record_definition(&self, digest: &str, pipeline: &str, path: &str, text: &str) -> Result<()> {
+        self.conn.execute(
+            "INSERT OR IGNORE INTO definitions (digest, pipeline, path, text, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![digest, pipeline, path, text, now_ms()],
+        )?;
+        Ok(())
+    }
+
+    pub fn definition(&self, digest: &str) -> Result<Option<(String, String)>> {
+        Ok(self
+            .conn
+            .query_row("SELECT path, text FROM definitions WHERE digest = ?1", [digest], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?)
+    }
+
+    pub fn create_run(&self, r: &NewRun<'_>) -> Result<i64> {
+        let now = now_ms();
+        self.conn.execute(
+            "INSERT INTO runs (pipeline, experiment, definition, params, trigger, no_reuse, status, created_at, started_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'running', ?7, ?7)",
+            params![r.pipeline, r.experiment, r.definition, r.params.to_string(), r.trigger, r.no_reuse, now],
+        )?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    pub fn set_run_status(&self, id: i64, status: &str, error: Option<&str>) -> Result<()> {
+        let finished = matches!(status, "succeeded" | "failed" | "cancelled").then(now_ms);
+        self.conn.execute(
+            "UPDATE runs SET status = ?2, error = ?3, finished_at = ?4 WHERE id = ?1",
+            params![id, status, error, finished],
+        )?;
+        Ok(())
+    }
+
+    pub fn run(&self, id: i64) -> Result<Option<RunRow>> {
+        Ok(self
+            .conn
+            .query_row(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?1"), [id], run_row)
+            .optional()?)
+    }
+
+    pub fn latest_run_id(&self) -> Result<Option<i64>> {
+        Ok(self.conn.query_row("SELECT max(id) FROM runs", [], |r| r.get(0))?)
+    }
+
+    pub fn runs(&self, pipeline: Option<&str>, limit: i64) -> Result<Vec<RunRow>> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE (?1 IS NULL OR pipeline = ?1) ORDER BY id DESC LIMIT ?2"
+        ))?;
+        let rows = stmt.query_map(params![pipeline, limit], run_row)?.collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
+    pub fn insert_step(&self, run: i64, name: &str, position: usize, runtime: &str) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO steps (run_id, name, position, runtime, status) VALUES (?1, ?2, ?3, ?4, 'pending')",
+            )?
+            .execute(params![run, name, position as i64, runtime])?;
+        Ok(())
+    }
+
+    pub fn set_step_key(&self, run: i64, step: &str, key: &str, parts: &serde_json::Value) -> Result<()> {
+        self.conn
+            .prepare_cached("UPDATE steps SET cache_key = ?3, key_parts = ?4 WHERE run_id = ?1 AND name = ?2")?
+            .execute(params![run, step, key, parts.to_string()])?;
+        Ok(())
+    }
+
+    pub fn start_step(&self, run: i64, step: &str) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "UPDATE steps SET status = 'running', started_at = coalesce(started_at, ?3), error = NULL
+                 WHERE run_id = ?1 AND name = ?2",
+            )?
+            .execute(params![run, step, now_ms()])?;
+        Ok(())
+    }
+
+    pub fn finish_step(&self, run: i64, step: &str, status: &str, reused_from: Option<i64>, error: Option<&str>) -> Result<()> {
+        let now = now_ms();
+        self.conn
+            .prepare_cached(
+                "UPDATE steps SET status = ?3, reused_from = ?4, error = ?5, finished_at = ?6,
+                 started_at = coalesce(started_at, ?6) WHERE run_id = ?1 AND name = ?2",
+            )?
+            .execute(params![run, step, status, reused_from, error, now])?;
+        Ok(())
+    }
+
+    pub fn start_attempt(&self, run: i64, step: &str, attempt: u32, log_path: &str) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT OR REPLACE INTO attempts (run_id, step, attempt, status, started_at, log_path)
+                 VALUES (?1, ?2, ?3, 'running', ?4, ?5)",
+            )?
+            .execute(params![run, step, attempt, now_ms(), log_path])?;
+        self.conn
+            .prepare_cached("UPDATE steps SET attempts = ?3 WHERE run_id = ?1 AND name = ?2")?
+            .execute(params![run, step, attempt])?;
+        Ok(())
+    }
+
+    pub fn finish_attempt(&self, run: i64, step: &str, attempt: u32, status: &str, exit_code: Option<i32>, error: Option<&str>) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "UPDATE attempts SET status = ?4, finished_at = ?5, exit_code = ?6, error = ?7
+                 WHERE run_id = ?1 AND step = ?2 AND attempt = ?3",
+            )?
+            .execute(params![run, step, attempt, status, now_ms(), exit_code, error])?;
+        Ok(())
+    }
+
+    pub fn steps(&self, run: i64) -> Result<Vec<StepRow>> {
+        let mut stmt =
+            self.conn.prepare_cached(&format!("SELECT {STEP_COLUMNS} FROM steps WHERE run_id = ?1 ORDER BY position"))?;
+        let rows = stmt.query_map([run], step_row)?.collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
+    pub fn step(&self, run: i64, name: &str) -> Result<Option<StepRow>> {
+        Ok(self
+            .conn
+            .query_row(&format!("SELECT {STEP_COLUMNS} FROM steps WHERE run_id = ?1 AND name = ?2"), params![run, name], step_row)
+            .optional()?)
+    }
+
+    /// The latest execution of the same step of the same pipeline before `run` that
+    /// got as far as computing a cache key: what `explain` compares with.
+    pub fn previous_step(&self, pipeline: &str, step: &str, before_run: i64) -> Result<Option<StepRow>> {
+        let sql = format!(
+            "SELECT {} FROM steps s JOIN runs r ON r.id = s.run_id
+             WHERE r.pipeline = ?1 AND s.name = ?2 AND s.run_id < ?3 AND s.cache_key IS NOT NULL
+             ORDER BY s.run_id DESC LIMIT 1",
+            STEP_COLUMNS.split(", ").map(|c| format!("s.{c}")).collect::<Vec<_>>().join(", ")
+        );
+        Ok(self.conn.query_row(&sql, params![pipeline, step, before_run], step_row).optional()?)
+    }
+
+    pub fn attempts(&self, run: i64, step: &str) -> Result<Vec<AttemptRow>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT attempt, status, started_at, finished_at, exit_code, error, log_path FROM attempts
+             WHERE run_id = ?1 AND step = ?2 ORDER BY attempt",
+        )?;
+        let rows = stmt
+            .query_map(params![run, step], |r| {
+                Ok(AttemptRow {
+                    attempt: r.get(0)?,
+                    status: r.get(1)?,
+                    started_at: r.get(2)?,
+                    finished_at: r.get(3)?,
+                    exit_code: r.get(4)?,
+                    error: r.get(5)?,
+                    log_path: r.get(6)?,
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
+    pub fn record_artifact(&self, digest: &str, size: u64, files: u64) -> Result<()> {
+        self.conn
+            .prepare_cached("INSERT OR IGNORE INTO artifacts (digest, size, files, created_at) VALUES (?1, ?2, ?3, ?4)")?
+            .execute(params![digest, size as i64, files as i64, now_ms()])?;
+        Ok(())
+    }
+
+    pub fn artifact(&self, digest: &str) -> Result<Option<(u64, u64)>> {
+        Ok(self
+            .conn
+            .query_row("SELECT size, files FROM artifacts WHERE digest = ?1", [digest], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+            })
+            .optional()?)
+    }
+
+    /// Artifacts whose digest starts with `prefix` (users type short digests).
+    pub fn artifacts_with_prefix(&self, prefix: &str) -> Result<Vec<String>> {
+        let mut stmt = self.conn.prepare_cached("SELECT digest FROM artifacts WHERE digest >= ?1 AND digest < ?2 LIMIT 10")?;
+        let upper = format!("{prefix}~");
+        let rows = stmt.query_map(params![prefix, upper], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
+    pub fn record_run_input(&self, run: i64, name: &str, path: &str, artifact: &str) -> Result<()> {
+        self.conn
+            .prepare_cached("INSERT OR REPLACE INTO run_inputs (run_id, name, path, artifact) VALUES (?1, ?2, ?3, ?4)")?
+            .execute(params![run, name, path, artifact])?;
+        Ok(())
+    }
+
+    pub fn run_inputs(&self, run: i64) -> Result<Vec<(String, String, String)>> {
+        let mut stmt = self.conn.prepare_cached("SELECT name, path, artifact FROM run_inputs WHERE run_id = ?1 ORDER BY name")?;
+        let rows = stmt.query_map([run], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
+    pub fn record_step_input(&self, run: i64, step: &str, mount: &str, reference: &str, artifact: &str) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT OR REPLACE INTO step_inputs (run_id, step, mount, reference, artifact) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![run, step, mount, reference, artifact])?;
+        Ok(())
+    }
+
+    pub fn step_inputs(&self, run: i64, step: &str) -> Result<Vec<(String, String, String)>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT mount, reference, artifact FROM step_inputs WHERE run_id = ?1 AND step = ?2 ORDER BY mount",
+        )?;
+        let rows = stmt.query_map(params![run, step], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
+    pub fn record_step_output(&self, run: i64, step: &str, output: &str, artifact: &str) -> Result<()> {
+        self.conn
+            .prepare_cached("INSERT OR REPLACE INTO step_outputs (run_id, step, output, artifact) VALUES (?1, ?2, ?3, ?4)")?
+            .execute(params![run, step, output, artifact])?;
+        Ok(())
+    }
+
+    pub fn step_outputs(&self, run: i64, step: &str) -> Result<Vec<(String, String)>> {
+        let mut stmt =
+            self.conn.prepare_cached("SELECT output, artifact FROM step_outputs WHERE run_id = ?1 AND step = ?2 ORDER BY output")?;
+        let rows = stmt.query_map(params![run, step], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
+    pub fn set_cache_entry(&self, key: &str, run: i64, step: &str) -> Result<()> {
+        self.conn
+            .prepare_cached("INSERT OR REPLACE INTO cache_entries (key, run_id, step, created_at) VALUES (?1, ?2, ?3, ?4)")?
+            .execute(params![key, run, step, now_ms()])?;
+        Ok(())
+    }
+
+    /// The execution a cache key points at: (run, step).
+    pub fn cache_entry(&self, key: &str) -> Result<Option<(i64, String)>> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT run_id, step FROM cache_entries WHERE key = ?1")?
+            .query_row([key], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?)
+    }
+
+    pub fn drop_cache_entry(&self, key: &str) -> Result<()> {
+        self.conn.prepare_cached("DELETE FROM cache_entries WHERE key = ?1")?.execute([key])?;
+        Ok(())
+    }
+
+    pub fn record_metric(&self, run: i64, step: &str, name: &str, value: f64, index: Option<i64>, seq: i64) -> Result<()> {
+        self.conn
+            .prepare_cached("INSERT INTO metrics (run_id, step, name, value, idx, seq) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")?
+            .execute(params![run, step, name, value, index, seq])?;
+        Ok(())
+    }
+
+    pub fn clear_metrics(&self, run: i64, step: &str) -> Result<()> {
+        self.conn.prepare_cached("DELETE FROM metrics WHERE run_id = ?1 AND step = ?2")?.execute(params![run, step])?;
+        Ok(())
+    }
+
+    pub fn metrics(&self, run: i64) -> Result<Vec<MetricRow>> {
+        let mut stmt =
+            self.conn.prepare_cached("SELECT step, name, value, idx FROM metrics WHERE run_id = ?1 ORDER BY step, name, seq")?;
+        let rows = stmt
+            .query_map([run], |r| Ok(MetricRow { step: r.get(0)?, name: r.get(1)?, value: r.get(2)?, step_index: r.get(3)? }))?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
+    /// Copies the metrics a reused step's source execution logged.
+    pub fn copy_metrics(&self, from_run: i64, from_step: &str, run: i64, step: &str) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO metrics (run_id, step, name, value, idx, seq)
+                 SELECT ?3, ?4, name, value, idx, seq FROM metrics WHERE run_id = ?1 AND step = ?2",
+            )?
+            .execute(params![from_run, from_step, run, step])?;
+        Ok(())
+    }
+
+    pub fn stat_lookup(&self, path: &Path, stat: &FileStat) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT digest FROM stat_cache WHERE path = ?1 AND size = ?2 AND mtime_ns = ?3 AND ino = ?4")?
+            .query_row(
+                params![path.to_string_lossy(), stat.size as i64, stat.mtime_ns, stat.ino as i64],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    pub fn stat_record(&self, path: &Path, stat: &FileStat, digest: &str) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT OR REPLACE INTO stat_cache (path, size, mtime_ns, ino, digest) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![path.to_string_lossy(), stat.size as i64, stat.mtime_ns, stat.ino as i64, digest])?;
+        Ok(())
+    }
+
+    /// Where an artifact was produced and read.
+    pub fn lineage(&self, artifact: &str) -> Result<Vec<LineageRow>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT o.run_id, r.pipeline, o.step, o.output, 'output' FROM step_outputs o JOIN runs r ON r.id = o.run_id
+               WHERE o.artifact = ?1
+             UNION ALL
+             SELECT i.run_id, r.pipeline, i.step, i.mount, 'input' FROM step_inputs i JOIN runs r ON r.id = i.run_id
+               WHERE i.artifact = ?1
+             UNION ALL
+             SELECT p.run_id, r.pipeline, '', p.name, 'pipeline input' FROM run_inputs p JOIN runs r ON r.id = p.run_id
+               WHERE p.artifact = ?1
+             ORDER BY 1, 3",
+        )?;
+        let rows = stmt
+            .query_map([artifact], |r| {
+                Ok(LineageRow { run_id: r.get(0)?, pipeline: r.get(1)?, step: r.get(2)?, name: r.get(3)?, role: r.get(4)? })
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
+    /// Run ids to keep for `gc --keep N`: the newest N runs of each pipeline, plus
+    /// every run still running.
+    pub fn runs_to_keep(&self, keep: i64) -> Result<Vec<i64>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT id FROM (SELECT id, status, row_number() OVER (PARTITION BY pipeline ORDER BY id DESC) AS n FROM runs)
+             WHERE n <= ?1 OR status = 'running'",
+        )?;
+        let rows = stmt.query_map([keep], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
+    pub fn delete_runs_except(&self, keep: &[i64]) -> Result<usize> {
+        self.conn.execute_batch("CREATE TEMP TABLE IF NOT EXISTS keep_runs (id INTEGER PRIMARY KEY); DELETE FROM keep_runs;")?;
+        for id in keep {
+            self.conn.execute("INSERT OR IGNORE INTO keep_runs (id) VALUES (?1)", [id])?;
+        }
+        let n = self.conn.execute("DELETE FROM runs WHERE id NOT IN (SELECT id FROM keep_runs)", [])?;
+        self.conn.execute(
+            "DELETE FROM artifacts WHERE digest NOT IN (SELECT artifact FROM step_outputs)
+               AND digest NOT IN (SELECT artifact FROM step_inputs) AND digest NOT IN (SELECT artifact FROM run_inputs)",
+            [],
+        )?;
+        self.conn.execute("DELETE FROM stat_cache WHERE path LIKE '%/objects/blobs/%'", [])?;
+        Ok(n)
+    }
+
+    pub fn all_artifacts(&self) -> Result<Vec<String>> {
+        let mut stmt = self.conn.prepare("SELECT digest FROM artifacts")?;
+        let rows = stmt.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_apply_once_and_runs_round_trip() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("m.db");
+        let mut db = Db::open(&path).unwrap();
+        let id = db
+            .batch(|b| {
+                b.record_definition("d1", "p", "/p.toml", "name = 'p'")?;
+                b.create_run(&NewRun {
+                    pipeline: "p",
+                    experiment: "p",
+                    definition: "d1",
+                    params: &serde_json::json!({"c": 0.5}),
+                    trigger: "cli",
+                    no_reuse: false,
+                })
+            })
+            .unwrap();
+        drop(db);
+        let db = Db::open(&path).unwrap();
+        let run = db.read().run(id).unwrap().unwrap();
+        assert_eq!(run.params["c"], 0.5);
+        assert_eq!(run.status, "running");
+    }
+
+    #[test]
+    fn foreign_keys_are_enforced() {
+        let db = Db::open_in_memory().unwrap();
+        let err = db.read().record_step_output(42, "s", "o", "nope").unwrap_err();
+        assert!(err.to_string().contains("FOREIGN KEY"), "{err}");
+    }
+}

@@ -1,0 +1,107 @@
+//! The state directory: the SQLite database and the artifact store side by side.
+//!
+//! ```text
+//! <state>/millrace.db        runs, steps, artifacts, lineage, cache, metrics
+//! <state>/objects/           content-addressed artifacts (see `artifacts`)
+//! <state>/work/<run>/…       sandboxes of running steps (removed afterwards)
+//! <state>/logs/<run>/…       step logs, one file per attempt
+//! <state>/cache/wasm/        precompiled wasm, written only by millrace
+//! ```
+
+pub mod artifacts;
+pub mod db;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use artifacts::{ArtifactError, ArtifactStore, FileStat, Ingested, Mode};
+use db::Db;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state directory {path}: {source}")]
+    Dir { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Db(#[from] db::DbError),
+    #[error(transparent)]
+    Artifact(#[from] ArtifactError),
+}
+
+pub struct Store {
+    pub root: PathBuf,
+    db: Mutex<Db>,
+    pub artifacts: ArtifactStore,
+}
+
+impl Store {
+    pub fn open(root: &Path) -> Result<Store, StoreError> {
+        let dir_err = |source| StoreError::Dir { path: root.to_path_buf(), source };
+        std::fs::create_dir_all(root).map_err(dir_err)?;
+        let root = std::path::absolute(root).map_err(dir_err)?;
+        let db = Db::open(&root.join("millrace.db"))?;
+        let artifacts = ArtifactStore::open(&root.join("objects"))?;
+        Ok(Store { root, db: Mutex::new(db), artifacts })
+    }
+
+    /// The database; hold the guard only for a few statements.
+    pub fn db(&self) -> MutexGuard<'_, Db> {
+        // A panic while holding the lock leaves the connection usable: SQLite rolls
+        // back an unfinished transaction when it is dropped.
+        self.db.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn work_dir(&self, run: i64) -> PathBuf {
+        self.root.join("work").join(run.to_string())
+    }
+
+    pub fn log_dir(&self, run: i64) -> PathBuf {
+        self.root.join("logs").join(run.to_string())
+    }
+
+    pub fn wasm_cache_dir(&self) -> PathBuf {
+        self.root.join("cache").join("wasm")
+    }
+
+    /// The stat cache as the artifact store asks it.
+    fn known(&self) -> impl Fn(&Path, &FileStat) -> Option<String> + '_ {
+        move |path, stat| self.db().read().stat_lookup(path, stat).ok().flatten()
+    }
+
+    /// Ingests a file or directory (a user's dataset with `Mode::Copy`, a step's
+    /// output with `Mode::Move`) and records the artifact and the stat data of its
+    /// files in one transaction, so unchanged files are not re-read next time.
+    pub fn ingest(&self, path: &Path, mode: Mode) -> Result<Ingested, StoreError> {
+        let known = self.known();
+        let meta = std::fs::metadata(path).map_err(|source| ArtifactError::Io { path: path.to_path_buf(), source })?;
+        let ingested = if meta.is_dir() {
+            self.artifacts.ingest_dir(path, mode, &known)?
+        } else {
+            self.artifacts.ingest_file(path, mode, &known)?
+        };
+        self.db().batch(|b| {
+            if mode != Mode::Hash {
+                b.record_artifact(&ingested.digest, ingested.size, ingested.files)?;
+            }
+            for (file, stat, digest) in &ingested.known {
+                b.stat_record(file, stat, digest)?;
+            }
+            Ok(())
+        })?;
+        Ok(ingested)
+    }
+
+    /// Checks an artifact is present and intact (see [`ArtifactStore::verify`]).
+    pub fn verify(&self, digest: &str) -> Result<(), StoreError> {
+        let checked = self.artifacts.verify(digest, &self.known())?;
+        if !checked.is_empty() {
+            self.db().batch(|b| {
+                for (blob, stat, digest) in &checked {
+                    b.stat_record(blob, stat, digest)?;
+                }
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
+}
+
