@@ -1,1 +1,8 @@
+//! The one integration-test binary: every test runs the real `millrace` binary
+//! against a real SQLite file, real wasmtime and the example plugins
+//! (`scripts/build-plugins.sh` builds them into `plugins/dist/`).
 
+mod common;
+mod run;
+mod sandbox;
+mod ui;

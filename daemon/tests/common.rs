@@ -1,0 +1,69 @@
+//! A temporary project directory with its own state dir, and the real binary.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub struct Project {
+    pub dir: tempfile::TempDir,
+}
+
+impl Project {
+    pub fn new() -> Project {
+        Project { dir: tempfile::tempdir().expect("temp dir") }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn write(&self, rel: &str, text: &str) -> PathBuf {
+        let p = self.path(rel);
+        std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&p, text).expect("write");
+        p
+    }
+
+    /// `millrace --state <tmp>/.state ARGS…`, run in the project directory.
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_millrace"));
+        c.current_dir(self.dir.path()).arg("--state").arg(self.path(".state")).args(args);
+        c.env_remove("MILLRACE_STATE");
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().expect("run millrace")
+    }
+
+    /// Runs and parses stdout as JSON (`--json` is added).
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let out = self.run(&all);
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!("{e}: stdout={} stderr={}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+        })
+    }
+}
+
+/// Absolute path of a built example plugin.
+pub fn plugin(name: &str) -> String {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/dist").join(format!("{name}.wasm"));
+    assert!(p.is_file(), "{} is missing: run scripts/build-plugins.sh first", p.display());
+    p.canonicalize().expect("canonical").display().to_string()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Step name → status of a run, from `runs show --json`.
+pub fn step_statuses(p: &Project, run: &str) -> Vec<(String, String)> {
+    let v = p.json(&["runs", "show", run]);
+    v["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .map(|s| (s["step"]["name"].as_str().unwrap().to_string(), s["step"]["status"].as_str().unwrap().to_string()))
+        .collect()
+}
