@@ -23,10 +23,19 @@ pub const EXIT_USAGE: i32 = 2;
 pub const EXIT_CONFIG: i32 = 78;
 
 #[derive(Parser, Debug)]
-#[command(name = "millrace", version, about = "Sandboxed ML pipelines with content-addressed reuse")]
+#[command(
+    name = "millrace",
+    version,
+    about = "Sandboxed ML pipelines with content-addressed reuse"
+)]
 pub struct Cli {
     /// State directory: database, artifacts, logs.
-    #[arg(long, global = true, env = "MILLRACE_STATE", default_value = ".millrace")]
+    #[arg(
+        long,
+        global = true,
+        env = "MILLRACE_STATE",
+        default_value = ".millrace"
+    )]
     state: PathBuf,
     /// Machine-readable output on read commands.
     #[arg(long, global = true)]
@@ -127,11 +136,17 @@ pub struct Exit {
 
 impl Exit {
     fn config(message: impl Into<String>) -> Exit {
-        Exit { code: EXIT_CONFIG, message: message.into() }
+        Exit {
+            code: EXIT_CONFIG,
+            message: message.into(),
+        }
     }
 
     fn usage(message: impl Into<String>) -> Exit {
-        Exit { code: EXIT_USAGE, message: message.into() }
+        Exit {
+            code: EXIT_USAGE,
+            message: message.into(),
+        }
     }
 }
 
@@ -148,11 +163,15 @@ pub fn main() -> i32 {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MILLRACE_LOG").unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("MILLRACE_LOG")
+                .unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -184,14 +203,32 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             print!("{}", Graph::new(&p).render(&p, format));
             Ok(0)
         }
-        Command::Run { pipeline, params, no_reuse, max_parallel } => {
+        Command::Run {
+            pipeline,
+            params,
+            no_reuse,
+            max_parallel,
+        } => {
             let (p, text) = load(&pipeline)?;
             let params = parse_params(&params)?;
             let engine = engine(&cli.state, max_parallel)?;
             let cancel = cancel_on_signal();
             let events = progress(json, p.steps.len());
-            let req = RunRequest { params, no_reuse, trigger: "cli".into() };
-            let summary = engine.run(&p, &text, &std::path::absolute(&pipeline)?, req, events.sink(), cancel).await;
+            let req = RunRequest {
+                params,
+                no_reuse,
+                trigger: "cli".into(),
+            };
+            let summary = engine
+                .run(
+                    &p,
+                    &text,
+                    &std::path::absolute(&pipeline)?,
+                    req,
+                    events.sink(),
+                    cancel,
+                )
+                .await;
             events.finish();
             finish_run(summary, json)
         }
@@ -204,33 +241,52 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             events.finish();
             finish_run(summary, json)
         }
-        Command::Plan { pipeline, params, no_reuse } => {
+        Command::Plan {
+            pipeline,
+            params,
+            no_reuse,
+        } => {
             let (p, _) = load(&pipeline)?;
             let params = parse_params(&params)?;
             let engine = engine(&cli.state, None)?;
             let plan = engine.plan(&p, &params, no_reuse).map_err(run_error)?;
             if json {
-                let rows: Vec<_> = plan.iter().map(|(s, d)| serde_json::json!({"step": s, "plan": d})).collect();
+                let rows: Vec<_> = plan
+                    .iter()
+                    .map(|(s, d)| serde_json::json!({"step": s, "plan": d}))
+                    .collect();
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
                 let width = plan.iter().map(|(s, _)| s.len()).max().unwrap_or(0);
                 for (step, d) in &plan {
                     match d {
-                        Decision::Reuse { run, .. } => println!("{step:width$}  reuse  from run {run}"),
+                        Decision::Reuse { run, .. } => {
+                            println!("{step:width$}  reuse  from run {run}")
+                        }
                         Decision::Run { reason } => println!("{step:width$}  run    {reason}"),
                         Decision::Pending { upstream } => {
-                            println!("{step:width$}  run?   after {} (reused if its inputs come out unchanged)", upstream.join(", "))
+                            println!(
+                                "{step:width$}  run?   after {} (reused if its inputs come out unchanged)",
+                                upstream.join(", ")
+                            )
                         }
                     }
                 }
             }
             Ok(0)
         }
-        Command::Runs { show: Some(RunsCommand::Show { run }), .. } => {
+        Command::Runs {
+            show: Some(RunsCommand::Show { run }),
+            ..
+        } => {
             let store = open_store(&cli.state)?;
             runs_show(&store, &run, json)
         }
-        Command::Runs { show: None, pipeline, limit } => {
+        Command::Runs {
+            show: None,
+            pipeline,
+            limit,
+        } => {
             let store = open_store(&cli.state)?;
             runs_list(&store, pipeline.as_deref(), limit, json)
         }
@@ -262,13 +318,23 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
 }
 
 fn open_store(state: &Path) -> anyhow::Result<Arc<Store>> {
-    Ok(Arc::new(Store::open(state).with_context(|| format!("cannot open the state directory {}", state.display()))?))
+    Ok(Arc::new(Store::open(state).with_context(|| {
+        format!("cannot open the state directory {}", state.display())
+    })?))
 }
 
 fn engine(state: &Path, max_parallel: Option<usize>) -> anyhow::Result<Arc<Engine>> {
     let store = open_store(state)?;
-    let parallel = max_parallel.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
-    Ok(Arc::new(Engine::new(store, parallel, Datastores::default())))
+    let parallel = max_parallel.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+    });
+    Ok(Arc::new(Engine::new(
+        store,
+        parallel,
+        Datastores::default(),
+    )))
 }
 
 /// Loads and checks a pipeline file; bad configuration exits 78 with every error.
@@ -288,7 +354,11 @@ fn load(path: &Path) -> anyhow::Result<(Pipeline, String)> {
 
 fn summary_line(report: &Report) -> String {
     let n = report.error_count();
-    format!("error: {} has {n} error{}\n", display_path(&report.source.path), if n == 1 { "" } else { "s" })
+    format!(
+        "error: {} has {n} error{}\n",
+        display_path(&report.source.path),
+        if n == 1 { "" } else { "s" }
+    )
 }
 
 fn validate(paths: &[PathBuf], json: bool) -> anyhow::Result<i32> {
@@ -331,7 +401,11 @@ fn validate(paths: &[PathBuf], json: bool) -> anyhow::Result<i32> {
                     }));
                 } else if pipeline.is_some() {
                     eprint!("{report}");
-                    println!("{}: ok ({} steps)", display_path(f), pipeline.as_ref().map_or(0, |p| p.steps.len()));
+                    println!(
+                        "{}: ok ({} steps)",
+                        display_path(f),
+                        pipeline.as_ref().map_or(0, |p| p.steps.len())
+                    );
                 } else {
                     eprint!("{report}{}", summary_line(&report));
                 }
@@ -388,10 +462,11 @@ fn cancel_on_signal() -> tokio_util::sync::CancellationToken {
     let token = tokio_util::sync::CancellationToken::new();
     let t = token.clone();
     tokio::spawn(async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return,
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return,
+            };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
@@ -412,8 +487,10 @@ fn progress(json: bool, steps: usize) -> Arc<Progress> {
     let bar = (!json && std::io::stderr().is_terminal()).then(|| {
         let b = indicatif::ProgressBar::new(steps as u64);
         b.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         b.enable_steady_tick(Duration::from_millis(120));
         b
@@ -437,7 +514,11 @@ impl Progress {
 
     fn event(&self, e: &Event) {
         match e {
-            Event::RunStarted { run, pipeline, steps } => self.line(format!("run {run} of {pipeline}: {steps} steps")),
+            Event::RunStarted {
+                run,
+                pipeline,
+                steps,
+            } => self.line(format!("run {run} of {pipeline}: {steps} steps")),
             Event::StepStarted { step, attempt } => {
                 if let Some(b) = &self.bar {
                     b.set_message(format!("{step}"));
@@ -445,15 +526,28 @@ impl Progress {
                     self.line(format!("  {step}: attempt {attempt}"));
                 }
             }
-            Event::StepFinished { step, status, detail, elapsed } => {
+            Event::StepFinished {
+                step,
+                status,
+                detail,
+                elapsed,
+            } => {
                 let retrying = *status == StepStatus::Failed && detail.ends_with("retrying");
                 if let Some(b) = &self.bar
                     && !retrying
                 {
                     b.inc(1);
                 }
-                let time = if elapsed.is_zero() { String::new() } else { format!(" ({:.2}s)", elapsed.as_secs_f64()) };
-                let detail = if detail.is_empty() { String::new() } else { format!(": {detail}") };
+                let time = if elapsed.is_zero() {
+                    String::new()
+                } else {
+                    format!(" ({:.2}s)", elapsed.as_secs_f64())
+                };
+                let detail = if detail.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {detail}")
+                };
                 self.line(format!("  {step} {}{time}{detail}", status.as_str()));
             }
         }
@@ -469,9 +563,17 @@ impl Progress {
 /// `42`, or `latest`/`last` for the newest run.
 fn run_id(store: &Store, text: &str) -> anyhow::Result<i64> {
     if text == "latest" || text == "last" {
-        return store.db().read().latest_run_id()?.ok_or_else(|| Exit::usage("error: there are no runs yet").into());
+        return store
+            .db()
+            .read()
+            .latest_run_id()?
+            .ok_or_else(|| Exit::usage("error: there are no runs yet").into());
     }
-    let id: i64 = text.parse().map_err(|_| Exit::usage(format!("error: `{text}` is not a run id (a number or `latest`)")))?;
+    let id: i64 = text.parse().map_err(|_| {
+        Exit::usage(format!(
+            "error: `{text}` is not a run id (a number or `latest`)"
+        ))
+    })?;
     if store.db().read().run(id)?.is_none() {
         return Err(Exit::usage(format!("error: run {id} not found")).into());
     }
@@ -498,7 +600,11 @@ fn duration(start: Option<i64>, end: Option<i64>) -> String {
 
 /// A run still marked running whose process is gone was interrupted.
 fn shown_status(store: &Store, id: i64, status: &str) -> String {
-    if status == "running" && !crate::run::RunLock::is_held(store, id) { "interrupted".into() } else { status.into() }
+    if status == "running" && !crate::run::RunLock::is_held(store, id) {
+        "interrupted".into()
+    } else {
+        status.into()
+    }
 }
 
 fn runs_list(store: &Store, pipeline: Option<&str>, limit: i64, json: bool) -> anyhow::Result<i32> {
@@ -514,7 +620,10 @@ fn runs_list(store: &Store, pipeline: Option<&str>, limit: i64, json: bool) -> a
         println!("no runs yet");
         return Ok(0);
     }
-    println!("{:>5}  {:20}  {:11}  {:20}  {:>10}  trigger", "run", "pipeline", "status", "started", "duration");
+    println!(
+        "{:>5}  {:20}  {:11}  {:20}  {:>10}  trigger",
+        "run", "pipeline", "status", "started", "duration"
+    );
     for r in runs {
         println!(
             "{:>5}  {:20}  {:11}  {:20}  {:>10}  {}",
@@ -551,9 +660,16 @@ fn runs_show(store: &Store, run: &str, json: bool) -> anyhow::Result<i32> {
                 })
             })
             .collect();
-        let inputs: Vec<_> =
-            inputs.iter().map(|(n, p, a)| serde_json::json!({"name": n, "path": p, "artifact": a})).collect();
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"run": r, "inputs": inputs, "steps": steps}))?);
+        let inputs: Vec<_> = inputs
+            .iter()
+            .map(|(n, p, a)| serde_json::json!({"name": n, "path": p, "artifact": a}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"run": r, "inputs": inputs, "steps": steps})
+            )?
+        );
         return Ok(0);
     }
     println!("run {}  {}  {}", r.id, r.pipeline, r.status);
@@ -561,7 +677,11 @@ fn runs_show(store: &Store, run: &str, json: bool) -> anyhow::Result<i32> {
     println!("  definition  {}", short(&r.definition));
     println!("  trigger     {}", r.trigger);
     println!("  params      {}", r.params);
-    println!("  started     {}  ({})", time(r.started_at), duration(r.started_at, r.finished_at));
+    println!(
+        "  started     {}  ({})",
+        time(r.started_at),
+        duration(r.started_at, r.finished_at)
+    );
     if let Some(e) = &r.error {
         println!("  error       {e}");
     }
@@ -576,7 +696,11 @@ fn runs_show(store: &Store, run: &str, json: bool) -> anyhow::Result<i32> {
             (None, Some(e)) => e.clone(),
             _ => String::new(),
         };
-        let attempts = if s.attempts > 1 { format!("  {} attempts", s.attempts) } else { String::new() };
+        let attempts = if s.attempts > 1 {
+            format!("  {} attempts", s.attempts)
+        } else {
+            String::new()
+        };
         println!(
             "  {:width$}  {:9}  {:>8}{attempts}  {extra}",
             s.name,
@@ -597,7 +721,11 @@ async fn logs(store: &Store, run: &str, step: Option<&str>, follow: bool) -> any
         Some(s) => {
             if !steps.iter().any(|x| x.name == s) {
                 let known: Vec<&str> = steps.iter().map(|s| s.name.as_str()).collect();
-                return Err(Exit::usage(format!("error: run {id} has no step `{s}` (steps: {})", known.join(", "))).into());
+                return Err(Exit::usage(format!(
+                    "error: run {id} has no step `{s}` (steps: {})",
+                    known.join(", ")
+                ))
+                .into());
             }
             vec![s.to_string()]
         }
@@ -611,7 +739,9 @@ async fn logs(store: &Store, run: &str, step: Option<&str>, follow: bool) -> any
                 let Some(path) = a.log_path else { continue };
                 let key = path.clone();
                 let seen = offsets.get(&key).copied().unwrap_or(0);
-                let Ok(bytes) = std::fs::read(&path) else { continue };
+                let Ok(bytes) = std::fs::read(&path) else {
+                    continue;
+                };
                 if bytes.len() as u64 > seen {
                     if seen == 0 && names.len() + usize::from(a.attempt > 1) > 1 {
                         writeln!(out, "==> {name} (attempt {}) <==", a.attempt)?;
@@ -632,13 +762,19 @@ async fn logs(store: &Store, run: &str, step: Option<&str>, follow: bool) -> any
 }
 
 fn metrics(store: &Store, runs: &[String], json: bool) -> anyhow::Result<i32> {
-    let ids: Vec<i64> = runs.iter().map(|r| run_id(store, r)).collect::<anyhow::Result<_>>()?;
-    let mut table: std::collections::BTreeMap<(String, String), Vec<Option<String>>> = Default::default();
+    let ids: Vec<i64> = runs
+        .iter()
+        .map(|r| run_id(store, r))
+        .collect::<anyhow::Result<_>>()?;
+    let mut table: std::collections::BTreeMap<(String, String), Vec<Option<String>>> =
+        Default::default();
     let mut all = Vec::new();
     for (col, id) in ids.iter().enumerate() {
         let rows = store.db().read().metrics(*id)?;
         for m in &rows {
-            let cell = table.entry((m.step.clone(), m.name.clone())).or_insert_with(|| vec![None; ids.len()]);
+            let cell = table
+                .entry((m.step.clone(), m.name.clone()))
+                .or_insert_with(|| vec![None; ids.len()]);
             // A curve (with `step` indexes) shows its last value and its length.
             let shown = match m.step_index {
                 Some(ix) => format!("{} (@{ix})", fmt_num(m.value)),
@@ -656,7 +792,11 @@ fn metrics(store: &Store, runs: &[String], json: bool) -> anyhow::Result<i32> {
         println!("no metrics recorded");
         return Ok(0);
     }
-    let width = table.keys().map(|(s, n)| s.len() + n.len() + 1).max().unwrap_or(6);
+    let width = table
+        .keys()
+        .map(|(s, n)| s.len() + n.len() + 1)
+        .max()
+        .unwrap_or(6);
     print!("{:width$}", "metric");
     for id in &ids {
         print!("  {:>16}", format!("run {id}"));
@@ -673,7 +813,16 @@ fn metrics(store: &Store, runs: &[String], json: bool) -> anyhow::Result<i32> {
 }
 
 fn fmt_num(v: f64) -> String {
-    if v.fract() == 0.0 && v.abs() < 1e15 { format!("{v:.0}") } else { format!("{v:.6}").trim_end_matches('0').to_string() }
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{v:.0}")
+    } else if v.abs() < 1e-4 || v.abs() >= 1e9 {
+        format!("{v:.3e}")
+    } else {
+        format!("{v:.6}")
+            .trim_end_matches('0')
+            .trim_end_matches('.')
+            .to_string()
+    }
 }
 
 fn explain(store: &Store, run: &str, step: &str, json: bool) -> anyhow::Result<i32> {
@@ -684,27 +833,51 @@ fn explain(store: &Store, run: &str, step: &str, json: bool) -> anyhow::Result<i
         .read()
         .step(id, step)?
         .ok_or_else(|| Exit::usage(format!("error: run {id} has no step `{step}`")))?;
-    let parts: Option<KeyParts> = s.key_parts.clone().and_then(|v| serde_json::from_value(v).ok());
+    let parts: Option<KeyParts> = s
+        .key_parts
+        .clone()
+        .and_then(|v| serde_json::from_value(v).ok());
     let prev = store.db().read().previous_step(&r.pipeline, step, id)?;
-    let prev_parts: Option<KeyParts> = prev.as_ref().and_then(|p| p.key_parts.clone()).and_then(|v| serde_json::from_value(v).ok());
+    let prev_parts: Option<KeyParts> = prev
+        .as_ref()
+        .and_then(|p| p.key_parts.clone())
+        .and_then(|v| serde_json::from_value(v).ok());
     let (verdict, changes): (String, Vec<String>) = match (&s.status[..], s.reused_from, &parts) {
-        (_, Some(from), _) => (format!("reused the outputs of run {from} (same cache key {})", short(s.cache_key.as_deref().unwrap_or(""))), vec![]),
-        ("skipped", _, _) => (format!("skipped: {}", s.error.clone().unwrap_or_default()), vec![]),
+        (_, Some(from), _) => (
+            format!(
+                "reused the outputs of run {from} (same cache key {})",
+                short(s.cache_key.as_deref().unwrap_or(""))
+            ),
+            vec![],
+        ),
+        ("skipped", _, _) => (
+            format!("skipped: {}", s.error.clone().unwrap_or_default()),
+            vec![],
+        ),
         (_, None, None) => ("did not get as far as computing a cache key".into(), vec![]),
         (_, None, Some(parts)) => {
             if r.no_reuse {
-                ("executed: the run was started with --no-reuse".into(), vec![])
+                (
+                    "executed: the run was started with --no-reuse".into(),
+                    vec![],
+                )
             } else {
                 match (&prev, &prev_parts) {
                     (Some(p), Some(old)) => {
                         let changes = parts.changes_since(old);
                         if changes.is_empty() {
                             (
-                                format!("executed: same key as run {}, but that result was not reusable (reuse = false, failed, or its outputs were missing or damaged)", p.run_id),
+                                format!(
+                                    "executed: same key as run {}, but that result was not reusable (reuse = false, failed, or its outputs were missing or damaged)",
+                                    p.run_id
+                                ),
                                 vec![],
                             )
                         } else {
-                            (format!("executed: compared with run {}:", p.run_id), changes)
+                            (
+                                format!("executed: compared with run {}:", p.run_id),
+                                changes,
+                            )
                         }
                     }
                     _ => ("executed: no earlier execution of this step".into(), vec![]),
@@ -739,7 +912,10 @@ fn resolve_artifact(store: &Store, text: &str) -> anyhow::Result<String> {
     match matches.len() {
         1 => Ok(matches[0].clone()),
         0 => Err(Exit::usage(format!("error: no artifact starts with `{text}`")).into()),
-        _ => Err(Exit::usage(format!("error: `{text}` matches several artifacts; give more digits")).into()),
+        _ => Err(Exit::usage(format!(
+            "error: `{text}` matches several artifacts; give more digits"
+        ))
+        .into()),
     }
 }
 
@@ -748,7 +924,9 @@ fn lineage(store: &Store, artifact: &str, json: bool) -> anyhow::Result<i32> {
     let digest = match artifact.split_once(':') {
         Some((run, out)) => {
             let id = run_id(store, run)?;
-            let (step, o) = out.split_once('.').ok_or_else(|| Exit::usage("error: write RUN:STEP.OUTPUT"))?;
+            let (step, o) = out
+                .split_once('.')
+                .ok_or_else(|| Exit::usage("error: write RUN:STEP.OUTPUT"))?;
             store
                 .db()
                 .read()
@@ -763,15 +941,29 @@ fn lineage(store: &Store, artifact: &str, json: bool) -> anyhow::Result<i32> {
     let rows = store.db().read().lineage(&digest)?;
     let (size, files) = store.db().read().artifact(&digest)?.unwrap_or((0, 0));
     if json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"artifact": digest, "size": size, "files": files, "uses": rows}))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"artifact": digest, "size": size, "files": files, "uses": rows})
+            )?
+        );
         return Ok(0);
     }
     println!("artifact {digest}  ({files} files, {size} bytes)");
     for r in rows {
         match r.role.as_str() {
-            "output" => println!("  produced by run {} {}.{} ({})", r.run_id, r.step, r.name, r.pipeline),
-            "input" => println!("  read by     run {} {} as /in/{} ({})", r.run_id, r.step, r.name, r.pipeline),
-            _ => println!("  input       run {} inputs.{} ({})", r.run_id, r.name, r.pipeline),
+            "output" => println!(
+                "  produced by run {} {}.{} ({})",
+                r.run_id, r.step, r.name, r.pipeline
+            ),
+            "input" => println!(
+                "  read by     run {} {} as /in/{} ({})",
+                r.run_id, r.step, r.name, r.pipeline
+            ),
+            _ => println!(
+                "  input       run {} inputs.{} ({})",
+                r.run_id, r.name, r.pipeline
+            ),
         }
     }
     Ok(0)
@@ -779,17 +971,25 @@ fn lineage(store: &Store, artifact: &str, json: bool) -> anyhow::Result<i32> {
 
 fn output_cmd(store: &Store, run: &str, output: &str, dir: Option<&Path>) -> anyhow::Result<i32> {
     let id = run_id(store, run)?;
-    let (step, name) = output.split_once('.').ok_or_else(|| Exit::usage(format!("error: `{output}`: write STEP.OUTPUT")))?;
+    let (step, name) = output
+        .split_once('.')
+        .ok_or_else(|| Exit::usage(format!("error: `{output}`: write STEP.OUTPUT")))?;
     let outs = store.db().read().step_outputs(id, step)?;
     let Some((_, digest)) = outs.iter().find(|(o, _)| o == name) else {
         let known: Vec<String> = outs.iter().map(|(o, _)| format!("{step}.{o}")).collect();
         return Err(Exit::usage(format!(
             "error: run {id} has no output `{output}`{}",
-            if known.is_empty() { String::new() } else { format!(" (outputs: {})", known.join(", ")) }
+            if known.is_empty() {
+                String::new()
+            } else {
+                format!(" (outputs: {})", known.join(", "))
+            }
         ))
         .into());
     };
-    store.verify(digest).with_context(|| format!("artifact {} is not intact", short(digest)))?;
+    store
+        .verify(digest)
+        .with_context(|| format!("artifact {} is not intact", short(digest)))?;
     match dir {
         Some(d) => {
             store.artifacts.export(digest, d)?;
@@ -833,7 +1033,10 @@ fn gc(store: &Store, keep: i64, json: bool) -> anyhow::Result<i32> {
     }
     let (files, bytes) = store.artifacts.sweep(&blobs, &trees)?;
     if json {
-        println!("{}", serde_json::json!({"runs_deleted": deleted, "objects_deleted": files, "bytes_freed": bytes}));
+        println!(
+            "{}",
+            serde_json::json!({"runs_deleted": deleted, "objects_deleted": files, "bytes_freed": bytes})
+        );
     } else {
         println!("deleted {deleted} runs and {files} objects ({bytes} bytes)");
     }

@@ -134,9 +134,18 @@ pub struct Trigger {
 
 #[derive(Debug, Clone)]
 pub enum TriggerKind {
-    Cron { expr: Sp<String>, timezone: Option<Sp<String>>, catchup: Catchup },
-    Watch { glob: Sp<String>, debounce: Duration },
-    After { pipeline: Sp<String> },
+    Cron {
+        expr: Sp<String>,
+        timezone: Option<Sp<String>>,
+        catchup: Catchup,
+    },
+    Watch {
+        glob: Sp<String>,
+        debounce: Duration,
+    },
+    After {
+        pipeline: Sp<String>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -183,12 +192,25 @@ pub struct Retries {
 #[derive(Debug, Clone)]
 pub enum StepKind {
     /// `wasm = "plugins/x.wasm"`, resolved against the pipeline's directory.
-    Wasm { path: Sp<String>, resolved: PathBuf },
-    Python { script: Sp<String> },
-    Container { span: Span },
-    Module { spec: Sp<String> },
+    Wasm {
+        path: Sp<String>,
+        resolved: PathBuf,
+    },
+    Python {
+        script: Sp<String>,
+    },
+    Container {
+        span: Span,
+    },
+    Module {
+        spec: Sp<String>,
+    },
     /// `transfer = { from, to, datastore }`: copy an artifact into a datastore.
-    Transfer { from: Sp<Reference>, to: Sp<String>, datastore: Sp<String> },
+    Transfer {
+        from: Sp<Reference>,
+        to: Sp<String>,
+        datastore: Sp<String>,
+    },
 }
 
 impl StepKind {
@@ -230,7 +252,10 @@ pub struct Environment {
 
 impl Default for Environment {
     fn default() -> Self {
-        Environment { datastores: vec!["default".into()], computes: vec!["local".into()] }
+        Environment {
+            datastores: vec!["default".into()],
+            computes: vec!["local".into()],
+        }
     }
 }
 
@@ -254,25 +279,59 @@ pub fn parse(path: &Path, text: String, env: &Environment) -> (Option<Pipeline>,
         let (doc, errors) = DeTable::parse_recoverable(&source.text);
         for e in &errors {
             let span = e.span().unwrap_or(0..0);
-            w.diags.push(Diagnostic::error(span, format!("invalid TOML: {}", e.message().trim())));
+            w.diags.push(Diagnostic::error(
+                span,
+                format!("invalid TOML: {}", e.message().trim()),
+            ));
         }
-        if errors.is_empty() { w.pipeline(doc.get_ref(), path, &source.text, env) } else { None }
+        if errors.is_empty() {
+            w.pipeline(doc.get_ref(), path, &source.text, env)
+        } else {
+            None
+        }
     };
     let mut diagnostics = w.diags;
     if pipeline.is_some() {
         crate::graph::check(pipeline.as_ref().expect("checked"), &mut diagnostics);
     }
     diagnostics.sort_by_key(|d| (d.span.start, d.severity));
-    let report = Report { source, diagnostics };
+    let report = Report {
+        source,
+        diagnostics,
+    };
     let pipeline = if report.has_errors() { None } else { pipeline };
     (pipeline, report)
 }
 
-const PIPELINE_KEYS: &[&str] =
-    &["name", "description", "experiment", "concurrency", "params", "inputs", "trigger", "step"];
+const PIPELINE_KEYS: &[&str] = &[
+    "name",
+    "description",
+    "experiment",
+    "concurrency",
+    "params",
+    "inputs",
+    "trigger",
+    "step",
+];
 const STEP_KEYS: &[&str] = &[
-    "name", "description", "wasm", "python", "container", "module", "transfer", "compute",
-    "args", "env", "inputs", "outputs", "after", "timeout", "memory", "cpus", "retries", "reuse",
+    "name",
+    "description",
+    "wasm",
+    "python",
+    "container",
+    "module",
+    "transfer",
+    "compute",
+    "args",
+    "env",
+    "inputs",
+    "outputs",
+    "after",
+    "timeout",
+    "memory",
+    "cpus",
+    "retries",
+    "reuse",
 ];
 const STEP_KINDS: &[&str] = &["wasm", "python", "container", "module", "transfer"];
 
@@ -287,9 +346,19 @@ impl Walker {
         self.diags.push(Diagnostic::error(span, message));
     }
 
-    fn pipeline(&mut self, doc: &DeTable<'_>, path: &Path, text: &str, env: &Environment) -> Option<Pipeline> {
+    fn pipeline(
+        &mut self,
+        doc: &DeTable<'_>,
+        path: &Path,
+        text: &str,
+        env: &Environment,
+    ) -> Option<Pipeline> {
         self.unknown_keys(doc, PIPELINE_KEYS, "the pipeline file");
-        let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        // `retrain_churn.toml` without a `name` is the pipeline `retrain-churn`.
+        let stem = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().to_ascii_lowercase().replace('_', "-"))
+            .unwrap_or_default();
         let name = match doc.get("name").and_then(|v| self.string(v, "name")) {
             Some(n) => {
                 self.name(&n, "pipeline name", NameRule::Pipeline);
@@ -305,7 +374,10 @@ impl Walker {
                 Spanned::new(0..0, stem)
             }
         };
-        let description = doc.get("description").and_then(|v| self.string(v, "description")).map(|s| s.into_inner());
+        let description = doc
+            .get("description")
+            .and_then(|v| self.string(v, "description"))
+            .map(|s| s.into_inner());
         let experiment = doc
             .get("experiment")
             .and_then(|v| self.string(v, "experiment"))
@@ -314,25 +386,43 @@ impl Walker {
                 e.into_inner()
             })
             .unwrap_or_else(|| name.get_ref().clone());
-        let concurrency = doc.get("concurrency").map(|v| self.concurrency(v)).unwrap_or(Concurrency {
-            max_runs: 1,
-            overlap: Overlap::Queue,
-        });
-        let params = doc.get("params").map(|v| self.params(v)).unwrap_or_default();
-        let inputs = doc.get("inputs").map(|v| self.inputs(v, env)).unwrap_or_default();
+        let concurrency = doc
+            .get("concurrency")
+            .map(|v| self.concurrency(v))
+            .unwrap_or(Concurrency {
+                max_runs: 1,
+                overlap: Overlap::Queue,
+            });
+        let params = doc
+            .get("params")
+            .map(|v| self.params(v))
+            .unwrap_or_default();
+        let inputs = doc
+            .get("inputs")
+            .map(|v| self.inputs(v, env))
+            .unwrap_or_default();
         let triggers = match doc.get("trigger") {
-            Some(v) => self.array_of_tables(v, "trigger").iter().filter_map(|t| self.trigger(t, &params)).collect(),
+            Some(v) => self
+                .array_of_tables(v, "trigger")
+                .iter()
+                .filter_map(|t| self.trigger(t, &params))
+                .collect(),
             None => Vec::new(),
         };
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let steps: Vec<Step> = match doc.get("step") {
-            Some(v) => {
-                self.array_of_tables(v, "step").iter().filter_map(|t| self.step(t, &params, &dir, env)).collect()
-            }
+            Some(v) => self
+                .array_of_tables(v, "step")
+                .iter()
+                .filter_map(|t| self.step(t, &params, &dir, env))
+                .collect(),
             None => Vec::new(),
         };
         if doc.get("step").is_none() {
-            self.error(0..0, "the pipeline has no steps: add at least one `[[step]]`");
+            self.error(
+                0..0,
+                "the pipeline has no steps: add at least one `[[step]]`",
+            );
         }
         Some(Pipeline {
             name,
@@ -349,23 +439,40 @@ impl Walker {
     }
 
     fn concurrency(&mut self, v: &Value<'_>) -> Concurrency {
-        let mut c = Concurrency { max_runs: 1, overlap: Overlap::Queue };
-        let Some(t) = self.table(v, "concurrency") else { return c };
+        let mut c = Concurrency {
+            max_runs: 1,
+            overlap: Overlap::Queue,
+        };
+        let Some(t) = self.table(v, "concurrency") else {
+            return c;
+        };
         self.unknown_keys(t, &["max_runs", "overlap"], "concurrency");
-        if let Some(m) = t.get("max_runs").and_then(|v| self.integer(v, "concurrency.max_runs")) {
+        if let Some(m) = t
+            .get("max_runs")
+            .and_then(|v| self.integer(v, "concurrency.max_runs"))
+        {
             if m < 1 || m > 1000 {
-                self.error(t["max_runs"].span(), format!("max_runs must be between 1 and 1000, got {m}"));
+                self.error(
+                    t["max_runs"].span(),
+                    format!("max_runs must be between 1 and 1000, got {m}"),
+                );
             } else {
                 c.max_runs = m as u32;
             }
         }
-        if let Some(o) = t.get("overlap").and_then(|v| self.string(v, "concurrency.overlap")) {
+        if let Some(o) = t
+            .get("overlap")
+            .and_then(|v| self.string(v, "concurrency.overlap"))
+        {
             c.overlap = match o.get_ref().as_str() {
                 "queue" => Overlap::Queue,
                 "skip" => Overlap::Skip,
                 "cancel" => Overlap::Cancel,
                 other => {
-                    self.error(o.span(), format!("unknown overlap `{other}`: expected queue, skip or cancel"));
+                    self.error(
+                        o.span(),
+                        format!("unknown overlap `{other}`: expected queue, skip or cancel"),
+                    );
                     Overlap::Queue
                 }
             };
@@ -374,7 +481,9 @@ impl Walker {
     }
 
     fn params(&mut self, v: &Value<'_>) -> Vec<Param> {
-        let Some(t) = self.table(v, "params") else { return Vec::new() };
+        let Some(t) = self.table(v, "params") else {
+            return Vec::new();
+        };
         let mut out = Vec::new();
         for (k, v) in t {
             let name = Spanned::new(k.span(), k.get_ref().to_string());
@@ -389,13 +498,15 @@ impl Walker {
     fn param_value(&mut self, v: &Value<'_>, what: &str) -> Option<ParamValue> {
         Some(match v.get_ref() {
             DeValue::String(s) => ParamValue::String(s.to_string()),
-            DeValue::Integer(i) => match i64::from_str_radix(&i.as_str().replace('_', ""), i.radix()) {
-                Ok(i) => ParamValue::Integer(i),
-                Err(_) => {
-                    self.error(v.span(), format!("{what}: integer out of range"));
-                    return None;
+            DeValue::Integer(i) => {
+                match i64::from_str_radix(&i.as_str().replace('_', ""), i.radix()) {
+                    Ok(i) => ParamValue::Integer(i),
+                    Err(_) => {
+                        self.error(v.span(), format!("{what}: integer out of range"));
+                        return None;
+                    }
                 }
-            },
+            }
             DeValue::Float(f) => match f.as_str().replace('_', "").parse::<f64>() {
                 Ok(x) if x.is_finite() => ParamValue::Float(x),
                 _ => {
@@ -407,7 +518,10 @@ impl Walker {
             other => {
                 self.error(
                     v.span(),
-                    format!("{what}: a param must be a string, integer, float or boolean, not {}", other.type_str()),
+                    format!(
+                        "{what}: a param must be a string, integer, float or boolean, not {}",
+                        other.type_str()
+                    ),
                 );
                 return None;
             }
@@ -415,14 +529,22 @@ impl Walker {
     }
 
     fn inputs(&mut self, v: &Value<'_>, env: &Environment) -> Vec<Input> {
-        let Some(t) = self.table(v, "inputs") else { return Vec::new() };
+        let Some(t) = self.table(v, "inputs") else {
+            return Vec::new();
+        };
         let mut out = Vec::new();
         for (k, v) in t {
             let name = Spanned::new(k.span(), k.get_ref().to_string());
             self.name(&name, "input name", NameRule::Identifier);
             let what = format!("inputs.{}", name.get_ref());
-            let Some(t) = self.table(v, &what) else { continue };
-            self.unknown_keys(t, &["path", "datastore", "description"], &format!("[{what}]"));
+            let Some(t) = self.table(v, &what) else {
+                continue;
+            };
+            self.unknown_keys(
+                t,
+                &["path", "datastore", "description"],
+                &format!("[{what}]"),
+            );
             let path = match t.get("path") {
                 Some(p) => self.string(p, &format!("{what}.path")),
                 None => {
@@ -439,7 +561,11 @@ impl Walker {
                 if path.get_ref().is_empty() {
                     self.error(path.span(), format!("{what}.path is empty"));
                 }
-                out.push(Input { name, path, datastore });
+                out.push(Input {
+                    name,
+                    path,
+                    datastore,
+                });
             }
         }
         out
@@ -449,20 +575,29 @@ impl Walker {
         if !env.datastores.iter().any(|s| s == d.get_ref()) {
             self.diags.push(
                 Diagnostic::error(d.span(), format!("unknown datastore `{}`", d.get_ref()))
-                    .with_help(format!("datastores: {} (declared in the daemon config)", env.datastores.join(", "))),
+                    .with_help(format!(
+                        "datastores: {} (declared in the daemon config)",
+                        env.datastores.join(", ")
+                    )),
             );
         }
     }
 
     fn trigger(&mut self, v: &Value<'_>, params: &[Param]) -> Option<Trigger> {
         let t = self.table(v, "trigger")?;
-        let kinds: Vec<&str> = ["cron", "watch", "after"].into_iter().filter(|k| t.contains_key(*k)).collect();
+        let kinds: Vec<&str> = ["cron", "watch", "after"]
+            .into_iter()
+            .filter(|k| t.contains_key(*k))
+            .collect();
         let allowed: &[&str] = match kinds.as_slice() {
             ["cron"] => &["cron", "timezone", "catchup", "params"],
             ["watch"] => &["watch", "debounce", "params"],
             ["after"] => &["after", "params"],
             [] => {
-                self.error(v.span(), "a [[trigger]] needs one of `cron`, `watch` or `after`");
+                self.error(
+                    v.span(),
+                    "a [[trigger]] needs one of `cron`, `watch` or `after`",
+                );
                 return None;
             }
             _ => {
@@ -490,36 +625,56 @@ impl Walker {
             let timezone = t.get("timezone").and_then(|z| self.string(z, "timezone"));
             let catchup = match t.get("catchup").and_then(|c| self.string(c, "catchup")) {
                 None => Catchup::None,
-                Some(c) => match c.get_ref().as_str() {
-                    "none" => Catchup::None,
-                    "latest" => Catchup::Latest,
-                    "all" => Catchup::All,
-                    "coalesce" => Catchup::Coalesce,
-                    other => {
-                        self.error(
+                Some(c) => {
+                    match c.get_ref().as_str() {
+                        "none" => Catchup::None,
+                        "latest" => Catchup::Latest,
+                        "all" => Catchup::All,
+                        "coalesce" => Catchup::Coalesce,
+                        other => {
+                            self.error(
                             c.span(),
                             format!("unknown catchup `{other}`: expected none, latest, all or coalesce"),
                         );
-                        Catchup::None
+                            Catchup::None
+                        }
                     }
-                },
+                }
             };
-            TriggerKind::Cron { expr, timezone, catchup }
+            TriggerKind::Cron {
+                expr,
+                timezone,
+                catchup,
+            }
         } else if let Some(g) = t.get("watch") {
             let glob = self.string(g, "watch")?;
-            let debounce = t.get("debounce").and_then(|d| self.duration(d, "debounce")).unwrap_or(Duration::from_secs(2));
+            let debounce = t
+                .get("debounce")
+                .and_then(|d| self.duration(d, "debounce"))
+                .unwrap_or(Duration::from_secs(2));
             TriggerKind::Watch { glob, debounce }
         } else {
             let pipeline = self.string(&t["after"], "after")?;
             self.name(&pipeline, "pipeline name", NameRule::Pipeline);
             TriggerKind::After { pipeline }
         };
-        Some(Trigger { span: v.span(), kind, params: trigger_params })
+        Some(Trigger {
+            span: v.span(),
+            kind,
+            params: trigger_params,
+        })
     }
 
     /// `params = { k = v }` overriding declared params with values of the same type.
-    fn param_overrides(&mut self, v: &Value<'_>, params: &[Param], what: &str) -> Vec<(Sp<String>, ParamValue)> {
-        let Some(t) = self.table(v, what) else { return Vec::new() };
+    fn param_overrides(
+        &mut self,
+        v: &Value<'_>,
+        params: &[Param],
+        what: &str,
+    ) -> Vec<(Sp<String>, ParamValue)> {
+        let Some(t) = self.table(v, what) else {
+            return Vec::new();
+        };
         let mut out = Vec::new();
         for (k, v) in t {
             let Some(declared) = params.iter().find(|p| p.name.get_ref() == k.get_ref()) else {
@@ -531,8 +686,12 @@ impl Walker {
                 continue;
             };
             if let Some(value) = self.param_value(v, &format!("params.{}", k.get_ref())) {
-                let compatible = std::mem::discriminant(&value) == std::mem::discriminant(&declared.value)
-                    || matches!((&declared.value, &value), (ParamValue::Float(_), ParamValue::Integer(_)));
+                let compatible = std::mem::discriminant(&value)
+                    == std::mem::discriminant(&declared.value)
+                    || matches!(
+                        (&declared.value, &value),
+                        (ParamValue::Float(_), ParamValue::Integer(_))
+                    );
                 if !compatible {
                     self.error(
                         v.span(),
@@ -555,7 +714,13 @@ impl Walker {
         out
     }
 
-    fn step(&mut self, v: &Value<'_>, params: &[Param], dir: &Path, env: &Environment) -> Option<Step> {
+    fn step(
+        &mut self,
+        v: &Value<'_>,
+        params: &[Param],
+        dir: &Path,
+        env: &Environment,
+    ) -> Option<Step> {
         let t = self.table(v, "step")?;
         self.unknown_keys(t, STEP_KEYS, "[[step]]");
         let name = match t.get("name") {
@@ -570,7 +735,11 @@ impl Walker {
             }
         };
         let step_name = name.get_ref().clone();
-        let kinds: Vec<&str> = STEP_KINDS.iter().copied().filter(|k| t.contains_key(*k)).collect();
+        let kinds: Vec<&str> = STEP_KINDS
+            .iter()
+            .copied()
+            .filter(|k| t.contains_key(*k))
+            .collect();
         let kind = match kinds.as_slice() {
             [one] => self.step_kind(one, &t[*one], &step_name, dir, env),
             [] => {
@@ -602,9 +771,18 @@ impl Walker {
         for (k, v) in &env_vars {
             self.interpolation(v, params);
             if !valid_env_name(k.get_ref()) {
-                self.error(k.span(), format!("`{}` is not a valid environment variable name", k.get_ref()));
+                self.error(
+                    k.span(),
+                    format!("`{}` is not a valid environment variable name", k.get_ref()),
+                );
             } else if k.get_ref().starts_with("MILLRACE_") {
-                self.error(k.span(), format!("`{}`: the MILLRACE_ prefix is reserved for variables millrace sets", k.get_ref()));
+                self.error(
+                    k.span(),
+                    format!(
+                        "`{}`: the MILLRACE_ prefix is reserved for variables millrace sets",
+                        k.get_ref()
+                    ),
+                );
             }
         }
         let mut inputs = Vec::new();
@@ -624,7 +802,13 @@ impl Walker {
         for o in &outputs {
             self.name(o, "output name", NameRule::Identifier);
             if !seen.insert(o.get_ref().clone()) {
-                self.error(o.span(), format!("output `{}` is declared twice in step `{step_name}`", o.get_ref()));
+                self.error(
+                    o.span(),
+                    format!(
+                        "output `{}` is declared twice in step `{step_name}`",
+                        o.get_ref()
+                    ),
+                );
             }
         }
         let after = match t.get("after") {
@@ -643,7 +827,10 @@ impl Walker {
         {
             self.error(
                 t["memory"].span(),
-                format!("memory {}: a wasm32 sandbox can address at most 4GiB", format_size(m)),
+                format!(
+                    "memory {}: a wasm32 sandbox can address at most 4GiB",
+                    format_size(m)
+                ),
             );
         }
         let cpus = match t.get("cpus") {
@@ -660,34 +847,54 @@ impl Walker {
                     Some(x)
                 }
                 other => {
-                    self.error(c.span(), format!("cpus must be a number, not {}", other.type_str()));
+                    self.error(
+                        c.span(),
+                        format!("cpus must be a number, not {}", other.type_str()),
+                    );
                     None
                 }
             },
             None => None,
         };
-        let retries = t.get("retries").map(|r| self.retries(r)).unwrap_or(Retries {
-            attempts: 1,
-            backoff: Duration::from_secs(1),
-        });
-        let reuse = t.get("reuse").and_then(|r| self.boolean(r, "reuse")).unwrap_or(true);
+        let retries = t
+            .get("retries")
+            .map(|r| self.retries(r))
+            .unwrap_or(Retries {
+                attempts: 1,
+                backoff: Duration::from_secs(1),
+            });
+        let reuse = t
+            .get("reuse")
+            .and_then(|r| self.boolean(r, "reuse"))
+            .unwrap_or(true);
         let compute = t.get("compute").and_then(|c| self.string(c, "compute"));
         if let Some(c) = &compute
             && !env.computes.iter().any(|k| k == c.get_ref())
         {
             self.diags.push(
                 Diagnostic::error(c.span(), format!("unknown compute `{}`", c.get_ref()))
-                    .with_help(format!("compute targets: {} (declared in the daemon config)", env.computes.join(", "))),
+                    .with_help(format!(
+                        "compute targets: {} (declared in the daemon config)",
+                        env.computes.join(", ")
+                    )),
             );
         }
         if let Some(StepKind::Transfer { .. }) = &kind {
-            for key in ["args", "env", "outputs", "timeout", "memory", "cpus", "compute"] {
+            for key in [
+                "args", "env", "outputs", "timeout", "memory", "cpus", "compute",
+            ] {
                 if let Some(v) = t.get(key) {
-                    self.error(v.span(), format!("`{key}` does not apply to a transfer step"));
+                    self.error(
+                        v.span(),
+                        format!("`{key}` does not apply to a transfer step"),
+                    );
                 }
             }
             if let Some(i) = t.get("inputs") {
-                self.error(i.span(), "a transfer step takes its input from `transfer.from`, not `inputs`");
+                self.error(
+                    i.span(),
+                    "a transfer step takes its input from `transfer.from`, not `inputs`",
+                );
             }
         }
         Some(Step {
@@ -708,11 +915,20 @@ impl Walker {
         })
     }
 
-    fn step_kind(&mut self, kind: &str, v: &Value<'_>, step: &str, dir: &Path, env: &Environment) -> Option<StepKind> {
+    fn step_kind(
+        &mut self,
+        kind: &str,
+        v: &Value<'_>,
+        step: &str,
+        dir: &Path,
+        env: &Environment,
+    ) -> Option<StepKind> {
         let not_built = |what: &str| {
             Diagnostic::error(
                 v.span(),
-                format!("step `{step}`: {what} steps are not supported by this version of millrace"),
+                format!(
+                    "step `{step}`: {what} steps are not supported by this version of millrace"
+                ),
             )
             .with_help("this version runs `wasm` and `transfer` steps")
         };
@@ -721,11 +937,17 @@ impl Walker {
                 let path = self.string(v, "wasm")?;
                 let resolved = dir.join(path.get_ref());
                 if !path.get_ref().ends_with(".wasm") {
-                    self.error(path.span(), format!("`{}` is not a .wasm file", path.get_ref()));
+                    self.error(
+                        path.span(),
+                        format!("`{}` is not a .wasm file", path.get_ref()),
+                    );
                 } else if !resolved.is_file() {
                     self.diags.push(
-                        Diagnostic::error(path.span(), format!("wasm file not found: {}", resolved.display()))
-                            .with_help("paths are relative to the pipeline file's directory"),
+                        Diagnostic::error(
+                            path.span(),
+                            format!("wasm file not found: {}", resolved.display()),
+                        )
+                        .with_help("paths are relative to the pipeline file's directory"),
                     );
                 }
                 Some(StepKind::Wasm { path, resolved })
@@ -733,18 +955,35 @@ impl Walker {
             "python" => {
                 let script = self.string(v, "python")?;
                 if !dir.join(script.get_ref()).is_file() {
-                    self.error(script.span(), format!("python script not found: {}", dir.join(script.get_ref()).display()));
+                    self.error(
+                        script.span(),
+                        format!(
+                            "python script not found: {}",
+                            dir.join(script.get_ref()).display()
+                        ),
+                    );
                 }
                 self.diags.push(not_built("python"));
                 Some(StepKind::Python { script })
             }
             "container" => {
                 let t = self.table(v, "container")?;
-                self.unknown_keys(t, &["image", "command", "entrypoint", "env", "workdir", "user"], "container");
-                match t.get("image").and_then(|i| self.string(i, "container.image")) {
-                    Some(i) if i.get_ref().trim().is_empty() => self.error(i.span(), "container.image is empty"),
+                self.unknown_keys(
+                    t,
+                    &["image", "command", "entrypoint", "env", "workdir", "user"],
+                    "container",
+                );
+                match t
+                    .get("image")
+                    .and_then(|i| self.string(i, "container.image"))
+                {
+                    Some(i) if i.get_ref().trim().is_empty() => {
+                        self.error(i.span(), "container.image is empty")
+                    }
                     Some(_) => {}
-                    None if !t.contains_key("image") => self.error(v.span(), "container needs an `image`"),
+                    None if !t.contains_key("image") => {
+                        self.error(v.span(), "container needs an `image`")
+                    }
                     None => {}
                 }
                 if let Some(c) = t.get("command") {
@@ -755,19 +994,23 @@ impl Walker {
             }
             "module" => {
                 let spec = self.string(v, "module")?;
-                self.diags.push(
-                    not_built("module")
-                        .with_help("the module registry is not built yet; use `wasm = \"path.wasm\"` for now"),
-                );
+                self.diags.push(not_built("module").with_help(
+                    "the module registry is not built yet; use `wasm = \"path.wasm\"` for now",
+                ));
                 Some(StepKind::Module { spec })
             }
             "transfer" => {
                 let t = self.table(v, "transfer")?;
                 self.unknown_keys(t, &["from", "to", "datastore"], "transfer");
                 let from = match t.get("from") {
-                    Some(f) => self.string(f, "transfer.from").and_then(|r| self.reference(&r)),
+                    Some(f) => self
+                        .string(f, "transfer.from")
+                        .and_then(|r| self.reference(&r)),
                     None => {
-                        self.error(v.span(), "transfer needs `from` (\"step.output\" or \"inputs.NAME\")");
+                        self.error(
+                            v.span(),
+                            "transfer needs `from` (\"step.output\" or \"inputs.NAME\")",
+                        );
                         None
                     }
                 };
@@ -782,7 +1025,8 @@ impl Walker {
                     let p = Path::new(to.get_ref());
                     if to.get_ref().is_empty()
                         || p.is_absolute()
-                        || p.components().any(|c| !matches!(c, std::path::Component::Normal(_)))
+                        || p.components()
+                            .any(|c| !matches!(c, std::path::Component::Normal(_)))
                     {
                         self.error(
                             to.span(),
@@ -795,24 +1039,42 @@ impl Walker {
                     .and_then(|d| self.string(d, "transfer.datastore"))
                     .unwrap_or_else(|| Spanned::new(v.span(), "default".into()));
                 self.datastore(&datastore, env);
-                Some(StepKind::Transfer { from: from?, to: to?, datastore })
+                Some(StepKind::Transfer {
+                    from: from?,
+                    to: to?,
+                    datastore,
+                })
             }
             _ => unreachable!("STEP_KINDS"),
         }
     }
 
     fn retries(&mut self, v: &Value<'_>) -> Retries {
-        let mut r = Retries { attempts: 1, backoff: Duration::from_secs(1) };
-        let Some(t) = self.table(v, "retries") else { return r };
+        let mut r = Retries {
+            attempts: 1,
+            backoff: Duration::from_secs(1),
+        };
+        let Some(t) = self.table(v, "retries") else {
+            return r;
+        };
         self.unknown_keys(t, &["attempts", "backoff"], "retries");
-        if let Some(a) = t.get("attempts").and_then(|a| self.integer(a, "retries.attempts")) {
+        if let Some(a) = t
+            .get("attempts")
+            .and_then(|a| self.integer(a, "retries.attempts"))
+        {
             if !(1..=100).contains(&a) {
-                self.error(t["attempts"].span(), format!("retries.attempts must be between 1 and 100, got {a}"));
+                self.error(
+                    t["attempts"].span(),
+                    format!("retries.attempts must be between 1 and 100, got {a}"),
+                );
             } else {
                 r.attempts = a as u32;
             }
         }
-        if let Some(b) = t.get("backoff").and_then(|b| self.duration(b, "retries.backoff")) {
+        if let Some(b) = t
+            .get("backoff")
+            .and_then(|b| self.duration(b, "retries.backoff"))
+        {
             r.backoff = b;
         }
         r
@@ -827,13 +1089,17 @@ impl Walker {
                 Piece::Literal(_) => {}
                 Piece::Param { name, at } => {
                     if !params.iter().any(|p| p.name.get_ref() == name) {
-                        let known: Vec<&str> = params.iter().map(|p| p.name.get_ref().as_str()).collect();
+                        let known: Vec<&str> =
+                            params.iter().map(|p| p.name.get_ref().as_str()).collect();
                         let mut d = Diagnostic::error(
                             base + at..base + at + name.len() + 10,
                             format!("unknown param `{name}` in `${{params.{name}}}`"),
                         );
                         d = match closest(name, known.iter().copied()) {
-                            Some(c) => d.with_help(format!("did you mean `{c}`? {}", declared_list("params", &known))),
+                            Some(c) => d.with_help(format!(
+                                "did you mean `{c}`? {}",
+                                declared_list("params", &known)
+                            )),
                             None => d.with_help(declared_list("params", &known)),
                         };
                         self.diags.push(d);
@@ -868,7 +1134,10 @@ impl Walker {
     fn unknown_keys(&mut self, t: &DeTable<'_>, known: &[&str], context: &str) {
         for k in t.keys() {
             if !known.contains(&k.get_ref().as_ref()) {
-                let mut d = Diagnostic::error(k.span(), format!("unknown key `{}` in {context}", k.get_ref()));
+                let mut d = Diagnostic::error(
+                    k.span(),
+                    format!("unknown key `{}` in {context}", k.get_ref()),
+                );
                 d = match closest(k.get_ref(), known.iter().copied()) {
                     Some(c) => d.with_help(format!("did you mean `{c}`?")),
                     None => d.with_help(format!("expected one of: {}", known.join(", "))),
@@ -879,7 +1148,10 @@ impl Walker {
     }
 
     fn wrong_type(&mut self, v: &Value<'_>, what: &str, expected: &str) {
-        self.error(v.span(), format!("{what} must be {expected}, not {}", v.get_ref().type_str()));
+        self.error(
+            v.span(),
+            format!("{what} must be {expected}, not {}", v.get_ref().type_str()),
+        );
     }
 
     fn table<'a, 'i>(&mut self, v: &'a Value<'i>, what: &str) -> Option<&'a DeTable<'i>> {
@@ -896,7 +1168,10 @@ impl Walker {
         match v.get_ref() {
             DeValue::Array(a) => a.iter().collect(),
             _ => {
-                self.error(v.span(), format!("`{what}` must be written as [[{what}]] tables"));
+                self.error(
+                    v.span(),
+                    format!("`{what}` must be written as [[{what}]] tables"),
+                );
                 Vec::new()
             }
         }
@@ -914,7 +1189,9 @@ impl Walker {
 
     fn integer(&mut self, v: &Value<'_>, what: &str) -> Option<i64> {
         match v.get_ref() {
-            DeValue::Integer(i) => i64::from_str_radix(&i.as_str().replace('_', ""), i.radix()).ok(),
+            DeValue::Integer(i) => {
+                i64::from_str_radix(&i.as_str().replace('_', ""), i.radix()).ok()
+            }
             _ => {
                 self.wrong_type(v, what, "an integer");
                 None
@@ -934,7 +1211,10 @@ impl Walker {
 
     fn string_array(&mut self, v: &Value<'_>, what: &str) -> Vec<Sp<String>> {
         match v.get_ref() {
-            DeValue::Array(a) => a.iter().filter_map(|e| self.string(e, &format!("each of {what}"))).collect(),
+            DeValue::Array(a) => a
+                .iter()
+                .filter_map(|e| self.string(e, &format!("each of {what}")))
+                .collect(),
             _ => {
                 self.wrong_type(v, what, "an array of strings");
                 Vec::new()
@@ -943,7 +1223,9 @@ impl Walker {
     }
 
     fn string_table(&mut self, v: &Value<'_>, what: &str) -> Vec<(Sp<String>, Sp<String>)> {
-        let Some(t) = self.table(v, what) else { return Vec::new() };
+        let Some(t) = self.table(v, what) else {
+            return Vec::new();
+        };
         t.iter()
             .filter_map(|(k, v)| {
                 let value = self.string(v, &format!("{what}.{}", k.get_ref()))?;
@@ -958,8 +1240,13 @@ impl Walker {
             Ok(d) => Some(d),
             Err(e) => {
                 self.diags.push(
-                    Diagnostic::error(s.span(), format!("{what}: bad duration `{}`: {e}", s.get_ref()))
-                        .with_help("durations look like \"90s\", \"30m\", \"2h\", \"1h 30m\", \"500ms\""),
+                    Diagnostic::error(
+                        s.span(),
+                        format!("{what}: bad duration `{}`: {e}", s.get_ref()),
+                    )
+                    .with_help(
+                        "durations look like \"90s\", \"30m\", \"2h\", \"1h 30m\", \"500ms\"",
+                    ),
                 );
                 None
             }
@@ -983,10 +1270,20 @@ impl Walker {
     fn name(&mut self, n: &Sp<String>, what: &str, rule: NameRule) {
         if !valid_name(n.get_ref(), rule) {
             let rule_text = match rule {
-                NameRule::Pipeline => "lowercase letters, digits and `-`, starting with a letter or digit",
-                NameRule::Identifier => "lowercase letters, digits, `_` and `-`, starting with a letter",
+                NameRule::Pipeline => {
+                    "lowercase letters, digits and `-`, starting with a letter or digit"
+                }
+                NameRule::Identifier => {
+                    "lowercase letters, digits, `_` and `-`, starting with a letter"
+                }
             };
-            self.error(n.span(), format!("bad {what} `{}`: use {rule_text}, at most 63 characters", n.get_ref()));
+            self.error(
+                n.span(),
+                format!(
+                    "bad {what} `{}`: use {rule_text}, at most 63 characters",
+                    n.get_ref()
+                ),
+            );
         }
     }
 }
@@ -1009,7 +1306,10 @@ fn valid_name(s: &str, rule: NameRule) -> bool {
     first_ok
         && s.len() <= 63
         && chars.all(|c| {
-            c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || (c == '_' && matches!(rule, NameRule::Identifier))
+            c.is_ascii_lowercase()
+                || c.is_ascii_digit()
+                || c == '-'
+                || (c == '_' && matches!(rule, NameRule::Identifier))
         })
 }
 
@@ -1020,7 +1320,11 @@ fn valid_env_name(s: &str) -> bool {
 }
 
 fn declared_list(what: &str, names: &[&str]) -> String {
-    if names.is_empty() { format!("no {what} are declared") } else { format!("declared {what}: {}", names.join(", ")) }
+    if names.is_empty() {
+        format!("no {what} are declared")
+    } else {
+        format!("declared {what}: {}", names.join(", "))
+    }
 }
 
 /// `inputs.NAME` or `STEP.OUTPUT`.
@@ -1029,7 +1333,14 @@ pub fn parse_reference(s: &str) -> Option<Reference> {
     if a.is_empty() || b.is_empty() || b.contains('.') {
         return None;
     }
-    Some(if a == "inputs" { Reference::Input(b.into()) } else { Reference::Output { step: a.into(), output: b.into() } })
+    Some(if a == "inputs" {
+        Reference::Input(b.into())
+    } else {
+        Reference::Output {
+            step: a.into(),
+            output: b.into(),
+        }
+    })
 }
 
 /// One piece of a string with `${params.NAME}` interpolations.
@@ -1037,8 +1348,14 @@ pub fn parse_reference(s: &str) -> Option<Reference> {
 pub enum Piece<'a> {
     Literal(&'a str),
     /// `at` is the byte offset of the `$`.
-    Param { name: &'a str, at: usize },
-    Bad { text: &'a str, at: usize },
+    Param {
+        name: &'a str,
+        at: usize,
+    },
+    Bad {
+        text: &'a str,
+        at: usize,
+    },
 }
 
 /// Splits a string into literals and `${params.NAME}` references; `$${` is a literal `${`.
@@ -1066,12 +1383,18 @@ pub fn interpolation_pieces(s: &str) -> Vec<Piece<'_>> {
                     let inner = &s[i + 2..i + end];
                     match inner.strip_prefix("params.") {
                         Some(name) if !name.is_empty() => out.push(Piece::Param { name, at: i }),
-                        _ => out.push(Piece::Bad { text: &s[i..=i + end], at: i }),
+                        _ => out.push(Piece::Bad {
+                            text: &s[i..=i + end],
+                            at: i,
+                        }),
                     }
                     i += end + 1;
                 }
                 None => {
-                    out.push(Piece::Bad { text: &s[i..], at: i });
+                    out.push(Piece::Bad {
+                        text: &s[i..],
+                        at: i,
+                    });
                     i = s.len();
                 }
             }
@@ -1106,9 +1429,13 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// `"512MiB"`, `"2GiB"`, `"100MB"`, `"4096"` (bytes).
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let num: f64 = num.parse().map_err(|_| "expected a number followed by a unit".to_string())?;
+    let num: f64 = num
+        .parse()
+        .map_err(|_| "expected a number followed by a unit".to_string())?;
     let mult: u64 = match unit.trim() {
         "" | "B" => 1,
         "KB" | "kB" => 1000,
@@ -1119,7 +1446,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "MiB" => 1 << 20,
         "GiB" => 1 << 30,
         "TiB" => 1 << 40,
-        other => return Err(format!("unknown unit `{other}` (use B, KB, MB, GB, KiB, MiB, GiB)")),
+        other => {
+            return Err(format!(
+                "unknown unit `{other}` (use B, KB, MB, GB, KiB, MiB, GiB)"
+            ));
+        }
     };
     let bytes = num * mult as f64;
     if bytes < 1.0 || bytes > u64::MAX as f64 {
@@ -1129,7 +1460,12 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 pub fn format_size(n: u64) -> String {
-    const UNITS: [(&str, u64); 4] = [("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+    const UNITS: [(&str, u64); 4] = [
+        ("TiB", 1 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+    ];
     for (unit, size) in UNITS {
         if n >= size && n % size == 0 {
             return format!("{}{unit}", n / size);
@@ -1148,15 +1484,31 @@ impl Pipeline {
     }
 
     /// The params of a run: the declared defaults overridden by `overrides`.
-    pub fn resolve_params(&self, overrides: &[(String, String)]) -> Result<Vec<(String, ParamValue)>, String> {
-        let mut values: Vec<(String, ParamValue)> =
-            self.params.iter().map(|p| (p.name.get_ref().clone(), p.value.clone())).collect();
+    pub fn resolve_params(
+        &self,
+        overrides: &[(String, String)],
+    ) -> Result<Vec<(String, ParamValue)>, String> {
+        let mut values: Vec<(String, ParamValue)> = self
+            .params
+            .iter()
+            .map(|p| (p.name.get_ref().clone(), p.value.clone()))
+            .collect();
         for (k, v) in overrides {
             let Some(slot) = values.iter_mut().find(|(n, _)| n == k) else {
-                let known: Vec<&str> = self.params.iter().map(|p| p.name.get_ref().as_str()).collect();
-                return Err(format!("unknown param `{k}`: {}", declared_list("params", &known)));
+                let known: Vec<&str> = self
+                    .params
+                    .iter()
+                    .map(|p| p.name.get_ref().as_str())
+                    .collect();
+                return Err(format!(
+                    "unknown param `{k}`: {}",
+                    declared_list("params", &known)
+                ));
             };
-            slot.1 = slot.1.parse_like(v).map_err(|e| format!("param `{k}`: {e}"))?;
+            slot.1 = slot
+                .1
+                .parse_like(v)
+                .map_err(|e| format!("param `{k}`: {e}"))?;
         }
         Ok(values)
     }
@@ -1180,7 +1532,10 @@ mod tests {
         );
         let get = |n: &str| (n == "x").then(|| "7".to_string());
         assert_eq!(interpolate("--n=${params.x}", &get), "--n=7");
-        assert!(matches!(interpolation_pieces("${env.x}")[0], Piece::Bad { .. }));
+        assert!(matches!(
+            interpolation_pieces("${env.x}")[0],
+            Piece::Bad { .. }
+        ));
     }
 
     #[test]
@@ -1196,7 +1551,10 @@ mod tests {
     #[test]
     fn float_params_keep_their_decimal_point() {
         assert_eq!(ParamValue::Float(1.0).to_string(), "1.0");
-        assert_eq!(ParamValue::Float(0.5).parse_like("0.7"), Ok(ParamValue::Float(0.7)));
+        assert_eq!(
+            ParamValue::Float(0.5).parse_like("0.7"),
+            Ok(ParamValue::Float(0.7))
+        );
         assert!(ParamValue::Integer(1).parse_like("x").is_err());
     }
 }

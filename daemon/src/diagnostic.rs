@@ -26,11 +26,21 @@ pub struct Diagnostic {
 
 impl Diagnostic {
     pub fn error(span: Span, message: impl Into<String>) -> Self {
-        Diagnostic { severity: Severity::Error, span, message: message.into(), help: None }
+        Diagnostic {
+            severity: Severity::Error,
+            span,
+            message: message.into(),
+            help: None,
+        }
     }
 
     pub fn warning(span: Span, message: impl Into<String>) -> Self {
-        Diagnostic { severity: Severity::Warning, span, message: message.into(), help: None }
+        Diagnostic {
+            severity: Severity::Warning,
+            span,
+            message: message.into(),
+            help: None,
+        }
     }
 
     pub fn with_help(mut self, help: impl Into<String>) -> Self {
@@ -52,7 +62,11 @@ impl SourceFile {
         let line_starts = std::iter::once(0)
             .chain(text.match_indices('\n').map(|(i, _)| i + 1))
             .collect();
-        SourceFile { path: path.into(), text, line_starts }
+        SourceFile {
+            path: path.into(),
+            text,
+            line_starts,
+        }
     }
 
     /// 1-based line and column (in characters) of a byte offset.
@@ -63,13 +77,20 @@ impl SourceFile {
             Err(i) => i - 1,
         };
         let start = self.line_starts[line];
-        let col = self.text[start..floor_char_boundary(&self.text, offset)].chars().count() + 1;
+        let col = self.text[start..floor_char_boundary(&self.text, offset)]
+            .chars()
+            .count()
+            + 1;
         (line + 1, col)
     }
 
     fn line_text(&self, line: usize) -> &str {
         let start = self.line_starts[line - 1];
-        let end = self.line_starts.get(line).copied().unwrap_or(self.text.len());
+        let end = self
+            .line_starts
+            .get(line)
+            .copied()
+            .unwrap_or(self.text.len());
         self.text[start..end].trim_end_matches(['\n', '\r'])
     }
 
@@ -89,14 +110,27 @@ impl SourceFile {
         };
         let text = self.line_text(line);
         let gutter = line.to_string().len().max(4);
-        let mut out = format!("{}:{line}:{col}: {kind}: {}\n", display_path(&self.path), d.message);
+        let mut out = format!(
+            "{}:{line}:{col}: {kind}: {}\n",
+            display_path(&self.path),
+            d.message
+        );
         out += &format!("{line:>gutter$} | {text}\n");
         // The caret covers the span, clipped to the first line.
         let line_end_col = text.chars().count() + 1;
         let (end_line, end_col) = self.line_col(d.span.end);
-        let end_col = if end_line == line { end_col } else { line_end_col };
+        let end_col = if end_line == line {
+            end_col
+        } else {
+            line_end_col
+        };
         let width = end_col.saturating_sub(col).max(1);
-        out += &format!("{:gutter$} | {}{}\n", "", " ".repeat(col - 1), "^".repeat(width));
+        out += &format!(
+            "{:gutter$} | {}{}\n",
+            "",
+            " ".repeat(col - 1),
+            "^".repeat(width)
+        );
         if let Some(help) = &d.help {
             out += &format!("{:gutter$} = help: {help}\n", "");
         }
@@ -130,11 +164,16 @@ pub struct Report {
 
 impl Report {
     pub fn has_errors(&self) -> bool {
-        self.diagnostics.iter().any(|d| d.severity == Severity::Error)
+        self.diagnostics
+            .iter()
+            .any(|d| d.severity == Severity::Error)
     }
 
     pub fn error_count(&self) -> usize {
-        self.diagnostics.iter().filter(|d| d.severity == Severity::Error).count()
+        self.diagnostics
+            .iter()
+            .filter(|d| d.severity == Severity::Error)
+            .count()
     }
 
     /// Structured form for `--json` and the API.
@@ -205,7 +244,10 @@ mod tests {
     fn caret_underlines_the_span() {
         let s = SourceFile::new("/nowhere/x.toml", "name = \"Bad Name\"\n".into());
         let out = s.render(&Diagnostic::error(7..17, "bad name"));
-        assert!(out.starts_with("/nowhere/x.toml:1:8: error: bad name\n"), "{out}");
+        assert!(
+            out.starts_with("/nowhere/x.toml:1:8: error: bad name\n"),
+            "{out}"
+        );
         assert!(out.ends_with("     |        ^^^^^^^^^^\n"), "{out}");
     }
 

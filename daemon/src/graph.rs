@@ -14,8 +14,15 @@ pub fn check(p: &Pipeline, diags: &mut Vec<Diagnostic>) {
     for (i, s) in p.steps.iter().enumerate() {
         if let Some(&j) = first.get(s.name.get_ref().as_str()) {
             diags.push(
-                Diagnostic::error(s.name.span(), format!("step `{}` is declared twice", s.name.get_ref()))
-                    .with_help(format!("the first `{}` is step number {}", s.name.get_ref(), j + 1)),
+                Diagnostic::error(
+                    s.name.span(),
+                    format!("step `{}` is declared twice", s.name.get_ref()),
+                )
+                .with_help(format!(
+                    "the first `{}` is step number {}",
+                    s.name.get_ref(),
+                    j + 1
+                )),
             );
         } else {
             first.insert(s.name.get_ref(), i);
@@ -31,7 +38,10 @@ pub fn check(p: &Pipeline, diags: &mut Vec<Diagnostic>) {
         }
         for a in &s.after {
             if a.get_ref() == s.name.get_ref() {
-                diags.push(Diagnostic::error(a.span(), format!("step `{}` cannot run after itself", a.get_ref())));
+                diags.push(Diagnostic::error(
+                    a.span(),
+                    format!("step `{}` cannot run after itself", a.get_ref()),
+                ));
             } else if p.step(a.get_ref()).is_none() {
                 diags.push(unknown_step(a.get_ref(), a.span(), &step_names));
             }
@@ -49,29 +59,47 @@ pub fn check(p: &Pipeline, diags: &mut Vec<Diagnostic>) {
             ));
         }
     }
-    if diags.iter().any(|d| d.severity == crate::diagnostic::Severity::Error) {
+    if diags
+        .iter()
+        .any(|d| d.severity == crate::diagnostic::Severity::Error)
+    {
         return; // cycles are only meaningful once every edge points somewhere
     }
     for cycle in Graph::edges(p).cycles() {
-        let names: Vec<&str> = cycle.iter().map(|&i| p.steps[i].name.get_ref().as_str()).collect();
+        let names: Vec<&str> = cycle
+            .iter()
+            .map(|&i| p.steps[i].name.get_ref().as_str())
+            .collect();
         let mut path = names.join(" -> ");
         path += &format!(" -> {}", names[0]);
         diags.push(
-            Diagnostic::error(p.steps[cycle[0]].name.span(), format!("cycle in the step graph: [ {path} ]"))
-                .with_help("a step cannot depend, directly or through others, on its own outputs"),
+            Diagnostic::error(
+                p.steps[cycle[0]].name.span(),
+                format!("cycle in the step graph: [ {path} ]"),
+            )
+            .with_help("a step cannot depend, directly or through others, on its own outputs"),
         );
     }
 }
 
-fn check_reference(p: &Pipeline, step: &str, r: &Sp<Reference>, steps: &[&str], diags: &mut Vec<Diagnostic>) {
+fn check_reference(
+    p: &Pipeline,
+    step: &str,
+    r: &Sp<Reference>,
+    steps: &[&str],
+    diags: &mut Vec<Diagnostic>,
+) {
     match r.get_ref() {
         Reference::Input(name) => {
             if p.input(name).is_none() {
                 let known: Vec<&str> = p.inputs.iter().map(|i| i.name.get_ref().as_str()).collect();
-                let mut d = Diagnostic::error(r.span(), format!("unknown pipeline input `inputs.{name}`"));
+                let mut d =
+                    Diagnostic::error(r.span(), format!("unknown pipeline input `inputs.{name}`"));
                 d = match closest(name, known.iter().copied()) {
                     Some(c) => d.with_help(format!("did you mean `inputs.{c}`?")),
-                    None if known.is_empty() => d.with_help("declare it with an [inputs.NAME] table and a `path`"),
+                    None if known.is_empty() => {
+                        d.with_help("declare it with an [inputs.NAME] table and a `path`")
+                    }
                     None => d.with_help(format!("declared inputs: {}", known.join(", "))),
                 };
                 diags.push(d);
@@ -90,11 +118,18 @@ fn check_reference(p: &Pipeline, step: &str, r: &Sp<Reference>, steps: &[&str], 
                 return;
             };
             if !source.outputs.iter().any(|o| o.get_ref() == output) {
-                let known: Vec<&str> = source.outputs.iter().map(|o| o.get_ref().as_str()).collect();
-                let mut d = Diagnostic::error(r.span(), format!("step `{from}` has no output `{output}`"));
+                let known: Vec<&str> = source
+                    .outputs
+                    .iter()
+                    .map(|o| o.get_ref().as_str())
+                    .collect();
+                let mut d =
+                    Diagnostic::error(r.span(), format!("step `{from}` has no output `{output}`"));
                 d = match closest(output, known.iter().copied()) {
                     Some(c) => d.with_help(format!("did you mean `{from}.{c}`?")),
-                    None if known.is_empty() => d.with_help(format!("step `{from}` declares no outputs")),
+                    None if known.is_empty() => {
+                        d.with_help(format!("step `{from}` declares no outputs"))
+                    }
                     None => d.with_help(format!("outputs of `{from}`: {}", known.join(", "))),
                 };
                 diags.push(d);
@@ -131,20 +166,31 @@ impl Graph {
     }
 
     fn edges(p: &Pipeline) -> Graph {
-        let index: HashMap<&str, usize> =
-            p.steps.iter().enumerate().map(|(i, s)| (s.name.get_ref().as_str(), i)).collect();
+        let index: HashMap<&str, usize> = p
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.name.get_ref().as_str(), i))
+            .collect();
         let n = p.steps.len();
         let mut deps = vec![Vec::new(); n];
         for (i, s) in p.steps.iter().enumerate() {
-            let refs = s.inputs.iter().map(|(_, r)| r.get_ref()).chain(match &s.kind {
-                StepKind::Transfer { from, .. } => Some(from.get_ref()),
-                _ => None,
-            });
+            let refs = s
+                .inputs
+                .iter()
+                .map(|(_, r)| r.get_ref())
+                .chain(match &s.kind {
+                    StepKind::Transfer { from, .. } => Some(from.get_ref()),
+                    _ => None,
+                });
             let from_data = refs.filter_map(|r| match r {
                 Reference::Output { step, .. } => index.get(step.as_str()).copied(),
                 Reference::Input(_) => None,
             });
-            let from_after = s.after.iter().filter_map(|a| index.get(a.get_ref().as_str()).copied());
+            let from_after = s
+                .after
+                .iter()
+                .filter_map(|a| index.get(a.get_ref().as_str()).copied());
             for d in from_data.chain(from_after) {
                 if !deps[i].contains(&d) && d != i {
                     deps[i].push(d);
@@ -157,7 +203,11 @@ impl Graph {
                 dependants[d].push(i);
             }
         }
-        Graph { deps, dependants, order: Vec::new() }
+        Graph {
+            deps,
+            dependants,
+            order: Vec::new(),
+        }
     }
 
     /// Kahn's algorithm; steps left over are on cycles (excluded by [`check`]).
@@ -209,7 +259,10 @@ impl Graph {
                             next_edge.push(0);
                         }
                         Mark::Active => {
-                            let start = path.iter().position(|&x| x == d).expect("active nodes are on the path");
+                            let start = path
+                                .iter()
+                                .position(|&x| x == d)
+                                .expect("active nodes are on the path");
                             // path runs dependant → dependency; print dependency first.
                             let mut cycle: Vec<usize> = path[start..].to_vec();
                             cycle.reverse();
@@ -238,12 +291,20 @@ impl Graph {
                         .inputs
                         .iter()
                         .filter_map(|(_, r)| match r.get_ref() {
-                            Reference::Output { step, output } if step == p.steps[d].name.get_ref() => Some(output.clone()),
+                            Reference::Output { step, output }
+                                if step == p.steps[d].name.get_ref() =>
+                            {
+                                Some(output.clone())
+                            }
                             _ => None,
                         })
                         .chain(match &s.kind {
                             StepKind::Transfer { from, .. } => match from.get_ref() {
-                                Reference::Output { step, output } if step == p.steps[d].name.get_ref() => Some(output.clone()),
+                                Reference::Output { step, output }
+                                    if step == p.steps[d].name.get_ref() =>
+                                {
+                                    Some(output.clone())
+                                }
                                 _ => None,
                             },
                             _ => None,
@@ -271,8 +332,18 @@ impl Graph {
         };
         match format {
             GraphFormat::Text => {
-                let _ = writeln!(out, "pipeline {} ({} steps)", p.name.get_ref(), p.steps.len());
-                let width = p.steps.iter().map(|s| s.name.get_ref().len()).max().unwrap_or(0);
+                let _ = writeln!(
+                    out,
+                    "pipeline {} ({} steps)",
+                    p.name.get_ref(),
+                    p.steps.len()
+                );
+                let width = p
+                    .steps
+                    .iter()
+                    .map(|s| s.name.get_ref().len())
+                    .max()
+                    .unwrap_or(0);
                 for &i in &self.order {
                     let s = &p.steps[i];
                     let mut from: Vec<String> = s
@@ -280,12 +351,28 @@ impl Graph {
                         .iter()
                         .map(|(m, r)| format!("{}={}", m.get_ref(), r.get_ref()))
                         .collect();
-                    if let StepKind::Transfer { from: f, to, datastore } = &s.kind {
-                        from.push(format!("{} → {}:{}", f.get_ref(), datastore.get_ref(), to.get_ref()));
+                    if let StepKind::Transfer {
+                        from: f,
+                        to,
+                        datastore,
+                    } = &s.kind
+                    {
+                        from.push(format!(
+                            "{} → {}:{}",
+                            f.get_ref(),
+                            datastore.get_ref(),
+                            to.get_ref()
+                        ));
                     }
                     from.extend(s.after.iter().map(|a| format!("after {}", a.get_ref())));
-                    let outputs: Vec<&str> = s.outputs.iter().map(|o| o.get_ref().as_str()).collect();
-                    let _ = write!(out, "  {:width$}  {:8}", s.name.get_ref(), s.kind.runtime_name());
+                    let outputs: Vec<&str> =
+                        s.outputs.iter().map(|o| o.get_ref().as_str()).collect();
+                    let _ = write!(
+                        out,
+                        "  {:width$}  {:8}",
+                        s.name.get_ref(),
+                        s.kind.runtime_name()
+                    );
                     if !from.is_empty() {
                         let _ = write!(out, "  ← {}", from.join(", "));
                     }
@@ -296,16 +383,33 @@ impl Graph {
                 }
             }
             GraphFormat::Dot => {
-                let _ = writeln!(out, "digraph \"{}\" {{\n  rankdir=LR;\n  node [shape=box];", p.name.get_ref());
+                let _ = writeln!(
+                    out,
+                    "digraph \"{}\" {{\n  rankdir=LR;\n  node [shape=box];",
+                    p.name.get_ref()
+                );
                 for inp in &p.inputs {
-                    let _ = writeln!(out, "  \"inputs.{0}\" [shape=cylinder, label=\"{0}\"];", inp.name.get_ref());
+                    let _ = writeln!(
+                        out,
+                        "  \"inputs.{0}\" [shape=cylinder, label=\"{0}\"];",
+                        inp.name.get_ref()
+                    );
                 }
                 for &i in &self.order {
                     let s = &p.steps[i];
-                    let _ = writeln!(out, "  \"{0}\" [label=\"{0}\\n({1})\"];", s.name.get_ref(), s.kind.runtime_name());
+                    let _ = writeln!(
+                        out,
+                        "  \"{0}\" [label=\"{0}\\n({1})\"];",
+                        s.name.get_ref(),
+                        s.kind.runtime_name()
+                    );
                 }
                 for (name, i) in input_edges() {
-                    let _ = writeln!(out, "  \"inputs.{name}\" -> \"{}\";", p.steps[i].name.get_ref());
+                    let _ = writeln!(
+                        out,
+                        "  \"inputs.{name}\" -> \"{}\";",
+                        p.steps[i].name.get_ref()
+                    );
                 }
                 for (d, i, label) in edges() {
                     let _ = writeln!(
@@ -321,18 +425,43 @@ impl Graph {
                 out.push_str("flowchart LR\n");
                 let id = |s: &str| s.replace('-', "_");
                 for inp in &p.inputs {
-                    let _ = writeln!(out, "  in_{}[(\"{}\")]", id(inp.name.get_ref()), inp.name.get_ref());
+                    let _ = writeln!(
+                        out,
+                        "  in_{}[(\"{}\")]",
+                        id(inp.name.get_ref()),
+                        inp.name.get_ref()
+                    );
                 }
                 for &i in &self.order {
                     let s = &p.steps[i];
-                    let _ = writeln!(out, "  {}[\"{} ({})\"]", id(s.name.get_ref()), s.name.get_ref(), s.kind.runtime_name());
+                    let _ = writeln!(
+                        out,
+                        "  {}[\"{} ({})\"]",
+                        id(s.name.get_ref()),
+                        s.name.get_ref(),
+                        s.kind.runtime_name()
+                    );
                 }
                 for (name, i) in input_edges() {
-                    let _ = writeln!(out, "  in_{} --> {}", id(&name), id(p.steps[i].name.get_ref()));
+                    let _ = writeln!(
+                        out,
+                        "  in_{} --> {}",
+                        id(&name),
+                        id(p.steps[i].name.get_ref())
+                    );
                 }
                 for (d, i, label) in edges() {
-                    let arrow = if label.is_empty() { "-->".to_string() } else { format!("-->|{label}|") };
-                    let _ = writeln!(out, "  {} {arrow} {}", id(p.steps[d].name.get_ref()), id(p.steps[i].name.get_ref()));
+                    let arrow = if label.is_empty() {
+                        "-->".to_string()
+                    } else {
+                        format!("-->|{label}|")
+                    };
+                    let _ = writeln!(
+                        out,
+                        "  {} {arrow} {}",
+                        id(p.steps[d].name.get_ref()),
+                        id(p.steps[i].name.get_ref())
+                    );
                 }
             }
         }

@@ -29,7 +29,9 @@ pub struct KeyParts {
 impl KeyParts {
     pub fn key(&self) -> String {
         let canonical = serde_json::to_string(self).expect("plain data serialises");
-        blake3::hash(format!("millrace-key-v1\n{canonical}").as_bytes()).to_hex().to_string()
+        blake3::hash(format!("millrace-key-v1\n{canonical}").as_bytes())
+            .to_hex()
+            .to_string()
     }
 
     pub fn to_json(&self) -> serde_json::Value {
@@ -40,20 +42,34 @@ impl KeyParts {
     pub fn changes_since(&self, old: &KeyParts) -> Vec<String> {
         let mut out = Vec::new();
         if self.runtime != old.runtime {
-            out.push(format!("runtime changed: {} → {}", old.runtime, self.runtime));
+            out.push(format!(
+                "runtime changed: {} → {}",
+                old.runtime, self.runtime
+            ));
         }
         if self.code != old.code {
-            out.push(format!("code changed: {} → {}", short(&old.code), short(&self.code)));
+            out.push(format!(
+                "code changed: {} → {}",
+                short(&old.code),
+                short(&self.code)
+            ));
         }
         if self.args != old.args {
             out.push(format!("args changed: {:?} → {:?}", old.args, self.args));
         }
         diff_maps("env", &old.env, &self.env, &mut out, |v| format!("{v:?}"));
-        diff_maps("param", &old.params, &self.params, &mut out, |v| v.to_string());
+        diff_maps("param", &old.params, &self.params, &mut out, |v| {
+            v.to_string()
+        });
         if self.outputs != old.outputs {
-            out.push(format!("declared outputs changed: {:?} → {:?}", old.outputs, self.outputs));
+            out.push(format!(
+                "declared outputs changed: {:?} → {:?}",
+                old.outputs, self.outputs
+            ));
         }
-        diff_maps("input", &old.inputs, &self.inputs, &mut out, |v| short(v).to_string());
+        diff_maps("input", &old.inputs, &self.inputs, &mut out, |v| {
+            short(v).to_string()
+        });
         out
     }
 }
@@ -68,7 +84,9 @@ fn diff_maps(
     for (k, v) in new {
         match old.get(k) {
             None => out.push(format!("{what} `{k}` added ({})", show(v))),
-            Some(o) if o != v => out.push(format!("{what} `{k}` changed: {} → {}", show(o), show(v))),
+            Some(o) if o != v => {
+                out.push(format!("{what} `{k}` changed: {} → {}", show(o), show(v)))
+            }
             _ => {}
         }
     }
@@ -84,14 +102,33 @@ pub fn short(digest: &str) -> &str {
 
 /// The environment variable name a param is exposed as.
 pub fn param_env_name(param: &str) -> String {
-    format!("MILLRACE_PARAM_{}", param.to_ascii_uppercase().replace('-', "_"))
+    format!(
+        "MILLRACE_PARAM_{}",
+        param.to_ascii_uppercase().replace('-', "_")
+    )
 }
 
 /// A step's args and env after `${params.x}` interpolation.
-pub fn interpolated(step: &Step, params: &[(String, ParamValue)]) -> (Vec<String>, BTreeMap<String, String>) {
-    let lookup = |name: &str| params.iter().find(|(n, _)| n == name).map(|(_, v)| v.to_string());
-    let args = step.args.iter().map(|a| interpolate(a.get_ref(), &lookup)).collect();
-    let env = step.env.iter().map(|(k, v)| (k.get_ref().clone(), interpolate(v.get_ref(), &lookup))).collect();
+pub fn interpolated(
+    step: &Step,
+    params: &[(String, ParamValue)],
+) -> (Vec<String>, BTreeMap<String, String>) {
+    let lookup = |name: &str| {
+        params
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.to_string())
+    };
+    let args = step
+        .args
+        .iter()
+        .map(|a| interpolate(a.get_ref(), &lookup))
+        .collect();
+    let env = step
+        .env
+        .iter()
+        .map(|(k, v)| (k.get_ref().clone(), interpolate(v.get_ref(), &lookup)))
+        .collect();
     (args, env)
 }
 
@@ -104,7 +141,9 @@ pub fn key_parts(
 ) -> KeyParts {
     let (args, env) = interpolated(step, params);
     let runtime = match &step.kind {
-        StepKind::Wasm { .. } => format!("wasm/wasmtime-{}", crate::executor::wasm::WASMTIME_VERSION),
+        StepKind::Wasm { .. } => {
+            format!("wasm/wasmtime-{}", crate::executor::wasm::WASMTIME_VERSION)
+        }
         other => other.runtime_name().to_string(),
     };
     KeyParts {
@@ -112,7 +151,10 @@ pub fn key_parts(
         code: code.to_string(),
         args,
         env,
-        params: params.iter().map(|(k, v)| (k.clone(), format!("{}:{v}", v.type_name()))).collect(),
+        params: params
+            .iter()
+            .map(|(k, v)| (k.clone(), format!("{}:{v}", v.type_name())))
+            .collect(),
         outputs: step.outputs.iter().map(|o| o.get_ref().clone()).collect(),
         inputs,
     }
@@ -133,12 +175,19 @@ pub enum Decision {
 
 /// Params of a run as JSON, for the run record.
 pub fn params_json(params: &[(String, ParamValue)]) -> serde_json::Value {
-    serde_json::Value::Object(params.iter().map(|(k, v)| (k.clone(), v.to_json())).collect())
+    serde_json::Value::Object(
+        params
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_json()))
+            .collect(),
+    )
 }
 
 /// The names of the steps a pipeline's step waits for.
 pub fn upstream_names(p: &Pipeline, deps: &[usize]) -> Vec<String> {
-    deps.iter().map(|&d| p.steps[d].name.get_ref().clone()).collect()
+    deps.iter()
+        .map(|&d| p.steps[d].name.get_ref().clone())
+        .collect()
 }
 
 #[cfg(test)]
@@ -164,9 +213,15 @@ mod tests {
         assert_eq!(a.key(), b.key());
         b.inputs.insert("data".into(), "cccc".into());
         assert_ne!(a.key(), b.key());
-        assert_eq!(b.changes_since(&a), vec!["input `data` changed: bbbb → cccc"]);
+        assert_eq!(
+            b.changes_since(&a),
+            vec!["input `data` changed: bbbb → cccc"]
+        );
         let mut c = parts();
         c.params.insert("c".into(), "float:0.7".into());
-        assert_eq!(c.changes_since(&a), vec!["param `c` changed: float:0.5 → float:0.7"]);
+        assert_eq!(
+            c.changes_since(&a),
+            vec!["param `c` changed: float:0.5 → float:0.7"]
+        );
     }
 }

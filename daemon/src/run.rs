@@ -55,9 +55,21 @@ pub enum RunError {
 /// What a run or step reports as it goes.
 #[derive(Debug, Clone)]
 pub enum Event {
-    RunStarted { run: i64, pipeline: String, steps: usize },
-    StepStarted { step: String, attempt: u32 },
-    StepFinished { step: String, status: StepStatus, detail: String, elapsed: Duration },
+    RunStarted {
+        run: i64,
+        pipeline: String,
+        steps: usize,
+    },
+    StepStarted {
+        step: String,
+        attempt: u32,
+    },
+    StepFinished {
+        step: String,
+        status: StepStatus,
+        detail: String,
+        elapsed: Duration,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,14 +152,23 @@ pub struct RunRequest {
 
 impl Engine {
     pub fn new(store: Arc<Store>, max_parallel: usize, datastores: Datastores) -> Engine {
-        Engine { store, max_parallel: max_parallel.max(1), datastores, wasm: tokio::sync::OnceCell::new() }
+        Engine {
+            store,
+            max_parallel: max_parallel.max(1),
+            datastores,
+            wasm: tokio::sync::OnceCell::new(),
+        }
     }
 
     /// The wasm engine, built on first use (a no-op rerun never needs it).
     async fn wasm(&self) -> Result<Arc<WasmRuntime>, RunError> {
         let dir = self.store.wasm_cache_dir();
         let parallel = self.max_parallel;
-        Ok(self.wasm.get_or_try_init(|| async move { WasmRuntime::new(&dir, parallel) }).await?.clone())
+        Ok(self
+            .wasm
+            .get_or_try_init(|| async move { WasmRuntime::new(&dir, parallel) })
+            .await?
+            .clone())
     }
 
     /// Starts a new run of `p` (read from `text`) and drives it to the end.
@@ -162,7 +183,12 @@ impl Engine {
     ) -> Result<RunSummary, RunError> {
         let params = p.resolve_params(&req.params).map_err(RunError::Params)?;
         let run_id = self.store.db().batch(|b| {
-            b.record_definition(&p.digest, p.name.get_ref(), &path.display().to_string(), text)?;
+            b.record_definition(
+                &p.digest,
+                p.name.get_ref(),
+                &path.display().to_string(),
+                text,
+            )?;
             b.create_run(&NewRun {
                 pipeline: p.name.get_ref(),
                 experiment: &p.experiment,
@@ -172,7 +198,15 @@ impl Engine {
                 no_reuse: req.no_reuse,
             })
         })?;
-        self.execute(run_id, Arc::new(p.clone()), params, req.no_reuse, events, cancel).await
+        self.execute(
+            run_id,
+            Arc::new(p.clone()),
+            params,
+            req.no_reuse,
+            events,
+            cancel,
+        )
+        .await
     }
 
     /// Finishes a failed, cancelled or interrupted run, reusing what succeeded.
@@ -182,23 +216,45 @@ impl Engine {
         events: EventSink,
         cancel: tokio_util::sync::CancellationToken,
     ) -> Result<RunSummary, RunError> {
-        let run = self.store.db().read().run(run_id)?.ok_or(RunError::NoSuchRun(run_id))?;
+        let run = self
+            .store
+            .db()
+            .read()
+            .run(run_id)?
+            .ok_or(RunError::NoSuchRun(run_id))?;
         if run.status == "succeeded" {
             return Err(RunError::AlreadySucceeded(run_id));
         }
-        let (path, text) = self.store.db().read().definition(&run.definition)?.ok_or(RunError::NoSuchRun(run_id))?;
-        let (pipeline, report) = definition::parse(Path::new(&path), text, &self.datastores.environment());
+        let (path, text) = self
+            .store
+            .db()
+            .read()
+            .definition(&run.definition)?
+            .ok_or(RunError::NoSuchRun(run_id))?;
+        let (pipeline, report) =
+            definition::parse(Path::new(&path), text, &self.datastores.environment());
         let p = pipeline.ok_or_else(|| RunError::Definition(Box::new(report)))?;
         let overrides: Vec<(String, String)> = match &run.params {
             serde_json::Value::Object(m) => m
                 .iter()
-                .map(|(k, v)| (k.clone(), v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())))
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        v.as_str()
+                            .map(str::to_string)
+                            .unwrap_or_else(|| v.to_string()),
+                    )
+                })
                 .collect(),
             _ => Vec::new(),
         };
         let params = p.resolve_params(&overrides).map_err(RunError::Params)?;
-        self.store.db().read().set_run_status(run_id, "running", None)?;
-        self.execute(run_id, Arc::new(p), params, run.no_reuse, events, cancel).await
+        self.store
+            .db()
+            .read()
+            .set_run_status(run_id, "running", None)?;
+        self.execute(run_id, Arc::new(p), params, run.no_reuse, events, cancel)
+            .await
     }
 
     async fn execute(
@@ -225,14 +281,25 @@ impl Engine {
                 }
                 Ok(())
             })?;
-            db.read().steps(run_id)?.into_iter().map(|s| (s.name, s.status)).collect()
+            db.read()
+                .steps(run_id)?
+                .into_iter()
+                .map(|s| (s.name, s.status))
+                .collect()
         };
-        events(&Event::RunStarted { run: run_id, pipeline: p.name.get_ref().clone(), steps: p.steps.len() });
+        events(&Event::RunStarted {
+            run: run_id,
+            pipeline: p.name.get_ref().clone(),
+            steps: p.steps.len(),
+        });
 
         let inputs = match self.snapshot_inputs(run_id, &p) {
             Ok(i) => i,
             Err(e) => {
-                self.store.db().read().set_run_status(run_id, "failed", Some(&e.to_string()))?;
+                self.store
+                    .db()
+                    .read()
+                    .set_run_status(run_id, "failed", Some(&e.to_string()))?;
                 return Err(e);
             }
         };
@@ -250,7 +317,12 @@ impl Engine {
         let mut waiting: Vec<usize> = graph.deps.iter().map(Vec::len).collect();
         let mut status: Vec<Option<StepStatus>> = vec![None; n];
         let mut outputs: HashMap<(usize, String), String> = HashMap::new();
-        let mut ready: VecDeque<usize> = graph.order.iter().copied().filter(|&i| waiting[i] == 0).collect();
+        let mut ready: VecDeque<usize> = graph
+            .order
+            .iter()
+            .copied()
+            .filter(|&i| waiting[i] == 0)
+            .collect();
         let mut running: JoinSet<(usize, Result<StepDone, StepFailure>)> = JoinSet::new();
         let mut cancelled = false;
 
@@ -266,33 +338,56 @@ impl Engine {
                     Ok(parts) => parts,
                     Err(e) => {
                         let detail = e.to_string();
-                        self.store.db().read().finish_step(run_id, &name, "failed", None, Some(&detail))?;
-                        events(&Event::StepFinished { step: name, status: StepStatus::Failed, detail, elapsed: Duration::ZERO });
+                        self.store.db().read().finish_step(
+                            run_id,
+                            &name,
+                            "failed",
+                            None,
+                            Some(&detail),
+                        )?;
+                        events(&Event::StepFinished {
+                            step: name,
+                            status: StepStatus::Failed,
+                            detail,
+                            elapsed: Duration::ZERO,
+                        });
                         status[i] = Some(StepStatus::Failed);
                         skip_dependants(&ctx, &graph, i, &mut status)?;
                         continue;
                     }
                 };
                 let key = parts.key();
-                self.store.db().read().set_step_key(run_id, &name, &key, &parts.to_json())?;
-                let resumed = matches!(earlier.get(&name).map(String::as_str), Some("succeeded" | "reused"));
+                self.store
+                    .db()
+                    .read()
+                    .set_step_key(run_id, &name, &key, &parts.to_json())?;
+                let resumed = matches!(
+                    earlier.get(&name).map(String::as_str),
+                    Some("succeeded" | "reused")
+                );
                 let reuse = if resumed {
-                    ctx.reuse_own(i).map(|outs| (run_id, outs))
+                    ctx.reuse_own(i)
                 } else if step.reuse && !no_reuse {
                     ctx.reuse_cached(i, &key, &parts)?
                 } else {
                     None
                 };
-                if let Some((from_run, outs)) = reuse {
-                    let detail = if from_run == run_id {
+                if let Some(from) = reuse {
+                    let detail = if from.run == run_id {
                         "completed before the resume".to_string()
                     } else {
-                        format!("reused run {from_run}")
+                        format!("reused run {}", from.run)
                     };
                     if !resumed {
-                        ctx.record_reuse(i, from_run, &step_inputs, &outs)?;
+                        ctx.record_reuse(i, &from, &step_inputs)?;
                     }
-                    events(&Event::StepFinished { step: name, status: StepStatus::Reused, detail, elapsed: Duration::ZERO });
+                    let outs = from.outputs;
+                    events(&Event::StepFinished {
+                        step: name,
+                        status: StepStatus::Reused,
+                        detail,
+                        elapsed: Duration::ZERO,
+                    });
                     status[i] = Some(StepStatus::Reused);
                     for (o, d) in outs {
                         outputs.insert((i, o), d);
@@ -339,7 +434,13 @@ impl Engine {
                 if s.is_none() {
                     *s = Some(StepStatus::Cancelled);
                     let name = p.steps[i].name.get_ref();
-                    self.store.db().read().finish_step(run_id, name, "cancelled", None, Some("the run was cancelled"))?;
+                    self.store.db().read().finish_step(
+                        run_id,
+                        name,
+                        "cancelled",
+                        None,
+                        Some("the run was cancelled"),
+                    )?;
                 }
             }
         }
@@ -353,7 +454,10 @@ impl Engine {
             "succeeded"
         };
         let error = (failed > 0).then(|| format!("{failed} step(s) failed"));
-        self.store.db().read().set_run_status(run_id, run_status, error.as_deref())?;
+        self.store
+            .db()
+            .read()
+            .set_run_status(run_id, run_status, error.as_deref())?;
         self.store.artifacts.sync();
         Ok(RunSummary {
             run_id,
@@ -370,9 +474,19 @@ impl Engine {
 
     /// Hashes (and on first sight copies) every pipeline input the steps use. A
     /// resumed run keeps the inputs it started with.
-    fn snapshot_inputs(&self, run_id: i64, p: &Pipeline) -> Result<HashMap<String, String>, RunError> {
-        let recorded: HashMap<String, String> =
-            self.store.db().read().run_inputs(run_id)?.into_iter().map(|(n, _, d)| (n, d)).collect();
+    fn snapshot_inputs(
+        &self,
+        run_id: i64,
+        p: &Pipeline,
+    ) -> Result<HashMap<String, String>, RunError> {
+        let recorded: HashMap<String, String> = self
+            .store
+            .db()
+            .read()
+            .run_inputs(run_id)?
+            .into_iter()
+            .map(|(n, _, d)| (n, d))
+            .collect();
         let mut out = HashMap::new();
         for input in &p.inputs {
             let name = input.name.get_ref();
@@ -382,15 +496,29 @@ impl Engine {
                 out.insert(name.clone(), d.clone());
                 continue;
             }
-            let path = self.datastores.path(input.datastore.get_ref(), &p.dir).join(input.path.get_ref());
+            let path = self
+                .datastores
+                .path(input.datastore.get_ref(), &p.dir)
+                .join(input.path.get_ref());
             if !path.exists() {
-                return Err(RunError::Input { name: name.clone(), detail: format!("not found: {}", path.display()) });
+                return Err(RunError::Input {
+                    name: name.clone(),
+                    detail: format!("not found: {}", path.display()),
+                });
             }
             let ingested = self
                 .store
                 .ingest(&path, Mode::Copy)
-                .map_err(|e| RunError::Input { name: name.clone(), detail: e.to_string() })?;
-            self.store.db().read().record_run_input(run_id, name, &path.display().to_string(), &ingested.digest)?;
+                .map_err(|e| RunError::Input {
+                    name: name.clone(),
+                    detail: e.to_string(),
+                })?;
+            self.store.db().read().record_run_input(
+                run_id,
+                name,
+                &path.display().to_string(),
+                &ingested.digest,
+            )?;
             out.insert(name.clone(), ingested.digest);
         }
         Ok(out)
@@ -398,12 +526,20 @@ impl Engine {
 
     /// `millrace plan`: what each step would do, without running anything. Inputs
     /// are hashed, not stored.
-    pub fn plan(&self, p: &Pipeline, overrides: &[(String, String)], no_reuse: bool) -> Result<Vec<(String, Decision)>, RunError> {
+    pub fn plan(
+        &self,
+        p: &Pipeline,
+        overrides: &[(String, String)],
+        no_reuse: bool,
+    ) -> Result<Vec<(String, Decision)>, RunError> {
         let params = p.resolve_params(overrides).map_err(RunError::Params)?;
         let graph = Graph::new(p);
         let mut inputs = HashMap::new();
         for input in &p.inputs {
-            let path = self.datastores.path(input.datastore.get_ref(), &p.dir).join(input.path.get_ref());
+            let path = self
+                .datastores
+                .path(input.datastore.get_ref(), &p.dir)
+                .join(input.path.get_ref());
             if !path.exists() {
                 return Err(RunError::Input {
                     name: input.name.get_ref().clone(),
@@ -413,7 +549,10 @@ impl Engine {
             let d = self
                 .store
                 .ingest(&path, Mode::Hash)
-                .map_err(|e| RunError::Input { name: input.name.get_ref().clone(), detail: e.to_string() })?;
+                .map_err(|e| RunError::Input {
+                    name: input.name.get_ref().clone(),
+                    detail: e.to_string(),
+                })?;
             inputs.insert(input.name.get_ref().clone(), d.digest);
         }
         let code_digests = Mutex::new(HashMap::new());
@@ -422,13 +561,24 @@ impl Engine {
         let mut out = Vec::new();
         for &i in &graph.order {
             let step = &p.steps[i];
-            let upstream: Vec<usize> = graph.deps[i].iter().copied().filter(|&d| will_run[d]).collect();
+            let upstream: Vec<usize> = graph.deps[i]
+                .iter()
+                .copied()
+                .filter(|&d| will_run[d])
+                .collect();
             if !upstream.is_empty() {
                 will_run[i] = true;
-                out.push((step.name.get_ref().clone(), Decision::Pending { upstream: planner::upstream_names(p, &upstream) }));
+                out.push((
+                    step.name.get_ref().clone(),
+                    Decision::Pending {
+                        upstream: planner::upstream_names(p, &upstream),
+                    },
+                ));
                 continue;
             }
-            let Some(step_inputs) = step_input_digests(p, i, &inputs, &outputs) else { continue };
+            let Some(step_inputs) = step_input_digests(p, i, &inputs, &outputs) else {
+                continue;
+            };
             let code = match code_of(&code_digests, &self.store, p, i) {
                 Ok(c) => c,
                 Err(e) => {
@@ -439,13 +589,22 @@ impl Engine {
             };
             let parts = planner::key_parts(step, &params, &code, step_inputs);
             let key = parts.key();
-            let hit = if step.reuse && !no_reuse { cached_outputs(&self.store, p, i, &key)? } else { None };
+            let hit = if step.reuse && !no_reuse {
+                cached_outputs(&self.store, p, i, &key)?
+            } else {
+                None
+            };
             let decision = match hit {
-                Some((run, outs)) => {
+                Some(Reusable {
+                    run, outputs: outs, ..
+                }) => {
                     for (o, d) in outs {
                         outputs.insert((i, o), d);
                     }
-                    Decision::Reuse { run, step: step.name.get_ref().clone() }
+                    Decision::Reuse {
+                        run,
+                        step: step.name.get_ref().clone(),
+                    }
                 }
                 None => {
                     will_run[i] = true;
@@ -467,30 +626,49 @@ impl Engine {
 
 /// Why a step with `parts` has no usable cache entry, compared with its latest
 /// earlier execution.
-pub fn why_run(store: &Store, pipeline: &str, step: &str, parts: &KeyParts) -> Result<String, RunError> {
+pub fn why_run(
+    store: &Store,
+    pipeline: &str,
+    step: &str,
+    parts: &KeyParts,
+) -> Result<String, RunError> {
     let prev = store.db().read().previous_step(pipeline, step, i64::MAX)?;
-    Ok(match prev.and_then(|s| Some((s.run_id, serde_json::from_value::<KeyParts>(s.key_parts?).ok()?))) {
-        None => "never ran before".into(),
-        Some((run, old)) => {
-            let changes = parts.changes_since(&old);
-            if changes.is_empty() {
-                format!("same key as run {run}, but its outputs are gone or damaged")
-            } else {
-                format!("vs run {run}: {}", changes.join("; "))
+    Ok(
+        match prev.and_then(|s| {
+            Some((
+                s.run_id,
+                serde_json::from_value::<KeyParts>(s.key_parts?).ok()?,
+            ))
+        }) {
+            None => "never ran before".into(),
+            Some((run, old)) => {
+                let changes = parts.changes_since(&old);
+                if changes.is_empty() {
+                    format!("same key as run {run}, but its outputs are gone or damaged")
+                } else {
+                    format!("vs run {run}: {}", changes.join("; "))
+                }
             }
-        }
-    })
+        },
+    )
 }
 
 /// The content digest of a step's code (the wasm bytes; for a transfer, its
 /// destination), hashed once per file and remembered by stat.
-fn code_of(memo: &Mutex<HashMap<PathBuf, String>>, store: &Store, p: &Pipeline, i: usize) -> Result<String, String> {
+fn code_of(
+    memo: &Mutex<HashMap<PathBuf, String>>,
+    store: &Store,
+    p: &Pipeline,
+    i: usize,
+) -> Result<String, String> {
     match &p.steps[i].kind {
         StepKind::Wasm { resolved, .. } => {
             if let Some(d) = memo.lock().unwrap_or_else(|e| e.into_inner()).get(resolved) {
                 return Ok(d.clone());
             }
-            let ingested = store.ingest(resolved, Mode::Hash).map_err(|e| format!("cannot read the wasm file: {e}"))?;
+            let ingested = store
+                .ingest(resolved, Mode::Hash)
+                .map_err(|e| format!("cannot read the wasm file: {e}"))?;
             // The tree wraps the one file; the code digest is the file's own.
             let digest = store
                 .artifacts
@@ -498,11 +676,18 @@ fn code_of(memo: &Mutex<HashMap<PathBuf, String>>, store: &Store, p: &Pipeline, 
                 .ok()
                 .and_then(|e| e.first().map(|e| e.digest.clone()))
                 .unwrap_or(ingested.digest);
-            memo.lock().unwrap_or_else(|e| e.into_inner()).insert(resolved.clone(), digest.clone());
+            memo.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(resolved.clone(), digest.clone());
             Ok(digest)
         }
-        StepKind::Transfer { to, datastore, .. } => Ok(format!("{}:{}", datastore.get_ref(), to.get_ref())),
-        other => Err(format!("{} steps are not supported by this version", other.runtime_name())),
+        StepKind::Transfer { to, datastore, .. } => {
+            Ok(format!("{}:{}", datastore.get_ref(), to.get_ref()))
+        }
+        other => Err(format!(
+            "{} steps are not supported by this version",
+            other.runtime_name()
+        )),
     }
 }
 
@@ -517,7 +702,11 @@ fn step_input_digests(
     let step = &p.steps[i];
     let refs: Vec<(String, &Reference)> = match &step.kind {
         StepKind::Transfer { from, .. } => vec![("from".into(), from.get_ref())],
-        _ => step.inputs.iter().map(|(m, r)| (m.get_ref().clone(), r.get_ref())).collect(),
+        _ => step
+            .inputs
+            .iter()
+            .map(|(m, r)| (m.get_ref().clone(), r.get_ref()))
+            .collect(),
     };
     refs.into_iter()
         .map(|(mount, r)| {
@@ -534,8 +723,15 @@ fn step_input_digests(
 }
 
 /// The outputs of the execution a cache key points at, if all are intact.
-fn cached_outputs(store: &Store, p: &Pipeline, i: usize, key: &str) -> Result<Option<(i64, Vec<(String, String)>)>, RunError> {
-    let Some((run, step)) = store.db().read().cache_entry(key)? else { return Ok(None) };
+fn cached_outputs(
+    store: &Store,
+    p: &Pipeline,
+    i: usize,
+    key: &str,
+) -> Result<Option<Reusable>, RunError> {
+    let Some((run, step)) = store.db().read().cache_entry(key)? else {
+        return Ok(None);
+    };
     let outs = store.db().read().step_outputs(run, &step)?;
     let declared = &p.steps[i].outputs;
     if outs.len() != declared.len() {
@@ -546,7 +742,18 @@ fn cached_outputs(store: &Store, p: &Pipeline, i: usize, key: &str) -> Result<Op
             return Ok(None);
         }
     }
-    Ok(Some((run, outs)))
+    Ok(Some(Reusable {
+        run,
+        step,
+        outputs: outs,
+    }))
+}
+
+/// An earlier execution whose outputs can stand in for a step's.
+struct Reusable {
+    run: i64,
+    step: String,
+    outputs: Vec<(String, String)>,
 }
 
 fn release(graph: &Graph, i: usize, waiting: &mut [usize], ready: &mut VecDeque<usize>) {
@@ -559,7 +766,12 @@ fn release(graph: &Graph, i: usize, waiting: &mut [usize], ready: &mut VecDeque<
 }
 
 /// Marks every step downstream of a failed one as skipped.
-fn skip_dependants(ctx: &RunContext, graph: &Graph, failed: usize, status: &mut [Option<StepStatus>]) -> Result<(), RunError> {
+fn skip_dependants(
+    ctx: &RunContext,
+    graph: &Graph,
+    failed: usize,
+    status: &mut [Option<StepStatus>],
+) -> Result<(), RunError> {
     let mut stack = vec![failed];
     while let Some(i) = stack.pop() {
         for &d in &graph.dependants[i] {
@@ -568,7 +780,13 @@ fn skip_dependants(ctx: &RunContext, graph: &Graph, failed: usize, status: &mut 
                 let name = ctx.pipeline.steps[d].name.get_ref();
                 let cause = ctx.pipeline.steps[i].name.get_ref();
                 let detail = format!("upstream step `{cause}` did not succeed");
-                ctx.engine.store.db().read().finish_step(ctx.run_id, name, "skipped", None, Some(&detail))?;
+                ctx.engine.store.db().read().finish_step(
+                    ctx.run_id,
+                    name,
+                    "skipped",
+                    None,
+                    Some(&detail),
+                )?;
                 (ctx.events)(&Event::StepFinished {
                     step: name.clone(),
                     status: StepStatus::Skipped,
@@ -606,16 +824,38 @@ impl RunContext {
 
     fn key_parts(&self, i: usize, inputs: BTreeMap<String, String>) -> Result<KeyParts, String> {
         let code = code_of(&self.code_digests, self.store(), &self.pipeline, i)?;
-        Ok(planner::key_parts(&self.pipeline.steps[i], &self.params, &code, inputs))
+        Ok(planner::key_parts(
+            &self.pipeline.steps[i],
+            &self.params,
+            &code,
+            inputs,
+        ))
     }
 
     /// A step that completed in this run before a resume: its recorded outputs.
-    fn reuse_own(&self, i: usize) -> Option<Vec<(String, String)>> {
-        let outs = self.store().db().read().step_outputs(self.run_id, self.pipeline.steps[i].name.get_ref()).ok()?;
-        outs.iter().all(|(_, d)| self.store().verify(d).is_ok()).then_some(outs)
+    fn reuse_own(&self, i: usize) -> Option<Reusable> {
+        let name = self.pipeline.steps[i].name.get_ref();
+        let outs = self
+            .store()
+            .db()
+            .read()
+            .step_outputs(self.run_id, name)
+            .ok()?;
+        outs.iter()
+            .all(|(_, d)| self.store().verify(d).is_ok())
+            .then(|| Reusable {
+                run: self.run_id,
+                step: name.clone(),
+                outputs: outs,
+            })
     }
 
-    fn reuse_cached(&self, i: usize, key: &str, parts: &KeyParts) -> Result<Option<(i64, Vec<(String, String)>)>, RunError> {
+    fn reuse_cached(
+        &self,
+        i: usize,
+        key: &str,
+        parts: &KeyParts,
+    ) -> Result<Option<Reusable>, RunError> {
         let hit = cached_outputs(self.store(), &self.pipeline, i, key)?;
         if hit.is_some()
             && let StepKind::Transfer { .. } = &self.pipeline.steps[i].kind
@@ -623,7 +863,10 @@ impl RunContext {
             // A transfer is reused only while the destination still holds the artifact.
             let dest = self.transfer_destination(i);
             let source = parts.inputs.get("from");
-            let current = dest.exists().then(|| self.store().ingest(&dest, Mode::Hash).ok()).flatten();
+            let current = dest
+                .exists()
+                .then(|| self.store().ingest(&dest, Mode::Hash).ok())
+                .flatten();
             if current.map(|c| c.digest).as_ref() != source {
                 return Ok(None);
             }
@@ -633,36 +876,32 @@ impl RunContext {
 
     fn transfer_destination(&self, i: usize) -> PathBuf {
         match &self.pipeline.steps[i].kind {
-            StepKind::Transfer { to, datastore, .. } => {
-                self.engine.datastores.path(datastore.get_ref(), &self.pipeline.dir).join(to.get_ref())
-            }
+            StepKind::Transfer { to, datastore, .. } => self
+                .engine
+                .datastores
+                .path(datastore.get_ref(), &self.pipeline.dir)
+                .join(to.get_ref()),
             _ => unreachable!("only transfers have a destination"),
         }
     }
 
-    fn record_reuse(&self, i: usize, from_run: i64, inputs: &BTreeMap<String, String>, outs: &[(String, String)]) -> Result<(), RunError> {
+    fn record_reuse(
+        &self,
+        i: usize,
+        from: &Reusable,
+        inputs: &BTreeMap<String, String>,
+    ) -> Result<(), RunError> {
         let step = &self.pipeline.steps[i];
         let name = step.name.get_ref();
-        let from_step = self.store().db().read().cache_entry(&self.key_of(i)?)?.map(|(_, s)| s).unwrap_or(name.clone());
         self.store().db().batch(|b| {
             record_inputs(b, self.run_id, step, inputs)?;
-            for (o, d) in outs {
+            for (o, d) in &from.outputs {
                 b.record_step_output(self.run_id, name, o, d)?;
             }
-            b.copy_metrics(from_run, &from_step, self.run_id, name)?;
-            b.finish_step(self.run_id, name, "reused", Some(from_run), None)
+            b.copy_metrics(from.run, &from.step, self.run_id, name)?;
+            b.finish_step(self.run_id, name, "reused", Some(from.run), None)
         })?;
         Ok(())
-    }
-
-    fn key_of(&self, i: usize) -> Result<String, RunError> {
-        Ok(self
-            .store()
-            .db()
-            .read()
-            .step(self.run_id, self.pipeline.steps[i].name.get_ref())?
-            .and_then(|s| s.cache_key)
-            .unwrap_or_default())
     }
 
     /// Runs a step's attempts until one succeeds or they are used up.
@@ -672,7 +911,12 @@ impl RunContext {
         inputs: BTreeMap<String, String>,
         key: String,
     ) -> Result<StepDone, StepFailure> {
-        let _permit = self.semaphore.clone().acquire_owned().await.map_err(|_| StepFailure)?;
+        let _permit = self
+            .semaphore
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| StepFailure)?;
         let step = &self.pipeline.steps[i];
         let name = step.name.get_ref().clone();
         let started = Instant::now();
@@ -688,12 +932,27 @@ impl RunContext {
         let mut last_error = String::new();
         for attempt in 1..=step.retries.attempts {
             if attempt > 1 {
-                let backoff = step.retries.backoff.saturating_mul(1 << (attempt - 2).min(16));
+                let backoff = step
+                    .retries
+                    .backoff
+                    .saturating_mul(1 << (attempt - 2).min(16));
                 tokio::time::sleep(backoff).await;
             }
-            (self.events)(&Event::StepStarted { step: name.clone(), attempt });
-            let log_path = self.engine.store.log_dir(self.run_id).join(format!("{name}.{attempt}.log"));
-            record(self.store().db().read().start_attempt(self.run_id, &name, attempt, &log_path.display().to_string()));
+            (self.events)(&Event::StepStarted {
+                step: name.clone(),
+                attempt,
+            });
+            let log_path = self
+                .engine
+                .store
+                .log_dir(self.run_id)
+                .join(format!("{name}.{attempt}.log"));
+            record(self.store().db().read().start_attempt(
+                self.run_id,
+                &name,
+                attempt,
+                &log_path.display().to_string(),
+            ));
             let result = self.attempt(i, attempt, &inputs, &log_path).await;
             match result {
                 Ok(outputs) => {
@@ -707,7 +966,11 @@ impl RunContext {
                         }
                         b.finish_step(self.run_id, &name, "succeeded", None, None)
                     }));
-                    let detail = if attempt > 1 { format!("attempt {attempt}") } else { String::new() };
+                    let detail = if attempt > 1 {
+                        format!("attempt {attempt}")
+                    } else {
+                        String::new()
+                    };
                     (self.events)(&Event::StepFinished {
                         step: name.clone(),
                         status: StepStatus::Succeeded,
@@ -717,12 +980,22 @@ impl RunContext {
                     return Ok(StepDone { outputs });
                 }
                 Err((exit_code, error)) => {
-                    record(self.store().db().read().finish_attempt(self.run_id, &name, attempt, "failed", exit_code, Some(&error)));
+                    record(self.store().db().read().finish_attempt(
+                        self.run_id,
+                        &name,
+                        attempt,
+                        "failed",
+                        exit_code,
+                        Some(&error),
+                    ));
                     if attempt < step.retries.attempts {
                         (self.events)(&Event::StepFinished {
                             step: name.clone(),
                             status: StepStatus::Failed,
-                            detail: format!("attempt {attempt}/{}: {error}; retrying", step.retries.attempts),
+                            detail: format!(
+                                "attempt {attempt}/{}: {error}; retrying",
+                                step.retries.attempts
+                            ),
                             elapsed: started.elapsed(),
                         });
                     }
@@ -735,8 +1008,19 @@ impl RunContext {
         } else {
             last_error
         };
-        record(self.store().db().read().finish_step(self.run_id, &name, "failed", None, Some(&detail)));
-        (self.events)(&Event::StepFinished { step: name, status: StepStatus::Failed, detail, elapsed: started.elapsed() });
+        record(self.store().db().read().finish_step(
+            self.run_id,
+            &name,
+            "failed",
+            None,
+            Some(&detail),
+        ));
+        (self.events)(&Event::StepFinished {
+            step: name,
+            status: StepStatus::Failed,
+            detail,
+            elapsed: started.elapsed(),
+        });
         Err(StepFailure)
     }
 
@@ -750,17 +1034,32 @@ impl RunContext {
     ) -> Result<Vec<(String, String)>, (Option<i32>, String)> {
         let step = &self.pipeline.steps[i];
         let name = step.name.get_ref();
-        let work = self.engine.store.work_dir(self.run_id).join(format!("{name}.{attempt}"));
+        let work = self
+            .engine
+            .store
+            .work_dir(self.run_id)
+            .join(format!("{name}.{attempt}"));
         let result = match &step.kind {
             StepKind::Transfer { .. } => {
                 let source = inputs.get("from").cloned().unwrap_or_default();
                 let dest = self.transfer_destination(i);
-                tokio::task::block_in_place(|| transfer::publish(&self.engine.store.artifacts, &source, &dest))
-                    .map(|()| Vec::new())
-                    .map_err(|e| (None, format!("transfer to {}: {e}", dest.display())))
+                tokio::task::block_in_place(|| {
+                    transfer::publish(&self.engine.store.artifacts, &source, &dest)
+                })
+                .map(|()| Vec::new())
+                .map_err(|e| (None, format!("transfer to {}: {e}", dest.display())))
             }
-            StepKind::Wasm { resolved, .. } => self.attempt_wasm(i, attempt, resolved, inputs, &work, log_path).await,
-            other => Err((None, format!("{} steps are not supported by this version", other.runtime_name()))),
+            StepKind::Wasm { resolved, .. } => {
+                self.attempt_wasm(i, attempt, resolved, inputs, &work, log_path)
+                    .await
+            }
+            other => Err((
+                None,
+                format!(
+                    "{} steps are not supported by this version",
+                    other.runtime_name()
+                ),
+            )),
         };
         if work.exists() {
             let _ = tokio::task::block_in_place(|| remove_tree(&work));
@@ -780,8 +1079,14 @@ impl RunContext {
         let step = &self.pipeline.steps[i];
         let name = step.name.get_ref();
         let fail = |e: String| (None, e);
-        let log = LogFile::create(log_path, LOG_CAP).map_err(|e| fail(format!("cannot create log {}: {e}", log_path.display())))?;
-        let (dir_in, dir_out, dir_tmp, dir_meta) = (work.join("in"), work.join("out"), work.join("tmp"), work.join("millrace"));
+        let log = LogFile::create(log_path, LOG_CAP)
+            .map_err(|e| fail(format!("cannot create log {}: {e}", log_path.display())))?;
+        let (dir_in, dir_out, dir_tmp, dir_meta) = (
+            work.join("in"),
+            work.join("out"),
+            work.join("tmp"),
+            work.join("millrace"),
+        );
         tokio::task::block_in_place(|| -> Result<(), String> {
             if work.exists() {
                 remove_tree(work).map_err(|e| format!("{}: {e}", work.display()))?;
@@ -794,7 +1099,8 @@ impl RunContext {
                 std::fs::create_dir_all(&d).map_err(|e| format!("{}: {e}", d.display()))?;
             }
             std::fs::create_dir_all(&dir_out).map_err(|e| format!("{}: {e}", dir_out.display()))?;
-            std::fs::File::create(dir_meta.join("metrics.jsonl")).map_err(|e| format!("metrics file: {e}"))?;
+            std::fs::File::create(dir_meta.join("metrics.jsonl"))
+                .map_err(|e| format!("metrics file: {e}"))?;
             for (mount, digest) in inputs {
                 self.engine
                     .store
@@ -808,23 +1114,49 @@ impl RunContext {
         let (args, env) = planner::interpolated(step, &self.params);
         let mut full_env: Vec<(String, String)> = vec![
             ("MILLRACE_RUN_ID".into(), self.run_id.to_string()),
-            ("MILLRACE_PIPELINE".into(), self.pipeline.name.get_ref().clone()),
+            (
+                "MILLRACE_PIPELINE".into(),
+                self.pipeline.name.get_ref().clone(),
+            ),
             ("MILLRACE_STEP".into(), name.clone()),
             ("MILLRACE_ATTEMPT".into(), attempt.to_string()),
             ("MILLRACE_METRICS".into(), "/millrace/metrics.jsonl".into()),
             ("TMPDIR".into(), "/tmp".into()),
         ];
-        full_env.extend(self.params.iter().map(|(k, v)| (param_env_name(k), v.to_string())));
+        full_env.extend(
+            self.params
+                .iter()
+                .map(|(k, v)| (param_env_name(k), v.to_string())),
+        );
         full_env.extend(env);
-        let program = wasm_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| name.clone());
+        let program = wasm_path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| name.clone());
         let sandbox = Sandbox {
             args: std::iter::once(program).chain(args).collect(),
             env: full_env,
             mounts: vec![
-                Mount { host: dir_in.clone(), guest: "/in".into(), writable: false },
-                Mount { host: dir_out.clone(), guest: "/out".into(), writable: true },
-                Mount { host: dir_tmp.clone(), guest: "/tmp".into(), writable: true },
-                Mount { host: dir_meta.clone(), guest: "/millrace".into(), writable: true },
+                Mount {
+                    host: dir_in.clone(),
+                    guest: "/in".into(),
+                    writable: false,
+                },
+                Mount {
+                    host: dir_out.clone(),
+                    guest: "/out".into(),
+                    writable: true,
+                },
+                Mount {
+                    host: dir_tmp.clone(),
+                    guest: "/tmp".into(),
+                    writable: true,
+                },
+                Mount {
+                    host: dir_meta.clone(),
+                    guest: "/millrace".into(),
+                    writable: true,
+                },
             ],
             log: log.clone(),
             memory: step.memory.unwrap_or(DEFAULT_MEMORY),
@@ -832,17 +1164,31 @@ impl RunContext {
         };
         let wasm = self.engine.wasm().await.map_err(|e| fail(e.to_string()))?;
         let code = code_of(&self.code_digests, self.store(), &self.pipeline, i).map_err(fail)?;
-        let outcome = wasm.run(wasm_path, &code, sandbox).await.map_err(|e| fail(e.to_string()))?;
-        tokio::task::block_in_place(|| self.record_metrics(name, &dir_meta.join("metrics.jsonl"), &log));
+        let outcome = wasm
+            .run(wasm_path, &code, sandbox)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        tokio::task::block_in_place(|| {
+            self.record_metrics(name, &dir_meta.join("metrics.jsonl"), &log)
+        });
         let failure = match outcome {
             Outcome::Exited(0) => None,
             Outcome::Exited(code) => Some((Some(code), format!("exited with code {code}"))),
-            Outcome::Trapped(msg) => Some((None, format!("trapped: {}", msg.lines().next().unwrap_or_default()))),
+            Outcome::Trapped(msg) => Some((
+                None,
+                format!("trapped: {}", msg.lines().next().unwrap_or_default()),
+            )),
             Outcome::OutOfMemory(_) => Some((
                 None,
-                format!("memory limit of {} exceeded", definition::format_size(step.memory.unwrap_or(DEFAULT_MEMORY))),
+                format!(
+                    "memory limit of {} exceeded",
+                    definition::format_size(step.memory.unwrap_or(DEFAULT_MEMORY))
+                ),
             )),
-            Outcome::TimedOut(d) => Some((None, format!("timed out after {}", humantime::format_duration(d)))),
+            Outcome::TimedOut(d) => Some((
+                None,
+                format!("timed out after {}", humantime::format_duration(d)),
+            )),
         };
         if let Some((code, msg)) = failure {
             log.note(&format!("step failed: {msg}"));
@@ -853,7 +1199,9 @@ impl RunContext {
                 for e in rd.flatten() {
                     let n = e.file_name().to_string_lossy().into_owned();
                     if !step.outputs.iter().any(|o| *o.get_ref() == n) {
-                        log.note(&format!("/out/{n} is not a declared output and was discarded"));
+                        log.note(&format!(
+                            "/out/{n} is not a declared output and was discarded"
+                        ));
                     }
                 }
             }
@@ -872,18 +1220,30 @@ impl RunContext {
     /// Reads the metrics file protocol: one JSON object per line,
     /// `{"name": …, "value": …, "step": optional int}`.
     fn record_metrics(&self, step: &str, path: &Path, log: &LogFile) {
-        let Ok(text) = std::fs::read_to_string(path) else { return };
+        let Ok(text) = std::fs::read_to_string(path) else {
+            return;
+        };
         let mut rows = Vec::new();
         for (n, line) in text.lines().enumerate().take(MAX_METRIC_LINES) {
             if line.trim().is_empty() {
                 continue;
             }
-            let parsed: Option<(String, f64, Option<i64>)> = serde_json::from_str::<serde_json::Value>(line).ok().and_then(|v| {
-                Some((v.get("name")?.as_str()?.to_string(), v.get("value")?.as_f64()?, v.get("step").and_then(|s| s.as_i64())))
-            });
+            let parsed: Option<(String, f64, Option<i64>)> =
+                serde_json::from_str::<serde_json::Value>(line)
+                    .ok()
+                    .and_then(|v| {
+                        Some((
+                            v.get("name")?.as_str()?.to_string(),
+                            v.get("value")?.as_f64()?,
+                            v.get("step").and_then(|s| s.as_i64()),
+                        ))
+                    });
             match parsed {
                 Some(row) => rows.push(row),
-                None => log.note(&format!("metrics line {} ignored: expected {{\"name\": …, \"value\": number}}", n + 1)),
+                None => log.note(&format!(
+                    "metrics line {} ignored: expected {{\"name\": …, \"value\": number}}",
+                    n + 1
+                )),
             }
         }
         let result = self.store().db().batch(|b| {
@@ -935,7 +1295,12 @@ impl RunLock {
     pub fn acquire(store: &Store, run: i64) -> Option<RunLock> {
         let dir = store.root.join("locks");
         std::fs::create_dir_all(&dir).ok()?;
-        let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join(format!("run-{run}.lock"))).ok()?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(format!("run-{run}.lock")))
+            .ok()?;
         file.try_lock().ok()?;
         Some(RunLock { _file: file })
     }

@@ -9,7 +9,9 @@ pub struct Project {
 
 impl Project {
     pub fn new() -> Project {
-        Project { dir: tempfile::tempdir().expect("temp dir") }
+        Project {
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -26,7 +28,10 @@ impl Project {
     /// `millrace --state <tmp>/.state ARGS…`, run in the project directory.
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_millrace"));
-        c.current_dir(self.dir.path()).arg("--state").arg(self.path(".state")).args(args);
+        c.current_dir(self.dir.path())
+            .arg("--state")
+            .arg(self.path(".state"))
+            .args(args);
         c.env_remove("MILLRACE_STATE");
         c
     }
@@ -41,15 +46,25 @@ impl Project {
         all.extend_from_slice(args);
         let out = self.run(&all);
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!("{e}: stdout={} stderr={}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+            panic!(
+                "{e}: stdout={} stderr={}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
         })
     }
 }
 
 /// Absolute path of a built example plugin.
 pub fn plugin(name: &str) -> String {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/dist").join(format!("{name}.wasm"));
-    assert!(p.is_file(), "{} is missing: run scripts/build-plugins.sh first", p.display());
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../plugins/dist")
+        .join(format!("{name}.wasm"));
+    assert!(
+        p.is_file(),
+        "{} is missing: run scripts/build-plugins.sh first",
+        p.display()
+    );
     p.canonicalize().expect("canonical").display().to_string()
 }
 
@@ -64,6 +79,11 @@ pub fn step_statuses(p: &Project, run: &str) -> Vec<(String, String)> {
         .as_array()
         .expect("steps")
         .iter()
-        .map(|s| (s["step"]["name"].as_str().unwrap().to_string(), s["step"]["status"].as_str().unwrap().to_string()))
+        .map(|s| {
+            (
+                s["step"]["name"].as_str().unwrap().to_string(),
+                s["step"]["status"].as_str().unwrap().to_string(),
+            )
+        })
         .collect()
 }

@@ -33,10 +33,17 @@ fn every_mistake_is_reported_at_its_line_and_column() {
         }
         let expected = std::fs::read_to_string(&expected_path).unwrap_or_default();
         if out.status.code() != Some(78) {
-            failures.push(format!("{}: exit code {:?}, expected 78", rel.display(), out.status.code()));
+            failures.push(format!(
+                "{}: exit code {:?}, expected 78",
+                rel.display(),
+                out.status.code()
+            ));
         }
         if got != expected {
-            failures.push(format!("{}:\n--- expected\n{expected}\n--- got\n{got}", rel.display()));
+            failures.push(format!(
+                "{}:\n--- expected\n{expected}\n--- got\n{got}",
+                rel.display()
+            ));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));

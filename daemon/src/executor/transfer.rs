@@ -12,7 +12,10 @@ use crate::store::artifacts::ArtifactStore;
 #[derive(Debug, thiserror::Error)]
 pub enum TransferError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Artifact(#[from] crate::store::artifacts::ArtifactError),
 }
@@ -28,7 +31,10 @@ pub fn publish(artifacts: &ArtifactStore, digest: &str, dest: &Path) -> Result<(
         source: std::io::Error::other("no parent directory"),
     })?;
     std::fs::create_dir_all(parent).map_err(io(parent))?;
-    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let staging = parent.join(format!(".{name}.millrace-{}", std::process::id()));
     if staging.exists() {
         std::fs::remove_dir_all(&staging).map_err(io(&staging))?;
@@ -38,8 +44,12 @@ pub fn publish(artifacts: &ArtifactStore, digest: &str, dest: &Path) -> Result<(
     let result = if dest.exists() {
         exchange(&staging, dest).map_err(io(dest)).and_then(|()| {
             // `staging` now holds the old content, which may have been a file.
-            if staging.is_dir() { std::fs::remove_dir_all(&staging) } else { std::fs::remove_file(&staging) }
-                .map_err(io(&staging))
+            if staging.is_dir() {
+                std::fs::remove_dir_all(&staging)
+            } else {
+                std::fs::remove_file(&staging)
+            }
+            .map_err(io(&staging))
         })
     } else {
         std::fs::rename(&staging, dest).map_err(io(dest))
@@ -77,7 +87,17 @@ fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
     let b = CString::new(b.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
     // SAFETY: both are valid NUL-terminated paths that outlive the call.
     let rc = unsafe {
-        libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), libc::RENAME_EXCHANGE)
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
     };
-    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }

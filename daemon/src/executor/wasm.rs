@@ -31,7 +31,10 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use wasmtime::component::{Component, Linker as ComponentLinker, ResourceTable};
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, Linker, Module, PoolingAllocationConfig, Store, StoreLimits, StoreLimitsBuilder, Trap};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, Linker, Module, PoolingAllocationConfig, Store,
+    StoreLimits, StoreLimitsBuilder, Trap,
+};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::bindings::CommandPre;
@@ -46,12 +49,17 @@ const EPOCH_TICK: Duration = Duration::from_millis(10);
 #[derive(Debug, thiserror::Error)]
 pub enum WasmError {
     #[error("{path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path} is not a WebAssembly module or component")]
     NotWasm { path: PathBuf },
     #[error("{path}: cannot compile: {detail}")]
     Compile { path: PathBuf, detail: String },
-    #[error("{path}: cannot link: {detail} (a step must be a WASI command: a wasip2 component exporting wasi:cli/run or a wasip1 module with _start)")]
+    #[error(
+        "{path}: cannot link: {detail} (a step must be a WASI command: a wasip2 component exporting wasi:cli/run or a wasip1 module with _start)"
+    )]
     Link { path: PathBuf, detail: String },
     #[error("cannot set up the sandbox: {0}")]
     Sandbox(String),
@@ -111,7 +119,10 @@ struct P2State {
 
 impl WasiView for P2State {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.ctx, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.ctx,
+            table: &mut self.table,
+        }
     }
 }
 
@@ -146,7 +157,8 @@ impl WasmRuntime {
         wasmtime_wasi::p1::add_to_linker_async(&mut p1_linker, |s: &mut P1State| &mut s.wasi)
             .map_err(|e| WasmError::Engine(e.to_string()))?;
         let mut p2_linker = ComponentLinker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_async(&mut p2_linker).map_err(|e| WasmError::Engine(e.to_string()))?;
+        wasmtime_wasi::p2::add_to_linker_async(&mut p2_linker)
+            .map_err(|e| WasmError::Engine(e.to_string()))?;
         let ticker = engine.weak();
         tokio::spawn(async move {
             let mut interval = tokio::time::interval(EPOCH_TICK);
@@ -171,28 +183,53 @@ impl WasmRuntime {
     /// Compiles (or loads the precompiled form of) the wasm at `path`, whose
     /// content digest is `digest`.
     fn prepare(&self, path: &Path, digest: &str) -> Result<Compiled, WasmError> {
-        if let Some(c) = self.compiled.lock().unwrap_or_else(|e| e.into_inner()).get(digest) {
+        if let Some(c) = self
+            .compiled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(digest)
+        {
             return Ok(c.clone());
         }
-        let key = blake3::hash(format!("{digest}\n{}", self.engine_key).as_bytes()).to_hex().to_string();
+        let key = blake3::hash(format!("{digest}\n{}", self.engine_key).as_bytes())
+            .to_hex()
+            .to_string();
         let cached = self.cache_dir.join(format!("{key}.cwasm"));
-        let read = |source| WasmError::Read { path: path.to_path_buf(), source };
-        let compile_err = |e: wasmtime::Error| WasmError::Compile { path: path.to_path_buf(), detail: format!("{e:#}") };
-        let link_err = |e: wasmtime::Error| WasmError::Link { path: path.to_path_buf(), detail: format!("{e:#}") };
+        let read = |source| WasmError::Read {
+            path: path.to_path_buf(),
+            source,
+        };
+        let compile_err = |e: wasmtime::Error| WasmError::Compile {
+            path: path.to_path_buf(),
+            detail: format!("{e:#}"),
+        };
+        let link_err = |e: wasmtime::Error| WasmError::Link {
+            path: path.to_path_buf(),
+            detail: format!("{e:#}"),
+        };
         let is_component = {
             let mut header = [0u8; 8];
             let mut f = std::fs::File::open(path).map_err(read)?;
-            std::io::Read::read_exact(&mut f, &mut header).map_err(|_| WasmError::NotWasm { path: path.to_path_buf() })?;
+            std::io::Read::read_exact(&mut f, &mut header).map_err(|_| WasmError::NotWasm {
+                path: path.to_path_buf(),
+            })?;
             match header {
                 [0, b'a', b's', b'm', 1, 0, 0, 0] => false,
                 [0, b'a', b's', b'm', _, _, 1, 0] => true,
-                _ => return Err(WasmError::NotWasm { path: path.to_path_buf() }),
+                _ => {
+                    return Err(WasmError::NotWasm {
+                        path: path.to_path_buf(),
+                    });
+                }
             }
         };
         let compiled = if is_component {
             // SAFETY: `cached` lives in our state directory and is only ever written
             // by `store_precompiled` below from this engine's own output.
-            let loaded = cached.is_file().then(|| unsafe { Component::deserialize_file(&self.engine, &cached) }.ok()).flatten();
+            let loaded = cached
+                .is_file()
+                .then(|| unsafe { Component::deserialize_file(&self.engine, &cached) }.ok())
+                .flatten();
             let component = match loaded {
                 Some(c) => c,
                 None => {
@@ -204,11 +241,17 @@ impl WasmRuntime {
                     c
                 }
             };
-            let pre = self.p2_linker.instantiate_pre(&component).map_err(link_err)?;
+            let pre = self
+                .p2_linker
+                .instantiate_pre(&component)
+                .map_err(link_err)?;
             Compiled::Component(CommandPre::new(pre).map_err(link_err)?)
         } else {
             // SAFETY: as above.
-            let loaded = cached.is_file().then(|| unsafe { Module::deserialize_file(&self.engine, &cached) }.ok()).flatten();
+            let loaded = cached
+                .is_file()
+                .then(|| unsafe { Module::deserialize_file(&self.engine, &cached) }.ok())
+                .flatten();
             let module = match loaded {
                 Some(m) => m,
                 None => {
@@ -221,23 +264,41 @@ impl WasmRuntime {
                 }
             };
             if module.get_export("_start").is_none() {
-                return Err(link_err(wasmtime::Error::msg("the module exports no `_start`")));
+                return Err(link_err(wasmtime::Error::msg(
+                    "the module exports no `_start`",
+                )));
             }
             Compiled::Module(self.p1_linker.instantiate_pre(&module).map_err(link_err)?)
         };
-        self.compiled.lock().unwrap_or_else(|e| e.into_inner()).insert(digest.to_string(), compiled.clone());
+        self.compiled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(digest.to_string(), compiled.clone());
         Ok(compiled)
     }
 
     /// Runs the program at `path` (content digest `digest`) in `sandbox`.
-    pub async fn run(&self, path: &Path, digest: &str, sandbox: Sandbox) -> Result<Outcome, WasmError> {
+    pub async fn run(
+        &self,
+        path: &Path,
+        digest: &str,
+        sandbox: Sandbox,
+    ) -> Result<Outcome, WasmError> {
         let compiled = self.prepare(path, digest)?;
         let mut b = WasiCtxBuilder::new();
-        b.args(&sandbox.args).envs(&sandbox.env).stdout(sandbox.log.clone()).stderr(sandbox.log.clone());
+        b.args(&sandbox.args)
+            .envs(&sandbox.env)
+            .stdout(sandbox.log.clone())
+            .stderr(sandbox.log.clone());
         for m in &sandbox.mounts {
-            let perms = if m.writable { FsPerms::ReadWrite } else { FsPerms::ReadOnly };
-            b.preopened_dir(&m.host, &m.guest, perms)
-                .map_err(|e| WasmError::Sandbox(format!("{} → {}: {e}", m.host.display(), m.guest)))?;
+            let perms = if m.writable {
+                FsPerms::ReadWrite
+            } else {
+                FsPerms::ReadOnly
+            };
+            b.preopened_dir(&m.host, &m.guest, perms).map_err(|e| {
+                WasmError::Sandbox(format!("{} → {}: {e}", m.host.display(), m.guest))
+            })?;
         }
         let limits = StoreLimitsBuilder::new()
             .memory_size(usize::try_from(sandbox.memory).unwrap_or(usize::MAX))
@@ -247,15 +308,31 @@ impl WasmRuntime {
         let run = async {
             match compiled {
                 Compiled::Component(pre) => {
-                    let mut store = Store::new(&self.engine, P2State { ctx: b.build(), table: ResourceTable::new(), limits });
+                    let mut store = Store::new(
+                        &self.engine,
+                        P2State {
+                            ctx: b.build(),
+                            table: ResourceTable::new(),
+                            limits,
+                        },
+                    );
                     store.limiter(|s| &mut s.limits);
                     store.set_epoch_deadline(1);
                     store.epoch_deadline_async_yield_and_update(1);
                     let cmd = pre.instantiate_async(&mut store).await?;
-                    cmd.wasi_cli_run().call_run(&mut store).await.map(|r| if r.is_ok() { 0 } else { 1 })
+                    cmd.wasi_cli_run()
+                        .call_run(&mut store)
+                        .await
+                        .map(|r| if r.is_ok() { 0 } else { 1 })
                 }
                 Compiled::Module(pre) => {
-                    let mut store = Store::new(&self.engine, P1State { wasi: b.build_p1(), limits });
+                    let mut store = Store::new(
+                        &self.engine,
+                        P1State {
+                            wasi: b.build_p1(),
+                            limits,
+                        },
+                    );
                     store.limiter(|s| &mut s.limits);
                     store.set_epoch_deadline(1);
                     store.epoch_deadline_async_yield_and_update(1);
@@ -279,7 +356,9 @@ impl WasmRuntime {
                     Outcome::Exited(*code)
                 } else {
                     let msg = format!("{e:#}");
-                    if msg.contains("growing memory") || matches!(e.downcast_ref::<Trap>(), Some(Trap::AllocationTooLarge)) {
+                    if msg.contains("growing memory")
+                        || matches!(e.downcast_ref::<Trap>(), Some(Trap::AllocationTooLarge))
+                    {
                         Outcome::OutOfMemory(msg)
                     } else {
                         Outcome::Trapped(msg)
@@ -314,7 +393,9 @@ fn config(pool: Option<usize>) -> Config {
 fn store_precompiled(dir: &Path, dest: &Path, bytes: &[u8]) {
     let _ = std::fs::create_dir_all(dir);
     let tmp = dest.with_extension(format!("tmp{}", std::process::id()));
-    let ok = std::fs::File::create(&tmp).and_then(|mut f| f.write_all(bytes)).is_ok();
+    let ok = std::fs::File::create(&tmp)
+        .and_then(|mut f| f.write_all(bytes))
+        .is_ok();
     if ok {
         let _ = std::fs::rename(&tmp, dest);
     } else {
@@ -341,8 +422,18 @@ impl LogFile {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)?;
         }
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
-        Ok(LogFile { inner: Arc::new(Mutex::new(LogInner { file, written: 0, cap, truncated: false })) })
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        Ok(LogFile {
+            inner: Arc::new(Mutex::new(LogInner {
+                file,
+                written: 0,
+                cap,
+                truncated: false,
+            })),
+        })
     }
 
     /// Appends a line from millrace itself (not the guest).
@@ -362,7 +453,10 @@ impl LogFile {
             inner.written = inner.cap;
             inner.truncated = true;
             let cap = inner.cap;
-            writeln!(inner.file, "\n[millrace] log truncated: output beyond {cap} bytes was dropped")?;
+            writeln!(
+                inner.file,
+                "\n[millrace] log truncated: output beyond {cap} bytes was dropped"
+            )?;
         }
         Ok(())
     }
@@ -381,7 +475,11 @@ impl StdoutStream for LogFile {
 }
 
 impl tokio::io::AsyncWrite for LogFile {
-    fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         Poll::Ready(self.write(buf).map(|()| buf.len()))
     }
 

@@ -27,7 +27,10 @@ pub enum ArtifactError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ArtifactError + '_ {
-    move |source| ArtifactError::Io { path: path.to_path_buf(), source }
+    move |source| ArtifactError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// One entry of a tree.
@@ -68,7 +71,11 @@ pub struct FileStat {
 
 impl FileStat {
     pub fn of(m: &fs::Metadata) -> FileStat {
-        FileStat { size: m.len(), mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(), ino: m.ino() }
+        FileStat {
+            size: m.len(),
+            mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+            ino: m.ino(),
+        }
     }
 }
 
@@ -94,15 +101,23 @@ impl ArtifactStore {
             let p = root.join(d);
             fs::create_dir_all(&p).map_err(io_err(&p))?;
         }
-        Ok(ArtifactStore { root: root.to_path_buf() })
+        Ok(ArtifactStore {
+            root: root.to_path_buf(),
+        })
     }
 
     pub fn blob_path(&self, digest: &str) -> PathBuf {
-        self.root.join("blobs").join(&digest[..2]).join(&digest[2..])
+        self.root
+            .join("blobs")
+            .join(&digest[..2])
+            .join(&digest[2..])
     }
 
     fn tree_path(&self, digest: &str) -> PathBuf {
-        self.root.join("trees").join(&digest[..2]).join(&digest[2..])
+        self.root
+            .join("trees")
+            .join(&digest[..2])
+            .join(&digest[2..])
     }
 
     /// Hashes `dir` and everything below it into the store. `known` answers "is this
@@ -113,7 +128,12 @@ impl ArtifactStore {
         mode: Mode,
         known: &dyn Fn(&Path, &FileStat) -> Option<String>,
     ) -> Result<Ingested, ArtifactError> {
-        let mut out = Ingested { digest: String::new(), size: 0, files: 0, known: Vec::new() };
+        let mut out = Ingested {
+            digest: String::new(),
+            size: 0,
+            files: 0,
+            known: Vec::new(),
+        };
         let (digest, size) = self.ingest_tree(dir, mode, known, &mut out)?;
         out.digest = digest;
         out.size = size;
@@ -131,9 +151,19 @@ impl ArtifactStore {
         let name = entry_name(file)?;
         let meta = fs::metadata(file).map_err(io_err(file))?;
         let stat = FileStat::of(&meta);
-        let mut out = Ingested { digest: String::new(), size: stat.size, files: 1, known: Vec::new() };
+        let mut out = Ingested {
+            digest: String::new(),
+            size: stat.size,
+            files: 1,
+            known: Vec::new(),
+        };
         let digest = self.ingest_blob(file, &stat, mode, known, &mut out)?;
-        let entries = vec![Entry { name, kind: EntryKind::File, digest, size: stat.size }];
+        let entries = vec![Entry {
+            name,
+            kind: EntryKind::File,
+            digest,
+            size: stat.size,
+        }];
         out.digest = self.write_tree(&entries)?;
         Ok(out)
     }
@@ -155,13 +185,23 @@ impl ArtifactStore {
                 return Err(ArtifactError::Symlink(path));
             } else if ft.is_dir() {
                 let (digest, size) = self.ingest_tree(&path, mode, known, out)?;
-                entries.push(Entry { name, kind: EntryKind::Dir, digest, size });
+                entries.push(Entry {
+                    name,
+                    kind: EntryKind::Dir,
+                    digest,
+                    size,
+                });
             } else if ft.is_file() {
                 let meta = e.metadata().map_err(io_err(&path))?;
                 let stat = FileStat::of(&meta);
                 let digest = self.ingest_blob(&path, &stat, mode, known, out)?;
                 out.files += 1;
-                entries.push(Entry { name, kind: EntryKind::File, digest, size: stat.size });
+                entries.push(Entry {
+                    name,
+                    kind: EntryKind::File,
+                    digest,
+                    size: stat.size,
+                });
             } else {
                 return Err(ArtifactError::Special(path));
             }
@@ -184,29 +224,36 @@ impl ArtifactStore {
             None => hash_file(path)?,
         };
         let dest = self.blob_path(&digest);
-        match fs::symlink_metadata(&dest) {
-            Ok(m) if m.len() == stat.size => {
-                match mode {
-                    Mode::Move => fs::remove_file(path).map_err(io_err(path))?,
-                    Mode::Copy | Mode::Hash => out.known.push((path.to_path_buf(), *stat, digest.clone())),
-                }
-                out.known.push((dest, FileStat::of(&m), digest.clone()));
-                return Ok(digest);
-            }
-            // A blob of the wrong size is damaged: replace it.
-            Ok(_) if mode != Mode::Hash => remove_readonly(&dest)?,
-            _ => {}
-        }
         if mode == Mode::Hash {
             out.known.push((path.to_path_buf(), *stat, digest.clone()));
             return Ok(digest);
+        }
+        if let Ok(m) = fs::symlink_metadata(&dest) {
+            // The blob is there: keep it if it is intact (by stat, else by content).
+            let blob_stat = FileStat::of(&m);
+            let intact = m.len() == stat.size
+                && (known(&dest, &blob_stat).as_deref() == Some(digest.as_str())
+                    || hash_file(&dest)? == digest);
+            if intact {
+                match mode {
+                    Mode::Move => fs::remove_file(path).map_err(io_err(path))?,
+                    Mode::Copy | Mode::Hash => {
+                        out.known.push((path.to_path_buf(), *stat, digest.clone()))
+                    }
+                }
+                out.known.push((dest, blob_stat, digest.clone()));
+                return Ok(digest);
+            }
+            // A damaged blob is replaced by the good bytes we hold.
+            remove_readonly(&dest)?;
         }
         let parent = dest.parent().expect("blob paths have a parent");
         fs::create_dir_all(parent).map_err(io_err(parent))?;
         match mode {
             Mode::Hash => unreachable!("returned above"),
             Mode::Move => {
-                fs::set_permissions(path, fs::Permissions::from_mode(0o444)).map_err(io_err(path))?;
+                fs::set_permissions(path, fs::Permissions::from_mode(0o444))
+                    .map_err(io_err(path))?;
                 fs::rename(path, &dest).map_err(io_err(&dest))?;
             }
             Mode::Copy => {
@@ -218,10 +265,13 @@ impl ArtifactStore {
                     let _ = fs::remove_file(&tmp);
                     return Err(ArtifactError::Io {
                         path: path.to_path_buf(),
-                        source: io::Error::other("the file changed while it was being read; try again"),
+                        source: io::Error::other(
+                            "the file changed while it was being read; try again",
+                        ),
                     });
                 }
-                fs::set_permissions(&tmp, fs::Permissions::from_mode(0o444)).map_err(io_err(&tmp))?;
+                fs::set_permissions(&tmp, fs::Permissions::from_mode(0o444))
+                    .map_err(io_err(&tmp))?;
                 fs::rename(&tmp, &dest).map_err(io_err(&dest))?;
                 out.known.push((path.to_path_buf(), *stat, digest.clone()));
             }
@@ -234,7 +284,11 @@ impl ArtifactStore {
     fn tmp_path(&self) -> PathBuf {
         use std::sync::atomic::{AtomicU64, Ordering};
         static N: AtomicU64 = AtomicU64::new(0);
-        self.root.join("tmp").join(format!("{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)))
+        self.root.join("tmp").join(format!(
+            "{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ))
     }
 
     fn write_tree(&self, entries: &[Entry]) -> Result<String, ArtifactError> {
@@ -262,9 +316,15 @@ impl ArtifactStore {
             detail: format!("tree {}: {e}", path.display()),
         })?;
         if blake3::hash(text.as_bytes()).to_hex().as_str() != digest {
-            return Err(ArtifactError::Damaged { digest: digest.into(), detail: "a tree does not match its digest".into() });
+            return Err(ArtifactError::Damaged {
+                digest: digest.into(),
+                detail: "a tree does not match its digest".into(),
+            });
         }
-        parse_tree(&text).ok_or_else(|| ArtifactError::Damaged { digest: digest.into(), detail: "unreadable tree".into() })
+        parse_tree(&text).ok_or_else(|| ArtifactError::Damaged {
+            digest: digest.into(),
+            detail: "unreadable tree".into(),
+        })
     }
 
     /// Checks every blob of an artifact exists with its size, and that its content
@@ -291,18 +351,28 @@ impl ArtifactStore {
                 EntryKind::Dir => self.verify_tree(&e.digest, known, checked)?,
                 EntryKind::File => {
                     let path = self.blob_path(&e.digest);
-                    let damaged = |detail: String| ArtifactError::Damaged { digest: digest.to_string(), detail };
-                    let meta = fs::symlink_metadata(&path)
-                        .map_err(|err| damaged(format!("file `{}` ({}): {err}", e.name, path.display())))?;
+                    let damaged = |detail: String| ArtifactError::Damaged {
+                        digest: digest.to_string(),
+                        detail,
+                    };
+                    let meta = fs::symlink_metadata(&path).map_err(|err| {
+                        damaged(format!("file `{}` ({}): {err}", e.name, path.display()))
+                    })?;
                     let stat = FileStat::of(&meta);
                     if stat.size != e.size {
                         remove_readonly(&path)?;
-                        return Err(damaged(format!("file `{}` has {} bytes, expected {}", e.name, stat.size, e.size)));
+                        return Err(damaged(format!(
+                            "file `{}` has {} bytes, expected {}",
+                            e.name, stat.size, e.size
+                        )));
                     }
                     if known(&path, &stat).as_deref() != Some(e.digest.as_str()) {
                         if hash_file(&path)? != e.digest {
                             remove_readonly(&path)?;
-                            return Err(damaged(format!("file `{}` does not match its digest", e.name)));
+                            return Err(damaged(format!(
+                                "file `{}` does not match its digest",
+                                e.name
+                            )));
                         }
                         checked.push((path, stat, e.digest.clone()));
                     }
@@ -340,7 +410,8 @@ impl ArtifactStore {
                 EntryKind::Dir => self.export(&e.digest, &target)?,
                 EntryKind::File => {
                     fs::copy(self.blob_path(&e.digest), &target).map_err(io_err(&target))?;
-                    fs::set_permissions(&target, fs::Permissions::from_mode(0o644)).map_err(io_err(&target))?;
+                    fs::set_permissions(&target, fs::Permissions::from_mode(0o644))
+                        .map_err(io_err(&target))?;
                 }
             }
         }
@@ -348,7 +419,12 @@ impl ArtifactStore {
     }
 
     /// Every blob and tree digest an artifact reaches (for `gc`).
-    pub fn reachable(&self, digest: &str, blobs: &mut std::collections::HashSet<String>, trees: &mut std::collections::HashSet<String>) {
+    pub fn reachable(
+        &self,
+        digest: &str,
+        blobs: &mut std::collections::HashSet<String>,
+        trees: &mut std::collections::HashSet<String>,
+    ) {
         if !trees.insert(digest.to_string()) {
             return;
         }
@@ -375,10 +451,18 @@ impl ArtifactStore {
             let dir = self.root.join(kind);
             for shard in fs::read_dir(&dir).map_err(io_err(&dir))? {
                 let shard = shard.map_err(io_err(&dir))?.path();
-                let prefix = shard.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                let prefix = shard
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
                 for f in fs::read_dir(&shard).map_err(io_err(&shard))? {
                     let f = f.map_err(io_err(&shard))?.path();
-                    let digest = format!("{prefix}{}", f.file_name().map(|n| n.to_string_lossy()).unwrap_or_default());
+                    let digest = format!(
+                        "{prefix}{}",
+                        f.file_name()
+                            .map(|n| n.to_string_lossy())
+                            .unwrap_or_default()
+                    );
                     if !keep.contains(&digest) {
                         freed.1 += fs::metadata(&f).map(|m| m.len()).unwrap_or(0);
                         remove_readonly(&f)?;
@@ -411,7 +495,10 @@ fn remove_readonly(path: &Path) -> Result<(), ArtifactError> {
     match fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(ArtifactError::Io { path: path.to_path_buf(), source: e }),
+        Err(e) => Err(ArtifactError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        }),
     }
 }
 
@@ -426,7 +513,8 @@ fn entry_name(path: &Path) -> Result<String, ArtifactError> {
 pub fn hash_file(path: &Path) -> Result<String, ArtifactError> {
     let mut h = blake3::Hasher::new();
     let f = fs::File::open(path).map_err(io_err(path))?;
-    h.update_reader(io::BufReader::with_capacity(1 << 16, f)).map_err(io_err(path))?;
+    h.update_reader(io::BufReader::with_capacity(1 << 16, f))
+        .map_err(io_err(path))?;
     Ok(h.finalize().to_hex().to_string())
 }
 
@@ -460,7 +548,12 @@ fn parse_tree(text: &str) -> Option<Vec<Entry>> {
             let digest = parts.next()?.to_string();
             let size = parts.next()?.parse().ok()?;
             let name = parts.next()?.to_string();
-            Some(Entry { name, kind, digest, size })
+            Some(Entry {
+                name,
+                kind,
+                digest,
+                size,
+            })
         })
         .collect()
 }
@@ -483,8 +576,12 @@ mod tests {
             fs::write(dir.join("x.csv"), "1,2\n").unwrap();
             fs::write(dir.join("sub/y"), "y").unwrap();
         }
-        let a = store.ingest_dir(&tmp.path().join("a"), Mode::Move, &none).unwrap();
-        let b = store.ingest_dir(&tmp.path().join("b"), Mode::Copy, &none).unwrap();
+        let a = store
+            .ingest_dir(&tmp.path().join("a"), Mode::Move, &none)
+            .unwrap();
+        let b = store
+            .ingest_dir(&tmp.path().join("b"), Mode::Copy, &none)
+            .unwrap();
         assert_eq!(a.digest, b.digest);
         assert_eq!((a.files, a.size), (2, 5));
         assert!(!tmp.path().join("a/x.csv").exists(), "moved");
@@ -506,7 +603,10 @@ mod tests {
         fs::set_permissions(&blob, fs::Permissions::from_mode(0o644)).unwrap();
         fs::write(&blob, "WEIGHTS").unwrap();
         let err = store.verify(&a.digest, &none).unwrap_err();
-        assert!(err.to_string().contains("does not match its digest"), "{err}");
+        assert!(
+            err.to_string().contains("does not match its digest"),
+            "{err}"
+        );
         assert!(!blob.exists());
     }
 }

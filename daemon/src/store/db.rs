@@ -17,10 +17,15 @@ use crate::store::artifacts::FileStat;
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
     #[error("database {path}: {source}")]
-    Open { path: String, source: rusqlite::Error },
+    Open {
+        path: String,
+        source: rusqlite::Error,
+    },
     #[error("database: {0}")]
     Sql(#[from] rusqlite::Error),
-    #[error("the database was written by a newer millrace (schema {found}, this binary knows {known})")]
+    #[error(
+        "the database was written by a newer millrace (schema {found}, this binary knows {known})"
+    )]
     TooNew { found: i64, known: i64 },
 }
 
@@ -132,7 +137,10 @@ CREATE TABLE stat_cache (
 "#];
 
 pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_millis() as i64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_millis() as i64
 }
 
 pub struct Db {
@@ -200,10 +208,8 @@ pub struct LineageRow {
     pub role: String,
 }
 
-const RUN_COLUMNS: &str =
-    "id, pipeline, experiment, definition, params, trigger, no_reuse, status, created_at, started_at, finished_at, error";
-const STEP_COLUMNS: &str =
-    "run_id, name, position, runtime, status, cache_key, key_parts, reused_from, attempts, started_at, finished_at, error";
+const RUN_COLUMNS: &str = "id, pipeline, experiment, definition, params, trigger, no_reuse, status, created_at, started_at, finished_at, error";
+const STEP_COLUMNS: &str = "run_id, name, position, runtime, status, cache_key, key_parts, reused_from, attempts, started_at, finished_at, error";
 
 fn run_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRow> {
     let params: String = r.get(4)?;
@@ -253,7 +259,10 @@ pub struct NewRun<'a> {
 
 impl Db {
     pub fn open(path: &Path) -> Result<Db> {
-        let conn = Connection::open(path).map_err(|source| DbError::Open { path: path.display().to_string(), source })?;
+        let conn = Connection::open(path).map_err(|source| DbError::Open {
+            path: path.display().to_string(),
+            source,
+        })?;
         Db::init(conn)
     }
 
@@ -271,18 +280,25 @@ impl Db {
         Ok(db)
     }
 
+    /// Applies missing migrations. The version is read inside an immediate
+    /// transaction, so two processes opening a new database do not both migrate.
     fn migrate(&mut self) -> Result<()> {
-        let version: i64 = self.conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         let known = MIGRATIONS.len() as i64;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
         if version > known {
-            return Err(DbError::TooNew { found: version, known });
+            return Err(DbError::TooNew {
+                found: version,
+                known,
+            });
         }
-        for (i, m) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-            let tx = self.conn.transaction()?;
+        for m in MIGRATIONS.iter().skip(version as usize) {
             tx.execute_batch(m)?;
-            tx.pragma_update(None, "user_version", (i + 1) as i64)?;
-            tx.commit()?;
         }
+        tx.pragma_update(None, "user_version", known)?;
+        tx.commit()?;
         Ok(())
     }
 
@@ -306,7 +322,13 @@ pub struct Batch<'c> {
 }
 
 impl Batch<'_> {
-    pub fn record_definition(&self, digest: &str, pipeline: &str, path: &str, text: &str) -> Result<()> {
+    pub fn record_definition(
+        &self,
+        digest: &str,
+        pipeline: &str,
+        path: &str,
+        text: &str,
+    ) -> Result<()> {
         self.conn.execute(
             "INSERT OR IGNORE INTO definitions (digest, pipeline, path, text, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![digest, pipeline, path, text, now_ms()],
@@ -317,7 +339,11 @@ impl Batch<'_> {
     pub fn definition(&self, digest: &str) -> Result<Option<(String, String)>> {
         Ok(self
             .conn
-            .query_row("SELECT path, text FROM definitions WHERE digest = ?1", [digest], |r| Ok((r.get(0)?, r.get(1)?)))
+            .query_row(
+                "SELECT path, text FROM definitions WHERE digest = ?1",
+                [digest],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
             .optional()?)
     }
 
@@ -343,19 +369,27 @@ impl Batch<'_> {
     pub fn run(&self, id: i64) -> Result<Option<RunRow>> {
         Ok(self
             .conn
-            .query_row(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?1"), [id], run_row)
+            .query_row(
+                &format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?1"),
+                [id],
+                run_row,
+            )
             .optional()?)
     }
 
     pub fn latest_run_id(&self) -> Result<Option<i64>> {
-        Ok(self.conn.query_row("SELECT max(id) FROM runs", [], |r| r.get(0))?)
+        Ok(self
+            .conn
+            .query_row("SELECT max(id) FROM runs", [], |r| r.get(0))?)
     }
 
     pub fn runs(&self, pipeline: Option<&str>, limit: i64) -> Result<Vec<RunRow>> {
         let mut stmt = self.conn.prepare_cached(&format!(
             "SELECT {RUN_COLUMNS} FROM runs WHERE (?1 IS NULL OR pipeline = ?1) ORDER BY id DESC LIMIT ?2"
         ))?;
-        let rows = stmt.query_map(params![pipeline, limit], run_row)?.collect::<rusqlite::Result<_>>()?;
+        let rows = stmt
+            .query_map(params![pipeline, limit], run_row)?
+            .collect::<rusqlite::Result<_>>()?;
         Ok(rows)
     }
 
@@ -368,9 +402,17 @@ impl Batch<'_> {
         Ok(())
     }
 
-    pub fn set_step_key(&self, run: i64, step: &str, key: &str, parts: &serde_json::Value) -> Result<()> {
+    pub fn set_step_key(
+        &self,
+        run: i64,
+        step: &str,
+        key: &str,
+        parts: &serde_json::Value,
+    ) -> Result<()> {
         self.conn
-            .prepare_cached("UPDATE steps SET cache_key = ?3, key_parts = ?4 WHERE run_id = ?1 AND name = ?2")?
+            .prepare_cached(
+                "UPDATE steps SET cache_key = ?3, key_parts = ?4 WHERE run_id = ?1 AND name = ?2",
+            )?
             .execute(params![run, step, key, parts.to_string()])?;
         Ok(())
     }
@@ -385,7 +427,14 @@ impl Batch<'_> {
         Ok(())
     }
 
-    pub fn finish_step(&self, run: i64, step: &str, status: &str, reused_from: Option<i64>, error: Option<&str>) -> Result<()> {
+    pub fn finish_step(
+        &self,
+        run: i64,
+        step: &str,
+        status: &str,
+        reused_from: Option<i64>,
+        error: Option<&str>,
+    ) -> Result<()> {
         let now = now_ms();
         self.conn
             .prepare_cached(
@@ -409,40 +458,75 @@ impl Batch<'_> {
         Ok(())
     }
 
-    pub fn finish_attempt(&self, run: i64, step: &str, attempt: u32, status: &str, exit_code: Option<i32>, error: Option<&str>) -> Result<()> {
+    pub fn finish_attempt(
+        &self,
+        run: i64,
+        step: &str,
+        attempt: u32,
+        status: &str,
+        exit_code: Option<i32>,
+        error: Option<&str>,
+    ) -> Result<()> {
         self.conn
             .prepare_cached(
                 "UPDATE attempts SET status = ?4, finished_at = ?5, exit_code = ?6, error = ?7
                  WHERE run_id = ?1 AND step = ?2 AND attempt = ?3",
             )?
-            .execute(params![run, step, attempt, status, now_ms(), exit_code, error])?;
+            .execute(params![
+                run,
+                step,
+                attempt,
+                status,
+                now_ms(),
+                exit_code,
+                error
+            ])?;
         Ok(())
     }
 
     pub fn steps(&self, run: i64) -> Result<Vec<StepRow>> {
-        let mut stmt =
-            self.conn.prepare_cached(&format!("SELECT {STEP_COLUMNS} FROM steps WHERE run_id = ?1 ORDER BY position"))?;
-        let rows = stmt.query_map([run], step_row)?.collect::<rusqlite::Result<_>>()?;
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {STEP_COLUMNS} FROM steps WHERE run_id = ?1 ORDER BY position"
+        ))?;
+        let rows = stmt
+            .query_map([run], step_row)?
+            .collect::<rusqlite::Result<_>>()?;
         Ok(rows)
     }
 
     pub fn step(&self, run: i64, name: &str) -> Result<Option<StepRow>> {
         Ok(self
             .conn
-            .query_row(&format!("SELECT {STEP_COLUMNS} FROM steps WHERE run_id = ?1 AND name = ?2"), params![run, name], step_row)
+            .query_row(
+                &format!("SELECT {STEP_COLUMNS} FROM steps WHERE run_id = ?1 AND name = ?2"),
+                params![run, name],
+                step_row,
+            )
             .optional()?)
     }
 
     /// The latest execution of the same step of the same pipeline before `run` that
     /// got as far as computing a cache key: what `explain` compares with.
-    pub fn previous_step(&self, pipeline: &str, step: &str, before_run: i64) -> Result<Option<StepRow>> {
+    pub fn previous_step(
+        &self,
+        pipeline: &str,
+        step: &str,
+        before_run: i64,
+    ) -> Result<Option<StepRow>> {
         let sql = format!(
             "SELECT {} FROM steps s JOIN runs r ON r.id = s.run_id
              WHERE r.pipeline = ?1 AND s.name = ?2 AND s.run_id < ?3 AND s.cache_key IS NOT NULL
              ORDER BY s.run_id DESC LIMIT 1",
-            STEP_COLUMNS.split(", ").map(|c| format!("s.{c}")).collect::<Vec<_>>().join(", ")
+            STEP_COLUMNS
+                .split(", ")
+                .map(|c| format!("s.{c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
-        Ok(self.conn.query_row(&sql, params![pipeline, step, before_run], step_row).optional()?)
+        Ok(self
+            .conn
+            .query_row(&sql, params![pipeline, step, before_run], step_row)
+            .optional()?)
     }
 
     pub fn attempts(&self, run: i64, step: &str) -> Result<Vec<AttemptRow>> {
@@ -476,17 +560,23 @@ impl Batch<'_> {
     pub fn artifact(&self, digest: &str) -> Result<Option<(u64, u64)>> {
         Ok(self
             .conn
-            .query_row("SELECT size, files FROM artifacts WHERE digest = ?1", [digest], |r| {
-                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
-            })
+            .query_row(
+                "SELECT size, files FROM artifacts WHERE digest = ?1",
+                [digest],
+                |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+            )
             .optional()?)
     }
 
     /// Artifacts whose digest starts with `prefix` (users type short digests).
     pub fn artifacts_with_prefix(&self, prefix: &str) -> Result<Vec<String>> {
-        let mut stmt = self.conn.prepare_cached("SELECT digest FROM artifacts WHERE digest >= ?1 AND digest < ?2 LIMIT 10")?;
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT digest FROM artifacts WHERE digest >= ?1 AND digest < ?2 LIMIT 10",
+        )?;
         let upper = format!("{prefix}~");
-        let rows = stmt.query_map(params![prefix, upper], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+        let rows = stmt
+            .query_map(params![prefix, upper], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
         Ok(rows)
     }
 
@@ -498,12 +588,23 @@ impl Batch<'_> {
     }
 
     pub fn run_inputs(&self, run: i64) -> Result<Vec<(String, String, String)>> {
-        let mut stmt = self.conn.prepare_cached("SELECT name, path, artifact FROM run_inputs WHERE run_id = ?1 ORDER BY name")?;
-        let rows = stmt.query_map([run], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<rusqlite::Result<_>>()?;
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT name, path, artifact FROM run_inputs WHERE run_id = ?1 ORDER BY name",
+        )?;
+        let rows = stmt
+            .query_map([run], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<rusqlite::Result<_>>()?;
         Ok(rows)
     }
 
-    pub fn record_step_input(&self, run: i64, step: &str, mount: &str, reference: &str, artifact: &str) -> Result<()> {
+    pub fn record_step_input(
+        &self,
+        run: i64,
+        step: &str,
+        mount: &str,
+        reference: &str,
+        artifact: &str,
+    ) -> Result<()> {
         self.conn
             .prepare_cached(
                 "INSERT OR REPLACE INTO step_inputs (run_id, step, mount, reference, artifact) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -516,11 +617,21 @@ impl Batch<'_> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT mount, reference, artifact FROM step_inputs WHERE run_id = ?1 AND step = ?2 ORDER BY mount",
         )?;
-        let rows = stmt.query_map(params![run, step], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<rusqlite::Result<_>>()?;
+        let rows = stmt
+            .query_map(params![run, step], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?
+            .collect::<rusqlite::Result<_>>()?;
         Ok(rows)
     }
 
-    pub fn record_step_output(&self, run: i64, step: &str, output: &str, artifact: &str) -> Result<()> {
+    pub fn record_step_output(
+        &self,
+        run: i64,
+        step: &str,
+        output: &str,
+        artifact: &str,
+    ) -> Result<()> {
         self.conn
             .prepare_cached("INSERT OR REPLACE INTO step_outputs (run_id, step, output, artifact) VALUES (?1, ?2, ?3, ?4)")?
             .execute(params![run, step, output, artifact])?;
@@ -530,7 +641,9 @@ impl Batch<'_> {
     pub fn step_outputs(&self, run: i64, step: &str) -> Result<Vec<(String, String)>> {
         let mut stmt =
             self.conn.prepare_cached("SELECT output, artifact FROM step_outputs WHERE run_id = ?1 AND step = ?2 ORDER BY output")?;
-        let rows = stmt.query_map(params![run, step], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<_>>()?;
+        let rows = stmt
+            .query_map(params![run, step], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
         Ok(rows)
     }
 
@@ -551,11 +664,21 @@ impl Batch<'_> {
     }
 
     pub fn drop_cache_entry(&self, key: &str) -> Result<()> {
-        self.conn.prepare_cached("DELETE FROM cache_entries WHERE key = ?1")?.execute([key])?;
+        self.conn
+            .prepare_cached("DELETE FROM cache_entries WHERE key = ?1")?
+            .execute([key])?;
         Ok(())
     }
 
-    pub fn record_metric(&self, run: i64, step: &str, name: &str, value: f64, index: Option<i64>, seq: i64) -> Result<()> {
+    pub fn record_metric(
+        &self,
+        run: i64,
+        step: &str,
+        name: &str,
+        value: f64,
+        index: Option<i64>,
+        seq: i64,
+    ) -> Result<()> {
         self.conn
             .prepare_cached("INSERT INTO metrics (run_id, step, name, value, idx, seq) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")?
             .execute(params![run, step, name, value, index, seq])?;
@@ -563,15 +686,25 @@ impl Batch<'_> {
     }
 
     pub fn clear_metrics(&self, run: i64, step: &str) -> Result<()> {
-        self.conn.prepare_cached("DELETE FROM metrics WHERE run_id = ?1 AND step = ?2")?.execute(params![run, step])?;
+        self.conn
+            .prepare_cached("DELETE FROM metrics WHERE run_id = ?1 AND step = ?2")?
+            .execute(params![run, step])?;
         Ok(())
     }
 
     pub fn metrics(&self, run: i64) -> Result<Vec<MetricRow>> {
-        let mut stmt =
-            self.conn.prepare_cached("SELECT step, name, value, idx FROM metrics WHERE run_id = ?1 ORDER BY step, name, seq")?;
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT step, name, value, idx FROM metrics WHERE run_id = ?1 ORDER BY step, name, seq",
+        )?;
         let rows = stmt
-            .query_map([run], |r| Ok(MetricRow { step: r.get(0)?, name: r.get(1)?, value: r.get(2)?, step_index: r.get(3)? }))?
+            .query_map([run], |r| {
+                Ok(MetricRow {
+                    step: r.get(0)?,
+                    name: r.get(1)?,
+                    value: r.get(2)?,
+                    step_index: r.get(3)?,
+                })
+            })?
             .collect::<rusqlite::Result<_>>()?;
         Ok(rows)
     }
@@ -622,7 +755,13 @@ impl Batch<'_> {
         )?;
         let rows = stmt
             .query_map([artifact], |r| {
-                Ok(LineageRow { run_id: r.get(0)?, pipeline: r.get(1)?, step: r.get(2)?, name: r.get(3)?, role: r.get(4)? })
+                Ok(LineageRow {
+                    run_id: r.get(0)?,
+                    pipeline: r.get(1)?,
+                    step: r.get(2)?,
+                    name: r.get(3)?,
+                    role: r.get(4)?,
+                })
             })?
             .collect::<rusqlite::Result<_>>()?;
         Ok(rows)
@@ -635,28 +774,39 @@ impl Batch<'_> {
             "SELECT id FROM (SELECT id, status, row_number() OVER (PARTITION BY pipeline ORDER BY id DESC) AS n FROM runs)
              WHERE n <= ?1 OR status = 'running'",
         )?;
-        let rows = stmt.query_map([keep], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+        let rows = stmt
+            .query_map([keep], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
         Ok(rows)
     }
 
     pub fn delete_runs_except(&self, keep: &[i64]) -> Result<usize> {
         self.conn.execute_batch("CREATE TEMP TABLE IF NOT EXISTS keep_runs (id INTEGER PRIMARY KEY); DELETE FROM keep_runs;")?;
         for id in keep {
-            self.conn.execute("INSERT OR IGNORE INTO keep_runs (id) VALUES (?1)", [id])?;
+            self.conn
+                .execute("INSERT OR IGNORE INTO keep_runs (id) VALUES (?1)", [id])?;
         }
-        let n = self.conn.execute("DELETE FROM runs WHERE id NOT IN (SELECT id FROM keep_runs)", [])?;
+        let n = self.conn.execute(
+            "DELETE FROM runs WHERE id NOT IN (SELECT id FROM keep_runs)",
+            [],
+        )?;
         self.conn.execute(
             "DELETE FROM artifacts WHERE digest NOT IN (SELECT artifact FROM step_outputs)
                AND digest NOT IN (SELECT artifact FROM step_inputs) AND digest NOT IN (SELECT artifact FROM run_inputs)",
             [],
         )?;
-        self.conn.execute("DELETE FROM stat_cache WHERE path LIKE '%/objects/blobs/%'", [])?;
+        self.conn.execute(
+            "DELETE FROM stat_cache WHERE path LIKE '%/objects/blobs/%'",
+            [],
+        )?;
         Ok(n)
     }
 
     pub fn all_artifacts(&self) -> Result<Vec<String>> {
         let mut stmt = self.conn.prepare("SELECT digest FROM artifacts")?;
-        let rows = stmt.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+        let rows = stmt
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
         Ok(rows)
     }
 }
@@ -693,7 +843,10 @@ mod tests {
     #[test]
     fn foreign_keys_are_enforced() {
         let db = Db::open_in_memory().unwrap();
-        let err = db.read().record_step_output(42, "s", "o", "nope").unwrap_err();
+        let err = db
+            .read()
+            .record_step_output(42, "s", "o", "nope")
+            .unwrap_err();
         assert!(err.to_string().contains("FOREIGN KEY"), "{err}");
     }
 }

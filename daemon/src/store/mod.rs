@@ -20,7 +20,10 @@ use db::Db;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("state directory {path}: {source}")]
-    Dir { path: PathBuf, source: std::io::Error },
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Db(#[from] db::DbError),
     #[error(transparent)]
@@ -35,12 +38,19 @@ pub struct Store {
 
 impl Store {
     pub fn open(root: &Path) -> Result<Store, StoreError> {
-        let dir_err = |source| StoreError::Dir { path: root.to_path_buf(), source };
+        let dir_err = |source| StoreError::Dir {
+            path: root.to_path_buf(),
+            source,
+        };
         std::fs::create_dir_all(root).map_err(dir_err)?;
         let root = std::path::absolute(root).map_err(dir_err)?;
         let db = Db::open(&root.join("millrace.db"))?;
         let artifacts = ArtifactStore::open(&root.join("objects"))?;
-        Ok(Store { root, db: Mutex::new(db), artifacts })
+        Ok(Store {
+            root,
+            db: Mutex::new(db),
+            artifacts,
+        })
     }
 
     /// The database; hold the guard only for a few statements.
@@ -72,7 +82,10 @@ impl Store {
     /// files in one transaction, so unchanged files are not re-read next time.
     pub fn ingest(&self, path: &Path, mode: Mode) -> Result<Ingested, StoreError> {
         let known = self.known();
-        let meta = std::fs::metadata(path).map_err(|source| ArtifactError::Io { path: path.to_path_buf(), source })?;
+        let meta = std::fs::metadata(path).map_err(|source| ArtifactError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let ingested = if meta.is_dir() {
             self.artifacts.ingest_dir(path, mode, &known)?
         } else {
@@ -104,4 +117,3 @@ impl Store {
         Ok(())
     }
 }
-
