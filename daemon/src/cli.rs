@@ -521,7 +521,7 @@ impl Progress {
             } => self.line(format!("run {run} of {pipeline}: {steps} steps")),
             Event::StepStarted { step, attempt } => {
                 if let Some(b) = &self.bar {
-                    b.set_message(format!("{step}"));
+                    b.set_message(step.clone());
                 } else if *attempt > 1 {
                     self.line(format!("  {step}: attempt {attempt}"));
                 }

@@ -291,8 +291,8 @@ pub fn parse(path: &Path, text: String, env: &Environment) -> (Option<Pipeline>,
         }
     };
     let mut diagnostics = w.diags;
-    if pipeline.is_some() {
-        crate::graph::check(pipeline.as_ref().expect("checked"), &mut diagnostics);
+    if let Some(p) = &pipeline {
+        crate::graph::check(p, &mut diagnostics);
     }
     diagnostics.sort_by_key(|d| (d.span.start, d.severity));
     let report = Report {
@@ -451,7 +451,7 @@ impl Walker {
             .get("max_runs")
             .and_then(|v| self.integer(v, "concurrency.max_runs"))
         {
-            if m < 1 || m > 1000 {
+            if !(1..=1000).contains(&m) {
                 self.error(
                     t["max_runs"].span(),
                     format!("max_runs must be between 1 and 1000, got {m}"),
@@ -1467,7 +1467,7 @@ pub fn format_size(n: u64) -> String {
         ("KiB", 1 << 10),
     ];
     for (unit, size) in UNITS {
-        if n >= size && n % size == 0 {
+        if n >= size && n.is_multiple_of(size) {
             return format!("{}{unit}", n / size);
         }
     }

@@ -16,6 +16,8 @@
 //! - [`store`]: SQLite records and the BLAKE3 artifact store.
 //! - [`cli`]: the `millrace` command line over all of the above.
 
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod cli;
 pub mod definition;
 pub mod diagnostic;

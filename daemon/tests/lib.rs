@@ -2,6 +2,8 @@
 //! against a real SQLite file, real wasmtime and the example plugins
 //! (`scripts/build-plugins.sh` builds them into `plugins/dist/`).
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 mod run;
 mod sandbox;

@@ -1,0 +1,61 @@
+//! csv-clean: filter, select and shard the rows of a CSV file.
+
+use csvkit::filter::Filter;
+use csvkit::ops::{CleanOpts, Shard, clean};
+use csvkit::{Error, csv, step};
+
+const USAGE: &str = "\
+csv-clean: filter, select and shard the rows of a CSV file
+
+usage: csv-clean [--input NAME] [--file FILE] [--output NAME] [--select COL,...]
+                 [--drop-na] [--filter EXPR]... [--shard I/N] [--min-rows N]
+
+  --input NAME   input directory /in/NAME (default: data, else the only input)
+  --file FILE    file to read in it (default: the only *.csv file in it)
+  --output NAME  writes /out/NAME/data.csv (default: clean)
+  --select COLS  keep only these columns, in this order (comma-separated)
+  --drop-na      drop rows with an empty value in the selected columns
+                 (in every column without --select)
+  --filter EXPR  keep rows where COLUMN OP VALUE holds, OP one of > >= < <= == !=;
+                 numeric comparison when both sides are numbers, else text;
+                 repeatable: every filter must hold
+  --shard I/N    keep only block I (1-based) of N contiguous, near-equal blocks of
+                 the remaining rows (for fan-out; shards 1..N together = all rows)
+  --min-rows N   fail if fewer than N rows remain (default: 0)
+
+Order: filter, drop-na, shard, select, min-rows. Metrics: rows_in, rows_out.";
+
+fn main() {
+    csvkit::run("csv-clean", USAGE, |args| {
+        let input = args.opt("input")?;
+        let file = args.opt("file")?;
+        let output = args.opt_or("output", "clean")?;
+        let select = args.list("select")?;
+        let drop_na = args.flag("drop-na")?;
+        let filters = args
+            .opt_all("filter")?
+            .iter()
+            .map(|f| Filter::parse(f).map_err(Error::usage))
+            .collect::<Result<Vec<_>, _>>()?;
+        let shard = args.opt("shard")?.map(|s| Shard::parse(&s).map_err(Error::usage)).transpose()?;
+        let min_rows: usize = args.parsed("min-rows", 0)?;
+        args.finish()?;
+
+        let dir = step::input_dir(input.as_deref(), "data")?;
+        let path = step::find_file(&dir, &["csv"], file.as_deref())?;
+        let table = step::read_csv(&path)?;
+        let rows_in = table.rows.len();
+        let out = clean(table, &CleanOpts { select, drop_na, filters, shard })
+            .map_err(|e| Error::fail(format!("{}: {e}", path.display())))?;
+        let rows_out = out.rows.len();
+        eprintln!("csv-clean: {}: {rows_in} rows in, {rows_out} rows out", path.display());
+        if rows_out < min_rows {
+            return Err(Error::fail(format!(
+                "only {rows_out} of {rows_in} rows remain, fewer than --min-rows {min_rows}"
+            )));
+        }
+        let dest = step::output_dir(&output)?.join("data.csv");
+        step::write_file(&dest, csv::write(&out))?;
+        step::metrics(&[("rows_in", rows_in as f64, None), ("rows_out", rows_out as f64, None)])
+    })
+}

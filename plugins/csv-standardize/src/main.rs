@@ -1,0 +1,43 @@
+//! csv-standardize: z-scores of numeric columns.
+
+use csvkit::{Error, csv, ops, step};
+
+const USAGE: &str = "\
+csv-standardize: replace numeric values by z-scores (x - mean) / std (sample std)
+
+usage: csv-standardize [--input NAME] [--file FILE] [--output NAME] [--columns COL,...]
+
+  --input NAME    input directory /in/NAME (default: data, else the only input)
+  --file FILE     file to read in it (default: the only *.csv file in it)
+  --output NAME   writes /out/NAME/data.csv and /out/NAME/params.json (default: features)
+  --columns COLS  standardise these columns (each must be numeric); default: every
+                  column whose non-empty cells are all numbers
+
+Other columns and empty cells are kept as they are; a constant column becomes 0.
+params.json: {\"rows\": N, \"columns\": {COL: {\"mean\": M, \"std\": S}}}.
+Metrics: rows, columns (how many were standardised).";
+
+fn main() {
+    csvkit::run("csv-standardize", USAGE, |args| {
+        let input = args.opt("input")?;
+        let file = args.opt("file")?;
+        let output = args.opt_or("output", "features")?;
+        let columns = args.list("columns")?;
+        args.finish()?;
+
+        let dir = step::input_dir(input.as_deref(), "data")?;
+        let path = step::find_file(&dir, &["csv"], file.as_deref())?;
+        let table = step::read_csv(&path)?;
+        let (out, params) = ops::standardize(table, columns.as_deref())
+            .map_err(|e| Error::fail(format!("{}: {e}", path.display())))?;
+        let ncols = match params.get("columns") {
+            Some(csvkit::json::Json::Obj(c)) => c.len(),
+            _ => 0,
+        };
+        let dest = step::output_dir(&output)?;
+        step::write_file(&dest.join("data.csv"), csv::write(&out))?;
+        step::write_file(&dest.join("params.json"), params.to_pretty())?;
+        eprintln!("csv-standardize: {}: {} rows, {ncols} columns standardised", path.display(), out.rows.len());
+        step::metrics(&[("rows", out.rows.len() as f64, None), ("columns", ncols as f64, None)])
+    })
+}

@@ -1,0 +1,31 @@
+//! flaky: fails until the attempt number reaches --succeed-on.
+
+use csvkit::{Error, step};
+
+const USAGE: &str = "\
+flaky: fail (exit 1) unless $MILLRACE_ATTEMPT >= --succeed-on
+
+usage: flaky [--succeed-on N] [--out NAME]
+
+  --succeed-on N  first attempt that succeeds (default: 2; attempts count from 1)
+  --out NAME      on success writes /out/NAME/ok.txt (default: out)
+
+A missing MILLRACE_ATTEMPT counts as attempt 1.";
+
+fn main() {
+    csvkit::run("flaky", USAGE, |args| {
+        let succeed_on: u64 = args.parsed("succeed-on", 2)?;
+        let out = args.opt_or("out", "out")?;
+        args.finish()?;
+        let attempt = match std::env::var("MILLRACE_ATTEMPT") {
+            Err(_) => 1,
+            Ok(a) => a.trim().parse::<u64>().map_err(|_| Error::fail(format!("MILLRACE_ATTEMPT={a:?} is not a number")))?,
+        };
+        if attempt < succeed_on {
+            return Err(Error::fail(format!("attempt {attempt} fails on purpose (succeeds from attempt {succeed_on})")));
+        }
+        step::write_file(&step::output_dir(&out)?.join("ok.txt"), format!("ok on attempt {attempt}\n"))?;
+        println!("flaky: attempt {attempt} succeeded");
+        Ok(())
+    })
+}

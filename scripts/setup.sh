@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs what building and testing millrace needs on a fresh Debian machine with a
+# Rust toolchain (rustup): the wasm32 targets, then builds the plugins and the binary.
+# Idempotent: a second run only rebuilds what changed.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+    # Nothing from apt is needed yet beyond a C compiler for the bundled SQLite;
+    # install it only when missing (later issues add podman, slurm, chromium here).
+    if ! command -v cc >/dev/null; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc >/dev/null
+    fi
+fi
+
+echo "== plugins (wasm32-wasip2)"
+scripts/build-plugins.sh --quiet
+echo "== millrace"
+cargo build --quiet -p millrace
+echo "setup: target/debug/millrace is ready"
