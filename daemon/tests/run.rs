@@ -213,8 +213,13 @@ name = "independent"
 wasm = "{copy}"
 inputs = {{ x = "inputs.a" }}
 outputs = ["out"]
+[[step]]
+name = "core-module"
+wasm = "{fail_p1}"
+args = ["--code", "7"]
 "#,
             fail = plugin("fail"),
+            fail_p1 = plugin("fail-p1"),
             copy = plugin("copy")
         ),
     );
@@ -244,6 +249,9 @@ outputs = ["out"]
     // arrives as 1 (wasi:cli/exit carries a result, not a number).
     assert_eq!(broken["step"]["error"], "exited with code 1");
     assert_eq!(broken["attempts"][0]["exit_code"], 1);
+    // A wasip1 core module keeps its exit code.
+    let core = show["steps"].as_array().unwrap().iter().find(|s| s["step"]["name"] == "core-module").unwrap();
+    assert_eq!(core["step"]["error"], "exited with code 7");
     let log = String::from_utf8_lossy(&p.run(&["logs", "1", "broken"]).stdout).into_owned();
     assert!(log.contains("fail"), "{log}");
 }
