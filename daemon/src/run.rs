@@ -376,10 +376,10 @@ impl Engine {
                     let detail = if from.run == run_id {
                         "completed before the resume".to_string()
                     } else {
-                        format!("reused run {}", from.run)
+                        format!("from run {}", from.run)
                     };
                     if !resumed {
-                        ctx.record_reuse(i, &from, &step_inputs)?;
+                        ctx.record_reuse(i, &key, &from, &step_inputs)?;
                     }
                     let outs = from.outputs;
                     events(&Event::StepFinished {
@@ -885,9 +885,12 @@ impl RunContext {
         }
     }
 
+    /// Records a reused step. The cache entry moves to this run, which now holds the
+    /// same outputs, so deleting older runs (`gc`) keeps the entry alive.
     fn record_reuse(
         &self,
         i: usize,
+        key: &str,
         from: &Reusable,
         inputs: &BTreeMap<String, String>,
     ) -> Result<(), RunError> {
@@ -899,6 +902,9 @@ impl RunContext {
                 b.record_step_output(self.run_id, name, o, d)?;
             }
             b.copy_metrics(from.run, &from.step, self.run_id, name)?;
+            if step.reuse {
+                b.set_cache_entry(key, self.run_id, name)?;
+            }
             b.finish_step(self.run_id, name, "reused", Some(from.run), None)
         })?;
         Ok(())

@@ -250,7 +250,12 @@ args = ["--code", "7"]
     assert_eq!(broken["step"]["error"], "exited with code 1");
     assert_eq!(broken["attempts"][0]["exit_code"], 1);
     // A wasip1 core module keeps its exit code.
-    let core = show["steps"].as_array().unwrap().iter().find(|s| s["step"]["name"] == "core-module").unwrap();
+    let core = show["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["step"]["name"] == "core-module")
+        .unwrap();
     assert_eq!(core["step"]["error"], "exited with code 7");
     let log = String::from_utf8_lossy(&p.run(&["logs", "1", "broken"]).stdout).into_owned();
     assert!(log.contains("fail"), "{log}");
@@ -538,4 +543,73 @@ fn bad_configuration_exits_78_and_records_nothing() {
         "{}",
         stderr(&out)
     );
+}
+
+#[test]
+fn lineage_names_producer_and_readers_and_gc_keeps_what_kept_runs_use() {
+    let p = Project::new();
+    let f = fan_pipeline(&p);
+    let f = f.to_str().unwrap();
+    summary(&p, &[f]);
+    let l = p.json(&["lineage", "1:left.out"]);
+    let uses = l["uses"].as_array().unwrap();
+    assert!(
+        uses.iter()
+            .any(|u| u["role"] == "output" && u["step"] == "left"),
+        "{l}"
+    );
+    assert!(
+        uses.iter()
+            .any(|u| u["role"] == "input" && u["step"] == "left2"),
+        "{l}"
+    );
+    p.write("data/b.txt", "second\n");
+    summary(&p, &[f]);
+    let g = p.json(&["gc", "--keep", "1"]);
+    assert_eq!(g["runs_deleted"], 1, "{g}");
+    assert!(
+        g["objects_deleted"].as_u64().unwrap() > 0,
+        "the first run's b.txt is gone: {g}"
+    );
+    assert_eq!(p.run(&["runs", "show", "1"]).status.code(), Some(2));
+    // What the kept run references is intact and still reusable.
+    let again = summary(&p, &[f]);
+    assert_eq!(again["reused"].as_u64(), Some(4), "{again}");
+}
+
+#[test]
+fn sigterm_cancels_the_run_and_resume_finishes_it() {
+    let p = Project::new();
+    let f = p.write(
+        "slow.toml",
+        &format!(
+            "[[step]]\nname = \"slow\"\nwasm = \"{}\"\nargs = [\"--secs\", \"1\"]\noutputs = [\"out\"]\n",
+            plugin("sleep")
+        ),
+    );
+    let child = p
+        .cmd(&["run", f.to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !(p.path(".state/millrace.db").exists()
+        && p.json(&["runs", "show", "latest"])["steps"][0]["step"]["status"] == "running")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the step never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // SAFETY: sending a signal to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    let show = p.json(&["runs", "show", "1"]);
+    assert_eq!(show["run"]["status"], "cancelled");
+    assert_eq!(show["steps"][0]["step"]["status"], "cancelled");
+    let out = p.run(&["resume", "1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(p.json(&["runs", "show", "1"])["run"]["status"], "succeeded");
 }
