@@ -17,6 +17,7 @@ use crate::definition::{self, Environment, ParamValue, Pipeline, Reference, Step
 use crate::diagnostic::Report;
 use crate::executor::transfer;
 use crate::executor::wasm::{LogFile, Mount, Outcome, Sandbox, WasmRuntime};
+use crate::executor::workspace::{Workspace, WorkspacePool};
 use crate::graph::Graph;
 use crate::planner::{self, Decision, KeyParts, param_env_name};
 use crate::store::artifacts::Mode;
@@ -311,6 +312,7 @@ impl Engine {
             events: events.clone(),
             semaphore: Arc::new(tokio::sync::Semaphore::new(self.max_parallel)),
             code_digests: Mutex::new(HashMap::new()),
+            workspaces: WorkspacePool::new(self.store.work_dir(run_id)),
         });
 
         let n = p.steps.len();
@@ -458,7 +460,11 @@ impl Engine {
             .db()
             .read()
             .set_run_status(run_id, run_status, error.as_deref())?;
-        self.store.artifacts.sync();
+        drop(ctx);
+        let _ = tokio::task::block_in_place(|| {
+            self.store.artifacts.sync();
+            remove_tree(&self.store.work_dir(run_id))
+        });
         Ok(RunSummary {
             run_id,
             pipeline: p.name.get_ref().clone(),
@@ -809,6 +815,7 @@ struct RunContext {
     events: EventSink,
     semaphore: Arc<tokio::sync::Semaphore>,
     code_digests: Mutex<HashMap<PathBuf, String>>,
+    workspaces: WorkspacePool,
 }
 
 struct StepDone {
@@ -1039,13 +1046,7 @@ impl RunContext {
         log_path: &Path,
     ) -> Result<Vec<(String, String)>, (Option<i32>, String)> {
         let step = &self.pipeline.steps[i];
-        let name = step.name.get_ref();
-        let work = self
-            .engine
-            .store
-            .work_dir(self.run_id)
-            .join(format!("{name}.{attempt}"));
-        let result = match &step.kind {
+        match &step.kind {
             StepKind::Transfer { .. } => {
                 let source = inputs.get("from").cloned().unwrap_or_default();
                 let dest = self.transfer_destination(i);
@@ -1056,7 +1057,7 @@ impl RunContext {
                 .map_err(|e| (None, format!("transfer to {}: {e}", dest.display())))
             }
             StepKind::Wasm { resolved, .. } => {
-                self.attempt_wasm(i, attempt, resolved, inputs, &work, log_path)
+                self.attempt_wasm(i, attempt, resolved, inputs, log_path)
                     .await
             }
             other => Err((
@@ -1066,11 +1067,7 @@ impl RunContext {
                     other.runtime_name()
                 ),
             )),
-        };
-        if work.exists() {
-            let _ = tokio::task::block_in_place(|| remove_tree(&work));
         }
-        result
     }
 
     async fn attempt_wasm(
@@ -1079,7 +1076,26 @@ impl RunContext {
         attempt: u32,
         wasm_path: &Path,
         inputs: &BTreeMap<String, String>,
-        work: &Path,
+        log_path: &Path,
+    ) -> Result<Vec<(String, String)>, (Option<i32>, String)> {
+        let mut ws = self
+            .workspaces
+            .take()
+            .map_err(|e| (None, format!("cannot create the sandbox directories: {e}")))?;
+        let result = self
+            .attempt_wasm_in(&mut ws, i, attempt, wasm_path, inputs, log_path)
+            .await;
+        self.workspaces.give_back(ws);
+        result
+    }
+
+    async fn attempt_wasm_in(
+        &self,
+        ws: &mut Workspace,
+        i: usize,
+        attempt: u32,
+        wasm_path: &Path,
+        inputs: &BTreeMap<String, String>,
         log_path: &Path,
     ) -> Result<Vec<(String, String)>, (Option<i32>, String)> {
         let step = &self.pipeline.steps[i];
@@ -1087,26 +1103,14 @@ impl RunContext {
         let fail = |e: String| (None, e);
         let log = LogFile::create(log_path, LOG_CAP)
             .map_err(|e| fail(format!("cannot create log {}: {e}", log_path.display())))?;
-        let (dir_in, dir_out, dir_tmp, dir_meta) = (
-            work.join("in"),
-            work.join("out"),
-            work.join("tmp"),
-            work.join("millrace"),
-        );
-        tokio::task::block_in_place(|| -> Result<(), String> {
-            if work.exists() {
-                remove_tree(work).map_err(|e| format!("{}: {e}", work.display()))?;
-            }
-            for d in [&dir_in, &dir_tmp, &dir_meta] {
-                std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
-            }
-            for o in &step.outputs {
-                let d = dir_out.join(o.get_ref());
-                std::fs::create_dir_all(&d).map_err(|e| format!("{}: {e}", d.display()))?;
-            }
-            std::fs::create_dir_all(&dir_out).map_err(|e| format!("{}: {e}", dir_out.display()))?;
-            std::fs::File::create(dir_meta.join("metrics.jsonl"))
-                .map_err(|e| format!("metrics file: {e}"))?;
+        let (dir_in, dir_out, dir_tmp, dir_meta) =
+            (ws.dir_in(), ws.dir_out(), ws.dir_tmp(), ws.dir_meta());
+        // Renames and hard links only: cheap enough to do on the worker.
+        (|| -> Result<(), String> {
+            let mounts: Vec<&str> = inputs.keys().map(String::as_str).collect();
+            let outputs: Vec<&str> = step.outputs.iter().map(|o| o.get_ref().as_str()).collect();
+            ws.prepare(&mounts, &outputs)
+                .map_err(|e| format!("sandbox directories: {e}"))?;
             for (mount, digest) in inputs {
                 self.engine
                     .store
@@ -1115,7 +1119,7 @@ impl RunContext {
                     .map_err(|e| format!("input `{mount}`: {e}"))?;
             }
             Ok(())
-        })
+        })()
         .map_err(fail)?;
         let (args, env) = planner::interpolated(step, &self.params);
         let mut full_env: Vec<(String, String)> = vec![
@@ -1174,9 +1178,7 @@ impl RunContext {
             .run(wasm_path, &code, sandbox)
             .await
             .map_err(|e| fail(e.to_string()))?;
-        tokio::task::block_in_place(|| {
-            self.record_metrics(name, &dir_meta.join("metrics.jsonl"), &log)
-        });
+        let metrics_file = ws.metrics_file();
         let failure = match outcome {
             Outcome::Exited(0) => None,
             Outcome::Exited(code) => Some((Some(code), format!("exited with code {code}"))),
@@ -1196,11 +1198,12 @@ impl RunContext {
                 format!("timed out after {}", humantime::format_duration(d)),
             )),
         };
-        if let Some((code, msg)) = failure {
-            log.note(&format!("step failed: {msg}"));
-            return Err((code, msg));
-        }
         tokio::task::block_in_place(|| {
+            self.record_metrics(name, &metrics_file, &log);
+            if let Some((code, msg)) = failure {
+                log.note(&format!("step failed: {msg}"));
+                return Err((code, msg));
+            }
             if let Ok(rd) = std::fs::read_dir(&dir_out) {
                 for e in rd.flatten() {
                     let n = e.file_name().to_string_lossy().into_owned();
@@ -1291,7 +1294,6 @@ fn record_inputs(
 fn remove_tree(dir: &Path) -> std::io::Result<()> {
     std::fs::remove_dir_all(dir)
 }
-
 /// Held while a process drives a run; `resume` refuses a run whose lock is held.
 pub struct RunLock {
     _file: std::fs::File,

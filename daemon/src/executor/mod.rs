@@ -4,3 +4,4 @@
 
 pub mod transfer;
 pub mod wasm;
+pub mod workspace;

@@ -28,16 +28,17 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use wasmtime::component::{Component, Linker as ComponentLinker, ResourceTable};
 use wasmtime::{
     Config, Engine, InstanceAllocationStrategy, Linker, Module, PoolingAllocationConfig, Store,
-    StoreLimits, StoreLimitsBuilder, Trap,
+    StoreLimits, StoreLimitsBuilder, Trap, UpdateDeadline,
 };
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::bindings::CommandPre;
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError, StreamResult};
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 /// The version that enters cache keys as the runtime version.
@@ -159,17 +160,19 @@ impl WasmRuntime {
         let mut p2_linker = ComponentLinker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut p2_linker)
             .map_err(|e| WasmError::Engine(e.to_string()))?;
+        // A thread, not a tokio task: a busy guest must not be able to starve the
+        // clock that interrupts it.
         let ticker = engine.weak();
-        tokio::spawn(async move {
-            let mut interval = tokio::time::interval(EPOCH_TICK);
-            loop {
-                interval.tick().await;
-                match ticker.upgrade() {
-                    Some(e) => e.increment_epoch(),
-                    None => break,
+        std::thread::Builder::new()
+            .name("millrace-epoch".into())
+            .spawn(move || {
+                while let Some(e) = ticker.upgrade() {
+                    e.increment_epoch();
+                    drop(e);
+                    std::thread::sleep(EPOCH_TICK);
                 }
-            }
-        });
+            })
+            .map_err(|e| WasmError::Engine(format!("cannot start the epoch thread: {e}")))?;
         Ok(Arc::new(WasmRuntime {
             engine,
             cache_dir: cache_dir.to_path_buf(),
@@ -286,6 +289,10 @@ impl WasmRuntime {
     ) -> Result<Outcome, WasmError> {
         let compiled = self.prepare(path, digest)?;
         let mut b = WasiCtxBuilder::new();
+        // File operations are short: doing them on this thread avoids a hand-off to
+        // tokio's blocking pool (a thread wake-up) for every guest read and write.
+        // It must be set before the preopens, which capture it.
+        b.allow_blocking_current_thread(true);
         b.args(&sandbox.args)
             .envs(&sandbox.env)
             .stdout(sandbox.log.clone())
@@ -305,6 +312,7 @@ impl WasmRuntime {
             .instances(64)
             .trap_on_grow_failure(true)
             .build();
+        let deadline = sandbox.timeout.map(|t| Instant::now() + t);
         let run = async {
             match compiled {
                 Compiled::Component(pre) => {
@@ -318,7 +326,7 @@ impl WasmRuntime {
                     );
                     store.limiter(|s| &mut s.limits);
                     store.set_epoch_deadline(1);
-                    store.epoch_deadline_async_yield_and_update(1);
+                    store.epoch_deadline_callback(on_tick(deadline));
                     let cmd = pre.instantiate_async(&mut store).await?;
                     cmd.wasi_cli_run()
                         .call_run(&mut store)
@@ -335,7 +343,7 @@ impl WasmRuntime {
                     );
                     store.limiter(|s| &mut s.limits);
                     store.set_epoch_deadline(1);
-                    store.epoch_deadline_async_yield_and_update(1);
+                    store.epoch_deadline_callback(on_tick(deadline));
                     let instance = pre.instantiate_async(&mut store).await?;
                     let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
                     start.call_async(&mut store, ()).await.map(|()| 0)
@@ -354,6 +362,10 @@ impl WasmRuntime {
             Err(e) => {
                 if let Some(I32Exit(code)) = e.downcast_ref::<I32Exit>() {
                     Outcome::Exited(*code)
+                } else if let (Some(Trap::Interrupt), Some(t)) =
+                    (e.downcast_ref::<Trap>(), sandbox.timeout)
+                {
+                    Outcome::TimedOut(t)
                 } else {
                     let msg = format!("{e:#}");
                     if msg.contains("growing memory")
@@ -366,6 +378,26 @@ impl WasmRuntime {
                 }
             }
         })
+    }
+}
+
+/// Runs at every epoch tick inside a guest: past the deadline the guest is
+/// interrupted (a busy loop is stopped even when every executor thread is taken);
+/// otherwise it yields, so other steps and the scheduler get their turn.
+fn on_tick<T>(
+    deadline: Option<Instant>,
+) -> impl FnMut(wasmtime::StoreContextMut<'_, T>) -> wasmtime::Result<UpdateDeadline>
++ Send
++ Sync
++ 'static {
+    move |_| {
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Ok(UpdateDeadline::Interrupt);
+        }
+        Ok(UpdateDeadline::YieldCustom(
+            1,
+            Box::pin(tokio::task::yield_now()),
+        ))
     }
 }
 
@@ -469,8 +501,33 @@ impl IsTerminal for LogFile {
 }
 
 impl StdoutStream for LogFile {
+    /// Writes straight to the file, without the default adapter's background task.
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+
     fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
         Box::new(self.clone())
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl Pollable for LogFile {
+    async fn ready(&mut self) {}
+}
+
+impl OutputStream for LogFile {
+    fn write(&mut self, bytes: bytes::Bytes) -> StreamResult<()> {
+        LogFile::write(self, &bytes)
+            .map_err(|e| StreamError::LastOperationFailed(wasmtime::Error::new(e)))
+    }
+
+    fn flush(&mut self) -> StreamResult<()> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> StreamResult<usize> {
+        Ok(1 << 20)
     }
 }
 

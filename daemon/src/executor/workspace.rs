@@ -1,0 +1,183 @@
+//! A step's sandbox directories on the host: `in/<mount>/`, `out/<output>/`, `tmp/`
+//! and `millrace/` (the metrics file). They are recycled from step to step within a
+//! run: emptied directories are renamed into a spare list and renamed back into place
+//! for the next step, instead of being deleted and created again. On ext4, creating
+//! and deleting thousands of directories is what a trivial step costs most.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// One sandbox's directory tree.
+pub struct Workspace {
+    root: PathBuf,
+    spares: Vec<PathBuf>,
+    created: usize,
+}
+
+impl Workspace {
+    fn new(root: PathBuf) -> io::Result<Workspace> {
+        for d in ["in", "out", "tmp", "millrace", "spare"] {
+            fs::create_dir_all(root.join(d))?;
+        }
+        Ok(Workspace {
+            root,
+            spares: Vec::new(),
+            created: 0,
+        })
+    }
+
+    pub fn dir_in(&self) -> PathBuf {
+        self.root.join("in")
+    }
+
+    pub fn dir_out(&self) -> PathBuf {
+        self.root.join("out")
+    }
+
+    pub fn dir_tmp(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
+    pub fn dir_meta(&self) -> PathBuf {
+        self.root.join("millrace")
+    }
+
+    pub fn metrics_file(&self) -> PathBuf {
+        self.dir_meta().join("metrics.jsonl")
+    }
+
+    /// Puts an empty directory at `in/<mount>` and `out/<output>` for each name.
+    pub fn prepare(&mut self, mounts: &[&str], outputs: &[&str]) -> io::Result<()> {
+        for m in mounts {
+            self.take_dir(&self.dir_in().join(m))?;
+        }
+        for o in outputs {
+            self.take_dir(&self.dir_out().join(o))?;
+        }
+        Ok(())
+    }
+
+    fn take_dir(&mut self, dest: &Path) -> io::Result<()> {
+        match self.spares.pop() {
+            Some(spare) => fs::rename(spare, dest),
+            None => fs::create_dir(dest),
+        }
+    }
+
+    /// Empties the workspace for the next step; directories become spares.
+    pub fn reset(&mut self) -> io::Result<()> {
+        for parent in [
+            self.dir_in(),
+            self.dir_out(),
+            self.dir_tmp(),
+            self.dir_meta(),
+        ] {
+            for e in fs::read_dir(&parent)? {
+                let e = e?;
+                let path = e.path();
+                if e.file_type()?.is_dir() {
+                    self.release_dir(&path)?;
+                } else {
+                    fs::remove_file(&path)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn release_dir(&mut self, dir: &Path) -> io::Result<()> {
+        for e in fs::read_dir(dir)? {
+            let e = e?;
+            if e.file_type()?.is_dir() {
+                fs::remove_dir_all(e.path())?;
+            } else {
+                fs::remove_file(e.path())?;
+            }
+        }
+        let spare = self.root.join("spare").join(self.created.to_string());
+        self.created += 1;
+        fs::rename(dir, &spare)?;
+        self.spares.push(spare);
+        Ok(())
+    }
+}
+
+/// The workspaces of one run, each used by one step at a time.
+pub struct WorkspacePool {
+    root: PathBuf,
+    free: Mutex<(Vec<Workspace>, usize)>,
+}
+
+impl WorkspacePool {
+    pub fn new(root: PathBuf) -> WorkspacePool {
+        WorkspacePool {
+            root,
+            free: Mutex::new((Vec::new(), 0)),
+        }
+    }
+
+    /// A clean workspace: a recycled one, or a new one.
+    pub fn take(&self) -> io::Result<Workspace> {
+        let n = {
+            let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(ws) = free.0.pop() {
+                return Ok(ws);
+            }
+            free.1 += 1;
+            free.1
+        };
+        let root = self.root.join(format!("sandbox-{n}"));
+        if root.exists() {
+            // Left by an interrupted process of the same run (before a resume).
+            fs::remove_dir_all(&root)?;
+        }
+        Workspace::new(root)
+    }
+
+    /// Returns a workspace after emptying it; one that cannot be emptied is dropped
+    /// (its directory goes with the run's).
+    pub fn give_back(&self, mut ws: Workspace) {
+        if ws.reset().is_ok() {
+            self.free
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .0
+                .push(ws);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_recycled_workspace_is_empty_and_reuses_its_directories() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pool = WorkspacePool::new(tmp.path().to_path_buf());
+        let mut ws = pool.take().unwrap();
+        ws.prepare(&["data"], &["model"]).unwrap();
+        fs::write(ws.dir_out().join("model/w.bin"), "w").unwrap();
+        fs::create_dir(ws.dir_tmp().join("scratch")).unwrap();
+        fs::write(ws.metrics_file(), "{}\n").unwrap();
+        let inode = |p: &Path| std::os::unix::fs::MetadataExt::ino(&fs::metadata(p).unwrap());
+        let model_inode = inode(&ws.dir_out().join("model"));
+        pool.give_back(ws);
+        let mut ws = pool.take().unwrap();
+        assert_eq!(fs::read_dir(ws.dir_out()).unwrap().count(), 0);
+        assert_eq!(fs::read_dir(ws.dir_tmp()).unwrap().count(), 0);
+        assert!(!ws.metrics_file().exists());
+        ws.prepare(&["x", "y"], &["out"]).unwrap();
+        assert_eq!(fs::read_dir(ws.dir_out().join("out")).unwrap().count(), 0);
+        let reused = [
+            ws.dir_in().join("x"),
+            ws.dir_in().join("y"),
+            ws.dir_out().join("out"),
+        ]
+        .iter()
+        .any(|p| inode(p) == model_inode);
+        assert!(reused, "a spare directory was renamed back into place");
+    }
+}
