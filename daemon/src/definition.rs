@@ -37,6 +37,8 @@ pub struct Pipeline {
     pub dir: PathBuf,
     /// BLAKE3 of the file's bytes: the version of the pipeline a run used.
     pub digest: String,
+    /// Step name → index in `steps` (the first step of a name).
+    step_index: std::collections::HashMap<String, usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -424,7 +426,12 @@ impl Walker {
                 "the pipeline has no steps: add at least one `[[step]]`",
             );
         }
+        let mut step_index = std::collections::HashMap::with_capacity(steps.len());
+        for (i, s) in steps.iter().enumerate() {
+            step_index.entry(s.name.get_ref().clone()).or_insert(i);
+        }
         Some(Pipeline {
+            step_index,
             name,
             description,
             experiment,
@@ -1476,7 +1483,11 @@ pub fn format_size(n: u64) -> String {
 
 impl Pipeline {
     pub fn step(&self, name: &str) -> Option<&Step> {
-        self.steps.iter().find(|s| s.name.get_ref() == name)
+        self.step_position(name).map(|i| &self.steps[i])
+    }
+
+    pub fn step_position(&self, name: &str) -> Option<usize> {
+        self.step_index.get(name).copied()
     }
 
     pub fn input(&self, name: &str) -> Option<&Input> {

@@ -327,6 +327,9 @@ impl Engine {
             .collect();
         let mut running: JoinSet<(usize, Result<StepDone, StepFailure>)> = JoinSet::new();
         let mut cancelled = false;
+        // Keys and reuse records of the decisions made between two awaits, written
+        // in one transaction: a no-op rerun of 1000 steps commits a handful of times.
+        let mut deferred: Vec<Deferred> = Vec::new();
 
         loop {
             while let Some(i) = ready.pop_front() {
@@ -359,10 +362,11 @@ impl Engine {
                     }
                 };
                 let key = parts.key();
-                self.store
-                    .db()
-                    .read()
-                    .set_step_key(run_id, &name, &key, &parts.to_json())?;
+                deferred.push(Deferred::Key {
+                    i,
+                    key: key.clone(),
+                    parts: parts.to_json(),
+                });
                 let resumed = matches!(
                     earlier.get(&name).map(String::as_str),
                     Some("succeeded" | "reused")
@@ -380,10 +384,15 @@ impl Engine {
                     } else {
                         format!("from run {}", from.run)
                     };
+                    let outs = from.outputs.clone();
                     if !resumed {
-                        ctx.record_reuse(i, &key, &from, &step_inputs)?;
+                        deferred.push(Deferred::Reuse {
+                            i,
+                            key,
+                            from,
+                            inputs: step_inputs,
+                        });
                     }
-                    let outs = from.outputs;
                     events(&Event::StepFinished {
                         step: name,
                         status: StepStatus::Reused,
@@ -403,6 +412,7 @@ impl Engine {
                     (i, r)
                 });
             }
+            ctx.write_deferred(&mut deferred)?;
             let joined = tokio::select! {
                 j = running.join_next() => j,
                 () = cancel.cancelled(), if !cancelled => {
@@ -461,15 +471,18 @@ impl Engine {
             .read()
             .set_run_status(run_id, run_status, error.as_deref())?;
         drop(ctx);
+        let executed = count(StepStatus::Succeeded) + failed;
         let _ = tokio::task::block_in_place(|| {
-            self.store.artifacts.sync();
+            if executed > 0 {
+                self.store.artifacts.sync();
+            }
             remove_tree(&self.store.work_dir(run_id))
         });
         Ok(RunSummary {
             run_id,
             pipeline: p.name.get_ref().clone(),
             status: run_status.into(),
-            executed: count(StepStatus::Succeeded) + failed,
+            executed,
             reused: count(StepStatus::Reused),
             failed,
             skipped: count(StepStatus::Skipped),
@@ -719,7 +732,7 @@ fn step_input_digests(
             let digest = match r {
                 Reference::Input(name) => inputs.get(name)?.clone(),
                 Reference::Output { step, output } => {
-                    let j = p.steps.iter().position(|s| s.name.get_ref() == step)?;
+                    let j = p.step_position(step)?;
                     outputs.get(&(j, output.clone()))?.clone()
                 }
             };
@@ -818,6 +831,21 @@ struct RunContext {
     workspaces: WorkspacePool,
 }
 
+/// A record of the scheduler's, written with the next batch.
+enum Deferred {
+    Key {
+        i: usize,
+        key: String,
+        parts: serde_json::Value,
+    },
+    Reuse {
+        i: usize,
+        key: String,
+        from: Reusable,
+        inputs: BTreeMap<String, String>,
+    },
+}
+
 struct StepDone {
     outputs: Vec<(String, String)>,
 }
@@ -892,28 +920,45 @@ impl RunContext {
         }
     }
 
-    /// Records a reused step. The cache entry moves to this run, which now holds the
-    /// same outputs, so deleting older runs (`gc`) keeps the entry alive.
-    fn record_reuse(
-        &self,
-        i: usize,
-        key: &str,
-        from: &Reusable,
-        inputs: &BTreeMap<String, String>,
-    ) -> Result<(), RunError> {
-        let step = &self.pipeline.steps[i];
-        let name = step.name.get_ref();
+    /// Writes the deferred records in one transaction. A reused step's cache entry
+    /// moves to this run, which now holds the same outputs, so deleting older runs
+    /// (`gc`) keeps the entry alive.
+    fn write_deferred(&self, deferred: &mut Vec<Deferred>) -> Result<(), RunError> {
+        if deferred.is_empty() {
+            return Ok(());
+        }
         self.store().db().batch(|b| {
-            record_inputs(b, self.run_id, step, inputs)?;
-            for (o, d) in &from.outputs {
-                b.record_step_output(self.run_id, name, o, d)?;
+            for d in deferred.iter() {
+                match d {
+                    Deferred::Key { i, key, parts } => b.set_step_key(
+                        self.run_id,
+                        self.pipeline.steps[*i].name.get_ref(),
+                        key,
+                        parts,
+                    )?,
+                    Deferred::Reuse {
+                        i,
+                        key,
+                        from,
+                        inputs,
+                    } => {
+                        let step = &self.pipeline.steps[*i];
+                        let name = step.name.get_ref();
+                        record_inputs(b, self.run_id, step, inputs)?;
+                        for (o, d) in &from.outputs {
+                            b.record_step_output(self.run_id, name, o, d)?;
+                        }
+                        b.copy_metrics(from.run, &from.step, self.run_id, name)?;
+                        if step.reuse {
+                            b.set_cache_entry(key, self.run_id, name)?;
+                        }
+                        b.finish_step(self.run_id, name, "reused", Some(from.run), None)?;
+                    }
+                }
             }
-            b.copy_metrics(from.run, &from.step, self.run_id, name)?;
-            if step.reuse {
-                b.set_cache_entry(key, self.run_id, name)?;
-            }
-            b.finish_step(self.run_id, name, "reused", Some(from.run), None)
+            Ok(())
         })?;
+        deferred.clear();
         Ok(())
     }
 

@@ -219,29 +219,30 @@ impl ArtifactStore {
         known: &dyn Fn(&Path, &FileStat) -> Option<String>,
         out: &mut Ingested,
     ) -> Result<String, ArtifactError> {
-        let digest = match known(path, stat) {
-            Some(d) => d,
-            None => hash_file(path)?,
+        // Only what was hashed now goes back to the stat cache.
+        let (digest, source_known) = match known(path, stat) {
+            Some(d) => (d, true),
+            None => (hash_file(path)?, false),
         };
         let dest = self.blob_path(&digest);
-        if mode == Mode::Hash {
+        if !source_known && mode != Mode::Move {
             out.known.push((path.to_path_buf(), *stat, digest.clone()));
+        }
+        if mode == Mode::Hash {
             return Ok(digest);
         }
         if let Ok(m) = fs::symlink_metadata(&dest) {
             // The blob is there: keep it if it is intact (by stat, else by content).
             let blob_stat = FileStat::of(&m);
-            let intact = m.len() == stat.size
-                && (known(&dest, &blob_stat).as_deref() == Some(digest.as_str())
-                    || hash_file(&dest)? == digest);
+            let blob_known = known(&dest, &blob_stat).as_deref() == Some(digest.as_str());
+            let intact = m.len() == stat.size && (blob_known || hash_file(&dest)? == digest);
             if intact {
-                match mode {
-                    Mode::Move => fs::remove_file(path).map_err(io_err(path))?,
-                    Mode::Copy | Mode::Hash => {
-                        out.known.push((path.to_path_buf(), *stat, digest.clone()))
-                    }
+                if mode == Mode::Move {
+                    fs::remove_file(path).map_err(io_err(path))?;
                 }
-                out.known.push((dest, blob_stat, digest.clone()));
+                if !blob_known {
+                    out.known.push((dest, blob_stat, digest.clone()));
+                }
                 return Ok(digest);
             }
             // A damaged blob is replaced by the good bytes we hold.
@@ -273,7 +274,6 @@ impl ArtifactStore {
                 fs::set_permissions(&tmp, fs::Permissions::from_mode(0o444))
                     .map_err(io_err(&tmp))?;
                 fs::rename(&tmp, &dest).map_err(io_err(&dest))?;
-                out.known.push((path.to_path_buf(), *stat, digest.clone()));
             }
         }
         let m = fs::metadata(&dest).map_err(io_err(&dest))?;

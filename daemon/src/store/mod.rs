@@ -91,15 +91,20 @@ impl Store {
         } else {
             self.artifacts.ingest_file(path, mode, &known)?
         };
-        self.db().batch(|b| {
-            if mode != Mode::Hash {
-                b.record_artifact(&ingested.digest, ingested.size, ingested.files)?;
-            }
-            for (file, stat, digest) in &ingested.known {
-                b.stat_record(file, stat, digest)?;
-            }
-            Ok(())
-        })?;
+        // An unchanged dataset (every file known by stat, artifact recorded) writes
+        // nothing.
+        let recorded = mode == Mode::Hash || self.db().read().artifact(&ingested.digest)?.is_some();
+        if !ingested.known.is_empty() || !recorded {
+            self.db().batch(|b| {
+                if !recorded {
+                    b.record_artifact(&ingested.digest, ingested.size, ingested.files)?;
+                }
+                for (file, stat, digest) in &ingested.known {
+                    b.stat_record(file, stat, digest)?;
+                }
+                Ok(())
+            })?;
+        }
         Ok(ingested)
     }
 
