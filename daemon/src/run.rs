@@ -507,6 +507,7 @@ impl Engine {
             .map(|(n, _, d)| (n, d))
             .collect();
         let mut out = HashMap::new();
+        let mut snapshots = Vec::new();
         for input in &p.inputs {
             let name = input.name.get_ref();
             if let Some(d) = recorded.get(name)
@@ -532,14 +533,15 @@ impl Engine {
                     name: name.clone(),
                     detail: e.to_string(),
                 })?;
-            self.store.db().read().record_run_input(
-                run_id,
-                name,
-                &path.display().to_string(),
-                &ingested.digest,
-            )?;
+            snapshots.push((name, path.display().to_string(), ingested.digest.clone()));
             out.insert(name.clone(), ingested.digest);
         }
+        self.store.db().batch(|b| {
+            for (name, path, digest) in &snapshots {
+                b.record_run_input(run_id, name, path, digest)?;
+            }
+            Ok(())
+        })?;
         Ok(out)
     }
 
@@ -983,10 +985,6 @@ impl RunContext {
                 tracing::error!(step = %name, error = %e, "cannot record step state");
             }
         };
-        record(self.store().db().batch(|b| {
-            record_inputs(b, self.run_id, step, &inputs)?;
-            b.start_step(self.run_id, &name)
-        }));
         let mut last_error = String::new();
         for attempt in 1..=step.retries.attempts {
             if attempt > 1 {
@@ -1005,12 +1003,13 @@ impl RunContext {
                 .store
                 .log_dir(self.run_id)
                 .join(format!("{name}.{attempt}.log"));
-            record(self.store().db().read().start_attempt(
-                self.run_id,
-                &name,
-                attempt,
-                &log_path.display().to_string(),
-            ));
+            record(self.store().db().batch(|b| {
+                if attempt == 1 {
+                    record_inputs(b, self.run_id, step, &inputs)?;
+                    b.start_step(self.run_id, &name)?;
+                }
+                b.start_attempt(self.run_id, &name, attempt, &log_path.display().to_string())
+            }));
             let result = self.attempt(i, attempt, &inputs, &log_path).await;
             match result {
                 Ok(outputs) => {
