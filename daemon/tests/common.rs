@@ -36,8 +36,45 @@ impl Project {
         c
     }
 
+    /// Runs to completion, killing the process (and failing the test) after two
+    /// minutes: a hung run must fail CI, not stall it.
     pub fn run(&self, args: &[&str]) -> Output {
-        self.cmd(args).output().expect("run millrace")
+        let mut child = self
+            .cmd(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run millrace");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        // Drain the pipes on threads so a chatty child cannot block on a full pipe.
+        let mut stdout = child.stdout.take().expect("piped");
+        let mut stderr = child.stderr.take().expect("piped");
+        let out = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            std::io::Read::read_to_end(&mut stdout, &mut v).ok();
+            v
+        });
+        let err = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            std::io::Read::read_to_end(&mut stderr, &mut v).ok();
+            v
+        });
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("millrace {args:?} did not finish within 120 s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        Output {
+            status,
+            stdout: out.join().expect("stdout"),
+            stderr: err.join().expect("stderr"),
+        }
     }
 
     /// Runs and parses stdout as JSON (`--json` is added).

@@ -106,3 +106,39 @@ fn a_symlink_in_a_dataset_or_an_output_is_refused() {
         stderr(&out)
     );
 }
+
+#[test]
+fn sigterm_stops_a_busy_guest_that_has_no_timeout() {
+    let p = Project::new();
+    let f = one_step(&p, &format!("wasm = \"{}\"", plugin("spin")));
+    let mut child = p
+        .cmd(&["run", &f])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !(p.path(".state/millrace.db").exists()
+        && p.json(&["runs", "show", "latest"])["steps"][0]["step"]["status"] == "running")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the step never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // SAFETY: sending a signal to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let stop_by = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > stop_by {
+            child.kill().unwrap();
+            panic!("a spinning guest kept the run alive after SIGTERM");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(130));
+    assert_eq!(p.json(&["runs", "show", "1"])["run"]["status"], "cancelled");
+}
