@@ -12,7 +12,7 @@ use std::time::Duration;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
-use crate::diagnostic::{Diagnostic, Report, SourceFile, Span, closest};
+use crate::diagnostic::{Diagnostic, Report, SourceFile, Span, closest, display_path};
 
 pub type Sp<T> = Spanned<T>;
 
@@ -952,7 +952,7 @@ impl Walker {
                     self.diags.push(
                         Diagnostic::error(
                             path.span(),
-                            format!("wasm file not found: {}", resolved.display()),
+                            format!("wasm file not found: {}", display_path(&resolved)),
                         )
                         .with_help("paths are relative to the pipeline file's directory"),
                     );
@@ -966,7 +966,7 @@ impl Walker {
                         script.span(),
                         format!(
                             "python script not found: {}",
-                            dir.join(script.get_ref()).display()
+                            display_path(&dir.join(script.get_ref()))
                         ),
                     );
                 }
