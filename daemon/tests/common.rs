@@ -124,3 +124,25 @@ pub fn step_statuses(p: &Project, run: &str) -> Vec<(String, String)> {
         })
         .collect()
 }
+
+/// Waits until step `step` of the latest run is running (a minute at most).
+pub fn wait_until_running(p: &Project, step: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        if p.path(".state/millrace.db").exists() {
+            let show = p.json(&["runs", "show", "latest"]);
+            let running = show["steps"].as_array().is_some_and(|a| {
+                a.iter()
+                    .any(|s| s["step"]["name"] == step && s["step"]["status"] == "running")
+            });
+            if running {
+                return;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "step `{step}` never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

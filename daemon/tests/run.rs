@@ -1,6 +1,6 @@
 //! Runs, reuse, failures, retries, resume and damaged artifacts.
 
-use crate::common::{Project, plugin, stderr, step_statuses};
+use crate::common::{Project, plugin, stderr, step_statuses, wait_until_running};
 
 /// A fan-out/fan-in: two inputs, a branch per input, and a join.
 fn fan_pipeline(p: &Project) -> std::path::PathBuf {
@@ -323,21 +323,8 @@ outputs = ["out"]
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    // Wait until `slow` is running, then kill the process outright.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        assert!(std::time::Instant::now() < deadline, "slow never started");
-        if p.path(".state/millrace.db").exists() {
-            let s = p.json(&["runs", "show", "latest"]);
-            if s["steps"].as_array().is_some_and(|a| {
-                a.iter()
-                    .any(|s| s["step"]["name"] == "slow" && s["step"]["status"] == "running")
-            }) {
-                break;
-            }
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    // Once `slow` is running, kill the process outright.
+    wait_until_running(&p, "slow");
     child.kill().unwrap();
     child.wait().unwrap();
     let show = p.json(&["runs", "show", "1"]);
@@ -592,16 +579,7 @@ fn sigterm_cancels_the_run_and_resume_finishes_it() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !(p.path(".state/millrace.db").exists()
-        && p.json(&["runs", "show", "latest"])["steps"][0]["step"]["status"] == "running")
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the step never started"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_until_running(&p, "slow");
     // SAFETY: sending a signal to our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let out = child.wait_with_output().unwrap();

@@ -1,6 +1,6 @@
 //! Every denial the sandbox promises, proven with a real guest.
 
-use crate::common::{Project, plugin, stderr};
+use crate::common::{Project, plugin, stderr, wait_until_running};
 
 fn one_step(p: &Project, body: &str) -> String {
     p.write("data/secret/x.txt", "x\n");
@@ -116,16 +116,7 @@ fn sigterm_stops_a_busy_guest_that_has_no_timeout() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !(p.path(".state/millrace.db").exists()
-        && p.json(&["runs", "show", "latest"])["steps"][0]["step"]["status"] == "running")
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the step never started"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_until_running(&p, "s");
     // SAFETY: sending a signal to our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let stop_by = std::time::Instant::now() + std::time::Duration::from_secs(20);
