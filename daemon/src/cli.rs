@@ -1021,11 +1021,65 @@ fn gc(store: &Store, keep: i64, json: bool) -> anyhow::Result<i32> {
     if keep < 1 {
         return Err(Exit::usage("error: --keep must be at least 1").into());
     }
+    // A run in progress may have moved blobs into the store that no row names yet.
+    let active: Vec<i64> = store
+        .db()
+        .read()
+        .runs(None, i64::MAX)?
+        .into_iter()
+        .filter(|r| r.status == "running" && crate::run::RunLock::is_held(store, r.id))
+        .map(|r| r.id)
+        .collect();
+    if let Some(id) = active.first() {
+        return Err(Exit::usage(format!(
+            "error: run {id} is in progress; run gc when no run is"
+        ))
+        .into());
+    }
     let deleted = {
         let mut db = store.db();
         let keep_ids = db.read().runs_to_keep(keep)?;
         db.batch(|b| b.delete_runs_except(&keep_ids))?
     };
+    // Logs and locks of deleted runs, sandboxes left by killed processes. A run that
+    // starts meanwhile exists in the database and holds its lock before it creates
+    // any of these, so it is left alone.
+    for (dir, only_deleted) in [("logs", true), ("locks", true), ("work", false)] {
+        let Ok(entries) = std::fs::read_dir(store.root.join(dir)) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Ok(id) = name
+                .trim_start_matches("run-")
+                .trim_end_matches(".lock")
+                .parse::<i64>()
+            else {
+                continue;
+            };
+            let exists = store.db().read().run(id)?.is_some();
+            let remove = !exists || (!only_deleted && !crate::run::RunLock::is_held(store, id));
+            if remove {
+                let _ = if e.path().is_dir() {
+                    std::fs::remove_dir_all(e.path())
+                } else {
+                    std::fs::remove_file(e.path())
+                };
+            }
+        }
+    }
+    // Staging files of ingestions that never finished (an hour old: not in progress).
+    if let Ok(entries) = std::fs::read_dir(store.root.join("objects/tmp")) {
+        for e in entries.flatten() {
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > Duration::from_secs(3600)));
+            if old {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
     let mut blobs = std::collections::HashSet::new();
     let mut trees = std::collections::HashSet::new();
     for a in store.db().read().all_artifacts()? {

@@ -26,8 +26,19 @@ use crate::store::{Store, StoreError};
 
 /// Default memory limit of a wasm step.
 pub const DEFAULT_MEMORY: u64 = 2 << 30;
-/// Largest log kept per step attempt.
+/// Largest log kept per step attempt, unless `MILLRACE_LOG_CAP` (a size such as
+/// `"64MiB"`) says otherwise.
 pub const LOG_CAP: u64 = 16 << 20;
+
+fn log_cap() -> u64 {
+    static CAP: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *CAP.get_or_init(|| {
+        std::env::var("MILLRACE_LOG_CAP")
+            .ok()
+            .and_then(|v| definition::parse_size(&v).ok())
+            .unwrap_or(LOG_CAP)
+    })
+}
 /// Most metric lines read from one step.
 const MAX_METRIC_LINES: usize = 100_000;
 
@@ -1145,7 +1156,7 @@ impl RunContext {
         let step = &self.pipeline.steps[i];
         let name = step.name.get_ref();
         let fail = |e: String| (None, e);
-        let log = LogFile::create(log_path, LOG_CAP)
+        let log = LogFile::create(log_path, log_cap())
             .map_err(|e| fail(format!("cannot create log {}: {e}", log_path.display())))?;
         let (dir_in, dir_out, dir_tmp, dir_meta) =
             (ws.dir_in(), ws.dir_out(), ws.dir_tmp(), ws.dir_meta());

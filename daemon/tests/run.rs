@@ -559,6 +559,10 @@ fn lineage_names_producer_and_readers_and_gc_keeps_what_kept_runs_use() {
         "the first run's b.txt is gone: {g}"
     );
     assert_eq!(p.run(&["runs", "show", "1"]).status.code(), Some(2));
+    assert!(
+        !p.path(".state/logs/1").exists(),
+        "the deleted run's logs went with it"
+    );
     // What the kept run references is intact and still reusable.
     let again = summary(&p, &[f]);
     assert_eq!(again["reused"].as_u64(), Some(4), "{again}");

@@ -133,3 +133,31 @@ fn sigterm_stops_a_busy_guest_that_has_no_timeout() {
     assert_eq!(status.code(), Some(130));
     assert_eq!(p.json(&["runs", "show", "1"])["run"]["status"], "cancelled");
 }
+
+#[test]
+fn a_step_log_is_capped() {
+    let p = Project::new();
+    let f = one_step(
+        &p,
+        &format!(
+            "wasm = \"{}\"\nargs = [\"--lines\", \"2000\"]",
+            plugin("chatty")
+        ),
+    );
+    let out = p
+        .cmd(&["run", &f])
+        .env("MILLRACE_LOG_CAP", "10KiB")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let log = p.run(&["logs", "latest", "s"]).stdout;
+    assert!(
+        log.len() < 10 * 1024 + 200,
+        "the log has {} bytes",
+        log.len()
+    );
+    assert!(
+        String::from_utf8_lossy(&log)
+            .contains("log truncated: output beyond 10240 bytes was dropped")
+    );
+}
