@@ -39,6 +39,8 @@ pub struct Pipeline {
     pub digest: String,
     /// Step name → index in `steps` (the first step of a name).
     step_index: std::collections::HashMap<String, usize>,
+    /// Input name → index in `inputs`.
+    input_index: std::collections::HashMap<String, usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -430,8 +432,14 @@ impl Walker {
         for (i, s) in steps.iter().enumerate() {
             step_index.entry(s.name.get_ref().clone()).or_insert(i);
         }
+        let input_index = inputs
+            .iter()
+            .enumerate()
+            .map(|(i, x)| (x.name.get_ref().clone(), i))
+            .collect();
         Some(Pipeline {
             step_index,
+            input_index,
             name,
             description,
             experiment,
@@ -1491,7 +1499,7 @@ impl Pipeline {
     }
 
     pub fn input(&self, name: &str) -> Option<&Input> {
-        self.inputs.iter().find(|i| i.name.get_ref() == name)
+        self.input_index.get(name).map(|&i| &self.inputs[i])
     }
 
     /// The params of a run: the declared defaults overridden by `overrides`.

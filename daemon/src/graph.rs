@@ -47,12 +47,25 @@ pub fn check(p: &Pipeline, diags: &mut Vec<Diagnostic>) {
             }
         }
     }
+    let used: std::collections::HashSet<&str> = p
+        .steps
+        .iter()
+        .flat_map(|s| {
+            s.inputs
+                .iter()
+                .map(|(_, r)| r.get_ref())
+                .chain(match &s.kind {
+                    StepKind::Transfer { from, .. } => Some(from.get_ref()),
+                    _ => None,
+                })
+        })
+        .filter_map(|r| match r {
+            Reference::Input(name) => Some(name.as_str()),
+            Reference::Output { .. } => None,
+        })
+        .collect();
     for input in &p.inputs {
-        let used = p.steps.iter().any(|s| {
-            s.inputs.iter().any(|(_, r)| *r.get_ref() == Reference::Input(input.name.get_ref().clone()))
-                || matches!(&s.kind, StepKind::Transfer { from, .. } if *from.get_ref() == Reference::Input(input.name.get_ref().clone()))
-        });
-        if !used {
+        if !used.contains(input.name.get_ref().as_str()) {
             diags.push(Diagnostic::warning(
                 input.name.span(),
                 format!("input `{}` is not used by any step", input.name.get_ref()),
