@@ -832,9 +832,12 @@ impl Walker {
         };
         let timeout = t.get("timeout").and_then(|d| self.duration(d, "timeout"));
         if let (Some(d), Some(v)) = (timeout, t.get("timeout"))
-            && d.is_zero()
+            && (d.is_zero() || d > Duration::from_secs(366 * 24 * 3600))
         {
-            self.error(v.span(), "timeout must be greater than zero");
+            self.error(
+                v.span(),
+                "timeout must be greater than zero and at most a year",
+            );
         }
         let memory = t.get("memory").and_then(|m| self.size(m, "memory"));
         if let (Some(m), Some(StepKind::Wasm { .. } | StepKind::Python { .. })) = (memory, &kind)

@@ -261,10 +261,6 @@ impl Engine {
             _ => Vec::new(),
         };
         let params = p.resolve_params(&overrides).map_err(RunError::Params)?;
-        self.store
-            .db()
-            .read()
-            .set_run_status(run_id, "running", None)?;
         self.execute(run_id, Arc::new(p), params, run.no_reuse, events, cancel)
             .await
     }
@@ -283,6 +279,12 @@ impl Engine {
             Some(l) => l,
             None => return Err(RunError::Busy(run_id)),
         };
+        // Only the process holding the lock may mark the run as running (a resume
+        // that finds it busy must not touch its status).
+        self.store
+            .db()
+            .read()
+            .set_run_status(run_id, "running", None)?;
         let graph = Graph::new(&p);
         let earlier: HashMap<String, String> = {
             let mut db = self.store.db();
@@ -343,6 +345,10 @@ impl Engine {
         let mut deferred: Vec<Deferred> = Vec::new();
 
         loop {
+            if cancelled {
+                // Nothing new starts once the run is cancelled.
+                ready.clear();
+            }
             while let Some(i) = ready.pop_front() {
                 let step = &p.steps[i];
                 let name = step.name.get_ref().clone();
@@ -444,7 +450,9 @@ impl Engine {
                     for (o, d) in done.outputs {
                         outputs.insert((i, o), d);
                     }
-                    release(&graph, i, &mut waiting, &mut ready);
+                    if !cancelled {
+                        release(&graph, i, &mut waiting, &mut ready);
+                    }
                 }
                 Err(_) => {
                     status[i] = Some(StepStatus::Failed);
@@ -1024,7 +1032,7 @@ impl RunContext {
             let result = self.attempt(i, attempt, &inputs, &log_path).await;
             match result {
                 Ok(outputs) => {
-                    record(self.store().db().batch(|b| {
+                    let recorded = self.store().db().batch(|b| {
                         b.finish_attempt(self.run_id, &name, attempt, "succeeded", Some(0), None)?;
                         for (o, d) in &outputs {
                             b.record_step_output(self.run_id, &name, o, d)?;
@@ -1033,7 +1041,26 @@ impl RunContext {
                             b.set_cache_entry(&key, self.run_id, &name)?;
                         }
                         b.finish_step(self.run_id, &name, "succeeded", None, None)
-                    }));
+                    });
+                    // A success that cannot be recorded is a failure: nothing would
+                    // find its outputs (`output`, `resume`, reuse).
+                    if let Err(e) = recorded {
+                        let detail = format!("cannot record the step's outputs: {e}");
+                        record(self.store().db().read().finish_step(
+                            self.run_id,
+                            &name,
+                            "failed",
+                            None,
+                            Some(&detail),
+                        ));
+                        (self.events)(&Event::StepFinished {
+                            step: name.clone(),
+                            status: StepStatus::Failed,
+                            detail,
+                            elapsed: started.elapsed(),
+                        });
+                        return Err(StepFailure);
+                    }
                     let detail = if attempt > 1 {
                         format!("attempt {attempt}")
                     } else {
@@ -1284,7 +1311,14 @@ impl RunContext {
     /// Reads the metrics file protocol: one JSON object per line,
     /// `{"name": …, "value": …, "step": optional int}`.
     fn record_metrics(&self, step: &str, path: &Path, log: &LogFile) {
-        let Ok(text) = std::fs::read_to_string(path) else {
+        // A guest controls this file: read a bounded prefix only.
+        const MAX_METRICS_BYTES: u64 = 64 << 20;
+        let text = std::fs::File::open(path).and_then(|f| {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut std::io::Read::take(f, MAX_METRICS_BYTES), &mut s)
+                .map(|_| s)
+        });
+        let Ok(text) = text else {
             return;
         };
         let mut rows = Vec::new();

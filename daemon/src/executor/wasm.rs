@@ -236,7 +236,7 @@ impl WasmRuntime {
             let component = match loaded {
                 Some(c) => c,
                 None => {
-                    let bytes = std::fs::read(path).map_err(read)?;
+                    let bytes = read_checked(path, digest)?;
                     let c = Component::new(&self.engine, &bytes).map_err(compile_err)?;
                     if let Ok(bin) = c.serialize() {
                         store_precompiled(&self.cache_dir, &cached, &bin);
@@ -258,7 +258,7 @@ impl WasmRuntime {
             let module = match loaded {
                 Some(m) => m,
                 None => {
-                    let bytes = std::fs::read(path).map_err(read)?;
+                    let bytes = read_checked(path, digest)?;
                     let m = Module::new(&self.engine, &bytes).map_err(compile_err)?;
                     if let Ok(bin) = m.serialize() {
                         store_precompiled(&self.cache_dir, &cached, &bin);
@@ -312,7 +312,7 @@ impl WasmRuntime {
             .instances(64)
             .trap_on_grow_failure(true)
             .build();
-        let deadline = sandbox.timeout.map(|t| Instant::now() + t);
+        let deadline = sandbox.timeout.and_then(|t| Instant::now().checked_add(t));
         let run = async {
             match compiled {
                 Compiled::Component(pre) => {
@@ -419,6 +419,25 @@ fn config(pool: Option<usize>) -> Config {
         c.allocation_strategy(InstanceAllocationStrategy::Pooling(p));
     }
     c
+}
+
+/// Reads the wasm bytes and checks they are the ones the cache key was computed
+/// from: a plugin rebuilt while a run waits must not run (and be cached) under the
+/// old digest.
+fn read_checked(path: &Path, digest: &str) -> Result<Vec<u8>, WasmError> {
+    let bytes = std::fs::read(path).map_err(|source| WasmError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if blake3::hash(&bytes).to_hex().as_str() != digest {
+        return Err(WasmError::Read {
+            path: path.to_path_buf(),
+            source: std::io::Error::other(
+                "the file changed after the run computed its cache key; run again",
+            ),
+        });
+    }
+    Ok(bytes)
 }
 
 /// Writes a precompiled artifact beside its final name, then renames it into place.

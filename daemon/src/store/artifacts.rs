@@ -295,7 +295,8 @@ impl ArtifactStore {
         let text = tree_text(entries);
         let digest = blake3::hash(text.as_bytes()).to_hex().to_string();
         let dest = self.tree_path(&digest);
-        if dest.exists() {
+        // Trees are small: an existing one is re-checked, and a damaged one replaced.
+        if fs::read(&dest).is_ok_and(|b| blake3::hash(&b).to_hex().as_str() == digest) {
             return Ok(digest);
         }
         let parent = dest.parent().expect("tree paths have a parent");
