@@ -552,6 +552,19 @@ impl Engine {
                     name: name.clone(),
                     detail: e.to_string(),
                 })?;
+            // A resumed run keeps the data it started with: if its snapshot was
+            // damaged, only identical content may take its place.
+            if let Some(d) = recorded.get(name)
+                && *d != ingested.digest
+            {
+                return Err(RunError::Input {
+                    name: name.clone(),
+                    detail: format!(
+                        "the snapshot this run started with is damaged and {} has changed since; start a new run",
+                        path.display()
+                    ),
+                });
+            }
             snapshots.push((name, path.display().to_string(), ingested.digest.clone()));
             out.insert(name.clone(), ingested.digest);
         }
