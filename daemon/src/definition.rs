@@ -1492,6 +1492,21 @@ pub fn format_size(n: u64) -> String {
     format!("{n}B")
 }
 
+impl Step {
+    /// Every data reference of the step with the name it is read under: its
+    /// `inputs` by mount name, or a transfer's `from` (as `from`).
+    pub fn references(&self) -> impl Iterator<Item = (&str, &Sp<Reference>)> {
+        let transfer = match &self.kind {
+            StepKind::Transfer { from, .. } => Some(("from", from)),
+            _ => None,
+        };
+        self.inputs
+            .iter()
+            .map(|(m, r)| (m.get_ref().as_str(), r))
+            .chain(transfer)
+    }
+}
+
 impl Pipeline {
     pub fn step(&self, name: &str) -> Option<&Step> {
         self.step_position(name).map(|i| &self.steps[i])

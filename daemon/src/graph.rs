@@ -30,11 +30,8 @@ pub fn check(p: &Pipeline, diags: &mut Vec<Diagnostic>) {
     }
     let step_names: Vec<&str> = p.steps.iter().map(|s| s.name.get_ref().as_str()).collect();
     for s in &p.steps {
-        for (_, r) in s.inputs.iter() {
+        for (_, r) in s.references() {
             check_reference(p, s.name.get_ref(), r, &step_names, diags);
-        }
-        if let StepKind::Transfer { from, .. } = &s.kind {
-            check_reference(p, s.name.get_ref(), from, &step_names, diags);
         }
         for a in &s.after {
             if a.get_ref() == s.name.get_ref() {
@@ -50,16 +47,8 @@ pub fn check(p: &Pipeline, diags: &mut Vec<Diagnostic>) {
     let used: std::collections::HashSet<&str> = p
         .steps
         .iter()
-        .flat_map(|s| {
-            s.inputs
-                .iter()
-                .map(|(_, r)| r.get_ref())
-                .chain(match &s.kind {
-                    StepKind::Transfer { from, .. } => Some(from.get_ref()),
-                    _ => None,
-                })
-        })
-        .filter_map(|r| match r {
+        .flat_map(|s| s.references())
+        .filter_map(|(_, r)| match r.get_ref() {
             Reference::Input(name) => Some(name.as_str()),
             Reference::Output { .. } => None,
         })
@@ -188,15 +177,7 @@ impl Graph {
         let n = p.steps.len();
         let mut deps = vec![Vec::new(); n];
         for (i, s) in p.steps.iter().enumerate() {
-            let refs = s
-                .inputs
-                .iter()
-                .map(|(_, r)| r.get_ref())
-                .chain(match &s.kind {
-                    StepKind::Transfer { from, .. } => Some(from.get_ref()),
-                    _ => None,
-                });
-            let from_data = refs.filter_map(|r| match r {
+            let from_data = s.references().filter_map(|(_, r)| match r.get_ref() {
                 Reference::Output { step, .. } => index.get(step.as_str()).copied(),
                 Reference::Input(_) => None,
             });
@@ -301,25 +282,13 @@ impl Graph {
                 let s = &p.steps[i];
                 self.deps[i].iter().map(move |&d| {
                     let label: Vec<String> = s
-                        .inputs
-                        .iter()
+                        .references()
                         .filter_map(|(_, r)| match r.get_ref() {
                             Reference::Output { step, output }
                                 if step == p.steps[d].name.get_ref() =>
                             {
                                 Some(output.clone())
                             }
-                            _ => None,
-                        })
-                        .chain(match &s.kind {
-                            StepKind::Transfer { from, .. } => match from.get_ref() {
-                                Reference::Output { step, output }
-                                    if step == p.steps[d].name.get_ref() =>
-                                {
-                                    Some(output.clone())
-                                }
-                                _ => None,
-                            },
                             _ => None,
                         })
                         .collect();
@@ -330,17 +299,10 @@ impl Graph {
         let input_edges = || {
             self.order.iter().flat_map(move |&i| {
                 let s = &p.steps[i];
-                s.inputs
-                    .iter()
-                    .map(|(_, r)| r.get_ref())
-                    .chain(match &s.kind {
-                        StepKind::Transfer { from, .. } => Some(from.get_ref()),
-                        _ => None,
-                    })
-                    .filter_map(move |r| match r {
-                        Reference::Input(name) => Some((name.clone(), i)),
-                        _ => None,
-                    })
+                s.references().filter_map(move |(_, r)| match r.get_ref() {
+                    Reference::Input(name) => Some((name.clone(), i)),
+                    _ => None,
+                })
             })
         };
         match format {

@@ -752,25 +752,17 @@ fn step_input_digests(
     inputs: &HashMap<String, String>,
     outputs: &HashMap<(usize, String), String>,
 ) -> Option<BTreeMap<String, String>> {
-    let step = &p.steps[i];
-    let refs: Vec<(String, &Reference)> = match &step.kind {
-        StepKind::Transfer { from, .. } => vec![("from".into(), from.get_ref())],
-        _ => step
-            .inputs
-            .iter()
-            .map(|(m, r)| (m.get_ref().clone(), r.get_ref()))
-            .collect(),
-    };
-    refs.into_iter()
+    p.steps[i]
+        .references()
         .map(|(mount, r)| {
-            let digest = match r {
+            let digest = match r.get_ref() {
                 Reference::Input(name) => inputs.get(name)?.clone(),
                 Reference::Output { step, output } => {
                     let j = p.step_position(step)?;
                     outputs.get(&(j, output.clone()))?.clone()
                 }
             };
-            Some((mount, digest))
+            Some((mount.to_string(), digest))
         })
         .collect()
 }
@@ -1058,21 +1050,11 @@ impl RunContext {
                     // A success that cannot be recorded is a failure: nothing would
                     // find its outputs (`output`, `resume`, reuse).
                     if let Err(e) = recorded {
-                        let detail = format!("cannot record the step's outputs: {e}");
-                        record(self.store().db().read().finish_step(
-                            self.run_id,
+                        return self.fail_step(
                             &name,
-                            "failed",
-                            None,
-                            Some(&detail),
-                        ));
-                        (self.events)(&Event::StepFinished {
-                            step: name.clone(),
-                            status: StepStatus::Failed,
-                            detail,
-                            elapsed: started.elapsed(),
-                        });
-                        return Err(StepFailure);
+                            format!("cannot record the step's outputs: {e}"),
+                            started,
+                        );
                     }
                     let detail = if attempt > 1 {
                         format!("attempt {attempt}")
@@ -1116,15 +1098,26 @@ impl RunContext {
         } else {
             last_error
         };
-        record(self.store().db().read().finish_step(
-            self.run_id,
-            &name,
-            "failed",
-            None,
-            Some(&detail),
-        ));
+        self.fail_step(&name, detail, started)
+    }
+
+    /// Records and reports a step's final failure.
+    fn fail_step(
+        &self,
+        name: &str,
+        detail: String,
+        started: Instant,
+    ) -> Result<StepDone, StepFailure> {
+        if let Err(e) =
+            self.store()
+                .db()
+                .read()
+                .finish_step(self.run_id, name, "failed", None, Some(&detail))
+        {
+            tracing::error!(step = %name, error = %e, "cannot record step state");
+        }
         (self.events)(&Event::StepFinished {
-            step: name,
+            step: name.to_string(),
             status: StepStatus::Failed,
             detail,
             elapsed: started.elapsed(),
@@ -1377,17 +1370,10 @@ fn record_inputs(
     inputs: &BTreeMap<String, String>,
 ) -> crate::store::db::Result<()> {
     let name = step.name.get_ref();
-    for (mount, digest) in inputs {
-        let reference = match &step.kind {
-            StepKind::Transfer { from, .. } => from.get_ref().to_string(),
-            _ => step
-                .inputs
-                .iter()
-                .find(|(m, _)| m.get_ref() == mount)
-                .map(|(_, r)| r.get_ref().to_string())
-                .unwrap_or_default(),
-        };
-        b.record_step_input(run, name, mount, &reference, digest)?;
+    for (mount, r) in step.references() {
+        if let Some(digest) = inputs.get(mount) {
+            b.record_step_input(run, name, mount, &r.get_ref().to_string(), digest)?;
+        }
     }
     Ok(())
 }
