@@ -339,14 +339,16 @@ const STEP_KEYS: &[&str] = &[
 ];
 const STEP_KINDS: &[&str] = &["wasm", "python", "container", "module", "transfer"];
 
-type Value<'i> = Spanned<DeValue<'i>>;
+pub(crate) type Value<'i> = Spanned<DeValue<'i>>;
 
-struct Walker {
-    diags: Vec<Diagnostic>,
+/// Walks a spanned TOML document, collecting every diagnostic (also used for the
+/// daemon config).
+pub(crate) struct Walker {
+    pub(crate) diags: Vec<Diagnostic>,
 }
 
 impl Walker {
-    fn error(&mut self, span: Span, message: impl Into<String>) {
+    pub(crate) fn error(&mut self, span: Span, message: impl Into<String>) {
         self.diags.push(Diagnostic::error(span, message));
     }
 
@@ -630,14 +632,20 @@ impl Walker {
         };
         let kind = if let Some(c) = t.get("cron") {
             let expr = self.string(c, "cron")?;
-            let fields = expr.get_ref().split_whitespace().count();
-            if fields != 5 && fields != 6 {
-                self.error(
-                    expr.span(),
-                    format!("a cron expression has 5 fields (or 6 with seconds first), this one has {fields}"),
-                );
-            }
             let timezone = t.get("timezone").and_then(|z| self.string(z, "timezone"));
+            use crate::trigger::cron::{Schedule, ScheduleError};
+            match Schedule::parse(expr.get_ref(), timezone.as_ref().map(|z| z.get_ref().as_str())) {
+                Ok(_) => {}
+                Err(ScheduleError::Expr(e)) => {
+                    self.diags.push(Diagnostic::error(expr.span(), e).with_help(
+                        "minute hour day-of-month month day-of-week, e.g. \"0 3 * * *\"; 6 fields put seconds first",
+                    ))
+                }
+                Err(ScheduleError::Timezone(e)) => {
+                    let span = timezone.as_ref().map(|z| z.span()).unwrap_or(expr.span());
+                    self.error(span, e);
+                }
+            }
             let catchup = match t.get("catchup").and_then(|c| self.string(c, "catchup")) {
                 None => Catchup::None,
                 Some(c) => {
@@ -663,6 +671,9 @@ impl Walker {
             }
         } else if let Some(g) = t.get("watch") {
             let glob = self.string(g, "watch")?;
+            if let Err(e) = crate::trigger::watch::check_glob(glob.get_ref()) {
+                self.error(glob.span(), e);
+            }
             let debounce = t
                 .get("debounce")
                 .and_then(|d| self.duration(d, "debounce"))
@@ -1149,7 +1160,7 @@ impl Walker {
         }
     }
 
-    fn unknown_keys(&mut self, t: &DeTable<'_>, known: &[&str], context: &str) {
+    pub(crate) fn unknown_keys(&mut self, t: &DeTable<'_>, known: &[&str], context: &str) {
         for k in t.keys() {
             if !known.contains(&k.get_ref().as_ref()) {
                 let mut d = Diagnostic::error(
@@ -1165,14 +1176,18 @@ impl Walker {
         }
     }
 
-    fn wrong_type(&mut self, v: &Value<'_>, what: &str, expected: &str) {
+    pub(crate) fn wrong_type(&mut self, v: &Value<'_>, what: &str, expected: &str) {
         self.error(
             v.span(),
             format!("{what} must be {expected}, not {}", v.get_ref().type_str()),
         );
     }
 
-    fn table<'a, 'i>(&mut self, v: &'a Value<'i>, what: &str) -> Option<&'a DeTable<'i>> {
+    pub(crate) fn table<'a, 'i>(
+        &mut self,
+        v: &'a Value<'i>,
+        what: &str,
+    ) -> Option<&'a DeTable<'i>> {
         match v.get_ref() {
             DeValue::Table(t) => Some(t),
             _ => {
@@ -1195,7 +1210,7 @@ impl Walker {
         }
     }
 
-    fn string(&mut self, v: &Value<'_>, what: &str) -> Option<Sp<String>> {
+    pub(crate) fn string(&mut self, v: &Value<'_>, what: &str) -> Option<Sp<String>> {
         match v.get_ref() {
             DeValue::String(s) => Some(Spanned::new(v.span(), s.to_string())),
             _ => {
@@ -1205,7 +1220,7 @@ impl Walker {
         }
     }
 
-    fn integer(&mut self, v: &Value<'_>, what: &str) -> Option<i64> {
+    pub(crate) fn integer(&mut self, v: &Value<'_>, what: &str) -> Option<i64> {
         match v.get_ref() {
             DeValue::Integer(i) => {
                 i64::from_str_radix(&i.as_str().replace('_', ""), i.radix()).ok()
@@ -1217,7 +1232,7 @@ impl Walker {
         }
     }
 
-    fn boolean(&mut self, v: &Value<'_>, what: &str) -> Option<bool> {
+    pub(crate) fn boolean(&mut self, v: &Value<'_>, what: &str) -> Option<bool> {
         match v.get_ref() {
             DeValue::Boolean(b) => Some(*b),
             _ => {
@@ -1227,7 +1242,7 @@ impl Walker {
         }
     }
 
-    fn string_array(&mut self, v: &Value<'_>, what: &str) -> Vec<Sp<String>> {
+    pub(crate) fn string_array(&mut self, v: &Value<'_>, what: &str) -> Vec<Sp<String>> {
         match v.get_ref() {
             DeValue::Array(a) => a
                 .iter()
@@ -1252,7 +1267,7 @@ impl Walker {
             .collect()
     }
 
-    fn duration(&mut self, v: &Value<'_>, what: &str) -> Option<Duration> {
+    pub(crate) fn duration(&mut self, v: &Value<'_>, what: &str) -> Option<Duration> {
         let s = self.string(v, what)?;
         match parse_duration(s.get_ref()) {
             Ok(d) => Some(d),
@@ -1271,7 +1286,7 @@ impl Walker {
         }
     }
 
-    fn size(&mut self, v: &Value<'_>, what: &str) -> Option<u64> {
+    pub(crate) fn size(&mut self, v: &Value<'_>, what: &str) -> Option<u64> {
         let s = self.string(v, what)?;
         match parse_size(s.get_ref()) {
             Ok(n) => Some(n),

@@ -6,19 +6,25 @@
 //! The modules in the order data flows through them:
 //!
 //! - [`diagnostic`]: `file:line:col` errors with the offending text and a caret.
+//! - [`config`]: the daemon config (pipelines directory, state, API, datastores).
 //! - [`definition`]: a pipeline file → [`definition::Pipeline`], every mistake reported.
 //! - [`graph`]: references and cycles checked; the DAG of steps; text/dot/mermaid.
-//! - trigger: cron, watch, after and API triggers (the daemon issue; `cli` for now).
+//! - [`trigger`]: cron schedules (DST-aware) and watched globs.
 //! - [`planner`]: cache keys over code, inputs, params, args and env; reuse decisions.
 //! - [`executor`]: what runs a step: [`executor::wasm`] (wasmtime + WASI) and
 //!   [`executor::transfer`] (copy into a datastore).
 //! - [`run`]: one run's scheduler: parallel steps, retries, skips, resume.
 //! - [`store`]: SQLite records and the BLAKE3 artifact store.
+//! - [`daemon`]: the service: loads and hot-reloads pipelines, fires triggers,
+//!   queues runs under each pipeline's concurrency, recovers after a crash, and
+//!   serves the REST API ([`daemon::api`]).
 //! - [`cli`]: the `millrace` command line over all of the above.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod cli;
+pub mod config;
+pub mod daemon;
 pub mod definition;
 pub mod diagnostic;
 pub mod executor;
@@ -26,3 +32,4 @@ pub mod graph;
 pub mod planner;
 pub mod run;
 pub mod store;
+pub mod trigger;

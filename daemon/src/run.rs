@@ -153,13 +153,21 @@ pub struct Engine {
     pub max_parallel: usize,
     pub datastores: Datastores,
     wasm: tokio::sync::OnceCell<Arc<WasmRuntime>>,
+    /// Step slots shared by every run of this engine (`max_parallel_steps`).
+    slots: Arc<tokio::sync::Semaphore>,
+    /// Set when the daemon shuts down: runs start no new step, and a run stopped
+    /// now ends `interrupted` (to be resumed), not `cancelled`.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 /// A request to run a pipeline.
+#[derive(Debug, Clone, Default)]
 pub struct RunRequest {
     pub params: Vec<(String, String)>,
     pub no_reuse: bool,
+    /// What fired the run: `cli`, `api`, `cron 0 3 * * *`, `watch data/*.csv`, …
     pub trigger: String,
+    pub trigger_detail: Option<serde_json::Value>,
 }
 
 impl Engine {
@@ -169,7 +177,24 @@ impl Engine {
             max_parallel: max_parallel.max(1),
             datastores,
             wasm: tokio::sync::OnceCell::new(),
+            slots: Arc::new(tokio::sync::Semaphore::new(max_parallel.max(1))),
+            draining: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// From now on no run starts a new step; what is stopped is `interrupted`.
+    pub fn drain(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn is_draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Steps executing now, across all runs.
+    pub fn running_steps(&self) -> usize {
+        self.max_parallel - self.slots.available_permits()
     }
 
     /// The wasm engine, built on first use (a no-op rerun never needs it).
@@ -194,22 +219,7 @@ impl Engine {
         cancel: tokio_util::sync::CancellationToken,
     ) -> Result<RunSummary, RunError> {
         let params = p.resolve_params(&req.params).map_err(RunError::Params)?;
-        let run_id = self.store.db().batch(|b| {
-            b.record_definition(
-                &p.digest,
-                p.name.get_ref(),
-                &path.display().to_string(),
-                text,
-            )?;
-            b.create_run(&NewRun {
-                pipeline: p.name.get_ref(),
-                experiment: &p.experiment,
-                definition: &p.digest,
-                params: &planner::params_json(&params),
-                trigger: &req.trigger,
-                no_reuse: req.no_reuse,
-            })
-        })?;
+        let run_id = self.create_run(p, text, path, &req, &params, "running", |_| Ok(()))?;
         self.execute(
             run_id,
             Arc::new(p.clone()),
@@ -219,6 +229,66 @@ impl Engine {
             cancel,
         )
         .await
+    }
+
+    /// Records a new run of `p` as `queued`, with the definition it will run, and in
+    /// the same transaction whatever `also` writes (a trigger's cursor): a firing is
+    /// never recorded without its run, nor the run without the firing. The daemon
+    /// starts it with [`Engine::start`].
+    pub fn enqueue(
+        &self,
+        p: &Pipeline,
+        text: &str,
+        path: &Path,
+        req: &RunRequest,
+        also: impl FnOnce(&crate::store::db::Batch<'_>) -> crate::store::db::Result<()>,
+    ) -> Result<i64, RunError> {
+        let params = p.resolve_params(&req.params).map_err(RunError::Params)?;
+        self.create_run(p, text, path, req, &params, "queued", also)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn create_run(
+        &self,
+        p: &Pipeline,
+        text: &str,
+        path: &Path,
+        req: &RunRequest,
+        params: &[(String, ParamValue)],
+        status: &str,
+        also: impl FnOnce(&crate::store::db::Batch<'_>) -> crate::store::db::Result<()>,
+    ) -> Result<i64, RunError> {
+        Ok(self.store.db().batch(|b| {
+            b.record_definition(
+                &p.digest,
+                p.name.get_ref(),
+                &path.display().to_string(),
+                text,
+            )?;
+            let id = b.create_run(&NewRun {
+                pipeline: p.name.get_ref(),
+                experiment: &p.experiment,
+                definition: &p.digest,
+                params: &planner::params_json(params),
+                trigger: &req.trigger,
+                trigger_detail: req.trigger_detail.as_ref(),
+                no_reuse: req.no_reuse,
+                status,
+            })?;
+            also(b)?;
+            Ok(id)
+        })?)
+    }
+
+    /// Starts a queued run (or finishes an interrupted one) with the definition it
+    /// was recorded with.
+    pub async fn start(
+        self: &Arc<Self>,
+        run_id: i64,
+        events: EventSink,
+        cancel: tokio_util::sync::CancellationToken,
+    ) -> Result<RunSummary, RunError> {
+        self.resume(run_id, events, cancel).await
     }
 
     /// Finishes a failed, cancelled or interrupted run, reusing what succeeded.
@@ -323,7 +393,7 @@ impl Engine {
             pipeline: p.clone(),
             params,
             events: events.clone(),
-            semaphore: Arc::new(tokio::sync::Semaphore::new(self.max_parallel)),
+            semaphore: self.slots.clone(),
             code_digests: Mutex::new(HashMap::new()),
             workspaces: WorkspacePool::new(self.store.work_dir(run_id)),
         });
@@ -345,8 +415,8 @@ impl Engine {
         let mut deferred: Vec<Deferred> = Vec::new();
 
         loop {
-            if cancelled {
-                // Nothing new starts once the run is cancelled.
+            if cancelled || self.is_draining() {
+                // Nothing new starts once the run is cancelled or the daemon stops.
                 ready.clear();
             }
             while let Some(i) = ready.pop_front() {
@@ -460,7 +530,10 @@ impl Engine {
                 }
             }
         }
-        if cancelled {
+        // Stopped by a daemon shutdown: what did not finish stays pending for the
+        // resume.
+        let interrupted = self.is_draining() && status.iter().any(Option::is_none);
+        if cancelled && !interrupted {
             for (i, s) in status.iter_mut().enumerate() {
                 if s.is_none() {
                     *s = Some(StepStatus::Cancelled);
@@ -477,14 +550,31 @@ impl Engine {
         }
         let count = |want: StepStatus| status.iter().filter(|s| **s == Some(want)).count();
         let failed = count(StepStatus::Failed);
-        let run_status = if cancelled {
+        let run_status = if interrupted {
+            for (i, s) in status.iter().enumerate() {
+                if s.is_none() {
+                    self.store.db().read().finish_step(
+                        run_id,
+                        p.steps[i].name.get_ref(),
+                        "pending",
+                        None,
+                        Some("interrupted by the daemon's shutdown"),
+                    )?;
+                }
+            }
+            "interrupted"
+        } else if cancelled {
             "cancelled"
         } else if failed > 0 || status.iter().any(Option::is_none) {
             "failed"
         } else {
             "succeeded"
         };
-        let error = (failed > 0).then(|| format!("{failed} step(s) failed"));
+        let error = if interrupted {
+            Some("interrupted by the daemon's shutdown".to_string())
+        } else {
+            (failed > 0).then(|| format!("{failed} step(s) failed"))
+        };
         self.store
             .db()
             .read()

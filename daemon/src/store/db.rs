@@ -32,7 +32,8 @@ pub enum DbError {
 pub type Result<T> = std::result::Result<T, DbError>;
 
 /// Migrations, applied in order; `PRAGMA user_version` is the number applied.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE definitions (
     digest     TEXT PRIMARY KEY,
     pipeline   TEXT NOT NULL,
@@ -134,7 +135,27 @@ CREATE TABLE stat_cache (
     ino      INTEGER NOT NULL,
     digest   TEXT NOT NULL
 );
-"#];
+"#,
+    r#"
+ALTER TABLE runs ADD COLUMN trigger_detail TEXT;
+CREATE INDEX runs_by_status ON runs(status, id);
+-- The last firing of each cron trigger: catchup after a downtime counts from it.
+CREATE TABLE trigger_state (
+    pipeline   TEXT NOT NULL,
+    trigger    TEXT NOT NULL,
+    last_fired INTEGER NOT NULL,
+    PRIMARY KEY (pipeline, trigger)
+);
+-- The content each watch trigger last saw, per matching file.
+CREATE TABLE watch_cursor (
+    pipeline TEXT NOT NULL,
+    glob     TEXT NOT NULL,
+    path     TEXT NOT NULL,
+    digest   TEXT NOT NULL,
+    PRIMARY KEY (pipeline, glob, path)
+);
+"#,
+];
 
 pub fn now_ms() -> i64 {
     SystemTime::now()
@@ -155,6 +176,8 @@ pub struct RunRow {
     pub definition: String,
     pub params: serde_json::Value,
     pub trigger: String,
+    /// What fired the run: changed paths, the scheduled instant, a missed interval.
+    pub trigger_detail: Option<serde_json::Value>,
     pub no_reuse: bool,
     pub status: String,
     pub created_at: i64,
@@ -208,7 +231,7 @@ pub struct LineageRow {
     pub role: String,
 }
 
-const RUN_COLUMNS: &str = "id, pipeline, experiment, definition, params, trigger, no_reuse, status, created_at, started_at, finished_at, error";
+const RUN_COLUMNS: &str = "id, pipeline, experiment, definition, params, trigger, no_reuse, status, created_at, started_at, finished_at, error, trigger_detail";
 const STEP_COLUMNS: &str = "run_id, name, position, runtime, status, cache_key, key_parts, reused_from, attempts, started_at, finished_at, error";
 
 fn run_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRow> {
@@ -226,6 +249,9 @@ fn run_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRow> {
         started_at: r.get(9)?,
         finished_at: r.get(10)?,
         error: r.get(11)?,
+        trigger_detail: r
+            .get::<_, Option<String>>(12)?
+            .and_then(|d| serde_json::from_str(&d).ok()),
     })
 }
 
@@ -254,7 +280,10 @@ pub struct NewRun<'a> {
     pub definition: &'a str,
     pub params: &'a serde_json::Value,
     pub trigger: &'a str,
+    pub trigger_detail: Option<&'a serde_json::Value>,
     pub no_reuse: bool,
+    /// `running` (started at once, by `millrace run`) or `queued` (the daemon).
+    pub status: &'a str,
 }
 
 impl Db {
@@ -360,21 +389,113 @@ impl Batch<'_> {
 
     pub fn create_run(&self, r: &NewRun<'_>) -> Result<i64> {
         let now = now_ms();
+        let started = (r.status == "running").then_some(now);
         self.conn.execute(
-            "INSERT INTO runs (pipeline, experiment, definition, params, trigger, no_reuse, status, created_at, started_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'running', ?7, ?7)",
-            params![r.pipeline, r.experiment, r.definition, r.params.to_string(), r.trigger, r.no_reuse, now],
+            "INSERT INTO runs (pipeline, experiment, definition, params, trigger, trigger_detail, no_reuse, status, created_at, started_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            params![
+                r.pipeline,
+                r.experiment,
+                r.definition,
+                r.params.to_string(),
+                r.trigger,
+                r.trigger_detail.map(|d| d.to_string()),
+                r.no_reuse,
+                r.status,
+                now,
+                started
+            ],
         )?;
         Ok(self.conn.last_insert_rowid())
     }
 
     pub fn set_run_status(&self, id: i64, status: &str, error: Option<&str>) -> Result<()> {
-        let finished = matches!(status, "succeeded" | "failed" | "cancelled").then(now_ms);
+        let now = now_ms();
+        let finished =
+            matches!(status, "succeeded" | "failed" | "cancelled" | "interrupted").then_some(now);
+        let started = (status == "running").then_some(now);
         self.conn.execute(
-            "UPDATE runs SET status = ?2, error = ?3, finished_at = ?4 WHERE id = ?1",
-            params![id, status, error, finished],
+            "UPDATE runs SET status = ?2, error = ?3, finished_at = ?4, started_at = coalesce(started_at, ?5)
+             WHERE id = ?1",
+            params![id, status, error, finished, started],
         )?;
         Ok(())
+    }
+
+    /// Runs in one status, oldest first (`queued` runs start in this order).
+    pub fn runs_with_status(&self, status: &str) -> Result<Vec<RunRow>> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE status = ?1 ORDER BY id"
+        ))?;
+        let rows = stmt
+            .query_map([status], run_row)?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
+    /// The last persisted firing of a cron trigger, in ms since the epoch.
+    pub fn trigger_last_fired(&self, pipeline: &str, trigger: &str) -> Result<Option<i64>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT last_fired FROM trigger_state WHERE pipeline = ?1 AND trigger = ?2",
+                params![pipeline, trigger],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    pub fn set_trigger_last_fired(&self, pipeline: &str, trigger: &str, at_ms: i64) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO trigger_state (pipeline, trigger, last_fired) VALUES (?1, ?2, ?3)
+             ON CONFLICT (pipeline, trigger) DO UPDATE SET last_fired = excluded.last_fired",
+            params![pipeline, trigger, at_ms],
+        )?;
+        Ok(())
+    }
+
+    /// Path → content digest as a watch trigger last saw them; `None` before its
+    /// first look.
+    pub fn watch_cursor(
+        &self,
+        pipeline: &str,
+        glob: &str,
+    ) -> Result<Option<std::collections::BTreeMap<String, String>>> {
+        let seen: bool = self.conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM trigger_state WHERE pipeline = ?1 AND trigger = ?2)",
+            params![pipeline, format!("watch {glob}")],
+            |r| r.get(0),
+        )?;
+        if !seen {
+            return Ok(None);
+        }
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT path, digest FROM watch_cursor WHERE pipeline = ?1 AND glob = ?2",
+        )?;
+        let rows = stmt
+            .query_map(params![pipeline, glob], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(Some(rows))
+    }
+
+    /// Replaces a watch trigger's cursor with what it saw now.
+    pub fn set_watch_cursor(
+        &self,
+        pipeline: &str,
+        glob: &str,
+        files: &std::collections::BTreeMap<String, String>,
+    ) -> Result<()> {
+        self.conn.execute(
+            "DELETE FROM watch_cursor WHERE pipeline = ?1 AND glob = ?2",
+            params![pipeline, glob],
+        )?;
+        let mut insert = self.conn.prepare_cached(
+            "INSERT INTO watch_cursor (pipeline, glob, path, digest) VALUES (?1, ?2, ?3, ?4)",
+        )?;
+        for (path, digest) in files {
+            insert.execute(params![pipeline, glob, path, digest])?;
+        }
+        self.set_trigger_last_fired(pipeline, &format!("watch {glob}"), now_ms())
     }
 
     pub fn run(&self, id: i64) -> Result<Option<RunRow>> {
@@ -400,6 +521,23 @@ impl Batch<'_> {
         ))?;
         let rows = stmt
             .query_map(params![pipeline, limit], run_row)?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
+    /// Newest first, optionally of one pipeline and in one status.
+    pub fn runs_filtered(
+        &self,
+        pipeline: Option<&str>,
+        status: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<RunRow>> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE (?1 IS NULL OR pipeline = ?1) AND (?2 IS NULL OR status = ?2)
+             ORDER BY id DESC LIMIT ?3"
+        ))?;
+        let rows = stmt
+            .query_map(params![pipeline, status, limit], run_row)?
             .collect::<rusqlite::Result<_>>()?;
         Ok(rows)
     }
@@ -783,7 +921,7 @@ impl Batch<'_> {
     pub fn runs_to_keep(&self, keep: i64) -> Result<Vec<i64>> {
         let mut stmt = self.conn.prepare(
             "SELECT id FROM (SELECT id, status, row_number() OVER (PARTITION BY pipeline ORDER BY id DESC) AS n FROM runs)
-             WHERE n <= ?1 OR status = 'running'",
+             WHERE n <= ?1 OR status IN ('running', 'queued')",
         )?;
         let rows = stmt
             .query_map([keep], |r| r.get(0))?
@@ -840,7 +978,9 @@ mod tests {
                     definition: "d1",
                     params: &serde_json::json!({"c": 0.5}),
                     trigger: "cli",
+                    trigger_detail: None,
                     no_reuse: false,
+                    status: "running",
                 })
             })
             .unwrap();

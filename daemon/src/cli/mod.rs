@@ -18,6 +18,8 @@ use crate::run::{Datastores, Engine, Event, RunError, RunRequest, RunSummary, St
 use crate::store::Store;
 use crate::store::db::now_ms;
 
+mod service;
+
 pub const EXIT_RUN_FAILED: i32 = 1;
 pub const EXIT_USAGE: i32 = 2;
 pub const EXIT_CONFIG: i32 = 78;
@@ -60,9 +62,13 @@ enum Command {
         max_parallel: Option<usize>,
     },
     /// Check pipeline files (or every *.toml in directories): all errors at once.
+    /// With --config: the daemon config and every file of its pipelines directory.
     Validate {
-        #[arg(required = true)]
+        #[arg(required_unless_present = "config")]
         paths: Vec<PathBuf>,
+        /// A daemon config to check (and whose pipelines to check).
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Print the execution graph.
     Graph {
@@ -119,6 +125,41 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         keep: i64,
     },
+    /// Run the service: load and watch the pipelines directory, fire triggers,
+    /// queue and run pipelines, serve the REST API. Stops on SIGTERM/SIGINT.
+    Daemon {
+        /// The daemon config (default: $MILLRACE_CONFIG, else /etc/millrace/millrace.toml).
+        #[arg(long, env = "MILLRACE_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Ask the running daemon to run a pipeline.
+    Trigger {
+        pipeline: String,
+        #[arg(long = "param", value_name = "K=V")]
+        params: Vec<String>,
+        #[arg(long)]
+        no_reuse: bool,
+        #[command(flatten)]
+        connect: service::Connect,
+    },
+    /// What the running daemon has loaded, which files are invalid, what runs.
+    Status {
+        #[command(flatten)]
+        connect: service::Connect,
+    },
+    /// Next firings of cron triggers, in each trigger's time zone; with
+    /// --simulate FROM TO every firing in that window (across DST changes).
+    Schedule {
+        /// Pipeline files or directories (default: the config's pipelines directory).
+        paths: Vec<PathBuf>,
+        #[arg(long, env = "MILLRACE_CONFIG")]
+        config: Option<PathBuf>,
+        #[arg(long, num_args = 2, value_names = ["FROM", "TO"])]
+        simulate: Option<Vec<String>>,
+        /// Firings listed per trigger.
+        #[arg(long, default_value_t = 10)]
+        count: usize,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -161,13 +202,7 @@ impl std::error::Error for Exit {}
 /// Runs the command line; returns the process exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MILLRACE_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging(matches!(cli.command, Command::Daemon { .. }));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -194,10 +229,58 @@ pub fn main() -> i32 {
     }
 }
 
+/// Logs go to stderr (level from `MILLRACE_LOG`, default `warn`; `info` for the
+/// daemon), or to journald when systemd started us with `JOURNAL_STREAM`.
+fn init_logging(daemon: bool) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MILLRACE_LOG")
+        .unwrap_or_else(|_| if daemon { "info" } else { "warn" }.into());
+    let registry = tracing_subscriber::registry().with(filter);
+    if daemon
+        && std::env::var_os("JOURNAL_STREAM").is_some()
+        && let Ok(journald) = tracing_journald::layer()
+    {
+        registry.with(journald).init();
+        return;
+    }
+    registry
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal()),
+        )
+        .init();
+}
+
 async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     let json = cli.json;
     match cli.command {
-        Command::Validate { paths } => validate(&paths, json),
+        Command::Validate {
+            paths,
+            config: Some(config),
+        } => service::validate_config(&config, &paths, json),
+        Command::Validate {
+            paths,
+            config: None,
+        } => validate(&paths, json),
+        Command::Daemon { config } => service::daemon(config.as_deref()).await,
+        Command::Trigger {
+            pipeline,
+            params,
+            no_reuse,
+            connect,
+        } => {
+            let params = parse_params(&params)?;
+            service::trigger(&connect, &cli.state, &pipeline, &params, no_reuse, json)
+        }
+        Command::Status { connect } => service::status(&connect, &cli.state, json),
+        Command::Schedule {
+            paths,
+            config,
+            simulate,
+            count,
+        } => service::schedule(config.as_deref(), &paths, simulate.as_deref(), count, json),
         Command::Graph { pipeline, format } => {
             let (p, _) = load(&pipeline)?;
             print!("{}", Graph::new(&p).render(&p, format));
@@ -218,6 +301,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 params,
                 no_reuse,
                 trigger: "cli".into(),
+                trigger_detail: None,
             };
             let summary = engine
                 .run(
@@ -361,7 +445,8 @@ fn summary_line(report: &Report) -> String {
     )
 }
 
-fn validate(paths: &[PathBuf], json: bool) -> anyhow::Result<i32> {
+/// Files named, and the `*.toml` files of directories named.
+fn expand_dirs(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for p in paths {
         if p.is_dir() {
@@ -376,10 +461,23 @@ fn validate(paths: &[PathBuf], json: bool) -> anyhow::Result<i32> {
             files.push(p.clone());
         }
     }
+    Ok(files)
+}
+
+fn validate(paths: &[PathBuf], json: bool) -> anyhow::Result<i32> {
+    validate_with(paths, &definition::Environment::default(), json)
+}
+
+fn validate_with(
+    paths: &[PathBuf],
+    env: &definition::Environment,
+    json: bool,
+) -> anyhow::Result<i32> {
+    let files = expand_dirs(paths)?;
     let mut bad = 0;
     let mut out = Vec::new();
     for f in &files {
-        match definition::load(f, &definition::Environment::default()) {
+        match definition::load(f, env) {
             Err(e) => {
                 bad += 1;
                 if json {

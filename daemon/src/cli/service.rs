@@ -1,0 +1,427 @@
+//! The commands that run or talk to the daemon: `daemon`, `trigger`, `status`,
+//! `schedule`, and `validate --config`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::{EXIT_CONFIG, Exit};
+use crate::config::{self, Config};
+use crate::definition::{self, TriggerKind};
+use crate::diagnostic::display_path;
+use crate::trigger::cron::Schedule;
+
+/// Where the packaged service keeps its config.
+pub const SYSTEM_CONFIG: &str = "/etc/millrace/millrace.toml";
+
+/// How a command finds the daemon.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Connect {
+    /// The daemon config (default: $MILLRACE_CONFIG, else /etc/millrace/millrace.toml).
+    #[arg(long, env = "MILLRACE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// The daemon's URL, e.g. http://127.0.0.1:8640 (default: from the config).
+    #[arg(long, env = "MILLRACE_URL")]
+    pub url: Option<String>,
+    /// File holding the API token (default: the config's token_file).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+}
+
+/// The config file to use: given, else the system one if present.
+pub fn config_path(given: Option<&Path>) -> Option<PathBuf> {
+    match given {
+        Some(p) => Some(p.to_path_buf()),
+        None => Some(PathBuf::from(SYSTEM_CONFIG)).filter(|p| p.exists()),
+    }
+}
+
+/// Loads and checks the daemon config; a bad one exits 78 with every error.
+pub fn load_config(path: &Path) -> anyhow::Result<Config> {
+    let (config, report) = config::load(path)
+        .map_err(|e| Exit::config(format!("error: cannot read {}: {e}", path.display())))?;
+    match config {
+        Some(c) => Ok(c),
+        None => Err(Exit::config(format!(
+            "{report}error: the daemon config {} has {} error(s)",
+            display_path(path),
+            report.error_count()
+        ))
+        .into()),
+    }
+}
+
+/// `millrace daemon`.
+pub async fn daemon(config: Option<&Path>) -> anyhow::Result<i32> {
+    let Some(path) = config_path(config) else {
+        return Err(Exit::usage(format!(
+            "error: no daemon config: pass --config FILE (or set MILLRACE_CONFIG); {SYSTEM_CONFIG} does not exist"
+        ))
+        .into());
+    };
+    let config = load_config(&path)?;
+    crate::daemon::serve(config).await?;
+    Ok(0)
+}
+
+/// `millrace validate --config FILE [PATH…]`: the config, then every pipeline
+/// file of its pipelines directory (and any PATH), checked against its datastores
+/// and compute targets.
+pub fn validate_config(path: &Path, extra: &[PathBuf], json: bool) -> anyhow::Result<i32> {
+    let (config, report) = config::load(path)
+        .map_err(|e| Exit::config(format!("error: cannot read {}: {e}", path.display())))?;
+    let Some(config) = config else {
+        if json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!([{
+                    "file": display_path(path), "valid": false, "diagnostics": report.to_json()
+                }]))?
+            );
+        } else {
+            eprint!("{report}");
+            eprintln!(
+                "error: the daemon config {} has {} error(s)",
+                display_path(path),
+                report.error_count()
+            );
+        }
+        return Ok(EXIT_CONFIG);
+    };
+    if !json {
+        eprint!("{report}");
+        println!("{}: ok", display_path(path));
+    }
+    let mut paths = vec![config.pipelines.clone()];
+    paths.extend(extra.iter().cloned());
+    super::validate_with(&paths, &config.environment(), json)
+}
+
+/// An HTTP client for the daemon's API.
+struct Client {
+    agent: ureq::Agent,
+    url: String,
+    token: Option<String>,
+}
+
+impl Client {
+    fn connect(c: &Connect, state: &Path) -> anyhow::Result<Client> {
+        let config = match config_path(c.config.as_deref()) {
+            Some(p) => Some(load_config(&p)?),
+            None => None,
+        };
+        let state_dir = config
+            .as_ref()
+            .map_or_else(|| state.to_path_buf(), |c| c.state_dir.clone());
+        let endpoint: Option<Value> =
+            std::fs::read_to_string(crate::daemon::endpoint_file(&state_dir))
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok());
+        let url = c
+            .url
+            .clone()
+            .or_else(|| endpoint.as_ref().and_then(|e| e["url"].as_str().map(str::to_string)))
+            .or_else(|| config.as_ref().map(|c| format!("http://{}", c.api.listen)))
+            .ok_or_else(|| {
+                Exit::usage(format!(
+                    "error: cannot find the daemon: no daemon.json in {} and no config; pass --config FILE or --url URL",
+                    display_path(&state_dir)
+                ))
+            })?;
+        let token_path = c.token_file.clone().or_else(|| {
+            Some(
+                config
+                    .as_ref()
+                    .map_or_else(|| state_dir.join("api-token"), Config::token_path),
+            )
+        });
+        let token = std::env::var("MILLRACE_TOKEN").ok().or_else(|| {
+            token_path
+                .and_then(|p| std::fs::read_to_string(p).ok())
+                .map(|t| t.trim().to_string())
+        });
+        let agent = ureq::Agent::new_with_config(
+            ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .proxy(None)
+                .timeout_global(Some(Duration::from_secs(30)))
+                .build(),
+        );
+        Ok(Client {
+            agent,
+            url: url.trim_end_matches('/').to_string(),
+            token,
+        })
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<(u16, Value)> {
+        let url = format!("{}{path}", self.url);
+        let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
+        let result = tokio::task::block_in_place(|| match (method, body) {
+            ("POST", b) => {
+                let mut r = self.agent.post(&url);
+                if let Some(a) = &auth {
+                    r = r.header("Authorization", a);
+                }
+                r.send_json(b.unwrap_or(Value::Null))
+            }
+            _ => {
+                let mut r = self.agent.get(&url);
+                if let Some(a) = &auth {
+                    r = r.header("Authorization", a);
+                }
+                r.call()
+            }
+        });
+        let mut resp = result.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot reach the daemon at {}: {e} (is `millrace daemon` running?)",
+                self.url
+            )
+        })?;
+        let status = resp.status().as_u16();
+        let text = resp.body_mut().read_to_string().unwrap_or_default();
+        let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Ok((status, value))
+    }
+}
+
+fn api_error(status: u16, v: &Value) -> anyhow::Error {
+    let msg = v["error"]["message"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| v.to_string());
+    let code = match status {
+        401 | 403 => 2,
+        404 | 422 => 2,
+        _ => 1,
+    };
+    Exit {
+        code,
+        message: format!("error: {msg} (HTTP {status})"),
+    }
+    .into()
+}
+
+/// `millrace trigger PIPELINE [--param k=v]…`.
+pub fn trigger(
+    c: &Connect,
+    state: &Path,
+    pipeline: &str,
+    params: &[(String, String)],
+    no_reuse: bool,
+    json: bool,
+) -> anyhow::Result<i32> {
+    let client = Client::connect(c, state)?;
+    let params: serde_json::Map<String, Value> = params
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .collect();
+    let (status, v) = client.call(
+        "POST",
+        &format!("/api/v1/pipelines/{pipeline}/runs"),
+        Some(serde_json::json!({ "params": params, "no_reuse": no_reuse })),
+    )?;
+    if status != 202 {
+        return Err(api_error(status, &v));
+    }
+    if json {
+        println!("{v}");
+    } else {
+        println!("run {} queued", v["run_id"]);
+    }
+    Ok(0)
+}
+
+/// `millrace status`: loaded pipelines, invalid files, running and queued work,
+/// next firings.
+pub fn status(c: &Connect, state: &Path, json: bool) -> anyhow::Result<i32> {
+    let client = Client::connect(c, state)?;
+    let (code, v) = client.call("GET", "/api/v1/status", None)?;
+    if code != 200 {
+        return Err(api_error(code, &v));
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(0);
+    }
+    let empty = Vec::new();
+    println!(
+        "daemon pid {} up {}s · {} · {} of {} step slots busy",
+        v["pid"], v["uptime_seconds"], client.url, v["running_steps"], v["max_parallel_steps"]
+    );
+    let pipelines = v["pipelines"].as_array().unwrap_or(&empty);
+    println!(
+        "\n{} pipeline(s) from {}",
+        pipelines.len(),
+        v["pipelines_dir"].as_str().unwrap_or("")
+    );
+    for p in pipelines {
+        let last = match &p["last_run"] {
+            Value::Null => "never run".to_string(),
+            l => format!(
+                "last run {} {}",
+                l["id"],
+                l["status"].as_str().unwrap_or("")
+            ),
+        };
+        println!("  {:<24} {last}", p["name"].as_str().unwrap_or(""));
+        for t in p["triggers"].as_array().unwrap_or(&empty) {
+            let what = match t["kind"].as_str() {
+                Some("cron") => format!(
+                    "cron `{}` {} next {}",
+                    t["cron"].as_str().unwrap_or(""),
+                    t["timezone"].as_str().unwrap_or(""),
+                    t["next"].as_str().unwrap_or("never")
+                ),
+                Some("watch") => format!("watch `{}`", t["watch"].as_str().unwrap_or("")),
+                Some("after") => format!("after `{}`", t["after"].as_str().unwrap_or("")),
+                _ => t.to_string(),
+            };
+            println!("      {what}");
+        }
+    }
+    let invalid = v["invalid_files"].as_array().unwrap_or(&empty);
+    if !invalid.is_empty() {
+        println!(
+            "\n{} invalid file(s) (the last valid version stays active):",
+            invalid.len()
+        );
+        for f in invalid {
+            print!("{}", f["text"].as_str().unwrap_or(""));
+        }
+    }
+    let active = v["active_runs"].as_array().unwrap_or(&empty);
+    let queued = v["queued_runs"].as_array().unwrap_or(&empty);
+    println!("\nrunning: {}", list_runs(active));
+    println!("queued:  {}", list_runs(queued));
+    Ok(if invalid.is_empty() { 0 } else { EXIT_CONFIG })
+}
+
+fn list_runs(runs: &[Value]) -> String {
+    if runs.is_empty() {
+        return "none".into();
+    }
+    runs.iter()
+        .map(|r| format!("{} ({})", r["id"], r["pipeline"].as_str().unwrap_or("")))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Parses an instant for `--simulate`: RFC 3339, or `YYYY-MM-DD[THH:MM[:SS]]` in UTC.
+fn parse_instant(s: &str) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&chrono::Utc));
+    }
+    for f in ["%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M"] {
+        if let Ok(t) = chrono::NaiveDateTime::parse_from_str(s, f) {
+            return Ok(t.and_utc());
+        }
+    }
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        return Ok(d.and_hms_opt(0, 0, 0).unwrap_or_default().and_utc());
+    }
+    Err(Exit::usage(format!(
+        "error: `{s}` is not an instant: use RFC 3339 (2026-03-29T01:00:00+01:00) or YYYY-MM-DD[THH:MM] (UTC)"
+    ))
+    .into())
+}
+
+/// `millrace schedule [PATH…] [--simulate FROM TO]`: the firings of every cron
+/// trigger, computed here (no daemon needed), in each trigger's zone.
+pub fn schedule(
+    config: Option<&Path>,
+    paths: &[PathBuf],
+    simulate: Option<&[String]>,
+    count: usize,
+    json: bool,
+) -> anyhow::Result<i32> {
+    let (env, mut files) = match config_path(config) {
+        Some(c) if paths.is_empty() => {
+            let c = load_config(&c)?;
+            (c.environment(), vec![c.pipelines.clone()])
+        }
+        Some(c) => (load_config(&c)?.environment(), Vec::new()),
+        None => (definition::Environment::default(), Vec::new()),
+    };
+    files.extend(paths.iter().cloned());
+    if files.is_empty() {
+        return Err(Exit::usage(
+            "error: name pipeline files or directories, or pass --config FILE",
+        )
+        .into());
+    }
+    let files = super::expand_dirs(&files)?;
+    let (from, to) = match simulate {
+        Some([a, b]) => (parse_instant(a)?, Some(parse_instant(b)?)),
+        _ => (chrono::Utc::now(), None),
+    };
+    let mut out = Vec::new();
+    let mut bad = false;
+    for f in &files {
+        let (p, report) = definition::load(f, &env)
+            .map_err(|e| Exit::config(format!("error: cannot read {}: {e}", f.display())))?;
+        let Some(p) = p else {
+            eprint!("{report}");
+            bad = true;
+            continue;
+        };
+        for t in &p.triggers {
+            let TriggerKind::Cron { expr, timezone, .. } = &t.kind else {
+                continue;
+            };
+            let Ok(s) = Schedule::parse(
+                expr.get_ref(),
+                timezone.as_ref().map(|z| z.get_ref().as_str()),
+            ) else {
+                continue;
+            };
+            let (firings, total) = match to {
+                Some(to) => s.between(from, to, count),
+                None => {
+                    let far = from + chrono::TimeDelta::days(366 * 5);
+                    let (f, _) = s.between(from, far, count);
+                    let n = f.len();
+                    (f, n)
+                }
+            };
+            out.push(serde_json::json!({
+                "pipeline": p.name.get_ref(),
+                "cron": expr.get_ref(),
+                "timezone": s.tz.to_string(),
+                "firings": firings.iter().map(|t| t.to_rfc3339()).collect::<Vec<_>>(),
+                "utc": firings.iter().map(|t| t.with_timezone(&chrono::Utc).to_rfc3339()).collect::<Vec<_>>(),
+                "total": total,
+            }));
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else if out.is_empty() {
+        println!("no cron triggers");
+    } else {
+        for e in &out {
+            println!(
+                "{} · cron `{}` · {}",
+                e["pipeline"].as_str().unwrap_or(""),
+                e["cron"].as_str().unwrap_or(""),
+                e["timezone"].as_str().unwrap_or("")
+            );
+            let local = e["firings"].as_array().cloned().unwrap_or_default();
+            let utc = e["utc"].as_array().cloned().unwrap_or_default();
+            for (l, u) in local.iter().zip(&utc) {
+                println!(
+                    "  {}  ({})",
+                    l.as_str().unwrap_or(""),
+                    u.as_str().unwrap_or("")
+                );
+            }
+            let total = e["total"].as_u64().unwrap_or(0) as usize;
+            if total > local.len() {
+                println!("  … {} more", total - local.len());
+            }
+        }
+    }
+    Ok(if bad { EXIT_CONFIG } else { 0 })
+}

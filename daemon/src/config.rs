@@ -1,0 +1,323 @@
+//! The daemon config (SPEC "Daemon config"), checked like a pipeline file: every
+//! mistake at once, each at its `file:line:col`. Relative paths resolve against
+//! the config file's directory.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use toml::de::DeTable;
+
+use crate::definition::{Environment, Walker};
+use crate::diagnostic::{Diagnostic, Report, SourceFile};
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The config file (absolute).
+    pub path: PathBuf,
+    /// Directory of pipeline files, watched and hot-reloaded.
+    pub pipelines: PathBuf,
+    /// SQLite database and artifact store.
+    pub state_dir: PathBuf,
+    /// Step slots shared by every run; default: the number of CPUs.
+    pub max_parallel_steps: usize,
+    /// On SIGTERM, how long running steps may take to finish before they are
+    /// stopped.
+    pub shutdown_grace: Duration,
+    /// Resume the runs a crash or a shutdown interrupted.
+    pub resume_interrupted: bool,
+    pub api: Api,
+    pub datastores: BTreeMap<String, PathBuf>,
+    pub computes: BTreeMap<String, Compute>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Api {
+    pub listen: SocketAddr,
+    /// Bearer token for mutating calls; default `<state_dir>/api-token`, created
+    /// on first start.
+    pub token_file: Option<PathBuf>,
+    /// Reads without a token (default true).
+    pub public_read: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Compute {
+    pub kind: String,
+}
+
+const KEYS: &[&str] = &[
+    "pipelines",
+    "state_dir",
+    "max_parallel_steps",
+    "shutdown_grace",
+    "resume_interrupted",
+    "api",
+    "datastores",
+    "compute",
+];
+const API_KEYS: &[&str] = &["listen", "token_file", "public_read"];
+/// Keys of compute targets whose runtimes arrive with later issues are accepted
+/// so one config serves every version; only `local` targets run steps here.
+const COMPUTE_KEYS: &[&str] = &[
+    "kind",
+    "partition",
+    "account",
+    "qos",
+    "time_limit",
+    "gpus",
+    "gres",
+    "cpus_per_task",
+    "mem",
+    "extra_args",
+    "shared_dir",
+    "socket",
+    "pull",
+];
+
+pub fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8640))
+}
+
+impl Config {
+    /// The pipelines' view of this config: its datastores and compute targets.
+    pub fn environment(&self) -> Environment {
+        let mut env = Environment::default();
+        for k in self.datastores.keys() {
+            if !env.datastores.contains(k) {
+                env.datastores.push(k.clone());
+            }
+        }
+        for (k, c) in &self.computes {
+            if c.kind == "local" && !env.computes.contains(k) {
+                env.computes.push(k.clone());
+            }
+        }
+        env
+    }
+
+    pub fn token_path(&self) -> PathBuf {
+        self.api
+            .token_file
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("api-token"))
+    }
+}
+
+/// Reads and checks a daemon config file.
+pub fn load(path: &Path) -> Result<(Option<Config>, Report), std::io::Error> {
+    let text = std::fs::read_to_string(path)?;
+    let path = std::path::absolute(path)?;
+    Ok(parse(&path, text))
+}
+
+pub fn parse(path: &Path, text: String) -> (Option<Config>, Report) {
+    let source = SourceFile::new(path, text);
+    let mut w = Walker { diags: Vec::new() };
+    let (doc, errors) = DeTable::parse_recoverable(&source.text);
+    for e in &errors {
+        w.diags.push(Diagnostic::error(
+            e.span().unwrap_or(0..0),
+            format!("invalid TOML: {}", e.message().trim()),
+        ));
+    }
+    let config = if errors.is_empty() {
+        config(&mut w, doc.get_ref(), path)
+    } else {
+        None
+    };
+    let mut diagnostics = w.diags;
+    diagnostics.sort_by_key(|d| (d.span.start, d.severity));
+    let report = Report {
+        source,
+        diagnostics,
+    };
+    let config = if report.has_errors() { None } else { config };
+    (config, report)
+}
+
+fn config(w: &mut Walker, doc: &DeTable<'_>, path: &Path) -> Option<Config> {
+    w.unknown_keys(doc, KEYS, "the daemon config");
+    let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let resolve = |p: &str| dir.join(p);
+    let pipelines = match doc.get("pipelines") {
+        Some(v) => resolve(w.string(v, "pipelines")?.get_ref()),
+        None => {
+            w.error(
+                0..0,
+                "the daemon config needs `pipelines = \"DIR\"`: the directory of pipeline files",
+            );
+            return None;
+        }
+    };
+    let state_dir = match doc.get("state_dir") {
+        Some(v) => resolve(w.string(v, "state_dir")?.get_ref()),
+        None => {
+            w.error(
+                0..0,
+                "the daemon config needs `state_dir = \"DIR\"`: where the database and artifacts live",
+            );
+            return None;
+        }
+    };
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let max_parallel_steps = match doc.get("max_parallel_steps") {
+        Some(v) => match w.integer(v, "max_parallel_steps") {
+            Some(n) if (1..=1024).contains(&n) => n as usize,
+            Some(n) => {
+                w.error(
+                    v.span(),
+                    format!("max_parallel_steps must be between 1 and 1024, not {n}"),
+                );
+                cpus
+            }
+            None => cpus,
+        },
+        None => cpus,
+    };
+    let shutdown_grace = doc
+        .get("shutdown_grace")
+        .and_then(|v| w.duration(v, "shutdown_grace"))
+        .unwrap_or(Duration::from_secs(30));
+    let resume_interrupted = doc
+        .get("resume_interrupted")
+        .and_then(|v| w.boolean(v, "resume_interrupted"))
+        .unwrap_or(true);
+    let mut api = Api {
+        listen: default_listen(),
+        token_file: None,
+        public_read: true,
+    };
+    if let Some(v) = doc.get("api")
+        && let Some(t) = w.table(v, "[api]")
+    {
+        w.unknown_keys(t, API_KEYS, "[api]");
+        if let Some(l) = t.get("listen").and_then(|l| w.string(l, "api.listen")) {
+            match l.get_ref().parse::<SocketAddr>() {
+                Ok(a) => api.listen = a,
+                Err(_) => w.error(
+                    l.span(),
+                    format!(
+                        "api.listen: `{}` is not an address: expected IP:PORT like \"127.0.0.1:8640\"",
+                        l.get_ref()
+                    ),
+                ),
+            }
+        }
+        if let Some(f) = t
+            .get("token_file")
+            .and_then(|f| w.string(f, "api.token_file"))
+        {
+            api.token_file = Some(resolve(f.get_ref()));
+        }
+        if let Some(b) = t
+            .get("public_read")
+            .and_then(|b| w.boolean(b, "api.public_read"))
+        {
+            api.public_read = b;
+        }
+    }
+    let mut datastores = BTreeMap::new();
+    if let Some(v) = doc.get("datastores")
+        && let Some(t) = w.table(v, "[datastores]")
+    {
+        for (name, v) in t {
+            let what = format!("[datastores.{}]", name.get_ref());
+            let Some(d) = w.table(v, &what) else { continue };
+            w.unknown_keys(d, &["path"], &what);
+            match d.get("path").and_then(|p| w.string(p, "path")) {
+                Some(p) => {
+                    datastores.insert(name.get_ref().to_string(), resolve(p.get_ref()));
+                }
+                None if d.get("path").is_none() => {
+                    w.error(v.span(), format!("{what} needs `path = \"DIR\"`"))
+                }
+                None => {}
+            }
+        }
+    }
+    let mut computes = BTreeMap::new();
+    if let Some(v) = doc.get("compute")
+        && let Some(t) = w.table(v, "[compute]")
+    {
+        for (name, v) in t {
+            let what = format!("[compute.{}]", name.get_ref());
+            let Some(c) = w.table(v, &what) else { continue };
+            w.unknown_keys(c, COMPUTE_KEYS, &what);
+            let kind = match c.get("kind").and_then(|k| w.string(k, "kind")) {
+                Some(k) if ["local", "container", "slurm"].contains(&k.get_ref().as_str()) => {
+                    k.into_inner()
+                }
+                Some(k) => {
+                    w.error(
+                        k.span(),
+                        format!(
+                            "unknown compute kind `{}`: expected local, container or slurm",
+                            k.get_ref()
+                        ),
+                    );
+                    continue;
+                }
+                None => "local".to_string(),
+            };
+            computes.insert(name.get_ref().to_string(), Compute { kind });
+        }
+    }
+    Some(Config {
+        path: path.to_path_buf(),
+        pipelines,
+        state_dir,
+        max_parallel_steps,
+        shutdown_grace,
+        resume_interrupted,
+        api,
+        datastores,
+        computes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_shape_parses_and_paths_resolve_against_the_file() {
+        let (c, r) = parse(
+            Path::new("/etc/millrace/millrace.toml"),
+            r#"
+pipelines = "pipelines"
+state_dir = "/var/lib/millrace"
+max_parallel_steps = 2
+[api]
+listen = "127.0.0.1:0"
+[datastores.default]
+path = "data"
+[compute.gpu]
+kind = "slurm"
+partition = "gpu"
+"#
+            .into(),
+        );
+        assert!(!r.has_errors(), "{}", r.to_string());
+        let c = c.unwrap();
+        assert_eq!(c.pipelines, Path::new("/etc/millrace/pipelines"));
+        assert_eq!(c.datastores["default"], Path::new("/etc/millrace/data"));
+        assert_eq!(c.api.listen.port(), 0);
+        assert_eq!(c.token_path(), Path::new("/var/lib/millrace/api-token"));
+    }
+
+    #[test]
+    fn mistakes_are_reported_together() {
+        let (c, r) = parse(
+            Path::new("/x/m.toml"),
+            "pipelines = 1\nstate_dir = \"s\"\nmax_paralel_steps = 2\n[api]\nlisten = \"nope\"\n"
+                .into(),
+        );
+        assert!(c.is_none());
+        let text = r.to_string();
+        assert!(text.contains("m.toml:1:13"), "{text}");
+        assert!(text.contains("did you mean `max_parallel_steps`"), "{text}");
+        assert!(text.contains("m.toml:5:10"), "{text}");
+    }
+}

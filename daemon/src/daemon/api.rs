@@ -1,0 +1,386 @@
+//! The REST API (SPEC "REST API"), served by axum. Mutating routes need the
+//! bearer token (compared in constant time); reads need it only when
+//! `public_read = false`. Errors have one shape:
+//! `{"error": {"status": 404, "message": "…"}}`.
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{Value, json};
+
+use super::{Daemon, SubmitError, Submitted};
+use crate::definition::{Catchup, Overlap, Pipeline, TriggerKind};
+use crate::diagnostic::display_path;
+use crate::run::RunRequest;
+use crate::trigger::cron::Schedule;
+
+/// Largest request body accepted.
+const MAX_BODY: usize = 1 << 20;
+
+pub fn router(d: Arc<Daemon>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/api/v1/status", get(status))
+        .route("/api/v1/pipelines", get(pipelines))
+        .route("/api/v1/pipelines/{name}", get(pipeline))
+        .route("/api/v1/pipelines/{name}/runs", post(create_run))
+        .route("/api/v1/runs", get(runs))
+        .route("/api/v1/runs/{id}", get(run))
+        .route("/api/v1/runs/{id}/cancel", post(cancel))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
+        .layer(axum::middleware::from_fn_with_state(d.clone(), auth))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(d)
+}
+
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+
+    fn internal(e: impl std::fmt::Display) -> ApiError {
+        tracing::error!("API: {e}");
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(json!({ "error": { "status": self.status.as_u16(), "message": self.message } })),
+        )
+            .into_response()
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+/// The bearer token on every mutating route, and on reads unless `public_read`.
+async fn auth(State(d): State<Arc<Daemon>>, req: Request, next: Next) -> Response {
+    let open = req.uri().path() == "/healthz"
+        || (d.config.api.public_read && req.method() == axum::http::Method::GET);
+    if !open && !authorized(req.headers(), &d.token) {
+        let mut r = ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "this call needs `Authorization: Bearer <token>` (the token is in the daemon's token_file)",
+        )
+        .into_response();
+        r.headers_mut().insert(
+            axum::http::header::WWW_AUTHENTICATE,
+            axum::http::HeaderValue::from_static("Bearer"),
+        );
+        return r;
+    }
+    next.run(req).await
+}
+
+fn authorized(headers: &HeaderMap, token: &str) -> bool {
+    let Some(given) = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    // Hash both sides first: equal lengths, and the comparison time does not
+    // depend on where they differ.
+    let a = blake3::hash(given.trim().as_bytes());
+    let b = blake3::hash(token.as_bytes());
+    constant_time_eq::constant_time_eq(a.as_bytes(), b.as_bytes())
+}
+
+async fn healthz(State(d): State<Arc<Daemon>>) -> Json<Value> {
+    Json(json!({
+        "status": if d.shutdown.is_cancelled() { "stopping" } else { "ok" },
+        "pipelines": d.pipelines().len(),
+        "active_runs": d.active_runs().len(),
+        "uptime_seconds": d.started.elapsed().as_secs(),
+    }))
+}
+
+/// One pipeline as the API shows it.
+fn pipeline_json(d: &Daemon, p: &Pipeline, path: &std::path::Path, loaded_at: i64) -> Value {
+    let now = chrono::Utc::now();
+    let triggers: Vec<Value> = p
+        .triggers
+        .iter()
+        .map(|t| {
+            let params: serde_json::Map<String, Value> = t
+                .params
+                .iter()
+                .map(|(k, v)| (k.get_ref().clone(), v.to_json()))
+                .collect();
+            match &t.kind {
+                TriggerKind::Cron {
+                    expr,
+                    timezone,
+                    catchup,
+                } => {
+                    let tz = timezone.as_ref().map(|z| z.get_ref().as_str());
+                    let next = Schedule::parse(expr.get_ref(), tz)
+                        .ok()
+                        .and_then(|s| s.next_after(now).map(|n| s.local(n).to_rfc3339()));
+                    json!({
+                        "kind": "cron", "cron": expr.get_ref(), "timezone": tz.unwrap_or("UTC"),
+                        "catchup": match catchup {
+                            Catchup::None => "none", Catchup::Latest => "latest",
+                            Catchup::All => "all", Catchup::Coalesce => "coalesce",
+                        },
+                        "next": next, "params": params,
+                    })
+                }
+                TriggerKind::Watch { glob, debounce } => json!({
+                    "kind": "watch", "watch": glob.get_ref(),
+                    "debounce_ms": debounce.as_millis() as u64, "params": params,
+                }),
+                TriggerKind::After { pipeline } => json!({
+                    "kind": "after", "after": pipeline.get_ref(), "params": params,
+                }),
+            }
+        })
+        .collect();
+    let name = p.name.get_ref();
+    let last = d
+        .store()
+        .db()
+        .read()
+        .runs(Some(name), 1)
+        .ok()
+        .and_then(|r| r.into_iter().next())
+        .map(|r| json!({ "id": r.id, "status": r.status, "created_at": r.created_at }));
+    let errors = d
+        .files()
+        .into_iter()
+        .find(|(fp, _)| fp == path)
+        .map(|(_, f)| f.diagnostics)
+        .unwrap_or_default();
+    json!({
+        "name": name,
+        "description": p.description,
+        "experiment": p.experiment,
+        "path": display_path(path),
+        "digest": p.digest,
+        "loaded_at": loaded_at,
+        "concurrency": {
+            "max_runs": p.concurrency.max_runs,
+            "overlap": match p.concurrency.overlap {
+                Overlap::Queue => "queue", Overlap::Skip => "skip", Overlap::Cancel => "cancel",
+            },
+        },
+        "params": p.params.iter().map(|x| (x.name.get_ref().clone(), x.value.to_json())).collect::<serde_json::Map<_, _>>(),
+        "steps": p.steps.iter().map(|s| json!({ "name": s.name.get_ref(), "runtime": s.kind.runtime_name() })).collect::<Vec<_>>(),
+        "triggers": triggers,
+        "last_run": last,
+        // Diagnostics of the file's latest text: errors here mean the version
+        // above is the last valid one, not what the file says now.
+        "diagnostics": errors,
+    })
+}
+
+/// Files that failed to load (their pipelines keep their last valid version).
+fn invalid_files(d: &Daemon) -> Vec<Value> {
+    d.files()
+        .into_iter()
+        .filter(|(_, f)| f.diagnostics.iter().any(|x| x["severity"] == "error"))
+        .map(|(path, f)| {
+            json!({
+                "path": display_path(&path),
+                "pipeline": f.pipeline,
+                "errors": f.diagnostics,
+                "text": f.errors,
+            })
+        })
+        .collect()
+}
+
+async fn pipelines(State(d): State<Arc<Daemon>>) -> Json<Value> {
+    let list: Vec<Value> = d
+        .pipelines()
+        .iter()
+        .map(|(p, path, at)| pipeline_json(&d, p, path, *at))
+        .collect();
+    Json(json!({ "pipelines": list, "invalid_files": invalid_files(&d) }))
+}
+
+async fn pipeline(State(d): State<Arc<Daemon>>, Path(name): Path<String>) -> ApiResult {
+    let Some((p, path)) = d.pipeline(&name) else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no pipeline named `{name}` is loaded"),
+        ));
+    };
+    let at = d
+        .pipelines()
+        .into_iter()
+        .find(|(x, _, _)| x.name.get_ref() == &name)
+        .map_or(0, |(_, _, at)| at);
+    Ok(Json(pipeline_json(&d, &p, &path, at)).into_response())
+}
+
+async fn status(State(d): State<Arc<Daemon>>) -> ApiResult {
+    let queued = d
+        .store()
+        .db()
+        .read()
+        .runs_with_status("queued")
+        .map_err(ApiError::internal)?;
+    let list: Vec<Value> = d
+        .pipelines()
+        .iter()
+        .map(|(p, path, at)| pipeline_json(&d, p, path, *at))
+        .collect();
+    Ok(Json(json!({
+        "pid": std::process::id(),
+        "uptime_seconds": d.started.elapsed().as_secs(),
+        "pipelines_dir": display_path(&d.config.pipelines),
+        "state_dir": display_path(&d.config.state_dir),
+        "pipelines": list,
+        "invalid_files": invalid_files(&d),
+        "active_runs": d.active_runs().iter().map(|(id, p)| json!({ "id": id, "pipeline": p })).collect::<Vec<_>>(),
+        "queued_runs": queued.iter().map(|r| json!({ "id": r.id, "pipeline": r.pipeline })).collect::<Vec<_>>(),
+        "running_steps": d.engine.running_steps(),
+        "max_parallel_steps": d.engine.max_parallel,
+    }))
+    .into_response())
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateRun {
+    #[serde(default)]
+    params: serde_json::Map<String, Value>,
+    #[serde(default)]
+    no_reuse: bool,
+}
+
+async fn create_run(
+    State(d): State<Arc<Daemon>>,
+    Path(name): Path<String>,
+    body: Result<Json<CreateRun>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult {
+    let Json(body) = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
+    let params = body
+        .params
+        .into_iter()
+        .map(|(k, v)| {
+            let text = match v {
+                Value::String(s) => s,
+                Value::Number(_) | Value::Bool(_) => v.to_string(),
+                other => {
+                    return Err(ApiError::new(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        format!("param `{k}`: expected a string, number or boolean, got {other}"),
+                    ));
+                }
+            };
+            Ok((k, text))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let req = RunRequest {
+        params,
+        no_reuse: body.no_reuse,
+        trigger: "api".into(),
+        trigger_detail: None,
+    };
+    match d.submit(&name, req, |_| Ok(())) {
+        Ok(Submitted::Queued(id)) => Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({ "run_id": id, "status": "queued" })),
+        )
+            .into_response()),
+        Ok(Submitted::Skipped(why)) => Err(ApiError::new(StatusCode::CONFLICT, why)),
+        Err(SubmitError::NoSuchPipeline(n)) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no pipeline named `{n}` is loaded"),
+        )),
+        Err(SubmitError::Params(e)) => Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e)),
+        Err(e @ SubmitError::ShuttingDown) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            e.to_string(),
+        )),
+        Err(e) => Err(ApiError::internal(e)),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct RunsQuery {
+    pipeline: Option<String>,
+    status: Option<String>,
+    limit: Option<i64>,
+}
+
+async fn runs(
+    State(d): State<Arc<Daemon>>,
+    q: Result<Query<RunsQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult {
+    let Query(q) = q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let limit = q.limit.unwrap_or(50).clamp(1, 1000);
+    let rows = d
+        .store()
+        .db()
+        .read()
+        .runs_filtered(q.pipeline.as_deref(), q.status.as_deref(), limit)
+        .map_err(ApiError::internal)?;
+    Ok(Json(json!({ "runs": rows })).into_response())
+}
+
+fn run_id(id: &str) -> Result<i64, ApiError> {
+    id.parse().map_err(|_| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no run `{id}`: run ids are numbers"),
+        )
+    })
+}
+
+async fn run(State(d): State<Arc<Daemon>>, Path(id): Path<String>) -> ApiResult {
+    let id = run_id(&id)?;
+    let db = d.store().db();
+    let Some(r) = db.read().run(id).map_err(ApiError::internal)? else {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no run {id}")));
+    };
+    let steps = db.read().steps(id).map_err(ApiError::internal)?;
+    let mut v = serde_json::to_value(&r).map_err(ApiError::internal)?;
+    v["steps"] = serde_json::to_value(&steps).map_err(ApiError::internal)?;
+    Ok(Json(v).into_response())
+}
+
+async fn cancel(State(d): State<Arc<Daemon>>, Path(id): Path<String>) -> ApiResult {
+    let id = run_id(&id)?;
+    let exists = d
+        .store()
+        .db()
+        .read()
+        .run(id)
+        .map_err(ApiError::internal)?
+        .is_some();
+    if !exists {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no run {id}")));
+    }
+    match d.cancel(id) {
+        Ok(true) => Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({ "run_id": id, "cancelling": true })),
+        )
+            .into_response()),
+        Ok(false) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("run {id} is neither queued nor running"),
+        )),
+        Err(e) => Err(ApiError::internal(e)),
+    }
+}

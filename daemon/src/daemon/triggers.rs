@@ -1,0 +1,414 @@
+//! The daemon's trigger tasks: one tokio task per cron or watch trigger of each
+//! loaded pipeline (`after` triggers fire from the run that ends), the pipelines
+//! directory watcher and the systemd watchdog. Nothing here polls: tasks sleep
+//! until the next firing or wait for inotify events.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use notify::Watcher;
+use tokio_util::sync::CancellationToken;
+
+use super::{Daemon, Submitted};
+use crate::definition::{Catchup, Pipeline, TriggerKind};
+use crate::run::RunRequest;
+use crate::trigger::cron::{self, Schedule};
+use crate::trigger::watch::{self, FileSet};
+
+/// A firing later than this after its scheduled instant counts as missed (the
+/// catchup policy decides); within it, it is simply late.
+const ON_TIME: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
+/// Most firings `catchup = "all"` replays after a downtime.
+const MAX_REPLAY: usize = 1000;
+
+/// Starts the triggers of one pipeline version; `token` stops them.
+pub(super) fn start(d: &Arc<Daemon>, p: Arc<Pipeline>, token: CancellationToken) {
+    for (i, t) in p.triggers.iter().enumerate() {
+        let params: Vec<(String, String)> = t
+            .params
+            .iter()
+            .map(|(k, v)| (k.get_ref().clone(), v.to_string()))
+            .collect();
+        match &t.kind {
+            TriggerKind::Cron {
+                expr,
+                timezone,
+                catchup,
+            } => {
+                let schedule = match Schedule::parse(
+                    expr.get_ref(),
+                    timezone.as_ref().map(|z| z.get_ref().as_str()),
+                ) {
+                    Ok(s) => s,
+                    Err(_) => continue, // validation reported it
+                };
+                let task = CronTask {
+                    d: d.clone(),
+                    pipeline: p.name.get_ref().clone(),
+                    id: format!("cron {} {}", schedule.expr, schedule.tz),
+                    schedule,
+                    catchup: *catchup,
+                    params,
+                };
+                let token = token.clone();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        () = task.run() => {}
+                        () = token.cancelled() => {}
+                    }
+                });
+            }
+            TriggerKind::Watch { glob, debounce } => {
+                let files = match FileSet::new(glob.get_ref(), &p.dir) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        tracing::error!(pipeline = %p.name.get_ref(), "trigger {}: {e}", i + 1);
+                        continue;
+                    }
+                };
+                let task = WatchTask {
+                    d: d.clone(),
+                    pipeline: p.name.get_ref().clone(),
+                    files: Arc::new(files),
+                    debounce: *debounce,
+                    params,
+                };
+                tokio::spawn(task.run(token.clone()));
+            }
+            TriggerKind::After { .. } => {}
+        }
+    }
+}
+
+struct CronTask {
+    d: Arc<Daemon>,
+    pipeline: String,
+    /// The trigger's identity in `trigger_state`: its expression and zone, so an
+    /// edited schedule starts afresh and an unchanged one survives reloads.
+    id: String,
+    schedule: Schedule,
+    catchup: Catchup,
+    params: Vec<(String, String)>,
+}
+
+impl CronTask {
+    async fn run(self) {
+        loop {
+            let last = self
+                .d
+                .store()
+                .db()
+                .read()
+                .trigger_last_fired(&self.pipeline, &self.id);
+            let last = match last {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(pipeline = %self.pipeline, "cron: {e}");
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    continue;
+                }
+            };
+            let now = Utc::now();
+            let Some(last) = last.map(cron::from_ms) else {
+                // First sight of this schedule: firings count from now.
+                self.record(now);
+                continue;
+            };
+            let (due, count) = self.schedule.between(last, now, MAX_REPLAY);
+            if due.is_empty() {
+                let Some(next) = self.schedule.next_after(last.max(now)) else {
+                    tracing::warn!(pipeline = %self.pipeline, "cron `{}` never fires again", self.schedule.expr);
+                    return;
+                };
+                // Sleep in bounded steps so a wall-clock jump is noticed.
+                let wait = (next - Utc::now())
+                    .to_std()
+                    .unwrap_or_default()
+                    .min(Duration::from_secs(60));
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+            self.fire(&due, count, now);
+        }
+    }
+
+    fn record(&self, at: chrono::DateTime<Utc>) {
+        let r = self.d.store().db().read().set_trigger_last_fired(
+            &self.pipeline,
+            &self.id,
+            at.timestamp_millis(),
+        );
+        if let Err(e) = r {
+            tracing::error!(pipeline = %self.pipeline, "cron: {e}");
+        }
+    }
+
+    /// `due`: the firings since the last one recorded, oldest first (`count` of
+    /// them in all). The latest is on time if the daemon was not down long.
+    fn fire(
+        &self,
+        due: &[chrono::DateTime<chrono_tz::Tz>],
+        count: usize,
+        now: chrono::DateTime<Utc>,
+    ) {
+        let Some(latest) = due.last().map(|t| t.with_timezone(&Utc)) else {
+            return;
+        };
+        let on_time = now - latest <= ON_TIME;
+        let missed = count - usize::from(on_time);
+        let submit = |at: chrono::DateTime<Utc>, detail: serde_json::Value| {
+            let req = RunRequest {
+                params: self.params.clone(),
+                no_reuse: false,
+                trigger: format!("cron {}", self.schedule.expr),
+                trigger_detail: Some(detail),
+            };
+            let (pipeline, id, ms) = (&self.pipeline, &self.id, at.timestamp_millis());
+            match self.d.submit(pipeline, req, |b| {
+                b.set_trigger_last_fired(pipeline, id, ms)
+            }) {
+                Ok(Submitted::Queued(_) | Submitted::Skipped(_)) => {}
+                Err(e) => {
+                    tracing::error!(pipeline = %self.pipeline, "cron: {e}");
+                    // The firing is consumed all the same: never fire it twice.
+                    self.record(at);
+                }
+            }
+        };
+        let scheduled = |t: chrono::DateTime<Utc>| self.schedule.local(t).to_rfc3339();
+        if missed > 0 {
+            tracing::info!(
+                pipeline = %self.pipeline,
+                "cron `{}`: {missed} firing(s) missed while the daemon was down (catchup = {:?})",
+                self.schedule.expr, self.catchup
+            );
+        }
+        match self.catchup {
+            _ if missed == 0 => submit(
+                latest,
+                serde_json::json!({ "scheduled": scheduled(latest) }),
+            ),
+            Catchup::None => {
+                if on_time {
+                    submit(
+                        latest,
+                        serde_json::json!({ "scheduled": scheduled(latest) }),
+                    );
+                } else {
+                    self.record(latest);
+                }
+            }
+            Catchup::Latest => submit(
+                latest,
+                serde_json::json!({ "scheduled": scheduled(latest), "missed_count": missed }),
+            ),
+            Catchup::All => {
+                for t in due {
+                    let t = t.with_timezone(&Utc);
+                    submit(
+                        t,
+                        serde_json::json!({ "scheduled": scheduled(t), "catchup": true }),
+                    );
+                }
+                if count > due.len() {
+                    tracing::warn!(
+                        pipeline = %self.pipeline,
+                        "cron: {} more missed firing(s) beyond the first {MAX_REPLAY} were not replayed",
+                        count - due.len()
+                    );
+                }
+            }
+            Catchup::Coalesce => {
+                let from = due[0].with_timezone(&Utc);
+                submit(
+                    latest,
+                    serde_json::json!({
+                        "scheduled": scheduled(latest),
+                        "missed_from": scheduled(from),
+                        "missed_to": scheduled(latest),
+                        "missed_count": count,
+                    }),
+                );
+            }
+        }
+    }
+}
+
+struct WatchTask {
+    d: Arc<Daemon>,
+    pipeline: String,
+    files: Arc<FileSet>,
+    debounce: Duration,
+    params: Vec<(String, String)>,
+}
+
+/// How long a watched file may keep changing before the check gives up (and
+/// waits for its next event).
+const SETTLE_PATIENCE: Duration = Duration::from_secs(600);
+
+impl WatchTask {
+    async fn run(self, token: CancellationToken) {
+        // The base directory may not exist yet: wait for it.
+        let (_watcher, mut events) = loop {
+            if self.files.base.is_dir() {
+                match watch_dir(&self.files.base, notify::RecursiveMode::Recursive) {
+                    Ok(w) => break w,
+                    Err(e) => tracing::error!(
+                        pipeline = %self.pipeline,
+                        "watch `{}`: cannot watch {}: {e}", self.files.glob, self.files.base.display()
+                    ),
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(5)) => {}
+                () = token.cancelled() => return,
+            }
+        };
+        // Changes made while the daemon was down fire now.
+        self.check().await;
+        let mut deadline: Option<tokio::time::Instant> = None;
+        loop {
+            tokio::select! {
+                e = events.recv() => {
+                    let Some(e) = e else { return };
+                    if e.paths.iter().any(|p| self.files.matches(p)) {
+                        deadline = Some(tokio::time::Instant::now() + self.debounce);
+                    }
+                }
+                () = async { tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)).await },
+                    if deadline.is_some() => {
+                    deadline = None;
+                    self.check().await;
+                }
+                () = token.cancelled() => return,
+            }
+        }
+    }
+
+    /// Hashes the matching files once they hold still and fires if any content
+    /// differs from the cursor.
+    async fn check(&self) {
+        let files = self.files.clone();
+        let Ok(Some(now)) =
+            tokio::task::spawn_blocking(move || files.settle_and_hash(SETTLE_PATIENCE)).await
+        else {
+            tracing::warn!(pipeline = %self.pipeline, "watch `{}`: files kept changing; waiting for the next change", self.files.glob);
+            return;
+        };
+        let glob = &self.files.glob;
+        let before = match self
+            .d
+            .store()
+            .db()
+            .read()
+            .watch_cursor(&self.pipeline, glob)
+        {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(pipeline = %self.pipeline, "watch: {e}");
+                return;
+            }
+        };
+        let Some(before) = before else {
+            // First look: what is there now is the baseline.
+            if let Err(e) = self
+                .d
+                .store()
+                .db()
+                .batch(|b| b.set_watch_cursor(&self.pipeline, glob, &now))
+            {
+                tracing::error!(pipeline = %self.pipeline, "watch: {e}");
+            }
+            return;
+        };
+        let changed = watch::changed(&before, &now);
+        if changed.is_empty() {
+            return;
+        }
+        tracing::info!(pipeline = %self.pipeline, "watch `{glob}`: {} file(s) changed", changed.len());
+        let req = RunRequest {
+            params: self.params.clone(),
+            no_reuse: false,
+            trigger: format!("watch {glob}"),
+            trigger_detail: Some(serde_json::json!({ "changed": changed })),
+        };
+        if let Err(e) = self.d.submit(&self.pipeline, req, |b| {
+            b.set_watch_cursor(&self.pipeline, glob, &now)
+        }) {
+            tracing::error!(pipeline = %self.pipeline, "watch: {e}");
+        }
+    }
+}
+
+/// An inotify watch whose events arrive on a tokio channel.
+fn watch_dir(
+    dir: &std::path::Path,
+    mode: notify::RecursiveMode,
+) -> notify::Result<(
+    notify::RecommendedWatcher,
+    tokio::sync::mpsc::UnboundedReceiver<notify::Event>,
+)> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut w = notify::recommended_watcher(move |e: notify::Result<notify::Event>| {
+        if let Ok(e) = e
+            && !matches!(e.kind, notify::EventKind::Access(_))
+        {
+            let _ = tx.send(e);
+        }
+    })?;
+    w.watch(dir, mode)?;
+    Ok((w, rx))
+}
+
+/// Reloads when a pipeline file changes (after 300 ms of quiet).
+pub(super) fn watch_pipelines_dir(d: &Arc<Daemon>) {
+    let dir = d.config.pipelines.clone();
+    let (watcher, mut events) = match watch_dir(&dir, notify::RecursiveMode::NonRecursive) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::error!("cannot watch {}: {e}; reload with SIGHUP", dir.display());
+            return;
+        }
+    };
+    let d = d.clone();
+    tokio::spawn(async move {
+        let _watcher = watcher;
+        let mut deadline: Option<tokio::time::Instant> = None;
+        loop {
+            tokio::select! {
+                e = events.recv() => {
+                    let Some(e) = e else { return };
+                    if e.paths.iter().any(|p| p.extension().is_some_and(|x| x == "toml")) {
+                        deadline = Some(tokio::time::Instant::now() + Duration::from_millis(300));
+                    }
+                }
+                () = async { tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)).await },
+                    if deadline.is_some() => {
+                    deadline = None;
+                    d.reload();
+                }
+                () = d.shutdown.cancelled() => return,
+            }
+        }
+    });
+}
+
+/// `WATCHDOG=1` at half the interval systemd asks for, from the runtime that
+/// runs the scheduler, after taking the daemon's state lock (a deadlock stops the
+/// pings and systemd restarts the service).
+pub(super) fn watchdog(d: &Arc<Daemon>) -> tokio::task::JoinHandle<()> {
+    let interval = sd_notify::watchdog_enabled();
+    let d = d.clone();
+    tokio::spawn(async move {
+        let Some(interval) = interval.filter(|i| !i.is_zero()) else {
+            return;
+        };
+        let every = interval / 2;
+        loop {
+            tokio::time::sleep(every).await;
+            drop(d.state());
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+        }
+    })
+}
