@@ -9,3 +9,5 @@ echo "== plugin unit tests"
 (cd plugins && cargo test --quiet --target x86_64-unknown-linux-gnu -p csvkit)
 echo "== millrace tests"
 cargo test --workspace
+echo "== systemd unit"
+scripts/check-systemd.sh

@@ -141,26 +141,18 @@ fn config(w: &mut Walker, doc: &DeTable<'_>, path: &Path) -> Option<Config> {
     w.unknown_keys(doc, KEYS, "the daemon config");
     let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
     let resolve = |p: &str| dir.join(p);
-    let pipelines = match doc.get("pipelines") {
-        Some(v) => resolve(w.string(v, "pipelines")?.get_ref()),
+    let mut required = |key: &str, what: &str| match doc.get(key) {
+        Some(v) => w.string(v, key).map(|s| resolve(s.get_ref())),
         None => {
             w.error(
                 0..0,
-                "the daemon config needs `pipelines = \"DIR\"`: the directory of pipeline files",
+                format!("the daemon config needs `{key} = \"DIR\"`: {what}"),
             );
-            return None;
+            None
         }
     };
-    let state_dir = match doc.get("state_dir") {
-        Some(v) => resolve(w.string(v, "state_dir")?.get_ref()),
-        None => {
-            w.error(
-                0..0,
-                "the daemon config needs `state_dir = \"DIR\"`: where the database and artifacts live",
-            );
-            return None;
-        }
-    };
+    let pipelines = required("pipelines", "the directory of pipeline files");
+    let state_dir = required("state_dir", "where the database and artifacts live");
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let max_parallel_steps = match doc.get("max_parallel_steps") {
         Some(v) => match w.integer(v, "max_parallel_steps") {
@@ -266,8 +258,8 @@ fn config(w: &mut Walker, doc: &DeTable<'_>, path: &Path) -> Option<Config> {
     }
     Some(Config {
         path: path.to_path_buf(),
-        pipelines,
-        state_dir,
+        pipelines: pipelines?,
+        state_dir: state_dir?,
         max_parallel_steps,
         shutdown_grace,
         resume_interrupted,

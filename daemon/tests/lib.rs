@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+mod daemon;
 mod run;
 mod sandbox;
 mod ui;

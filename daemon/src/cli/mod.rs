@@ -69,6 +69,11 @@ enum Command {
         /// A daemon config to check (and whose pipelines to check).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// With --config: check only the config. The daemon keeps running with an
+        /// invalid pipeline file (its last valid version stays), so this is what
+        /// systemd checks before a start or reload.
+        #[arg(long, requires = "config")]
+        config_only: bool,
     },
     /// Print the execution graph.
     Graph {
@@ -259,10 +264,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Validate {
             paths,
             config: Some(config),
-        } => service::validate_config(&config, &paths, json),
+            config_only,
+        } => service::validate_config(&config, &paths, config_only, json),
         Command::Validate {
             paths,
             config: None,
+            ..
         } => validate(&paths, json),
         Command::Daemon { config } => service::daemon(config.as_deref()).await,
         Command::Trigger {

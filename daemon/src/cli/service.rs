@@ -68,7 +68,12 @@ pub async fn daemon(config: Option<&Path>) -> anyhow::Result<i32> {
 /// `millrace validate --config FILE [PATH…]`: the config, then every pipeline
 /// file of its pipelines directory (and any PATH), checked against its datastores
 /// and compute targets.
-pub fn validate_config(path: &Path, extra: &[PathBuf], json: bool) -> anyhow::Result<i32> {
+pub fn validate_config(
+    path: &Path,
+    extra: &[PathBuf],
+    config_only: bool,
+    json: bool,
+) -> anyhow::Result<i32> {
     let (config, report) = config::load(path)
         .map_err(|e| Exit::config(format!("error: cannot read {}: {e}", path.display())))?;
     let Some(config) = config else {
@@ -92,6 +97,17 @@ pub fn validate_config(path: &Path, extra: &[PathBuf], json: bool) -> anyhow::Re
     if !json {
         eprint!("{report}");
         println!("{}: ok", display_path(path));
+    }
+    if config_only {
+        if json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!([{
+                    "file": display_path(path), "valid": true, "diagnostics": report.to_json()
+                }]))?
+            );
+        }
+        return Ok(0);
     }
     let mut paths = vec![config.pipelines.clone()];
     paths.extend(extra.iter().cloned());

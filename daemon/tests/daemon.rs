@@ -1,0 +1,822 @@
+//! The daemon as a real process: triggers, queueing, reload, crash recovery, the
+//! API's token. Each test starts `millrace daemon` on a temporary state dir and
+//! port 0, and finds it through `<state>/daemon.json`.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::common::{Project, plugin};
+
+struct Daemon {
+    child: Option<Child>,
+    url: String,
+    token: String,
+    log: PathBuf,
+}
+
+fn config(p: &Project, extra: &str) -> PathBuf {
+    p.write(
+        "millrace.toml",
+        &format!(
+            "pipelines = \"pipelines\"\nstate_dir = \".state\"\nmax_parallel_steps = 2\nshutdown_grace = \"2s\"\n{extra}\n[api]\nlisten = \"127.0.0.1:0\"\n"
+        ),
+    )
+}
+
+impl Daemon {
+    fn start(p: &Project) -> Daemon {
+        let config = p.path("millrace.toml");
+        if !config.exists() {
+            self::config(p, "");
+        }
+        std::fs::create_dir_all(p.path("pipelines")).unwrap();
+        let _ = std::fs::remove_file(p.path(".state/daemon.json"));
+        let n = std::fs::read_dir(p.dir.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.file_name().to_string_lossy().starts_with("daemon-"))
+            })
+            .count();
+        let log = p.path(&format!("daemon-{n}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_millrace"))
+            .current_dir(p.dir.path())
+            .args(["daemon", "--config"])
+            .arg(&config)
+            .env("MILLRACE_LOG", "info")
+            .env_remove("JOURNAL_STREAM")
+            .env_remove("NOTIFY_SOCKET")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start the daemon");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let url = loop {
+            if let Some(url) = std::fs::read_to_string(p.path(".state/daemon.json"))
+                .ok()
+                .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+                .and_then(|v| v["url"].as_str().map(str::to_string))
+            {
+                break url;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the daemon did not start: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let token = std::fs::read_to_string(p.path(".state/api-token"))
+            .unwrap()
+            .trim()
+            .to_string();
+        Daemon {
+            child: Some(child),
+            url,
+            token,
+            log,
+        }
+    }
+
+    fn agent() -> ureq::Agent {
+        ureq::Agent::new_with_config(
+            ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .proxy(None)
+                .timeout_global(Some(Duration::from_secs(30)))
+                .build(),
+        )
+    }
+
+    fn get(&self, path: &str) -> Value {
+        let mut r = Self::agent()
+            .get(format!("{}{path}", self.url))
+            .call()
+            .unwrap();
+        assert_eq!(r.status(), 200, "GET {path}");
+        r.body_mut().read_json().unwrap()
+    }
+
+    /// POST with the token (or `token` if given); (status, body).
+    fn post(&self, path: &str, body: Value, token: Option<&str>) -> (u16, Value) {
+        let mut req = Self::agent().post(format!("{}{path}", self.url));
+        let t = token.unwrap_or(&self.token);
+        if !t.is_empty() {
+            req = req.header("Authorization", &format!("Bearer {t}"));
+        }
+        let mut r = req.send_json(body).unwrap();
+        let status = r.status().as_u16();
+        let text = r.body_mut().read_to_string().unwrap_or_default();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    fn trigger(&self, pipeline: &str) -> i64 {
+        let (status, v) = self.post(
+            &format!("/api/v1/pipelines/{pipeline}/runs"),
+            serde_json::json!({}),
+            None,
+        );
+        assert_eq!(status, 202, "{v}");
+        v["run_id"].as_i64().unwrap()
+    }
+
+    fn runs(&self, pipeline: &str) -> Vec<Value> {
+        let v = self.get(&format!("/api/v1/runs?pipeline={pipeline}&limit=1000"));
+        let mut runs = v["runs"].as_array().unwrap().clone();
+        runs.reverse();
+        runs
+    }
+
+    /// Waits until `pred` holds for the run (a minute at most).
+    fn wait_run(&self, id: i64, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let r = self.get(&format!("/api/v1/runs/{id}"));
+            if pred(&r) {
+                return r;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "run {id} never {what}: {r}\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    fn wait_status(&self, id: i64, status: &str) -> Value {
+        self.wait_run(id, status, |r| r["status"] == status)
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.pid(), sig);
+        }
+    }
+
+    /// SIGTERM, then waits for the exit; returns its code.
+    fn stop(mut self) -> i32 {
+        self.signal(libc::SIGTERM);
+        let mut child = self.child.take().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                return s.code().unwrap_or(-1);
+            }
+            assert!(Instant::now() < deadline, "the daemon ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill9(mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn sleep_pipeline(p: &Project, name: &str, secs: f64, concurrency: &str) {
+    let sleep = plugin("sleep");
+    p.write(
+        &format!("pipelines/{name}.toml"),
+        &format!(
+            r#"
+name = "{name}"
+concurrency = {concurrency}
+[[step]]
+name = "nap"
+wasm = "{sleep}"
+args = ["--secs", "{secs}"]
+reuse = false
+"#
+        ),
+    );
+}
+
+#[test]
+fn a_cron_every_second_fires_each_second_without_duplicates() {
+    let p = Project::new();
+    let noop = plugin("noop");
+    p.write(
+        "pipelines/tick.toml",
+        &format!(
+            r#"
+[params]
+scheduled = ""
+[[trigger]]
+cron = "*/1 * * * * *"
+[[step]]
+name = "a"
+wasm = "{noop}"
+"#
+        ),
+    );
+    let d = Daemon::start(&p);
+    std::thread::sleep(Duration::from_millis(4500));
+    let runs = d.runs("tick");
+    assert_eq!(d.stop(), 0);
+    assert!(
+        (3..=6).contains(&runs.len()),
+        "{} runs in 4.5 s: {runs:?}",
+        runs.len()
+    );
+    let scheduled: Vec<i64> = runs
+        .iter()
+        .map(|r| {
+            let s = r["trigger_detail"]["scheduled"].as_str().unwrap();
+            assert_eq!(
+                r["params"]["scheduled"], s,
+                "the firing is a declared param"
+            );
+            chrono::DateTime::parse_from_rfc3339(s).unwrap().timestamp()
+        })
+        .collect();
+    for w in scheduled.windows(2) {
+        assert_eq!(
+            w[1] - w[0],
+            1,
+            "consecutive seconds, none twice: {scheduled:?}"
+        );
+    }
+}
+
+#[test]
+fn schedule_simulates_both_stockholm_dst_transitions() {
+    let p = Project::new();
+    let noop = plugin("noop");
+    let f = p.write(
+        "nightly.toml",
+        &format!(
+            r#"
+[[trigger]]
+cron = "30 2 * * *"
+timezone = "Europe/Stockholm"
+[[step]]
+name = "a"
+wasm = "{noop}"
+"#
+        ),
+    );
+    let f = f.to_str().unwrap();
+    let spring = p.json(&[
+        "schedule",
+        f,
+        "--simulate",
+        "2026-03-28T00:00:00Z",
+        "2026-03-31T00:00:00Z",
+    ]);
+    assert_eq!(
+        spring[0]["firings"],
+        serde_json::json!([
+            "2026-03-28T02:30:00+01:00",
+            "2026-03-29T03:00:00+02:00",
+            "2026-03-30T02:30:00+02:00"
+        ]),
+        "02:30 does not exist on 29 March: it fires once, at 03:00"
+    );
+    let autumn = p.json(&[
+        "schedule",
+        f,
+        "--simulate",
+        "2026-10-24T00:00:00Z",
+        "2026-10-27T00:00:00Z",
+    ]);
+    assert_eq!(
+        autumn[0]["firings"],
+        serde_json::json!([
+            "2026-10-24T02:30:00+02:00",
+            "2026-10-25T02:30:00+02:00",
+            "2026-10-26T02:30:00+01:00"
+        ]),
+        "02:30 happens twice on 25 October: it fires once"
+    );
+    let text = p.run(&[
+        "schedule",
+        f,
+        "--simulate",
+        "2026-03-29T00:00:00Z",
+        "2026-03-29T23:00:00Z",
+    ]);
+    assert!(text.status.success());
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("2026-03-29T03:00:00+02:00  (2026-03-29T01:00:00+00:00)"),
+        "{text}"
+    );
+}
+
+#[test]
+fn catchup_policies_after_a_downtime() {
+    let p = Project::new();
+    let noop = plugin("noop");
+    // An hourly schedule whose last firing was half an hour ago: after five hours
+    // down, five firings were missed and none is on time.
+    let now = chrono::Utc::now();
+    let minute = (now - chrono::TimeDelta::minutes(30))
+        .format("%M")
+        .to_string()
+        .parse::<u32>()
+        .unwrap();
+    let expr = format!("{minute} * * * *");
+    for policy in ["none", "latest", "all", "coalesce"] {
+        p.write(
+            &format!("pipelines/{policy}.toml"),
+            &format!(
+                r#"
+[params]
+missed_count = 0
+missed_from = ""
+[[trigger]]
+cron = "{expr}"
+catchup = "{policy}"
+[[step]]
+name = "a"
+wasm = "{noop}"
+"#
+            ),
+        );
+    }
+    {
+        let db = millrace::store::db::Db::open(&{
+            std::fs::create_dir_all(p.path(".state")).unwrap();
+            p.path(".state/millrace.db")
+        })
+        .unwrap();
+        let down_since = (now - chrono::TimeDelta::minutes(5 * 60 + 1)).timestamp_millis();
+        for policy in ["none", "latest", "all", "coalesce"] {
+            db.read()
+                .set_trigger_last_fired(policy, &format!("cron {expr} UTC"), down_since)
+                .unwrap();
+        }
+    }
+    let d = Daemon::start(&p);
+    let expect = [("none", 0), ("latest", 1), ("all", 5), ("coalesce", 1)];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while expect.iter().any(|(n, want)| {
+        d.runs(n)
+            .iter()
+            .filter(|r| r["status"] == "succeeded")
+            .count()
+            < *want
+    }) {
+        assert!(Instant::now() < deadline, "{}", d.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    for (n, want) in expect {
+        assert_eq!(d.runs(n).len(), want, "catchup = {n}");
+    }
+    let latest = &d.runs("latest")[0];
+    assert_eq!(latest["params"]["missed_count"], 5);
+    let co = &d.runs("coalesce")[0];
+    assert_eq!(co["params"]["missed_count"], 5);
+    let from = co["params"]["missed_from"].as_str().unwrap();
+    let to = co["trigger_detail"]["missed_to"].as_str().unwrap();
+    let span = chrono::DateTime::parse_from_rfc3339(to).unwrap()
+        - chrono::DateTime::parse_from_rfc3339(from).unwrap();
+    assert_eq!(span, chrono::TimeDelta::hours(4), "{from} .. {to}");
+    let all: Vec<String> = d
+        .runs("all")
+        .iter()
+        .map(|r| {
+            r["trigger_detail"]["scheduled"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let mut sorted = all.clone();
+    sorted.dedup();
+    assert_eq!(sorted.len(), 5, "each missed firing once: {all:?}");
+    assert_eq!(d.stop(), 0);
+    // A restart neither repeats nor invents firings.
+    let d = Daemon::start(&p);
+    std::thread::sleep(Duration::from_millis(1500));
+    for (n, want) in expect {
+        assert_eq!(d.runs(n).len(), want, "after a restart, catchup = {n}");
+    }
+}
+
+fn watch_pipeline(p: &Project) {
+    let copy = plugin("copy");
+    p.write("pipelines/drop/.keep", "");
+    p.write(
+        "pipelines/ingest.toml",
+        &format!(
+            r#"
+[params]
+changed = ""
+[inputs.drop]
+path = "drop"
+[[trigger]]
+watch = "drop/*.csv"
+debounce = "400ms"
+[[step]]
+name = "a"
+wasm = "{copy}"
+inputs = {{ d = "inputs.drop" }}
+outputs = ["out"]
+"#
+        ),
+    );
+}
+
+fn wait_runs(d: &Daemon, pipeline: &str, n: usize) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let runs = d.runs(pipeline);
+        if runs.len() >= n && runs.iter().all(|r| r["status"] == "succeeded") {
+            return runs;
+        }
+        assert!(Instant::now() < deadline, "{runs:?}\n{}", d.log_text());
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+#[test]
+fn a_file_still_being_written_fires_one_run_once_complete() {
+    let p = Project::new();
+    watch_pipeline(&p);
+    let d = Daemon::start(&p);
+    std::thread::sleep(Duration::from_millis(300));
+    let path = p.path("pipelines/drop/big.csv");
+    let mut f = std::fs::File::create(&path).unwrap();
+    for i in 0..15 {
+        std::io::Write::write_all(&mut f, format!("{i},{}\n", "x".repeat(1000)).as_bytes())
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(f);
+    let written = chrono::Utc::now().timestamp_millis();
+    let runs = wait_runs(&d, "ingest", 1);
+    std::thread::sleep(Duration::from_millis(1500));
+    let runs_after = d.runs("ingest");
+    assert_eq!(runs_after.len(), 1, "{runs_after:?}");
+    assert!(runs[0]["created_at"].as_i64().unwrap() >= written);
+    assert_eq!(runs[0]["params"]["changed"], "drop/big.csv");
+    // Touching it, or rewriting the same bytes, is no change.
+    let same = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &same).unwrap();
+    let now = std::time::SystemTime::now();
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_modified(now)
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(d.runs("ingest").len(), 1, "identical content does not fire");
+    assert_eq!(d.stop(), 0);
+}
+
+#[test]
+fn a_thousand_writes_in_a_second_fire_one_run_and_a_downtime_change_fires_on_start() {
+    let p = Project::new();
+    watch_pipeline(&p);
+    p.write("pipelines/drop/a.csv", "start\n");
+    let d = Daemon::start(&p);
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(d.runs("ingest").len(), 0, "the first look is the baseline");
+    let path = p.path("pipelines/drop/a.csv");
+    let start = Instant::now();
+    for i in 0..1000 {
+        let mut f = std::fs::File::options().append(true).open(&path).unwrap();
+        std::io::Write::write_all(&mut f, format!("{i}\n").as_bytes()).unwrap();
+    }
+    assert!(start.elapsed() < Duration::from_secs(1));
+    wait_runs(&d, "ingest", 1);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(d.runs("ingest").len(), 1);
+    assert_eq!(d.stop(), 0);
+    // Changed while the daemon was down: fires on start, once.
+    p.write("pipelines/drop/b.csv", "new\n");
+    let d = Daemon::start(&p);
+    let runs = wait_runs(&d, "ingest", 2);
+    assert_eq!(
+        runs[1]["trigger_detail"]["changed"],
+        serde_json::json!(["drop/b.csv"])
+    );
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(d.runs("ingest").len(), 2);
+}
+
+#[test]
+fn overlap_policies_queue_skip_and_cancel() {
+    let p = Project::new();
+    sleep_pipeline(&p, "queued", 0.4, r#"{ max_runs = 1, overlap = "queue" }"#);
+    sleep_pipeline(&p, "skipped", 1.5, r#"{ max_runs = 1, overlap = "skip" }"#);
+    sleep_pipeline(
+        &p,
+        "cancelled",
+        30.0,
+        r#"{ max_runs = 1, overlap = "cancel" }"#,
+    );
+    let d = Daemon::start(&p);
+
+    let ids: Vec<i64> = (0..3).map(|_| d.trigger("queued")).collect();
+    let done: Vec<Value> = ids
+        .iter()
+        .map(|&id| d.wait_status(id, "succeeded"))
+        .collect();
+    for w in done.windows(2) {
+        assert!(
+            w[1]["started_at"].as_i64() >= w[0]["finished_at"].as_i64(),
+            "max_runs = 1: one at a time: {w:?}"
+        );
+    }
+
+    let first = d.trigger("skipped");
+    d.wait_status(first, "running");
+    let (status, v) = d.post(
+        "/api/v1/pipelines/skipped/runs",
+        serde_json::json!({}),
+        None,
+    );
+    assert_eq!(status, 409, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("skip"),
+        "{v}"
+    );
+    d.wait_status(first, "succeeded");
+
+    let old = d.trigger("cancelled");
+    d.wait_run(old, "ran its step", |r| {
+        r["steps"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|s| s["status"] == "running"))
+    });
+    let new = d.trigger("cancelled");
+    d.wait_status(old, "cancelled");
+    d.wait_run(new, "started", |r| r["status"] == "running");
+    let (status, _) = d.post(
+        &format!("/api/v1/runs/{new}/cancel"),
+        serde_json::json!({}),
+        None,
+    );
+    assert_eq!(status, 202);
+    d.wait_status(new, "cancelled");
+    assert_eq!(d.stop(), 0);
+}
+
+#[test]
+fn kill_9_mid_step_then_restart_resumes_the_run() {
+    let p = Project::new();
+    let copy = plugin("copy");
+    let sleep = plugin("sleep");
+    p.write("data.txt", "payload\n");
+    p.write(
+        "pipelines/two.toml",
+        &format!(
+            r#"
+[inputs.x]
+path = "../data.txt"
+[[step]]
+name = "first"
+wasm = "{copy}"
+inputs = {{ x = "inputs.x" }}
+outputs = ["out"]
+[[step]]
+name = "second"
+wasm = "{sleep}"
+args = ["--secs", "2"]
+inputs = {{ x = "first.out" }}
+"#
+        ),
+    );
+    let d = Daemon::start(&p);
+    let id = d.trigger("two");
+    d.wait_run(id, "reached its second step", |r| {
+        r["steps"][1]["status"] == "running"
+    });
+    d.kill9();
+    let d = Daemon::start(&p);
+    let r = d.wait_status(id, "succeeded");
+    let log = d.log_text();
+    assert!(log.contains("interrupted"), "{log}");
+    assert!(log.contains("queued to resume"), "{log}");
+    assert_eq!(
+        r["steps"][0]["attempts"], 1,
+        "the first step is not run again: {r}"
+    );
+    assert_eq!(r["steps"][1]["status"], "succeeded");
+    assert_eq!(d.runs("two").len(), 1, "resumed, not re-run");
+}
+
+#[test]
+fn sigterm_lets_running_steps_finish_then_interrupts_and_a_restart_resumes() {
+    let p = Project::new();
+    let sleep = plugin("sleep");
+    p.write(
+        "pipelines/slow.toml",
+        &format!(
+            r#"
+[[step]]
+name = "short"
+wasm = "{sleep}"
+args = ["--secs", "0.8"]
+[[step]]
+name = "after-short"
+wasm = "{sleep}"
+args = ["--secs", "0.1"]
+after = ["short"]
+[[step]]
+name = "long"
+wasm = "{sleep}"
+args = ["--secs", "30"]
+"#
+        ),
+    );
+    let d = Daemon::start(&p);
+    let id = d.trigger("slow");
+    d.wait_run(id, "ran both steps", |r| {
+        r["steps"]
+            .as_array()
+            .is_some_and(|s| s.iter().filter(|s| s["status"] == "running").count() == 2)
+    });
+    let start = Instant::now();
+    assert_eq!(d.stop(), 0);
+    assert!(
+        start.elapsed() < Duration::from_secs(20),
+        "the grace is 2 s"
+    );
+    let db = millrace::store::db::Db::open(&p.path(".state/millrace.db")).unwrap();
+    let run = db.read().run(id).unwrap().unwrap();
+    assert_eq!(run.status, "interrupted");
+    let steps = db.read().steps(id).unwrap();
+    let status = |n: &str| steps.iter().find(|s| s.name == n).unwrap().status.clone();
+    assert_eq!(status("short"), "succeeded", "finished within the grace");
+    assert_eq!(
+        status("after-short"),
+        "pending",
+        "not started once stopping"
+    );
+    drop(db);
+    // Make the long step short so the resume finishes quickly.
+    let text = std::fs::read_to_string(p.path("pipelines/slow.toml")).unwrap();
+    std::fs::write(
+        p.path("pipelines/slow.toml"),
+        text.replace("\"30\"", "\"0.1\""),
+    )
+    .unwrap();
+    let d = Daemon::start(&p);
+    let r = d.wait_status(id, "succeeded");
+    assert_eq!(r["steps"][0]["attempts"], 1, "{r}");
+    assert_eq!(d.stop(), 0);
+}
+
+#[test]
+fn sighup_with_an_invalid_file_keeps_the_old_version_and_reports_it() {
+    let p = Project::new();
+    let noop = plugin("noop");
+    let good = format!("[[step]]\nname = \"a\"\nwasm = \"{noop}\"\n");
+    p.write("pipelines/keep.toml", &good);
+    let d = Daemon::start(&p);
+    let before = d.get("/api/v1/pipelines/keep");
+    std::fs::write(
+        p.path("pipelines/keep.toml"),
+        format!("{good}[[step]]\nname = \"b\"\nwasm = \"{noop}\"\nretries = \"many\"\n"),
+    )
+    .unwrap();
+    d.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let v = loop {
+        let v = d.get("/api/v1/pipelines");
+        if !v["invalid_files"].as_array().unwrap().is_empty() {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "{v}");
+        std::thread::sleep(Duration::from_millis(25));
+    };
+    let err = &v["invalid_files"][0];
+    assert!(
+        err["text"].as_str().unwrap().contains("keep.toml:7:11"),
+        "{err}"
+    );
+    let after = d.get("/api/v1/pipelines/keep");
+    assert_eq!(
+        after["digest"], before["digest"],
+        "the last valid version stays"
+    );
+    assert_eq!(after["steps"].as_array().unwrap().len(), 1);
+    // It still runs, with the old version.
+    let id = d.trigger("keep");
+    d.wait_status(id, "succeeded");
+    // `millrace status` shows the error and exits 78.
+    let out = p
+        .cmd(&[
+            "status",
+            "--config",
+            p.path("millrace.toml").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(78), "{text}");
+    assert!(text.contains("keep.toml:7:11"), "{text}");
+    // Fixing the file loads the new version for new runs.
+    std::fs::write(
+        p.path("pipelines/keep.toml"),
+        good.replace("\"a\"", "\"c\""),
+    )
+    .unwrap();
+    d.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while d.get("/api/v1/pipelines/keep")["steps"][0]["name"] != "c" {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    assert!(
+        d.get("/api/v1/pipelines")["invalid_files"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[test]
+fn mutating_calls_need_the_token_and_bad_requests_are_named() {
+    let p = Project::new();
+    let noop = plugin("noop");
+    p.write(
+        "pipelines/api.toml",
+        &format!("[params]\nc = 0.5\n[[step]]\nname = \"a\"\nwasm = \"{noop}\"\n"),
+    );
+    let d = Daemon::start(&p);
+    let (status, v) = d.post(
+        "/api/v1/pipelines/api/runs",
+        serde_json::json!({}),
+        Some(""),
+    );
+    assert_eq!(status, 401, "{v}");
+    let (status, _) = d.post(
+        "/api/v1/pipelines/api/runs",
+        serde_json::json!({}),
+        Some("wrong"),
+    );
+    assert_eq!(status, 401);
+    assert_eq!(d.get("/healthz")["status"], "ok");
+    let (status, v) = d.post(
+        "/api/v1/pipelines/api/runs",
+        serde_json::json!({"params": {"nope": 1}}),
+        None,
+    );
+    assert_eq!(status, 422);
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("nope"),
+        "{v}"
+    );
+    let (status, v) = d.post(
+        "/api/v1/pipelines/api/runs",
+        serde_json::json!({"params": {"c": "high"}}),
+        None,
+    );
+    assert_eq!(status, 422, "{v}");
+    let (status, _) = d.post("/api/v1/pipelines/ghost/runs", serde_json::json!({}), None);
+    assert_eq!(status, 404);
+    // `millrace trigger` finds the daemon and its token through the config.
+    let out = p
+        .cmd(&[
+            "trigger",
+            "api",
+            "--param",
+            "c=0.9",
+            "--config",
+            p.path("millrace.toml").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let runs = d.runs("api");
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0]["params"]["c"], 0.9);
+    assert_eq!(runs[0]["trigger"], "api");
+    d.wait_status(runs[0]["id"].as_i64().unwrap(), "succeeded");
+}
