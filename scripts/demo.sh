@@ -34,5 +34,40 @@ chain_runs=$("$millrace" --json runs --pipeline wine-chain --limit 2 | python3 -
 "$millrace" metrics $chain_runs
 say "the published summary (config/pipelines/published/wine-stats/stats.json)"
 head -c 400 "$pipelines/published/wine-stats/stats.json"; echo
+
+say "the daemon: loads config/pipelines, fires their triggers, serves the REST API"
+config="$MILLRACE_STATE/demo-daemon.toml"
+cat >"$config" <<CONFIG
+# Written by scripts/demo.sh; config/millrace.toml is the documented example.
+pipelines = "$pipelines"
+state_dir = "$MILLRACE_STATE"
+shutdown_grace = "10s"
+[api]
+listen = "127.0.0.1:0"     # any free port: clients find it in state_dir/daemon.json
+CONFIG
+rm -f "$MILLRACE_STATE/daemon.json"
+"$millrace" daemon --config "$config" 2>"$MILLRACE_STATE/daemon.log" &
+daemon_pid=$!
+trap 'kill "$daemon_pid" 2>/dev/null || true' EXIT
+for _ in $(seq 100); do [[ -s "$MILLRACE_STATE/daemon.json" ]] && break; sleep 0.1; done
+"$millrace" status --config "$config"
+say "the cron triggers' next firings, and the nightly one across a DST change"
+"$millrace" schedule --config "$config" --count 3
+"$millrace" schedule --config "$config" --simulate 2026-03-28 2026-03-31
+say "trigger wine-chain through the API; its success fires wine-fanout (after = \"wine-chain\")"
+"$millrace" trigger wine-chain --config "$config" --param min_alcohol=12 --wait
+last_fanout() {
+    "$millrace" --json runs --pipeline wine-fanout --limit 1 |
+        python3 -c 'import json,sys; r=json.load(sys.stdin); print(r[0]["status"] if r and r[0]["trigger"].startswith("after") else "")'
+}
+for _ in $(seq 300); do
+    case "$(last_fanout)" in succeeded | failed) break ;; esac
+    sleep 0.1
+done
+"$millrace" runs --limit 4
+kill -TERM "$daemon_pid"
+wait "$daemon_pid" || true
+trap - EXIT
+echo "(the daemon's log: $MILLRACE_STATE/daemon.log)"
 echo
 echo "demo: done. State is in $MILLRACE_STATE; try: $millrace runs show latest"

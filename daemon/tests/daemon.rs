@@ -820,3 +820,66 @@ fn mutating_calls_need_the_token_and_bad_requests_are_named() {
     assert_eq!(runs[0]["trigger"], "api");
     d.wait_status(runs[0]["id"].as_i64().unwrap(), "succeeded");
 }
+
+#[test]
+fn after_triggers_fire_on_success_only_and_queued_runs_survive_a_restart() {
+    let p = Project::new();
+    let noop = plugin("noop");
+    let fail = plugin("fail");
+    p.write(
+        "pipelines/upstream.toml",
+        &format!("[params]\nok = true\n[[step]]\nname = \"a\"\nwasm = \"{noop}\"\nreuse = false\n"),
+    );
+    p.write(
+        "pipelines/broken.toml",
+        &format!("[[step]]\nname = \"a\"\nwasm = \"{fail}\"\n"),
+    );
+    p.write(
+        "pipelines/downstream.toml",
+        &format!(
+            r#"
+[params]
+upstream_run = 0
+label = "x"
+[[trigger]]
+after = "upstream"
+params = {{ label = "from-upstream" }}
+[[trigger]]
+after = "broken"
+[[step]]
+name = "a"
+wasm = "{noop}"
+"#
+        ),
+    );
+    sleep_pipeline(&p, "serial", 1.0, r#"{ max_runs = 1, overlap = "queue" }"#);
+    let d = Daemon::start(&p);
+    let up = d.trigger("upstream");
+    d.wait_status(up, "succeeded");
+    let broken = d.trigger("broken");
+    d.wait_status(broken, "failed");
+    let down = wait_runs(&d, "downstream", 1);
+    std::thread::sleep(Duration::from_millis(500));
+    let down_all = d.runs("downstream");
+    assert_eq!(down_all.len(), 1, "only the success fires: {down_all:?}");
+    assert_eq!(down[0]["params"]["upstream_run"], up);
+    assert_eq!(down[0]["params"]["label"], "from-upstream");
+    assert_eq!(down[0]["trigger"], "after upstream");
+
+    // Two queued behind a running one; a stop keeps them queued, a start runs them.
+    let first = d.trigger("serial");
+    let second = d.trigger("serial");
+    let third = d.trigger("serial");
+    d.wait_status(first, "running");
+    assert_eq!(d.get(&format!("/api/v1/runs/{second}"))["status"], "queued");
+    assert_eq!(d.stop(), 0);
+    let db = millrace::store::db::Db::open(&p.path(".state/millrace.db")).unwrap();
+    for id in [second, third] {
+        assert_eq!(db.read().run(id).unwrap().unwrap().status, "queued");
+    }
+    drop(db);
+    let d = Daemon::start(&p);
+    for id in [first, second, third] {
+        d.wait_status(id, "succeeded");
+    }
+}

@@ -144,6 +144,9 @@ enum Command {
         params: Vec<String>,
         #[arg(long)]
         no_reuse: bool,
+        /// Wait for the run to end; the exit code is its result.
+        #[arg(long)]
+        wait: bool,
         #[command(flatten)]
         connect: service::Connect,
     },
@@ -276,10 +279,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             pipeline,
             params,
             no_reuse,
+            wait,
             connect,
         } => {
             let params = parse_params(&params)?;
-            service::trigger(&connect, &cli.state, &pipeline, &params, no_reuse, json)
+            service::trigger(
+                &connect, &cli.state, &pipeline, &params, no_reuse, wait, json,
+            )
         }
         Command::Status { connect } => service::status(&connect, &cli.state, json),
         Command::Schedule {

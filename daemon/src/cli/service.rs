@@ -227,6 +227,7 @@ pub fn trigger(
     pipeline: &str,
     params: &[(String, String)],
     no_reuse: bool,
+    wait: bool,
     json: bool,
 ) -> anyhow::Result<i32> {
     let client = Client::connect(c, state)?;
@@ -242,12 +243,44 @@ pub fn trigger(
     if status != 202 {
         return Err(api_error(status, &v));
     }
-    if json {
-        println!("{v}");
-    } else {
-        println!("run {} queued", v["run_id"]);
+    let id = v["run_id"].as_i64().unwrap_or(0);
+    if !wait {
+        if json {
+            println!("{v}");
+        } else {
+            println!("run {id} queued");
+        }
+        return Ok(0);
     }
-    Ok(0)
+    if !json {
+        eprintln!("run {id} queued; waiting for it to end");
+    }
+    loop {
+        let (code, r) = client.call("GET", &format!("/api/v1/runs/{id}"), None)?;
+        if code != 200 {
+            return Err(api_error(code, &r));
+        }
+        let status = r["status"].as_str().unwrap_or("").to_string();
+        if matches!(
+            status.as_str(),
+            "succeeded" | "failed" | "cancelled" | "interrupted"
+        ) {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!("run {id} {status}");
+                if let Some(e) = r["error"].as_str() {
+                    println!("  {e}");
+                }
+            }
+            return Ok(if status == "succeeded" {
+                0
+            } else {
+                super::EXIT_RUN_FAILED
+            });
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// `millrace status`: loaded pipelines, invalid files, running and queued work,
