@@ -883,3 +883,49 @@ wasm = "{noop}"
         d.wait_status(id, "succeeded");
     }
 }
+
+#[test]
+fn a_bad_daemon_config_is_reported_at_its_lines_and_the_daemon_does_not_start() {
+    let p = Project::new();
+    p.write(
+        "bad.toml",
+        "pipelines = \"pipelines\"\nstate_dir = 3\nmax_parallel_steps = 0\n[api]\nlisten = \"localhost\"\ntoken = \"x\"\n",
+    );
+    let out = p.run(&["validate", "--config", "bad.toml", "--config-only"]);
+    assert_eq!(out.status.code(), Some(78));
+    let err = crate::common::stderr(&out);
+    for want in [
+        "bad.toml:2:13: error: state_dir must be a string",
+        "bad.toml:3:22: error: max_parallel_steps must be between 1 and 1024",
+        "bad.toml:5:10: error: api.listen: `localhost` is not an address",
+        "bad.toml:6:1: error: unknown key `token` in [api]",
+    ] {
+        assert!(err.contains(want), "{want}\n{err}");
+    }
+    let out = p.run(&["daemon", "--config", "bad.toml"]);
+    assert_eq!(
+        out.status.code(),
+        Some(78),
+        "{}",
+        crate::common::stderr(&out)
+    );
+    assert!(!p.path(".state").exists(), "nothing was created");
+    // A config whose pipelines are bad is itself fine; `validate --config` checks both.
+    config(&p, "");
+    p.write(
+        "pipelines/x.toml",
+        "[[step]]\nname = \"a\"\nwasm = \"nope.wasm\"\n",
+    );
+    assert!(
+        p.run(&["validate", "--config", "millrace.toml", "--config-only"])
+            .status
+            .success()
+    );
+    let out = p.run(&["validate", "--config", "millrace.toml"]);
+    assert_eq!(out.status.code(), Some(78));
+    assert!(
+        crate::common::stderr(&out).contains("pipelines/x.toml:3:8"),
+        "{}",
+        crate::common::stderr(&out)
+    );
+}

@@ -466,6 +466,11 @@ impl Daemon {
                 );
                 s.status
             }
+            Err(e @ crate::run::RunError::Busy(_)) => {
+                // Another process (`millrace resume`) drives it: its status is theirs.
+                tracing::warn!(pipeline = %pipeline, run = id, "{e}");
+                "busy".to_string()
+            }
             Err(e) => {
                 tracing::error!(pipeline = %pipeline, run = id, "cannot run: {e}");
                 // A run that could not even start (its definition no longer

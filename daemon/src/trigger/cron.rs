@@ -40,6 +40,11 @@ impl Schedule {
                 "a cron expression has 5 fields (or 6 with seconds first), this one has {fields}"
             )));
         }
+        if let Some(e) = out_of_range(expr) {
+            return Err(ScheduleError::Expr(format!(
+                "bad cron expression `{expr}`: {e}"
+            )));
+        }
         let cron = CronParser::builder()
             .seconds(Seconds::Optional)
             .build()
@@ -48,8 +53,14 @@ impl Schedule {
         let tz = match tz {
             None => Tz::UTC,
             Some(name) => Tz::from_str(name).map_err(|_| {
+                let hint = crate::diagnostic::closest(
+                    name,
+                    chrono_tz::TZ_VARIANTS.iter().map(|z| z.name()),
+                )
+                .map(|c| format!("; did you mean \"{c}\"?"))
+                .unwrap_or_default();
                 ScheduleError::Timezone(format!(
-                    "unknown time zone `{name}`: expected an IANA name like \"Europe/Stockholm\" or \"UTC\""
+                    "unknown time zone `{name}`: expected an IANA name like \"Europe/Stockholm\" or \"UTC\"{hint}"
                 ))
             })?,
         };
@@ -96,6 +107,38 @@ impl Schedule {
     pub fn local(&self, t: DateTime<Utc>) -> DateTime<Tz> {
         self.tz.from_utc_datetime(&t.naive_utc())
     }
+}
+
+/// Names the field and value of a plain number out of its range (croner's own
+/// message does not say which).
+fn out_of_range(expr: &str) -> Option<String> {
+    const FIELDS: [(&str, u32, u32); 6] = [
+        ("second", 0, 59),
+        ("minute", 0, 59),
+        ("hour", 0, 23),
+        ("day of month", 1, 31),
+        ("month", 1, 12),
+        ("day of week", 0, 7),
+    ];
+    let parts: Vec<&str> = expr.split_whitespace().collect();
+    let fields = if parts.len() == 6 {
+        &FIELDS[..]
+    } else {
+        &FIELDS[1..]
+    };
+    for (part, (name, lo, hi)) in parts.iter().zip(fields) {
+        for item in part.split(',') {
+            let range = item.split('/').next().unwrap_or("");
+            for n in range.split('-') {
+                if let Ok(v) = n.parse::<u32>()
+                    && !(*lo..=*hi).contains(&v)
+                {
+                    return Some(format!("{name} {v} is out of range ({lo}-{hi})"));
+                }
+            }
+        }
+    }
+    None
 }
 
 pub fn from_ms(ms: i64) -> DateTime<Utc> {
