@@ -206,8 +206,12 @@ pub enum StepKind {
     Container {
         span: Span,
     },
+    /// `module = "name@req"`, resolved against the registry when checked.
     Module {
         spec: Sp<String>,
+        module: ModuleRef,
+        /// The code in the store: the wasm blob (or the Python code tree).
+        resolved: PathBuf,
     },
     /// `transfer = { from, to, datastore }`: copy an artifact into a datastore.
     Transfer {
@@ -223,10 +227,23 @@ impl StepKind {
             StepKind::Wasm { .. } => "wasm",
             StepKind::Python { .. } => "python",
             StepKind::Container { .. } => "container",
-            StepKind::Module { .. } => "module",
+            StepKind::Module { module, .. } if module.kind == "python" => "python",
+            StepKind::Module { .. } => "wasm",
             StepKind::Transfer { .. } => "transfer",
         }
     }
+}
+
+/// The module version a `module = "…"` step resolved to.
+#[derive(Debug, Clone)]
+pub struct ModuleRef {
+    /// `name@version`.
+    pub id: String,
+    pub digest: String,
+    /// `wasm` or `python`.
+    pub kind: String,
+    /// Set when the version is deprecated.
+    pub warning: Option<String>,
 }
 
 /// A data reference: `inputs.NAME` or `STEP.OUTPUT`.
@@ -252,6 +269,8 @@ pub struct Environment {
     /// Datastore names; `default` is always present.
     pub datastores: Vec<String>,
     pub computes: Vec<String>,
+    /// The module registry `module = "…"` resolves against.
+    pub modules: std::sync::Arc<crate::module::ModuleIndex>,
 }
 
 impl Default for Environment {
@@ -259,6 +278,7 @@ impl Default for Environment {
         Environment {
             datastores: vec!["default".into()],
             computes: vec!["local".into()],
+            modules: Default::default(),
         }
     }
 }
@@ -851,7 +871,10 @@ impl Walker {
             );
         }
         let memory = t.get("memory").and_then(|m| self.size(m, "memory"));
-        if let (Some(m), Some(StepKind::Wasm { .. } | StepKind::Python { .. })) = (memory, &kind)
+        if let (
+            Some(m),
+            Some(StepKind::Wasm { .. } | StepKind::Python { .. } | StepKind::Module { .. }),
+        ) = (memory, &kind)
             && m > WASM32_MAX_MEMORY
         {
             self.error(
@@ -959,7 +982,7 @@ impl Walker {
                     "step `{step}`: {what} steps are not supported by this version of millrace"
                 ),
             )
-            .with_help("this version runs `wasm` and `transfer` steps")
+            .with_help("this version runs `wasm`, `module` (wasm) and `transfer` steps")
         };
         match kind {
             "wasm" => {
@@ -1023,10 +1046,41 @@ impl Walker {
             }
             "module" => {
                 let spec = self.string(v, "module")?;
-                self.diags.push(not_built("module").with_help(
-                    "the module registry is not built yet; use `wasm = \"path.wasm\"` for now",
-                ));
-                Some(StepKind::Module { spec })
+                match env.modules.resolve(spec.get_ref()) {
+                    Err(e) => {
+                        let mut d =
+                            Diagnostic::error(spec.span(), format!("step `{step}`: {}", e.message));
+                        if let Some(h) = e.help {
+                            d = d.with_help(h);
+                        }
+                        self.diags.push(d);
+                        None
+                    }
+                    Ok(r) => {
+                        if let Some(w) = &r.warning {
+                            self.diags.push(
+                                Diagnostic::warning(spec.span(), format!("step `{step}`: {w}"))
+                                    .with_help(format!(
+                                        "it still runs; pin another version of `{}` to silence this",
+                                        r.module.name
+                                    )),
+                            );
+                        }
+                        if r.module.kind == "python" {
+                            self.diags.push(not_built("python"));
+                        }
+                        Some(StepKind::Module {
+                            spec,
+                            module: ModuleRef {
+                                id: r.module.id(),
+                                digest: r.module.digest.clone(),
+                                kind: r.module.kind.clone(),
+                                warning: r.warning,
+                            },
+                            resolved: r.path,
+                        })
+                    }
+                }
             }
             "transfer" => {
                 let t = self.table(v, "transfer")?;
@@ -1523,6 +1577,37 @@ impl Step {
 }
 
 impl Pipeline {
+    /// Module spec → `name@version` for every `module = "…"` step.
+    pub fn module_pins(&self) -> std::collections::BTreeMap<String, String> {
+        self.steps
+            .iter()
+            .filter_map(|s| match &s.kind {
+                StepKind::Module { spec, module, .. } => Some((
+                    spec.get_ref().clone(),
+                    module.id.split_once('@').map_or("", |(_, v)| v).to_string(),
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Warnings a run of this pipeline records (deprecated modules).
+    pub fn warnings(&self) -> Vec<String> {
+        self.steps
+            .iter()
+            .filter_map(|s| match &s.kind {
+                StepKind::Module {
+                    module:
+                        ModuleRef {
+                            warning: Some(w), ..
+                        },
+                    ..
+                } => Some(format!("step `{}`: {w}", s.name.get_ref())),
+                _ => None,
+            })
+            .collect()
+    }
+
     pub fn step(&self, name: &str) -> Option<&Step> {
         self.step_position(name).map(|i| &self.steps[i])
     }

@@ -9,6 +9,7 @@
 //! - [`config`]: the daemon config (pipelines directory, state, API, datastores).
 //! - [`definition`]: a pipeline file → [`definition::Pipeline`], every mistake reported.
 //! - [`graph`]: references and cycles checked; the DAG of steps; text/dot/mermaid.
+//! - [`module`]: the versioned module registry; `module = "name@^1.2"` resolution.
 //! - [`trigger`]: cron schedules (DST-aware) and watched globs.
 //! - [`planner`]: cache keys over code, inputs, params, args and env; reuse decisions.
 //! - [`executor`]: what runs a step: [`executor::wasm`] (wasmtime + WASI) and
@@ -29,6 +30,7 @@ pub mod definition;
 pub mod diagnostic;
 pub mod executor;
 pub mod graph;
+pub mod module;
 pub mod planner;
 pub mod run;
 pub mod store;

@@ -141,7 +141,7 @@ pub fn key_parts(
 ) -> KeyParts {
     let (args, env) = interpolated(step, params);
     let runtime = match &step.kind {
-        StepKind::Wasm { .. } => {
+        StepKind::Wasm { .. } | StepKind::Module { .. } => {
             format!("wasm/wasmtime-{}", crate::executor::wasm::WASMTIME_VERSION)
         }
         other => other.runtime_name().to_string(),

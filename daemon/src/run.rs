@@ -153,6 +153,8 @@ pub struct Engine {
     pub max_parallel: usize,
     pub datastores: Datastores,
     wasm: tokio::sync::OnceCell<Arc<WasmRuntime>>,
+    /// Compute targets steps may name (the daemon config's local ones).
+    pub computes: Vec<String>,
     /// Step slots shared by every run of this engine (`max_parallel_steps`).
     slots: Arc<tokio::sync::Semaphore>,
     /// Set when the daemon shuts down: runs start no new step, and a run stopped
@@ -177,6 +179,7 @@ impl Engine {
             max_parallel: max_parallel.max(1),
             datastores,
             wasm: tokio::sync::OnceCell::new(),
+            computes: Environment::default().computes,
             slots: Arc::new(tokio::sync::Semaphore::new(max_parallel.max(1))),
             draining: std::sync::atomic::AtomicBool::new(false),
         }
@@ -190,6 +193,19 @@ impl Engine {
 
     fn is_draining(&self) -> bool {
         self.draining.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// What pipelines are checked against now: the datastores, the compute
+    /// targets and the current module registry.
+    pub fn environment(&self) -> Result<Environment, RunError> {
+        let mut env = self.datastores.environment();
+        for c in &self.computes {
+            if !env.computes.contains(c) {
+                env.computes.push(c.clone());
+            }
+        }
+        env.modules = crate::module::ModuleIndex::load(&self.store)?;
+        Ok(env)
     }
 
     /// Steps executing now, across all runs.
@@ -274,6 +290,8 @@ impl Engine {
                 trigger_detail: req.trigger_detail.as_ref(),
                 no_reuse: req.no_reuse,
                 status,
+                warnings: &p.warnings(),
+                module_pins: &p.module_pins(),
             })?;
             also(b)?;
             Ok(id)
@@ -313,8 +331,11 @@ impl Engine {
             .read()
             .definition(&run.definition)?
             .ok_or(RunError::NoSuchRun(run_id))?;
-        let (pipeline, report) =
-            definition::parse(Path::new(&path), text, &self.datastores.environment());
+        // Module specs resolve to the versions the run was created with; a version
+        // disabled since then fails the run here, with the reason.
+        let mut env = self.environment()?;
+        env.modules = Arc::new(env.modules.pinned(run.module_pins.clone()));
+        let (pipeline, report) = definition::parse(Path::new(&path), text, &env);
         let p = pipeline.ok_or_else(|| RunError::Definition(Box::new(report)))?;
         let overrides: Vec<(String, String)> = match &run.params {
             serde_json::Value::Object(m) => m
@@ -361,7 +382,11 @@ impl Engine {
             db.batch(|b| {
                 for (pos, &i) in graph.order.iter().enumerate() {
                     let s = &p.steps[i];
-                    b.insert_step(run_id, s.name.get_ref(), pos, s.kind.runtime_name())?;
+                    let module = match &s.kind {
+                        StepKind::Module { module, .. } => Some(module.id.as_str()),
+                        _ => None,
+                    };
+                    b.insert_step(run_id, s.name.get_ref(), pos, s.kind.runtime_name(), module)?;
                 }
                 Ok(())
             })?;
@@ -824,6 +849,9 @@ fn code_of(
                 .insert(resolved.clone(), digest.clone());
             Ok(digest)
         }
+        // The registry recorded the digest when the version was published; the
+        // executor checks the bytes against it before compiling.
+        StepKind::Module { module, .. } => Ok(module.digest.clone()),
         StepKind::Transfer { to, datastore, .. } => {
             Ok(format!("{}:{}", datastore.get_ref(), to.get_ref()))
         }
@@ -1235,6 +1263,12 @@ impl RunContext {
                 .map_err(|e| (None, format!("transfer to {}: {e}", dest.display())))
             }
             StepKind::Wasm { resolved, .. } => {
+                self.attempt_wasm(i, attempt, resolved, inputs, log_path)
+                    .await
+            }
+            StepKind::Module {
+                resolved, module, ..
+            } if module.kind == "wasm" => {
                 self.attempt_wasm(i, attempt, resolved, inputs, log_path)
                     .await
             }

@@ -6,6 +6,7 @@
 
 mod common;
 mod daemon;
+mod modules;
 mod run;
 mod sandbox;
 mod ui;

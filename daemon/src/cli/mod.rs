@@ -18,6 +18,7 @@ use crate::run::{Datastores, Engine, Event, RunError, RunRequest, RunSummary, St
 use crate::store::Store;
 use crate::store::db::now_ms;
 
+mod module;
 mod service;
 
 pub const EXIT_RUN_FAILED: i32 = 1;
@@ -129,6 +130,12 @@ enum Command {
     Gc {
         #[arg(long, default_value_t = 10)]
         keep: i64,
+    },
+    /// The module registry: versioned step code (publish, list, show, deprecate,
+    /// disable, enable, default, export, import).
+    Module {
+        #[command(subcommand)]
+        cmd: module::ModuleCommand,
     },
     /// Run the service: load and watch the pipelines directory, fire triggers,
     /// queue and run pipelines, serve the REST API. Stops on SIGTERM/SIGINT.
@@ -273,8 +280,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             paths,
             config: None,
             ..
-        } => validate(&paths, json),
+        } => validate(&paths, &cli.state, json),
         Command::Daemon { config } => service::daemon(config.as_deref()).await,
+        Command::Module { cmd } => module::run(&cli.state, cmd, json),
         Command::Trigger {
             pipeline,
             params,
@@ -295,7 +303,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             count,
         } => service::schedule(config.as_deref(), &paths, simulate.as_deref(), count, json),
         Command::Graph { pipeline, format } => {
-            let (p, _) = load(&pipeline)?;
+            let (p, _) = load(&pipeline, &cli.state)?;
             print!("{}", Graph::new(&p).render(&p, format));
             Ok(0)
         }
@@ -305,7 +313,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             no_reuse,
             max_parallel,
         } => {
-            let (p, text) = load(&pipeline)?;
+            let (p, text) = load(&pipeline, &cli.state)?;
             let params = parse_params(&params)?;
             let engine = engine(&cli.state, max_parallel)?;
             let cancel = cancel_on_signal();
@@ -343,7 +351,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             params,
             no_reuse,
         } => {
-            let (p, _) = load(&pipeline)?;
+            let (p, _) = load(&pipeline, &cli.state)?;
             let params = parse_params(&params)?;
             let engine = engine(&cli.state, None)?;
             let plan = engine.plan(&p, &params, no_reuse).map_err(run_error)?;
@@ -435,8 +443,8 @@ fn engine(state: &Path, max_parallel: Option<usize>) -> anyhow::Result<Arc<Engin
 }
 
 /// Loads and checks a pipeline file; bad configuration exits 78 with every error.
-fn load(path: &Path) -> anyhow::Result<(Pipeline, String)> {
-    let (pipeline, report) = definition::load(path, &definition::Environment::default())
+fn load(path: &Path, state: &Path) -> anyhow::Result<(Pipeline, String)> {
+    let (pipeline, report) = definition::load(path, &environment(state)?)
         .map_err(|e| Exit::config(format!("error: cannot read {}: {e}", path.display())))?;
     match pipeline {
         Some(p) => {
@@ -477,8 +485,19 @@ fn expand_dirs(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-fn validate(paths: &[PathBuf], json: bool) -> anyhow::Result<i32> {
-    validate_with(paths, &definition::Environment::default(), json)
+fn validate(paths: &[PathBuf], state: &Path, json: bool) -> anyhow::Result<i32> {
+    validate_with(paths, &environment(state)?, json)
+}
+
+/// What pipelines are checked against outside the daemon: the module registry of
+/// the state directory, if there is one (nothing is created to find out).
+pub(crate) fn environment(state: &Path) -> anyhow::Result<definition::Environment> {
+    let mut env = definition::Environment::default();
+    if state.join("millrace.db").is_file() {
+        let store = open_store(state)?;
+        env.modules = crate::module::ModuleIndex::load(&store)?;
+    }
+    Ok(env)
 }
 
 fn validate_with(
@@ -796,6 +815,9 @@ fn runs_show(store: &Store, run: &str, json: bool) -> anyhow::Result<i32> {
     if let Some(e) = &r.error {
         println!("  error       {e}");
     }
+    for w in &r.warnings {
+        println!("  warning     {w}");
+    }
     for (n, p, a) in &inputs {
         println!("  input {n}  {}  {}", short(a), p);
     }
@@ -818,6 +840,15 @@ fn runs_show(store: &Store, run: &str, json: bool) -> anyhow::Result<i32> {
             s.status,
             duration(s.started_at, s.finished_at)
         );
+        if let Some(m) = &s.module {
+            let digest = s
+                .key_parts
+                .as_ref()
+                .and_then(|k| k["code"].as_str())
+                .map(|d| format!(" {}", short(d)))
+                .unwrap_or_default();
+            println!("  {:width$}    module {m}{digest}", "");
+        }
         for (o, a) in db.read().step_outputs(id, &s.name)? {
             println!("  {:width$}    → {o} {}", "", short(&a));
         }
@@ -1062,10 +1093,27 @@ fn lineage(store: &Store, artifact: &str, json: bool) -> anyhow::Result<i32> {
     }
     println!("artifact {digest}  ({files} files, {size} bytes)");
     for r in rows {
+        let module = || {
+            store
+                .db()
+                .read()
+                .step(r.run_id, &r.step)
+                .ok()
+                .flatten()
+                .and_then(|s| {
+                    let code = s.key_parts.as_ref()?["code"].as_str()?.to_string();
+                    Some(format!(" by module {} {}", s.module?, short(&code)))
+                })
+                .unwrap_or_default()
+        };
         match r.role.as_str() {
             "output" => println!(
-                "  produced by run {} {}.{} ({})",
-                r.run_id, r.step, r.name, r.pipeline
+                "  produced by run {} {}.{} ({}){}",
+                r.run_id,
+                r.step,
+                r.name,
+                r.pipeline,
+                module()
             ),
             "input" => println!(
                 "  read by     run {} {} as /in/{} ({})",

@@ -52,6 +52,13 @@ pub fn load_config(path: &Path) -> anyhow::Result<Config> {
     }
 }
 
+/// The config's datastores and compute targets, and the registry of its state.
+pub fn config_env(c: &Config) -> anyhow::Result<definition::Environment> {
+    let mut env = c.environment();
+    env.modules = super::environment(&c.state_dir)?.modules;
+    Ok(env)
+}
+
 /// `millrace daemon`.
 pub async fn daemon(config: Option<&Path>) -> anyhow::Result<i32> {
     let Some(path) = config_path(config) else {
@@ -111,7 +118,7 @@ pub fn validate_config(
     }
     let mut paths = vec![config.pipelines.clone()];
     paths.extend(extra.iter().cloned());
-    super::validate_with(&paths, &config.environment(), json)
+    super::validate_with(&paths, &config_env(&config)?, json)
 }
 
 /// An HTTP client for the daemon's API.
@@ -389,9 +396,9 @@ pub fn schedule(
     let (env, mut files) = match config_path(config) {
         Some(c) if paths.is_empty() => {
             let c = load_config(&c)?;
-            (c.environment(), vec![c.pipelines.clone()])
+            (config_env(&c)?, vec![c.pipelines.clone()])
         }
-        Some(c) => (load_config(&c)?.environment(), Vec::new()),
+        Some(c) => (config_env(&load_config(&c)?)?, Vec::new()),
         None => (definition::Environment::default(), Vec::new()),
     };
     files.extend(paths.iter().cloned());

@@ -308,6 +308,7 @@ async fn create_run(
             format!("no pipeline named `{n}` is loaded"),
         )),
         Err(SubmitError::Params(e)) => Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e)),
+        Err(SubmitError::Invalid(e)) => Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e)),
         Err(e @ SubmitError::ShuttingDown) => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             e.to_string(),

@@ -92,6 +92,9 @@ pub enum SubmitError {
     Params(String),
     #[error("the daemon is shutting down")]
     ShuttingDown,
+    /// The pipeline no longer validates (a module version was disabled).
+    #[error("{0}")]
+    Invalid(String),
     #[error("{0}")]
     Store(String),
 }
@@ -159,7 +162,13 @@ impl Daemon {
             }
         };
         paths.sort();
-        let env = self.config.environment();
+        let env = match self.engine.environment() {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!("cannot read the module registry: {e}");
+                return;
+            }
+        };
         let mut started: Vec<String> = Vec::new();
         let mut st = self.state();
         // Files that are gone unload their pipelines.
@@ -301,7 +310,16 @@ impl Daemon {
             .pipelines
             .get(name)
             .ok_or_else(|| SubmitError::NoSuchPipeline(name.to_string()))?;
-        let p = l.pipeline.clone();
+        // Checked again against the registry as it is now: a module's default may
+        // have moved, or its version been disabled, since the file was loaded.
+        let env = self
+            .engine
+            .environment()
+            .map_err(|e| SubmitError::Store(e.to_string()))?;
+        let p = match definition::parse(&l.path, l.text.to_string(), &env) {
+            (Some(p), _) => Arc::new(p),
+            (None, report) => return Err(SubmitError::Invalid(report.to_string())),
+        };
         // Details of the firing become params where the pipeline declares them
         // (`changed`, `scheduled`, `missed_from`, …).
         if let Some(serde_json::Value::Object(detail)) = &req.trigger_detail {
@@ -629,7 +647,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
     };
-    let engine = Arc::new(Engine::new(store, config.max_parallel_steps, datastores));
+    let mut engine = Engine::new(store, config.max_parallel_steps, datastores);
+    engine.computes = config.environment().computes;
+    let engine = Arc::new(engine);
     let token = load_token(&config)?;
     let listener = tokio::net::TcpListener::bind(config.api.listen)
         .await

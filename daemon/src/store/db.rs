@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
+use crate::module::ModuleVersion;
 use crate::store::artifacts::FileStat;
 
 #[derive(Debug, thiserror::Error)]
@@ -155,6 +156,44 @@ CREATE TABLE watch_cursor (
     PRIMARY KEY (pipeline, glob, path)
 );
 "#,
+    r#"
+-- The module registry: immutable versions, their status and its history.
+CREATE TABLE modules (
+    name         TEXT NOT NULL,
+    version      TEXT NOT NULL,
+    kind         TEXT NOT NULL,
+    -- The code digest (the wasm blob, or the Python code tree) and the artifact
+    -- (a tree) that keeps it in the store.
+    digest       TEXT NOT NULL,
+    artifact     TEXT NOT NULL,
+    size         INTEGER NOT NULL,
+    entry        TEXT,
+    description  TEXT,
+    status       TEXT NOT NULL DEFAULT 'active',
+    message      TEXT,
+    published_at INTEGER NOT NULL,
+    PRIMARY KEY (name, version)
+);
+CREATE TABLE module_defaults (
+    name    TEXT PRIMARY KEY,
+    version TEXT NOT NULL,
+    set_at  INTEGER NOT NULL
+);
+CREATE TABLE module_events (
+    name    TEXT NOT NULL,
+    version TEXT NOT NULL,
+    event   TEXT NOT NULL,
+    message TEXT,
+    at      INTEGER NOT NULL
+);
+CREATE INDEX module_events_by_module ON module_events(name, version);
+-- The module version a step ran (`name@version`), for lineage and impact analysis.
+ALTER TABLE steps ADD COLUMN module TEXT;
+CREATE INDEX steps_by_module ON steps(module) WHERE module IS NOT NULL;
+-- A run's warnings (deprecated modules) and the module versions its specs resolved to.
+ALTER TABLE runs ADD COLUMN warnings TEXT;
+ALTER TABLE runs ADD COLUMN module_pins TEXT;
+"#,
 ];
 
 pub fn now_ms() -> i64 {
@@ -180,6 +219,10 @@ pub struct RunRow {
     pub trigger_detail: Option<serde_json::Value>,
     pub no_reuse: bool,
     pub status: String,
+    /// Warnings recorded at creation (deprecated modules).
+    pub warnings: Vec<String>,
+    /// Module spec → the version it resolved to when the run was created.
+    pub module_pins: std::collections::BTreeMap<String, String>,
     pub created_at: i64,
     pub started_at: Option<i64>,
     pub finished_at: Option<i64>,
@@ -200,6 +243,8 @@ pub struct StepRow {
     pub started_at: Option<i64>,
     pub finished_at: Option<i64>,
     pub error: Option<String>,
+    /// `name@version` of the module version the step ran.
+    pub module: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -231,8 +276,8 @@ pub struct LineageRow {
     pub role: String,
 }
 
-const RUN_COLUMNS: &str = "id, pipeline, experiment, definition, params, trigger, no_reuse, status, created_at, started_at, finished_at, error, trigger_detail";
-const STEP_COLUMNS: &str = "run_id, name, position, runtime, status, cache_key, key_parts, reused_from, attempts, started_at, finished_at, error";
+const RUN_COLUMNS: &str = "id, pipeline, experiment, definition, params, trigger, no_reuse, status, created_at, started_at, finished_at, error, trigger_detail, warnings, module_pins";
+const STEP_COLUMNS: &str = "run_id, name, position, runtime, status, cache_key, key_parts, reused_from, attempts, started_at, finished_at, error, module";
 
 fn run_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRow> {
     let params: String = r.get(4)?;
@@ -252,6 +297,14 @@ fn run_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRow> {
         trigger_detail: r
             .get::<_, Option<String>>(12)?
             .and_then(|d| serde_json::from_str(&d).ok()),
+        warnings: r
+            .get::<_, Option<String>>(13)?
+            .and_then(|d| serde_json::from_str(&d).ok())
+            .unwrap_or_default(),
+        module_pins: r
+            .get::<_, Option<String>>(14)?
+            .and_then(|d| serde_json::from_str(&d).ok())
+            .unwrap_or_default(),
     })
 }
 
@@ -270,6 +323,7 @@ fn step_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StepRow> {
         started_at: r.get(9)?,
         finished_at: r.get(10)?,
         error: r.get(11)?,
+        module: r.get(12)?,
     })
 }
 
@@ -284,6 +338,8 @@ pub struct NewRun<'a> {
     pub no_reuse: bool,
     /// `running` (started at once, by `millrace run`) or `queued` (the daemon).
     pub status: &'a str,
+    pub warnings: &'a [String],
+    pub module_pins: &'a std::collections::BTreeMap<String, String>,
 }
 
 impl Db {
@@ -391,8 +447,8 @@ impl Batch<'_> {
         let now = now_ms();
         let started = (r.status == "running").then_some(now);
         self.conn.execute(
-            "INSERT INTO runs (pipeline, experiment, definition, params, trigger, trigger_detail, no_reuse, status, created_at, started_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            "INSERT INTO runs (pipeline, experiment, definition, params, trigger, trigger_detail, no_reuse, status, created_at, started_at, warnings, module_pins)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
             params![
                 r.pipeline,
                 r.experiment,
@@ -403,7 +459,9 @@ impl Batch<'_> {
                 r.no_reuse,
                 r.status,
                 now,
-                started
+                started,
+                (!r.warnings.is_empty()).then(|| serde_json::json!(r.warnings).to_string()),
+                (!r.module_pins.is_empty()).then(|| serde_json::json!(r.module_pins).to_string()),
             ],
         )?;
         Ok(self.conn.last_insert_rowid())
@@ -542,12 +600,19 @@ impl Batch<'_> {
         Ok(rows)
     }
 
-    pub fn insert_step(&self, run: i64, name: &str, position: usize, runtime: &str) -> Result<()> {
+    pub fn insert_step(
+        &self,
+        run: i64,
+        name: &str,
+        position: usize,
+        runtime: &str,
+        module: Option<&str>,
+    ) -> Result<()> {
         self.conn
             .prepare_cached(
-                "INSERT OR IGNORE INTO steps (run_id, name, position, runtime, status) VALUES (?1, ?2, ?3, ?4, 'pending')",
+                "INSERT OR IGNORE INTO steps (run_id, name, position, runtime, status, module) VALUES (?1, ?2, ?3, ?4, 'pending', ?5)",
             )?
-            .execute(params![run, name, position as i64, runtime])?;
+            .execute(params![run, name, position as i64, runtime, module])?;
         Ok(())
     }
 
@@ -941,7 +1006,8 @@ impl Batch<'_> {
         )?;
         self.conn.execute(
             "DELETE FROM artifacts WHERE digest NOT IN (SELECT artifact FROM step_outputs)
-               AND digest NOT IN (SELECT artifact FROM step_inputs) AND digest NOT IN (SELECT artifact FROM run_inputs)",
+               AND digest NOT IN (SELECT artifact FROM step_inputs) AND digest NOT IN (SELECT artifact FROM run_inputs)
+               AND digest NOT IN (SELECT artifact FROM modules)",
             [],
         )?;
         self.conn.execute(
@@ -949,6 +1015,144 @@ impl Batch<'_> {
             [],
         )?;
         Ok(n)
+    }
+
+    /// Published versions (of one module, or all).
+    pub fn module_versions(&self, name: Option<&str>) -> Result<Vec<ModuleVersion>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT name, version, kind, digest, artifact, size, entry, description, status, message, published_at
+             FROM modules WHERE (?1 IS NULL OR name = ?1) ORDER BY name, published_at",
+        )?;
+        let rows = stmt
+            .query_map([name], |r| {
+                Ok(ModuleVersion {
+                    name: r.get(0)?,
+                    version: r.get(1)?,
+                    kind: r.get(2)?,
+                    digest: r.get(3)?,
+                    artifact: r.get(4)?,
+                    size: r.get::<_, i64>(5)? as u64,
+                    entry: r.get(6)?,
+                    description: r.get(7)?,
+                    status: r.get(8)?,
+                    message: r.get(9)?,
+                    published_at: r.get(10)?,
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
+    pub fn module_defaults(&self) -> Result<std::collections::BTreeMap<String, String>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT name, version FROM module_defaults")?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
+    /// Records a new version. Returns the digest already recorded under this name
+    /// and version, if any (then nothing is written). One INSERT decides, so two
+    /// processes publishing the same version leave one record.
+    pub fn publish_module(&self, m: &ModuleVersion) -> Result<Option<String>> {
+        let inserted = self.conn.execute(
+            "INSERT OR IGNORE INTO modules (name, version, kind, digest, artifact, size, entry, description, status, published_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'active', ?9)",
+            params![
+                m.name,
+                m.version,
+                m.kind,
+                m.digest,
+                m.artifact,
+                m.size as i64,
+                m.entry,
+                m.description,
+                m.published_at
+            ],
+        )?;
+        if inserted == 0 {
+            return Ok(Some(self.conn.query_row(
+                "SELECT digest FROM modules WHERE name = ?1 AND version = ?2",
+                params![m.name, m.version],
+                |r| r.get(0),
+            )?));
+        }
+        self.module_event(&m.name, &m.version, "published", None)?;
+        Ok(None)
+    }
+
+    pub fn set_module_status(
+        &self,
+        name: &str,
+        version: &str,
+        status: &str,
+        message: Option<&str>,
+    ) -> Result<()> {
+        self.conn.execute(
+            "UPDATE modules SET status = ?3, message = ?4 WHERE name = ?1 AND version = ?2",
+            params![name, version, status, message],
+        )?;
+        let event = match status {
+            "active" => "enabled",
+            other => other,
+        };
+        self.module_event(name, version, event, message)
+    }
+
+    pub fn set_module_default(&self, name: &str, version: &str) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO module_defaults (name, version, set_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (name) DO UPDATE SET version = excluded.version, set_at = excluded.set_at",
+            params![name, version, now_ms()],
+        )?;
+        self.module_event(name, version, "made default", None)
+    }
+
+    fn module_event(
+        &self,
+        name: &str,
+        version: &str,
+        event: &str,
+        message: Option<&str>,
+    ) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO module_events (name, version, event, message, at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![name, version, event, message, now_ms()],
+        )?;
+        Ok(())
+    }
+
+    /// A version's history: (event, message, at), oldest first.
+    pub fn module_events(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<Vec<(String, Option<String>, i64)>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT event, message, at FROM module_events WHERE name = ?1 AND version = ?2 ORDER BY rowid",
+        )?;
+        let rows = stmt
+            .query_map(params![name, version], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
+    /// The latest step executions of `name@version`: (run, pipeline, step, status).
+    pub fn module_uses(&self, id: &str, limit: i64) -> Result<Vec<(i64, String, String, String)>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT s.run_id, r.pipeline, s.name, s.status FROM steps s JOIN runs r ON r.id = s.run_id
+             WHERE s.module = ?1 ORDER BY s.run_id DESC LIMIT ?2",
+        )?;
+        let rows = stmt
+            .query_map(params![id, limit], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
     }
 
     pub fn all_artifacts(&self) -> Result<Vec<String>> {
@@ -981,6 +1185,8 @@ mod tests {
                     trigger_detail: None,
                     no_reuse: false,
                     status: "running",
+                    warnings: &[],
+                    module_pins: &Default::default(),
                 })
             })
             .unwrap();

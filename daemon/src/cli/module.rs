@@ -1,0 +1,661 @@
+//! `millrace module …`: publish, list, show, deprecate, disable, enable, default,
+//! export, import (SPEC "Modules").
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use semver::Version;
+
+use super::{Exit, open_store, time};
+use crate::definition::{self, StepKind};
+use crate::diagnostic::display_path;
+use crate::module::{ModuleIndex, ModuleVersion, valid_name};
+use crate::planner::short;
+use crate::store::Store;
+use crate::store::artifacts::Mode;
+use crate::store::db::now_ms;
+
+#[derive(clap::Subcommand, Debug)]
+pub enum ModuleCommand {
+    /// Store a .wasm file, or a Python code directory (with --entry), as NAME@VERSION.
+    Publish {
+        path: PathBuf,
+        #[arg(long)]
+        name: String,
+        /// Semver: 1.2.0, 2.0.0-rc.1
+        #[arg(long)]
+        version: String,
+        #[arg(long)]
+        description: Option<String>,
+        /// The entry script of a Python code directory, e.g. train.py.
+        #[arg(long)]
+        entry: Option<String>,
+    },
+    /// Published modules (every version of NAME).
+    List { name: Option<String> },
+    /// One module (NAME) or version (NAME@VERSION): details, history, the pipelines
+    /// that resolve to it today and the last runs that used it.
+    Show {
+        module: String,
+        #[command(flatten)]
+        pipelines: PipelinesArgs,
+    },
+    /// Mark NAME@VERSION deprecated: it still runs, with a warning.
+    Deprecate {
+        module: String,
+        #[arg(long)]
+        message: Option<String>,
+        #[command(flatten)]
+        pipelines: PipelinesArgs,
+    },
+    /// Mark NAME@VERSION disabled: pipelines resolving to it fail validation.
+    Disable {
+        module: String,
+        #[arg(long)]
+        message: Option<String>,
+        /// Disable even though pipelines still resolve to it.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        pipelines: PipelinesArgs,
+    },
+    /// Make a deprecated or disabled version active again.
+    Enable { module: String },
+    /// Make VERSION what `module = "NAME"` resolves to.
+    Default { name: String, version: String },
+    /// Write NAME@VERSION (code and metadata) to one archive file.
+    Export {
+        module: String,
+        #[arg(short = 'o', long)]
+        output: PathBuf,
+    },
+    /// Publish a module from an archive written by `module export`.
+    Import { file: PathBuf },
+}
+
+/// Where impact analysis looks for pipelines.
+#[derive(clap::Args, Debug, Clone)]
+pub struct PipelinesArgs {
+    /// A directory of pipeline files (default: the daemon config's pipelines directory).
+    #[arg(long = "pipelines")]
+    dir: Vec<PathBuf>,
+    /// The daemon config whose pipelines directory to look in.
+    #[arg(long, env = "MILLRACE_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+pub fn run(state: &Path, cmd: ModuleCommand, json: bool) -> anyhow::Result<i32> {
+    let store = open_store(state)?;
+    match cmd {
+        ModuleCommand::Publish {
+            path,
+            name,
+            version,
+            description,
+            entry,
+        } => publish(&store, &path, &name, &version, description, entry, json),
+        ModuleCommand::List { name } => list(&store, name.as_deref(), json),
+        ModuleCommand::Show { module, pipelines } => show(&store, &module, &pipelines, json),
+        ModuleCommand::Deprecate {
+            module,
+            message,
+            pipelines,
+        } => {
+            let m = find(&store, &module)?;
+            print_impact(&store, &m, &pipelines)?;
+            store.db().read().set_module_status(
+                &m.name,
+                &m.version,
+                "deprecated",
+                message.as_deref(),
+            )?;
+            println!("{} is deprecated", m.id());
+            Ok(0)
+        }
+        ModuleCommand::Disable {
+            module,
+            message,
+            force,
+            pipelines,
+        } => {
+            let m = find(&store, &module)?;
+            let using = print_impact(&store, &m, &pipelines)?;
+            if !using.is_empty() && !force {
+                return Err(Exit::usage(format!(
+                    "error: {} pipeline(s) still resolve to {}: they would fail validation; pin them to another version, or pass --force",
+                    using.len(),
+                    m.id()
+                ))
+                .into());
+            }
+            store.db().read().set_module_status(
+                &m.name,
+                &m.version,
+                "disabled",
+                message.as_deref(),
+            )?;
+            println!("{} is disabled", m.id());
+            Ok(0)
+        }
+        ModuleCommand::Enable { module } => {
+            let m = find(&store, &module)?;
+            store
+                .db()
+                .read()
+                .set_module_status(&m.name, &m.version, "active", None)?;
+            println!("{} is active", m.id());
+            Ok(0)
+        }
+        ModuleCommand::Default { name, version } => {
+            let m = find(&store, &format!("{name}@{version}"))?;
+            if m.status == "disabled" {
+                return Err(Exit::usage(format!(
+                    "error: {} is disabled: enable it before making it the default",
+                    m.id()
+                ))
+                .into());
+            }
+            store
+                .db()
+                .batch(|b| b.set_module_default(&m.name, &m.version))?;
+            println!("`module = \"{name}\"` now resolves to {}", m.id());
+            Ok(0)
+        }
+        ModuleCommand::Export { module, output } => export(&store, &module, &output),
+        ModuleCommand::Import { file } => import(&store, &file, json),
+    }
+}
+
+/// NAME@VERSION (exact) in the registry, or a usage error listing what exists.
+fn find(store: &Store, spec: &str) -> anyhow::Result<ModuleVersion> {
+    let Some((name, version)) = spec.split_once('@') else {
+        return Err(Exit::usage(format!("error: write NAME@VERSION, e.g. {spec}@1.0.0")).into());
+    };
+    let versions = store.db().read().module_versions(Some(name))?;
+    if versions.is_empty() {
+        return Err(Exit::usage(format!("error: unknown module `{name}`")).into());
+    }
+    let want = Version::parse(version).ok();
+    versions
+        .iter()
+        .find(|m| m.version == version || (want.is_some() && m.semver() == want))
+        .cloned()
+        .ok_or_else(|| {
+            let list: Vec<&str> = versions.iter().map(|m| m.version.as_str()).collect();
+            Exit::usage(format!(
+                "error: module `{name}` has no version {version} (versions: {})",
+                list.join(", ")
+            ))
+            .into()
+        })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn publish(
+    store: &Store,
+    path: &Path,
+    name: &str,
+    version: &str,
+    description: Option<String>,
+    entry: Option<String>,
+    json: bool,
+) -> anyhow::Result<i32> {
+    if !valid_name(name) {
+        return Err(Exit::usage(format!(
+            "error: `{name}` is not a module name: lowercase letters, digits and `-`"
+        ))
+        .into());
+    }
+    let parsed = Version::parse(version).map_err(|e| {
+        Exit::usage(format!(
+            "error: `{version}` is not a semver version ({e}); write MAJOR.MINOR.PATCH, e.g. 1.2.0"
+        ))
+    })?;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| Exit::usage(format!("error: cannot read {}: {e}", path.display())))?;
+    let (kind, entry) = if meta.is_dir() {
+        let Some(entry) = entry else {
+            return Err(Exit::usage(format!(
+                "error: {} is a directory: a Python module needs --entry SCRIPT.py",
+                path.display()
+            ))
+            .into());
+        };
+        if !entry.ends_with(".py") || !path.join(&entry).is_file() {
+            return Err(Exit::usage(format!(
+                "error: --entry {entry}: no such .py file in {}",
+                path.display()
+            ))
+            .into());
+        }
+        ("python", Some(entry))
+    } else {
+        if entry.is_some() {
+            return Err(Exit::usage("error: --entry applies to a Python code directory").into());
+        }
+        let mut magic = [0u8; 4];
+        let is_wasm = std::fs::File::open(path)
+            .and_then(|mut f| f.read_exact(&mut magic))
+            .is_ok()
+            && magic == *b"\0asm";
+        if !is_wasm {
+            return Err(Exit::usage(format!(
+                "error: {} is not a WebAssembly file (component or module)",
+                path.display()
+            ))
+            .into());
+        }
+        ("wasm", None)
+    };
+    let ingested = store.ingest(path, Mode::Copy)?;
+    let digest = if kind == "wasm" {
+        store
+            .artifacts
+            .list(&ingested.digest)?
+            .first()
+            .map(|e| e.digest.clone())
+            .context("the stored wasm tree is empty")?
+    } else {
+        ingested.digest.clone()
+    };
+    let m = ModuleVersion {
+        name: name.to_string(),
+        version: parsed.to_string(),
+        kind: kind.to_string(),
+        digest,
+        artifact: ingested.digest,
+        size: ingested.size,
+        entry,
+        description,
+        status: "active".into(),
+        message: None,
+        published_at: now_ms(),
+    };
+    let existing = store.db().batch(|b| b.publish_module(&m))?;
+    match existing {
+        Some(d) if d == m.digest => {
+            if json {
+                println!("{}", serde_json::json!({"module": m.id(), "digest": m.digest, "published": false}));
+            } else {
+                println!("{} is already published with this content ({})", m.id(), short(&d));
+            }
+            Ok(0)
+        }
+        Some(d) => Err(Exit::usage(format!(
+            "error: {} is already published with other content: registry {d}, this {}; versions are immutable, publish a new version",
+            m.id(),
+            m.digest
+        ))
+        .into()),
+        None => {
+            if json {
+                println!("{}", serde_json::json!({"module": m.id(), "digest": m.digest, "published": true}));
+            } else {
+                println!("published {} ({kind}, {} bytes) {}", m.id(), m.size, short(&m.digest));
+            }
+            Ok(0)
+        }
+    }
+}
+
+fn list(store: &Store, name: Option<&str>, json: bool) -> anyhow::Result<i32> {
+    let versions = store.db().read().module_versions(name)?;
+    let defaults = store.db().read().module_defaults()?;
+    if let Some(n) = name
+        && versions.is_empty()
+    {
+        return Err(Exit::usage(format!("error: unknown module `{n}`")).into());
+    }
+    let index = ModuleIndex::new(versions.clone(), defaults.clone(), None);
+    if json {
+        let rows: Vec<serde_json::Value> = versions
+            .iter()
+            .map(|m| {
+                let mut v = serde_json::to_value(m).unwrap_or_default();
+                v["default"] = (defaults.get(&m.name) == Some(&m.version)).into();
+                v["resolves_bare_name"] = (index.resolve(&m.name).ok().map(|r| r.module.version)
+                    == Some(m.version.clone()))
+                .into();
+                v
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(0);
+    }
+    if versions.is_empty() {
+        println!(
+            "no modules: publish one with `millrace module publish PATH --name N --version X.Y.Z`"
+        );
+        return Ok(0);
+    }
+    println!(
+        "{:<20} {:<12} {:<7} {:<11} {:<8} {:<20} digest",
+        "module", "version", "kind", "status", "default", "published"
+    );
+    for name in index.names() {
+        let bare = index.resolve(name).ok().map(|r| r.module.version);
+        for m in index.versions(name) {
+            let default = if defaults.get(name) == Some(&m.version) {
+                "yes"
+            } else if bare.as_deref() == Some(&m.version) {
+                "(latest)"
+            } else {
+                ""
+            };
+            println!(
+                "{:<20} {:<12} {:<7} {:<11} {:<8} {:<20} {}",
+                m.name,
+                m.version,
+                m.kind,
+                m.status,
+                default,
+                time(Some(m.published_at)),
+                short(&m.digest)
+            );
+        }
+    }
+    Ok(0)
+}
+
+/// The pipeline files impact analysis reads.
+fn pipeline_files(args: &PipelinesArgs) -> anyhow::Result<Vec<PathBuf>> {
+    let mut dirs = args.dir.clone();
+    if dirs.is_empty()
+        && let Some(c) = super::service::config_path(args.config.as_deref())
+    {
+        dirs.push(super::service::load_config(&c)?.pipelines);
+    }
+    super::expand_dirs(&dirs)
+}
+
+/// (pipeline, step, file) of every step that resolves to `m` today.
+fn resolving_to(
+    store: &Store,
+    m: &ModuleVersion,
+    args: &PipelinesArgs,
+) -> anyhow::Result<Vec<(String, String, String)>> {
+    let env = definition::Environment {
+        modules: ModuleIndex::load(store)?,
+        ..Default::default()
+    };
+    let mut out = Vec::new();
+    for f in pipeline_files(args)? {
+        let Ok((Some(p), _)) = definition::load(&f, &env) else {
+            continue;
+        };
+        for s in &p.steps {
+            if let StepKind::Module { module, .. } = &s.kind
+                && module.id == m.id()
+            {
+                out.push((
+                    p.name.get_ref().clone(),
+                    s.name.get_ref().clone(),
+                    display_path(&f),
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Prints who uses `m` (pipelines resolving to it, recent runs); returns the former.
+fn print_impact(
+    store: &Store,
+    m: &ModuleVersion,
+    args: &PipelinesArgs,
+) -> anyhow::Result<Vec<(String, String, String)>> {
+    let using = resolving_to(store, m, args)?;
+    let runs = store.db().read().module_uses(&m.id(), 10)?;
+    if using.is_empty() {
+        println!("no pipeline resolves to {} today", m.id());
+    } else {
+        println!("pipelines resolving to {} today:", m.id());
+        for (p, s, f) in &using {
+            println!("  {p} (step {s}, {f})");
+        }
+    }
+    if !runs.is_empty() {
+        println!("last runs that used it:");
+        for (run, p, s, status) in &runs {
+            println!("  run {run} {p}.{s} {status}");
+        }
+    }
+    Ok(using)
+}
+
+fn show(store: &Store, spec: &str, args: &PipelinesArgs, json: bool) -> anyhow::Result<i32> {
+    let versions: Vec<ModuleVersion> = match spec.split_once('@') {
+        Some(_) => vec![find(store, spec)?],
+        None => {
+            let v = store.db().read().module_versions(Some(spec))?;
+            if v.is_empty() {
+                return Err(Exit::usage(format!("error: unknown module `{spec}`")).into());
+            }
+            v
+        }
+    };
+    let defaults = store.db().read().module_defaults()?;
+    let mut out = Vec::new();
+    for m in &versions {
+        let history = store.db().read().module_events(&m.name, &m.version)?;
+        let using = resolving_to(store, m, args)?;
+        let runs = store.db().read().module_uses(&m.id(), 10)?;
+        if json {
+            let mut v = serde_json::to_value(m)?;
+            v["default"] = (defaults.get(&m.name) == Some(&m.version)).into();
+            v["history"] = history
+                .iter()
+                .map(|(e, msg, at)| serde_json::json!({"event": e, "message": msg, "at": at}))
+                .collect();
+            v["pipelines"] = using
+                .iter()
+                .map(|(p, s, f)| serde_json::json!({"pipeline": p, "step": s, "file": f}))
+                .collect();
+            v["runs"] = runs
+                .iter()
+                .map(|(r, p, s, st)| serde_json::json!({"run": r, "pipeline": p, "step": s, "status": st}))
+                .collect();
+            out.push(v);
+            continue;
+        }
+        println!("{}", m.id());
+        println!(
+            "  kind        {}{}",
+            m.kind,
+            m.entry
+                .as_deref()
+                .map(|e| format!(" (entry {e})"))
+                .unwrap_or_default()
+        );
+        println!("  digest      {}", m.digest);
+        println!("  size        {} bytes", m.size);
+        println!(
+            "  status      {}{}",
+            m.status,
+            m.message
+                .as_deref()
+                .map(|x| format!(": {x}"))
+                .unwrap_or_default()
+        );
+        println!(
+            "  default     {}",
+            if defaults.get(&m.name) == Some(&m.version) {
+                "yes"
+            } else {
+                "no"
+            }
+        );
+        println!("  published   {}", time(Some(m.published_at)));
+        if let Some(d) = &m.description {
+            println!("  description {d}");
+        }
+        println!("  history");
+        for (e, msg, at) in &history {
+            println!(
+                "    {}  {e}{}",
+                time(Some(*at)),
+                msg.as_deref().map(|x| format!(": {x}")).unwrap_or_default()
+            );
+        }
+        if using.is_empty() {
+            println!("  pipelines   none resolve to it today");
+        } else {
+            println!("  pipelines");
+            for (p, s, f) in &using {
+                println!("    {p} (step {s}, {f})");
+            }
+        }
+        if !runs.is_empty() {
+            println!("  last runs");
+            for (run, p, s, st) in &runs {
+                println!("    run {run} {p}.{s} {st}");
+            }
+        }
+        println!();
+    }
+    if json {
+        let v = if spec.contains('@') {
+            out.remove(0)
+        } else {
+            serde_json::Value::Array(out)
+        };
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    }
+    Ok(0)
+}
+
+/// The archive's metadata file.
+const META: &str = "millrace-module.json";
+
+fn export(store: &Store, spec: &str, output: &Path) -> anyhow::Result<i32> {
+    let m = find(store, spec)?;
+    let tmp = tempdir_in(store)?;
+    let code = tmp.join("code");
+    store
+        .artifacts
+        .export(&m.artifact, &code)
+        .with_context(|| format!("the code of {} is missing from the store", m.id()))?;
+    let meta = serde_json::json!({
+        "format": 1,
+        "name": m.name, "version": m.version, "kind": m.kind,
+        "digest": m.digest, "entry": m.entry, "description": m.description,
+    });
+    std::fs::write(tmp.join(META), serde_json::to_string_pretty(&meta)?)?;
+    // Written beside the target, then renamed: never a half-written archive.
+    let part = output.with_extension("part");
+    {
+        let f = std::fs::File::create(&part)
+            .with_context(|| format!("cannot create {}", part.display()))?;
+        let mut tar = tar::Builder::new(f);
+        tar.mode(tar::HeaderMode::Deterministic);
+        tar.append_path_with_name(tmp.join(META), META)?;
+        tar.append_dir_all("code", &code)?;
+        tar.into_inner()?.sync_all()?;
+    }
+    std::fs::rename(&part, output)?;
+    let _ = std::fs::remove_dir_all(&tmp);
+    println!("exported {} to {}", m.id(), output.display());
+    Ok(0)
+}
+
+fn tempdir_in(store: &Store) -> anyhow::Result<PathBuf> {
+    let dir =
+        store
+            .root
+            .join("objects/tmp")
+            .join(format!("module-{}-{}", std::process::id(), now_ms()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+fn import(store: &Store, file: &Path, json: bool) -> anyhow::Result<i32> {
+    let tmp = tempdir_in(store)?;
+    let result = (|| -> anyhow::Result<i32> {
+        let f = std::fs::File::open(file)
+            .map_err(|e| Exit::usage(format!("error: cannot read {}: {e}", file.display())))?;
+        let mut archive = tar::Archive::new(f);
+        archive.set_preserve_permissions(false);
+        archive.set_overwrite(false);
+        for entry in archive.entries()? {
+            let mut entry = entry?;
+            // unpack_in refuses paths that escape the directory.
+            if !entry.unpack_in(&tmp)? {
+                return Err(Exit::config(format!(
+                    "error: {}: the archive holds a path outside its root",
+                    file.display()
+                ))
+                .into());
+            }
+        }
+        let meta: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(tmp.join(META)).map_err(|_| {
+                Exit::config(format!(
+                    "error: {} is not a module archive (no {META})",
+                    file.display()
+                ))
+            })?)
+            .map_err(|e| Exit::config(format!("error: {}: bad {META}: {e}", file.display())))?;
+        let field = |k: &str| meta[k].as_str().map(str::to_string);
+        let (Some(name), Some(version), Some(kind), Some(digest)) = (
+            field("name"),
+            field("version"),
+            field("kind"),
+            field("digest"),
+        ) else {
+            return Err(Exit::config(format!(
+                "error: {}: {META} lacks name, version, kind or digest",
+                file.display()
+            ))
+            .into());
+        };
+        let code = tmp.join("code");
+        let path = if kind == "wasm" {
+            let files: Vec<PathBuf> = std::fs::read_dir(&code)
+                .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
+                .unwrap_or_default();
+            match files.as_slice() {
+                [one] => one.clone(),
+                _ => {
+                    return Err(Exit::config(format!(
+                        "error: {}: a wasm module archive holds exactly one file under code/",
+                        file.display()
+                    ))
+                    .into());
+                }
+            }
+        } else {
+            code.clone()
+        };
+        // The content must be what the metadata says.
+        let hashed = store.ingest(&path, Mode::Hash)?;
+        let actual = if kind == "wasm" {
+            store
+                .artifacts
+                .list(&hashed.digest)
+                .ok()
+                .and_then(|e| e.first().map(|e| e.digest.clone()))
+                .unwrap_or_default()
+        } else {
+            hashed.digest
+        };
+        if actual != digest {
+            return Err(Exit::config(format!(
+                "error: {}: the code does not match its digest (archive says {digest}, content is {actual}): the archive was altered or damaged; nothing was imported",
+                file.display()
+            ))
+            .into());
+        }
+        publish(
+            store,
+            &path,
+            &name,
+            &version,
+            field("description"),
+            field("entry"),
+            json,
+        )
+    })();
+    let _ = std::fs::remove_dir_all(&tmp);
+    result
+}
