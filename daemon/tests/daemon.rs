@@ -929,3 +929,70 @@ fn a_bad_daemon_config_is_reported_at_its_lines_and_the_daemon_does_not_start() 
         crate::common::stderr(&out)
     );
 }
+
+#[test]
+fn a_module_disabled_while_a_run_is_queued_fails_that_run_clearly() {
+    let p = Project::new();
+    let out = p.run(&[
+        "module",
+        "publish",
+        &plugin("noop"),
+        "--name",
+        "tool",
+        "--version",
+        "1.0.0",
+    ]);
+    assert!(out.status.success(), "{}", crate::common::stderr(&out));
+    let sleep = plugin("sleep");
+    p.write(
+        "pipelines/modular.toml",
+        &format!(
+            r#"
+concurrency = {{ max_runs = 1, overlap = "queue" }}
+[[step]]
+name = "nap"
+wasm = "{sleep}"
+args = ["--secs", "1"]
+reuse = false
+[[step]]
+name = "tool"
+module = "tool@^1"
+after = ["nap"]
+"#
+        ),
+    );
+    let d = Daemon::start(&p);
+    let first = d.trigger("modular");
+    let queued = d.trigger("modular");
+    d.wait_status(first, "running");
+    let out = p.run(&[
+        "module",
+        "disable",
+        "tool@1.0.0",
+        "--force",
+        "--message",
+        "broken build",
+        "--pipelines",
+        "pipelines",
+    ]);
+    assert!(out.status.success(), "{}", crate::common::stderr(&out));
+    let r = d.wait_status(queued, "failed");
+    let err = r["error"].as_str().unwrap();
+    assert!(
+        err.contains("module `tool@1.0.0` is disabled: broken build"),
+        "{err}"
+    );
+    // New requests are refused up front, naming the reason.
+    let (status, v) = d.post(
+        "/api/v1/pipelines/modular/runs",
+        serde_json::json!({}),
+        None,
+    );
+    assert_eq!(status, 422, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("disabled"),
+        "{v}"
+    );
+    let modules = d.get("/api/v1/modules");
+    assert_eq!(modules["modules"][0]["status"], "disabled");
+}

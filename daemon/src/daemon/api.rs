@@ -32,6 +32,7 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/api/v1/runs", get(runs))
         .route("/api/v1/runs/{id}", get(run))
         .route("/api/v1/runs/{id}/cancel", post(cancel))
+        .route("/api/v1/modules", get(modules))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
         .layer(axum::middleware::from_fn_with_state(d.clone(), auth))
         .layer(DefaultBodyLimit::max(MAX_BODY))
@@ -384,4 +385,22 @@ async fn cancel(State(d): State<Arc<Daemon>>, Path(id): Path<String>) -> ApiResu
         )),
         Err(e) => Err(ApiError::internal(e)),
     }
+}
+
+async fn modules(State(d): State<Arc<Daemon>>) -> ApiResult {
+    let db = d.store().db();
+    let versions = db
+        .read()
+        .module_versions(None)
+        .map_err(ApiError::internal)?;
+    let defaults = db.read().module_defaults().map_err(ApiError::internal)?;
+    let list: Vec<Value> = versions
+        .iter()
+        .map(|m| {
+            let mut v = serde_json::to_value(m).unwrap_or_default();
+            v["default"] = (defaults.get(&m.name) == Some(&m.version)).into();
+            v
+        })
+        .collect();
+    Ok(Json(json!({ "modules": list })).into_response())
 }

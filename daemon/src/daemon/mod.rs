@@ -493,15 +493,15 @@ impl Daemon {
                 tracing::error!(pipeline = %pipeline, run = id, "cannot run: {e}");
                 // A run that could not even start (its definition no longer
                 // parses, an input is missing) must not stay queued forever.
-                if let Ok(Some(r)) = self.store().db().read().run(id)
+                // One guard at a time: the db mutex is not re-entrant (a guard in
+                // an `if let` condition lives through its body).
+                let db = self.store().db();
+                if let Ok(Some(r)) = db.read().run(id)
                     && matches!(r.status.as_str(), "queued" | "running")
                 {
-                    let _ =
-                        self.store()
-                            .db()
-                            .read()
-                            .set_run_status(id, "failed", Some(&e.to_string()));
+                    let _ = db.read().set_run_status(id, "failed", Some(&e.to_string()));
                 }
+                drop(db);
                 "failed".to_string()
             }
         };
