@@ -74,6 +74,8 @@ pub struct Daemon {
     run_ended: tokio::sync::Notify,
     pub started: Instant,
     pub token: String,
+    /// The one file watcher every watch trigger and the reloader share.
+    watch: Arc<triggers::WatchHub>,
 }
 
 /// What became of a firing or an API call.
@@ -664,6 +666,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         run_ended: tokio::sync::Notify::new(),
         started: Instant::now(),
         token,
+        watch: triggers::WatchHub::new(),
     });
     d.recover()?;
     d.reload();

@@ -3,7 +3,8 @@
 //! directory watcher and the systemd watchdog. Nothing here polls: tasks sleep
 //! until the next firing or wait for inotify events.
 
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -252,7 +253,7 @@ impl WatchTask {
         // The base directory may not exist yet: wait for it.
         let (_watcher, mut events) = loop {
             if self.files.base.is_dir() {
-                match watch_dir(&self.files.base, notify::RecursiveMode::Recursive) {
+                match self.d.watch.subscribe(&self.files.base, true) {
                     Ok(w) => break w,
                     Err(e) => tracing::error!(
                         pipeline = %self.pipeline,
@@ -341,30 +342,152 @@ impl WatchTask {
     }
 }
 
-/// An inotify watch whose events arrive on a tokio channel.
-fn watch_dir(
-    dir: &std::path::Path,
-    mode: notify::RecursiveMode,
-) -> notify::Result<(
-    notify::RecommendedWatcher,
-    tokio::sync::mpsc::UnboundedReceiver<notify::Event>,
-)> {
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let mut w = notify::recommended_watcher(move |e: notify::Result<notify::Event>| {
-        if let Ok(e) = e
-            && !matches!(e.kind, notify::EventKind::Access(_))
+/// One inotify instance (and one notify thread) for the whole daemon: the watch
+/// triggers and the pipelines directory subscribe to directories, and each event
+/// goes to the subscribers whose directory holds its path.
+pub(super) struct WatchHub {
+    watcher: Mutex<Option<notify::RecommendedWatcher>>,
+    routes: Arc<Mutex<Vec<Route>>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+struct Route {
+    id: u64,
+    dir: PathBuf,
+    recursive: bool,
+    tx: tokio::sync::mpsc::UnboundedSender<notify::Event>,
+}
+
+/// A subscription; dropping it unsubscribes (and unwatches a directory no one
+/// else wants).
+pub(super) struct Subscription {
+    hub: Arc<WatchHub>,
+    id: u64,
+}
+
+impl WatchHub {
+    pub(super) fn new() -> Arc<WatchHub> {
+        let routes: Arc<Mutex<Vec<Route>>> = Arc::default();
+        let r = routes.clone();
+        let watcher = notify::recommended_watcher(move |e: notify::Result<notify::Event>| {
+            let Ok(e) = e else { return };
+            if matches!(e.kind, notify::EventKind::Access(_)) {
+                return;
+            }
+            for route in lock(&r).iter() {
+                let hit = e.paths.iter().any(|p| {
+                    if route.recursive {
+                        p.starts_with(&route.dir)
+                    } else {
+                        p.parent() == Some(route.dir.as_path()) || *p == route.dir
+                    }
+                });
+                if hit {
+                    let _ = route.tx.send(e.clone());
+                }
+            }
+        });
+        let watcher = match watcher {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::error!(
+                    "cannot start the file watcher: {e}; watch triggers and hot reload are off"
+                );
+                None
+            }
+        };
+        Arc::new(WatchHub {
+            watcher: Mutex::new(watcher),
+            routes,
+            next: std::sync::atomic::AtomicU64::new(1),
+        })
+    }
+
+    pub(super) fn subscribe(
+        self: &Arc<Self>,
+        dir: &Path,
+        recursive: bool,
+    ) -> Result<
+        (
+            Subscription,
+            tokio::sync::mpsc::UnboundedReceiver<notify::Event>,
+        ),
+        String,
+    > {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         {
-            let _ = tx.send(e);
+            let mut routes = lock(&self.routes);
+            routes.push(Route {
+                id,
+                dir: dir.to_path_buf(),
+                recursive,
+                tx,
+            });
         }
-    })?;
-    w.watch(dir, mode)?;
-    Ok((w, rx))
+        if let Err(e) = self.rewatch(dir) {
+            lock(&self.routes).retain(|r| r.id != id);
+            return Err(e);
+        }
+        Ok((
+            Subscription {
+                hub: self.clone(),
+                id,
+            },
+            rx,
+        ))
+    }
+
+    /// Watches `dir` as its subscribers need (recursively if any of them asks),
+    /// or not at all when none is left.
+    fn rewatch(&self, dir: &Path) -> Result<(), String> {
+        let wanted: Vec<bool> = lock(&self.routes)
+            .iter()
+            .filter(|r| r.dir == dir)
+            .map(|r| r.recursive)
+            .collect();
+        let mut w = lock(&self.watcher);
+        let Some(w) = w.as_mut() else {
+            return Err("the file watcher is not running".into());
+        };
+        let _ = w.unwatch(dir);
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let mode = if wanted.contains(&true) {
+            notify::RecursiveMode::Recursive
+        } else {
+            notify::RecursiveMode::NonRecursive
+        };
+        w.watch(dir, mode).map_err(|e| e.to_string())
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let dir = {
+            let mut routes = lock(&self.hub.routes);
+            let dir = routes
+                .iter()
+                .find(|r| r.id == self.id)
+                .map(|r| r.dir.clone());
+            routes.retain(|r| r.id != self.id);
+            dir
+        };
+        if let Some(dir) = dir {
+            let _ = self.hub.rewatch(&dir);
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Reloads when a pipeline file changes (after 300 ms of quiet).
 pub(super) fn watch_pipelines_dir(d: &Arc<Daemon>) {
     let dir = d.config.pipelines.clone();
-    let (watcher, mut events) = match watch_dir(&dir, notify::RecursiveMode::NonRecursive) {
+    let (watcher, mut events) = match d.watch.subscribe(&dir, false) {
         Ok(w) => w,
         Err(e) => {
             tracing::error!("cannot watch {}: {e}; reload with SIGHUP", dir.display());

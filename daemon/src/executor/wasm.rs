@@ -140,6 +140,29 @@ pub struct WasmRuntime {
     compiled: Mutex<HashMap<String, Compiled>>,
     p1_linker: Linker<P1State>,
     p2_linker: ComponentLinker<P2State>,
+    /// Guests running now; the epoch ticker sleeps while there are none (an idle
+    /// daemon must not wake 100 times a second).
+    running: Arc<(Mutex<usize>, std::sync::Condvar)>,
+}
+
+/// Counts a running guest for as long as it lives.
+struct Busy(Arc<(Mutex<usize>, std::sync::Condvar)>);
+
+impl Busy {
+    fn new(running: &Arc<(Mutex<usize>, std::sync::Condvar)>) -> Busy {
+        let (count, wake) = &**running;
+        *count.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        wake.notify_all();
+        Busy(running.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let (count, _) = &*self.0;
+        let mut n = count.lock().unwrap_or_else(|e| e.into_inner());
+        *n = n.saturating_sub(1);
+    }
 }
 
 impl WasmRuntime {
@@ -163,10 +186,28 @@ impl WasmRuntime {
         // A thread, not a tokio task: a busy guest must not be able to starve the
         // clock that interrupts it.
         let ticker = engine.weak();
+        let running: Arc<(Mutex<usize>, std::sync::Condvar)> = Arc::default();
+        let idle = running.clone();
         std::thread::Builder::new()
             .name("millrace-epoch".into())
             .spawn(move || {
-                while let Some(e) = ticker.upgrade() {
+                loop {
+                    {
+                        // Parked while no guest runs; the timeout only notices a
+                        // dropped engine.
+                        let (count, wake) = &*idle;
+                        let mut n = count.lock().unwrap_or_else(|e| e.into_inner());
+                        while *n == 0 {
+                            if ticker.upgrade().is_none() {
+                                return;
+                            }
+                            n = wake
+                                .wait_timeout(n, Duration::from_secs(60))
+                                .unwrap_or_else(|e| e.into_inner())
+                                .0;
+                        }
+                    }
+                    let Some(e) = ticker.upgrade() else { return };
                     e.increment_epoch();
                     drop(e);
                     std::thread::sleep(EPOCH_TICK);
@@ -180,6 +221,7 @@ impl WasmRuntime {
             compiled: Mutex::new(HashMap::new()),
             p1_linker,
             p2_linker,
+            running,
         }))
     }
 
@@ -313,6 +355,7 @@ impl WasmRuntime {
             .trap_on_grow_failure(true)
             .build();
         let deadline = sandbox.timeout.and_then(|t| Instant::now().checked_add(t));
+        let _busy = Busy::new(&self.running);
         let run = async {
             match compiled {
                 Compiled::Component(pre) => {
