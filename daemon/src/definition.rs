@@ -435,6 +435,19 @@ impl Walker {
                 .collect(),
             None => Vec::new(),
         };
+        for t in &triggers {
+            if let TriggerKind::After { pipeline } = &t.kind
+                && pipeline.get_ref() == name.get_ref()
+            {
+                self.error(
+                    pipeline.span(),
+                    format!(
+                        "`after = \"{}\"` is this pipeline itself: each run would start the next, forever",
+                        pipeline.get_ref()
+                    ),
+                );
+            }
+        }
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let steps: Vec<Step> = match doc.get("step") {
             Some(v) => self

@@ -402,7 +402,8 @@ impl Engine {
             steps: p.steps.len(),
         });
 
-        let inputs = match self.snapshot_inputs(run_id, &p) {
+        // Hashing (and on first sight copying) datasets is blocking work.
+        let inputs = match tokio::task::block_in_place(|| self.snapshot_inputs(run_id, &p)) {
             Ok(i) => i,
             Err(e) => {
                 self.store
@@ -549,7 +550,8 @@ impl Engine {
                         release(&graph, i, &mut waiting, &mut ready);
                     }
                 }
-                Err(_) => {
+                Err(StepFailure::NotStarted) => {}
+                Err(StepFailure::Failed) => {
                     status[i] = Some(StepStatus::Failed);
                     skip_dependants(&ctx, &graph, i, &mut status)?;
                 }
@@ -994,7 +996,12 @@ struct StepDone {
     outputs: Vec<(String, String)>,
 }
 
-struct StepFailure;
+enum StepFailure {
+    Failed,
+    /// The daemon began to stop before the step (or its next attempt) started: it
+    /// stays pending for the resume.
+    NotStarted,
+}
 
 impl RunContext {
     fn store(&self) -> &Store {
@@ -1118,7 +1125,10 @@ impl RunContext {
             .clone()
             .acquire_owned()
             .await
-            .map_err(|_| StepFailure)?;
+            .map_err(|_| StepFailure::Failed)?;
+        if self.engine.is_draining() {
+            return Err(StepFailure::NotStarted);
+        }
         let step = &self.pipeline.steps[i];
         let name = step.name.get_ref().clone();
         let started = Instant::now();
@@ -1135,6 +1145,9 @@ impl RunContext {
                     .backoff
                     .saturating_mul(1 << (attempt - 2).min(16));
                 tokio::time::sleep(backoff).await;
+                if self.engine.is_draining() {
+                    return Err(StepFailure::NotStarted);
+                }
             }
             (self.events)(&Event::StepStarted {
                 step: name.clone(),
@@ -1240,7 +1253,7 @@ impl RunContext {
             detail,
             elapsed: started.elapsed(),
         });
-        Err(StepFailure)
+        Err(StepFailure::Failed)
     }
 
     /// One attempt in a fresh sandbox directory; outputs are ingested only on success.

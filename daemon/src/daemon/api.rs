@@ -34,6 +34,12 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/api/v1/runs/{id}/cancel", post(cancel))
         .route("/api/v1/modules", get(modules))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "this route does not take that method",
+            )
+        })
         .layer(axum::middleware::from_fn_with_state(d.clone(), auth))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(d)
@@ -93,7 +99,9 @@ fn authorized(headers: &HeaderMap, token: &str) -> bool {
     let Some(given) = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token)
     else {
         return false;
     };
@@ -259,7 +267,7 @@ async fn status(State(d): State<Arc<Daemon>>) -> ApiResult {
     .into_response())
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct CreateRun {
     #[serde(default)]
@@ -271,9 +279,21 @@ struct CreateRun {
 async fn create_run(
     State(d): State<Arc<Daemon>>,
     Path(name): Path<String>,
-    body: Result<Json<CreateRun>, axum::extract::rejection::JsonRejection>,
+    body: axum::body::Bytes,
 ) -> ApiResult {
-    let Json(body) = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
+    // No body at all is an empty request: `curl -X POST …/runs` just works.
+    let body: CreateRun = if body.iter().all(u8::is_ascii_whitespace) {
+        CreateRun::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            let status = if e.is_data() {
+                StatusCode::UNPROCESSABLE_ENTITY
+            } else {
+                StatusCode::BAD_REQUEST
+            };
+            ApiError::new(status, format!("request body: {e}"))
+        })?
+    };
     let params = body
         .params
         .into_iter()

@@ -151,6 +151,12 @@ impl Daemon {
     /// active; a removed file unloads its pipeline. Triggers of changed pipelines
     /// restart; runs already queued keep the version they were queued with.
     pub fn reload(self: &Arc<Self>) {
+        self.reload_with(false)
+    }
+
+    /// `force` (SIGHUP) re-reads every file, also those whose text is unchanged:
+    /// a wasm file or module they need may have appeared since.
+    pub fn reload_with(self: &Arc<Self>, force: bool) {
         let dir = &self.config.pipelines;
         let mut paths: Vec<PathBuf> = match std::fs::read_dir(dir) {
             Ok(rd) => rd
@@ -200,7 +206,13 @@ impl Daemon {
             };
             let digest = blake3::hash(text.as_bytes()).to_hex().to_string();
             let previous = st.files.get(&path).cloned();
-            if previous.as_ref().is_some_and(|f| f.digest == digest) {
+            // Unchanged and loaded: nothing to do. An invalid or rejected file is
+            // checked again (what it lacked, or its rival, may be gone).
+            if !force
+                && previous.as_ref().is_some_and(|f| {
+                    f.digest == digest && f.diagnostics.iter().all(|d| d["severity"] != "error")
+                })
+            {
                 continue;
             }
             let (parsed, report) = definition::parse(&path, text.clone(), &env);
@@ -304,7 +316,9 @@ impl Daemon {
         mut req: RunRequest,
         also: impl FnOnce(&Batch<'_>) -> crate::store::db::Result<()>,
     ) -> Result<Submitted, SubmitError> {
-        if self.shutdown.is_cancelled() {
+        // A downstream run of an `after` trigger is queued even while stopping: the
+        // queue survives the restart, the upstream success would not fire again.
+        if self.shutdown.is_cancelled() && !req.trigger.starts_with("after ") {
             return Err(SubmitError::ShuttingDown);
         }
         let st = self.state();
@@ -408,12 +422,13 @@ impl Daemon {
 
     /// Cancels a queued or running run. Returns false if it was neither.
     pub fn cancel(&self, run: i64) -> Result<bool, SubmitError> {
+        // Under the state lock: the dispatcher starts a queued run only under it
+        // (after checking it is still queued), so a cancel cannot slip between.
         let st = self.state();
         if let Some(a) = st.active.get(&run) {
             a.cancel.cancel();
             return Ok(true);
         }
-        drop(st);
         let db = self.store().db();
         let r = db
             .read()
@@ -458,6 +473,18 @@ impl Daemon {
                 if busy >= max || st.active.contains_key(&run.id) {
                     continue;
                 }
+                // Cancelled since the queue was read?
+                let still_queued = self
+                    .store()
+                    .db()
+                    .read()
+                    .run(run.id)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|r| r.status == "queued");
+                if !still_queued {
+                    continue;
+                }
                 let cancel = CancellationToken::new();
                 st.active.insert(
                     run.id,
@@ -476,7 +503,17 @@ impl Daemon {
     /// Runs one queued run to its end, then lets `after` triggers fire.
     async fn drive(self: Arc<Self>, id: i64, pipeline: String, cancel: CancellationToken) {
         tracing::info!(pipeline = %pipeline, run = id, "started");
-        let result = self.engine.start(id, log_events(id), cancel).await;
+        // In its own task: a panic in the engine fails this run instead of
+        // leaving it `running` with its pipeline blocked.
+        let engine = self.engine.clone();
+        let result =
+            match tokio::spawn(async move { engine.start(id, log_events(id), cancel).await }).await
+            {
+                Ok(r) => r,
+                Err(e) => Err(crate::run::RunError::Params(format!(
+                    "the engine failed unexpectedly: {e}"
+                ))),
+            };
         let status = match result {
             Ok(s) => {
                 tracing::info!(
@@ -517,6 +554,19 @@ impl Daemon {
 
     /// `after = "pipeline"` triggers: fire when that pipeline's run succeeds.
     fn fire_after(&self, upstream: &str, run: i64) {
+        // The chain of `after` firings that led here: a pipeline already in it is
+        // not fired again (a cycle of `after` triggers would run forever).
+        let mut chain: Vec<String> = self
+            .store()
+            .db()
+            .read()
+            .run(run)
+            .ok()
+            .flatten()
+            .and_then(|r| r.trigger_detail)
+            .and_then(|d| serde_json::from_value(d["chain"].clone()).ok())
+            .unwrap_or_default();
+        chain.push(upstream.to_string());
         let downstream: Vec<(String, Vec<(String, String)>)> = self
             .state()
             .pipelines
@@ -542,6 +592,14 @@ impl Daemon {
             })
             .collect();
         for (name, params) in downstream {
+            if chain.contains(&name) {
+                tracing::warn!(
+                    pipeline = %name,
+                    "not fired: `after` triggers form a cycle ({} -> {name})",
+                    chain.join(" -> ")
+                );
+                continue;
+            }
             let req = RunRequest {
                 params,
                 no_reuse: false,
@@ -549,6 +607,7 @@ impl Daemon {
                 trigger_detail: Some(serde_json::json!({
                     "upstream_pipeline": upstream,
                     "upstream_run": run,
+                    "chain": chain,
                 })),
             };
             if let Err(e) = self.submit(&name, req, |_| Ok(())) {
@@ -642,6 +701,20 @@ fn load_token(config: &Config) -> anyhow::Result<String> {
 /// `millrace daemon`: runs until SIGTERM/SIGINT.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let store = Arc::new(Store::open(&config.state_dir)?);
+    // One daemon per state directory: two would fire every trigger twice.
+    let lock_path = config.state_dir.join("daemon.lock");
+    let _lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)?;
+    if _lock.try_lock().is_err() {
+        anyhow::bail!(
+            "another millrace daemon is using the state directory {} (it holds {})",
+            config.state_dir.display(),
+            lock_path.display()
+        );
+    }
     let datastores = Datastores {
         paths: config
             .datastores
@@ -707,7 +780,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: reloading pipelines");
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
-                d.reload();
+                d.reload_with(true);
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
             }
             _ = term.recv() => break,

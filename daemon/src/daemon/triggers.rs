@@ -11,7 +11,7 @@ use chrono::Utc;
 use notify::Watcher;
 use tokio_util::sync::CancellationToken;
 
-use super::{Daemon, Submitted};
+use super::Daemon;
 use crate::definition::{Catchup, Pipeline, TriggerKind};
 use crate::run::RunRequest;
 use crate::trigger::cron::{self, Schedule};
@@ -25,6 +25,12 @@ const MAX_REPLAY: usize = 1000;
 
 /// Starts the triggers of one pipeline version; `token` stops them.
 pub(super) fn start(d: &Arc<Daemon>, p: Arc<Pipeline>, token: CancellationToken) {
+    let mut seen_ids: std::collections::HashMap<String, usize> = Default::default();
+    let mut rank = |id: String| {
+        let n = seen_ids.entry(id.clone()).or_default();
+        *n += 1;
+        if *n == 1 { id } else { format!("{id} #{n}") }
+    };
     for (i, t) in p.triggers.iter().enumerate() {
         let params: Vec<(String, String)> = t
             .params
@@ -47,7 +53,7 @@ pub(super) fn start(d: &Arc<Daemon>, p: Arc<Pipeline>, token: CancellationToken)
                 let task = CronTask {
                     d: d.clone(),
                     pipeline: p.name.get_ref().clone(),
-                    id: format!("cron {} {}", schedule.expr, schedule.tz),
+                    id: rank(format!("cron {} {}", schedule.expr, schedule.tz)),
                     schedule,
                     catchup: *catchup,
                     params,
@@ -71,6 +77,7 @@ pub(super) fn start(d: &Arc<Daemon>, p: Arc<Pipeline>, token: CancellationToken)
                 let task = WatchTask {
                     d: d.clone(),
                     pipeline: p.name.get_ref().clone(),
+                    id: rank(format!("watch {}", glob.get_ref())),
                     files: Arc::new(files),
                     debounce: *debounce,
                     params,
@@ -85,8 +92,9 @@ pub(super) fn start(d: &Arc<Daemon>, p: Arc<Pipeline>, token: CancellationToken)
 struct CronTask {
     d: Arc<Daemon>,
     pipeline: String,
-    /// The trigger's identity in `trigger_state`: its expression and zone, so an
-    /// edited schedule starts afresh and an unchanged one survives reloads.
+    /// The trigger's identity in `trigger_state`: its expression and zone (and its
+    /// rank among identical ones), so an edited schedule starts afresh and an
+    /// unchanged one survives reloads.
     id: String,
     schedule: Schedule,
     catchup: Catchup,
@@ -111,12 +119,27 @@ impl CronTask {
                 }
             };
             let now = Utc::now();
-            let Some(last) = last.map(cron::from_ms) else {
+            let Some(last_ms) = last else {
                 // First sight of this schedule: firings count from now.
-                self.record(now);
+                let _ = self.d.store().db().read().advance_trigger(
+                    &self.pipeline,
+                    &self.id,
+                    None,
+                    now.timestamp_millis(),
+                );
                 continue;
             };
-            let (due, count) = self.schedule.between(last, now, MAX_REPLAY);
+            let last = cron::from_ms(last_ms);
+            // Firings are computed off the runtime's threads: a long downtime of a
+            // per-second schedule is many of them.
+            let schedule = self.schedule.clone();
+            let due = tokio::task::spawn_blocking(move || {
+                let (tail, count) = schedule.between(last, now, MAX_REPLAY);
+                let first = schedule.first_between(last, now);
+                (tail, count, first)
+            })
+            .await;
+            let Ok((due, count, first)) = due else { return };
             if due.is_empty() {
                 let Some(next) = self.schedule.next_after(last.max(now)) else {
                     tracing::warn!(pipeline = %self.pipeline, "cron `{}` never fires again", self.schedule.expr);
@@ -130,27 +153,20 @@ impl CronTask {
                 tokio::time::sleep(wait).await;
                 continue;
             }
-            self.fire(&due, count, now);
+            self.fire(last_ms, &due, count, first, now);
         }
     }
 
-    fn record(&self, at: chrono::DateTime<Utc>) {
-        let r = self.d.store().db().read().set_trigger_last_fired(
-            &self.pipeline,
-            &self.id,
-            at.timestamp_millis(),
-        );
-        if let Err(e) = r {
-            tracing::error!(pipeline = %self.pipeline, "cron: {e}");
-        }
-    }
-
-    /// `due`: the firings since the last one recorded, oldest first (`count` of
-    /// them in all). The latest is on time if the daemon was not down long.
+    /// `due`: the latest firings since the one recorded (`last_ms`), oldest first,
+    /// `count` of them in all, `first` the oldest. The latest is on time if the
+    /// daemon was not down long. Each run is queued in the transaction that moves
+    /// the cursor from the value read, so a firing is consumed once.
     fn fire(
         &self,
+        last_ms: i64,
         due: &[chrono::DateTime<chrono_tz::Tz>],
         count: usize,
+        first: Option<chrono::DateTime<chrono_tz::Tz>>,
         now: chrono::DateTime<Utc>,
     ) {
         let Some(latest) = due.last().map(|t| t.with_timezone(&Utc)) else {
@@ -158,22 +174,49 @@ impl CronTask {
         };
         let on_time = now - latest <= ON_TIME;
         let missed = count - usize::from(on_time);
-        let submit = |at: chrono::DateTime<Utc>, detail: serde_json::Value| {
-            let req = RunRequest {
-                params: self.params.clone(),
-                no_reuse: false,
-                trigger: format!("cron {}", self.schedule.expr),
-                trigger_detail: Some(detail),
-            };
+        let mut cursor = last_ms;
+        let mut submit = |at: chrono::DateTime<Utc>, detail: Option<serde_json::Value>| {
             let (pipeline, id, ms) = (&self.pipeline, &self.id, at.timestamp_millis());
-            match self.d.submit(pipeline, req, |b| {
-                b.set_trigger_last_fired(pipeline, id, ms)
-            }) {
-                Ok(Submitted::Queued(_) | Submitted::Skipped(_)) => {}
+            let old = cursor;
+            let result = match detail {
+                Some(detail) => {
+                    let req = RunRequest {
+                        params: self.params.clone(),
+                        no_reuse: false,
+                        trigger: format!("cron {}", self.schedule.expr),
+                        trigger_detail: Some(detail),
+                    };
+                    self.d
+                        .submit(pipeline, req, |b| {
+                            b.advance_trigger(pipeline, id, Some(old), ms)
+                        })
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                }
+                None => self
+                    .d
+                    .store()
+                    .db()
+                    .read()
+                    .advance_trigger(pipeline, id, Some(old), ms)
+                    .map_err(|e| e.to_string()),
+            };
+            match result {
+                Ok(()) => cursor = ms,
+                Err(e) if e.contains("fired elsewhere") => {}
                 Err(e) => {
                     tracing::error!(pipeline = %self.pipeline, "cron: {e}");
                     // The firing is consumed all the same: never fire it twice.
-                    self.record(at);
+                    if self
+                        .d
+                        .store()
+                        .db()
+                        .read()
+                        .advance_trigger(pipeline, id, Some(old), ms)
+                        .is_ok()
+                    {
+                        cursor = ms;
+                    }
                 }
             }
         };
@@ -185,51 +228,39 @@ impl CronTask {
                 self.schedule.expr, self.catchup
             );
         }
+        let plain = serde_json::json!({ "scheduled": scheduled(latest) });
         match self.catchup {
-            _ if missed == 0 => submit(
-                latest,
-                serde_json::json!({ "scheduled": scheduled(latest) }),
-            ),
-            Catchup::None => {
-                if on_time {
-                    submit(
-                        latest,
-                        serde_json::json!({ "scheduled": scheduled(latest) }),
-                    );
-                } else {
-                    self.record(latest);
-                }
-            }
+            _ if missed == 0 => submit(latest, Some(plain)),
+            Catchup::None => submit(latest, on_time.then_some(plain)),
             Catchup::Latest => submit(
                 latest,
-                serde_json::json!({ "scheduled": scheduled(latest), "missed_count": missed }),
+                Some(serde_json::json!({ "scheduled": scheduled(latest), "missed_count": missed })),
             ),
             Catchup::All => {
+                if count > due.len() {
+                    tracing::warn!(
+                        pipeline = %self.pipeline,
+                        "cron: only the latest {MAX_REPLAY} of {count} missed firings are replayed"
+                    );
+                }
                 for t in due {
                     let t = t.with_timezone(&Utc);
                     submit(
                         t,
-                        serde_json::json!({ "scheduled": scheduled(t), "catchup": true }),
-                    );
-                }
-                if count > due.len() {
-                    tracing::warn!(
-                        pipeline = %self.pipeline,
-                        "cron: {} more missed firing(s) beyond the first {MAX_REPLAY} were not replayed",
-                        count - due.len()
+                        Some(serde_json::json!({ "scheduled": scheduled(t), "catchup": true })),
                     );
                 }
             }
             Catchup::Coalesce => {
-                let from = due[0].with_timezone(&Utc);
+                let from = first.map_or(latest, |f| f.with_timezone(&Utc));
                 submit(
                     latest,
-                    serde_json::json!({
+                    Some(serde_json::json!({
                         "scheduled": scheduled(latest),
                         "missed_from": scheduled(from),
                         "missed_to": scheduled(latest),
                         "missed_count": count,
-                    }),
+                    })),
                 );
             }
         }
@@ -239,6 +270,8 @@ impl CronTask {
 struct WatchTask {
     d: Arc<Daemon>,
     pipeline: String,
+    /// The trigger's identity: `watch GLOB` (and its rank among identical ones).
+    id: String,
     files: Arc<FileSet>,
     debounce: Duration,
     params: Vec<(String, String)>,
@@ -250,39 +283,48 @@ const SETTLE_PATIENCE: Duration = Duration::from_secs(600);
 
 impl WatchTask {
     async fn run(self, token: CancellationToken) {
-        // The base directory may not exist yet: wait for it.
-        let (_watcher, mut events) = loop {
-            if self.files.base.is_dir() {
-                match self.d.watch.subscribe(&self.files.base, true) {
-                    Ok(w) => break w,
-                    Err(e) => tracing::error!(
-                        pipeline = %self.pipeline,
-                        "watch `{}`: cannot watch {}: {e}", self.files.glob, self.files.base.display()
-                    ),
-                }
-            }
-            tokio::select! {
-                () = tokio::time::sleep(Duration::from_secs(5)) => {}
-                () = token.cancelled() => return,
-            }
-        };
-        // Changes made while the daemon was down fire now.
-        self.check().await;
-        let mut deadline: Option<tokio::time::Instant> = None;
         loop {
-            tokio::select! {
-                e = events.recv() => {
-                    let Some(e) = e else { return };
-                    if e.paths.iter().any(|p| self.files.matches(p)) {
-                        deadline = Some(tokio::time::Instant::now() + self.debounce);
+            // The base directory may not exist yet: wait for it.
+            let (_subscription, mut events) = loop {
+                if self.files.base.is_dir() {
+                    match self.d.watch.subscribe(&self.files.base, true) {
+                        Ok(w) => break w,
+                        Err(e) => tracing::error!(
+                            pipeline = %self.pipeline,
+                            "watch `{}`: cannot watch {}: {e}", self.files.glob, self.files.base.display()
+                        ),
                     }
                 }
-                () = async { tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)).await },
-                    if deadline.is_some() => {
-                    deadline = None;
-                    self.check().await;
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    () = token.cancelled() => return,
                 }
-                () = token.cancelled() => return,
+            };
+            // Changes made while the daemon was down (or the directory away) fire now.
+            self.check().await;
+            let mut deadline: Option<tokio::time::Instant> = None;
+            loop {
+                tokio::select! {
+                    e = events.recv() => {
+                        let Some(e) = e else { return };
+                        // The directory itself was removed or replaced: watch it afresh.
+                        let base_gone = e.paths.iter().any(|p| *p == self.files.base)
+                            && matches!(e.kind, notify::EventKind::Remove(_) | notify::EventKind::Modify(notify::event::ModifyKind::Name(_)));
+                        if base_gone || e.need_rescan() {
+                            tracing::info!(pipeline = %self.pipeline, "watch `{}`: {} changed; watching it afresh", self.files.glob, self.files.base.display());
+                            break;
+                        }
+                        if e.paths.iter().any(|p| self.files.matches(p)) {
+                            deadline = Some(tokio::time::Instant::now() + self.debounce);
+                        }
+                    }
+                    () = async { tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)).await },
+                        if deadline.is_some() => {
+                        deadline = None;
+                        self.check().await;
+                    }
+                    () = token.cancelled() => return,
+                }
             }
         }
     }
@@ -297,30 +339,27 @@ impl WatchTask {
             tracing::warn!(pipeline = %self.pipeline, "watch `{}`: files kept changing; waiting for the next change", self.files.glob);
             return;
         };
-        let glob = &self.files.glob;
-        let before = match self
-            .d
-            .store()
-            .db()
-            .read()
-            .watch_cursor(&self.pipeline, glob)
-        {
-            Ok(b) => b,
-            Err(e) => {
+        let (id, glob) = (&self.id, &self.files.glob);
+        let (seen, before) = {
+            let db = self.d.store().db();
+            let seen = db.read().trigger_last_fired(&self.pipeline, id);
+            let before = db.read().watch_cursor(&self.pipeline, id);
+            (seen, before)
+        };
+        let (seen, before) = match (seen, before) {
+            (Ok(s), Ok(b)) => (s, b),
+            (Err(e), _) | (_, Err(e)) => {
                 tracing::error!(pipeline = %self.pipeline, "watch: {e}");
                 return;
             }
         };
         let Some(before) = before else {
             // First look: what is there now is the baseline.
-            if let Err(e) = self
+            let _ = self
                 .d
                 .store()
                 .db()
-                .batch(|b| b.set_watch_cursor(&self.pipeline, glob, &now))
-            {
-                tracing::error!(pipeline = %self.pipeline, "watch: {e}");
-            }
+                .batch(|b| b.set_watch_cursor(&self.pipeline, id, None, &now));
             return;
         };
         let changed = watch::changed(&before, &now);
@@ -334,10 +373,12 @@ impl WatchTask {
             trigger: format!("watch {glob}"),
             trigger_detail: Some(serde_json::json!({ "changed": changed })),
         };
-        if let Err(e) = self.d.submit(&self.pipeline, req, |b| {
-            b.set_watch_cursor(&self.pipeline, glob, &now)
+        match self.d.submit(&self.pipeline, req, |b| {
+            b.set_watch_cursor(&self.pipeline, id, seen, &now)
         }) {
-            tracing::error!(pipeline = %self.pipeline, "watch: {e}");
+            Ok(_) => {}
+            Err(e) if e.to_string().contains("fired elsewhere") => {}
+            Err(e) => tracing::error!(pipeline = %self.pipeline, "watch: {e}"),
         }
     }
 }

@@ -28,6 +28,9 @@ pub enum DbError {
         "the database was written by a newer millrace (schema {found}, this binary knows {known})"
     )]
     TooNew { found: i64, known: i64 },
+    /// A conditional update found the row changed by someone else.
+    #[error("{0}")]
+    Conflict(String),
 }
 
 pub type Result<T> = std::result::Result<T, DbError>;
@@ -512,6 +515,34 @@ impl Batch<'_> {
         Ok(())
     }
 
+    /// Moves a trigger's cursor from `old` to `new` only if no one moved it since:
+    /// two tasks of one trigger (an old version being replaced by a reload) cannot
+    /// both consume a firing. The error aborts the caller's transaction.
+    pub fn advance_trigger(
+        &self,
+        pipeline: &str,
+        trigger: &str,
+        old: Option<i64>,
+        new: i64,
+    ) -> Result<()> {
+        let moved = match old {
+            Some(old) => self.conn.execute(
+                "UPDATE trigger_state SET last_fired = ?4 WHERE pipeline = ?1 AND trigger = ?2 AND last_fired = ?3",
+                params![pipeline, trigger, old, new],
+            )?,
+            None => self.conn.execute(
+                "INSERT OR IGNORE INTO trigger_state (pipeline, trigger, last_fired) VALUES (?1, ?2, ?3)",
+                params![pipeline, trigger, new],
+            )?,
+        };
+        if moved == 0 {
+            return Err(DbError::Conflict(format!(
+                "trigger `{trigger}` of `{pipeline}` fired elsewhere"
+            )));
+        }
+        Ok(())
+    }
+
     /// Path → content digest as a watch trigger last saw them; `None` before its
     /// first look.
     pub fn watch_cursor(
@@ -519,12 +550,7 @@ impl Batch<'_> {
         pipeline: &str,
         glob: &str,
     ) -> Result<Option<std::collections::BTreeMap<String, String>>> {
-        let seen: bool = self.conn.query_row(
-            "SELECT EXISTS (SELECT 1 FROM trigger_state WHERE pipeline = ?1 AND trigger = ?2)",
-            params![pipeline, format!("watch {glob}")],
-            |r| r.get(0),
-        )?;
-        if !seen {
+        if self.trigger_last_fired(pipeline, glob)?.is_none() {
             return Ok(None);
         }
         let mut stmt = self.conn.prepare_cached(
@@ -536,13 +562,17 @@ impl Batch<'_> {
         Ok(Some(rows))
     }
 
-    /// Replaces a watch trigger's cursor with what it saw now.
+    /// Replaces a watch trigger's cursor with what it saw now, if no one replaced
+    /// it since `seen` (its `trigger_state` stamp when the cursor was read).
     pub fn set_watch_cursor(
         &self,
         pipeline: &str,
         glob: &str,
+        seen: Option<i64>,
         files: &std::collections::BTreeMap<String, String>,
     ) -> Result<()> {
+        let stamp = now_ms().max(seen.map_or(0, |s| s + 1));
+        self.advance_trigger(pipeline, glob, seen, stamp)?;
         self.conn.execute(
             "DELETE FROM watch_cursor WHERE pipeline = ?1 AND glob = ?2",
             params![pipeline, glob],
@@ -553,7 +583,7 @@ impl Batch<'_> {
         for (path, digest) in files {
             insert.execute(params![pipeline, glob, path, digest])?;
         }
-        self.set_trigger_last_fired(pipeline, &format!("watch {glob}"), now_ms())
+        Ok(())
     }
 
     pub fn run(&self, id: i64) -> Result<Option<RunRow>> {

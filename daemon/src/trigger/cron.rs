@@ -1,14 +1,15 @@
 //! Cron schedules: croner for the calendar maths, chrono-tz for IANA zones.
 //!
-//! Firings are computed in the trigger's zone, so they follow its DST rules: a
-//! wall-clock time that does not exist (spring forward) fires once, at the first
-//! instant after the gap; one that happens twice (fall back) fires once, at the
-//! first occurrence. Patterns that fire every hour or more often keep firing on
-//! every real instant they match.
+//! Firings follow the trigger's zone and its DST rules. A pattern with fixed hours
+//! (`30 2 * * *`, `0,30 2 * * *`) is walked on the local wall clock: a wall time that
+//! does not exist (spring forward) fires once, at the first instant after the gap; one
+//! that happens twice (fall back) fires once, at its first occurrence. A pattern whose
+//! hour field is `*` is an interval: it fires at every real instant it matches, so
+//! `*/30 * * * *` keeps its rhythm through both transitions.
 
 use std::str::FromStr;
 
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{DateTime, TimeZone, Timelike, Utc};
 use chrono_tz::Tz;
 use croner::Cron;
 use croner::parser::{CronParser, Seconds};
@@ -21,6 +22,8 @@ pub struct Schedule {
     cron: Cron,
     pub tz: Tz,
     pub expr: String,
+    /// The hour field is `*`: fire at every real instant that matches.
+    interval: bool,
 }
 
 /// Why a cron trigger does not parse, by the key at fault.
@@ -64,43 +67,115 @@ impl Schedule {
                 ))
             })?,
         };
-        Ok(Schedule {
+        let fields: Vec<&str> = expr.split_whitespace().collect();
+        let hour = if fields.len() == 6 {
+            fields[2]
+        } else {
+            fields[1]
+        };
+        let s = Schedule {
             cron,
             tz,
             expr: expr.to_string(),
-        })
+            interval: hour == "*",
+        };
+        // `0 0 31 2 *` parses but never fires: say so now, not never.
+        if s.next_after(Utc::now()).is_none() {
+            return Err(ScheduleError::Expr(format!(
+                "cron expression `{expr}` never fires (no date matches it)"
+            )));
+        }
+        Ok(s)
     }
 
     /// The first firing strictly after `t`.
     pub fn next_after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        self.cron
-            .find_next_occurrence(&t.with_timezone(&self.tz), false)
-            .ok()
-            .map(|d| d.with_timezone(&Utc))
+        if self.interval {
+            return self
+                .cron
+                .find_next_occurrence(&t.with_timezone(&self.tz), false)
+                .ok()
+                .map(|d| d.with_timezone(&Utc));
+        }
+        // Walk matching wall-clock times, from a little before `t`'s own wall time
+        // (a DST shift can map an earlier wall time to a later instant), and keep
+        // the earliest instant after `t`.
+        let margin = chrono::TimeDelta::hours(3);
+        let start = t.with_timezone(&self.tz).naive_local() - margin;
+        let mut cursor = start.and_utc();
+        let mut best: Option<DateTime<Utc>> = None;
+        for _ in 0..200_000 {
+            let next = self.cron.find_next_occurrence(&cursor, false).ok()?;
+            let wall = next.naive_utc();
+            if let Some(b) = best
+                && wall > b.with_timezone(&self.tz).naive_local() + margin
+            {
+                break;
+            }
+            if let Some(at) = self.instant(wall)
+                && at > t
+                && best.is_none_or(|b| at < b)
+            {
+                best = Some(at);
+            }
+            cursor = next;
+        }
+        best
     }
 
-    /// Firings in `(from, to]`, at most `limit`; the second value counts them all
-    /// (up to [`MAX_FIRINGS`] more).
+    /// The instant a wall-clock time fires at: the first of two, or the first
+    /// instant after a gap.
+    fn instant(&self, wall: chrono::NaiveDateTime) -> Option<DateTime<Utc>> {
+        use chrono::offset::LocalResult;
+        match self.tz.from_local_datetime(&wall) {
+            LocalResult::Single(t) => Some(t.with_timezone(&Utc)),
+            LocalResult::Ambiguous(a, _) => Some(a.with_timezone(&Utc)),
+            LocalResult::None => {
+                let mut w = wall;
+                for _ in 0..(24 * 60) {
+                    w += chrono::TimeDelta::minutes(1);
+                    let w0 = w.with_second(0).unwrap_or(w);
+                    if let Some(t) = self.tz.from_local_datetime(&w0).earliest() {
+                        return Some(t.with_timezone(&Utc));
+                    }
+                }
+                None
+            }
+        }
+    }
+
+    /// Firings in `(from, to]`: the first, the last `limit` of them, and how many
+    /// there are (counting stops at [`MAX_FIRINGS`] × 100).
     pub fn between(
         &self,
         from: DateTime<Utc>,
         to: DateTime<Utc>,
         limit: usize,
     ) -> (Vec<DateTime<Tz>>, usize) {
-        let mut out = Vec::new();
+        let mut out = std::collections::VecDeque::new();
         let mut count = 0;
         let mut t = from;
         while let Some(next) = self.next_after(t) {
-            if next > to || count >= limit + MAX_FIRINGS {
+            if next > to || count >= MAX_FIRINGS * 100 {
                 break;
             }
-            if out.len() < limit {
-                out.push(next.with_timezone(&self.tz));
+            if out.len() == limit {
+                out.pop_front();
+            }
+            if limit > 0 {
+                out.push_back(next.with_timezone(&self.tz));
             }
             count += 1;
             t = next;
         }
-        (out, count)
+        (out.into(), count)
+    }
+
+    /// The first firing in `(from, to]`.
+    pub fn first_between(&self, from: DateTime<Utc>, to: DateTime<Utc>) -> Option<DateTime<Tz>> {
+        self.next_after(from)
+            .filter(|t| *t <= to)
+            .map(|t| t.with_timezone(&self.tz))
     }
 
     /// `t` in the schedule's zone, for display.
@@ -196,6 +271,44 @@ mod tests {
                 "2026-10-26T02:30:00+01:00"
             ]
         );
+    }
+
+    #[test]
+    fn lists_and_steps_in_fixed_hours_fire_once_through_both_transitions() {
+        let spring = ("2026-03-28T22:00:00Z", "2026-03-29T03:00:00Z");
+        let autumn = ("2026-10-24T22:00:00Z", "2026-10-25T03:00:00Z");
+        let f = |e: &str, (a, b): (&str, &str)| firings(e, "Europe/Stockholm", a, b);
+        // 02:15 and 02:45 do not exist: one firing at 03:00.
+        assert_eq!(f("15,45 2 * * *", spring), ["2026-03-29T03:00:00+02:00"]);
+        assert_eq!(f("*/20 2 * * *", spring), ["2026-03-29T03:00:00+02:00"]);
+        assert_eq!(f("0 2,3 * * *", spring), ["2026-03-29T03:00:00+02:00"]);
+        // 02:xx happens twice: each fires once, at its first occurrence.
+        assert_eq!(
+            f("15,45 2 * * *", autumn),
+            ["2026-10-25T02:15:00+02:00", "2026-10-25T02:45:00+02:00"]
+        );
+        assert_eq!(
+            f("0 2,3 * * *", autumn),
+            ["2026-10-25T02:00:00+02:00", "2026-10-25T03:00:00+01:00"]
+        );
+        // An interval keeps firing on every real instant.
+        assert_eq!(f("0 * * * *", autumn).len(), 5, "one per real hour");
+    }
+
+    #[test]
+    fn between_keeps_the_latest_firings_and_counts_them_all() {
+        let s = Schedule::parse("*/1 * * * * *", None).expect("valid");
+        let (tail, n) = s.between(at("2026-01-01T00:00:00Z"), at("2026-01-01T01:00:00Z"), 3);
+        assert_eq!(n, 3600);
+        assert_eq!(
+            tail.last().map(|t| t.to_rfc3339()).as_deref(),
+            Some("2026-01-01T01:00:00+00:00")
+        );
+        assert_eq!(tail.len(), 3);
+        assert!(matches!(
+            Schedule::parse("0 0 31 2 *", None),
+            Err(ScheduleError::Expr(m)) if m.contains("never fires")
+        ));
     }
 
     #[test]
