@@ -9,6 +9,8 @@ scripts/setup.sh
 
 millrace="$root/target/debug/millrace"
 export MILLRACE_STATE="${MILLRACE_STATE:-$root/.millrace}"
+# The Python runtime compiled by setup.sh.
+export MILLRACE_CACHE="${MILLRACE_CACHE:-$root/target/tmp/millrace-cache}"
 pipelines="$root/config/pipelines"
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 

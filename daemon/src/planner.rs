@@ -144,6 +144,12 @@ pub fn key_parts(
         StepKind::Wasm { .. } | StepKind::Module { .. } => {
             format!("wasm/wasmtime-{}", crate::executor::wasm::WASMTIME_VERSION)
         }
+        StepKind::Python { .. } => {
+            format!(
+                "python/wasmtime-{}",
+                crate::executor::wasm::WASMTIME_VERSION
+            )
+        }
         other => other.runtime_name().to_string(),
     };
     KeyParts {

@@ -208,6 +208,20 @@ impl Engine {
         Ok(env)
     }
 
+    /// Compiles the Python runtime into the precompile cache, once per runtime,
+    /// wasmtime version and engine configuration. Returns (the runtime's
+    /// directory, its digest, whether it was already compiled).
+    pub async fn prepare_python(&self) -> Result<(PathBuf, String, bool), RunError> {
+        let runtime = crate::executor::python::Runtime::locate()
+            .ok_or_else(|| RunError::Params(crate::executor::python::missing()))?;
+        runtime.check().map_err(RunError::Params)?;
+        let memo = Mutex::new(HashMap::new());
+        let digest = file_digest(&memo, &self.store, &runtime.wasm()).map_err(RunError::Params)?;
+        let wasm = self.wasm().await?;
+        let cached = tokio::task::block_in_place(|| wasm.precompile(&runtime.wasm(), &digest))?;
+        Ok((runtime.dir, digest, cached))
+    }
+
     /// Steps executing now, across all runs.
     pub fn running_steps(&self) -> usize {
         self.max_parallel - self.slots.available_permits()
@@ -823,6 +837,28 @@ pub fn why_run(
     )
 }
 
+/// A file's content digest, hashed once per process (and remembered by stat).
+fn file_digest(
+    memo: &Mutex<HashMap<PathBuf, String>>,
+    store: &Store,
+    path: &Path,
+) -> Result<String, String> {
+    if let Some(d) = memo.lock().unwrap_or_else(|e| e.into_inner()).get(path) {
+        return Ok(d.clone());
+    }
+    let ingested = store.ingest(path, Mode::Hash).map_err(|e| e.to_string())?;
+    let digest = store
+        .artifacts
+        .list(&ingested.digest)
+        .ok()
+        .and_then(|e| e.first().map(|e| e.digest.clone()))
+        .unwrap_or(ingested.digest);
+    memo.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(path.to_path_buf(), digest.clone());
+    Ok(digest)
+}
+
 /// The content digest of a step's code (the wasm bytes; for a transfer, its
 /// destination), hashed once per file and remembered by stat.
 fn code_of(
@@ -850,6 +886,29 @@ fn code_of(
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(resolved.clone(), digest.clone());
             Ok(digest)
+        }
+        // The script's whole code directory, its name, and the runtime: a change
+        // to any of them re-executes the step.
+        StepKind::Python {
+            code_dir, entry, ..
+        } => {
+            let runtime = crate::executor::python::Runtime::locate()
+                .ok_or_else(crate::executor::python::missing)?;
+            let rt = file_digest(memo, store, &runtime.wasm())
+                .map_err(|e| format!("the Python runtime: {e}"))?;
+            let tree = store
+                .ingest(code_dir, Mode::Hash)
+                .map_err(|e| format!("the code directory {}: {e}", code_dir.display()))?;
+            Ok(blake3::hash(
+                format!(
+                    "{}\n{rt}\n{}\n{entry}",
+                    crate::executor::python::RUNTIME_NAME,
+                    tree.digest
+                )
+                .as_bytes(),
+            )
+            .to_hex()
+            .to_string())
         }
         // The registry recorded the digest when the version was published; the
         // executor checks the bytes against it before compiling.
@@ -912,6 +971,12 @@ fn cached_outputs(
         step,
         outputs: outs,
     }))
+}
+
+/// What an attempt runs.
+enum Program {
+    Wasm(PathBuf),
+    Python { code_dir: PathBuf, entry: PathBuf },
 }
 
 /// An earlier execution whose outputs can stand in for a step's.
@@ -1285,6 +1350,16 @@ impl RunContext {
                 self.attempt_wasm(i, attempt, resolved, inputs, log_path)
                     .await
             }
+            StepKind::Python {
+                code_dir, entry, ..
+            } => {
+                let program = Program::Python {
+                    code_dir: code_dir.clone(),
+                    entry: PathBuf::from(entry),
+                };
+                self.attempt_program(i, attempt, &program, inputs, log_path)
+                    .await
+            }
             other => Err((
                 None,
                 format!(
@@ -1303,23 +1378,36 @@ impl RunContext {
         inputs: &BTreeMap<String, String>,
         log_path: &Path,
     ) -> Result<Vec<(String, String)>, (Option<i32>, String)> {
+        let program = Program::Wasm(wasm_path.to_path_buf());
+        self.attempt_program(i, attempt, &program, inputs, log_path)
+            .await
+    }
+
+    async fn attempt_program(
+        &self,
+        i: usize,
+        attempt: u32,
+        program: &Program,
+        inputs: &BTreeMap<String, String>,
+        log_path: &Path,
+    ) -> Result<Vec<(String, String)>, (Option<i32>, String)> {
         let mut ws = self
             .workspaces
             .take()
             .map_err(|e| (None, format!("cannot create the sandbox directories: {e}")))?;
         let result = self
-            .attempt_wasm_in(&mut ws, i, attempt, wasm_path, inputs, log_path)
+            .attempt_in(&mut ws, i, attempt, program, inputs, log_path)
             .await;
         self.workspaces.give_back(ws);
         result
     }
 
-    async fn attempt_wasm_in(
+    async fn attempt_in(
         &self,
         ws: &mut Workspace,
         i: usize,
         attempt: u32,
-        wasm_path: &Path,
+        program: &Program,
         inputs: &BTreeMap<String, String>,
         log_path: &Path,
     ) -> Result<Vec<(String, String)>, (Option<i32>, String)> {
@@ -1364,43 +1452,81 @@ impl RunContext {
                 .map(|(k, v)| (param_env_name(k), v.to_string())),
         );
         full_env.extend(env);
-        let program = wasm_path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| name.clone());
-        let sandbox = Sandbox {
-            args: std::iter::once(program).chain(args).collect(),
-            env: full_env,
-            mounts: vec![
-                Mount {
-                    host: dir_in.clone(),
-                    guest: "/in".into(),
+        // What runs: the step's wasm, or the Python runtime with the script.
+        let (wasm_path, run_digest, args, extra_mounts) = match program {
+            Program::Wasm(path) => {
+                let argv0 = path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| name.clone());
+                let code =
+                    code_of(&self.code_digests, self.store(), &self.pipeline, i).map_err(fail)?;
+                (
+                    path.clone(),
+                    code,
+                    std::iter::once(argv0).chain(args).collect::<Vec<_>>(),
+                    Vec::new(),
+                )
+            }
+            Program::Python { code_dir, entry } => {
+                let runtime = crate::executor::python::Runtime::locate()
+                    .ok_or_else(|| fail(crate::executor::python::missing()))?;
+                runtime.check().map_err(fail)?;
+                let digest = file_digest(&self.code_digests, self.store(), &runtime.wasm())
+                    .map_err(|e| fail(format!("the Python runtime: {e}")))?;
+                // HOME: a fresh directory of this attempt's scratch space.
+                std::fs::create_dir_all(dir_tmp.join(".home"))
+                    .map_err(|e| fail(format!("sandbox directories: {e}")))?;
+                full_env.push(("HOME".into(), "/tmp/.home".into()));
+                full_env.push(("PYTHONTZPATH".into(), String::new()));
+                let mut mounts = runtime.mounts();
+                mounts.push(Mount {
+                    host: code_dir.clone(),
+                    guest: "/code".into(),
                     writable: false,
-                },
-                Mount {
-                    host: dir_out.clone(),
-                    guest: "/out".into(),
-                    writable: true,
-                },
-                Mount {
-                    host: dir_tmp.clone(),
-                    guest: "/tmp".into(),
-                    writable: true,
-                },
-                Mount {
-                    host: dir_meta.clone(),
-                    guest: "/millrace".into(),
-                    writable: true,
-                },
-            ],
+                });
+                (
+                    runtime.wasm(),
+                    digest,
+                    crate::executor::python::argv(entry, args),
+                    mounts,
+                )
+            }
+        };
+        let mut mounts = vec![
+            Mount {
+                host: dir_in.clone(),
+                guest: "/in".into(),
+                writable: false,
+            },
+            Mount {
+                host: dir_out.clone(),
+                guest: "/out".into(),
+                writable: true,
+            },
+            Mount {
+                host: dir_tmp.clone(),
+                guest: "/tmp".into(),
+                writable: true,
+            },
+            Mount {
+                host: dir_meta.clone(),
+                guest: "/millrace".into(),
+                writable: true,
+            },
+        ];
+        mounts.extend(extra_mounts);
+        let sandbox = Sandbox {
+            args,
+            env: full_env,
+            mounts,
             log: log.clone(),
             memory: step.memory.unwrap_or(DEFAULT_MEMORY),
             timeout: step.timeout,
         };
         let wasm = self.engine.wasm().await.map_err(|e| fail(e.to_string()))?;
-        let code = code_of(&self.code_digests, self.store(), &self.pipeline, i).map_err(fail)?;
         let outcome = wasm
-            .run(wasm_path, &code, sandbox)
+            .run(&wasm_path, &run_digest, sandbox)
             .await
             .map_err(|e| fail(e.to_string()))?;
         let metrics_file = ws.metrics_file();

@@ -33,6 +33,8 @@ impl Project {
             .arg(self.path(".state"))
             .args(args);
         c.env_remove("MILLRACE_STATE");
+        // One compile of the Python runtime for all tests (scripts/test.sh prepares it).
+        c.env("MILLRACE_CACHE", shared_cache());
         c
     }
 
@@ -145,4 +147,9 @@ pub fn wait_until_running(p: &Project, step: &str) {
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+}
+
+/// The precompile cache the tests share (`scripts/test.sh` fills it first).
+pub fn shared_cache() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("millrace-cache")
 }

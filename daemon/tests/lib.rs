@@ -7,6 +7,7 @@
 mod common;
 mod daemon;
 mod modules;
+mod python;
 mod run;
 mod sandbox;
 mod ui;

@@ -131,6 +131,11 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         keep: i64,
     },
+    /// The Python runtime: `runtime prepare` compiles it ahead of its first use.
+    Runtime {
+        #[command(subcommand)]
+        cmd: RuntimeCommand,
+    },
     /// The module registry: versioned step code (publish, list, show, deprecate,
     /// disable, enable, default, export, import).
     Module {
@@ -175,6 +180,13 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         count: usize,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum RuntimeCommand {
+    /// Compile the Python runtime into the cache (minutes, once per machine and
+    /// version; later steps load it in milliseconds).
+    Prepare,
 }
 
 #[derive(Subcommand, Debug)]
@@ -283,6 +295,34 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         } => validate(&paths, &cli.state, json),
         Command::Daemon { config } => service::daemon(config.as_deref()).await,
         Command::Module { cmd } => module::run(&cli.state, cmd, json),
+        Command::Runtime {
+            cmd: RuntimeCommand::Prepare,
+        } => {
+            let engine = engine(&cli.state, None)?;
+            let started = std::time::Instant::now();
+            eprintln!("preparing the Python runtime (the first time takes a few minutes)…");
+            let (dir, digest, cached) = engine.prepare_python().await.map_err(run_error)?;
+            let what = if cached {
+                "already compiled"
+            } else {
+                "compiled"
+            };
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"runtime": display_path(&dir), "digest": digest, "cached": cached, "seconds": started.elapsed().as_secs_f64()})
+                );
+            } else {
+                println!(
+                    "python runtime {} ({}) {what} in {:.1}s; cache {}",
+                    display_path(&dir),
+                    short(&digest),
+                    started.elapsed().as_secs_f64(),
+                    display_path(&engine.store.wasm_cache_dir())
+                );
+            }
+            Ok(0)
+        }
         Command::Trigger {
             pipeline,
             params,

@@ -100,7 +100,11 @@ pub struct Sandbox {
 
 enum Compiled {
     Component(CommandPre<P2State>),
+    /// A wasip1 command: `_start`.
     Module(wasmtime::InstancePre<P1State>),
+    /// A wasip1 reactor with `run() -> i32` (the CPython runtime): `_initialize`
+    /// if exported, then `run`; its result is the exit code.
+    Reactor(wasmtime::InstancePre<P1State>),
 }
 
 impl Clone for Compiled {
@@ -108,6 +112,7 @@ impl Clone for Compiled {
         match self {
             Compiled::Component(p) => Compiled::Component(p.clone()),
             Compiled::Module(p) => Compiled::Module(p.clone()),
+            Compiled::Reactor(p) => Compiled::Reactor(p.clone()),
         }
     }
 }
@@ -180,6 +185,15 @@ impl WasmRuntime {
         let mut p1_linker = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut p1_linker, |s: &mut P1State| &mut s.wasi)
             .map_err(|e| WasmError::Engine(e.to_string()))?;
+        // The CPython runtime's door to host tools: we offer none (-1, as its own
+        // host does without tools).
+        p1_linker
+            .func_wrap(
+                "host",
+                "call",
+                |_: wasmtime::Caller<'_, P1State>, _: i32, _: i32, _: i32, _: i32| -> i32 { -1 },
+            )
+            .map_err(|e| WasmError::Engine(e.to_string()))?;
         let mut p2_linker = ComponentLinker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut p2_linker)
             .map_err(|e| WasmError::Engine(e.to_string()))?;
@@ -225,6 +239,17 @@ impl WasmRuntime {
         }))
     }
 
+    /// Compiles `path` into the cache ahead of its first use (`millrace runtime
+    /// prepare`). Returns whether it was already there.
+    pub fn precompile(&self, path: &Path, digest: &str) -> Result<bool, WasmError> {
+        let key = blake3::hash(format!("{digest}\n{}", self.engine_key).as_bytes())
+            .to_hex()
+            .to_string();
+        let was_cached = self.cache_dir.join(format!("{key}.cwasm")).is_file();
+        self.prepare(path, digest)?;
+        Ok(was_cached)
+    }
+
     /// Compiles (or loads the precompiled form of) the wasm at `path`, whose
     /// content digest is `digest`.
     fn prepare(&self, path: &Path, digest: &str) -> Result<Compiled, WasmError> {
@@ -240,6 +265,21 @@ impl WasmRuntime {
             .to_hex()
             .to_string();
         let cached = self.cache_dir.join(format!("{key}.cwasm"));
+        // One compile at a time per module, across threads and processes: the
+        // others wait, then load what it wrote.
+        let _compiling = if cached.is_file() {
+            None
+        } else {
+            let _ = std::fs::create_dir_all(&self.cache_dir);
+            let _ = set_private(&self.cache_dir);
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(self.cache_dir.join(format!("{key}.lock")))
+                .ok()
+                .filter(|f| f.lock().is_ok())
+        };
         let read = |source| WasmError::Read {
             path: path.to_path_buf(),
             source,
@@ -280,8 +320,9 @@ impl WasmRuntime {
                 None => {
                     let bytes = read_checked(path, digest)?;
                     let c = Component::new(&self.engine, &bytes).map_err(compile_err)?;
-                    if let Ok(bin) = c.serialize() {
-                        store_precompiled(&self.cache_dir, &cached, &bin);
+                    match c.serialize() {
+                        Ok(bin) => store_precompiled(&self.cache_dir, &cached, &bin),
+                        Err(e) => tracing::warn!("cannot serialize {}: {e:#}", path.display()),
                     }
                     release_compiler_memory();
                     c
@@ -303,19 +344,24 @@ impl WasmRuntime {
                 None => {
                     let bytes = read_checked(path, digest)?;
                     let m = Module::new(&self.engine, &bytes).map_err(compile_err)?;
-                    if let Ok(bin) = m.serialize() {
-                        store_precompiled(&self.cache_dir, &cached, &bin);
+                    match m.serialize() {
+                        Ok(bin) => store_precompiled(&self.cache_dir, &cached, &bin),
+                        Err(e) => tracing::warn!("cannot serialize {}: {e:#}", path.display()),
                     }
                     release_compiler_memory();
                     m
                 }
             };
-            if module.get_export("_start").is_none() {
+            let pre = self.p1_linker.instantiate_pre(&module).map_err(link_err)?;
+            if module.get_export("_start").is_some() {
+                Compiled::Module(pre)
+            } else if module.get_export("run").is_some() {
+                Compiled::Reactor(pre)
+            } else {
                 return Err(link_err(wasmtime::Error::msg(
-                    "the module exports no `_start`",
+                    "the module exports neither `_start` nor `run`",
                 )));
             }
-            Compiled::Module(self.p1_linker.instantiate_pre(&module).map_err(link_err)?)
         };
         self.compiled
             .lock()
@@ -331,7 +377,8 @@ impl WasmRuntime {
         digest: &str,
         sandbox: Sandbox,
     ) -> Result<Outcome, WasmError> {
-        let compiled = self.prepare(path, digest)?;
+        // Compiling a large module takes minutes: not on a runtime worker's time.
+        let compiled = tokio::task::block_in_place(|| self.prepare(path, digest))?;
         let mut b = WasiCtxBuilder::new();
         // File operations are short: doing them on this thread avoids a hand-off to
         // tokio's blocking pool (a thread wake-up) for every guest read and write.
@@ -392,6 +439,24 @@ impl WasmRuntime {
                     let instance = pre.instantiate_async(&mut store).await?;
                     let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
                     start.call_async(&mut store, ()).await.map(|()| 0)
+                }
+                Compiled::Reactor(pre) => {
+                    let mut store = Store::new(
+                        &self.engine,
+                        P1State {
+                            wasi: b.build_p1(),
+                            limits,
+                        },
+                    );
+                    store.limiter(|s| &mut s.limits);
+                    store.set_epoch_deadline(1);
+                    store.epoch_deadline_callback(on_tick(deadline));
+                    let instance = pre.instantiate_async(&mut store).await?;
+                    if let Ok(init) = instance.get_typed_func::<(), ()>(&mut store, "_initialize") {
+                        init.call_async(&mut store, ()).await?;
+                    }
+                    let run = instance.get_typed_func::<(), i32>(&mut store, "run")?;
+                    run.call_async(&mut store, ()).await
                 }
             }
         };
@@ -470,6 +535,9 @@ fn config(pool: Option<usize>) -> Config {
             .total_memories(slots * 2)
             .total_tables(slots * 2)
             .total_stacks(slots)
+            // CPython's function table and instance (its many functions) are large.
+            .table_elements(200_000)
+            .max_core_instance_size(4 << 20)
             .max_memory_size(4 << 30);
         c.allocation_strategy(InstanceAllocationStrategy::Pooling(p));
     }
@@ -495,16 +563,22 @@ fn read_checked(path: &Path, digest: &str) -> Result<Vec<u8>, WasmError> {
     Ok(bytes)
 }
 
+/// The compile cache holds code this process will map and run: only its owner
+/// may write (or read) it.
+fn set_private(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
 /// Writes a precompiled artifact beside its final name, then renames it into place.
 fn store_precompiled(dir: &Path, dest: &Path, bytes: &[u8]) {
     let _ = std::fs::create_dir_all(dir);
     let tmp = dest.with_extension(format!("tmp{}", std::process::id()));
-    let ok = std::fs::File::create(&tmp)
+    let written = std::fs::File::create(&tmp)
         .and_then(|mut f| f.write_all(bytes))
-        .is_ok();
-    if ok {
-        let _ = std::fs::rename(&tmp, dest);
-    } else {
+        .and_then(|()| std::fs::rename(&tmp, dest));
+    if let Err(e) = written {
+        tracing::warn!("cannot store {}: {e}", dest.display());
         let _ = std::fs::remove_file(&tmp);
     }
 }

@@ -68,8 +68,14 @@ impl Store {
         self.root.join("logs").join(run.to_string())
     }
 
+    /// Precompiled wasm: `<state>/cache/wasm`, or `$MILLRACE_CACHE` when set (so
+    /// the tests and several state directories share one compile of the Python
+    /// runtime). Only millrace writes there; no guest ever sees it.
     pub fn wasm_cache_dir(&self) -> PathBuf {
-        self.root.join("cache").join("wasm")
+        match std::env::var_os("MILLRACE_CACHE") {
+            Some(d) if !d.is_empty() => PathBuf::from(d),
+            _ => self.root.join("cache").join("wasm"),
+        }
     }
 
     /// The stat cache as the artifact store asks it.

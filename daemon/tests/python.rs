@@ -1,0 +1,230 @@
+//! Python steps with the real CPython-on-WASI runtime (`scripts/fetch-python-runtime.sh`
+//! installs it; `MILLRACE_CACHE` shares its one compile between the tests).
+
+use crate::common::{Project, stderr, step_statuses};
+
+fn log(p: &Project, step: &str) -> String {
+    String::from_utf8_lossy(&p.run(&["logs", "latest", step]).stdout).into_owned()
+}
+
+fn error_of(p: &Project, step: &str) -> String {
+    let v = p.json(&["runs", "show", "latest"]);
+    v["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["step"]["name"] == step)
+        .map(|s| s["step"]["error"].as_str().unwrap_or("").to_string())
+        .unwrap_or_default()
+}
+
+#[test]
+fn pandas_reads_in_writes_out_with_sibling_imports_params_and_metrics() {
+    let p = Project::new();
+    p.write("data/rows.csv", "x,y\n1,2\n3,4\n5,6\n");
+    p.write(
+        "code/util.py",
+        "def total(df):\n    return int(df['x'].sum() + df['y'].sum())\n",
+    );
+    p.write(
+        "code/summarise.py",
+        r#"
+import json, os, sys
+import pandas as pd
+from util import total
+df = pd.read_csv("/in/rows/rows.csv")
+scale = float(os.environ["MILLRACE_PARAM_SCALE"])
+os.makedirs("/out/summary", exist_ok=True)
+with open("/out/summary/summary.json", "w") as f:
+    json.dump({"rows": len(df), "total": total(df) * scale, "argv": sys.argv[1:]}, f)
+with open(os.environ["MILLRACE_METRICS"], "a") as m:
+    m.write(json.dumps({"name": "rows", "value": len(df)}) + "\n")
+print("summarised", len(df), "rows")
+"#,
+    );
+    let f = p.write(
+        "py.toml",
+        r#"
+[params]
+scale = 2.0
+[inputs.rows]
+path = "data/rows.csv"
+[[step]]
+name = "summarise"
+python = { script = "summarise.py", code = "code" }
+args = ["--scale", "${params.scale}"]
+inputs = { rows = "inputs.rows" }
+outputs = ["summary"]
+"#,
+    );
+    let f = f.to_str().unwrap();
+    let out = p.run(&["run", f]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        stderr(&out),
+        log(&p, "summarise")
+    );
+    let got = p.run(&["output", "latest", "summarise.summary"]);
+    let v: serde_json::Value = serde_json::from_slice(&got.stdout).unwrap();
+    assert_eq!(v["rows"], 3);
+    assert_eq!(v["total"], 42.0);
+    assert_eq!(v["argv"], serde_json::json!(["--scale", "2.0"]));
+    assert!(log(&p, "summarise").contains("summarised 3 rows"));
+    let m = p.json(&["metrics", "latest"]);
+    assert!(m.to_string().contains("rows"), "{m}");
+
+    // Nothing changed: reused. The sibling module changes: it runs again.
+    assert!(p.run(&["run", f]).status.success());
+    assert_eq!(step_statuses(&p, "latest")[0].1, "reused");
+    p.write(
+        "code/util.py",
+        "def total(df):\n    return int(df['x'].sum())\n",
+    );
+    assert!(p.run(&["run", f]).status.success());
+    assert_eq!(step_statuses(&p, "latest")[0].1, "succeeded");
+    let explain = p.run(&["explain", "latest", "summarise"]);
+    assert!(String::from_utf8_lossy(&explain.stdout).contains("code"));
+}
+
+#[test]
+fn exit_codes_tracebacks_and_the_sandbox() {
+    let p = Project::new();
+    p.write("data/in.txt", "input\n");
+    p.write(
+        "code/exit3.py",
+        "import sys\nprint('leaving')\nsys.exit(3)\n",
+    );
+    p.write(
+        "code/boom.py",
+        "def inner():\n    raise ValueError('the model is unhappy')\ninner()\n",
+    );
+    p.write(
+        "code/escape.py",
+        r#"
+import os, socket, subprocess
+results = {}
+def attempt(name, f):
+    try:
+        f()
+        results[name] = "ALLOWED"
+    except BaseException as e:
+        results[name] = "denied: " + type(e).__name__
+attempt("passwd", lambda: open("/etc/passwd").read())
+attempt("dotdot", lambda: open("/in/d/../../../etc/passwd").read())
+attempt("write_in", lambda: open("/in/d/in.txt", "w").write("x"))
+attempt("socket", lambda: socket.create_connection(("127.0.0.1", 9), timeout=1))
+attempt("subprocess", lambda: subprocess.run(["/bin/true"]))
+for k, v in sorted(results.items()):
+    print(k, v)
+assert all(v.startswith("denied") for v in results.values()), results
+"#,
+    );
+    let f = p.write(
+        "sandbox.toml",
+        r#"
+[inputs.d]
+path = "data"
+[[step]]
+name = "exit3"
+python = "code/exit3.py"
+[[step]]
+name = "boom"
+python = "code/boom.py"
+[[step]]
+name = "escape"
+python = "code/escape.py"
+inputs = { d = "inputs.d" }
+"#,
+    );
+    let out = p.run(&["run", f.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        error_of(&p, "exit3").contains("exited with code 3"),
+        "{}",
+        error_of(&p, "exit3")
+    );
+    assert!(log(&p, "exit3").contains("leaving"));
+    let tb = log(&p, "boom");
+    assert!(tb.contains("Traceback (most recent call last)"), "{tb}");
+    assert!(tb.contains("ValueError: the model is unhappy"), "{tb}");
+    assert!(tb.contains("boom.py\", line 2, in inner"), "{tb}");
+    let esc = log(&p, "escape");
+    let statuses = step_statuses(&p, "latest");
+    assert!(
+        statuses
+            .iter()
+            .any(|(n, s)| n == "escape" && s == "succeeded"),
+        "every escape denied:\n{esc}"
+    );
+    for k in ["passwd", "dotdot", "write_in", "socket", "subprocess"] {
+        assert!(esc.contains(&format!("{k} denied")), "{k}:\n{esc}");
+    }
+}
+
+#[test]
+fn memory_cap_and_timeout_end_a_script() {
+    let p = Project::new();
+    p.write(
+        "code/hog.py",
+        "blocks = []\nfor i in range(64):\n    blocks.append(bytearray(64 << 20))\nprint('allocated', len(blocks))\n",
+    );
+    p.write(
+        "code/nap.py",
+        "import time\nprint('napping', flush=True)\ntime.sleep(60)\n",
+    );
+    let f = p.write(
+        "limits.toml",
+        r#"
+[[step]]
+name = "hog"
+python = "code/hog.py"
+memory = "512MiB"
+[[step]]
+name = "nap"
+python = "code/nap.py"
+timeout = "3s"
+"#,
+    );
+    let start = std::time::Instant::now();
+    let out = p.run(&["run", f.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(50),
+        "the sleep was cut short"
+    );
+    let hog = error_of(&p, "hog");
+    assert!(
+        hog.contains("memory limit of 512MiB exceeded") || log(&p, "hog").contains("MemoryError"),
+        "{hog}\n{}",
+        log(&p, "hog")
+    );
+    assert!(
+        error_of(&p, "nap").contains("timed out after 3s"),
+        "{}",
+        error_of(&p, "nap")
+    );
+}
+
+#[test]
+fn a_missing_script_is_a_configuration_error_at_its_line() {
+    let p = Project::new();
+    p.write("code/real.py", "print('x')\n");
+    let f = p.write(
+        "bad.toml",
+        "[[step]]\nname = \"a\"\npython = \"code/missing.py\"\n\n[[step]]\nname = \"b\"\npython = { script = \"../real.py\", code = \"code\" }\n",
+    );
+    let out = p.run(&["validate", f.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(78));
+    let err = stderr(&out);
+    assert!(
+        err.contains("bad.toml:3:10: error: python script not found"),
+        "{err}"
+    );
+    assert!(
+        err.contains(
+            "bad.toml:7:21: error: `../real.py` is not a .py script inside the code directory"
+        ),
+        "{err}"
+    );
+}
