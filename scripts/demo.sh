@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job, end to end on a fresh machine: set everything up, then run the demo
 # pipelines (a chain and a fan-out/fan-in on the wine dataset), rerun them to show
-# reuse, change a param to show what re-executes and why.
+# reuse, change a param to show what re-executes and why; retrain a scikit-learn
+# model in Python twice and compare the runs, score an inbox with it; then the daemon.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -36,6 +37,16 @@ chain_runs=$("$millrace" --json runs --pipeline wine-chain --limit 2 | python3 -
 "$millrace" metrics $chain_runs
 say "the published summary (config/pipelines/published/wine-stats/stats.json)"
 head -c 400 "$pipelines/published/wine-stats/stats.json"; echo
+
+say "Python: retrain a scikit-learn model (in the WASI sandbox) with two values of C"
+"$millrace" run "$pipelines/retrain.toml"
+"$millrace" run "$pipelines/retrain.toml" --param c=0.05
+retrain_runs=$("$millrace" --json runs --pipeline wine-retrain --limit 2 | python3 -c 'import json,sys; print(" ".join(str(r["id"]) for r in json.load(sys.stdin)))')
+# shellcheck disable=SC2086
+"$millrace" metrics $retrain_runs
+say "batch scoring: the inbox scored with the published model (config/pipelines/outbox/)"
+"$millrace" run "$pipelines/score.toml"
+head -4 "$pipelines/outbox/batch-001.csv"
 
 say "the daemon: loads config/pipelines, fires their triggers, serves the REST API"
 config="$MILLRACE_STATE/demo-daemon.toml"
