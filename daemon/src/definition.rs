@@ -248,6 +248,8 @@ pub struct ModuleRef {
     pub digest: String,
     /// `wasm` or `python`.
     pub kind: String,
+    /// The entry script of a Python module.
+    pub entry: Option<String>,
     /// Set when the version is deprecated.
     pub warning: Option<String>,
 }
@@ -1138,15 +1140,13 @@ impl Walker {
                                     )),
                             );
                         }
-                        if r.module.kind == "python" {
-                            self.diags.push(not_built("python"));
-                        }
                         Some(StepKind::Module {
                             spec,
                             module: ModuleRef {
                                 id: r.module.id(),
                                 digest: r.module.digest.clone(),
                                 kind: r.module.kind.clone(),
+                                entry: r.module.entry.clone(),
                                 warning: r.warning,
                             },
                             resolved: r.path,

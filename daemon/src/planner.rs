@@ -141,6 +141,12 @@ pub fn key_parts(
 ) -> KeyParts {
     let (args, env) = interpolated(step, params);
     let runtime = match &step.kind {
+        StepKind::Module { module, .. } if module.kind == "python" => {
+            format!(
+                "python/wasmtime-{}",
+                crate::executor::wasm::WASMTIME_VERSION
+            )
+        }
         StepKind::Wasm { .. } | StepKind::Module { .. } => {
             format!("wasm/wasmtime-{}", crate::executor::wasm::WASMTIME_VERSION)
         }

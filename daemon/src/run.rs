@@ -910,6 +910,25 @@ fn code_of(
             .to_hex()
             .to_string())
         }
+        // A Python module: its code tree (digest from the registry), its entry and
+        // the runtime, as for a `python` step.
+        StepKind::Module { module, .. } if module.kind == "python" => {
+            let runtime = crate::executor::python::Runtime::locate()
+                .ok_or_else(crate::executor::python::missing)?;
+            let rt = file_digest(memo, store, &runtime.wasm())
+                .map_err(|e| format!("the Python runtime: {e}"))?;
+            Ok(blake3::hash(
+                format!(
+                    "{}\n{rt}\n{}\n{}",
+                    crate::executor::python::RUNTIME_NAME,
+                    module.digest,
+                    module.entry.as_deref().unwrap_or_default()
+                )
+                .as_bytes(),
+            )
+            .to_hex()
+            .to_string())
+        }
         // The registry recorded the digest when the version was published; the
         // executor checks the bytes against it before compiling.
         StepKind::Module { module, .. } => Ok(module.digest.clone()),
@@ -1348,6 +1367,44 @@ impl RunContext {
                 resolved, module, ..
             } if module.kind == "wasm" => {
                 self.attempt_wasm(i, attempt, resolved, inputs, log_path)
+                    .await
+            }
+            StepKind::Module { module, .. } if module.kind == "python" => {
+                // The module's code, as published, read-only from this run's
+                // work directory (hard links to the store's read-only blobs).
+                let code_dir = self
+                    .engine
+                    .store
+                    .work_dir(self.run_id)
+                    .join("modules")
+                    .join(&module.digest);
+                if !code_dir.is_dir() {
+                    let part = code_dir.with_extension(format!("part{attempt}"));
+                    let _ = std::fs::remove_dir_all(&part);
+                    tokio::task::block_in_place(|| {
+                        self.engine
+                            .store
+                            .artifacts
+                            .materialise(&module.digest, &part)
+                            .and_then(|()| match std::fs::rename(&part, &code_dir) {
+                                // Another step of this run put it there first.
+                                Err(_) if code_dir.is_dir() => {
+                                    let _ = std::fs::remove_dir_all(&part);
+                                    Ok(())
+                                }
+                                r => r.map_err(|e| crate::store::artifacts::ArtifactError::Io {
+                                    path: code_dir.clone(),
+                                    source: e,
+                                }),
+                            })
+                    })
+                    .map_err(|e| (None, format!("module {}: {e}", module.id)))?;
+                }
+                let program = Program::Python {
+                    code_dir,
+                    entry: PathBuf::from(module.entry.as_deref().unwrap_or_default()),
+                };
+                self.attempt_program(i, attempt, &program, inputs, log_path)
                     .await
             }
             StepKind::Python {

@@ -228,3 +228,44 @@ fn a_missing_script_is_a_configuration_error_at_its_line() {
         "{err}"
     );
 }
+
+#[test]
+fn a_python_module_is_published_resolved_and_run() {
+    let p = Project::new();
+    p.write("mod/helper.py", "WORD = 'from the module'\n");
+    p.write(
+        "mod/main.py",
+        "import sys\nfrom helper import WORD\nprint(WORD, *sys.argv[1:])\n",
+    );
+    let out = p.run(&[
+        "module",
+        "publish",
+        p.path("mod").to_str().unwrap(),
+        "--entry",
+        "main.py",
+        "--name",
+        "greeter",
+        "--version",
+        "0.1.0",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let f = p.write(
+        "m.toml",
+        "[[step]]\nname = \"greet\"\nmodule = \"greeter@^0.1\"\nargs = [\"and its args\"]\n",
+    );
+    let out = p.run(&["run", f.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        stderr(&out),
+        log(&p, "greet")
+    );
+    assert!(
+        log(&p, "greet").contains("from the module and its args"),
+        "{}",
+        log(&p, "greet")
+    );
+    let show = p.json(&["runs", "show", "latest"]);
+    assert_eq!(show["steps"][0]["step"]["module"], "greeter@0.1.0");
+    assert_eq!(show["steps"][0]["step"]["runtime"], "python");
+}
