@@ -39,6 +39,30 @@ fn log_cap() -> u64 {
             .unwrap_or(LOG_CAP)
     })
 }
+/// Most bytes a step's outputs may hold together (`MILLRACE_OUTPUT_CAP`, default
+/// 10GiB): a runaway step fails instead of filling the store.
+fn output_cap() -> u64 {
+    static CAP: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *CAP.get_or_init(|| {
+        std::env::var("MILLRACE_OUTPUT_CAP")
+            .ok()
+            .and_then(|v| definition::parse_size(&v).ok())
+            .unwrap_or(10 << 30)
+    })
+}
+
+/// Bytes of regular files under `dir` (symlinks not followed).
+fn tree_size(dir: &Path) -> u64 {
+    walkdir::WalkDir::new(dir)
+        .follow_links(false)
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_file())
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum()
+}
+
 /// Most metric lines read from one step.
 const MAX_METRIC_LINES: usize = 100_000;
 
@@ -1621,6 +1645,20 @@ impl RunContext {
                         ));
                     }
                 }
+            }
+            let size: u64 = step
+                .outputs
+                .iter()
+                .map(|o| tree_size(&dir_out.join(o.get_ref())))
+                .sum();
+            if size > output_cap() {
+                let msg = format!(
+                    "outputs hold {}, more than the cap of {} (MILLRACE_OUTPUT_CAP)",
+                    definition::format_size(size),
+                    definition::format_size(output_cap())
+                );
+                log.note(&format!("step failed: {msg}"));
+                return Err((None, msg));
             }
             let mut outs = Vec::new();
             for o in &step.outputs {

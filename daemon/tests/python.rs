@@ -269,3 +269,27 @@ fn a_python_module_is_published_resolved_and_run() {
     assert_eq!(show["steps"][0]["step"]["module"], "greeter@0.1.0");
     assert_eq!(show["steps"][0]["step"]["runtime"], "python");
 }
+
+#[test]
+fn outputs_past_the_cap_fail_the_step() {
+    let p = Project::new();
+    p.write(
+        "code/big.py",
+        "import os\nos.makedirs('/out/blob', exist_ok=True)\nopen('/out/blob/b.bin', 'wb').write(b'x' * (3 << 20))\n",
+    );
+    let f = p.write(
+        "big.toml",
+        "[[step]]\nname = \"big\"\npython = \"code/big.py\"\noutputs = [\"blob\"]\n",
+    );
+    let out = p
+        .cmd(&["run", f.to_str().unwrap()])
+        .env("MILLRACE_OUTPUT_CAP", "1MiB")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        error_of(&p, "big").contains("more than the cap of 1MiB"),
+        "{}",
+        error_of(&p, "big")
+    );
+}
