@@ -237,3 +237,81 @@ mod tests {
         );
     }
 }
+
+/// Why a recorded step ran or was reused (`millrace explain`, the API).
+#[derive(Debug, Clone, Serialize)]
+pub struct Explanation {
+    pub explanation: String,
+    /// The components of the key that changed, vs `compared_with`.
+    pub changes: Vec<String>,
+    /// The run of the latest earlier execution of this step, if any.
+    pub compared_with: Option<i64>,
+}
+
+pub fn explain(
+    store: &crate::store::Store,
+    run: &crate::store::db::RunRow,
+    s: &crate::store::db::StepRow,
+) -> crate::store::db::Result<Explanation> {
+    let parts: Option<KeyParts> = s
+        .key_parts
+        .clone()
+        .and_then(|v| serde_json::from_value(v).ok());
+    let prev = store
+        .db()
+        .read()
+        .previous_step(&run.pipeline, &s.name, run.id)?;
+    let prev_parts: Option<KeyParts> = prev
+        .as_ref()
+        .and_then(|p| p.key_parts.clone())
+        .and_then(|v| serde_json::from_value(v).ok());
+    let (explanation, changes): (String, Vec<String>) = match (&s.status[..], s.reused_from, &parts)
+    {
+        (_, Some(from), _) => (
+            format!(
+                "reused the outputs of run {from} (same cache key {})",
+                short(s.cache_key.as_deref().unwrap_or(""))
+            ),
+            vec![],
+        ),
+        ("skipped", _, _) => (
+            format!("skipped: {}", s.error.clone().unwrap_or_default()),
+            vec![],
+        ),
+        (_, None, None) => ("did not get as far as computing a cache key".into(), vec![]),
+        (_, None, Some(parts)) => {
+            if run.no_reuse {
+                (
+                    "executed: the run was started with --no-reuse".into(),
+                    vec![],
+                )
+            } else {
+                match (&prev, &prev_parts) {
+                    (Some(p), Some(old)) => {
+                        let changes = parts.changes_since(old);
+                        if changes.is_empty() {
+                            (
+                                format!(
+                                    "executed: same key as run {}, but that result was not reusable (reuse = false, failed, or its outputs were missing or damaged)",
+                                    p.run_id
+                                ),
+                                vec![],
+                            )
+                        } else {
+                            (
+                                format!("executed: compared with run {}:", p.run_id),
+                                changes,
+                            )
+                        }
+                    }
+                    _ => ("executed: no earlier execution of this step".into(), vec![]),
+                }
+            }
+        }
+    };
+    Ok(Explanation {
+        explanation,
+        changes,
+        compared_with: prev.map(|p| p.run_id),
+    })
+}

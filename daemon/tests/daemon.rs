@@ -1048,3 +1048,114 @@ wasm = "{noop}"
     assert!(count("eu") >= 2 && count("us") >= 2, "{runs:?}");
     assert!(count("eu").abs_diff(count("us")) <= 1, "{runs:?}");
 }
+
+#[test]
+fn the_api_pages_runs_explains_steps_and_streams_logs() {
+    let p = Project::new();
+    let chatty = plugin("sleep");
+    let copy = plugin("copy");
+    p.write("data.txt", "x\n");
+    p.write(
+        "pipelines/api2.toml",
+        &format!(
+            r#"
+[inputs.x]
+path = "../data.txt"
+[[step]]
+name = "copy"
+wasm = "{copy}"
+inputs = {{ x = "inputs.x" }}
+outputs = ["out"]
+[[step]]
+name = "nap"
+wasm = "{chatty}"
+args = ["--secs", "1"]
+after = ["copy"]
+reuse = false
+"#
+        ),
+    );
+    let d = Daemon::start(&p);
+    let first = d.trigger("api2");
+    // Follow the log of a step before and while it runs: the stream ends with the run.
+    let url = format!("{}/api/v1/runs/{first}/steps/nap/logs?follow=true", d.url);
+    let mut r = Daemon::agent().get(&url).call().unwrap();
+    assert_eq!(r.status(), 200);
+    let streamed = r.body_mut().read_to_string().unwrap();
+    assert!(
+        streamed.contains("sleeping 1s") && streamed.contains("slept 1s"),
+        "{streamed:?}"
+    );
+    d.wait_status(first, "succeeded");
+    let second = d.trigger("api2");
+    d.wait_status(second, "succeeded");
+
+    let run = d.get(&format!("/api/v1/runs/{second}"));
+    let copy_step = &run["steps"][0];
+    assert_eq!(copy_step["status"], "reused");
+    assert_eq!(copy_step["reused_from"], first);
+    assert!(
+        copy_step["explain"]["explanation"]
+            .as_str()
+            .unwrap()
+            .contains("reused the outputs of run")
+    );
+    assert_eq!(copy_step["outputs"][0]["output"], "out");
+    assert_eq!(
+        copy_step["outputs"][0]["artifact"].as_str().unwrap().len(),
+        64
+    );
+    assert_eq!(run["inputs"][0]["name"], "x");
+    let nap = &run["steps"][1];
+    assert!(
+        nap["explain"]["explanation"]
+            .as_str()
+            .unwrap()
+            .contains("executed"),
+        "{nap}"
+    );
+    assert_eq!(nap["attempts_detail"][0]["status"], "succeeded");
+    let plain = Daemon::agent()
+        .get(format!("{}/api/v1/runs/{second}/steps/nap/logs", d.url))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    assert!(plain.contains("slept 1s"));
+
+    // Paging: newest first, `next` is the cursor.
+    let page1 = d.get("/api/v1/runs?pipeline=api2&limit=1");
+    assert_eq!(page1["runs"][0]["id"], second);
+    let next = page1["next"].as_i64().unwrap();
+    let page2 = d.get(&format!("/api/v1/runs?pipeline=api2&limit=1&before={next}"));
+    assert_eq!(page2["runs"][0]["id"], first);
+    let succeeded = d.get("/api/v1/runs?status=succeeded&since=2000-01-01T00:00:00Z");
+    assert_eq!(succeeded["runs"].as_array().unwrap().len(), 2);
+    assert!(d.get(&format!("/api/v1/runs/{second}/metrics"))["metrics"].is_array());
+    for (path, want) in [
+        ("/api/v1/runs/999/steps/nap/logs", 404),
+        (
+            &format!("/api/v1/runs/{second}/steps/ghost/logs") as &str,
+            404,
+        ),
+        ("/api/v1/runs?status=sleeping", 400),
+        ("/api/v1/runs?since=yesterday", 400),
+        ("/api/v1/runs/abc", 404),
+    ] {
+        let r = Daemon::agent()
+            .get(format!("{}{path}", d.url))
+            .call()
+            .unwrap();
+        assert_eq!(r.status().as_u16(), want, "{path}");
+    }
+    let (status, v) = d.post("/api/v1/pipelines/api2/runs", serde_json::json!(null), None);
+    assert_eq!(status, 422, "{v}");
+    let r = Daemon::agent()
+        .post(format!("{}/api/v1/pipelines/api2/runs", d.url))
+        .header("Authorization", &format!("Bearer {}", d.token))
+        .header("Content-Type", "application/json")
+        .send("{not json")
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+}

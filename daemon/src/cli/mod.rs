@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 use crate::definition::{self, Pipeline};
 use crate::diagnostic::{Report, display_path};
 use crate::graph::{Graph, GraphFormat};
-use crate::planner::{Decision, KeyParts, short};
+use crate::planner::{Decision, short};
 use crate::run::{Datastores, Engine, Event, RunError, RunRequest, RunSummary, StepStatus};
 use crate::store::Store;
 use crate::store::db::now_ms;
@@ -1015,64 +1015,14 @@ fn explain(store: &Store, run: &str, step: &str, json: bool) -> anyhow::Result<i
         .read()
         .step(id, step)?
         .ok_or_else(|| Exit::usage(format!("error: run {id} has no step `{step}`")))?;
-    let parts: Option<KeyParts> = s
-        .key_parts
-        .clone()
-        .and_then(|v| serde_json::from_value(v).ok());
-    let prev = store.db().read().previous_step(&r.pipeline, step, id)?;
-    let prev_parts: Option<KeyParts> = prev
-        .as_ref()
-        .and_then(|p| p.key_parts.clone())
-        .and_then(|v| serde_json::from_value(v).ok());
-    let (verdict, changes): (String, Vec<String>) = match (&s.status[..], s.reused_from, &parts) {
-        (_, Some(from), _) => (
-            format!(
-                "reused the outputs of run {from} (same cache key {})",
-                short(s.cache_key.as_deref().unwrap_or(""))
-            ),
-            vec![],
-        ),
-        ("skipped", _, _) => (
-            format!("skipped: {}", s.error.clone().unwrap_or_default()),
-            vec![],
-        ),
-        (_, None, None) => ("did not get as far as computing a cache key".into(), vec![]),
-        (_, None, Some(parts)) => {
-            if r.no_reuse {
-                (
-                    "executed: the run was started with --no-reuse".into(),
-                    vec![],
-                )
-            } else {
-                match (&prev, &prev_parts) {
-                    (Some(p), Some(old)) => {
-                        let changes = parts.changes_since(old);
-                        if changes.is_empty() {
-                            (
-                                format!(
-                                    "executed: same key as run {}, but that result was not reusable (reuse = false, failed, or its outputs were missing or damaged)",
-                                    p.run_id
-                                ),
-                                vec![],
-                            )
-                        } else {
-                            (
-                                format!("executed: compared with run {}:", p.run_id),
-                                changes,
-                            )
-                        }
-                    }
-                    _ => ("executed: no earlier execution of this step".into(), vec![]),
-                }
-            }
-        }
-    };
+    let e = crate::planner::explain(store, &r, &s)?;
+    let (verdict, changes, prev) = (e.explanation, e.changes, e.compared_with);
     if json {
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "run": id, "step": step, "status": s.status, "cache_key": s.cache_key,
-                "reused_from": s.reused_from, "compared_with": prev.as_ref().map(|p| p.run_id),
+                "reused_from": s.reused_from, "compared_with": prev,
                 "explanation": verdict, "changes": changes, "key_parts": s.key_parts,
             }))?
         );

@@ -32,6 +32,8 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/api/v1/runs", get(runs))
         .route("/api/v1/runs/{id}", get(run))
         .route("/api/v1/runs/{id}/cancel", post(cancel))
+        .route("/api/v1/runs/{id}/metrics", get(run_metrics))
+        .route("/api/v1/runs/{id}/steps/{step}/logs", get(step_log))
         .route("/api/v1/modules", get(modules))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
         .method_not_allowed_fallback(|| async {
@@ -339,11 +341,25 @@ async fn create_run(
 }
 
 #[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RunsQuery {
     pipeline: Option<String>,
     status: Option<String>,
+    /// RFC 3339, or milliseconds since the epoch.
+    since: Option<String>,
+    /// Paging: runs with an id below this one (`next` of the previous page).
+    before: Option<i64>,
     limit: Option<i64>,
 }
+
+const STATUSES: &[&str] = &[
+    "queued",
+    "running",
+    "succeeded",
+    "failed",
+    "cancelled",
+    "interrupted",
+];
 
 async fn runs(
     State(d): State<Arc<Daemon>>,
@@ -351,13 +367,50 @@ async fn runs(
 ) -> ApiResult {
     let Query(q) = q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     let limit = q.limit.unwrap_or(50).clamp(1, 1000);
+    if let Some(st) = &q.status
+        && !STATUSES.contains(&st.as_str())
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("status `{st}`: expected one of {}", STATUSES.join(", ")),
+        ));
+    }
+    let since = match &q.since {
+        None => None,
+        Some(s) => Some(
+            s.parse::<i64>()
+                .ok()
+                .or_else(|| {
+                    chrono::DateTime::parse_from_rfc3339(s)
+                        .ok()
+                        .map(|t| t.timestamp_millis())
+                })
+                .ok_or_else(|| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        format!(
+                            "since `{s}`: expected RFC 3339 (2026-11-28T00:00:00Z) or milliseconds"
+                        ),
+                    )
+                })?,
+        ),
+    };
     let rows = d
         .store()
         .db()
         .read()
-        .runs_filtered(q.pipeline.as_deref(), q.status.as_deref(), limit)
+        .runs_filtered(&crate::store::db::RunFilter {
+            pipeline: q.pipeline.as_deref(),
+            status: q.status.as_deref(),
+            since,
+            before: q.before,
+            limit,
+        })
         .map_err(ApiError::internal)?;
-    Ok(Json(json!({ "runs": rows })).into_response())
+    let next = (rows.len() as i64 == limit)
+        .then(|| rows.last().map(|r| r.id))
+        .flatten();
+    Ok(Json(json!({ "runs": rows, "next": next })).into_response())
 }
 
 fn run_id(id: &str) -> Result<i64, ApiError> {
@@ -369,16 +422,217 @@ fn run_id(id: &str) -> Result<i64, ApiError> {
     })
 }
 
+/// A run with its inputs and, per step: status, timing, attempts, module version,
+/// reuse source, why it ran or was reused, inputs and outputs with digests.
 async fn run(State(d): State<Arc<Daemon>>, Path(id): Path<String>) -> ApiResult {
     let id = run_id(&id)?;
-    let db = d.store().db();
-    let Some(r) = db.read().run(id).map_err(ApiError::internal)? else {
+    let store = d.store();
+    let r = store.db().read().run(id).map_err(ApiError::internal)?;
+    let Some(r) = r else {
         return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no run {id}")));
     };
-    let steps = db.read().steps(id).map_err(ApiError::internal)?;
+    let steps = store.db().read().steps(id).map_err(ApiError::internal)?;
+    let inputs = store
+        .db()
+        .read()
+        .run_inputs(id)
+        .map_err(ApiError::internal)?;
+    let mut detail = Vec::with_capacity(steps.len());
+    for s in &steps {
+        let (attempts, outputs, step_inputs) = {
+            let db = store.db();
+            (
+                db.read()
+                    .attempts(id, &s.name)
+                    .map_err(ApiError::internal)?,
+                db.read()
+                    .step_outputs(id, &s.name)
+                    .map_err(ApiError::internal)?,
+                db.read()
+                    .step_inputs(id, &s.name)
+                    .map_err(ApiError::internal)?,
+            )
+        };
+        let explain = crate::planner::explain(store, &r, s).ok();
+        let mut v = serde_json::to_value(s).map_err(ApiError::internal)?;
+        v["attempts_detail"] = serde_json::to_value(&attempts).map_err(ApiError::internal)?;
+        v["outputs"] = outputs
+            .iter()
+            .map(|(o, a)| json!({ "output": o, "artifact": a }))
+            .collect();
+        v["inputs"] = step_inputs
+            .iter()
+            .map(|(m, rf, a)| json!({ "mount": m, "reference": rf, "artifact": a }))
+            .collect();
+        v["explain"] = serde_json::to_value(&explain).map_err(ApiError::internal)?;
+        detail.push(v);
+    }
     let mut v = serde_json::to_value(&r).map_err(ApiError::internal)?;
-    v["steps"] = serde_json::to_value(&steps).map_err(ApiError::internal)?;
+    v["inputs"] = inputs
+        .iter()
+        .map(|(n, p, a)| json!({ "name": n, "path": p, "artifact": a }))
+        .collect();
+    v["steps"] = Value::Array(detail);
     Ok(Json(v).into_response())
+}
+
+/// A run's metrics: `{"metrics": [{step, name, value, step_index}]}`.
+async fn run_metrics(State(d): State<Arc<Daemon>>, Path(id): Path<String>) -> ApiResult {
+    let id = run_id(&id)?;
+    let db = d.store().db();
+    if db.read().run(id).map_err(ApiError::internal)?.is_none() {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no run {id}")));
+    }
+    let m = db.read().metrics(id).map_err(ApiError::internal)?;
+    Ok(Json(json!({ "run": id, "metrics": m })).into_response())
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogQuery {
+    attempt: Option<u32>,
+    #[serde(default)]
+    follow: bool,
+}
+
+/// A step's log (its latest attempt, or `?attempt=N`) as text; with
+/// `?follow=true` the response streams until the run is over.
+async fn step_log(
+    State(d): State<Arc<Daemon>>,
+    Path((id, step)): Path<(String, String)>,
+    q: Result<Query<LogQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult {
+    let Query(q) = q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let id = run_id(&id)?;
+    let attempts = {
+        let db = d.store().db();
+        if db.read().run(id).map_err(ApiError::internal)?.is_none() {
+            return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no run {id}")));
+        }
+        if db
+            .read()
+            .step(id, &step)
+            .map_err(ApiError::internal)?
+            .is_none()
+        {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("run {id} has no step `{step}`"),
+            ));
+        }
+        db.read().attempts(id, &step).map_err(ApiError::internal)?
+    };
+    let chosen = match q.attempt {
+        Some(n) => attempts
+            .iter()
+            .find(|a| a.attempt == i64::from(n))
+            .cloned()
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    format!(
+                        "step `{step}` of run {id} has no attempt {n} ({} so far)",
+                        attempts.len()
+                    ),
+                )
+            })?
+            .into(),
+        None => attempts.last().cloned(),
+    };
+    let path = chosen
+        .and_then(|a| a.log_path)
+        .map(std::path::PathBuf::from);
+    let text_headers = [(
+        axum::http::header::CONTENT_TYPE,
+        "text/plain; charset=utf-8",
+    )];
+    if !q.follow {
+        let body = match &path {
+            Some(p) => tokio::fs::read(p).await.unwrap_or_default(),
+            None => Vec::new(),
+        };
+        return Ok((text_headers, body).into_response());
+    }
+    // Follow: send what is there, then what is appended, until the step's run ends
+    // (or the daemon stops).
+    let stream = async_stream(d.clone(), id, step.clone(), path);
+    Ok((text_headers, axum::body::Body::from_stream(stream)).into_response())
+}
+
+/// The chunks of a followed log.
+fn async_stream(
+    d: Arc<Daemon>,
+    id: i64,
+    step: String,
+    mut path: Option<std::path::PathBuf>,
+) -> impl futures_util::Stream<Item = Result<bytes::Bytes, std::io::Error>> {
+    let state = (0u64, false);
+    futures_util::stream::unfold(state, move |(offset, done)| {
+        let d = d.clone();
+        let step = step.clone();
+        if path.is_none() {
+            path = d
+                .store()
+                .db()
+                .read()
+                .attempts(id, &step)
+                .ok()
+                .and_then(|a| a.last().and_then(|a| a.log_path.clone()))
+                .map(std::path::PathBuf::from);
+        }
+        let p = path.clone();
+        async move {
+            if done {
+                return None;
+            }
+            loop {
+                let chunk = match &p {
+                    Some(p) => read_from(p, offset).await,
+                    None => Vec::new(),
+                };
+                if !chunk.is_empty() {
+                    let n = chunk.len() as u64;
+                    return Some((Ok(bytes::Bytes::from(chunk)), (offset + n, false)));
+                }
+                let over = d
+                    .store()
+                    .db()
+                    .read()
+                    .run(id)
+                    .ok()
+                    .flatten()
+                    .is_none_or(|r| !matches!(r.status.as_str(), "queued" | "running"));
+                if over || d.shutdown.is_cancelled() {
+                    // One last read for what was written at the very end.
+                    let tail = match &p {
+                        Some(p) => read_from(p, offset).await,
+                        None => Vec::new(),
+                    };
+                    return (!tail.is_empty()).then(|| {
+                        let n = tail.len() as u64;
+                        (Ok(bytes::Bytes::from(tail)), (offset + n, true))
+                    });
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                if p.is_none() {
+                    return Some((Ok(bytes::Bytes::new()), (offset, false)));
+                }
+            }
+        }
+    })
+}
+
+async fn read_from(path: &std::path::Path, offset: u64) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let Ok(mut f) = tokio::fs::File::open(path).await else {
+        return Vec::new();
+    };
+    if f.seek(std::io::SeekFrom::Start(offset)).await.is_err() {
+        return Vec::new();
+    }
+    let mut buf = Vec::new();
+    let _ = f.take(1 << 20).read_to_end(&mut buf).await;
+    buf
 }
 
 async fn cancel(State(d): State<Arc<Daemon>>, Path(id): Path<String>) -> ApiResult {

@@ -330,6 +330,16 @@ fn step_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StepRow> {
     })
 }
 
+/// Which runs a listing wants.
+#[derive(Debug, Default)]
+pub struct RunFilter<'a> {
+    pub pipeline: Option<&'a str>,
+    pub status: Option<&'a str>,
+    pub since: Option<i64>,
+    pub before: Option<i64>,
+    pub limit: i64,
+}
+
 /// A new run's identity.
 pub struct NewRun<'a> {
     pub pipeline: &'a str,
@@ -613,19 +623,19 @@ impl Batch<'_> {
         Ok(rows)
     }
 
-    /// Newest first, optionally of one pipeline and in one status.
-    pub fn runs_filtered(
-        &self,
-        pipeline: Option<&str>,
-        status: Option<&str>,
-        limit: i64,
-    ) -> Result<Vec<RunRow>> {
+    /// Newest first: of one pipeline, in one status, created at or after `since`
+    /// (ms), with an id below `before` (the paging cursor).
+    pub fn runs_filtered(&self, f: &RunFilter<'_>) -> Result<Vec<RunRow>> {
         let mut stmt = self.conn.prepare_cached(&format!(
             "SELECT {RUN_COLUMNS} FROM runs WHERE (?1 IS NULL OR pipeline = ?1) AND (?2 IS NULL OR status = ?2)
-             ORDER BY id DESC LIMIT ?3"
+               AND (?3 IS NULL OR created_at >= ?3) AND (?4 IS NULL OR id < ?4)
+             ORDER BY id DESC LIMIT ?5"
         ))?;
         let rows = stmt
-            .query_map(params![pipeline, status, limit], run_row)?
+            .query_map(
+                params![f.pipeline, f.status, f.since, f.before, f.limit],
+                run_row,
+            )?
             .collect::<rusqlite::Result<_>>()?;
         Ok(rows)
     }
