@@ -246,6 +246,16 @@ impl Engine {
         Ok((runtime.dir, digest, cached))
     }
 
+    /// (precompiled code loaded from the cache, compiles) since the engine started.
+    pub fn wasm_stats(&self) -> (u64, u64) {
+        self.wasm.get().map_or((0, 0), |w| {
+            (
+                w.cache_hits.load(std::sync::atomic::Ordering::Relaxed),
+                w.compiles.load(std::sync::atomic::Ordering::Relaxed),
+            )
+        })
+    }
+
     /// Steps executing now, across all runs.
     pub fn running_steps(&self) -> usize {
         self.max_parallel - self.slots.available_permits()

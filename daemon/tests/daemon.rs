@@ -1149,6 +1149,26 @@ reuse = false
             .unwrap();
         assert_eq!(r.status().as_u16(), want, "{path}");
     }
+    let metrics = Daemon::agent()
+        .get(format!("{}/metrics", d.url))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    for want in [
+        "millrace_runs_started_total{pipeline=\"api2\"} 2",
+        "millrace_runs_finished_total{pipeline=\"api2\",status=\"succeeded\"} 2",
+        "millrace_reuse_total{result=\"hit\"} 1",
+        "millrace_reuse_total{result=\"miss\"} 3",
+        "millrace_step_duration_seconds_count{runtime=\"wasm\"} 3",
+        "millrace_trigger_to_first_step_seconds_count 2",
+        "millrace_queue_depth 0",
+        "millrace_running_steps 0",
+        "# EOF",
+    ] {
+        assert!(metrics.contains(want), "{want}\n{metrics}");
+    }
     let (status, v) = d.post("/api/v1/pipelines/api2/runs", serde_json::json!(null), None);
     assert_eq!(status, 422, "{v}");
     let r = Daemon::agent()

@@ -25,6 +25,7 @@ const MAX_BODY: usize = 1 << 20;
 pub fn router(d: Arc<Daemon>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/metrics", get(prometheus))
         .route("/api/v1/status", get(status))
         .route("/api/v1/pipelines", get(pipelines))
         .route("/api/v1/pipelines/{name}", get(pipeline))
@@ -506,15 +507,28 @@ async fn step_log(
     let id = run_id(&id)?;
     let attempts = {
         let db = d.store().db();
-        if db.read().run(id).map_err(ApiError::internal)?.is_none() {
+        let Some(run) = db.read().run(id).map_err(ApiError::internal)? else {
             return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no run {id}")));
-        }
-        if db
+        };
+        // A queued run has no step rows yet: its recorded definition names them.
+        let known = db
             .read()
             .step(id, &step)
             .map_err(ApiError::internal)?
-            .is_none()
-        {
+            .is_some()
+            || db
+                .read()
+                .definition(&run.definition)
+                .ok()
+                .flatten()
+                .and_then(|(_, text)| text.parse::<toml::Table>().ok())
+                .and_then(|t| t.get("step").and_then(|s| s.as_array()).cloned())
+                .is_some_and(|steps| {
+                    steps
+                        .iter()
+                        .any(|s| s.get("name").and_then(|n| n.as_str()) == Some(step.as_str()))
+                });
+        if !known {
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 format!("run {id} has no step `{step}`"),
@@ -677,4 +691,29 @@ async fn modules(State(d): State<Arc<Daemon>>) -> ApiResult {
         })
         .collect();
     Ok(Json(json!({ "modules": list })).into_response())
+}
+
+/// `GET /metrics`: Prometheus text format.
+async fn prometheus(State(d): State<Arc<Daemon>>) -> ApiResult {
+    let queued = d
+        .store()
+        .db()
+        .read()
+        .runs_with_status("queued")
+        .map_err(ApiError::internal)?
+        .len();
+    let body = d.metrics.render(
+        queued,
+        d.active_runs().len(),
+        d.engine.running_steps(),
+        d.engine.wasm_stats(),
+    );
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response())
 }

@@ -13,6 +13,7 @@
 //! (with `resume_interrupted`) are queued again to finish, reusing what succeeded.
 
 pub mod api;
+pub mod metrics;
 mod triggers;
 
 use std::collections::{BTreeMap, HashMap};
@@ -76,6 +77,7 @@ pub struct Daemon {
     pub token: String,
     /// The one file watcher every watch trigger and the reloader share.
     watch: Arc<triggers::WatchHub>,
+    pub metrics: metrics::Metrics,
 }
 
 /// What became of a firing or an API call.
@@ -503,6 +505,7 @@ impl Daemon {
     /// Runs one queued run to its end, then lets `after` triggers fire.
     async fn drive(self: Arc<Self>, id: i64, pipeline: String, cancel: CancellationToken) {
         tracing::info!(pipeline = %pipeline, run = id, "started");
+        self.metrics.run_started(&pipeline);
         // In its own task: a panic in the engine fails this run instead of
         // leaving it `running` with its pipeline blocked.
         let engine = self.engine.clone();
@@ -545,6 +548,13 @@ impl Daemon {
             }
         };
         self.state().active.remove(&id);
+        {
+            let db = self.store().db();
+            if let (Ok(Some(run)), Ok(steps)) = (db.read().run(id), db.read().steps(id)) {
+                drop(db);
+                self.metrics.run_finished(&run, &steps);
+            }
+        }
         if status == "succeeded" {
             self.fire_after(&pipeline, id);
         }
@@ -740,6 +750,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         started: Instant::now(),
         token,
         watch: triggers::WatchHub::new(),
+        metrics: metrics::Metrics::new(),
     });
     d.recover()?;
     d.reload();

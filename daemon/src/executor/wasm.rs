@@ -148,6 +148,9 @@ pub struct WasmRuntime {
     /// Guests running now; the epoch ticker sleeps while there are none (an idle
     /// daemon must not wake 100 times a second).
     running: Arc<(Mutex<usize>, std::sync::Condvar)>,
+    /// Precompiled code loaded from the cache, and compiles (for `/metrics`).
+    pub cache_hits: std::sync::atomic::AtomicU64,
+    pub compiles: std::sync::atomic::AtomicU64,
 }
 
 /// Counts a running guest for as long as it lives.
@@ -236,6 +239,8 @@ impl WasmRuntime {
             p1_linker,
             p2_linker,
             running,
+            cache_hits: Default::default(),
+            compiles: Default::default(),
         }))
     }
 
@@ -316,9 +321,15 @@ impl WasmRuntime {
                 .then(|| unsafe { Component::deserialize_file(&self.engine, &cached) }.ok())
                 .flatten();
             let component = match loaded {
-                Some(c) => c,
+                Some(c) => {
+                    self.cache_hits
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    c
+                }
                 None => {
                     let bytes = read_checked(path, digest)?;
+                    self.compiles
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let c = Component::new(&self.engine, &bytes).map_err(compile_err)?;
                     match c.serialize() {
                         Ok(bin) => store_precompiled(&self.cache_dir, &cached, &bin),
@@ -340,9 +351,15 @@ impl WasmRuntime {
                 .then(|| unsafe { Module::deserialize_file(&self.engine, &cached) }.ok())
                 .flatten();
             let module = match loaded {
-                Some(m) => m,
+                Some(m) => {
+                    self.cache_hits
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    m
+                }
                 None => {
                     let bytes = read_checked(path, digest)?;
+                    self.compiles
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let m = Module::new(&self.engine, &bytes).map_err(compile_err)?;
                     match m.serialize() {
                         Ok(bin) => store_precompiled(&self.cache_dir, &cached, &bin),

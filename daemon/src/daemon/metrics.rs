@@ -1,0 +1,164 @@
+//! `GET /metrics`: the daemon's own numbers in the Prometheus text format
+//! (prometheus-client). Counters and histograms are fed when a run ends, from its
+//! recorded steps; gauges are read at scrape time.
+
+use std::sync::Mutex;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(String, String)>;
+type HistogramFamily = Family<Labels, Histogram, fn() -> Histogram>;
+
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    runs_started: Family<Labels, Counter>,
+    runs_finished: Family<Labels, Counter>,
+    step_seconds: HistogramFamily,
+    reuse: Family<Labels, Counter>,
+    trigger_latency: Histogram,
+    queue_depth: Gauge,
+    running_runs: Gauge,
+    running_steps: Gauge,
+    precompiled: Family<Labels, Gauge>,
+}
+
+fn step_histogram() -> Histogram {
+    // 10 ms … ~2.8 h
+    Histogram::new(exponential_buckets(0.01, 2.0, 21))
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let m = Metrics {
+            registry: Mutex::new(Registry::with_prefix("millrace")),
+            runs_started: Family::default(),
+            runs_finished: Family::default(),
+            step_seconds: Family::new_with_constructor(step_histogram),
+            reuse: Family::default(),
+            trigger_latency: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            queue_depth: Gauge::default(),
+            running_runs: Gauge::default(),
+            running_steps: Gauge::default(),
+            precompiled: Family::default(),
+        };
+        {
+            let mut r = m.registry.lock().unwrap_or_else(|e| e.into_inner());
+            r.register(
+                "runs_started",
+                "Runs started, by pipeline",
+                m.runs_started.clone(),
+            );
+            r.register(
+                "runs_finished",
+                "Runs finished, by pipeline and status",
+                m.runs_finished.clone(),
+            );
+            r.register(
+                "step_duration_seconds",
+                "Wall time of executed steps, by runtime",
+                m.step_seconds.clone(),
+            );
+            r.register(
+                "reuse",
+                "Step cache decisions: hit (reused) or miss (executed)",
+                m.reuse.clone(),
+            );
+            r.register(
+                "trigger_to_first_step_seconds",
+                "From a run's creation (its trigger) to its first step's start",
+                m.trigger_latency.clone(),
+            );
+            r.register("queue_depth", "Runs queued", m.queue_depth.clone());
+            r.register("running_runs", "Runs running", m.running_runs.clone());
+            r.register(
+                "running_steps",
+                "Steps holding a step slot",
+                m.running_steps.clone(),
+            );
+            r.register(
+                "precompiled_modules",
+                "Compiled wasm: loaded from the cache (hit) or compiled (miss), since start",
+                m.precompiled.clone(),
+            );
+        }
+        m
+    }
+
+    pub fn run_started(&self, pipeline: &str) {
+        self.runs_started
+            .get_or_create(&vec![("pipeline".into(), pipeline.into())])
+            .inc();
+    }
+
+    /// A run ended: its status, and per step what was recorded.
+    pub fn run_finished(
+        &self,
+        run: &crate::store::db::RunRow,
+        steps: &[crate::store::db::StepRow],
+    ) {
+        self.runs_finished
+            .get_or_create(&vec![
+                ("pipeline".into(), run.pipeline.clone()),
+                ("status".into(), run.status.clone()),
+            ])
+            .inc();
+        for s in steps {
+            match s.status.as_str() {
+                "reused" => {
+                    self.reuse
+                        .get_or_create(&vec![("result".into(), "hit".into())])
+                        .inc();
+                }
+                "succeeded" | "failed" => {
+                    self.reuse
+                        .get_or_create(&vec![("result".into(), "miss".into())])
+                        .inc();
+                    if let (Some(a), Some(b)) = (s.started_at, s.finished_at) {
+                        self.step_seconds
+                            .get_or_create(&vec![("runtime".into(), s.runtime.clone())])
+                            .observe((b - a).max(0) as f64 / 1000.0);
+                    }
+                }
+                _ => {}
+            }
+        }
+        if let Some(first) = steps.iter().filter_map(|s| s.started_at).min() {
+            self.trigger_latency
+                .observe((first - run.created_at).max(0) as f64 / 1000.0);
+        }
+    }
+
+    /// The text exposition, with the gauges read now.
+    pub fn render(
+        &self,
+        queued: usize,
+        running_runs: usize,
+        running_steps: usize,
+        precompiled: (u64, u64),
+    ) -> String {
+        self.queue_depth.set(queued as i64);
+        self.running_runs.set(running_runs as i64);
+        self.running_steps.set(running_steps as i64);
+        self.precompiled
+            .get_or_create(&vec![("result".into(), "hit".into())])
+            .set(precompiled.0 as i64);
+        self.precompiled
+            .get_or_create(&vec![("result".into(), "miss".into())])
+            .set(precompiled.1 as i64);
+        let mut out = String::new();
+        let r = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = encode(&mut out, &r);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
