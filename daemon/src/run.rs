@@ -26,6 +26,8 @@ use crate::store::{Store, StoreError};
 
 /// Default memory limit of a wasm step.
 pub const DEFAULT_MEMORY: u64 = 2 << 30;
+/// A step without `timeout` is stopped after a day: wall time is always bounded.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// Largest log kept per step attempt, unless `MILLRACE_LOG_CAP` (a size such as
 /// `"64MiB"`) says otherwise.
 pub const LOG_CAP: u64 = 16 << 20;
@@ -871,6 +873,117 @@ pub fn why_run(
     )
 }
 
+/// The Python runtime's digest: the interpreter module, the standard library and
+/// packages zip, and matplotlib's data. A different runtime is different code.
+fn runtime_digest(memo: &Mutex<HashMap<PathBuf, String>>, store: &Store) -> Result<String, String> {
+    let runtime =
+        crate::executor::python::Runtime::locate().ok_or_else(crate::executor::python::missing)?;
+    runtime.check()?;
+    let key = PathBuf::from(format!("runtime:{}", runtime.dir.display()));
+    if let Some(d) = memo.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        return Ok(d.clone());
+    }
+    let wasm = file_digest(memo, store, &runtime.wasm())
+        .map_err(|e| format!("the Python runtime: {e}"))?;
+    let lib = store
+        .ingest(&runtime.dir.join("lib"), Mode::Hash)
+        .map_err(|e| format!("the Python runtime's lib/: {e}"))?;
+    let mpl = match runtime.dir.join("mpl-data") {
+        d if d.is_dir() => {
+            store
+                .ingest(&d, Mode::Hash)
+                .map_err(|e| format!("the Python runtime's mpl-data/: {e}"))?
+                .digest
+        }
+        _ => String::new(),
+    };
+    let digest = blake3::hash(format!("{wasm}\n{}\n{mpl}", lib.digest).as_bytes())
+        .to_hex()
+        .to_string();
+    memo.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(key, digest.clone());
+    Ok(digest)
+}
+
+/// Most bytes a Python step's code directory may hold.
+const MAX_CODE_BYTES: u64 = 256 << 20;
+
+/// Copies a step's code directory into the store and returns the tree's digest:
+/// the guest runs this snapshot (an edit during the run cannot reach it, nor be
+/// cached under the old key). Hidden entries (`.git`, `.millrace`, …),
+/// `__pycache__` and the state directory are left out.
+fn code_snapshot(
+    memo: &Mutex<HashMap<PathBuf, String>>,
+    store: &Store,
+    dir: &Path,
+) -> Result<String, String> {
+    let key = PathBuf::from(format!("snapshot:{}", dir.display()));
+    if let Some(d) = memo.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        return Ok(d.clone());
+    }
+    let err = |e: String| format!("the code directory {}: {e}", dir.display());
+    let tmp = store.root.join("objects/tmp").join(format!(
+        "code-{}-{}",
+        std::process::id(),
+        SNAPSHOTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let state = std::fs::canonicalize(&store.root).unwrap_or_else(|_| store.root.clone());
+    let copied = (|| -> Result<(), String> {
+        std::fs::create_dir_all(&tmp).map_err(|e| e.to_string())?;
+        let mut total = 0u64;
+        let walk = walkdir::WalkDir::new(dir)
+            .follow_links(false)
+            .min_depth(1)
+            .into_iter()
+            .filter_entry(|e| {
+                let name = e.file_name().to_string_lossy();
+                !name.starts_with('.')
+                    && name != "__pycache__"
+                    && std::fs::canonicalize(e.path()).map_or(true, |p| p != state)
+            });
+        for e in walk {
+            let e = e.map_err(|e| e.to_string())?;
+            let rel = e.path().strip_prefix(dir).map_err(|e| e.to_string())?;
+            let dest = tmp.join(rel);
+            if e.file_type().is_dir() {
+                std::fs::create_dir_all(&dest).map_err(|e| e.to_string())?;
+            } else if e.file_type().is_file() {
+                total += e.metadata().map(|m| m.len()).unwrap_or(0);
+                if total > MAX_CODE_BYTES {
+                    return Err(format!(
+                        "holds more than {} of code; give the step a `code` directory of its own",
+                        definition::format_size(MAX_CODE_BYTES)
+                    ));
+                }
+                std::fs::copy(e.path(), &dest)
+                    .map_err(|x| format!("{}: {x}", e.path().display()))?;
+            }
+            // Symlinks are not followed nor copied: code is what is inside.
+        }
+        Ok(())
+    })();
+    let result = copied.map_err(err).and_then(|()| {
+        store
+            .ingest(&tmp, Mode::Move)
+            .map(|i| i.digest)
+            .map_err(|e| err(e.to_string()))
+    });
+    let _ = std::fs::remove_dir_all(&tmp);
+    let digest = result?;
+    memo.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(key, digest.clone());
+    Ok(digest)
+}
+
+static SNAPSHOTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// [`code_snapshot`] for `module publish`: a Python code directory as stored.
+pub fn snapshot_code_dir(store: &Store, dir: &Path) -> Result<String, String> {
+    code_snapshot(&Mutex::new(HashMap::new()), store, dir)
+}
+
 /// A file's content digest, hashed once per process (and remembered by stat).
 fn file_digest(
     memo: &Mutex<HashMap<PathBuf, String>>,
@@ -926,18 +1039,12 @@ fn code_of(
         StepKind::Python {
             code_dir, entry, ..
         } => {
-            let runtime = crate::executor::python::Runtime::locate()
-                .ok_or_else(crate::executor::python::missing)?;
-            let rt = file_digest(memo, store, &runtime.wasm())
-                .map_err(|e| format!("the Python runtime: {e}"))?;
-            let tree = store
-                .ingest(code_dir, Mode::Hash)
-                .map_err(|e| format!("the code directory {}: {e}", code_dir.display()))?;
+            let rt = runtime_digest(memo, store)?;
+            let tree = code_snapshot(memo, store, code_dir)?;
             Ok(blake3::hash(
                 format!(
-                    "{}\n{rt}\n{}\n{entry}",
+                    "{}\n{rt}\n{tree}\n{entry}",
                     crate::executor::python::RUNTIME_NAME,
-                    tree.digest
                 )
                 .as_bytes(),
             )
@@ -947,10 +1054,7 @@ fn code_of(
         // A Python module: its code tree (digest from the registry), its entry and
         // the runtime, as for a `python` step.
         StepKind::Module { module, .. } if module.kind == "python" => {
-            let runtime = crate::executor::python::Runtime::locate()
-                .ok_or_else(crate::executor::python::missing)?;
-            let rt = file_digest(memo, store, &runtime.wasm())
-                .map_err(|e| format!("the Python runtime: {e}"))?;
+            let rt = runtime_digest(memo, store)?;
             Ok(blake3::hash(
                 format!(
                     "{}\n{rt}\n{}\n{}",
@@ -1404,36 +1508,9 @@ impl RunContext {
                     .await
             }
             StepKind::Module { module, .. } if module.kind == "python" => {
-                // The module's code, as published, read-only from this run's
-                // work directory (hard links to the store's read-only blobs).
                 let code_dir = self
-                    .engine
-                    .store
-                    .work_dir(self.run_id)
-                    .join("modules")
-                    .join(&module.digest);
-                if !code_dir.is_dir() {
-                    let part = code_dir.with_extension(format!("part{attempt}"));
-                    let _ = std::fs::remove_dir_all(&part);
-                    tokio::task::block_in_place(|| {
-                        self.engine
-                            .store
-                            .artifacts
-                            .materialise(&module.digest, &part)
-                            .and_then(|()| match std::fs::rename(&part, &code_dir) {
-                                // Another step of this run put it there first.
-                                Err(_) if code_dir.is_dir() => {
-                                    let _ = std::fs::remove_dir_all(&part);
-                                    Ok(())
-                                }
-                                r => r.map_err(|e| crate::store::artifacts::ArtifactError::Io {
-                                    path: code_dir.clone(),
-                                    source: e,
-                                }),
-                            })
-                    })
-                    .map_err(|e| (None, format!("module {}: {e}", module.id)))?;
-                }
+                    .materialised_code(&module.digest, attempt)
+                    .map_err(|(c, e)| (c, format!("module {}: {e}", module.id)))?;
                 let program = Program::Python {
                     code_dir,
                     entry: PathBuf::from(module.entry.as_deref().unwrap_or_default()),
@@ -1444,8 +1521,10 @@ impl RunContext {
             StepKind::Python {
                 code_dir, entry, ..
             } => {
+                let digest = code_snapshot(&self.code_digests, self.store(), code_dir)
+                    .map_err(|e| (None, e))?;
                 let program = Program::Python {
-                    code_dir: code_dir.clone(),
+                    code_dir: self.materialised_code(&digest, attempt)?,
                     entry: PathBuf::from(entry),
                 };
                 self.attempt_program(i, attempt, &program, inputs, log_path)
@@ -1459,6 +1538,45 @@ impl RunContext {
                 ),
             )),
         }
+    }
+
+    /// A code tree of the store, read-only in this run's work directory (hard links
+    /// to the store's read-only blobs), shared by the run's steps.
+    fn materialised_code(
+        &self,
+        digest: &str,
+        attempt: u32,
+    ) -> Result<PathBuf, (Option<i32>, String)> {
+        let code_dir = self
+            .engine
+            .store
+            .work_dir(self.run_id)
+            .join("code")
+            .join(digest);
+        if code_dir.is_dir() {
+            return Ok(code_dir);
+        }
+        let part = code_dir.with_extension(format!(
+            "part{attempt}-{}",
+            SNAPSHOTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&part);
+        tokio::task::block_in_place(|| {
+            self.engine.store.artifacts.materialise(digest, &part)?;
+            match std::fs::rename(&part, &code_dir) {
+                // Another step of this run put it there first.
+                Err(_) if code_dir.is_dir() => {
+                    let _ = std::fs::remove_dir_all(&part);
+                    Ok(())
+                }
+                r => r.map_err(|e| crate::store::artifacts::ArtifactError::Io {
+                    path: code_dir.clone(),
+                    source: e,
+                }),
+            }
+        })
+        .map_err(|e| (None, format!("the code: {e}")))?;
+        Ok(code_dir)
     }
 
     async fn attempt_wasm(
@@ -1613,7 +1731,7 @@ impl RunContext {
             mounts,
             log: log.clone(),
             memory: step.memory.unwrap_or(DEFAULT_MEMORY),
-            timeout: step.timeout,
+            timeout: Some(step.timeout.unwrap_or(DEFAULT_TIMEOUT)),
         };
         let wasm = self.engine.wasm().await.map_err(|e| fail(e.to_string()))?;
         let outcome = wasm

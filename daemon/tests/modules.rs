@@ -375,3 +375,80 @@ fn concurrent_publishes_of_one_version_leave_one_record() {
         );
     }
 }
+
+#[test]
+fn registry_guards_refuse_what_would_break_immutability_or_pipelines() {
+    let p = Project::new();
+    registry(&p);
+    let meta = publish(&p, "noop", "1.0.0+build7");
+    assert_eq!(meta.status.code(), Some(2));
+    assert!(
+        stderr(&meta).contains("without build metadata"),
+        "{}",
+        stderr(&meta)
+    );
+    p.write("code/a.py", "print('a')\n");
+    p.write("outside.py", "print('x')\n");
+    let escape = p.run(&[
+        "module",
+        "publish",
+        p.path("code").to_str().unwrap(),
+        "--entry",
+        "../outside.py",
+        "--name",
+        "py",
+        "--version",
+        "1.0.0",
+    ]);
+    assert_eq!(escape.status.code(), Some(2), "{}", stderr(&escape));
+    let ok = p.run(&[
+        "module",
+        "publish",
+        p.path("code").to_str().unwrap(),
+        "--entry",
+        "a.py",
+        "--name",
+        "py",
+        "--version",
+        "1.0.0",
+    ]);
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    p.write("code/b.py", "print('b')\n");
+    // Same version, other entry: refused (the content differs anyway now).
+    let again = p.run(&[
+        "module",
+        "publish",
+        p.path("code").to_str().unwrap(),
+        "--entry",
+        "b.py",
+        "--name",
+        "py",
+        "--version",
+        "1.0.0",
+    ]);
+    assert_eq!(again.status.code(), Some(2));
+
+    assert!(
+        p.run(&["module", "default", "tool", "1.1.0"])
+            .status
+            .success()
+    );
+    let d = p.run(&["module", "disable", "tool@1.1.0"]);
+    assert_eq!(d.status.code(), Some(2));
+    assert!(stderr(&d).contains("is the default"), "{}", stderr(&d));
+    assert!(p.run(&["module", "disable", "tool@1.0.0"]).status.success());
+    let dep = p.run(&["module", "deprecate", "tool@1.0.0"]);
+    assert_eq!(
+        dep.status.code(),
+        Some(2),
+        "a disabled version is not revived by deprecate"
+    );
+    p.write("junk.mod", "not a tar at all");
+    let imp = p.run(&["module", "import", p.path("junk.mod").to_str().unwrap()]);
+    assert_eq!(imp.status.code(), Some(78));
+    assert!(
+        stderr(&imp).contains("junk.mod is not a module archive"),
+        "{}",
+        stderr(&imp)
+    );
+}

@@ -293,3 +293,32 @@ fn outputs_past_the_cap_fail_the_step() {
         error_of(&p, "big")
     );
 }
+
+#[test]
+fn a_script_beside_its_pipeline_sees_a_snapshot_without_the_state_and_is_reused() {
+    let p = Project::new();
+    // The project directory holds the state directory (.state) and a data file too.
+    p.write("notes.txt", "not code\n");
+    p.write(
+        "spy.py",
+        "import os\nseen = sorted(os.listdir('/code'))\nprint('code:', seen)\nassert '.state' not in seen, seen\nopen('/code/x', 'w')\n",
+    );
+    let f = p.write(
+        "spy.toml",
+        "[[step]]\nname = \"spy\"\npython = \"spy.py\"\n",
+    );
+    let f = f.to_str().unwrap();
+    let out = p.run(&["run", f]);
+    assert_eq!(out.status.code(), Some(1), "writing /code is refused");
+    let log = log(&p, "spy");
+    assert!(
+        log.contains("code: ['notes.txt', 'spy.py', 'spy.toml']"),
+        "{log}"
+    );
+    assert!(log.contains("Error"), "{log}");
+    // A script that succeeds is reused although the state directory changed.
+    p.write("spy.py", "import os\nprint(sorted(os.listdir('/code')))\n");
+    assert!(p.run(&["run", f]).status.success());
+    assert!(p.run(&["run", f]).status.success());
+    assert_eq!(step_statuses(&p, "latest")[0].1, "reused");
+}

@@ -103,6 +103,14 @@ pub fn run(state: &Path, cmd: ModuleCommand, json: bool) -> anyhow::Result<i32> 
             pipelines,
         } => {
             let m = find(&store, &module)?;
+            if m.status == "disabled" {
+                return Err(Exit::usage(format!(
+                    "error: {} is disabled; `millrace module enable {}` first if it should run again",
+                    m.id(),
+                    m.id()
+                ))
+                .into());
+            }
             print_impact(&store, &m, &pipelines)?;
             store.db().read().set_module_status(
                 &m.name,
@@ -121,6 +129,16 @@ pub fn run(state: &Path, cmd: ModuleCommand, json: bool) -> anyhow::Result<i32> 
         } => {
             let m = find(&store, &module)?;
             let using = print_impact(&store, &m, &pipelines)?;
+            let is_default = store.db().read().module_defaults()?.get(&m.name) == Some(&m.version);
+            if is_default && !force {
+                return Err(Exit::usage(format!(
+                    "error: {} is the default of `{}`: `module = \"{}\"` would fail validation; make another version the default, or pass --force",
+                    m.id(),
+                    m.name,
+                    m.name
+                ))
+                .into());
+            }
             if !using.is_empty() && !force {
                 return Err(Exit::usage(format!(
                     "error: {} pipeline(s) still resolve to {}: they would fail validation; pin them to another version, or pass --force",
@@ -212,6 +230,12 @@ fn publish(
             "error: `{version}` is not a semver version ({e}); write MAJOR.MINOR.PATCH, e.g. 1.2.0"
         ))
     })?;
+    if !parsed.build.is_empty() || version.len() > 64 {
+        return Err(Exit::usage(format!(
+            "error: `{version}`: write MAJOR.MINOR.PATCH[-PRERELEASE] without build metadata (`+…`), at most 64 characters"
+        ))
+        .into());
+    }
     let meta = std::fs::metadata(path)
         .map_err(|e| Exit::usage(format!("error: cannot read {}: {e}", path.display())))?;
     let (kind, entry) = if meta.is_dir() {
@@ -222,7 +246,10 @@ fn publish(
             ))
             .into());
         };
-        if !entry.ends_with(".py") || !path.join(&entry).is_file() {
+        let inside = Path::new(&entry)
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+        if !inside || !entry.ends_with(".py") || !path.join(&entry).is_file() {
             return Err(Exit::usage(format!(
                 "error: --entry {entry}: no such .py file in {}",
                 path.display()
@@ -248,24 +275,34 @@ fn publish(
         }
         ("wasm", None)
     };
-    let ingested = store.ingest(path, Mode::Copy)?;
+    // A code directory is stored as the steps see it: without hidden entries (a
+    // state directory, .git), __pycache__ or symlinks.
+    let (artifact, size) = if kind == "wasm" {
+        let i = store.ingest(path, Mode::Copy)?;
+        (i.digest, i.size)
+    } else {
+        let d = crate::run::snapshot_code_dir(store, path)
+            .map_err(|e| Exit::usage(format!("error: {e}")))?;
+        let size = store.db().read().artifact(&d)?.map_or(0, |(s, _)| s);
+        (d, size)
+    };
     let digest = if kind == "wasm" {
         store
             .artifacts
-            .list(&ingested.digest)?
+            .list(&artifact)?
             .first()
             .map(|e| e.digest.clone())
             .context("the stored wasm tree is empty")?
     } else {
-        ingested.digest.clone()
+        artifact.clone()
     };
     let m = ModuleVersion {
         name: name.to_string(),
         version: parsed.to_string(),
         kind: kind.to_string(),
         digest,
-        artifact: ingested.digest,
-        size: ingested.size,
+        artifact,
+        size,
         entry,
         description,
         status: "active".into(),
@@ -273,6 +310,20 @@ fn publish(
         published_at: now_ms(),
     };
     let existing = store.db().batch(|b| b.publish_module(&m))?;
+    if existing.as_deref() == Some(m.digest.as_str()) {
+        let recorded = store.db().read().module_versions(Some(&m.name))?;
+        if let Some(r) = recorded.iter().find(|r| r.version == m.version)
+            && (r.kind != m.kind || r.entry != m.entry)
+        {
+            return Err(Exit::usage(format!(
+                "error: {} is already published with this content but as {} (entry {}); versions are immutable, publish a new version",
+                m.id(),
+                r.kind,
+                r.entry.as_deref().unwrap_or("-")
+            ))
+            .into());
+        }
+    }
     match existing {
         Some(d) if d == m.digest => {
             if json {
@@ -375,13 +426,20 @@ fn resolving_to(
     m: &ModuleVersion,
     args: &PipelinesArgs,
 ) -> anyhow::Result<Vec<(String, String, String)>> {
-    let env = definition::Environment {
-        modules: ModuleIndex::load(store)?,
-        ..Default::default()
+    let mut env = match super::service::config_path(args.config.as_deref()) {
+        Some(c) => super::service::load_config(&c)?.environment(),
+        None => definition::Environment::default(),
     };
+    env.modules = ModuleIndex::load(store)?;
     let mut out = Vec::new();
     for f in pipeline_files(args)? {
         let Ok((Some(p), _)) = definition::load(&f, &env) else {
+            // Cannot tell what it uses: say so rather than leave it out.
+            eprintln!(
+                "warning: {} does not validate: its use of {} is unknown",
+                display_path(&f),
+                m.id()
+            );
             continue;
         };
         for s in &p.steps {
@@ -531,6 +589,12 @@ const META: &str = "millrace-module.json";
 fn export(store: &Store, spec: &str, output: &Path) -> anyhow::Result<i32> {
     let m = find(store, spec)?;
     let tmp = tempdir_in(store)?;
+    let result = export_in(store, &m, &tmp, output);
+    let _ = std::fs::remove_dir_all(&tmp);
+    result
+}
+
+fn export_in(store: &Store, m: &ModuleVersion, tmp: &Path, output: &Path) -> anyhow::Result<i32> {
     let code = tmp.join("code");
     store
         .artifacts
@@ -546,15 +610,15 @@ fn export(store: &Store, spec: &str, output: &Path) -> anyhow::Result<i32> {
     let part = output.with_extension("part");
     {
         let f = std::fs::File::create(&part)
-            .with_context(|| format!("cannot create {}", part.display()))?;
+            .map_err(|e| Exit::usage(format!("error: cannot write {}: {e}", output.display())))?;
         let mut tar = tar::Builder::new(f);
         tar.mode(tar::HeaderMode::Deterministic);
         tar.append_path_with_name(tmp.join(META), META)?;
         tar.append_dir_all("code", &code)?;
         tar.into_inner()?.sync_all()?;
     }
-    std::fs::rename(&part, output)?;
-    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::rename(&part, output)
+        .map_err(|e| Exit::usage(format!("error: cannot write {}: {e}", output.display())))?;
     println!("exported {} to {}", m.id(), output.display());
     Ok(0)
 }
@@ -574,13 +638,22 @@ fn import(store: &Store, file: &Path, json: bool) -> anyhow::Result<i32> {
     let result = (|| -> anyhow::Result<i32> {
         let f = std::fs::File::open(file)
             .map_err(|e| Exit::usage(format!("error: cannot read {}: {e}", file.display())))?;
+        if !std::fs::metadata(file).is_ok_and(|m| m.is_file()) {
+            return Err(Exit::usage(format!("error: {} is not a file", file.display())).into());
+        }
+        let not_archive = |e: std::io::Error| {
+            Exit::config(format!(
+                "error: {} is not a module archive (from `millrace module export`): {e}",
+                file.display()
+            ))
+        };
         let mut archive = tar::Archive::new(f);
         archive.set_preserve_permissions(false);
         archive.set_overwrite(false);
-        for entry in archive.entries()? {
-            let mut entry = entry?;
+        for entry in archive.entries().map_err(not_archive)? {
+            let mut entry = entry.map_err(not_archive)?;
             // unpack_in refuses paths that escape the directory.
-            if !entry.unpack_in(&tmp)? {
+            if !entry.unpack_in(&tmp).map_err(not_archive)? {
                 return Err(Exit::config(format!(
                     "error: {}: the archive holds a path outside its root",
                     file.display()
