@@ -8,6 +8,12 @@ scripts/setup.sh
 echo "== plugin unit tests"
 (cd plugins && cargo test --quiet --target x86_64-unknown-linux-gnu -p csvkit)
 echo "== millrace tests"
+# promtool checks the daemon's /metrics (Debian's prometheus package).
+if ! command -v promtool >/dev/null && [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+if command -v promtool >/dev/null; then export MILLRACE_REQUIRE_PROMTOOL=1; fi
 cargo test --workspace
 echo "== systemd unit"
 scripts/check-systemd.sh

@@ -1165,10 +1165,48 @@ reuse = false
         "millrace_trigger_to_first_step_seconds_count 2",
         "millrace_queue_depth 0",
         "millrace_running_steps 0",
-        "# EOF",
+        "# TYPE millrace_runs_started_total counter",
     ] {
         assert!(metrics.contains(want), "{want}\n{metrics}");
     }
+    // promtool's own check (scripts/test.sh installs it and sets MILLRACE_REQUIRE_PROMTOOL).
+    let promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    match promtool {
+        Ok(mut child) => {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(metrics.as_bytes())
+                .unwrap();
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "promtool: {}{}\n{metrics}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Err(_) => assert!(
+            std::env::var_os("MILLRACE_REQUIRE_PROMTOOL").is_none(),
+            "promtool is required here but missing"
+        ),
+    }
+    let om = Daemon::agent()
+        .get(format!("{}/metrics", d.url))
+        .header("Accept", "application/openmetrics-text")
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    assert!(om.ends_with("# EOF\n"), "{om}");
     let (status, v) = d.post("/api/v1/pipelines/api2/runs", serde_json::json!(null), None);
     assert_eq!(status, 422, "{v}");
     let r = Daemon::agent()

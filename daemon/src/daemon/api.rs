@@ -693,8 +693,9 @@ async fn modules(State(d): State<Arc<Daemon>>) -> ApiResult {
     Ok(Json(json!({ "modules": list })).into_response())
 }
 
-/// `GET /metrics`: Prometheus text format.
-async fn prometheus(State(d): State<Arc<Daemon>>) -> ApiResult {
+/// `GET /metrics`: the Prometheus text format, or OpenMetrics when the scraper
+/// asks for it (`Accept: application/openmetrics-text`).
+async fn prometheus(State(d): State<Arc<Daemon>>, headers: HeaderMap) -> ApiResult {
     let queued = d
         .store()
         .db()
@@ -708,12 +709,26 @@ async fn prometheus(State(d): State<Arc<Daemon>>) -> ApiResult {
         d.engine.running_steps(),
         d.engine.wasm_stats(),
     );
+    let openmetrics = headers
+        .get(axum::http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("application/openmetrics-text"));
+    if openmetrics {
+        return Ok((
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response());
+    }
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            "text/plain; version=0.0.4; charset=utf-8",
         )],
-        body,
+        super::metrics::to_prometheus_text(&body),
     )
         .into_response())
 }

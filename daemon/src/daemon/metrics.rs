@@ -162,3 +162,42 @@ impl Default for Metrics {
         Metrics::new()
     }
 }
+
+/// The classic Prometheus text format (0.0.4) of an OpenMetrics exposition: a
+/// counter family's `HELP`/`TYPE` lines name it with its `_total` suffix, and there
+/// is no `# EOF`. What `promtool check metrics` and older scrapers expect.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn counters_get_their_total_names_in_the_classic_format() {
+        let om = "# HELP x_runs Runs.\n# TYPE x_runs counter\nx_runs_total 1\n# HELP x_q Q.\n# TYPE x_q gauge\nx_q 0\n# EOF\n";
+        assert_eq!(
+            super::to_prometheus_text(om),
+            "# HELP x_runs_total Runs.\n# TYPE x_runs_total counter\nx_runs_total 1\n# HELP x_q Q.\n# TYPE x_q gauge\nx_q 0\n"
+        );
+    }
+}
