@@ -1734,10 +1734,35 @@ impl RunContext {
             timeout: Some(step.timeout.unwrap_or(DEFAULT_TIMEOUT)),
         };
         let wasm = self.engine.wasm().await.map_err(|e| fail(e.to_string()))?;
-        let outcome = wasm
-            .run(&wasm_path, &run_digest, sandbox)
-            .await
-            .map_err(|e| fail(e.to_string()))?;
+        // The disk a step fills while it runs (/out and /tmp) is watched too: past
+        // the cap the guest is stopped, before it fills the state directory's disk.
+        let watched = [dir_out.clone(), dir_tmp.clone()];
+        let disk_watch = async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let dirs = watched.clone();
+                let used = tokio::task::spawn_blocking(move || {
+                    dirs.iter().map(|d| tree_size(d)).sum::<u64>()
+                })
+                .await
+                .unwrap_or(0);
+                if used > output_cap() {
+                    return used;
+                }
+            }
+        };
+        let outcome = tokio::select! {
+            o = wasm.run(&wasm_path, &run_digest, sandbox) => o.map_err(|e| fail(e.to_string()))?,
+            used = disk_watch => {
+                let msg = format!(
+                    "/out and /tmp hold {}, more than the cap of {} (MILLRACE_OUTPUT_CAP); the step was stopped",
+                    definition::format_size(used),
+                    definition::format_size(output_cap())
+                );
+                log.note(&format!("step failed: {msg}"));
+                return Err((None, msg));
+            }
+        };
         let metrics_file = ws.metrics_file();
         let failure = match outcome {
             Outcome::Exited(0) => None,

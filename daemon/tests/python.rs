@@ -322,3 +322,30 @@ fn a_script_beside_its_pipeline_sees_a_snapshot_without_the_state_and_is_reused(
     assert!(p.run(&["run", f]).status.success());
     assert_eq!(step_statuses(&p, "latest")[0].1, "reused");
 }
+
+#[test]
+fn filling_tmp_past_the_cap_stops_the_step_while_it_runs() {
+    let p = Project::new();
+    p.write(
+        "code/fill.py",
+        "import time\nwith open('/tmp/fill', 'wb') as f:\n    for i in range(400):\n        f.write(b'x' * (1 << 20))\n        f.flush()\n        time.sleep(0.01)\nprint('never reached')\n",
+    );
+    let f = p.write(
+        "fill.toml",
+        "[[step]]\nname = \"fill\"\npython = \"code/fill.py\"\n",
+    );
+    let start = std::time::Instant::now();
+    let out = p
+        .cmd(&["run", f.to_str().unwrap()])
+        .env("MILLRACE_OUTPUT_CAP", "50MiB")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        error_of(&p, "fill").contains("/out and /tmp hold"),
+        "{}",
+        error_of(&p, "fill")
+    );
+    assert!(!log(&p, "fill").contains("never reached"));
+    assert!(start.elapsed() < std::time::Duration::from_secs(30));
+}
