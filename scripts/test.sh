@@ -15,5 +15,7 @@ if ! command -v promtool >/dev/null && [[ $(id -u) -eq 0 ]] && command -v apt-ge
 fi
 if command -v promtool >/dev/null; then export MILLRACE_REQUIRE_PROMTOOL=1; fi
 cargo test --workspace
+echo "== REST API against its OpenAPI document (schemathesis)"
+scripts/check-api.sh
 echo "== systemd unit"
 scripts/check-systemd.sh

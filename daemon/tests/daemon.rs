@@ -1208,7 +1208,19 @@ reuse = false
         .unwrap();
     assert!(om.ends_with("# EOF\n"), "{om}");
     let (status, v) = d.post("/api/v1/pipelines/api2/runs", serde_json::json!(null), None);
+    assert_eq!(status, 202, "a null body is an empty request: {v}");
+    d.wait_status(v["run_id"].as_i64().unwrap(), "succeeded");
+    let (status, v) = d.post("/api/v1/pipelines/api2/runs", serde_json::json!([1]), None);
     assert_eq!(status, 422, "{v}");
+    let doc = d.get("/api/v1/openapi.json");
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    for path in [
+        "/api/v1/runs/{id}",
+        "/api/v1/pipelines/{name}/runs",
+        "/metrics",
+    ] {
+        assert!(doc["paths"].get(path).is_some(), "{path}");
+    }
     let r = Daemon::agent()
         .post(format!("{}/api/v1/pipelines/api2/runs", d.url))
         .header("Authorization", &format!("Bearer {}", d.token))

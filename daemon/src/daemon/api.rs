@@ -19,12 +19,101 @@ use crate::diagnostic::display_path;
 use crate::run::RunRequest;
 use crate::trigger::cron::Schedule;
 
+/// The error shape of every failed call.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    status: u16,
+    message: String,
+}
+
+/// A param's value in a request: converted to the param's declared type.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[allow(dead_code)]
+#[serde(untagged)]
+pub enum ParamScalar {
+    String(String),
+    Number(f64),
+    Boolean(bool),
+}
+
+/// A run's status.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+#[schema(rename_all = "lowercase")]
+pub enum RunStatus {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+    Interrupted,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct RunsPage {
+    runs: Vec<crate::store::db::RunRow>,
+    /// `before` for the next page; null on the last one.
+    next: Option<i64>,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Queued {
+    run_id: i64,
+    status: String,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Cancelling {
+    run_id: i64,
+    cancelling: bool,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct RunMetrics {
+    run: i64,
+    metrics: Vec<crate::store::db::MetricRow>,
+}
+
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "millrace", description = "The millrace daemon's REST API"),
+    paths(healthz, status, pipelines, pipeline, create_run, runs, run, run_metrics, step_log, cancel, modules, prometheus),
+    components(schemas(ErrorBody, ErrorDetail, RunStatus, ParamScalar, RunsPage, Queued, Cancelling, RunMetrics, CreateRun,
+        crate::store::db::RunRow, crate::store::db::StepRow, crate::store::db::AttemptRow, crate::store::db::MetricRow)),
+    modifiers(&Bearer)
+)]
+pub struct ApiDoc;
+
+struct Bearer;
+
+impl utoipa::Modify for Bearer {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+async fn openapi() -> Response {
+    use utoipa::OpenApi;
+    Json(ApiDoc::openapi()).into_response()
+}
+
 /// Largest request body accepted.
 const MAX_BODY: usize = 1 << 20;
 
 pub fn router(d: Arc<Daemon>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/api/v1/openapi.json", get(openapi))
         .route("/metrics", get(prometheus))
         .route("/api/v1/status", get(status))
         .route("/api/v1/pipelines", get(pipelines))
@@ -115,6 +204,8 @@ fn authorized(headers: &HeaderMap, token: &str) -> bool {
     constant_time_eq::constant_time_eq(a.as_bytes(), b.as_bytes())
 }
 
+#[utoipa::path(get, path = "/healthz", tag = "daemon",
+    responses((status = 200, description = "The daemon is up", body = Object)))]
 async fn healthz(State(d): State<Arc<Daemon>>) -> Json<Value> {
     Json(json!({
         "status": if d.shutdown.is_cancelled() { "stopping" } else { "ok" },
@@ -219,6 +310,8 @@ fn invalid_files(d: &Daemon) -> Vec<Value> {
         .collect()
 }
 
+#[utoipa::path(get, path = "/api/v1/pipelines", tag = "pipelines",
+    responses((status = 200, description = "Loaded pipelines (triggers, next firing, last run, diagnostics) and invalid files", body = Object)))]
 async fn pipelines(State(d): State<Arc<Daemon>>) -> Json<Value> {
     let list: Vec<Value> = d
         .pipelines()
@@ -228,6 +321,10 @@ async fn pipelines(State(d): State<Arc<Daemon>>) -> Json<Value> {
     Json(json!({ "pipelines": list, "invalid_files": invalid_files(&d) }))
 }
 
+#[utoipa::path(get, path = "/api/v1/pipelines/{name}", tag = "pipelines",
+    params(("name" = String, Path, description = "Pipeline name")),
+    responses((status = 200, description = "One pipeline", body = Object),
+        (status = 404, description = "No such pipeline", body = ErrorBody)))]
 async fn pipeline(State(d): State<Arc<Daemon>>, Path(name): Path<String>) -> ApiResult {
     let Some((p, path)) = d.pipeline(&name) else {
         return Err(ApiError::new(
@@ -243,6 +340,8 @@ async fn pipeline(State(d): State<Arc<Daemon>>, Path(name): Path<String>) -> Api
     Ok(Json(pipeline_json(&d, &p, &path, at)).into_response())
 }
 
+#[utoipa::path(get, path = "/api/v1/status", tag = "daemon",
+    responses((status = 200, description = "Pipelines, invalid files, running and queued runs", body = Object)))]
 async fn status(State(d): State<Arc<Daemon>>) -> ApiResult {
     let queued = d
         .store()
@@ -270,22 +369,37 @@ async fn status(State(d): State<Arc<Daemon>>) -> ApiResult {
     .into_response())
 }
 
-#[derive(serde::Deserialize, Default)]
+#[derive(serde::Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CreateRun {
+pub struct CreateRun {
+    /// Param name → value (a string, number or boolean, converted to the param's type).
     #[serde(default)]
+    #[schema(value_type = std::collections::HashMap<String, ParamScalar>)]
     params: serde_json::Map<String, Value>,
     #[serde(default)]
     no_reuse: bool,
 }
 
+#[utoipa::path(post, path = "/api/v1/pipelines/{name}/runs", tag = "runs",
+    params(("name" = String, Path, description = "Pipeline name")),
+    request_body(content = Option<CreateRun>, description = "Params (by name) and no_reuse; an empty body is `{}`"),
+    responses((status = 202, description = "Queued", body = Queued),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 401, description = "No or wrong token", body = ErrorBody),
+        (status = 404, description = "No such pipeline", body = ErrorBody),
+        (status = 409, description = "Skipped: overlap = \"skip\" and the pipeline is busy", body = ErrorBody),
+        (status = 413, description = "Body over 1 MiB"),
+        (status = 422, description = "Unknown param, wrong type, or the pipeline no longer validates", body = ErrorBody),
+        (status = 503, description = "The daemon is stopping", body = ErrorBody)),
+    security(("bearer" = [])))]
 async fn create_run(
     State(d): State<Arc<Daemon>>,
     Path(name): Path<String>,
     body: axum::body::Bytes,
 ) -> ApiResult {
-    // No body at all is an empty request: `curl -X POST …/runs` just works.
-    let body: CreateRun = if body.iter().all(u8::is_ascii_whitespace) {
+    // No body at all (or `null`) is an empty request: `curl -X POST …/runs` works.
+    let trimmed = body.trim_ascii();
+    let body: CreateRun = if trimmed.is_empty() || trimmed == b"null" {
         CreateRun::default()
     } else {
         serde_json::from_slice(&body).map_err(|e| {
@@ -362,6 +476,14 @@ const STATUSES: &[&str] = &[
     "interrupted",
 ];
 
+#[utoipa::path(get, path = "/api/v1/runs", tag = "runs",
+    params(("pipeline" = Option<String>, Query, description = "Only this pipeline's runs"),
+        ("status" = Option<RunStatus>, Query, description = "Only runs in this status"),
+        ("since" = Option<String>, Query, format = DateTime, description = "Created at or after (RFC 3339)"),
+        ("before" = Option<i64>, Query, description = "Paging cursor: runs with a smaller id (`next` of the previous page)"),
+        ("limit" = Option<i64>, Query, description = "Page size, 1 to 1000 (default 50)")),
+    responses((status = 200, description = "Newest first", body = RunsPage),
+        (status = 400, description = "A bad filter", body = ErrorBody)))]
 async fn runs(
     State(d): State<Arc<Daemon>>,
     q: Result<Query<RunsQuery>, axum::extract::rejection::QueryRejection>,
@@ -379,18 +501,13 @@ async fn runs(
     let since = match &q.since {
         None => None,
         Some(s) => Some(
-            s.parse::<i64>()
-                .ok()
-                .or_else(|| {
-                    chrono::DateTime::parse_from_rfc3339(s)
-                        .ok()
-                        .map(|t| t.timestamp_millis())
-                })
-                .ok_or_else(|| {
+            chrono::DateTime::parse_from_rfc3339(s)
+                .map(|t| t.timestamp_millis())
+                .map_err(|_| {
                     ApiError::new(
                         StatusCode::BAD_REQUEST,
                         format!(
-                            "since `{s}`: expected RFC 3339 (2026-11-28T00:00:00Z) or milliseconds"
+                            "since `{s}`: expected an RFC 3339 instant like 2026-11-28T00:00:00Z"
                         ),
                     )
                 })?,
@@ -425,6 +542,10 @@ fn run_id(id: &str) -> Result<i64, ApiError> {
 
 /// A run with its inputs and, per step: status, timing, attempts, module version,
 /// reuse source, why it ran or was reused, inputs and outputs with digests.
+#[utoipa::path(get, path = "/api/v1/runs/{id}", tag = "runs",
+    params(("id" = i64, Path, description = "Run id")),
+    responses((status = 200, description = "The run, its inputs, and per step: status, timing, attempts, module, reuse source, explain, inputs and outputs with digests", body = Object),
+        (status = 404, description = "No such run", body = ErrorBody)))]
 async fn run(State(d): State<Arc<Daemon>>, Path(id): Path<String>) -> ApiResult {
     let id = run_id(&id)?;
     let store = d.store();
@@ -478,6 +599,10 @@ async fn run(State(d): State<Arc<Daemon>>, Path(id): Path<String>) -> ApiResult 
 }
 
 /// A run's metrics: `{"metrics": [{step, name, value, step_index}]}`.
+#[utoipa::path(get, path = "/api/v1/runs/{id}/metrics", tag = "runs",
+    params(("id" = i64, Path, description = "Run id")),
+    responses((status = 200, description = "The run's metrics", body = RunMetrics),
+        (status = 404, description = "No such run", body = ErrorBody)))]
 async fn run_metrics(State(d): State<Arc<Daemon>>, Path(id): Path<String>) -> ApiResult {
     let id = run_id(&id)?;
     let db = d.store().db();
@@ -498,6 +623,13 @@ struct LogQuery {
 
 /// A step's log (its latest attempt, or `?attempt=N`) as text; with
 /// `?follow=true` the response streams until the run is over.
+#[utoipa::path(get, path = "/api/v1/runs/{id}/steps/{step}/logs", tag = "runs",
+    params(("id" = i64, Path, description = "Run id"), ("step" = String, Path, description = "Step name"),
+        ("attempt" = Option<u32>, Query, description = "Attempt (default: the latest)"),
+        ("follow" = Option<bool>, Query, description = "Stream until the run ends")),
+    responses((status = 200, description = "The log", content_type = "text/plain", body = String),
+        (status = 400, description = "A bad query", body = ErrorBody),
+        (status = 404, description = "No such run, step or attempt", body = ErrorBody)))]
 async fn step_log(
     State(d): State<Arc<Daemon>>,
     Path((id, step)): Path<(String, String)>,
@@ -649,6 +781,13 @@ async fn read_from(path: &std::path::Path, offset: u64) -> Vec<u8> {
     buf
 }
 
+#[utoipa::path(post, path = "/api/v1/runs/{id}/cancel", tag = "runs",
+    params(("id" = i64, Path, description = "Run id")),
+    responses((status = 202, description = "Cancelling", body = Cancelling),
+        (status = 401, description = "No or wrong token", body = ErrorBody),
+        (status = 404, description = "No such run", body = ErrorBody),
+        (status = 409, description = "Neither queued nor running", body = ErrorBody)),
+    security(("bearer" = [])))]
 async fn cancel(State(d): State<Arc<Daemon>>, Path(id): Path<String>) -> ApiResult {
     let id = run_id(&id)?;
     let exists = d
@@ -675,6 +814,8 @@ async fn cancel(State(d): State<Arc<Daemon>>, Path(id): Path<String>) -> ApiResu
     }
 }
 
+#[utoipa::path(get, path = "/api/v1/modules", tag = "modules",
+    responses((status = 200, description = "Every published module version", body = Object)))]
 async fn modules(State(d): State<Arc<Daemon>>) -> ApiResult {
     let db = d.store().db();
     let versions = db
@@ -695,6 +836,8 @@ async fn modules(State(d): State<Arc<Daemon>>) -> ApiResult {
 
 /// `GET /metrics`: the Prometheus text format, or OpenMetrics when the scraper
 /// asks for it (`Accept: application/openmetrics-text`).
+#[utoipa::path(get, path = "/metrics", tag = "daemon",
+    responses((status = 200, description = "Prometheus text format (OpenMetrics with Accept: application/openmetrics-text)", content_type = "text/plain", body = String)))]
 async fn prometheus(State(d): State<Arc<Daemon>>, headers: HeaderMap) -> ApiResult {
     let queued = d
         .store()

@@ -210,15 +210,17 @@ pub struct Db {
     conn: Connection,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct RunRow {
     pub id: i64,
     pub pipeline: String,
     pub experiment: String,
     pub definition: String,
+    #[schema(value_type = Object)]
     pub params: serde_json::Value,
     pub trigger: String,
     /// What fired the run: changed paths, the scheduled instant, a missed interval.
+    #[schema(value_type = Option<Object>)]
     pub trigger_detail: Option<serde_json::Value>,
     pub no_reuse: bool,
     pub status: String,
@@ -232,7 +234,7 @@ pub struct RunRow {
     pub error: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct StepRow {
     pub run_id: i64,
     pub name: String,
@@ -240,6 +242,7 @@ pub struct StepRow {
     pub runtime: String,
     pub status: String,
     pub cache_key: Option<String>,
+    #[schema(value_type = Option<Object>)]
     pub key_parts: Option<serde_json::Value>,
     pub reused_from: Option<i64>,
     pub attempts: i64,
@@ -250,7 +253,7 @@ pub struct StepRow {
     pub module: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct AttemptRow {
     pub attempt: i64,
     pub status: String,
@@ -261,7 +264,7 @@ pub struct AttemptRow {
     pub log_path: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct MetricRow {
     pub step: String,
     pub name: String,
