@@ -7,11 +7,21 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bin="${1:-${CARGO_TARGET_DIR:-$root/target}/debug/millrace}"
-if ! command -v schemathesis >/dev/null; then
-    echo "check-api: installing schemathesis" >&2
-    python3 -m pip install --quiet --disable-pip-version-check schemathesis
+# schemathesis in a venv of its own (a Debian python refuses system-wide pip installs).
+venv="${CARGO_TARGET_DIR:-$root/target}/tmp/schemathesis-venv"
+if [[ ! -x "$venv/bin/schemathesis" ]]; then
+    echo "check-api: installing schemathesis into $venv" >&2
+    if ! python3 -m venv "$venv" 2>/dev/null; then
+        rm -rf "$venv"
+        if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+            apt-get update -qq
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+        fi
+        python3 -m venv "$venv"
+    fi
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check schemathesis
 fi
-st="$(command -v schemathesis)"
+st="$venv/bin/schemathesis"
 work="$(mktemp -d)"
 pid=""
 cleanup() { [[ -n $pid ]] && kill "$pid" 2>/dev/null; wait 2>/dev/null || true; rm -rf "$work"; }
