@@ -46,6 +46,7 @@ for _ in $(seq 100); do [[ -s "$work/state/daemon.json" ]] && break; sleep 0.1; 
 url=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["url"])' "$work/state/daemon.json")
 token=$(cat "$work/state/api-token")
 "$bin" trigger api-check --config "$work/millrace.toml" --wait >/dev/null
+cd "$work" # schemathesis keeps its state in ./.schemathesis
 if ! "$st" run "$url/api/v1/openapi.json" --header "Authorization: Bearer $token" \
     --checks all --max-examples 60 >"$work/report.txt" 2>&1; then
     cat "$work/report.txt"
