@@ -17,5 +17,7 @@ if command -v promtool >/dev/null; then export MILLRACE_REQUIRE_PROMTOOL=1; fi
 cargo test --workspace
 echo "== REST API against its OpenAPI document (schemathesis)"
 scripts/check-api.sh
+echo "== web UI in headless Chromium (playwright-core)"
+scripts/check-ui.sh
 echo "== systemd unit"
 scripts/check-systemd.sh

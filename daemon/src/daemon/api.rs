@@ -114,6 +114,7 @@ pub fn router(d: Arc<Daemon>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/api/v1/openapi.json", get(openapi))
+        .route("/", get(ui))
         .route("/metrics", get(prometheus))
         .route("/api/v1/status", get(status))
         .route("/api/v1/pipelines", get(pipelines))
@@ -170,7 +171,8 @@ type ApiResult = Result<Response, ApiError>;
 
 /// The bearer token on every mutating route, and on reads unless `public_read`.
 async fn auth(State(d): State<Arc<Daemon>>, req: Request, next: Next) -> Response {
-    let open = req.uri().path() == "/healthz"
+    // The UI page itself holds no data; it asks for the token when a call needs it.
+    let open = matches!(req.uri().path(), "/healthz" | "/")
         || (d.config.api.public_read && req.method() == axum::http::Method::GET);
     if !open && !authorized(req.headers(), &d.token) {
         let mut r = ApiError::new(
@@ -271,6 +273,19 @@ fn pipeline_json(d: &Daemon, p: &Pipeline, path: &std::path::Path, loaded_at: i6
         .find(|(fp, _)| fp == path)
         .map(|(_, f)| f.diagnostics)
         .unwrap_or_default();
+    let g = crate::graph::Graph::new(p);
+    let steps: Vec<Value> = p
+        .steps
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            json!({
+                "name": s.name.get_ref(),
+                "runtime": s.kind.runtime_name(),
+                "after": g.deps[i].iter().map(|&d| p.steps[d].name.get_ref().clone()).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
     json!({
         "name": name,
         "description": p.description,
@@ -285,7 +300,7 @@ fn pipeline_json(d: &Daemon, p: &Pipeline, path: &std::path::Path, loaded_at: i6
             },
         },
         "params": p.params.iter().map(|x| (x.name.get_ref().clone(), x.value.to_json())).collect::<serde_json::Map<_, _>>(),
-        "steps": p.steps.iter().map(|s| json!({ "name": s.name.get_ref(), "runtime": s.kind.runtime_name() })).collect::<Vec<_>>(),
+        "steps": steps,
         "triggers": triggers,
         "last_run": last,
         // Diagnostics of the file's latest text: errors here mean the version
@@ -874,4 +889,19 @@ async fn prometheus(State(d): State<Arc<Daemon>>, headers: HeaderMap) -> ApiResu
         super::metrics::to_prometheus_text(&body),
     )
         .into_response())
+}
+
+/// The web UI: one page, its script and style inline, no network needed.
+async fn ui() -> Response {
+    (
+        [
+            (axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (
+                axum::http::header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'",
+            ),
+        ],
+        include_str!("ui.html"),
+    )
+        .into_response()
 }
