@@ -56,8 +56,18 @@ reuse = false
 name = "done"
 wasm = "$root/plugins/dist/noop.wasm"
 after = ["nap"]
+[[step]]
+name = "score"
+python = "score.py"
+reuse = false
 TOML
-"$bin" daemon --config "$work/millrace.toml" 2>"$work/daemon.log" &
+cat >"$work/pipelines/score.py" <<PY
+import json, os, random
+with open(os.environ["MILLRACE_METRICS"], "a") as f:
+    f.write(json.dumps({"name": "auc", "value": random.random()}) + "\\n")
+PY
+# The Python runtime compiled by setup.sh.
+MILLRACE_CACHE="$target/tmp/millrace-cache" "$bin" daemon --config "$work/millrace.toml" 2>"$work/daemon.log" &
 pid=$!
 for _ in $(seq 100); do [[ -s "$work/state/daemon.json" ]] && break; sleep 0.1; done
 url=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["url"])' "$work/state/daemon.json")

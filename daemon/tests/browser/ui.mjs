@@ -23,8 +23,12 @@ page.on("request", (r) => { if (!r.url().startsWith(url) && !r.url().startsWith(
 const shot = (name) => page.screenshot({ path: join(shots, name + ".png"), fullPage: true });
 
 // Pipelines list.
+const t0 = Date.now();
 await page.goto(url + "/");
 await page.waitForSelector("#pipelines tr[data-pipeline='ui-chain']");
+const firstLoad = Date.now() - t0; // navigation to the rendered pipelines table
+const nav = await page.evaluate(() => JSON.stringify(performance.getEntriesByType("navigation")[0]?.toJSON?.() ?? {}));
+const domLoaded = Math.round(JSON.parse(nav).domContentLoadedEventEnd || 0);
 await shot("1-pipelines");
 // Pipeline view: the DAG has one node per step.
 await page.click("a[href='#/p/ui-chain']");
@@ -33,6 +37,8 @@ const nodes = await page.$$eval("#dag .node", (n) => n.map((x) => x.dataset.step
 const steps = await (await fetch(url + "/api/v1/pipelines/ui-chain")).json();
 if (nodes.length !== steps.steps.length) fail(`DAG has ${nodes.length} nodes for ${steps.steps.length} steps`);
 if ((await page.$$("#dag .edge")).length < 2) fail("DAG edges missing");
+// The metric the runs report, across runs.
+await page.waitForSelector("#metric-chart circle");
 await shot("2-pipeline");
 // Trigger from the UI: the token prompt is answered, the run page follows it to the end.
 await page.click("button[data-trigger='ui-chain']");
@@ -57,4 +63,4 @@ await page.waitForSelector("#modules");
 await shot("6-modules");
 if (errors.length) fail(errors.join("\n"));
 await browser.close();
-console.log(`ui: OK (run ${runId} triggered from the UI; ${nodes.length} DAG nodes; screenshots in ${shots})`);
+console.log(`ui: OK (run ${runId} triggered from the UI; ${nodes.length} DAG nodes; first page load ${firstLoad} ms to the rendered table, DOMContentLoaded at ${domLoaded} ms; screenshots in ${shots})`);
