@@ -1212,6 +1212,15 @@ reuse = false
     d.wait_status(v["run_id"].as_i64().unwrap(), "succeeded");
     let (status, v) = d.post("/api/v1/pipelines/api2/runs", serde_json::json!([1]), None);
     assert_eq!(status, 422, "{v}");
+    let big = format!("{{\"params\": {{\"x\": \"{}\"}}}}", "a".repeat(2 << 20));
+    let r = Daemon::agent()
+        .post(format!("{}/api/v1/pipelines/api2/runs", d.url))
+        .header("Authorization", &format!("Bearer {}", d.token))
+        .header("Content-Type", "application/json")
+        .send(big.as_str())
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 413, "a body over 1 MiB");
+    assert!(!d.log_text().contains("panicked"), "{}", d.log_text());
     let doc = d.get("/api/v1/openapi.json");
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
     for path in [
