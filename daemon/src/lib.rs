@@ -12,13 +12,15 @@
 //! - [`module`]: the versioned module registry; `module = "name@^1.2"` resolution.
 //! - [`trigger`]: cron schedules (DST-aware) and watched globs.
 //! - [`planner`]: cache keys over code, inputs, params, args and env; reuse decisions.
-//! - [`executor`]: what runs a step: [`executor::wasm`] (wasmtime + WASI) and
+//! - [`executor`]: what runs a step: [`executor::wasm`] (wasmtime + WASI),
+//!   [`executor::python`] (CPython on WASI, in the same sandbox) and
 //!   [`executor::transfer`] (copy into a datastore).
 //! - [`run`]: one run's scheduler: parallel steps, retries, skips, resume.
 //! - [`store`]: SQLite records and the BLAKE3 artifact store.
 //! - [`daemon`]: the service: loads and hot-reloads pipelines, fires triggers,
 //!   queues runs under each pipeline's concurrency, recovers after a crash, and
-//!   serves the REST API ([`daemon::api`]).
+//!   serves the REST API with its OpenAPI document and the web UI ([`daemon::api`])
+//!   and Prometheus metrics ([`daemon::metrics`]).
 //! - [`cli`]: the `millrace` command line over all of the above.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
