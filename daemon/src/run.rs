@@ -979,7 +979,7 @@ fn code_snapshot(
 
 static SNAPSHOTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-/// [`code_snapshot`] for `module publish`: a Python code directory as stored.
+/// The code snapshot of a Python step (see `code_snapshot`), for `module publish`.
 pub fn snapshot_code_dir(store: &Store, dir: &Path) -> Result<String, String> {
     code_snapshot(&Mutex::new(HashMap::new()), store, dir)
 }
