@@ -136,6 +136,28 @@ pub struct Trigger {
     pub params: Vec<(Sp<String>, ParamValue)>,
 }
 
+impl Trigger {
+    /// The cron schedule of a `cron` trigger (a checked pipeline's parses).
+    pub fn schedule(&self) -> Option<crate::trigger::cron::Schedule> {
+        match &self.kind {
+            TriggerKind::Cron { expr, timezone, .. } => crate::trigger::cron::Schedule::parse(
+                expr.get_ref(),
+                timezone.as_ref().map(|z| z.get_ref().as_str()),
+            )
+            .ok(),
+            _ => None,
+        }
+    }
+
+    /// The trigger's `params`, as `--param`-style text overrides.
+    pub fn param_overrides(&self) -> Vec<(String, String)> {
+        self.params
+            .iter()
+            .map(|(k, v)| (k.get_ref().clone(), v.to_string()))
+            .collect()
+    }
+}
+
 #[derive(Debug, Clone)]
 pub enum TriggerKind {
     Cron {

@@ -41,6 +41,16 @@ impl ModuleVersion {
     pub fn id(&self) -> String {
         format!("{}@{}", self.name, self.version)
     }
+
+    /// "module `n@v` is deprecated: use 1.1"
+    fn status_line(&self) -> String {
+        let why = self
+            .message
+            .as_deref()
+            .map(|m| format!(": {m}"))
+            .unwrap_or_default();
+        format!("module `{}` is {}{why}", self.id(), self.status)
+    }
 }
 
 /// A snapshot of the registry, for resolving `module = "…"` while a pipeline is
@@ -259,15 +269,7 @@ impl ModuleIndex {
         };
         if chosen.status == "disabled" {
             return Err(ResolveError {
-                message: format!(
-                    "module `{}` is disabled{}",
-                    chosen.id(),
-                    chosen
-                        .message
-                        .as_deref()
-                        .map(|m| format!(": {m}"))
-                        .unwrap_or_default()
-                ),
+                message: chosen.status_line(),
                 help: Some(format!(
                     "{}; pin another version, or `millrace module enable {}`",
                     self.listing(&name),
@@ -275,17 +277,7 @@ impl ModuleIndex {
                 )),
             });
         }
-        let warning = (chosen.status == "deprecated").then(|| {
-            format!(
-                "module `{}` is deprecated{}",
-                chosen.id(),
-                chosen
-                    .message
-                    .as_deref()
-                    .map(|m| format!(": {m}"))
-                    .unwrap_or_default()
-            )
-        });
+        let warning = (chosen.status == "deprecated").then(|| chosen.status_line());
         let objects = self.objects.clone().unwrap_or_default();
         let path = if chosen.kind == "wasm" {
             objects

@@ -994,6 +994,7 @@ fn file_digest(
         return Ok(d.clone());
     }
     let ingested = store.ingest(path, Mode::Hash).map_err(|e| e.to_string())?;
+    // The tree wraps the one file; the digest is the file's own.
     let digest = store
         .artifacts
         .list(&ingested.digest)
@@ -1015,25 +1016,8 @@ fn code_of(
     i: usize,
 ) -> Result<String, String> {
     match &p.steps[i].kind {
-        StepKind::Wasm { resolved, .. } => {
-            if let Some(d) = memo.lock().unwrap_or_else(|e| e.into_inner()).get(resolved) {
-                return Ok(d.clone());
-            }
-            let ingested = store
-                .ingest(resolved, Mode::Hash)
-                .map_err(|e| format!("cannot read the wasm file: {e}"))?;
-            // The tree wraps the one file; the code digest is the file's own.
-            let digest = store
-                .artifacts
-                .list(&ingested.digest)
-                .ok()
-                .and_then(|e| e.first().map(|e| e.digest.clone()))
-                .unwrap_or(ingested.digest);
-            memo.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(resolved.clone(), digest.clone());
-            Ok(digest)
-        }
+        StepKind::Wasm { resolved, .. } => file_digest(memo, store, resolved)
+            .map_err(|e| format!("cannot read the wasm file: {e}")),
         // The script's whole code directory, its name, and the runtime: a change
         // to any of them re-executes the step.
         StepKind::Python {

@@ -10,7 +10,6 @@ use super::{EXIT_CONFIG, Exit};
 use crate::config::{self, Config};
 use crate::definition::{self, TriggerKind};
 use crate::diagnostic::display_path;
-use crate::trigger::cron::Schedule;
 
 /// Where the packaged service keeps its config.
 pub const SYSTEM_CONFIG: &str = "/etc/millrace/millrace.toml";
@@ -424,15 +423,10 @@ pub fn schedule(
             continue;
         };
         for t in &p.triggers {
-            let TriggerKind::Cron { expr, timezone, .. } = &t.kind else {
+            let TriggerKind::Cron { expr, .. } = &t.kind else {
                 continue;
             };
-            let Ok(s) = Schedule::parse(
-                expr.get_ref(),
-                timezone.as_ref().map(|z| z.get_ref().as_str()),
-            ) else {
-                continue;
-            };
+            let Some(s) = t.schedule() else { continue };
             let (firings, total) = match to {
                 Some(to) => s.between(from, to, count),
                 None => {

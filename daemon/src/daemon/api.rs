@@ -17,7 +17,6 @@ use super::{Daemon, SubmitError, Submitted};
 use crate::definition::{Catchup, Overlap, Pipeline, TriggerKind};
 use crate::diagnostic::display_path;
 use crate::run::RunRequest;
-use crate::trigger::cron::Schedule;
 
 /// The error shape of every failed call.
 #[derive(serde::Serialize, utoipa::ToSchema)]
@@ -236,8 +235,8 @@ fn pipeline_json(d: &Daemon, p: &Pipeline, path: &std::path::Path, loaded_at: i6
                     catchup,
                 } => {
                     let tz = timezone.as_ref().map(|z| z.get_ref().as_str());
-                    let next = Schedule::parse(expr.get_ref(), tz)
-                        .ok()
+                    let next = t
+                        .schedule()
                         .and_then(|s| s.next_after(now).map(|n| s.local(n).to_rfc3339()));
                     json!({
                         "kind": "cron", "cron": expr.get_ref(), "timezone": tz.unwrap_or("UTC"),

@@ -589,13 +589,7 @@ impl Daemon {
                         definition::TriggerKind::After { pipeline }
                             if pipeline.get_ref() == upstream =>
                         {
-                            Some((
-                                l.pipeline.name.get_ref().clone(),
-                                t.params
-                                    .iter()
-                                    .map(|(k, v)| (k.get_ref().clone(), v.to_string()))
-                                    .collect(),
-                            ))
+                            Some((l.pipeline.name.get_ref().clone(), t.param_overrides()))
                         }
                         _ => None,
                     })

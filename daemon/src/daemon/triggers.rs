@@ -32,23 +32,11 @@ pub(super) fn start(d: &Arc<Daemon>, p: Arc<Pipeline>, token: CancellationToken)
         if *n == 1 { id } else { format!("{id} #{n}") }
     };
     for (i, t) in p.triggers.iter().enumerate() {
-        let params: Vec<(String, String)> = t
-            .params
-            .iter()
-            .map(|(k, v)| (k.get_ref().clone(), v.to_string()))
-            .collect();
+        let params = t.param_overrides();
         match &t.kind {
-            TriggerKind::Cron {
-                expr,
-                timezone,
-                catchup,
-            } => {
-                let schedule = match Schedule::parse(
-                    expr.get_ref(),
-                    timezone.as_ref().map(|z| z.get_ref().as_str()),
-                ) {
-                    Ok(s) => s,
-                    Err(_) => continue, // validation reported it
+            TriggerKind::Cron { catchup, .. } => {
+                let Some(schedule) = t.schedule() else {
+                    continue; // validation reported it
                 };
                 let task = CronTask {
                     d: d.clone(),

@@ -422,6 +422,7 @@ impl WasmRuntime {
             .build();
         let deadline = sandbox.timeout.and_then(|t| Instant::now().checked_add(t));
         let _busy = Busy::new(&self.running);
+        let reactor = matches!(compiled, Compiled::Reactor(_));
         let run = async {
             match compiled {
                 Compiled::Component(pre) => {
@@ -442,7 +443,7 @@ impl WasmRuntime {
                         .await
                         .map(|r| if r.is_ok() { 0 } else { 1 })
                 }
-                Compiled::Module(pre) => {
+                Compiled::Module(pre) | Compiled::Reactor(pre) => {
                     let mut store = Store::new(
                         &self.engine,
                         P1State {
@@ -454,21 +455,10 @@ impl WasmRuntime {
                     store.set_epoch_deadline(1);
                     store.epoch_deadline_callback(on_tick(deadline));
                     let instance = pre.instantiate_async(&mut store).await?;
-                    let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
-                    start.call_async(&mut store, ()).await.map(|()| 0)
-                }
-                Compiled::Reactor(pre) => {
-                    let mut store = Store::new(
-                        &self.engine,
-                        P1State {
-                            wasi: b.build_p1(),
-                            limits,
-                        },
-                    );
-                    store.limiter(|s| &mut s.limits);
-                    store.set_epoch_deadline(1);
-                    store.epoch_deadline_callback(on_tick(deadline));
-                    let instance = pre.instantiate_async(&mut store).await?;
+                    if !reactor {
+                        let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
+                        return start.call_async(&mut store, ()).await.map(|()| 0);
+                    }
                     if let Ok(init) = instance.get_typed_func::<(), ()>(&mut store, "_initialize") {
                         init.call_async(&mut store, ()).await?;
                     }
