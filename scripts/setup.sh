@@ -8,11 +8,17 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
 if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
-    # Nothing from apt is needed yet beyond a C compiler for the bundled SQLite;
-    # install it only when missing (later issues add podman, slurm, chromium here).
-    if ! command -v cc >/dev/null; then
+    # A C compiler for the bundled SQLite; python3 with pip and venv for the Python
+    # runtime's download and the scripts. Installed only when missing (the test
+    # checks install chromium, prometheus and node themselves).
+    missing=()
+    command -v cc >/dev/null || missing+=(gcc)
+    command -v python3 >/dev/null || missing+=(python3)
+    python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
+    python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
+    if ((${#missing[@]})); then
         apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     fi
 fi
 
