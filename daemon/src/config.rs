@@ -42,9 +42,15 @@ pub struct Api {
     pub public_read: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Compute {
+    /// `local`, `container` or `slurm`.
     pub kind: String,
+    /// A container engine's Docker API socket (`unix:///…` or `tcp://…`);
+    /// default `$DOCKER_HOST`, else the usual podman and docker sockets.
+    pub socket: Option<String>,
+    /// A container engine may pull missing images (default: no).
+    pub pull: bool,
 }
 
 const KEYS: &[&str] = &[
@@ -90,8 +96,8 @@ impl Config {
             }
         }
         for (k, c) in &self.computes {
-            if c.kind == "local" && !env.computes.contains(k) {
-                env.computes.push(k.clone());
+            if c.kind != "slurm" {
+                env.computes.insert(k.clone(), c.kind.clone());
             }
         }
         env
@@ -253,7 +259,32 @@ fn config(w: &mut Walker, doc: &DeTable<'_>, path: &Path) -> Option<Config> {
                 }
                 None => "local".to_string(),
             };
-            computes.insert(name.get_ref().to_string(), Compute { kind });
+            let socket = c.get("socket").and_then(|s| w.string(s, "socket"));
+            let pull = c.get("pull").and_then(|p| w.boolean(p, "pull"));
+            if kind != "container" {
+                for key in ["socket", "pull"] {
+                    if let Some(v) = c.get(key) {
+                        w.error(
+                            v.span(),
+                            format!("`{key}` applies to kind = \"container\" targets only"),
+                        );
+                    }
+                }
+            }
+            if name.get_ref() == "local" && kind != "local" {
+                w.error(
+                    name.span(),
+                    "`local` is the implicit local compute target: give this one another name",
+                );
+            }
+            computes.insert(
+                name.get_ref().to_string(),
+                Compute {
+                    kind,
+                    socket: socket.map(|s| s.into_inner()),
+                    pull: pull.unwrap_or(false),
+                },
+            );
         }
     }
     Some(Config {

@@ -218,10 +218,7 @@ pub struct Retries {
 #[derive(Debug, Clone)]
 pub enum StepKind {
     /// `wasm = "plugins/x.wasm"`, resolved against the pipeline's directory.
-    Wasm {
-        path: Sp<String>,
-        resolved: PathBuf,
-    },
+    Wasm { path: Sp<String>, resolved: PathBuf },
     /// `python = "scripts/train.py"` (the script's directory is the code) or
     /// `python = { script = "train.py", code = "src/" }`.
     Python {
@@ -231,9 +228,9 @@ pub enum StepKind {
         /// The script, relative to `code_dir`.
         entry: String,
     },
-    Container {
-        span: Span,
-    },
+    /// `container = { image, command, entrypoint, env, workdir, user, network,
+    /// read_only_root }`: an OS image through the Docker Engine API.
+    Container(Box<ContainerStep>),
     /// `module = "name@req"`, resolved against the registry when checked.
     Module {
         spec: Sp<String>,
@@ -260,6 +257,24 @@ impl StepKind {
             StepKind::Transfer { .. } => "transfer",
         }
     }
+}
+
+/// What a `container = {…}` step runs. `command` (then the step's `args`) replaces
+/// the image's CMD; the image's own ENTRYPOINT stays unless `entrypoint` is given.
+#[derive(Debug, Clone)]
+pub struct ContainerStep {
+    pub image: Sp<String>,
+    pub command: Option<Vec<Sp<String>>>,
+    pub entrypoint: Option<Vec<Sp<String>>>,
+    /// Added to the step's `env` (which wins on a clash).
+    pub env: Vec<(Sp<String>, Sp<String>)>,
+    pub workdir: Option<Sp<String>>,
+    /// `uid[:gid]` or a name the image knows; default: the daemon's uid:gid.
+    pub user: Option<Sp<String>>,
+    /// `network = true`: a network (the engine's default bridge) instead of none.
+    pub network: bool,
+    /// `read_only_root = false`: the image's root filesystem writable.
+    pub read_only_root: bool,
 }
 
 /// The module version a `module = "…"` step resolved to.
@@ -298,7 +313,8 @@ impl std::fmt::Display for Reference {
 pub struct Environment {
     /// Datastore names; `default` is always present.
     pub datastores: Vec<String>,
-    pub computes: Vec<String>,
+    /// Compute target name → kind (`local`, `container`, `slurm`).
+    pub computes: std::collections::BTreeMap<String, String>,
     /// The module registry `module = "…"` resolves against.
     pub modules: std::sync::Arc<crate::module::ModuleIndex>,
 }
@@ -307,7 +323,7 @@ impl Default for Environment {
     fn default() -> Self {
         Environment {
             datastores: vec!["default".into()],
-            computes: vec!["local".into()],
+            computes: [("local".to_string(), "local".to_string())].into(),
             modules: Default::default(),
         }
     }
@@ -963,16 +979,25 @@ impl Walker {
             .and_then(|r| self.boolean(r, "reuse"))
             .unwrap_or(true);
         let compute = t.get("compute").and_then(|c| self.string(c, "compute"));
-        if let Some(c) = &compute
-            && !env.computes.iter().any(|k| k == c.get_ref())
-        {
-            self.diags.push(
-                Diagnostic::error(c.span(), format!("unknown compute `{}`", c.get_ref()))
-                    .with_help(format!(
-                        "compute targets: {} (declared in the daemon config)",
-                        env.computes.join(", ")
-                    )),
-            );
+        if let Some(c) = &compute {
+            match env.computes.get(c.get_ref()).map(String::as_str) {
+                None => self.diags.push(
+                    Diagnostic::error(c.span(), format!("unknown compute `{}`", c.get_ref()))
+                        .with_help(format!(
+                            "compute targets: {} (declared in the daemon config)",
+                            env.computes.keys().cloned().collect::<Vec<_>>().join(", ")
+                        )),
+                ),
+                Some("container") if !matches!(kind, Some(StepKind::Container(_)) | None) => self
+                    .error(
+                        c.span(),
+                        format!(
+                            "compute `{}` is a container engine: only `container` steps run there",
+                            c.get_ref()
+                        ),
+                    ),
+                Some(_) => {}
+            }
         }
         if let Some(StepKind::Transfer { .. }) = &kind {
             for key in [
@@ -1018,15 +1043,6 @@ impl Walker {
         dir: &Path,
         env: &Environment,
     ) -> Option<StepKind> {
-        let not_built = |what: &str| {
-            Diagnostic::error(
-                v.span(),
-                format!(
-                    "step `{step}`: {what} steps are not supported by this version of millrace"
-                ),
-            )
-            .with_help("this version runs `wasm`, `python`, `module` (wasm) and `transfer` steps")
-        };
         match kind {
             "wasm" => {
                 let path = self.string(v, "wasm")?;
@@ -1118,27 +1134,75 @@ impl Walker {
                 let t = self.table(v, "container")?;
                 self.unknown_keys(
                     t,
-                    &["image", "command", "entrypoint", "env", "workdir", "user"],
+                    &[
+                        "image",
+                        "command",
+                        "entrypoint",
+                        "env",
+                        "workdir",
+                        "user",
+                        "network",
+                        "read_only_root",
+                    ],
                     "container",
                 );
-                match t
+                let image = match t
                     .get("image")
                     .and_then(|i| self.string(i, "container.image"))
                 {
                     Some(i) if i.get_ref().trim().is_empty() => {
-                        self.error(i.span(), "container.image is empty")
+                        self.error(i.span(), "container.image is empty");
+                        None
                     }
-                    Some(_) => {}
-                    None if !t.contains_key("image") => {
-                        self.error(v.span(), "container needs an `image`")
+                    Some(i) => Some(i),
+                    None => {
+                        if !t.contains_key("image") {
+                            self.diags.push(
+                                Diagnostic::error(v.span(), "container needs an `image`")
+                                    .with_help("e.g. container = { image = \"localhost/eval:1\", command = [\"/eval\"] }"),
+                            );
+                        }
+                        None
                     }
-                    None => {}
+                };
+                let command = t
+                    .get("command")
+                    .map(|c| self.string_array(c, "container.command"));
+                let entrypoint = t.get("entrypoint").and_then(|e| match e.get_ref() {
+                    DeValue::String(_) => self.string(e, "container.entrypoint").map(|s| vec![s]),
+                    _ => Some(self.string_array(e, "container.entrypoint")),
+                });
+                let env = t
+                    .get("env")
+                    .map(|e| self.string_table(e, "container.env"))
+                    .unwrap_or_default();
+                let workdir = t
+                    .get("workdir")
+                    .and_then(|w| self.string(w, "container.workdir"));
+                if let Some(w) = &workdir
+                    && !w.get_ref().starts_with('/')
+                {
+                    self.error(w.span(), "container.workdir must be an absolute path");
                 }
-                if let Some(c) = t.get("command") {
-                    self.string_array(c, "container.command");
-                }
-                self.diags.push(not_built("container"));
-                Some(StepKind::Container { span: v.span() })
+                let user = t.get("user").and_then(|u| self.string(u, "container.user"));
+                let network = t
+                    .get("network")
+                    .and_then(|n| self.boolean(n, "container.network"))
+                    .unwrap_or(false);
+                let read_only_root = t
+                    .get("read_only_root")
+                    .and_then(|n| self.boolean(n, "container.read_only_root"))
+                    .unwrap_or(true);
+                Some(StepKind::Container(Box::new(ContainerStep {
+                    image: image?,
+                    command,
+                    entrypoint,
+                    env,
+                    workdir,
+                    user,
+                    network,
+                    read_only_root,
+                })))
             }
             "module" => {
                 let spec = self.string(v, "module")?;

@@ -24,6 +24,10 @@ pub struct KeyParts {
     pub outputs: Vec<String>,
     /// Input mount → artifact digest.
     pub inputs: BTreeMap<String, String>,
+    /// A container step's settings that change what runs: command, entrypoint,
+    /// workdir, user, network, root filesystem. (The image is `code`, by digest.)
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub container: BTreeMap<String, String>,
 }
 
 impl KeyParts {
@@ -70,6 +74,13 @@ impl KeyParts {
         diff_maps("input", &old.inputs, &self.inputs, &mut out, |v| {
             short(v).to_string()
         });
+        diff_maps(
+            "container",
+            &old.container,
+            &self.container,
+            &mut out,
+            |v| v.to_string(),
+        );
         out
     }
 }
@@ -124,12 +135,86 @@ pub fn interpolated(
         .iter()
         .map(|a| interpolate(a.get_ref(), &lookup))
         .collect();
-    let env = step
-        .env
+    // A container's own env first: the step's `env` wins on a clash.
+    let container_env = match &step.kind {
+        StepKind::Container(c) => &c.env[..],
+        _ => &[],
+    };
+    let env = container_env
         .iter()
+        .chain(&step.env)
         .map(|(k, v)| (k.get_ref().clone(), interpolate(v.get_ref(), &lookup)))
         .collect();
     (args, env)
+}
+
+/// A container's command: `command` (interpolated) then the step's `args`; `None`
+/// (the image's CMD) when both are empty.
+pub fn container_command(
+    step: &Step,
+    params: &[(String, ParamValue)],
+    args: &[String],
+) -> Option<Vec<String>> {
+    let StepKind::Container(c) = &step.kind else {
+        return None;
+    };
+    let lookup = |name: &str| {
+        params
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.to_string())
+    };
+    let mut cmd: Vec<String> = c
+        .command
+        .iter()
+        .flatten()
+        .map(|a| interpolate(a.get_ref(), &lookup))
+        .collect();
+    cmd.extend(args.iter().cloned());
+    (c.command.is_some() || !cmd.is_empty()).then_some(cmd)
+}
+
+/// The container settings that enter a step's key (see [`KeyParts::container`]).
+fn container_settings(
+    step: &Step,
+    params: &[(String, ParamValue)],
+    args: &[String],
+) -> BTreeMap<String, String> {
+    let StepKind::Container(c) = &step.kind else {
+        return BTreeMap::new();
+    };
+    let json = |v: &[String]| serde_json::to_string(v).expect("strings serialise");
+    let mut m = BTreeMap::new();
+    m.insert(
+        "command".into(),
+        container_command(step, params, args)
+            .map(|c| json(&c))
+            .unwrap_or_else(|| "(image CMD)".into()),
+    );
+    if let Some(e) = &c.entrypoint {
+        let e: Vec<String> = e.iter().map(|x| x.get_ref().clone()).collect();
+        m.insert("entrypoint".into(), json(&e));
+    }
+    if let Some(w) = &c.workdir {
+        m.insert("workdir".into(), w.get_ref().clone());
+    }
+    if let Some(u) = &c.user {
+        m.insert("user".into(), u.get_ref().clone());
+    }
+    m.insert(
+        "network".into(),
+        if c.network { "bridge" } else { "none" }.into(),
+    );
+    m.insert(
+        "root".into(),
+        if c.read_only_root {
+            "read-only"
+        } else {
+            "writable"
+        }
+        .into(),
+    );
+    m
 }
 
 /// The key parts of a step, given its code digest and its inputs' digests.
@@ -140,6 +225,7 @@ pub fn key_parts(
     inputs: BTreeMap<String, String>,
 ) -> KeyParts {
     let (args, env) = interpolated(step, params);
+    let container = container_settings(step, params, &args);
     let runtime = match &step.kind {
         StepKind::Module { module, .. } if module.kind == "python" => {
             format!(
@@ -169,6 +255,7 @@ pub fn key_parts(
             .collect(),
         outputs: step.outputs.iter().map(|o| o.get_ref().clone()).collect(),
         inputs,
+        container,
     }
 }
 
@@ -215,6 +302,7 @@ mod tests {
             params: BTreeMap::from([("c".into(), "float:0.5".into())]),
             outputs: vec!["out".into()],
             inputs: BTreeMap::from([("data".into(), "bbbb".into())]),
+            container: BTreeMap::new(),
         }
     }
 

@@ -15,6 +15,7 @@ use tokio::task::JoinSet;
 
 use crate::definition::{self, Environment, ParamValue, Pipeline, Reference, StepKind};
 use crate::diagnostic::Report;
+use crate::executor::container::{self, ResolvedImage};
 use crate::executor::transfer;
 use crate::executor::wasm::{LogFile, Mount, Outcome, Sandbox, WasmRuntime};
 use crate::executor::workspace::{Workspace, WorkspacePool};
@@ -179,8 +180,10 @@ pub struct Engine {
     pub max_parallel: usize,
     pub datastores: Datastores,
     wasm: tokio::sync::OnceCell<Arc<WasmRuntime>>,
-    /// Compute targets steps may name (the daemon config's local ones).
-    pub computes: Vec<String>,
+    /// Compute targets steps may name (from the daemon config; `local` is implicit).
+    pub computes: BTreeMap<String, crate::config::Compute>,
+    /// Container engine clients, by socket.
+    containers: container::Engines,
     /// Step slots shared by every run of this engine (`max_parallel_steps`).
     slots: Arc<tokio::sync::Semaphore>,
     /// Set when the daemon shuts down: runs start no new step, and a run stopped
@@ -205,7 +208,8 @@ impl Engine {
             max_parallel: max_parallel.max(1),
             datastores,
             wasm: tokio::sync::OnceCell::new(),
-            computes: Environment::default().computes,
+            computes: BTreeMap::new(),
+            containers: container::Engines::default(),
             slots: Arc::new(tokio::sync::Semaphore::new(max_parallel.max(1))),
             draining: std::sync::atomic::AtomicBool::new(false),
         }
@@ -225,13 +229,96 @@ impl Engine {
     /// targets and the current module registry.
     pub fn environment(&self) -> Result<Environment, RunError> {
         let mut env = self.datastores.environment();
-        for c in &self.computes {
-            if !env.computes.contains(c) {
-                env.computes.push(c.clone());
+        for (name, c) in &self.computes {
+            if c.kind != "slurm" {
+                env.computes.insert(name.clone(), c.kind.clone());
             }
         }
         env.modules = crate::module::ModuleIndex::load(&self.store)?;
         Ok(env)
+    }
+
+    /// The container engine a step runs on: its compute target's socket (and
+    /// whether it may pull), else the default engine.
+    fn container_engine(&self, step: &definition::Step) -> (String, bool) {
+        let target = step
+            .compute
+            .as_ref()
+            .and_then(|c| self.computes.get(c.get_ref()));
+        match target {
+            Some(c) if c.kind == "container" => (
+                c.socket.clone().unwrap_or_else(container::default_socket),
+                c.pull,
+            ),
+            _ => (container::default_socket(), false),
+        }
+    }
+
+    /// Every container step's image, resolved to its content digest on its
+    /// engine (once per engine and image). A failure is kept per step: that step
+    /// fails with it, the others go on.
+    pub async fn resolve_images(
+        &self,
+        p: &Pipeline,
+    ) -> HashMap<usize, Result<ResolvedImage, String>> {
+        let mut seen: HashMap<(String, String), Result<ResolvedImage, String>> = HashMap::new();
+        let mut out = HashMap::new();
+        for (i, step) in p.steps.iter().enumerate() {
+            let StepKind::Container(c) = &step.kind else {
+                continue;
+            };
+            let (socket, pull) = self.container_engine(step);
+            let image = c.image.get_ref().clone();
+            let key = (socket.clone(), image.clone());
+            if !seen.contains_key(&key) {
+                let resolved = match self.containers.connect(&socket).await {
+                    Ok(docker) => container::resolve_image(&docker, &socket, &image, pull).await,
+                    Err(e) => Err(e),
+                };
+                seen.insert(key.clone(), resolved);
+            }
+            out.insert(i, seen[&key].clone());
+        }
+        out
+    }
+
+    /// This store's mark on the containers it starts: two state directories on
+    /// one engine never touch each other's containers.
+    pub fn container_instance(&self) -> String {
+        container::instance_of(&self.store.root)
+    }
+
+    /// Removes the containers of steps no live process runs any more (a crash
+    /// left them), on every engine the config names. Returns how many.
+    pub async fn remove_orphan_containers(&self) -> usize {
+        let mut sockets: Vec<String> = self
+            .computes
+            .values()
+            .filter(|c| c.kind == "container")
+            .map(|c| c.socket.clone().unwrap_or_else(container::default_socket))
+            .collect();
+        sockets.push(container::default_socket());
+        sockets.sort();
+        sockets.dedup();
+        let instance = self.container_instance();
+        let mut removed = 0;
+        for socket in sockets {
+            let docker = match self.containers.connect(&socket).await {
+                Ok(d) => d,
+                // No engine there: nothing of ours can be running on it.
+                Err(_) => continue,
+            };
+            let store = self.store.clone();
+            match container::remove_orphans(&docker, &instance, |run| RunLock::is_held(&store, run))
+                .await
+            {
+                Ok(n) => removed += n,
+                Err(e) => {
+                    tracing::warn!(engine = %socket, error = %e, "cannot look for orphan containers")
+                }
+            }
+        }
+        removed
     }
 
     /// Compiles the Python runtime into the precompile cache, once per runtime,
@@ -463,6 +550,7 @@ impl Engine {
                 return Err(e);
             }
         };
+        let images = self.resolve_images(&p).await;
         let ctx = Arc::new(RunContext {
             engine: self.clone(),
             run_id,
@@ -471,6 +559,7 @@ impl Engine {
             events: events.clone(),
             semaphore: self.slots.clone(),
             code_digests: Mutex::new(HashMap::new()),
+            images,
             workspaces: WorkspacePool::new(self.store.work_dir(run_id)),
         });
 
@@ -746,7 +835,7 @@ impl Engine {
 
     /// `millrace plan`: what each step would do, without running anything. Inputs
     /// are hashed, not stored.
-    pub fn plan(
+    pub async fn plan(
         &self,
         p: &Pipeline,
         overrides: &[(String, String)],
@@ -776,6 +865,7 @@ impl Engine {
             inputs.insert(input.name.get_ref().clone(), d.digest);
         }
         let code_digests = Mutex::new(HashMap::new());
+        let images = self.resolve_images(p).await;
         let mut outputs: HashMap<(usize, String), String> = HashMap::new();
         let mut will_run = vec![false; p.steps.len()];
         let mut out = Vec::new();
@@ -799,7 +889,7 @@ impl Engine {
             let Some(step_inputs) = step_input_digests(p, i, &inputs, &outputs) else {
                 continue;
             };
-            let code = match code_of(&code_digests, &self.store, p, i) {
+            let code = match code_of(&code_digests, &images, &self.store, p, i) {
                 Ok(c) => c,
                 Err(e) => {
                     will_run[i] = true;
@@ -1011,6 +1101,7 @@ fn file_digest(
 /// destination), hashed once per file and remembered by stat.
 fn code_of(
     memo: &Mutex<HashMap<PathBuf, String>>,
+    images: &HashMap<usize, Result<ResolvedImage, String>>,
     store: &Store,
     p: &Pipeline,
     i: usize,
@@ -1057,10 +1148,12 @@ fn code_of(
         StepKind::Transfer { to, datastore, .. } => {
             Ok(format!("{}:{}", datastore.get_ref(), to.get_ref()))
         }
-        other => Err(format!(
-            "{} steps are not supported by this version",
-            other.runtime_name()
-        )),
+        // The image's content digest, never its tag: a retagged image re-executes.
+        StepKind::Container(_) => match images.get(&i) {
+            Some(Ok(image)) => Ok(image.digest().to_string()),
+            Some(Err(e)) => Err(e.clone()),
+            None => Err("the image was not resolved".to_string()),
+        },
     }
 }
 
@@ -1114,10 +1207,37 @@ fn cached_outputs(
     }))
 }
 
+/// How an attempt's program ended: `None` for exit 0, else (exit code, message).
+type AttemptResult = Result<Option<(Option<i32>, String)>, (Option<i32>, String)>;
+
+/// The failure, if any, a wasm or Python guest's outcome means.
+fn wasm_failure(outcome: Outcome, memory: u64) -> Option<(Option<i32>, String)> {
+    match outcome {
+        Outcome::Exited(0) => None,
+        Outcome::Exited(code) => Some((Some(code), format!("exited with code {code}"))),
+        Outcome::Trapped(msg) => Some((
+            None,
+            format!("trapped: {}", msg.lines().next().unwrap_or_default()),
+        )),
+        Outcome::OutOfMemory(_) => Some((
+            None,
+            format!(
+                "memory limit of {} exceeded",
+                definition::format_size(memory)
+            ),
+        )),
+        Outcome::TimedOut(d) => Some((
+            None,
+            format!("timed out after {}", humantime::format_duration(d)),
+        )),
+    }
+}
+
 /// What an attempt runs.
 enum Program {
     Wasm(PathBuf),
     Python { code_dir: PathBuf, entry: PathBuf },
+    Container(ResolvedImage),
 }
 
 /// An earlier execution whose outputs can stand in for a step's.
@@ -1180,6 +1300,8 @@ struct RunContext {
     events: EventSink,
     semaphore: Arc<tokio::sync::Semaphore>,
     code_digests: Mutex<HashMap<PathBuf, String>>,
+    /// Container steps' images, resolved when the run started.
+    images: HashMap<usize, Result<ResolvedImage, String>>,
     workspaces: WorkspacePool,
 }
 
@@ -1215,7 +1337,13 @@ impl RunContext {
     }
 
     fn key_parts(&self, i: usize, inputs: BTreeMap<String, String>) -> Result<KeyParts, String> {
-        let code = code_of(&self.code_digests, self.store(), &self.pipeline, i)?;
+        let code = code_of(
+            &self.code_digests,
+            &self.images,
+            self.store(),
+            &self.pipeline,
+            i,
+        )?;
         Ok(planner::key_parts(
             &self.pipeline.steps[i],
             &self.params,
@@ -1514,13 +1642,19 @@ impl RunContext {
                 self.attempt_program(i, attempt, &program, inputs, log_path)
                     .await
             }
-            other => Err((
+            StepKind::Module { module, .. } => Err((
                 None,
-                format!(
-                    "{} steps are not supported by this version",
-                    other.runtime_name()
-                ),
+                format!("module {} is of unknown kind `{}`", module.id, module.kind),
             )),
+            StepKind::Container(_) => {
+                let image = match self.images.get(&i) {
+                    Some(Ok(image)) => image.clone(),
+                    Some(Err(e)) => return Err((None, e.clone())),
+                    None => return Err((None, "the image was not resolved".into())),
+                };
+                self.attempt_program(i, attempt, &Program::Container(image), inputs, log_path)
+                    .await
+            }
         }
     }
 
@@ -1645,47 +1779,6 @@ impl RunContext {
                 .map(|(k, v)| (param_env_name(k), v.to_string())),
         );
         full_env.extend(env);
-        // What runs: the step's wasm, or the Python runtime with the script.
-        let (wasm_path, run_digest, args, extra_mounts) = match program {
-            Program::Wasm(path) => {
-                let argv0 = path
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| name.clone());
-                let code =
-                    code_of(&self.code_digests, self.store(), &self.pipeline, i).map_err(fail)?;
-                (
-                    path.clone(),
-                    code,
-                    std::iter::once(argv0).chain(args).collect::<Vec<_>>(),
-                    Vec::new(),
-                )
-            }
-            Program::Python { code_dir, entry } => {
-                let runtime = crate::executor::python::Runtime::locate()
-                    .ok_or_else(|| fail(crate::executor::python::missing()))?;
-                runtime.check().map_err(fail)?;
-                let digest = file_digest(&self.code_digests, self.store(), &runtime.wasm())
-                    .map_err(|e| fail(format!("the Python runtime: {e}")))?;
-                // HOME: a fresh directory of this attempt's scratch space.
-                std::fs::create_dir_all(dir_tmp.join(".home"))
-                    .map_err(|e| fail(format!("sandbox directories: {e}")))?;
-                full_env.push(("HOME".into(), "/tmp/.home".into()));
-                full_env.push(("PYTHONTZPATH".into(), String::new()));
-                let mut mounts = runtime.mounts();
-                mounts.push(Mount {
-                    host: code_dir.clone(),
-                    guest: "/code".into(),
-                    writable: false,
-                });
-                (
-                    runtime.wasm(),
-                    digest,
-                    crate::executor::python::argv(entry, args),
-                    mounts,
-                )
-            }
-        };
         let mut mounts = vec![
             Mount {
                 host: dir_in.clone(),
@@ -1708,16 +1801,88 @@ impl RunContext {
                 writable: true,
             },
         ];
-        mounts.extend(extra_mounts);
-        let sandbox = Sandbox {
-            args,
-            env: full_env,
-            mounts,
-            log: log.clone(),
-            memory: step.memory.unwrap_or(DEFAULT_MEMORY),
-            timeout: Some(step.timeout.unwrap_or(DEFAULT_TIMEOUT)),
-        };
-        let wasm = self.engine.wasm().await.map_err(|e| fail(e.to_string()))?;
+        // What runs: the step's wasm, the Python runtime with the script, or a
+        // container. Each ends in `None` (exit 0) or the failure.
+        let run: std::pin::Pin<Box<dyn std::future::Future<Output = AttemptResult> + Send + '_>> =
+            match program {
+                Program::Container(image) => Box::pin(self.run_container(
+                    i,
+                    attempt,
+                    image,
+                    args,
+                    full_env,
+                    mounts,
+                    log.clone(),
+                )),
+                Program::Wasm(_) | Program::Python { .. } => {
+                    let (wasm_path, run_digest, args, extra_mounts) = match program {
+                        Program::Wasm(path) => {
+                            let argv0 = path
+                                .file_name()
+                                .map(|n| n.to_string_lossy().into_owned())
+                                .unwrap_or_else(|| name.clone());
+                            let code = code_of(
+                                &self.code_digests,
+                                &self.images,
+                                self.store(),
+                                &self.pipeline,
+                                i,
+                            )
+                            .map_err(fail)?;
+                            (
+                                path.clone(),
+                                code,
+                                std::iter::once(argv0).chain(args).collect::<Vec<_>>(),
+                                Vec::new(),
+                            )
+                        }
+                        Program::Python { code_dir, entry } => {
+                            let runtime = crate::executor::python::Runtime::locate()
+                                .ok_or_else(|| fail(crate::executor::python::missing()))?;
+                            runtime.check().map_err(fail)?;
+                            let digest =
+                                file_digest(&self.code_digests, self.store(), &runtime.wasm())
+                                    .map_err(|e| fail(format!("the Python runtime: {e}")))?;
+                            // HOME: a fresh directory of this attempt's scratch space.
+                            std::fs::create_dir_all(dir_tmp.join(".home"))
+                                .map_err(|e| fail(format!("sandbox directories: {e}")))?;
+                            full_env.push(("HOME".into(), "/tmp/.home".into()));
+                            full_env.push(("PYTHONTZPATH".into(), String::new()));
+                            let mut mounts = runtime.mounts();
+                            mounts.push(Mount {
+                                host: code_dir.clone(),
+                                guest: "/code".into(),
+                                writable: false,
+                            });
+                            (
+                                runtime.wasm(),
+                                digest,
+                                crate::executor::python::argv(entry, args),
+                                mounts,
+                            )
+                        }
+                        Program::Container(_) => unreachable!("matched above"),
+                    };
+                    mounts.extend(extra_mounts);
+                    let memory = step.memory.unwrap_or(DEFAULT_MEMORY);
+                    let sandbox = Sandbox {
+                        args,
+                        env: full_env,
+                        mounts,
+                        log: log.clone(),
+                        memory,
+                        timeout: Some(step.timeout.unwrap_or(DEFAULT_TIMEOUT)),
+                    };
+                    let wasm = self.engine.wasm().await.map_err(|e| fail(e.to_string()))?;
+                    Box::pin(async move {
+                        let outcome = wasm
+                            .run(&wasm_path, &run_digest, sandbox)
+                            .await
+                            .map_err(|e| fail(e.to_string()))?;
+                        Ok(wasm_failure(outcome, memory))
+                    })
+                }
+            };
         // The disk a step fills while it runs (/out and /tmp) is watched too: past
         // the cap the guest is stopped, before it fills the state directory's disk.
         let watched = [dir_out.clone(), dir_tmp.clone()];
@@ -1735,8 +1900,8 @@ impl RunContext {
                 }
             }
         };
-        let outcome = tokio::select! {
-            o = wasm.run(&wasm_path, &run_digest, sandbox) => o.map_err(|e| fail(e.to_string()))?,
+        let failure = tokio::select! {
+            f = run => f?,
             used = disk_watch => {
                 let msg = format!(
                     "/out and /tmp hold {}, more than the cap of {} (MILLRACE_OUTPUT_CAP); the step was stopped",
@@ -1748,25 +1913,6 @@ impl RunContext {
             }
         };
         let metrics_file = ws.metrics_file();
-        let failure = match outcome {
-            Outcome::Exited(0) => None,
-            Outcome::Exited(code) => Some((Some(code), format!("exited with code {code}"))),
-            Outcome::Trapped(msg) => Some((
-                None,
-                format!("trapped: {}", msg.lines().next().unwrap_or_default()),
-            )),
-            Outcome::OutOfMemory(_) => Some((
-                None,
-                format!(
-                    "memory limit of {} exceeded",
-                    definition::format_size(step.memory.unwrap_or(DEFAULT_MEMORY))
-                ),
-            )),
-            Outcome::TimedOut(d) => Some((
-                None,
-                format!("timed out after {}", humantime::format_duration(d)),
-            )),
-        };
         tokio::task::block_in_place(|| {
             self.record_metrics(name, &metrics_file, &log);
             if let Some((code, msg)) = failure {
@@ -1807,6 +1953,131 @@ impl RunContext {
             }
             Ok(outs)
         })
+    }
+
+    /// Runs a container step's attempt on its engine: the sandbox directories
+    /// bind-mounted where the step contract puts them.
+    #[allow(clippy::too_many_arguments)]
+    async fn run_container(
+        &self,
+        i: usize,
+        attempt: u32,
+        image: &ResolvedImage,
+        args: Vec<String>,
+        mut env: Vec<(String, String)>,
+        mounts: Vec<Mount>,
+        log: LogFile,
+    ) -> AttemptResult {
+        let step = &self.pipeline.steps[i];
+        let StepKind::Container(c) = &step.kind else {
+            return Err((None, "not a container step".into()));
+        };
+        let name = step.name.get_ref();
+        let docker = self
+            .engine
+            .containers
+            .connect(&image.socket)
+            .await
+            .map_err(|e| (None, e))?;
+        if !env.iter().any(|(k, _)| k == "HOME") {
+            env.push(("HOME".into(), "/tmp".into()));
+        }
+        let memory = step.memory.unwrap_or(DEFAULT_MEMORY);
+        let timeout = step.timeout.unwrap_or(DEFAULT_TIMEOUT);
+        let safe: String = name
+            .chars()
+            .map(|ch| {
+                if ch.is_ascii_alphanumeric() || ch == '-' || ch == '_' {
+                    ch
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or_default();
+        let container_name = format!("millrace-{}-{safe}-{attempt}-{nanos:08x}", self.run_id);
+        let labels = HashMap::from([
+            (
+                container::LABEL_INSTANCE.to_string(),
+                self.engine.container_instance(),
+            ),
+            (container::LABEL_RUN.to_string(), self.run_id.to_string()),
+            (container::LABEL_STEP.to_string(), name.clone()),
+            (container::LABEL_ATTEMPT.to_string(), attempt.to_string()),
+        ]);
+        let placement = serde_json::json!({
+            "kind": "container",
+            "engine": image.socket,
+            "container": container_name,
+            "image": image.name,
+            "image_id": image.id,
+        });
+        if let Err(e) =
+            self.store()
+                .db()
+                .read()
+                .set_attempt_placement(self.run_id, name, attempt, &placement)
+        {
+            tracing::error!(step = %name, error = %e, "cannot record where the step runs");
+        }
+        let spec = container::Spec {
+            name: container_name,
+            image: image.clone(),
+            cmd: planner::container_command(step, &self.params, &args),
+            entrypoint: c
+                .entrypoint
+                .as_ref()
+                .map(|e| e.iter().map(|x| x.get_ref().clone()).collect()),
+            env,
+            workdir: c.workdir.as_ref().map(|w| w.get_ref().clone()),
+            user: c.user.as_ref().map(|u| u.get_ref().clone()),
+            network: c.network,
+            read_only_root: c.read_only_root,
+            memory,
+            cpus: step.cpus,
+            binds: mounts
+                .into_iter()
+                .map(|m| container::Bind {
+                    host: m.host,
+                    guest: m.guest,
+                    writable: m.writable,
+                })
+                .collect(),
+            labels,
+            timeout,
+            log,
+        };
+        let limit = definition::format_size(memory);
+        Ok(
+            match container::run(&docker, spec).await.map_err(|e| (None, e))? {
+                container::Outcome::Exited(0) => None,
+                container::Outcome::Exited(code) => {
+                    Some((i32::try_from(code).ok(), format!("exited with code {code}")))
+                }
+                container::Outcome::OutOfMemory(true) => Some((
+                    Some(137),
+                    format!(
+                        "killed by the OOM killer: memory limit of {limit} exceeded (exit 137)"
+                    ),
+                )),
+                container::Outcome::OutOfMemory(false) => Some((
+                    Some(137),
+                    format!(
+                        "killed (exit 137, SIGKILL): most likely the memory limit of {limit} was exceeded"
+                    ),
+                )),
+                container::Outcome::TimedOut(d) => Some((
+                    None,
+                    format!(
+                        "timed out after {}; the container was killed and removed",
+                        humantime::format_duration(d)
+                    ),
+                )),
+            },
+        )
     }
 
     /// Reads the metrics file protocol: one JSON object per line,

@@ -10,14 +10,14 @@ use serde_json::Value;
 
 use crate::common::{Project, plugin};
 
-struct Daemon {
+pub(crate) struct Daemon {
     child: Option<Child>,
     url: String,
     token: String,
     log: PathBuf,
 }
 
-fn config(p: &Project, extra: &str) -> PathBuf {
+pub(crate) fn config(p: &Project, extra: &str) -> PathBuf {
     p.write(
         "millrace.toml",
         &format!(
@@ -27,7 +27,7 @@ fn config(p: &Project, extra: &str) -> PathBuf {
 }
 
 impl Daemon {
-    fn start(p: &Project) -> Daemon {
+    pub(crate) fn start(p: &Project) -> Daemon {
         let config = p.path("millrace.toml");
         if !config.exists() {
             self::config(p, "");
@@ -91,7 +91,7 @@ impl Daemon {
         )
     }
 
-    fn get(&self, path: &str) -> Value {
+    pub(crate) fn get(&self, path: &str) -> Value {
         let mut r = Self::agent()
             .get(format!("{}{path}", self.url))
             .call()
@@ -116,7 +116,7 @@ impl Daemon {
         )
     }
 
-    fn trigger(&self, pipeline: &str) -> i64 {
+    pub(crate) fn trigger(&self, pipeline: &str) -> i64 {
         let (status, v) = self.post(
             &format!("/api/v1/pipelines/{pipeline}/runs"),
             serde_json::json!({}),
@@ -126,7 +126,7 @@ impl Daemon {
         v["run_id"].as_i64().unwrap()
     }
 
-    fn runs(&self, pipeline: &str) -> Vec<Value> {
+    pub(crate) fn runs(&self, pipeline: &str) -> Vec<Value> {
         let v = self.get(&format!("/api/v1/runs?pipeline={pipeline}&limit=1000"));
         let mut runs = v["runs"].as_array().unwrap().clone();
         runs.reverse();
@@ -134,7 +134,7 @@ impl Daemon {
     }
 
     /// Waits until `pred` holds for the run (a minute at most).
-    fn wait_run(&self, id: i64, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    pub(crate) fn wait_run(&self, id: i64, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let r = self.get(&format!("/api/v1/runs/{id}"));
@@ -150,11 +150,11 @@ impl Daemon {
         }
     }
 
-    fn wait_status(&self, id: i64, status: &str) -> Value {
+    pub(crate) fn wait_status(&self, id: i64, status: &str) -> Value {
         self.wait_run(id, status, |r| r["status"] == status)
     }
 
-    fn log_text(&self) -> String {
+    pub(crate) fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
@@ -183,7 +183,7 @@ impl Daemon {
         }
     }
 
-    fn kill9(mut self) {
+    pub(crate) fn kill9(mut self) {
         let mut child = self.child.take().unwrap();
         child.kill().unwrap();
         child.wait().unwrap();

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+mod container;
 mod daemon;
 mod modules;
 mod python;

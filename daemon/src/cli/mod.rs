@@ -380,6 +380,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Resume { run } => {
             let engine = engine(&cli.state, None)?;
             let id = run_id(&engine.store, &run)?;
+            // Containers a killed `millrace run` left behind go first.
+            engine.remove_orphan_containers().await;
             let steps = engine.store.db().read().steps(id)?.len();
             let events = progress(json, steps);
             let summary = engine.resume(id, events.sink(), cancel_on_signal()).await;
@@ -394,7 +396,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             let (p, _) = load(&pipeline, &cli.state)?;
             let params = parse_params(&params)?;
             let engine = engine(&cli.state, None)?;
-            let plan = engine.plan(&p, &params, no_reuse).map_err(run_error)?;
+            let plan = engine
+                .plan(&p, &params, no_reuse)
+                .await
+                .map_err(run_error)?;
             if json {
                 let rows: Vec<_> = plan
                     .iter()
@@ -888,6 +893,28 @@ fn runs_show(store: &Store, run: &str, json: bool) -> anyhow::Result<i32> {
                 .map(|d| format!(" {}", short(d)))
                 .unwrap_or_default();
             println!("  {:width$}    module {m}{digest}", "");
+        }
+        if s.runtime == "container"
+            && let Some(p) = db
+                .read()
+                .attempts(id, &s.name)?
+                .into_iter()
+                .rev()
+                .find_map(|a| a.placement)
+        {
+            println!(
+                "  {:width$}    image {} {}  container {} on {}",
+                "",
+                p["image"].as_str().unwrap_or("?"),
+                short(
+                    p["image_id"]
+                        .as_str()
+                        .unwrap_or("?")
+                        .trim_start_matches("sha256:")
+                ),
+                p["container"].as_str().unwrap_or("?"),
+                p["engine"].as_str().unwrap_or("?"),
+            );
         }
         for (o, a) in db.read().step_outputs(id, &s.name)? {
             println!("  {:width$}    → {o} {}", "", short(&a));

@@ -727,7 +727,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             .collect(),
     };
     let mut engine = Engine::new(store, config.max_parallel_steps, datastores);
-    engine.computes = config.environment().computes;
+    engine.computes = config.computes.clone();
     let engine = Arc::new(engine);
     let token = load_token(&config)?;
     let listener = tokio::net::TcpListener::bind(config.api.listen)
@@ -747,6 +747,15 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         metrics: metrics::Metrics::new(),
     });
     d.recover()?;
+    // Containers of steps that were running when the last process died: found by
+    // label and removed before their runs resume.
+    let orphans = d.engine.remove_orphan_containers().await;
+    if orphans > 0 {
+        tracing::warn!(
+            count = orphans,
+            "removed containers left by interrupted steps"
+        );
+    }
     d.reload();
     tokio::spawn(d.clone().dispatch());
     d.wake.notify_one();

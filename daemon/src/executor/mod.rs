@@ -1,8 +1,9 @@
 //! Executors: what runs a step. A closed set, one `match` in the run:
-//! `wasm` (wasmtime + WASI), `python` (CPython on WASI, in the same sandbox) and
-//! `transfer` (copy into a datastore) today; container and slurm arrive with their
-//! issues.
+//! `wasm` (wasmtime + WASI), `python` (CPython on WASI, in the same sandbox),
+//! `container` (an OS image through the Docker Engine API) and `transfer` (copy
+//! into a datastore).
 
+pub mod container;
 pub mod python;
 pub mod transfer;
 pub mod wasm;

@@ -629,6 +629,11 @@ impl LogFile {
         let _ = writeln!(inner.file, "[millrace] {line}");
     }
 
+    /// Appends output of the step (capped like the rest).
+    pub fn append(&self, buf: &[u8]) {
+        let _ = self.write(buf);
+    }
+
     fn write(&self, buf: &[u8]) -> std::io::Result<()> {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let room = inner.cap.saturating_sub(inner.written) as usize;

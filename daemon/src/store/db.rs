@@ -197,6 +197,11 @@ CREATE INDEX steps_by_module ON steps(module) WHERE module IS NOT NULL;
 ALTER TABLE runs ADD COLUMN warnings TEXT;
 ALTER TABLE runs ADD COLUMN module_pins TEXT;
 "#,
+    r#"
+-- Where an attempt ran (JSON): a container's engine, name and image digest; a
+-- Slurm job's id and node. Written before the work starts, so a restart finds it.
+ALTER TABLE attempts ADD COLUMN placement TEXT;
+"#,
 ];
 
 pub fn now_ms() -> i64 {
@@ -262,6 +267,10 @@ pub struct AttemptRow {
     pub exit_code: Option<i64>,
     pub error: Option<String>,
     pub log_path: Option<String>,
+    /// Where the attempt ran: `{"kind":"container","engine":…,"container":…,
+    /// "image":…,"image_id":…}`; absent for the in-process runtimes.
+    #[schema(value_type = Option<Object>)]
+    pub placement: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -715,6 +724,21 @@ impl Batch<'_> {
         Ok(())
     }
 
+    pub fn set_attempt_placement(
+        &self,
+        run: i64,
+        step: &str,
+        attempt: u32,
+        placement: &serde_json::Value,
+    ) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "UPDATE attempts SET placement = ?4 WHERE run_id = ?1 AND step = ?2 AND attempt = ?3",
+            )?
+            .execute(params![run, step, attempt, placement.to_string()])?;
+        Ok(())
+    }
+
     pub fn finish_attempt(
         &self,
         run: i64,
@@ -788,7 +812,7 @@ impl Batch<'_> {
 
     pub fn attempts(&self, run: i64, step: &str) -> Result<Vec<AttemptRow>> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT attempt, status, started_at, finished_at, exit_code, error, log_path FROM attempts
+            "SELECT attempt, status, started_at, finished_at, exit_code, error, log_path, placement FROM attempts
              WHERE run_id = ?1 AND step = ?2 ORDER BY attempt",
         )?;
         let rows = stmt
@@ -801,6 +825,9 @@ impl Batch<'_> {
                     exit_code: r.get(4)?,
                     error: r.get(5)?,
                     log_path: r.get(6)?,
+                    placement: r
+                        .get::<_, Option<String>>(7)?
+                        .and_then(|p| serde_json::from_str(&p).ok()),
                 })
             })?
             .collect::<rusqlite::Result<_>>()?;

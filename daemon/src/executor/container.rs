@@ -1,0 +1,433 @@
+//! `container` steps: an OS image run through the Docker Engine API (docker, or
+//! podman's `podman system service`), with the same step contract as every other
+//! runtime. The sandbox: no network unless the step asks, `/in` read-only, `/out`,
+//! `/tmp` and `/millrace` the only writable places (the root filesystem is
+//! read-only unless the step says otherwise), memory and CPU limits, no privileges,
+//! every capability dropped, and the daemon's own uid:gid so outputs are its files.
+//!
+//! Every container carries labels (instance, run, step, attempt) and is removed
+//! after its step; containers a crash left behind are found by label and removed
+//! ([`remove_orphans`]).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bollard::Docker;
+use bollard::errors::Error as DockerError;
+use bollard::models::{ContainerCreateBody, HostConfig};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, ListContainersOptionsBuilder,
+    LogsOptionsBuilder, RemoveContainerOptionsBuilder,
+};
+use futures_util::StreamExt;
+
+use crate::executor::wasm::LogFile;
+
+/// Label keys on every container millrace creates.
+pub const LABEL_INSTANCE: &str = "io.millrace.instance";
+pub const LABEL_RUN: &str = "io.millrace.run";
+pub const LABEL_STEP: &str = "io.millrace.step";
+pub const LABEL_ATTEMPT: &str = "io.millrace.attempt";
+
+/// The instance label of a state directory: two state directories on one engine
+/// never touch each other's containers.
+pub fn instance_of(state_dir: &std::path::Path) -> String {
+    let root = std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
+    blake3::hash(root.to_string_lossy().as_bytes()).to_hex()[..16].to_string()
+}
+
+/// How long connecting, inspecting or removing may take: an engine that does not
+/// answer is an error, not a hang.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where the engine is when nothing names it: `$DOCKER_HOST`, else the first
+/// socket that exists of podman's (rootless, then system) and docker's.
+pub fn default_socket() -> String {
+    if let Ok(h) = std::env::var("DOCKER_HOST")
+        && !h.is_empty()
+    {
+        return h;
+    }
+    let mut candidates = Vec::new();
+    if let Ok(x) = std::env::var("XDG_RUNTIME_DIR") {
+        candidates.push(format!("{x}/podman/podman.sock"));
+    }
+    candidates.push("/run/podman/podman.sock".into());
+    candidates.push("/var/run/docker.sock".into());
+    candidates
+        .iter()
+        .find(|c| std::path::Path::new(c).exists())
+        .map(|c| format!("unix://{c}"))
+        .unwrap_or_else(|| "unix:///var/run/docker.sock".into())
+}
+
+/// Connected clients, one per socket, with the API version negotiated once.
+#[derive(Default)]
+pub struct Engines {
+    clients: tokio::sync::Mutex<HashMap<String, Docker>>,
+}
+
+impl Engines {
+    /// A client for `socket` (`unix:///path`, `/path` or `tcp://host:port`).
+    pub async fn connect(&self, socket: &str) -> Result<Docker, String> {
+        let mut clients = self.clients.lock().await;
+        if let Some(c) = clients.get(socket) {
+            return Ok(c.clone());
+        }
+        let unreachable = |e: String| {
+            format!(
+                "cannot reach the container engine at {socket}: {e} (start it, e.g. `podman system service --time=0 unix:///run/podman/podman.sock`, or set `socket` on a [compute.NAME] kind = \"container\" target)"
+            )
+        };
+        // Requests carry no timeout of their own (a wait lasts as long as its
+        // step); each call that must answer promptly is bounded here instead.
+        const NO_TIMEOUT: u64 = 10 * 365 * 24 * 3600;
+        let client = if socket.starts_with("tcp://") || socket.starts_with("http://") {
+            Docker::connect_with_http(socket, NO_TIMEOUT, bollard::API_DEFAULT_VERSION)
+        } else {
+            let path = socket.strip_prefix("unix://").unwrap_or(socket);
+            if !std::path::Path::new(path).exists() {
+                return Err(unreachable("no such socket".into()));
+            }
+            Docker::connect_with_unix(path, NO_TIMEOUT, bollard::API_DEFAULT_VERSION)
+        }
+        .map_err(|e| unreachable(e.to_string()))?;
+        let client = tokio::time::timeout(CALL_TIMEOUT, client.negotiate_version())
+            .await
+            .map_err(|_| unreachable("no answer within 30 s".into()))?
+            .map_err(|e| unreachable(e.to_string()))?;
+        clients.insert(socket.to_string(), client.clone());
+        Ok(client)
+    }
+}
+
+/// An image resolved to its content digest (the image ID, `sha256:…`).
+#[derive(Debug, Clone)]
+pub struct ResolvedImage {
+    pub name: String,
+    pub id: String,
+    pub socket: String,
+}
+
+impl ResolvedImage {
+    /// The digest's hex digits: what the cache key holds.
+    pub fn digest(&self) -> &str {
+        self.id.strip_prefix("sha256:").unwrap_or(&self.id)
+    }
+}
+
+fn not_found(e: &DockerError) -> bool {
+    matches!(
+        e,
+        DockerError::DockerResponseServerError {
+            status_code: 404,
+            ..
+        }
+    )
+}
+
+/// Resolves `image` to its content digest on the engine; pulls it first when it
+/// is missing and `pull` allows.
+pub async fn resolve_image(
+    docker: &Docker,
+    socket: &str,
+    image: &str,
+    pull: bool,
+) -> Result<ResolvedImage, String> {
+    let inspect = || async {
+        tokio::time::timeout(CALL_TIMEOUT, docker.inspect_image(image))
+            .await
+            .map_err(|_| DockerError::RequestTimeoutError)?
+    };
+    let found = match inspect().await {
+        Ok(i) => i,
+        Err(e) if not_found(&e) && pull => {
+            let opts = CreateImageOptionsBuilder::new().from_image(image).build();
+            let mut stream = docker.create_image(Some(opts), None, None);
+            while let Some(progress) = stream.next().await {
+                progress.map_err(|e| format!("cannot pull image `{image}`: {e}"))?;
+            }
+            inspect()
+                .await
+                .map_err(|e| format!("image `{image}` after pulling it: {e}"))?
+        }
+        Err(e) if not_found(&e) => {
+            return Err(format!(
+                "image `{image}` not found on the container engine at {socket}; build or load it there (millrace pulls only for a [compute.NAME] kind = \"container\" target with `pull = true`)"
+            ));
+        }
+        Err(e) => return Err(format!("cannot inspect image `{image}` at {socket}: {e}")),
+    };
+    let id = found
+        .id
+        .ok_or_else(|| format!("the engine at {socket} gave no ID for image `{image}`"))?;
+    Ok(ResolvedImage {
+        name: image.to_string(),
+        id,
+        socket: socket.to_string(),
+    })
+}
+
+/// A bind mount: host directory → path in the container.
+pub struct Bind {
+    pub host: PathBuf,
+    pub guest: String,
+    pub writable: bool,
+}
+
+/// Everything one container run needs.
+pub struct Spec {
+    /// The container's name (unique per attempt).
+    pub name: String,
+    pub image: ResolvedImage,
+    pub cmd: Option<Vec<String>>,
+    pub entrypoint: Option<Vec<String>>,
+    pub env: Vec<(String, String)>,
+    pub workdir: Option<String>,
+    /// `uid[:gid]`; default: the daemon's own.
+    pub user: Option<String>,
+    pub network: bool,
+    pub read_only_root: bool,
+    pub memory: u64,
+    pub cpus: Option<f64>,
+    pub binds: Vec<Bind>,
+    pub labels: HashMap<String, String>,
+    pub timeout: Duration,
+    pub log: LogFile,
+}
+
+/// How a container ended.
+#[derive(Debug)]
+pub enum Outcome {
+    Exited(i64),
+    /// Killed at the memory limit: `true` when the engine says the OOM killer
+    /// did it, `false` for a bare SIGKILL (exit 137) it did not explain.
+    OutOfMemory(bool),
+    TimedOut(Duration),
+}
+
+/// Removes the container when dropped, unless disarmed: a cancelled step (its
+/// future dropped) leaves no container behind.
+struct Removal {
+    docker: Docker,
+    id: Option<String>,
+}
+
+impl Removal {
+    async fn now(mut self) {
+        if let Some(id) = self.id.take() {
+            remove(&self.docker, &id).await;
+        }
+    }
+}
+
+impl Drop for Removal {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take()
+            && let Ok(handle) = tokio::runtime::Handle::try_current()
+        {
+            let docker = self.docker.clone();
+            handle.spawn(async move { remove(&docker, &id).await });
+        }
+    }
+}
+
+async fn remove(docker: &Docker, id: &str) {
+    let opts = RemoveContainerOptionsBuilder::new()
+        .force(true)
+        .v(true)
+        .build();
+    match tokio::time::timeout(CALL_TIMEOUT, docker.remove_container(id, Some(opts))).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) if not_found(&e) => {}
+        Ok(Err(e)) => tracing::warn!(container = %id, error = %e, "cannot remove container"),
+        Err(_) => tracing::warn!(container = %id, "removing the container took too long"),
+    }
+}
+
+/// The uid:gid of this process: what output files should belong to.
+pub fn own_user() -> String {
+    // SAFETY: getuid and getgid cannot fail and touch no memory.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    format!("{uid}:{gid}")
+}
+
+/// Creates, starts and waits for the container, streaming its output into the
+/// log; the container is removed whatever happens. `Err` is a container that
+/// could not run at all.
+pub async fn run(docker: &Docker, spec: Spec) -> Result<Outcome, String> {
+    let binds = spec
+        .binds
+        .iter()
+        .map(|b| {
+            format!(
+                "{}:{}:{}",
+                b.host.display(),
+                b.guest,
+                if b.writable { "rw" } else { "ro" }
+            )
+        })
+        .collect();
+    let memory = i64::try_from(spec.memory).unwrap_or(i64::MAX);
+    let host_config = HostConfig {
+        binds: Some(binds),
+        network_mode: Some(if spec.network { "bridge" } else { "none" }.into()),
+        memory: Some(memory),
+        // The same value for memory+swap: no swap, so the limit is the limit.
+        memory_swap: Some(memory),
+        nano_cpus: spec.cpus.map(|c| (c * 1e9) as i64),
+        pids_limit: Some(4096),
+        readonly_rootfs: Some(spec.read_only_root),
+        privileged: Some(false),
+        cap_drop: Some(vec!["ALL".into()]),
+        security_opt: Some(vec!["no-new-privileges".into()]),
+        ..Default::default()
+    };
+    let body = ContainerCreateBody {
+        image: Some(spec.image.id.clone()),
+        cmd: spec.cmd.clone(),
+        entrypoint: spec.entrypoint.clone(),
+        env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+        working_dir: spec.workdir.clone(),
+        user: Some(spec.user.clone().unwrap_or_else(own_user)),
+        labels: Some(spec.labels.clone()),
+        network_disabled: Some(!spec.network),
+        attach_stdout: Some(true),
+        attach_stderr: Some(true),
+        host_config: Some(host_config),
+        ..Default::default()
+    };
+    let opts = CreateContainerOptionsBuilder::new()
+        .name(&spec.name)
+        .build();
+    let created = tokio::time::timeout(CALL_TIMEOUT, docker.create_container(Some(opts), body))
+        .await
+        .map_err(|_| "the container engine did not create the container within 30 s".to_string())?
+        .map_err(|e| format!("cannot create the container: {}", engine_message(&e)))?;
+    let removal = Removal {
+        docker: docker.clone(),
+        id: Some(created.id.clone()),
+    };
+    spec.log.note(&format!(
+        "container {} from image {} ({})",
+        short(&created.id),
+        spec.image.name,
+        spec.image.id
+    ));
+    let outcome = follow(docker, &created.id, &spec).await;
+    removal.now().await;
+    outcome
+}
+
+async fn follow(docker: &Docker, id: &str, spec: &Spec) -> Result<Outcome, String> {
+    tokio::time::timeout(CALL_TIMEOUT, docker.start_container(id, None))
+        .await
+        .map_err(|_| "the container engine did not start the container within 30 s".to_string())?
+        .map_err(|e| format!("the container could not start: {}", engine_message(&e)))?;
+    let logs = {
+        let docker = docker.clone();
+        let id = id.to_string();
+        let log = spec.log.clone();
+        tokio::spawn(async move {
+            let opts = LogsOptionsBuilder::new()
+                .follow(true)
+                .stdout(true)
+                .stderr(true)
+                .build();
+            let mut stream = docker.logs(&id, Some(opts));
+            while let Some(Ok(chunk)) = stream.next().await {
+                log.append(&chunk.into_bytes());
+            }
+        })
+    };
+    let wait = async {
+        let mut stream = docker.wait_container(id, None);
+        match stream.next().await {
+            Some(Ok(r)) => Ok(r.status_code),
+            // bollard reports a non-zero exit as an error carrying the code.
+            Some(Err(DockerError::DockerContainerWaitError { code, .. })) => Ok(code),
+            Some(Err(e)) => Err(format!("waiting for the container: {e}")),
+            None => Err("the container engine ended the wait without a status".to_string()),
+        }
+    };
+    let code = match tokio::time::timeout(spec.timeout, wait).await {
+        Ok(code) => code?,
+        Err(_) => {
+            logs.abort();
+            return Ok(Outcome::TimedOut(spec.timeout));
+        }
+    };
+    // The log stream ends with the container; give the last lines a moment.
+    let _ = tokio::time::timeout(Duration::from_secs(5), logs).await;
+    let oom = tokio::time::timeout(CALL_TIMEOUT, docker.inspect_container(id, None))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .and_then(|c| c.state)
+        .and_then(|s| s.oom_killed)
+        .unwrap_or(false);
+    // 137 is SIGKILL; under a memory limit the kernel's OOM killer is what sends
+    // it (some engines on cgroup v1 do not report OOMKilled).
+    Ok(if oom || code == 137 {
+        Outcome::OutOfMemory(oom)
+    } else {
+        Outcome::Exited(code)
+    })
+}
+
+/// The engine's own message, without bollard's wrapping.
+fn engine_message(e: &DockerError) -> String {
+    match e {
+        DockerError::DockerResponseServerError { message, .. } => message.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn short(id: &str) -> &str {
+    &id[..id.len().min(12)]
+}
+
+/// Removes the containers of `instance` that no live run owns (`is_live(run)`),
+/// left behind by a crash. Returns how many were removed.
+pub async fn remove_orphans(
+    docker: &Docker,
+    instance: &str,
+    is_live: impl Fn(i64) -> bool,
+) -> Result<usize, String> {
+    let filters = HashMap::from([(
+        "label".to_string(),
+        vec![format!("{LABEL_INSTANCE}={instance}")],
+    )]);
+    let opts = ListContainersOptionsBuilder::new()
+        .all(true)
+        .filters(&filters)
+        .build();
+    let list = tokio::time::timeout(CALL_TIMEOUT, docker.list_containers(Some(opts)))
+        .await
+        .map_err(|_| "listing containers took more than 30 s".to_string())?
+        .map_err(|e| format!("cannot list containers: {e}"))?;
+    let mut removed = 0;
+    for c in list {
+        let labels = c.labels.unwrap_or_default();
+        // Only ours: the filter is the engine's, checked again here.
+        if labels.get(LABEL_INSTANCE).map(String::as_str) != Some(instance) {
+            continue;
+        }
+        let run = labels.get(LABEL_RUN).and_then(|r| r.parse().ok());
+        if run.is_some_and(&is_live) {
+            continue;
+        }
+        if let Some(id) = c.id {
+            tracing::warn!(
+                container = %short(&id),
+                run = ?run,
+                step = labels.get(LABEL_STEP).map(String::as_str).unwrap_or("?"),
+                "removing a container left behind by an interrupted step"
+            );
+            remove(docker, &id).await;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}

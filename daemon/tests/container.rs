@@ -1,0 +1,415 @@
+//! `container` steps against a real engine: podman's Docker API service, which
+//! `scripts/setup-containers.sh` starts (it exports `DOCKER_HOST`) together with
+//! the registry-free test image `localhost/millrace-busybox:1`.
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::common::{Project, stderr, step_statuses};
+use crate::daemon::Daemon;
+
+const IMAGE: &str = "localhost/millrace-busybox:1";
+
+/// The engine's socket path (from `DOCKER_HOST`, as the daemon finds it).
+fn socket() -> String {
+    let host = std::env::var("DOCKER_HOST")
+        .unwrap_or_else(|_| "unix:///run/podman/podman.sock".to_string());
+    host.trim_start_matches("unix://").to_string()
+}
+
+/// One Docker API call over the unix socket: (status, JSON body).
+fn engine(method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let mut s = std::os::unix::net::UnixStream::connect(socket()).unwrap_or_else(|e| {
+        panic!(
+            "no container engine at {}: {e} (run scripts/setup-containers.sh)",
+            socket()
+        )
+    });
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    write!(
+        s,
+        "{method} /v1.41{path} HTTP/1.0\r\nHost: engine\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8_lossy(&raw);
+    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (
+        status,
+        serde_json::from_str(rest.trim()).unwrap_or(Value::String(rest.to_string())),
+    )
+}
+
+/// Containers (running or not) of run `run` of the project's state directory.
+fn containers_of(p: &Project, run: &str) -> Vec<Value> {
+    let instance = millrace::executor::container::instance_of(&p.path(".state"));
+    let filters = serde_json::json!({ "label": [
+        format!("io.millrace.instance={instance}"),
+        format!("io.millrace.run={run}"),
+    ] })
+    .to_string();
+    let (status, v) = engine(
+        "GET",
+        &format!("/containers/json?all=1&filters={}", urlencode(&filters)),
+        None,
+    );
+    assert_eq!(status, 200, "{v}");
+    v.as_array().cloned().unwrap_or_default()
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A new image ID under `repo:tag`: a commit of a container of the base image
+/// with one more env var (`stamp`).
+fn commit_image(repo: &str, tag: &str, stamp: &str) -> String {
+    let (status, c) = engine(
+        "POST",
+        "/containers/create",
+        Some(serde_json::json!({ "Image": IMAGE, "Cmd": ["true"] })),
+    );
+    assert_eq!(status, 201, "{c}");
+    let id = c["Id"].as_str().unwrap().to_string();
+    let changes = urlencode(&format!("ENV STAMP={stamp}"));
+    let (status, v) = engine(
+        "POST",
+        &format!("/commit?container={id}&repo={repo}&tag={tag}&changes={changes}"),
+        Some(serde_json::json!({})),
+    );
+    assert_eq!(status, 201, "{v}");
+    engine("DELETE", &format!("/containers/{id}?force=1"), None);
+    let (_, img) = engine("GET", &format!("/images/{repo}:{tag}/json"), None);
+    img["Id"].as_str().unwrap().to_string()
+}
+
+fn error_of(p: &Project, step: &str) -> String {
+    let v = p.json(&["runs", "show", "latest"]);
+    v["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["step"]["name"] == step)
+        .map(|s| s["step"]["error"].as_str().unwrap_or("").to_string())
+        .unwrap_or_default()
+}
+
+fn log(p: &Project, step: &str) -> String {
+    String::from_utf8_lossy(&p.run(&["logs", "latest", step]).stdout).into_owned()
+}
+
+#[test]
+fn inputs_are_read_only_outputs_captured_no_network_no_root_and_reuse() {
+    let p = Project::new();
+    p.write("data/rows.txt", "b\na\nc\n");
+    let f = p.write(
+        "c.toml",
+        &format!(
+            r#"
+[params]
+greeting = "hi"
+[inputs.rows]
+path = "data/rows.txt"
+[[step]]
+name = "sort"
+container = {{ image = "{IMAGE}", command = ["sh", "-c"], env = {{ FROM_IMAGE_TABLE = "yes" }} }}
+args = ["""
+set -u
+mkdir -p /out/sorted /out/probe
+sort /in/rows/rows.txt > /out/sorted/rows.txt
+touch /in/rows/new 2>/dev/null && echo in-writable >> /out/probe/p || echo in-readonly >> /out/probe/p
+touch /etc/x 2>/dev/null && echo root-writable >> /out/probe/p || echo root-readonly >> /out/probe/p
+echo tmp > /tmp/x && echo tmp-writable >> /out/probe/p
+ls /sys/class/net >> /out/probe/p
+id -u >> /out/probe/p
+echo "$MILLRACE_PARAM_GREETING $FROM_IMAGE_TABLE $MILLRACE_STEP" >> /out/probe/p
+echo '{{"name":"rows","value":3}}' >> "$MILLRACE_METRICS"
+echo sorted the rows
+"""]
+inputs = {{ rows = "inputs.rows" }}
+outputs = ["sorted", "probe"]
+memory = "64MiB"
+cpus = 0.5
+"#
+        ),
+    );
+    let f = f.to_str().unwrap();
+    let out = p.run(&["run", f]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let sorted = p.run(&["output", "latest", "sort.sorted"]);
+    assert_eq!(String::from_utf8_lossy(&sorted.stdout), "a\nb\nc\n");
+    let probe =
+        String::from_utf8_lossy(&p.run(&["output", "latest", "sort.probe"]).stdout).into_owned();
+    let lines: Vec<&str> = probe.lines().collect();
+    assert_eq!(lines[0], "in-readonly", "{probe}");
+    assert_eq!(lines[1], "root-readonly", "{probe}");
+    assert_eq!(lines[2], "tmp-writable", "{probe}");
+    assert_eq!(lines[3], "lo", "only the loopback interface: {probe}");
+    // SAFETY: getuid cannot fail.
+    let uid = unsafe { libc::getuid() };
+    assert_eq!(
+        lines[4],
+        uid.to_string(),
+        "runs as the daemon's uid: {probe}"
+    );
+    assert_eq!(lines[5], "hi yes sort", "{probe}");
+    assert!(log(&p, "sort").contains("sorted the rows"));
+    let m = p.json(&["metrics", "latest"]);
+    assert!(m.to_string().contains("rows"), "{m}");
+    // The run record names the image by digest and where it ran.
+    let show = p.json(&["runs", "show", "latest"]);
+    let placement = &show["steps"][0]["attempts"][0]["placement"];
+    assert_eq!(placement["image"], IMAGE, "{show}");
+    assert!(
+        placement["image_id"]
+            .as_str()
+            .unwrap()
+            .starts_with("sha256:"),
+        "{show}"
+    );
+    let run_id = show["run"]["id"].as_i64().unwrap().to_string();
+    assert!(
+        containers_of(&p, &run_id).is_empty(),
+        "the container is removed after the step"
+    );
+    // Unchanged: reused. `network = true` changes the key, and explain says so.
+    let out = p.run(&["run", f]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(step_statuses(&p, "latest")[0].1, "reused");
+    let text = std::fs::read_to_string(f).unwrap().replace(
+        "FROM_IMAGE_TABLE = \"yes\" }",
+        "FROM_IMAGE_TABLE = \"yes\" }, network = true",
+    );
+    std::fs::write(f, text).unwrap();
+    let plan = p.run(&["plan", f]);
+    let plan = String::from_utf8_lossy(&plan.stdout);
+    assert!(
+        plan.contains("container `network` changed: none → bridge"),
+        "{plan}"
+    );
+}
+
+#[test]
+fn the_memory_limit_is_reported_as_an_oom_kill() {
+    let p = Project::new();
+    let f = p.write(
+        "oom.toml",
+        &format!(
+            r#"
+[[step]]
+name = "hog"
+container = {{ image = "{IMAGE}", command = ["sh", "-c", "head -c 300000000 /dev/zero | tail"] }}
+memory = "32MiB"
+"#
+        ),
+    );
+    let out = p.run(&["run", f.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let e = error_of(&p, "hog");
+    assert!(e.contains("memory limit of 32MiB"), "{e}");
+    assert!(e.contains("137"), "{e}");
+}
+
+#[test]
+fn a_timeout_kills_and_removes_the_container_and_an_exit_code_is_reported() {
+    let p = Project::new();
+    let f = p.write(
+        "t.toml",
+        &format!(
+            r#"
+[[step]]
+name = "slow"
+container = {{ image = "{IMAGE}", command = ["sleep", "60"] }}
+timeout = "1s"
+[[step]]
+name = "fails"
+container = {{ image = "{IMAGE}", command = ["sh", "-c", "echo about to fail >&2; exit 3"] }}
+"#
+        ),
+    );
+    let started = Instant::now();
+    let out = p.run(&["run", f.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        started.elapsed() < Duration::from_secs(40),
+        "the timeout held"
+    );
+    let e = error_of(&p, "slow");
+    assert!(e.contains("timed out after 1s"), "{e}");
+    assert!(error_of(&p, "fails").contains("exited with code 3"));
+    assert!(log(&p, "fails").contains("about to fail"));
+    let show = p.json(&["runs", "show", "latest"]);
+    let run_id = show["run"]["id"].as_i64().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !containers_of(&p, &run_id).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the timed-out container was not removed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn retagging_the_image_re_executes_exactly_the_steps_that_use_it() {
+    let p = Project::new();
+    // A repository name of this test's own, so parallel tests do not collide.
+    let repo = format!("localhost/millrace-retag-{}", std::process::id());
+    let first = commit_image(&repo, "1", "one");
+    let f = p.write(
+        "r.toml",
+        &format!(
+            r#"
+[[step]]
+name = "uses_retagged"
+container = {{ image = "{repo}:1", command = ["sh", "-c", "mkdir /out/o; echo $STAMP > /out/o/stamp"] }}
+outputs = ["o"]
+[[step]]
+name = "uses_base"
+container = {{ image = "{IMAGE}", command = ["sh", "-c", "mkdir /out/o; echo base > /out/o/x"] }}
+outputs = ["o"]
+"#
+        ),
+    );
+    let f = f.to_str().unwrap();
+    assert!(p.run(&["run", f]).status.success());
+    assert!(p.run(&["run", f]).status.success());
+    assert!(
+        step_statuses(&p, "latest")
+            .iter()
+            .all(|(_, s)| s == "reused"),
+        "{:?}",
+        step_statuses(&p, "latest")
+    );
+    let second = commit_image(&repo, "1", "two");
+    assert_ne!(first, second);
+    let out = p.run(&["run", f]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let statuses = step_statuses(&p, "latest");
+    assert_eq!(
+        statuses,
+        vec![
+            ("uses_retagged".to_string(), "succeeded".to_string()),
+            ("uses_base".to_string(), "reused".to_string())
+        ]
+    );
+    let stamp = p.run(&["output", "latest", "uses_retagged.o"]);
+    assert_eq!(String::from_utf8_lossy(&stamp.stdout).trim(), "two");
+    let explain = p.run(&["explain", "latest", "uses_retagged"]);
+    let explain = String::from_utf8_lossy(&explain.stdout);
+    assert!(explain.contains("code changed"), "{explain}");
+    for id in [&first, &second] {
+        engine("DELETE", &format!("/images/{id}?force=1"), None);
+    }
+}
+
+#[test]
+fn a_missing_image_or_engine_is_a_clear_error_naming_it() {
+    let p = Project::new();
+    let f = p.write(
+        "m.toml",
+        r#"
+[[step]]
+name = "ghost"
+container = { image = "localhost/no-such-image:404", command = ["true"] }
+"#,
+    );
+    let out = p.run(&["run", f.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let e = error_of(&p, "ghost");
+    assert!(
+        e.contains("image `localhost/no-such-image:404` not found"),
+        "{e}"
+    );
+    let out = p
+        .cmd(&["run", f.to_str().unwrap()])
+        .env("DOCKER_HOST", "unix:///nonexistent/engine.sock")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let e = error_of(&p, "ghost");
+    assert!(
+        e.contains("cannot reach the container engine at unix:///nonexistent/engine.sock"),
+        "{e}"
+    );
+    // Bad settings are configuration errors at their line:col.
+    let bad = p.write(
+        "bad.toml",
+        r#"
+[[step]]
+name = "b"
+container = { command = ["true"], workdir = "rel", network = "yes", volumes = [] }
+"#,
+    );
+    let out = p.run(&["validate", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(78));
+    let e = stderr(&out);
+    for want in [
+        "container needs an `image`",
+        "container.workdir must be an absolute path",
+        "container.network must be true or false",
+        "volumes",
+    ] {
+        assert!(e.contains(want), "missing {want:?} in {e}");
+    }
+}
+
+#[test]
+fn a_daemon_killed_mid_step_removes_the_orphan_container_and_resumes() {
+    let p = Project::new();
+    p.write(
+        "pipelines/slow.toml",
+        &format!(
+            r#"
+[[step]]
+name = "wait"
+container = {{ image = "{IMAGE}", command = ["sh", "-c", "sleep 3; mkdir /out/done; echo ok > /out/done/x"] }}
+outputs = ["done"]
+"#
+        ),
+    );
+    let d = Daemon::start(&p);
+    let id = d.trigger("slow");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let orphan = loop {
+        let found = containers_of(&p, &id.to_string());
+        if let Some(c) = found
+            .iter()
+            .find(|c| c["State"].as_str() == Some("running"))
+        {
+            break c["Id"].as_str().unwrap().to_string();
+        }
+        assert!(Instant::now() < deadline, "the container never started");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    d.kill9();
+    let (status, _) = engine("GET", &format!("/containers/{orphan}/json"), None);
+    assert_eq!(status, 200, "the killed daemon's container outlives it");
+    let d = Daemon::start(&p);
+    let r = d.wait_status(id, "succeeded");
+    let (status, _) = engine("GET", &format!("/containers/{orphan}/json"), None);
+    assert_eq!(status, 404, "the orphan was removed");
+    assert!(
+        d.log_text()
+            .contains("removing a container left behind by an interrupted step"),
+        "{}",
+        d.log_text()
+    );
+    assert_eq!(r["steps"][0]["status"], "succeeded", "{r}");
+    assert!(containers_of(&p, &id.to_string()).is_empty());
+}
