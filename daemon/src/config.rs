@@ -343,4 +343,38 @@ partition = "gpu"
         assert!(text.contains("did you mean `max_parallel_steps`"), "{text}");
         assert!(text.contains("m.toml:5:10"), "{text}");
     }
+
+    #[test]
+    fn container_targets_take_a_socket_and_pull_and_steps_are_checked_against_their_kind() {
+        let (c, r) = parse(
+            Path::new("/x/m.toml"),
+            "pipelines = \"p\"\nstate_dir = \"s\"\n[compute.engine]\nkind = \"container\"\nsocket = \"unix:///run/x.sock\"\npull = true\n[compute.box]\nkind = \"local\"\n"
+                .into(),
+        );
+        assert!(!r.has_errors(), "{}", r.to_string());
+        let c = c.unwrap();
+        assert_eq!(c.computes["engine"].socket.as_deref(), Some("unix:///run/x.sock"));
+        assert!(c.computes["engine"].pull);
+        let env = c.environment();
+        let (_, report) = crate::definition::parse(
+            Path::new("/x/p/a.toml"),
+            "[[step]]\nname = \"a\"\ntransfer = { from = \"inputs.x\", to = \"y\" }\n[[step]]\nname = \"w\"\nwasm = \"w.wasm\"\ncompute = \"engine\"\n[[step]]\nname = \"c\"\ncontainer = { image = \"i\" }\ncompute = \"engine\"\n[[step]]\nname = \"l\"\ncontainer = { image = \"i\" }\ncompute = \"box\"\n".into(),
+            &env,
+        );
+        let text = report.to_string();
+        assert!(
+            text.contains("a.toml:7:11: error: compute `engine` is a container engine: only `container` steps run there"),
+            "{text}"
+        );
+        assert_eq!(text.matches("compute `").count(), 1, "{text}");
+
+        let (c, r) = parse(
+            Path::new("/x/m.toml"),
+            "pipelines = \"p\"\nstate_dir = \"s\"\n[compute.local]\nkind = \"slurm\"\nsocket = \"/x\"\n".into(),
+        );
+        assert!(c.is_none());
+        let text = r.to_string();
+        assert!(text.contains("m.toml:5:10: error: `socket` applies to kind = \"container\" targets only"), "{text}");
+        assert!(text.contains("`local` is the implicit local compute target"), "{text}");
+    }
 }
