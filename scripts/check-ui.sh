@@ -60,6 +60,11 @@ after = ["nap"]
 name = "score"
 python = "score.py"
 reuse = false
+[[step]]
+name = "render"
+container = { image = "localhost/millrace-busybox:1", command = ["sh", "-c", "echo rendered"] }
+after = ["done"]
+reuse = false
 TOML
 cat >"$work/pipelines/score.py" <<PY
 import json, os, random

@@ -7,6 +7,9 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 scripts/setup.sh
+# A container engine for the container step of report.toml (podman, unless
+# DOCKER_HOST already names one), and its registry-free image.
+export "$(scripts/setup-containers.sh)"
 
 target_dir="${CARGO_TARGET_DIR:-$root/target}"
 millrace="$target_dir/debug/millrace"
@@ -48,6 +51,11 @@ retrain_runs=$("$millrace" --json runs --pipeline wine-retrain --limit 2 | pytho
 say "batch scoring: the inbox scored with the published model (config/pipelines/outbox/)"
 "$millrace" run "$pipelines/score.toml"
 head -4 "$pipelines/outbox/batch-001.csv"
+
+say "three runtimes in one graph: clean (WASM) → profile (Python) → render (container) → publish"
+"$millrace" run "$pipelines/report.toml"
+"$millrace" runs show latest
+cat "$pipelines/published/wine-report/report.txt"
 
 say "the daemon: loads config/pipelines, fires their triggers, serves the REST API"
 config="$MILLRACE_STATE/demo-daemon.toml"

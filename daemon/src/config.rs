@@ -353,7 +353,10 @@ partition = "gpu"
         );
         assert!(!r.has_errors(), "{}", r.to_string());
         let c = c.unwrap();
-        assert_eq!(c.computes["engine"].socket.as_deref(), Some("unix:///run/x.sock"));
+        assert_eq!(
+            c.computes["engine"].socket.as_deref(),
+            Some("unix:///run/x.sock")
+        );
         assert!(c.computes["engine"].pull);
         let env = c.environment();
         let (_, report) = crate::definition::parse(
@@ -374,7 +377,15 @@ partition = "gpu"
         );
         assert!(c.is_none());
         let text = r.to_string();
-        assert!(text.contains("m.toml:5:10: error: `socket` applies to kind = \"container\" targets only"), "{text}");
-        assert!(text.contains("`local` is the implicit local compute target"), "{text}");
+        assert!(
+            text.contains(
+                "m.toml:5:10: error: `socket` applies to kind = \"container\" targets only"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("`local` is the implicit local compute target"),
+            "{text}"
+        );
     }
 }

@@ -17,8 +17,8 @@ use bollard::Docker;
 use bollard::errors::Error as DockerError;
 use bollard::models::{ContainerCreateBody, HostConfig};
 use bollard::query_parameters::{
-    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, ListContainersOptionsBuilder,
-    LogsOptionsBuilder, RemoveContainerOptionsBuilder,
+    AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, CreateImageOptionsBuilder,
+    ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
 };
 use futures_util::StreamExt;
 
@@ -305,6 +305,7 @@ pub async fn run(docker: &Docker, spec: Spec) -> Result<Outcome, String> {
         .await
         .map_err(|_| "the container engine did not create the container within 30 s".to_string())?
         .map_err(|e| format!("cannot create the container: {}", engine_message(&e)))?;
+    tracing::debug!(container = %short(&created.id), "created");
     let removal = Removal {
         docker: docker.clone(),
         id: Some(created.id.clone()),
@@ -315,32 +316,53 @@ pub async fn run(docker: &Docker, spec: Spec) -> Result<Outcome, String> {
         spec.image.name,
         spec.image.id
     ));
+    let t = std::time::Instant::now();
     let outcome = follow(docker, &created.id, &spec).await;
+    let ran = t.elapsed();
     removal.now().await;
+    tracing::debug!(
+        container = %short(&created.id),
+        run_ms = ran.as_millis() as u64,
+        remove_ms = (t.elapsed() - ran).as_millis() as u64,
+        "container finished"
+    );
     outcome
 }
 
 async fn follow(docker: &Docker, id: &str, spec: &Spec) -> Result<Outcome, String> {
+    // Attached before the start, the output stream holds everything the container
+    // writes and ends when it exits (a `logs --follow` opened after a quick exit
+    // can miss the end).
+    let opts = AttachContainerOptionsBuilder::new()
+        .stream(true)
+        .logs(true)
+        .stdout(true)
+        .stderr(true)
+        .build();
+    let attached = tokio::time::timeout(CALL_TIMEOUT, docker.attach_container(id, Some(opts)))
+        .await
+        .map_err(|_| "the container engine did not attach within 30 s".to_string())?
+        .map_err(|e| format!("cannot attach to the container: {}", engine_message(&e)))?;
+    let (logs_done, mut logs_ended) = tokio::sync::watch::channel(false);
+    let logs = {
+        let log = spec.log.clone();
+        let mut output = attached.output;
+        tokio::spawn(async move {
+            while let Some(Ok(chunk)) = output.next().await {
+                log.append(&chunk.into_bytes());
+            }
+            let _ = logs_done.send(true);
+        })
+    };
+    tracing::debug!(container = %short(id), "attached");
     tokio::time::timeout(CALL_TIMEOUT, docker.start_container(id, None))
         .await
         .map_err(|_| "the container engine did not start the container within 30 s".to_string())?
         .map_err(|e| format!("the container could not start: {}", engine_message(&e)))?;
-    let logs = {
-        let docker = docker.clone();
-        let id = id.to_string();
-        let log = spec.log.clone();
-        tokio::spawn(async move {
-            let opts = LogsOptionsBuilder::new()
-                .follow(true)
-                .stdout(true)
-                .stderr(true)
-                .build();
-            let mut stream = docker.logs(&id, Some(opts));
-            while let Some(Ok(chunk)) = stream.next().await {
-                log.append(&chunk.into_bytes());
-            }
-        })
-    };
+    tracing::debug!(container = %short(id), "started");
+    // The exit, whichever tells first: the engine's wait, or the end of the
+    // attached output followed by the container's state (podman's wait polls
+    // every 250 ms; the state is there within milliseconds).
     let wait = async {
         let mut stream = docker.wait_container(id, None);
         match stream.next().await {
@@ -351,15 +373,36 @@ async fn follow(docker: &Docker, id: &str, spec: &Spec) -> Result<Outcome, Strin
             None => Err("the container engine ended the wait without a status".to_string()),
         }
     };
-    let code = match tokio::time::timeout(spec.timeout, wait).await {
+    let mut ended = logs_ended.clone();
+    let exited = async {
+        let _ = ended.wait_for(|d| *d).await;
+        let mut pause = Duration::from_millis(5);
+        loop {
+            if let Some(code) = exit_code(docker, id).await {
+                return Ok::<i64, String>(code);
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
+    };
+    let code = match tokio::time::timeout(spec.timeout, async {
+        tokio::select! {
+            c = wait => c,
+            c = exited => c,
+        }
+    })
+    .await
+    {
         Ok(code) => code?,
         Err(_) => {
             logs.abort();
             return Ok(Outcome::TimedOut(spec.timeout));
         }
     };
-    // The log stream ends with the container; give the last lines a moment.
-    let _ = tokio::time::timeout(Duration::from_secs(5), logs).await;
+    // The output stream ends with the container; give the last lines a moment.
+    let _ = tokio::time::timeout(Duration::from_secs(5), logs_ended.wait_for(|d| *d)).await;
+    logs.abort();
+    tracing::debug!(container = %short(id), code, "container exited");
     let oom = tokio::time::timeout(CALL_TIMEOUT, docker.inspect_container(id, None))
         .await
         .ok()
@@ -374,6 +417,21 @@ async fn follow(docker: &Docker, id: &str, spec: &Spec) -> Result<Outcome, Strin
     } else {
         Outcome::Exited(code)
     })
+}
+
+/// The exit code once the container has stopped; `None` while it runs (or
+/// cannot be inspected).
+async fn exit_code(docker: &Docker, id: &str) -> Option<i64> {
+    use bollard::models::ContainerStateStatusEnum as S;
+    let state = tokio::time::timeout(CALL_TIMEOUT, docker.inspect_container(id, None))
+        .await
+        .ok()?
+        .ok()?
+        .state?;
+    match state.status? {
+        S::EXITED | S::DEAD => state.exit_code,
+        _ => None,
+    }
 }
 
 /// The engine's own message, without bollard's wrapping.

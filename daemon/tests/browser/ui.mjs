@@ -47,6 +47,9 @@ const runId = await page.evaluate(() => location.hash.slice(4));
 await page.waitForSelector("h2 [data-status='succeeded']", { timeout: 60000 });
 const stepRows = await page.$$eval("#steps tr[data-step]", (r) => r.length);
 if (stepRows !== steps.steps.length) fail(`run view lists ${stepRows} steps`);
+// The container step names its image and digest.
+const placement = await page.textContent("tr[data-step='render'] .placement");
+if (!/millrace-busybox:1 [0-9a-f]{12}/.test(placement)) fail("container placement: " + JSON.stringify(placement));
 await shot("3-run");
 // Its log.
 await page.click("button[data-log='nap']");
