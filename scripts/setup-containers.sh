@@ -7,9 +7,10 @@
 #  - otherwise podman is installed (apt, as root) when missing, and
 #    `podman system service` is started on /run/podman/podman.sock (root) or
 #    $XDG_RUNTIME_DIR/podman/podman.sock (other users) unless it already answers;
-#  - when the hard open-file or process limits are below what rootful podman asks
-#    crun for (1048576) and cannot be raised (no CAP_SYS_RESOURCE),
-#    /etc/containers/containers.conf gets default_ulimits at the real hard limits;
+#  - when the open-file or process limits are below what rootful podman asks crun
+#    for (1048576) and cannot be raised (no CAP_SYS_RESOURCE),
+#    /etc/containers/containers.conf gets default_ulimits at the limits that podman
+#    itself runs with (the hard nofile; nproc 32768 or a lower hard limit);
 #  - on a cgroup v1 host whose v2 `unified` hierarchy still holds controllers
 #    (crun: "cgroups in hybrid mode not supported"), those controllers are mounted
 #    as v1 hierarchies (root only; lasts until reboot);
@@ -33,7 +34,7 @@ apt_get() { DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 "$
 api() {
     local url=$1 method=$2 path=$3 body=${4:-} ctype=${5:-application/json}
     if command -v curl >/dev/null; then
-        local args=(-sS -f --max-time 60 -X "$method")
+        local args=(-sS --fail-with-body --max-time 60 -X "$method")
         [[ -n "$body" ]] && args+=(-H "Content-Type: $ctype" --data-binary "@$body")
         case "$url" in
             unix://*) curl "${args[@]}" --unix-socket "${url#unix://}" "http://d$path" ;;
@@ -79,7 +80,7 @@ api_run_check() {
     rm -f "$spec"
     [[ -n "$id" ]] || { say "the engine did not create a test container"; return 1; }
     status=0
-    api "$url" POST "/v1.41/containers/$id/start" >/dev/null || status=$?
+    out=$(api "$url" POST "/v1.41/containers/$id/start" 2>&1) || { say "test container: $out"; status=1; }
     if ((status == 0)); then
         out=$(api "$url" POST "/v1.41/containers/$id/wait") || status=$?
         [[ "$out" == *'"StatusCode":0'* ]] || { say "test container: $out"; status=1; }
@@ -105,10 +106,11 @@ else
             die "podman is not installed and cannot be installed from here (not root, or no apt-get): install podman, crun and busybox-static as root, or set DOCKER_HOST to a running engine"
         fi
         say "installing podman (Debian packages)"
-        # podman pulls conmon, containers-common and (first alternative) crun; netavark
-        # is named so that apt picks it as the network stack. Rootless extras (uidmap,
-        # slirp4netns, fuse-overlayfs) and catatonit (--init) are not needed here.
-        pkgs=(podman crun conmon golang-github-containers-common netavark busybox-static)
+        # podman pulls conmon, containers-common and (first alternative) crun; the
+        # network stack for "bridge" is named: CNI's plugins (with iptables), as apt
+        # picks them anyway. Only rootless podman needs uidmap, slirp4netns and
+        # fuse-overlayfs, and only --init needs catatonit: not installed.
+        pkgs=(podman crun conmon golang-github-containers-common containernetworking-plugins busybox-static)
         command -v curl >/dev/null || command -v python3 >/dev/null || pkgs+=(curl)
         apt_get update -qq >&2
         apt_get install -y -qq --no-install-recommends "${pkgs[@]}" >&2
@@ -117,19 +119,22 @@ else
 
     if is_root; then
         # 2. Limits. Rootful podman asks crun for nofile and nproc 1048576; without
-        # CAP_SYS_RESOURCE crun cannot go above the hard limits ("setrlimit
+        # CAP_SYS_RESOURCE crun cannot go above its own hard limits ("setrlimit
         # RLIMIT_NOFILE: Operation not permitted"), so containers.conf names them.
+        # podman (4.3) raises its own nofile to 1048576 or else the hard limit, and
+        # sets its own nproc to 32768 (lowering it; when the hard limit is below,
+        # that fails and the hard limit stays): conmon and crun inherit these.
         capeff=$(sed -n 's/^CapEff:[[:space:]]*//p' /proc/self/status)
         nofile=$(ulimit -Hn) nproc=$(ulimit -Hu) want=1048576
         [[ $nofile == unlimited || $nofile -gt $want ]] && nofile=$want
-        [[ $nproc == unlimited || $nproc -gt $want ]] && nproc=$want
+        [[ $nproc == unlimited || $nproc -gt 32768 ]] && nproc=32768
         conf=/etc/containers/containers.conf
         mark="# millrace scripts/setup-containers.sh"
         line="default_ulimits = [\"nofile=$nofile:$nofile\", \"nproc=$nproc:$nproc\"]  $mark"
         if ((((0x${capeff:-0} >> 24) & 1) == 0)) && ((nofile < want || nproc < want)); then
             current=$(grep -s '^[[:space:]]*default_ulimits' "$conf" || true)
             if [[ -z "$current" ]]; then
-                say "hard limits nofile=$nofile nproc=$nproc without CAP_SYS_RESOURCE: default_ulimits in $conf"
+                say "no CAP_SYS_RESOURCE, limits nofile=$nofile nproc=$nproc: default_ulimits in $conf"
                 mkdir -p /etc/containers
                 if grep -qs '^[[:space:]]*\[containers\]' "$conf"; then
                     sed -i "0,/^[[:space:]]*\[containers\]/s||&\n$line|" "$conf"
@@ -138,10 +143,13 @@ else
                 fi
                 conf_changed=1 changed=1
             elif [[ "$current" == *"$mark"* && "$current" != "$line" ]]; then
-                say "hard limits are now nofile=$nofile nproc=$nproc: updating default_ulimits in $conf"
+                say "limits are now nofile=$nofile nproc=$nproc: updating default_ulimits in $conf"
                 sed -i "s|^[[:space:]]*default_ulimits.*$mark.*|$line|" "$conf"
                 conf_changed=1 changed=1
-            fi  # else someone else's default_ulimits: theirs to keep
+            elif [[ "$current" != *"$mark"* && ! ( "$current" == *nofile=* && "$current" == *nproc=* ) ]]; then
+                # Someone else's default_ulimits: theirs to keep, but say what fails.
+                say "warning: $conf has default_ulimits without both nofile and nproc (crun may fail: setrlimit ... Operation not permitted)"
+            fi
         fi
 
         # 3. Hybrid cgroups: v1 hierarchies plus a v2 `unified` one that still holds
@@ -166,28 +174,38 @@ else
         sock="${XDG_RUNTIME_DIR:-/run/user/$(id -u)}/podman/podman.sock"
     fi
 
-    # 4. The service (ours: its pid is kept beside the socket).
+    # 4. The service; one started by this script (same command line) may be
+    # restarted, any other one is only used.
     host="unix://$sock"
     dir=$(dirname "$sock")
-    pidfile="$dir/millrace-service.pid"
     log="$dir/millrace-service.log"
-    ours() { [[ -s "$pidfile" ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null; }
+    service_pid() {
+        local f args
+        for f in /proc/[0-9]*/cmdline; do
+            mapfile -d '' args <"$f" 2>/dev/null || continue
+            [[ "${args[*]}" == "podman system service --time=0 $host" ]] || continue
+            f=${f#/proc/}
+            echo "${f%/cmdline}"
+            return 0
+        done
+        return 1
+    }
     if ((conf_changed)) && ping_engine "$host"; then
-        if ours; then
-            say "restarting podman system service for the new containers.conf"
-            kill "$(cat "$pidfile")"
-            for _ in $(seq 1 50); do ours || break; sleep 0.1; done
+        if pid=$(service_pid); then
+            say "restarting podman system service (pid $pid) for the new $conf"
+            kill "$pid"
+            for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+            kill -9 "$pid" 2>/dev/null && sleep 0.2 || true
         else
-            say "warning: restart the running podman service on $sock to apply $conf"
+            say "warning: restart the podman service on $sock to apply $conf"
         fi
     fi
     if ! ping_engine "$host"; then
-        if ! ours; then
+        if ! service_pid >/dev/null; then
             say "starting podman system service on $sock (log: $log)"
             mkdir -p "$dir"
             rm -f "$sock"  # a stale socket from a service that is gone
             setsid nohup podman system service --time=0 "$host" >"$log" 2>&1 </dev/null &
-            echo $! >"$pidfile"
             changed=1
         fi
         for _ in $(seq 1 200); do
@@ -205,13 +223,14 @@ fi
 # 5. The test image, without a registry.
 if ! image_present "$host"; then
     busybox=/bin/busybox
-    if ! LC_ALL=C ldd "$busybox" 2>&1 | grep -qE 'not a dynamic|statically linked'; then
+    # The rootfs has no libc: busybox must be the static build.
+    is_static() { [[ -x "$busybox" && "$(LC_ALL=C ldd "$busybox" 2>&1 || true)" =~ not\ a\ dynamic|statically\ linked ]]; }
+    if ! is_static; then
         if is_root && command -v apt-get >/dev/null; then
             say "installing busybox-static"
             apt_get install -y -qq --no-install-recommends busybox-static >&2
         fi
-        LC_ALL=C ldd "$busybox" 2>&1 | grep -qE 'not a dynamic|statically linked' \
-            || die "$busybox is missing or not static: install busybox-static"
+        is_static || die "$busybox is missing or not static: install busybox-static"
     fi
     say "building $image from Debian's $busybox"
     work=$(mktemp -d)
@@ -221,7 +240,8 @@ if ! image_present "$host"; then
     cp "$busybox" "$rootfs/bin/busybox"
     # `--list-full` names each applet's usual place (bin/sh, usr/bin/head, ...).
     for applet in $("$busybox" --list-full); do
-        [[ -e "$rootfs/$applet" ]] || ln -s /bin/busybox "$rootfs/$applet"
+        [[ $applet == */* && ! -e "$rootfs/$applet" ]] || continue  # not linuxrc
+        ln -s /bin/busybox "$rootfs/$applet"
     done
     printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' \
         >"$rootfs/etc/passwd"
@@ -234,9 +254,10 @@ if ! image_present "$host"; then
         podman import --quiet --change 'CMD ["/bin/sh"]' --change "ENV $path_env" \
             "$work/rootfs.tar" "$image" >/dev/null
     else
-        # Another engine ($DOCKER_HOST): the API's import (POST /images/create?fromSrc=-).
+        # Another engine ($DOCKER_HOST): the API's import (POST /images/create?fromSrc=-);
+        # `repo` carries the tag as well (podman 4.3 ignores a separate `tag`).
         changes="changes=CMD%20%5B%22%2Fbin%2Fsh%22%5D&changes=ENV%20${path_env//\//%2F}"
-        api "$host" POST "/v1.41/images/create?fromSrc=-&repo=${image%:*}&tag=${image##*:}&$changes" \
+        api "$host" POST "/v1.41/images/create?fromSrc=-&repo=$image&$changes" \
             "$work/rootfs.tar" application/x-tar >/dev/null \
             || die "the engine at $host did not import $image"
     fi
