@@ -51,6 +51,8 @@ pub struct Compute {
     pub socket: Option<String>,
     /// A container engine may pull missing images (default: no).
     pub pull: bool,
+    /// A Slurm cluster's settings (kind = "slurm").
+    pub slurm: Option<crate::executor::slurm::Target>,
 }
 
 const KEYS: &[&str] = &[
@@ -82,6 +84,78 @@ const COMPUTE_KEYS: &[&str] = &[
     "pull",
 ];
 
+const SLURM_KEYS: &[&str] = &[
+    "partition",
+    "account",
+    "qos",
+    "time_limit",
+    "gpus",
+    "gres",
+    "cpus_per_task",
+    "mem",
+    "extra_args",
+    "shared_dir",
+];
+
+/// The settings of a `kind = "slurm"` target.
+fn slurm_target(
+    w: &mut Walker,
+    c: &DeTable<'_>,
+    resolve: &dyn Fn(&str) -> PathBuf,
+) -> Option<crate::executor::slurm::Target> {
+    let mut text = |key: &str| {
+        c.get(key)
+            .and_then(|x| w.string(x, key))
+            .map(|s| s.into_inner())
+    };
+    let partition = text("partition");
+    let account = text("account");
+    let qos = text("qos");
+    let time_limit = text("time_limit");
+    let gpus = text("gpus");
+    let gres = text("gres");
+    let mem = text("mem");
+    let cpus_per_task = match c.get("cpus_per_task") {
+        Some(x) => match w.integer(x, "cpus_per_task") {
+            Some(n) if (1..=4096).contains(&n) => Some(n as u32),
+            Some(_) => {
+                w.error(x.span(), "cpus_per_task must be between 1 and 4096");
+                None
+            }
+            None => None,
+        },
+        None => None,
+    };
+    let extra_args = c
+        .get("extra_args")
+        .map(|x| {
+            w.string_array(x, "extra_args")
+                .into_iter()
+                .map(|s| s.into_inner())
+                .collect()
+        })
+        .unwrap_or_default();
+    // Default: `<state_dir>/slurm`, filled in once the state dir is known; right
+    // for one machine, and for a cluster whose nodes mount the state dir.
+    let shared_dir = c
+        .get("shared_dir")
+        .and_then(|x| w.string(x, "shared_dir"))
+        .map(|d| resolve(d.get_ref()))
+        .unwrap_or_default();
+    Some(crate::executor::slurm::Target {
+        partition,
+        account,
+        qos,
+        time_limit,
+        gpus,
+        gres,
+        cpus_per_task,
+        mem,
+        extra_args,
+        shared_dir,
+    })
+}
+
 pub fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8640))
 }
@@ -96,9 +170,7 @@ impl Config {
             }
         }
         for (k, c) in &self.computes {
-            if c.kind != "slurm" {
-                env.computes.insert(k.clone(), c.kind.clone());
-            }
+            env.computes.insert(k.clone(), c.kind.clone());
         }
         env
     }
@@ -261,6 +333,17 @@ fn config(w: &mut Walker, doc: &DeTable<'_>, path: &Path) -> Option<Config> {
             };
             let socket = c.get("socket").and_then(|s| w.string(s, "socket"));
             let pull = c.get("pull").and_then(|p| w.boolean(p, "pull"));
+            let slurm = (kind == "slurm").then(|| slurm_target(w, c, &resolve));
+            if kind != "slurm" {
+                for key in SLURM_KEYS {
+                    if let Some(v) = c.get(*key) {
+                        w.error(
+                            v.span(),
+                            format!("`{key}` applies to kind = \"slurm\" targets only"),
+                        );
+                    }
+                }
+            }
             if kind != "container" {
                 for key in ["socket", "pull"] {
                     if let Some(v) = c.get(key) {
@@ -283,14 +366,23 @@ fn config(w: &mut Walker, doc: &DeTable<'_>, path: &Path) -> Option<Config> {
                     kind,
                     socket: socket.map(|s| s.into_inner()),
                     pull: pull.unwrap_or(false),
+                    slurm: slurm.flatten(),
                 },
             );
+        }
+    }
+    let state_dir = state_dir?;
+    for c in computes.values_mut() {
+        if let Some(t) = &mut c.slurm
+            && t.shared_dir.as_os_str().is_empty()
+        {
+            t.shared_dir = state_dir.join("slurm");
         }
     }
     Some(Config {
         path: path.to_path_buf(),
         pipelines: pipelines?,
-        state_dir: state_dir?,
+        state_dir,
         max_parallel_steps,
         shutdown_grace,
         resume_interrupted,

@@ -996,6 +996,13 @@ impl Walker {
                             c.get_ref()
                         ),
                     ),
+                Some("slurm") if matches!(kind, Some(StepKind::Container(_))) => self.error(
+                    c.span(),
+                    format!(
+                        "compute `{}` is a Slurm cluster: container steps do not run on Slurm in this version (wasm, python and module steps do)",
+                        c.get_ref()
+                    ),
+                ),
                 Some(_) => {}
             }
         }

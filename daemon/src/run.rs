@@ -230,12 +230,20 @@ impl Engine {
     pub fn environment(&self) -> Result<Environment, RunError> {
         let mut env = self.datastores.environment();
         for (name, c) in &self.computes {
-            if c.kind != "slurm" {
-                env.computes.insert(name.clone(), c.kind.clone());
-            }
+            env.computes.insert(name.clone(), c.kind.clone());
         }
         env.modules = crate::module::ModuleIndex::load(&self.store)?;
         Ok(env)
+    }
+
+    /// The Slurm target a step runs on, if its `compute` names one.
+    fn slurm_target(
+        &self,
+        step: &definition::Step,
+    ) -> Option<(String, crate::executor::slurm::Target)> {
+        let name = step.compute.as_ref()?.get_ref();
+        let c = self.computes.get(name)?;
+        Some((name.clone(), c.slurm.clone()?))
     }
 
     /// The container engine a step runs on: its compute target's socket (and
@@ -284,7 +292,7 @@ impl Engine {
 
     /// This store's mark on the containers it starts: two state directories on
     /// one engine never touch each other's containers.
-    pub fn container_instance(&self) -> String {
+    pub fn instance(&self) -> String {
         container::instance_of(&self.store.root)
     }
 
@@ -300,7 +308,7 @@ impl Engine {
         sockets.push(container::default_socket());
         sockets.sort();
         sockets.dedup();
-        let instance = self.container_instance();
+        let instance = self.instance();
         let mut removed = 0;
         for socket in sockets {
             let docker = match self.containers.connect(&socket).await {
@@ -1472,8 +1480,11 @@ impl RunContext {
             }
         };
         let mut last_error = String::new();
-        for attempt in 1..=step.retries.attempts {
-            if attempt > 1 {
+        // A Slurm job of this step that was running when the last process died is
+        // followed again (adopted) as the attempt it was, not submitted anew.
+        let first = self.adoptable_attempt(i).unwrap_or(1);
+        for attempt in first..=step.retries.attempts.max(first) {
+            if attempt > first {
                 let backoff = step
                     .retries
                     .backoff
@@ -1493,7 +1504,7 @@ impl RunContext {
                 .log_dir(self.run_id)
                 .join(format!("{name}.{attempt}.log"));
             record(self.store().db().batch(|b| {
-                if attempt == 1 {
+                if attempt == first {
                     record_inputs(b, self.run_id, step, &inputs)?;
                     b.start_step(self.run_id, &name)?;
                 }
@@ -1564,6 +1575,21 @@ impl RunContext {
             last_error
         };
         self.fail_step(&name, detail, started)
+    }
+
+    /// The attempt of step `i` whose Slurm job a previous process submitted and
+    /// did not see end (its row is still `running`).
+    fn adoptable_attempt(&self, i: usize) -> Option<u32> {
+        self.engine.slurm_target(&self.pipeline.steps[i])?;
+        let name = self.pipeline.steps[i].name.get_ref();
+        let attempts = self.store().db().read().attempts(self.run_id, name).ok()?;
+        let last = attempts.last()?;
+        (last.status == "running"
+            && last
+                .placement
+                .as_ref()
+                .is_some_and(|p| p["kind"] == "slurm" && p["job_id"].is_string()))
+        .then_some(last.attempt as u32)
     }
 
     /// Records and reports a step's final failure.
@@ -1873,14 +1899,25 @@ impl RunContext {
                         memory,
                         timeout: Some(step.timeout.unwrap_or(DEFAULT_TIMEOUT)),
                     };
-                    let wasm = self.engine.wasm().await.map_err(|e| fail(e.to_string()))?;
-                    Box::pin(async move {
-                        let outcome = wasm
-                            .run(&wasm_path, &run_digest, sandbox)
-                            .await
-                            .map_err(|e| fail(e.to_string()))?;
-                        Ok(wasm_failure(outcome, memory))
-                    })
+                    if let Some((compute, target)) = self.engine.slurm_target(step) {
+                        let stage_program = matches!(program, Program::Wasm(_));
+                        Box::pin(self.run_slurm(
+                            i,
+                            attempt,
+                            (compute, target),
+                            (wasm_path, run_digest, stage_program),
+                            sandbox,
+                        ))
+                    } else {
+                        let wasm = self.engine.wasm().await.map_err(|e| fail(e.to_string()))?;
+                        Box::pin(async move {
+                            let outcome = wasm
+                                .run(&wasm_path, &run_digest, sandbox)
+                                .await
+                                .map_err(|e| fail(e.to_string()))?;
+                            Ok(wasm_failure(outcome, memory))
+                        })
+                    }
                 }
             };
         // The disk a step fills while it runs (/out and /tmp) is watched too: past
@@ -1955,6 +1992,303 @@ impl RunContext {
         })
     }
 
+    /// Runs a wasm or Python attempt as a Slurm job: the sandbox directories of
+    /// the run's work dir are staged under the target's `shared_dir`, the job runs
+    /// `millrace exec-step` there, and `/out` and `/millrace` come back into the
+    /// local sandbox, so outputs and metrics are captured as for a local step.
+    async fn run_slurm(
+        &self,
+        i: usize,
+        attempt: u32,
+        (compute, target): (String, crate::executor::slurm::Target),
+        (program, digest, stage_program): (PathBuf, String, bool),
+        sandbox: Sandbox,
+    ) -> AttemptResult {
+        use crate::executor::slurm::{self, JobInfo, JobMount, JobResult, JobSpec};
+        let step = &self.pipeline.steps[i];
+        let name = step.name.get_ref();
+        let fail = |e: String| (None, e);
+        let log = sandbox.log.clone();
+        let safe: String = name
+            .chars()
+            .map(|ch| {
+                if ch.is_ascii_alphanumeric() || ch == '-' || ch == '_' {
+                    ch
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        let staging = target
+            .shared_dir
+            .join(format!("millrace-{}", self.engine.instance()))
+            .join(format!("{}-{safe}-{attempt}", self.run_id));
+        let work = self.store().work_dir(self.run_id);
+        // Mounts inside the run's work dir are staged (m0, m1, …, in order); the
+        // others (the Python runtime) are expected at the same path on the nodes.
+        let staged: Vec<(PathBuf, Option<PathBuf>, String, bool)> = sandbox
+            .mounts
+            .iter()
+            .enumerate()
+            .map(|(k, m)| {
+                let copy = m
+                    .host
+                    .starts_with(&work)
+                    .then(|| staging.join(format!("m{k}")));
+                (m.host.clone(), copy, m.guest.clone(), m.writable)
+            })
+            .collect();
+        let result_path = staging.join("result.json");
+        let step_log = staging.join("step.log");
+        let job_out = staging.join("job.out");
+        let job_name = format!("millrace-{}-{safe}-{attempt}", self.run_id);
+        let db_placement = |p: &serde_json::Value| {
+            if let Err(e) =
+                self.store()
+                    .db()
+                    .read()
+                    .set_attempt_placement(self.run_id, name, attempt, p)
+            {
+                tracing::error!(step = %name, error = %e, "cannot record the Slurm job");
+            }
+        };
+        // A job this attempt already submitted (the process that submitted it
+        // died): adopt it while Slurm knows it or its result is there.
+        let earlier = self
+            .store()
+            .db()
+            .read()
+            .attempt_placement(self.run_id, name, attempt)
+            .ok()
+            .flatten()
+            .filter(|p| p["kind"] == "slurm" && p["staging"] == staging.display().to_string());
+        let mut adopted = None;
+        if let Some(p) = &earlier
+            && let Some(id) = p["job_id"].as_str()
+        {
+            let known = slurm::job_info(id).await.map_err(fail)?.is_some();
+            if known || result_path.exists() {
+                log.note(&format!("re-adopted Slurm job {id} after a restart"));
+                adopted = Some((id.to_string(), p.clone()));
+            }
+        }
+        let (job, mut placement) = match adopted {
+            Some(a) => a,
+            None => {
+                let spec = tokio::task::block_in_place(|| -> Result<JobSpec, String> {
+                    let _ = std::fs::remove_dir_all(&staging);
+                    std::fs::create_dir_all(&staging)
+                        .map_err(|e| format!("cannot create {}: {e}", staging.display()))?;
+                    let mut mounts = Vec::new();
+                    for (host, copy, guest, writable) in &staged {
+                        if let Some(c) = copy {
+                            slurm::copy_tree(host, c).map_err(|e| {
+                                format!("cannot stage {guest} into {}: {e}", c.display())
+                            })?;
+                        }
+                        mounts.push(JobMount {
+                            host: copy.clone().unwrap_or_else(|| host.clone()),
+                            guest: guest.clone(),
+                            writable: *writable,
+                        });
+                    }
+                    let program = if stage_program {
+                        let p = staging.join("program.wasm");
+                        std::fs::copy(&program, &p)
+                            .map_err(|e| format!("cannot stage the program: {e}"))?;
+                        p
+                    } else {
+                        program.clone()
+                    };
+                    Ok(JobSpec {
+                        program,
+                        digest: digest.clone(),
+                        args: sandbox.args.clone(),
+                        env: sandbox.env.clone(),
+                        mounts,
+                        memory: sandbox.memory,
+                        timeout_ms: sandbox.timeout.unwrap_or(DEFAULT_TIMEOUT).as_millis() as u64,
+                        log: step_log.clone(),
+                        log_cap: log_cap(),
+                        result: result_path.clone(),
+                    })
+                })
+                .map_err(fail)?;
+                let exe = std::env::current_exe()
+                    .map_err(|e| fail(format!("cannot find the millrace binary: {e}")))?;
+                let spec_path = staging.join("spec.json");
+                let script = staging.join("job.sh");
+                let quote =
+                    |p: &Path| format!("'{}'", p.display().to_string().replace('\'', "'\\''"));
+                std::fs::write(&spec_path, serde_json::to_vec_pretty(&spec).expect("plain data"))
+                    .and_then(|()| {
+                        std::fs::write(
+                            &script,
+                            format!(
+                                "#!/bin/sh\n# millrace: run {} step {name} attempt {attempt}\nexec {} exec-step {}\n",
+                                self.run_id,
+                                quote(&exe),
+                                quote(&spec_path)
+                            ),
+                        )
+                    })
+                    .map_err(|e| fail(format!("cannot write the job files: {e}")))?;
+                let mut placement = serde_json::json!({
+                    "kind": "slurm",
+                    "compute": compute,
+                    "staging": staging.display().to_string(),
+                    "job_name": job_name,
+                    "job_id": null,
+                    "node": null,
+                });
+                // Recorded before sbatch: a crash in between leaves a named job to
+                // find, not an unknown one.
+                db_placement(&placement);
+                let args = slurm::sbatch_args(
+                    &target,
+                    &job_name,
+                    &job_out,
+                    step.timeout,
+                    step.memory,
+                    step.cpus,
+                );
+                let id = slurm::submit(&args, &script).await.map_err(fail)?;
+                placement["job_id"] = serde_json::json!(id);
+                db_placement(&placement);
+                log.note(&format!("submitted Slurm job {id} to `{compute}`"));
+                (id, placement)
+            }
+        };
+        let mut guard = slurm::CancelOnDrop {
+            job: Some(job.clone()),
+        };
+        let limit = sandbox.timeout.unwrap_or(DEFAULT_TIMEOUT);
+        // The executor on the node stops the guest at its timeout; Slurm's --time
+        // has a minute more; past both (and two minutes of grace) the job is
+        // cancelled from here.
+        let deadline = Instant::now() + limit + Duration::from_secs(120);
+        let mut offset = 0u64;
+        let tail = |offset: &mut u64| {
+            use std::io::{Read, Seek};
+            if let Ok(mut f) = std::fs::File::open(&step_log)
+                && f.seek(std::io::SeekFrom::Start(*offset)).is_ok()
+            {
+                let mut buf = Vec::new();
+                if f.read_to_end(&mut buf).is_ok() && !buf.is_empty() {
+                    *offset += buf.len() as u64;
+                    log.append(&buf);
+                }
+            }
+        };
+        let mut pause = Duration::from_millis(50);
+        let mut errors = 0;
+        let last: Option<JobInfo> = loop {
+            tail(&mut offset);
+            match slurm::job_info(&job).await {
+                Ok(Some(info)) => {
+                    errors = 0;
+                    if placement["node"].is_null()
+                        && let Some(n) = info.nodes()
+                    {
+                        placement["node"] = serde_json::json!(n);
+                        db_placement(&placement);
+                        log.note(&format!("Slurm job {job} runs on {n}"));
+                    }
+                    if info.is_finished() {
+                        break Some(info);
+                    }
+                }
+                Ok(None) => break None,
+                Err(e) => {
+                    errors += 1;
+                    if errors >= 20 {
+                        return Err(fail(format!("lost track of Slurm job {job}: {e}")));
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                slurm::cancel(&job).await;
+                guard.job = None;
+                return Ok(Some((
+                    None,
+                    format!(
+                        "timed out after {}; Slurm job {job} was cancelled",
+                        humantime::format_duration(limit)
+                    ),
+                )));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(2));
+        };
+        guard.job = None;
+        tail(&mut offset);
+        let result: Option<JobResult> = std::fs::read_to_string(&result_path)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok());
+        if let Ok(text) = std::fs::read_to_string(&job_out)
+            && !text.trim().is_empty()
+        {
+            log.note(&format!("Slurm job {job} output:"));
+            log.append(text.as_bytes());
+        }
+        let memory = sandbox.memory;
+        let failure = match (result, &last) {
+            (Some(JobResult::Exited { code: 0 }), _) => None,
+            (Some(JobResult::Exited { code }), _) => Some((
+                Some(code),
+                format!("exited with code {code} (Slurm job {job})"),
+            )),
+            (Some(JobResult::Trapped { message }), _) => Some((
+                None,
+                format!("trapped: {}", message.lines().next().unwrap_or_default()),
+            )),
+            (Some(JobResult::OutOfMemory), _) => Some((
+                None,
+                format!(
+                    "memory limit of {} exceeded",
+                    definition::format_size(memory)
+                ),
+            )),
+            (Some(JobResult::TimedOut { ms }), _) => Some((
+                None,
+                format!(
+                    "timed out after {}",
+                    humantime::format_duration(Duration::from_millis(ms))
+                ),
+            )),
+            (Some(JobResult::Error { message }), _) => {
+                Some((None, format!("on the node (Slurm job {job}): {message}")))
+            }
+            (None, Some(info)) => Some((info.exit_code(), slurm::state_message(&job, info))),
+            (None, None) => Some((
+                None,
+                format!("Slurm job {job} ended without a result (it is no longer known to Slurm)"),
+            )),
+        };
+        let copied = tokio::task::block_in_place(|| -> Result<(), String> {
+            if failure.is_none() {
+                for (host, copy, guest, _) in &staged {
+                    if let Some(c) = copy
+                        && (guest == "/out" || guest == "/millrace")
+                    {
+                        remove_tree(host).map_err(|e| format!("{}: {e}", host.display()))?;
+                        slurm::copy_tree(c, host)
+                            .map_err(|e| format!("cannot copy {guest} back: {e}"))?;
+                    }
+                }
+            } else if let Some((host, Some(c), _, _)) =
+                staged.iter().find(|(_, _, g, _)| g == "/millrace")
+            {
+                // Metrics of a failed step are still recorded.
+                let _ = remove_tree(host).and_then(|()| slurm::copy_tree(c, host));
+            }
+            let _ = std::fs::remove_dir_all(&staging);
+            Ok(())
+        });
+        copied.map_err(fail)?;
+        Ok(failure)
+    }
+
     /// Runs a container step's attempt on its engine: the sandbox directories
     /// bind-mounted where the step contract puts them.
     #[allow(clippy::too_many_arguments)]
@@ -2002,7 +2336,7 @@ impl RunContext {
         let labels = HashMap::from([
             (
                 container::LABEL_INSTANCE.to_string(),
-                self.engine.container_instance(),
+                self.engine.instance(),
             ),
             (container::LABEL_RUN.to_string(), self.run_id.to_string()),
             (container::LABEL_STEP.to_string(), name.clone()),

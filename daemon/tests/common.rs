@@ -41,13 +41,18 @@ impl Project {
     /// Runs to completion, killing the process (and failing the test) after two
     /// minutes: a hung run must fail CI, not stall it.
     pub fn run(&self, args: &[&str]) -> Output {
+        self.run_within(args, 120)
+    }
+
+    /// As `run`, with another limit in seconds.
+    pub fn run_within(&self, args: &[&str], secs: u64) -> Output {
         let mut child = self
             .cmd(args)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("run millrace");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
         // Drain the pipes on threads so a chatty child cannot block on a full pipe.
         let mut stdout = child.stdout.take().expect("piped");
         let mut stderr = child.stderr.take().expect("piped");
@@ -68,7 +73,7 @@ impl Project {
             if std::time::Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("millrace {args:?} did not finish within 120 s");
+                panic!("millrace {args:?} did not finish within {secs} s");
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
         };

@@ -101,7 +101,7 @@ impl Daemon {
     }
 
     /// POST with the token (or `token` if given); (status, body).
-    fn post(&self, path: &str, body: Value, token: Option<&str>) -> (u16, Value) {
+    pub(crate) fn post(&self, path: &str, body: Value, token: Option<&str>) -> (u16, Value) {
         let mut req = Self::agent().post(format!("{}{path}", self.url));
         let t = token.unwrap_or(&self.token);
         if !t.is_empty() {

@@ -11,4 +11,5 @@ mod modules;
 mod python;
 mod run;
 mod sandbox;
+mod slurm;
 mod ui;

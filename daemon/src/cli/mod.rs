@@ -61,6 +61,10 @@ enum Command {
         /// Steps run at once (default: number of CPUs).
         #[arg(long)]
         max_parallel: Option<usize>,
+        /// Take compute targets and datastores from this daemon config (the state
+        /// directory stays --state).
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Check pipeline files (or every *.toml in directories): all errors at once.
     /// With --config: the daemon config and every file of its pipelines directory.
@@ -89,7 +93,13 @@ enum Command {
         params: Vec<String>,
         #[arg(long)]
         no_reuse: bool,
+        /// Compute targets and datastores from this daemon config.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
+    /// Run one staged step on this node (what a Slurm job runs).
+    #[command(hide = true)]
+    ExecStep { spec: PathBuf },
     /// Run history; `runs show RUN` for one run.
     Runs {
         #[command(subcommand)]
@@ -125,7 +135,12 @@ enum Command {
         dir: Option<PathBuf>,
     },
     /// Finish a failed or interrupted run, reusing the steps that succeeded.
-    Resume { run: String },
+    Resume {
+        run: String,
+        /// Compute targets and datastores from this daemon config.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Delete runs beyond the newest N per pipeline and the artifacts only they used.
     Gc {
         #[arg(long, default_value_t = 10)]
@@ -352,10 +367,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             params,
             no_reuse,
             max_parallel,
+            config,
         } => {
-            let (p, text) = load(&pipeline, &cli.state)?;
             let params = parse_params(&params)?;
-            let engine = engine(&cli.state, max_parallel)?;
+            let engine = engine_for(&cli.state, max_parallel, config.as_deref())?;
+            let (p, text) = load_for(&pipeline, &engine)?;
             let cancel = cancel_on_signal();
             let events = progress(json, p.steps.len());
             let req = RunRequest {
@@ -377,8 +393,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             events.finish();
             finish_run(summary, json)
         }
-        Command::Resume { run } => {
-            let engine = engine(&cli.state, None)?;
+        Command::ExecStep { spec } => Ok(crate::executor::slurm::exec_step(&spec).await),
+        Command::Resume { run, config } => {
+            let engine = engine_for(&cli.state, None, config.as_deref())?;
             let id = run_id(&engine.store, &run)?;
             // Containers a killed `millrace run` left behind go first.
             engine.remove_orphan_containers().await;
@@ -392,10 +409,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             pipeline,
             params,
             no_reuse,
+            config,
         } => {
-            let (p, _) = load(&pipeline, &cli.state)?;
             let params = parse_params(&params)?;
-            let engine = engine(&cli.state, None)?;
+            let engine = engine_for(&cli.state, None, config.as_deref())?;
+            let (p, _) = load_for(&pipeline, &engine)?;
             let plan = engine
                 .plan(&p, &params, no_reuse)
                 .await
@@ -487,9 +505,38 @@ fn engine(state: &Path, max_parallel: Option<usize>) -> anyhow::Result<Arc<Engin
     )))
 }
 
+/// An engine whose compute targets and datastores come from a daemon config.
+fn engine_for(
+    state: &Path,
+    max_parallel: Option<usize>,
+    config: Option<&Path>,
+) -> anyhow::Result<Arc<Engine>> {
+    let engine = engine(state, max_parallel)?;
+    let Some(path) = config else {
+        return Ok(engine);
+    };
+    let config = service::load_config(path)?;
+    let mut engine = Arc::into_inner(engine).context("engine in use")?;
+    engine.computes = config.computes.clone();
+    engine.datastores = Datastores {
+        paths: config.datastores.into_iter().collect(),
+    };
+    Ok(Arc::new(engine))
+}
+
+/// Loads and checks a pipeline file against an engine's environment.
+fn load_for(path: &Path, engine: &Engine) -> anyhow::Result<(Pipeline, String)> {
+    let env = engine.environment().map_err(run_error)?;
+    load_in(path, &env)
+}
+
 /// Loads and checks a pipeline file; bad configuration exits 78 with every error.
 fn load(path: &Path, state: &Path) -> anyhow::Result<(Pipeline, String)> {
-    let (pipeline, report) = definition::load(path, &environment(state)?)
+    load_in(path, &environment(state)?)
+}
+
+fn load_in(path: &Path, env: &definition::Environment) -> anyhow::Result<(Pipeline, String)> {
+    let (pipeline, report) = definition::load(path, env)
         .map_err(|e| Exit::config(format!("error: cannot read {}: {e}", path.display())))?;
     match pipeline {
         Some(p) => {
@@ -894,13 +941,25 @@ fn runs_show(store: &Store, run: &str, json: bool) -> anyhow::Result<i32> {
                 .unwrap_or_default();
             println!("  {:width$}    module {m}{digest}", "");
         }
-        if s.runtime == "container"
-            && let Some(p) = db
-                .read()
-                .attempts(id, &s.name)?
-                .into_iter()
-                .rev()
-                .find_map(|a| a.placement)
+        let placement = db
+            .read()
+            .attempts(id, &s.name)?
+            .into_iter()
+            .rev()
+            .find_map(|a| a.placement);
+        if let Some(p) = &placement
+            && p["kind"] == "slurm"
+        {
+            println!(
+                "  {:width$}    slurm job {} on {}  (compute {})",
+                "",
+                p["job_id"].as_str().unwrap_or("?"),
+                p["node"].as_str().unwrap_or("(not started)"),
+                p["compute"].as_str().unwrap_or("?"),
+            );
+        }
+        if let Some(p) = placement
+            && p["kind"] == "container"
         {
             println!(
                 "  {:width$}    image {} {}  container {} on {}",

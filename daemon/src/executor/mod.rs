@@ -5,6 +5,7 @@
 
 pub mod container;
 pub mod python;
+pub mod slurm;
 pub mod transfer;
 pub mod wasm;
 pub mod workspace;

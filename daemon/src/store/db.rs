@@ -714,14 +714,35 @@ impl Batch<'_> {
     pub fn start_attempt(&self, run: i64, step: &str, attempt: u32, log_path: &str) -> Result<()> {
         self.conn
             .prepare_cached(
-                "INSERT OR REPLACE INTO attempts (run_id, step, attempt, status, started_at, log_path)
-                 VALUES (?1, ?2, ?3, 'running', ?4, ?5)",
+                "INSERT INTO attempts (run_id, step, attempt, status, started_at, log_path)
+                 VALUES (?1, ?2, ?3, 'running', ?4, ?5)
+                 ON CONFLICT (run_id, step, attempt) DO UPDATE SET status = 'running',
+                   started_at = excluded.started_at, log_path = excluded.log_path,
+                   finished_at = NULL, exit_code = NULL, error = NULL",
             )?
             .execute(params![run, step, attempt, now_ms(), log_path])?;
         self.conn
             .prepare_cached("UPDATE steps SET attempts = ?3 WHERE run_id = ?1 AND name = ?2")?
             .execute(params![run, step, attempt])?;
         Ok(())
+    }
+
+    /// Where an attempt ran (or runs), as recorded.
+    pub fn attempt_placement(
+        &self,
+        run: i64,
+        step: &str,
+        attempt: u32,
+    ) -> Result<Option<serde_json::Value>> {
+        let p: Option<Option<String>> = self
+            .conn
+            .query_row(
+                "SELECT placement FROM attempts WHERE run_id = ?1 AND step = ?2 AND attempt = ?3",
+                params![run, step, attempt],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(p.flatten().and_then(|p| serde_json::from_str(&p).ok()))
     }
 
     pub fn set_attempt_placement(

@@ -1,0 +1,458 @@
+//! Slurm compute targets: a step's attempt becomes a batch job. The daemon stages
+//! the step's sandbox directories under the target's `shared_dir` (a directory the
+//! submit host and every node see), submits `millrace exec-step SPEC` with
+//! `sbatch --parsable`, follows the job with `scontrol show job -o` (no accounting
+//! storage needed), streams the guest's log back, and copies the outputs back into
+//! the local sandbox, where they are captured exactly as for a local step: where a
+//! step ran never enters its cache key.
+//!
+//! On the node, `exec-step` runs the same wasm/Python executor as the daemon and
+//! writes `result.json`; the daemon reads it to report the same messages as for a
+//! local step, and falls back on the job's state (TIMEOUT, OUT_OF_MEMORY,
+//! NODE_FAIL, PREEMPTED, CANCELLED) when the job ended before it could write one.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// A `[compute.NAME] kind = "slurm"` target.
+#[derive(Debug, Clone, Default)]
+pub struct Target {
+    pub partition: Option<String>,
+    pub account: Option<String>,
+    pub qos: Option<String>,
+    /// `--time` when the step has no `timeout`.
+    pub time_limit: Option<String>,
+    pub gpus: Option<String>,
+    pub gres: Option<String>,
+    /// `--cpus-per-task` when the step has no `cpus`.
+    pub cpus_per_task: Option<u32>,
+    /// `--mem` when the step has no `memory`.
+    pub mem: Option<String>,
+    pub extra_args: Vec<String>,
+    pub shared_dir: PathBuf,
+}
+
+/// What `millrace exec-step` runs on the node (the staged `spec.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobSpec {
+    /// The wasm program (the step's, staged; or the Python runtime on the node).
+    pub program: PathBuf,
+    /// Its content digest: the precompile cache key.
+    pub digest: String,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub mounts: Vec<JobMount>,
+    pub memory: u64,
+    pub timeout_ms: u64,
+    /// The guest's stdout and stderr.
+    pub log: PathBuf,
+    pub log_cap: u64,
+    /// Where the outcome is written.
+    pub result: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobMount {
+    pub host: PathBuf,
+    pub guest: String,
+    pub writable: bool,
+}
+
+/// How the guest ended on the node (`result.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum JobResult {
+    Exited {
+        code: i32,
+    },
+    Trapped {
+        message: String,
+    },
+    OutOfMemory,
+    TimedOut {
+        ms: u64,
+    },
+    /// exec-step itself failed (bad spec, cannot compile, …).
+    Error {
+        message: String,
+    },
+}
+
+/// One line of `scontrol show job -o ID`, as key → value.
+#[derive(Debug, Clone, Default)]
+pub struct JobInfo {
+    pub fields: HashMap<String, String>,
+}
+
+impl JobInfo {
+    pub fn parse(line: &str) -> JobInfo {
+        let fields = line
+            .split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        JobInfo { fields }
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.fields.get(key).map(String::as_str)
+    }
+
+    /// `PENDING`, `RUNNING`, `COMPLETED`, `FAILED`, `TIMEOUT`, …
+    pub fn state(&self) -> &str {
+        self.get("JobState").unwrap_or("UNKNOWN")
+    }
+
+    /// The node(s) the job runs on, once it runs.
+    pub fn nodes(&self) -> Option<&str> {
+        self.get("NodeList")
+            .filter(|n| !n.is_empty() && *n != "(null)")
+    }
+
+    /// `ExitCode=3:0` → 3.
+    pub fn exit_code(&self) -> Option<i32> {
+        self.get("ExitCode")?.split(':').next()?.parse().ok()
+    }
+
+    pub fn is_finished(&self) -> bool {
+        !matches!(
+            self.state(),
+            "PENDING"
+                | "CONFIGURING"
+                | "RUNNING"
+                | "COMPLETING"
+                | "SUSPENDED"
+                | "REQUEUED"
+                | "RESIZING"
+                | "SIGNALING"
+                | "STAGE_OUT"
+                | "STOPPED"
+        )
+    }
+}
+
+/// Why a job that wrote no result ended, in words.
+pub fn state_message(job: &str, info: &JobInfo) -> String {
+    let reason = info
+        .get("Reason")
+        .filter(|r| *r != "None")
+        .map(|r| format!(" ({r})"))
+        .unwrap_or_default();
+    match info.state() {
+        "TIMEOUT" => format!("Slurm job {job} reached its time limit (TIMEOUT){reason}"),
+        "OUT_OF_MEMORY" => format!("Slurm job {job} ran out of memory (OUT_OF_MEMORY){reason}"),
+        "NODE_FAIL" => format!("Slurm job {job} failed with its node (NODE_FAIL){reason}"),
+        "PREEMPTED" => format!("Slurm job {job} was preempted (PREEMPTED){reason}"),
+        "CANCELLED" => format!("Slurm job {job} was cancelled (CANCELLED){reason}"),
+        "BOOT_FAIL" => format!("Slurm job {job} could not boot its node (BOOT_FAIL){reason}"),
+        "DEADLINE" => format!("Slurm job {job} missed its deadline (DEADLINE){reason}"),
+        "FAILED" => format!(
+            "Slurm job {job} failed with exit code {}{reason}",
+            info.exit_code().unwrap_or(-1)
+        ),
+        other => format!("Slurm job {job} ended {other}{reason}"),
+    }
+}
+
+/// `scontrol show job -o ID`: `Ok(None)` when Slurm no longer knows the job
+/// (finished longer ago than MinJobAge, or never existed).
+pub async fn job_info(job: &str) -> Result<Option<JobInfo>, String> {
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::process::Command::new("scontrol")
+            .args(["show", "job", "-o", job])
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .map_err(|_| "scontrol did not answer within 30 s".to_string())?
+    .map_err(|e| format!("cannot run scontrol: {e}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() || stdout.trim().is_empty() {
+        if stderr.contains("Invalid job id") {
+            return Ok(None);
+        }
+        return Err(format!("scontrol show job {job}: {}", stderr.trim()));
+    }
+    Ok(Some(JobInfo::parse(stdout.lines().next().unwrap_or(""))))
+}
+
+/// `scancel ID`, best effort.
+pub async fn cancel(job: &str) {
+    let r = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::process::Command::new("scancel")
+            .arg(job)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await;
+    match r {
+        Ok(Ok(o)) if o.status.success() => {}
+        Ok(Ok(o)) => {
+            tracing::warn!(job, error = %String::from_utf8_lossy(&o.stderr).trim(), "scancel failed")
+        }
+        Ok(Err(e)) => tracing::warn!(job, error = %e, "cannot run scancel"),
+        Err(_) => tracing::warn!(job, "scancel did not answer within 30 s"),
+    }
+}
+
+/// The `sbatch` arguments for a step: the target's settings, overridden by the
+/// step's `timeout` (whole minutes, at least one, with a minute of slack for the
+/// executor's own limit to act first), `memory` (plus the runtime's overhead)
+/// and `cpus`.
+pub fn sbatch_args(
+    t: &Target,
+    job_name: &str,
+    out: &Path,
+    timeout: Option<Duration>,
+    memory: Option<u64>,
+    cpus: Option<f64>,
+) -> Vec<String> {
+    let mut a = vec![
+        "--parsable".to_string(),
+        format!("--job-name={job_name}"),
+        format!("--output={}", out.display()),
+        "--ntasks=1".to_string(),
+    ];
+    let opt = |flag: &str, v: &Option<String>, a: &mut Vec<String>| {
+        if let Some(v) = v {
+            a.push(format!("--{flag}={v}"));
+        }
+    };
+    opt("partition", &t.partition, &mut a);
+    opt("account", &t.account, &mut a);
+    opt("qos", &t.qos, &mut a);
+    opt("gpus", &t.gpus, &mut a);
+    opt("gres", &t.gres, &mut a);
+    match timeout {
+        Some(d) => a.push(format!("--time={}", d.as_secs().div_ceil(60) + 1)),
+        None => opt("time", &t.time_limit, &mut a),
+    }
+    match memory {
+        // The runtime (wasmtime, the Python interpreter's pages) lives beside the
+        // guest's linear memory.
+        Some(m) => a.push(format!("--mem={}M", (m >> 20) + RUNTIME_OVERHEAD_MIB)),
+        None => opt("mem", &t.mem, &mut a),
+    }
+    match cpus {
+        Some(c) => a.push(format!("--cpus-per-task={}", c.ceil().max(1.0) as u32)),
+        None => {
+            if let Some(c) = t.cpus_per_task {
+                a.push(format!("--cpus-per-task={c}"));
+            }
+        }
+    }
+    a.extend(t.extra_args.iter().cloned());
+    a
+}
+
+/// Memory a job asks for beyond the step's `memory`.
+pub const RUNTIME_OVERHEAD_MIB: u64 = 512;
+
+/// `sbatch ARGS SCRIPT` → the job id.
+pub async fn submit(args: &[String], script: &Path) -> Result<String, String> {
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new("sbatch")
+            .args(args)
+            .arg(script)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .map_err(|_| "sbatch did not answer within 60 s".to_string())?
+    .map_err(|e| format!("cannot run sbatch (is Slurm's client installed?): {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "sbatch refused the job: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    // `--parsable` prints `ID` or `ID;CLUSTER`.
+    let text = String::from_utf8_lossy(&out.stdout);
+    let id = text.trim().split(';').next().unwrap_or("").to_string();
+    if id.is_empty() || !id.chars().all(|c| c.is_ascii_digit() || c == '_') {
+        return Err(format!("sbatch printed no job id: {}", text.trim()));
+    }
+    Ok(id)
+}
+
+/// Copies a directory tree (files and directories only; symlinks are skipped).
+pub fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        let kind = e.file_type()?;
+        let dest = to.join(e.file_name());
+        if kind.is_dir() {
+            copy_tree(&e.path(), &dest)?;
+        } else if kind.is_file() {
+            std::fs::copy(e.path(), &dest)?;
+        }
+    }
+    Ok(())
+}
+
+/// Cancels the job when dropped, unless disarmed: a cancelled step leaves no job.
+pub struct CancelOnDrop {
+    pub job: Option<String>,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(job) = self.job.take()
+            && let Ok(handle) = tokio::runtime::Handle::try_current()
+        {
+            handle.spawn(async move { cancel(&job).await });
+        }
+    }
+}
+
+/// `millrace exec-step SPEC`: runs the staged step on this node and writes its
+/// result. Exit code: the guest's (0 success), 1 for anything else.
+pub async fn exec_step(spec_path: &Path) -> i32 {
+    let spec: JobSpec = match std::fs::read_to_string(spec_path)
+        .map_err(|e| e.to_string())
+        .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))
+    {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("exec-step: cannot read {}: {e}", spec_path.display());
+            return 1;
+        }
+    };
+    let result = run_spec(&spec).await;
+    let code = match &result {
+        JobResult::Exited { code } => *code,
+        JobResult::Error { message } => {
+            eprintln!("exec-step: {message}");
+            1
+        }
+        _ => 1,
+    };
+    let text = serde_json::to_string(&result).expect("plain data serialises");
+    let tmp = spec.result.with_extension("json.part");
+    if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &spec.result)) {
+        eprintln!("exec-step: cannot write {}: {e}", spec.result.display());
+        return 1;
+    }
+    code
+}
+
+async fn run_spec(spec: &JobSpec) -> JobResult {
+    use crate::executor::wasm::{LogFile, Mount, Outcome, Sandbox, WasmRuntime};
+    let log = match LogFile::create(&spec.log, spec.log_cap) {
+        Ok(l) => l,
+        Err(e) => {
+            return JobResult::Error {
+                message: format!("cannot create the log {}: {e}", spec.log.display()),
+            };
+        }
+    };
+    let cache = match std::env::var_os("MILLRACE_CACHE") {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
+        _ => spec
+            .result
+            .parent()
+            .and_then(Path::parent)
+            .map(|d| d.join("cache"))
+            .unwrap_or_else(|| PathBuf::from(".millrace-cache")),
+    };
+    let wasm = match WasmRuntime::new(&cache, 1) {
+        Ok(w) => w,
+        Err(e) => {
+            return JobResult::Error {
+                message: e.to_string(),
+            };
+        }
+    };
+    let sandbox = Sandbox {
+        args: spec.args.clone(),
+        env: spec.env.clone(),
+        mounts: spec
+            .mounts
+            .iter()
+            .map(|m| Mount {
+                host: m.host.clone(),
+                guest: m.guest.clone(),
+                writable: m.writable,
+            })
+            .collect(),
+        log,
+        memory: spec.memory,
+        timeout: Some(Duration::from_millis(spec.timeout_ms)),
+    };
+    match wasm.run(&spec.program, &spec.digest, sandbox).await {
+        Ok(Outcome::Exited(code)) => JobResult::Exited { code },
+        Ok(Outcome::Trapped(message)) => JobResult::Trapped { message },
+        Ok(Outcome::OutOfMemory(_)) => JobResult::OutOfMemory,
+        Ok(Outcome::TimedOut(d)) => JobResult::TimedOut {
+            ms: d.as_millis() as u64,
+        },
+        Err(e) => JobResult::Error {
+            message: e.to_string(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scontrol_lines_parse_into_state_node_and_exit_code() {
+        let i = JobInfo::parse(
+            "JobId=17 JobName=millrace-3-train-1 UserId=root(0) JobState=FAILED Reason=NonZeroExitCode Dependency=(null) ExitCode=3:0 NodeList=localhost BatchHost=localhost",
+        );
+        assert_eq!(i.state(), "FAILED");
+        assert_eq!(i.nodes(), Some("localhost"));
+        assert_eq!(i.exit_code(), Some(3));
+        assert!(i.is_finished());
+        assert_eq!(
+            state_message("17", &i),
+            "Slurm job 17 failed with exit code 3 (NonZeroExitCode)"
+        );
+        let p = JobInfo::parse("JobId=18 JobState=PENDING Reason=Resources NodeList=(null)");
+        assert!(!p.is_finished());
+        assert_eq!(p.nodes(), None);
+        let t = JobInfo::parse("JobId=19 JobState=TIMEOUT Reason=TimeLimit ExitCode=0:15");
+        assert_eq!(
+            state_message("19", &t),
+            "Slurm job 19 reached its time limit (TIMEOUT) (TimeLimit)"
+        );
+    }
+
+    #[test]
+    fn step_limits_override_the_target_and_round_up() {
+        let t = Target {
+            partition: Some("gpu".into()),
+            time_limit: Some("2:00:00".into()),
+            mem: Some("8G".into()),
+            cpus_per_task: Some(4),
+            extra_args: vec!["--exclusive".into()],
+            ..Default::default()
+        };
+        let a = sbatch_args(&t, "j", Path::new("/s/out"), None, None, None);
+        assert!(a.contains(&"--partition=gpu".to_string()));
+        assert!(a.contains(&"--time=2:00:00".to_string()));
+        assert!(a.contains(&"--mem=8G".to_string()));
+        assert!(a.contains(&"--cpus-per-task=4".to_string()));
+        assert_eq!(a.last().unwrap(), "--exclusive");
+        let a = sbatch_args(
+            &t,
+            "j",
+            Path::new("/s/out"),
+            Some(Duration::from_secs(90)),
+            Some(1 << 30),
+            Some(1.5),
+        );
+        assert!(a.contains(&"--time=3".to_string()), "{a:?}");
+        assert!(a.contains(&"--mem=1536M".to_string()), "{a:?}");
+        assert!(a.contains(&"--cpus-per-task=2".to_string()), "{a:?}");
+    }
+}
