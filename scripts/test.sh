@@ -7,6 +7,8 @@ cd "$root"
 scripts/setup.sh
 echo "== container engine (podman's Docker API service, or \$DOCKER_HOST) and the test image"
 export "$(scripts/setup-containers.sh)"
+echo "== a single-node Slurm cluster (munge, slurmctld, slurmd)"
+scripts/setup-slurm.sh >/dev/null
 echo "== plugin unit tests"
 (cd plugins && cargo test --quiet --target x86_64-unknown-linux-gnu -p csvkit)
 echo "== millrace tests"

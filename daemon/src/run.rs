@@ -2161,6 +2161,7 @@ impl RunContext {
         };
         let mut guard = slurm::CancelOnDrop {
             job: Some(job.clone()),
+            staging: staging.clone(),
         };
         let limit = sandbox.timeout.unwrap_or(DEFAULT_TIMEOUT);
         // The executor on the node stops the guest at its timeout; Slurm's --time
@@ -2180,35 +2181,59 @@ impl RunContext {
                 }
             }
         };
+        // The result file (written by exec-step as its last act) is looked for
+        // every 50 ms; Slurm is asked every 50 ms at first, then less often.
         let mut pause = Duration::from_millis(50);
+        let mut next_query = Instant::now();
         let mut errors = 0;
-        let last: Option<JobInfo> = loop {
+        let mut last: Option<JobInfo> = None;
+        let note_node = |info: &JobInfo, placement: &mut serde_json::Value| {
+            if placement["node"].is_null()
+                && let Some(n) = info.nodes()
+            {
+                placement["node"] = serde_json::json!(n);
+                db_placement(placement);
+                log.note(&format!("Slurm job {job} runs on {n}"));
+            }
+        };
+        loop {
             tail(&mut offset);
-            match slurm::job_info(&job).await {
-                Ok(Some(info)) => {
-                    errors = 0;
-                    if placement["node"].is_null()
-                        && let Some(n) = info.nodes()
-                    {
-                        placement["node"] = serde_json::json!(n);
-                        db_placement(&placement);
-                        log.note(&format!("Slurm job {job} runs on {n}"));
+            if result_path.exists() {
+                if let Ok(Some(info)) = slurm::job_info(&job).await {
+                    note_node(&info, &mut placement);
+                    last = Some(info);
+                }
+                break;
+            }
+            if Instant::now() >= next_query {
+                match slurm::job_info(&job).await {
+                    Ok(Some(info)) => {
+                        errors = 0;
+                        note_node(&info, &mut placement);
+                        let finished = info.is_finished();
+                        last = Some(info);
+                        if finished {
+                            break;
+                        }
                     }
-                    if info.is_finished() {
-                        break Some(info);
+                    Ok(None) => {
+                        last = None;
+                        break;
+                    }
+                    Err(e) => {
+                        errors += 1;
+                        if errors >= 20 {
+                            return Err(fail(format!("lost track of Slurm job {job}: {e}")));
+                        }
                     }
                 }
-                Ok(None) => break None,
-                Err(e) => {
-                    errors += 1;
-                    if errors >= 20 {
-                        return Err(fail(format!("lost track of Slurm job {job}: {e}")));
-                    }
-                }
+                next_query = Instant::now() + pause;
+                pause = (pause * 2).min(Duration::from_secs(2));
             }
             if Instant::now() > deadline {
                 slurm::cancel(&job).await;
                 guard.job = None;
+                let _ = std::fs::remove_dir_all(&staging);
                 return Ok(Some((
                     None,
                     format!(
@@ -2217,9 +2242,8 @@ impl RunContext {
                     ),
                 )));
             }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_secs(2));
-        };
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         guard.job = None;
         tail(&mut offset);
         let result: Option<JobResult> = std::fs::read_to_string(&result_path)

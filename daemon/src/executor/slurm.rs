@@ -298,9 +298,11 @@ pub fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Cancels the job when dropped, unless disarmed: a cancelled step leaves no job.
+/// Cancels the job and removes its staging directory when dropped, unless
+/// disarmed: a cancelled step leaves neither a job nor its files.
 pub struct CancelOnDrop {
     pub job: Option<String>,
+    pub staging: PathBuf,
 }
 
 impl Drop for CancelOnDrop {
@@ -308,7 +310,11 @@ impl Drop for CancelOnDrop {
         if let Some(job) = self.job.take()
             && let Ok(handle) = tokio::runtime::Handle::try_current()
         {
-            handle.spawn(async move { cancel(&job).await });
+            let staging = self.staging.clone();
+            handle.spawn(async move {
+                cancel(&job).await;
+                let _ = tokio::fs::remove_dir_all(&staging).await;
+            });
         }
     }
 }
