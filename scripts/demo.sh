@@ -2,7 +2,8 @@
 # The main job, end to end on a fresh machine: set everything up, then run the demo
 # pipelines (a chain and a fan-out/fan-in on the wine dataset), rerun them to show
 # reuse, change a param to show what re-executes and why; retrain a scikit-learn
-# model in Python twice and compare the runs, score an inbox with it; then the daemon.
+# model in Python twice and compare the runs, score an inbox with it; a graph mixing
+# WASM, Python and a container; a train step on a Slurm cluster; then the daemon.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -10,6 +11,8 @@ scripts/setup.sh
 # A container engine for the container step of report.toml (podman, unless
 # DOCKER_HOST already names one), and its registry-free image.
 export "$(scripts/setup-containers.sh)"
+# A single-node Slurm cluster for the step that trains on it.
+scripts/setup-slurm.sh >/dev/null
 
 target_dir="${CARGO_TARGET_DIR:-$root/target}"
 millrace="$target_dir/debug/millrace"
@@ -56,6 +59,10 @@ say "three runtimes in one graph: clean (WASM) → profile (Python) → render (
 "$millrace" run "$pipelines/report.toml"
 "$millrace" runs show latest
 cat "$pipelines/published/wine-report/report.txt"
+
+say "Slurm: retrain with the train step submitted to a (single-node) Slurm cluster"
+"$millrace" run "$root/config/cluster/retrain-on-slurm.toml" --config "$root/config/cluster/millrace.toml"
+"$millrace" runs show latest
 
 say "the daemon: loads config/pipelines, fires their triggers, serves the REST API"
 config="$MILLRACE_STATE/demo-daemon.toml"
