@@ -1462,12 +1462,19 @@ impl RunContext {
         inputs: BTreeMap<String, String>,
         key: String,
     ) -> Result<StepDone, StepFailure> {
-        let _permit = self
-            .semaphore
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| StepFailure::Failed)?;
+        // A step on a Slurm cluster waits for its job, not for this host's CPUs:
+        // it takes no local slot, so a run can keep many jobs in the queue.
+        let _permit = if self.engine.slurm_target(&self.pipeline.steps[i]).is_some() {
+            None
+        } else {
+            Some(
+                self.semaphore
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| StepFailure::Failed)?,
+            )
+        };
         if self.engine.is_draining() {
             return Err(StepFailure::NotStarted);
         }
@@ -1588,7 +1595,7 @@ impl RunContext {
             && last
                 .placement
                 .as_ref()
-                .is_some_and(|p| p["kind"] == "slurm" && p["job_id"].is_string()))
+                .is_some_and(|p| p["kind"] == "slurm" && p["job_name"].is_string()))
         .then_some(last.attempt as u32)
     }
 
@@ -2041,7 +2048,11 @@ impl RunContext {
         let result_path = staging.join("result.json");
         let step_log = staging.join("step.log");
         let job_out = staging.join("job.out");
-        let job_name = format!("millrace-{}-{safe}-{attempt}", self.run_id);
+        let job_name = format!(
+            "millrace-{}-{}-{safe}-{attempt}",
+            &self.engine.instance()[..8],
+            self.run_id
+        );
         let db_placement = |p: &serde_json::Value| {
             if let Err(e) =
                 self.store()
@@ -2063,13 +2074,25 @@ impl RunContext {
             .flatten()
             .filter(|p| p["kind"] == "slurm" && p["staging"] == staging.display().to_string());
         let mut adopted = None;
-        if let Some(p) = &earlier
-            && let Some(id) = p["job_id"].as_str()
-        {
-            let known = slurm::job_info(id).await.map_err(fail)?.is_some();
-            if known || result_path.exists() {
-                log.note(&format!("re-adopted Slurm job {id} after a restart"));
-                adopted = Some((id.to_string(), p.clone()));
+        if let Some(p) = &earlier {
+            // The id, or (a crash between sbatch and recording its answer) the
+            // job found by its unique name.
+            let id = match p["job_id"].as_str() {
+                Some(id) => Some(id.to_string()),
+                None => match p["job_name"].as_str() {
+                    Some(n) => slurm::job_by_name(n).await.map_err(fail)?,
+                    None => None,
+                },
+            };
+            if let Some(id) = id {
+                let known = slurm::job_info(&id).await.map_err(fail)?.is_some();
+                if known || result_path.exists() {
+                    log.note(&format!("re-adopted Slurm job {id} after a restart"));
+                    let mut p = p.clone();
+                    p["job_id"] = serde_json::json!(id);
+                    db_placement(&p);
+                    adopted = Some((id, p));
+                }
             }
         }
         let (job, mut placement) = match adopted {

@@ -280,6 +280,17 @@ reuse = false
         "RUNNING",
         "the job outlives the daemon"
     );
+    // As if the daemon had died between sbatch's answer and recording it: only
+    // the job's name is known. The restart finds the job by that name.
+    let db = rusqlite::Connection::open(p.path(".state/millrace.db")).unwrap();
+    let changed = db
+        .execute(
+            "UPDATE attempts SET placement = json_set(placement, '$.job_id', NULL) WHERE run_id = ?1",
+            [run],
+        )
+        .unwrap();
+    assert_eq!(changed, 1);
+    drop(db);
     let d = Daemon::start(&p);
     let r = d.wait_status(run, "succeeded");
     let s = &r["steps"][0];

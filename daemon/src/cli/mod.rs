@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+use crate::config::Config;
 use crate::definition::{self, Pipeline};
 use crate::diagnostic::{Report, display_path};
 use crate::graph::{Graph, GraphFormat};
@@ -369,9 +370,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             max_parallel,
             config,
         } => {
+            let config = config.as_deref().map(service::load_config).transpose()?;
+            let (p, text) = load_in(&pipeline, &environment_for(&cli.state, config.as_ref())?)?;
             let params = parse_params(&params)?;
-            let engine = engine_for(&cli.state, max_parallel, config.as_deref())?;
-            let (p, text) = load_for(&pipeline, &engine)?;
+            let engine = engine_for(&cli.state, max_parallel, config)?;
             let cancel = cancel_on_signal();
             let events = progress(json, p.steps.len());
             let req = RunRequest {
@@ -395,7 +397,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::ExecStep { spec } => Ok(crate::executor::slurm::exec_step(&spec).await),
         Command::Resume { run, config } => {
-            let engine = engine_for(&cli.state, None, config.as_deref())?;
+            let config = config.as_deref().map(service::load_config).transpose()?;
+            let engine = engine_for(&cli.state, None, config)?;
             let id = run_id(&engine.store, &run)?;
             // Containers a killed `millrace run` left behind go first.
             engine.remove_orphan_containers().await;
@@ -411,9 +414,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             no_reuse,
             config,
         } => {
+            let config = config.as_deref().map(service::load_config).transpose()?;
+            let (p, _) = load_in(&pipeline, &environment_for(&cli.state, config.as_ref())?)?;
             let params = parse_params(&params)?;
-            let engine = engine_for(&cli.state, None, config.as_deref())?;
-            let (p, _) = load_for(&pipeline, &engine)?;
+            let engine = engine_for(&cli.state, None, config)?;
             let plan = engine
                 .plan(&p, &params, no_reuse)
                 .await
@@ -509,25 +513,33 @@ fn engine(state: &Path, max_parallel: Option<usize>) -> anyhow::Result<Arc<Engin
 fn engine_for(
     state: &Path,
     max_parallel: Option<usize>,
-    config: Option<&Path>,
+    config: Option<Config>,
 ) -> anyhow::Result<Arc<Engine>> {
     let engine = engine(state, max_parallel)?;
-    let Some(path) = config else {
+    let Some(config) = config else {
         return Ok(engine);
     };
-    let config = service::load_config(path)?;
     let mut engine = Arc::into_inner(engine).context("engine in use")?;
-    engine.computes = config.computes.clone();
+    engine.computes = config.computes;
     engine.datastores = Datastores {
         paths: config.datastores.into_iter().collect(),
     };
     Ok(Arc::new(engine))
 }
 
-/// Loads and checks a pipeline file against an engine's environment.
-fn load_for(path: &Path, engine: &Engine) -> anyhow::Result<(Pipeline, String)> {
-    let env = engine.environment().map_err(run_error)?;
-    load_in(path, &env)
+/// What pipelines are checked against: the state's registry (read only if it
+/// exists: a bad file must leave nothing behind) and a config's targets.
+fn environment_for(
+    state: &Path,
+    config: Option<&Config>,
+) -> anyhow::Result<definition::Environment> {
+    let mut env = environment(state)?;
+    if let Some(c) = config {
+        let from = c.environment();
+        env.datastores = from.datastores;
+        env.computes = from.computes;
+    }
+    Ok(env)
 }
 
 /// Loads and checks a pipeline file; bad configuration exits 78 with every error.

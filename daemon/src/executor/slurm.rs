@@ -181,6 +181,31 @@ pub async fn job_info(job: &str) -> Result<Option<JobInfo>, String> {
     Ok(Some(JobInfo::parse(stdout.lines().next().unwrap_or(""))))
 }
 
+/// The id of the (one) queued or running job named `name`, via `squeue`.
+pub async fn job_by_name(name: &str) -> Result<Option<String>, String> {
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::process::Command::new("squeue")
+            .args(["-h", "-n", name, "-o", "%i"])
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .map_err(|_| "squeue did not answer within 30 s".to_string())?
+    .map_err(|e| format!("cannot run squeue: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "squeue -n {name}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .map(str::to_string))
+}
+
 /// `scancel ID`, best effort.
 pub async fn cancel(job: &str) {
     let r = tokio::time::timeout(
