@@ -2185,6 +2185,10 @@ impl RunContext {
         let mut guard = slurm::CancelOnDrop {
             job: Some(job.clone()),
             staging: staging.clone(),
+            keep: Box::new({
+                let engine = self.engine.clone();
+                move || engine.is_draining()
+            }),
         };
         let limit = sandbox.timeout.unwrap_or(DEFAULT_TIMEOUT);
         // The executor on the node stops the guest at its timeout; Slurm's --time

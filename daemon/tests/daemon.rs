@@ -170,7 +170,7 @@ impl Daemon {
     }
 
     /// SIGTERM, then waits for the exit; returns its code.
-    fn stop(mut self) -> i32 {
+    pub(crate) fn stop(mut self) -> i32 {
         self.signal(libc::SIGTERM);
         let mut child = self.child.take().unwrap();
         let deadline = Instant::now() + Duration::from_secs(60);

@@ -251,7 +251,7 @@ fn wait_job_state(id: &str, want: &str) {
 }
 
 #[test]
-fn a_daemon_killed_while_its_job_runs_adopts_the_job_and_cancel_scancels() {
+fn a_killed_or_stopped_daemon_adopts_its_running_job_and_cancel_scancels() {
     let p = Project::new();
     config(&p, "");
     let sleep = plugin("sleep");
@@ -301,6 +301,24 @@ reuse = false
     );
     assert_eq!(job(&id)["JobState"], "COMPLETED");
     assert!(d.log_text().contains("interrupted"), "{}", d.log_text());
+
+    // A clean shutdown (SIGTERM, past its grace) leaves the job running too: the
+    // next start adopts it.
+    let run = d.trigger("nap");
+    let id = wait_job(&d, run, "sleep");
+    wait_job_state(&id, "RUNNING");
+    assert_eq!(d.stop(), 0);
+    assert_eq!(
+        job(&id)["JobState"],
+        "RUNNING",
+        "not cancelled by a shutdown"
+    );
+    let d = Daemon::start(&p);
+    let r = d.wait_status(run, "succeeded");
+    assert_eq!(
+        r["steps"][0]["attempts_detail"][0]["placement"]["job_id"], id,
+        "{r}"
+    );
 
     // Cancel: the run's job is cancelled in Slurm.
     let run = d.trigger("long");

@@ -324,14 +324,23 @@ pub fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
 }
 
 /// Cancels the job and removes its staging directory when dropped, unless
-/// disarmed: a cancelled step leaves neither a job nor its files.
+/// disarmed: a cancelled step leaves neither a job nor its files. When `keep`
+/// says so (the daemon is shutting down), the job is left running for the next
+/// start to adopt.
 pub struct CancelOnDrop {
     pub job: Option<String>,
     pub staging: PathBuf,
+    pub keep: Box<dyn Fn() -> bool + Send + Sync>,
 }
 
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
+        if (self.keep)() {
+            if let Some(job) = &self.job {
+                tracing::info!(job = %job, "leaving the Slurm job running for the next start to adopt");
+            }
+            return;
+        }
         if let Some(job) = self.job.take()
             && let Ok(handle) = tokio::runtime::Handle::try_current()
         {
