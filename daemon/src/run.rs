@@ -2418,7 +2418,11 @@ impl RunContext {
                 .map(|e| e.iter().map(|x| x.get_ref().clone()).collect()),
             env,
             workdir: c.workdir.as_ref().map(|w| w.get_ref().clone()),
-            user: c.user.as_ref().map(|u| u.get_ref().clone()),
+            user: c
+                .user
+                .as_ref()
+                .map(|u| u.get_ref().clone())
+                .unwrap_or_else(|| self.engine.containers.default_user(&image.socket)),
             network: c.network,
             read_only_root: c.read_only_root,
             memory,

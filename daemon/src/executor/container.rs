@@ -66,6 +66,9 @@ pub fn default_socket() -> String {
 #[derive(Default)]
 pub struct Engines {
     clients: tokio::sync::Mutex<HashMap<String, Docker>>,
+    /// Sockets whose engine runs rootless (a user namespace where uid 0 is the
+    /// user that runs the engine).
+    rootless: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Engines {
@@ -97,8 +100,36 @@ impl Engines {
             .await
             .map_err(|_| unreachable("no answer within 30 s".into()))?
             .map_err(|e| unreachable(e.to_string()))?;
+        let rootless = tokio::time::timeout(CALL_TIMEOUT, client.info())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .and_then(|i| i.security_options)
+            .is_some_and(|o| o.iter().any(|x| x.contains("name=rootless")));
+        if rootless {
+            self.rootless
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(socket.to_string());
+        }
         clients.insert(socket.to_string(), client.clone());
         Ok(client)
+    }
+
+    /// Who a container runs as unless the step says: the daemon's own uid:gid,
+    /// or on a rootless engine its uid 0 (which is the daemon's user outside),
+    /// so that either way the output files belong to the daemon.
+    pub fn default_user(&self, socket: &str) -> String {
+        if self
+            .rootless
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(socket)
+        {
+            "0:0".to_string()
+        } else {
+            own_user()
+        }
     }
 }
 
@@ -185,8 +216,8 @@ pub struct Spec {
     pub entrypoint: Option<Vec<String>>,
     pub env: Vec<(String, String)>,
     pub workdir: Option<String>,
-    /// `uid[:gid]`; default: the daemon's own.
-    pub user: Option<String>,
+    /// `uid[:gid]` or a name the image knows.
+    pub user: String,
     pub network: bool,
     pub read_only_root: bool,
     pub memory: u64,
@@ -290,7 +321,7 @@ pub async fn run(docker: &Docker, spec: Spec) -> Result<Outcome, String> {
         entrypoint: spec.entrypoint.clone(),
         env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
         working_dir: spec.workdir.clone(),
-        user: Some(spec.user.clone().unwrap_or_else(own_user)),
+        user: Some(spec.user.clone()),
         labels: Some(spec.labels.clone()),
         network_disabled: Some(!spec.network),
         attach_stdout: Some(true),
