@@ -1215,6 +1215,30 @@ fn cached_outputs(
     }))
 }
 
+/// Resolves when the directories hold more than the output cap (checked every
+/// 500 ms), with the bytes they hold.
+async fn watch_disk(dirs: Vec<PathBuf>) -> u64 {
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let dirs = dirs.clone();
+        let used =
+            tokio::task::spawn_blocking(move || dirs.iter().map(|d| tree_size(d)).sum::<u64>())
+                .await
+                .unwrap_or(0);
+        if used > output_cap() {
+            return used;
+        }
+    }
+}
+
+fn disk_cap_message(used: u64) -> String {
+    format!(
+        "/out and /tmp hold {}, more than the cap of {} (MILLRACE_OUTPUT_CAP); the step was stopped",
+        definition::format_size(used),
+        definition::format_size(output_cap())
+    )
+}
+
 /// How an attempt's program ended: `None` for exit 0, else (exit code, message).
 type AttemptResult = Result<Option<(Option<i32>, String)>, (Option<i32>, String)>;
 
@@ -1846,6 +1870,7 @@ impl RunContext {
                     full_env,
                     mounts,
                     log.clone(),
+                    watch_disk(vec![dir_out.clone(), dir_tmp.clone()]),
                 )),
                 Program::Wasm(_) | Program::Python { .. } => {
                     let (wasm_path, run_digest, args, extra_mounts) = match program {
@@ -1929,29 +1954,13 @@ impl RunContext {
             };
         // The disk a step fills while it runs (/out and /tmp) is watched too: past
         // the cap the guest is stopped, before it fills the state directory's disk.
-        let watched = [dir_out.clone(), dir_tmp.clone()];
-        let disk_watch = async move {
-            loop {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                let dirs = watched.clone();
-                let used = tokio::task::spawn_blocking(move || {
-                    dirs.iter().map(|d| tree_size(d)).sum::<u64>()
-                })
-                .await
-                .unwrap_or(0);
-                if used > output_cap() {
-                    return used;
-                }
-            }
-        };
+        // (A container's watch is its own: it must be removed before the sandbox
+        // directories go to the next step.)
+        let watch_here = !matches!(program, Program::Container(_));
         let failure = tokio::select! {
             f = run => f?,
-            used = disk_watch => {
-                let msg = format!(
-                    "/out and /tmp hold {}, more than the cap of {} (MILLRACE_OUTPUT_CAP); the step was stopped",
-                    definition::format_size(used),
-                    definition::format_size(output_cap())
-                );
+            used = watch_disk(vec![dir_out.clone(), dir_tmp.clone()]), if watch_here => {
+                let msg = disk_cap_message(used);
                 log.note(&format!("step failed: {msg}"));
                 return Err((None, msg));
             }
@@ -2352,6 +2361,7 @@ impl RunContext {
         mut env: Vec<(String, String)>,
         mounts: Vec<Mount>,
         log: LogFile,
+        disk_full: impl std::future::Future<Output = u64> + Send,
     ) -> AttemptResult {
         let step = &self.pipeline.steps[i];
         let StepKind::Container(c) = &step.kind else {
@@ -2441,7 +2451,11 @@ impl RunContext {
         };
         let limit = definition::format_size(memory);
         Ok(
-            match container::run(&docker, spec).await.map_err(|e| (None, e))? {
+            match container::run(&docker, spec, disk_full)
+                .await
+                .map_err(|e| (None, e))?
+            {
+                container::Outcome::Stopped(used) => Some((None, disk_cap_message(used))),
                 container::Outcome::Exited(0) => None,
                 container::Outcome::Exited(code) => {
                     Some((i32::try_from(code).ok(), format!("exited with code {code}")))
@@ -2474,7 +2488,27 @@ impl RunContext {
     fn record_metrics(&self, step: &str, path: &Path, log: &LogFile) {
         // A guest controls this file: read a bounded prefix only.
         const MAX_METRICS_BYTES: u64 = 64 << 20;
-        let text = std::fs::File::open(path).and_then(|f| {
+        // Neither a symlink out of the sandbox nor a FIFO that would block.
+        let opened = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+                .open(path)
+                .and_then(|f| {
+                    if f.metadata()?.is_file() {
+                        Ok(f)
+                    } else {
+                        Err(std::io::Error::other("not a regular file"))
+                    }
+                })
+        };
+        if let Err(e) = &opened
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            log.note(&format!("the metrics file was not read: {e}"));
+        }
+        let text = opened.and_then(|f| {
             let mut s = String::new();
             std::io::Read::read_to_string(&mut std::io::Read::take(f, MAX_METRICS_BYTES), &mut s)
                 .map(|_| s)

@@ -413,3 +413,62 @@ outputs = ["done"]
     assert_eq!(r["steps"][0]["status"], "succeeded", "{r}");
     assert!(containers_of(&p, &id.to_string()).is_empty());
 }
+
+#[test]
+fn a_symlink_out_of_the_sandbox_is_refused_and_the_host_file_untouched() {
+    let p = Project::new();
+    let victim = p.write("victim/secret.txt", "top secret\n");
+    let f = p.write(
+        "s.toml",
+        &format!(
+            r#"
+[[step]]
+name = "evil"
+container = {{ image = "{IMAGE}", command = ["sh", "-c", "rmdir /out/model && ln -s {} /out/model"] }}
+outputs = ["model"]
+"#,
+            victim.parent().unwrap().display()
+        ),
+    );
+    let out = p.run(&["run", f.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let e = error_of(&p, "evil");
+    assert!(
+        e.contains("symbolic links cannot be part of an artifact"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "top secret\n");
+}
+
+#[test]
+fn a_container_stopped_at_the_disk_cap_is_gone_before_the_next_step_runs() {
+    let p = Project::new();
+    let f = p.write(
+        "cap.toml",
+        &format!(
+            r#"
+[[step]]
+name = "fill"
+container = {{ image = "{IMAGE}", command = ["sh", "-c", "i=0; while :; do i=$((i+1)); head -c 65536 /dev/zero > /out/o/f$i; done"] }}
+outputs = ["o"]
+[[step]]
+name = "next"
+container = {{ image = "{IMAGE}", command = ["sh", "-c", "sleep 2; n=$(ls /out/o | wc -l); echo $n > /out/o/count"] }}
+outputs = ["o"]
+"#
+        ),
+    );
+    let out = p
+        .cmd(&["run", f.to_str().unwrap(), "--max-parallel", "1"])
+        .env("MILLRACE_OUTPUT_CAP", "1MiB")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(error_of(&p, "fill").contains("more than the cap of 1MiB"));
+    let count = p.run(&["output", "latest", "next.o"]);
+    assert_eq!(
+        String::from_utf8_lossy(&count.stdout).trim(),
+        "0",
+        "only its own file: nothing of the stopped container"
+    );
+}

@@ -236,6 +236,8 @@ pub enum Outcome {
     /// did it, `false` for a bare SIGKILL (exit 137) it did not explain.
     OutOfMemory(bool),
     TimedOut(Duration),
+    /// Stopped from outside (the disk cap), with the value the stop carried.
+    Stopped(u64),
 }
 
 /// Removes the container when dropped, unless disarmed: a cancelled step (its
@@ -287,7 +289,12 @@ pub fn own_user() -> String {
 /// Creates, starts and waits for the container, streaming its output into the
 /// log; the container is removed whatever happens. `Err` is a container that
 /// could not run at all.
-pub async fn run(docker: &Docker, spec: Spec) -> Result<Outcome, String> {
+/// `stop` resolving kills the container; it is removed before this returns.
+pub async fn run(
+    docker: &Docker,
+    spec: Spec,
+    stop: impl std::future::Future<Output = u64> + Send,
+) -> Result<Outcome, String> {
     let binds = spec
         .binds
         .iter()
@@ -348,7 +355,10 @@ pub async fn run(docker: &Docker, spec: Spec) -> Result<Outcome, String> {
         spec.image.id
     ));
     let t = std::time::Instant::now();
-    let outcome = follow(docker, &created.id, &spec).await;
+    let outcome = tokio::select! {
+        o = follow(docker, &created.id, &spec) => o,
+        v = stop => Ok(Outcome::Stopped(v)),
+    };
     let ran = t.elapsed();
     removal.now().await;
     tracing::debug!(

@@ -512,8 +512,17 @@ fn entry_name(path: &Path) -> Result<String, ArtifactError> {
 
 /// BLAKE3 of a file's content.
 pub fn hash_file(path: &Path) -> Result<String, ArtifactError> {
+    use std::os::unix::fs::OpenOptionsExt;
     let mut h = blake3::Hasher::new();
-    let f = fs::File::open(path).map_err(io_err(path))?;
+    // Non-blocking: a FIFO put where a file was must fail here, not hang.
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(io_err(path))?;
+    if !f.metadata().map_err(io_err(path))?.is_file() {
+        return Err(ArtifactError::Special(path.to_path_buf()));
+    }
     h.update_reader(io::BufReader::with_capacity(1 << 16, f))
         .map_err(io_err(path))?;
     Ok(h.finalize().to_hex().to_string())

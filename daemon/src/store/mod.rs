@@ -88,10 +88,23 @@ impl Store {
     /// files in one transaction, so unchanged files are not re-read next time.
     pub fn ingest(&self, path: &Path, mode: Mode) -> Result<Ingested, StoreError> {
         let known = self.known();
-        let meta = std::fs::metadata(path).map_err(|source| ArtifactError::Io {
+        // A step's output is the guest's: a symlink there must not lead the store
+        // to take (and move) a host file, nor a FIFO make it block.
+        let meta = if mode == Mode::Move {
+            std::fs::symlink_metadata(path)
+        } else {
+            std::fs::metadata(path)
+        }
+        .map_err(|source| ArtifactError::Io {
             path: path.to_path_buf(),
             source,
         })?;
+        if meta.file_type().is_symlink() {
+            return Err(ArtifactError::Symlink(path.to_path_buf()).into());
+        }
+        if !meta.is_dir() && !meta.is_file() {
+            return Err(ArtifactError::Special(path.to_path_buf()).into());
+        }
         let ingested = if meta.is_dir() {
             self.artifacts.ingest_dir(path, mode, &known)?
         } else {
