@@ -184,6 +184,8 @@ pub struct Engine {
     pub computes: BTreeMap<String, crate::config::Compute>,
     /// Container engine clients, by socket.
     containers: container::Engines,
+    /// This state's instance id (see [`container::instance_of`]).
+    instance: std::sync::OnceLock<String>,
     /// Step slots shared by every run of this engine (`max_parallel_steps`).
     slots: Arc<tokio::sync::Semaphore>,
     /// Set when the daemon shuts down: runs start no new step, and a run stopped
@@ -210,6 +212,7 @@ impl Engine {
             wasm: tokio::sync::OnceCell::new(),
             computes: BTreeMap::new(),
             containers: container::Engines::default(),
+            instance: std::sync::OnceLock::new(),
             slots: Arc::new(tokio::sync::Semaphore::new(max_parallel.max(1))),
             draining: std::sync::atomic::AtomicBool::new(false),
         }
@@ -293,7 +296,9 @@ impl Engine {
     /// This store's mark on the containers it starts: two state directories on
     /// one engine never touch each other's containers.
     pub fn instance(&self) -> String {
-        container::instance_of(&self.store.root)
+        self.instance
+            .get_or_init(|| container::instance_of(&self.store.root))
+            .clone()
     }
 
     /// Removes the containers of steps no live process runs any more (a crash
@@ -568,6 +573,7 @@ impl Engine {
             semaphore: self.slots.clone(),
             code_digests: Mutex::new(HashMap::new()),
             images,
+            adopting: Mutex::new(Default::default()),
             workspaces: WorkspacePool::new(self.store.work_dir(run_id)),
         });
 
@@ -708,6 +714,8 @@ impl Engine {
         // resume.
         let interrupted = self.is_draining() && status.iter().any(Option::is_none);
         if cancelled && !interrupted {
+            // Their jobs or containers were stopped: nothing to adopt on a resume.
+            self.store.db().read().cancel_running_attempts(run_id)?;
             for (i, s) in status.iter_mut().enumerate() {
                 if s.is_none() {
                     *s = Some(StepStatus::Cancelled);
@@ -1334,6 +1342,8 @@ struct RunContext {
     code_digests: Mutex<HashMap<PathBuf, String>>,
     /// Container steps' images, resolved when the run started.
     images: HashMap<usize, Result<ResolvedImage, String>>,
+    /// (step, attempt) whose Slurm job is to be followed again, not submitted.
+    adopting: Mutex<std::collections::HashSet<(usize, u32)>>,
     workspaces: WorkspacePool,
 }
 
@@ -1513,7 +1523,14 @@ impl RunContext {
         let mut last_error = String::new();
         // A Slurm job of this step that was running when the last process died is
         // followed again (adopted) as the attempt it was, not submitted anew.
-        let first = self.adoptable_attempt(i).unwrap_or(1);
+        let adopt = self.adoptable_attempt(i);
+        if let Some(a) = adopt {
+            self.adopting
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert((i, a));
+        }
+        let first = adopt.unwrap_or(1);
         for attempt in first..=step.retries.attempts.max(first) {
             if attempt > first {
                 let backoff = step
@@ -1539,7 +1556,13 @@ impl RunContext {
                     record_inputs(b, self.run_id, step, &inputs)?;
                     b.start_step(self.run_id, &name)?;
                 }
-                b.start_attempt(self.run_id, &name, attempt, &log_path.display().to_string())
+                b.start_attempt(
+                    self.run_id,
+                    &name,
+                    attempt,
+                    &log_path.display().to_string(),
+                    adopt == Some(attempt),
+                )
             }));
             let result = self.attempt(i, attempt, &inputs, &log_path).await;
             match result {
@@ -2083,7 +2106,12 @@ impl RunContext {
             .flatten()
             .filter(|p| p["kind"] == "slurm" && p["staging"] == staging.display().to_string());
         let mut adopted = None;
-        if let Some(p) = &earlier {
+        let adopting = self
+            .adopting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(i, attempt));
+        if adopting && let Some(p) = &earlier {
             // The id, or (a crash between sbatch and recording its answer) the
             // job found by its unique name.
             let id = match p["job_id"].as_str() {
@@ -2104,6 +2132,17 @@ impl RunContext {
                 }
             }
         }
+        // From here on, whatever ends this attempt early (cancel, an error) also
+        // cancels its job and removes its staged files; a daemon shutdown leaves
+        // both for the next start to adopt.
+        let mut guard = slurm::CancelOnDrop {
+            job: adopted.as_ref().map(|(id, _)| id.clone()),
+            staging: staging.clone(),
+            keep: Box::new({
+                let engine = self.engine.clone();
+                move || engine.is_draining()
+            }),
+        };
         let (job, mut placement) = match adopted {
             Some(a) => a,
             None => {
@@ -2111,6 +2150,12 @@ impl RunContext {
                     let _ = std::fs::remove_dir_all(&staging);
                     std::fs::create_dir_all(&staging)
                         .map_err(|e| format!("cannot create {}: {e}", staging.display()))?;
+                    // Only this daemon's user may read or plant files there.
+                    if let Some(dir) = staging.parent() {
+                        use std::os::unix::fs::PermissionsExt;
+                        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                            .map_err(|e| format!("cannot restrict {}: {e}", dir.display()))?;
+                    }
                     let mut mounts = Vec::new();
                     for (host, copy, guest, writable) in &staged {
                         if let Some(c) = copy {
@@ -2143,6 +2188,7 @@ impl RunContext {
                         log: step_log.clone(),
                         log_cap: log_cap(),
                         result: result_path.clone(),
+                        output_cap: output_cap(),
                     })
                 })
                 .map_err(fail)?;
@@ -2191,19 +2237,13 @@ impl RunContext {
                 (id, placement)
             }
         };
-        let mut guard = slurm::CancelOnDrop {
-            job: Some(job.clone()),
-            staging: staging.clone(),
-            keep: Box::new({
-                let engine = self.engine.clone();
-                move || engine.is_draining()
-            }),
-        };
+        guard.job = Some(job.clone());
         let limit = sandbox.timeout.unwrap_or(DEFAULT_TIMEOUT);
         // The executor on the node stops the guest at its timeout; Slurm's --time
-        // has a minute more; past both (and two minutes of grace) the job is
-        // cancelled from here.
-        let deadline = Instant::now() + limit + Duration::from_secs(120);
+        // has a minute more; past both (and two minutes of grace) after the job
+        // started running, it is cancelled from here. Time in the queue does not
+        // count: a busy cluster is not a step's fault.
+        let mut deadline: Option<Instant> = None;
         let mut offset = 0u64;
         let tail = |offset: &mut u64| {
             use std::io::{Read, Seek};
@@ -2223,6 +2263,7 @@ impl RunContext {
         let mut next_query = Instant::now();
         let mut errors = 0;
         let mut last: Option<JobInfo> = None;
+        let grace = limit + Duration::from_secs(120);
         let note_node = |info: &JobInfo, placement: &mut serde_json::Value| {
             if placement["node"].is_null()
                 && let Some(n) = info.nodes()
@@ -2246,6 +2287,9 @@ impl RunContext {
                     Ok(Some(info)) => {
                         errors = 0;
                         note_node(&info, &mut placement);
+                        if deadline.is_none() && info.state() != "PENDING" {
+                            deadline = Some(Instant::now() + grace);
+                        }
                         let finished = info.is_finished();
                         last = Some(info);
                         if finished {
@@ -2266,7 +2310,7 @@ impl RunContext {
                 next_query = Instant::now() + pause;
                 pause = (pause * 2).min(Duration::from_secs(2));
             }
-            if Instant::now() > deadline {
+            if deadline.is_some_and(|d| Instant::now() > d) {
                 slurm::cancel(&job).await;
                 guard.job = None;
                 let _ = std::fs::remove_dir_all(&staging);
@@ -2316,6 +2360,7 @@ impl RunContext {
                     humantime::format_duration(Duration::from_millis(ms))
                 ),
             )),
+            (Some(JobResult::DiskFull { used }), _) => Some((None, disk_cap_message(used))),
             (Some(JobResult::Error { message }), _) => {
                 Some((None, format!("on the node (Slurm job {job}): {message}")))
             }

@@ -333,3 +333,30 @@ reuse = false
     d.wait_status(run, "cancelled");
     wait_job_state(&id, "CANCELLED");
 }
+
+#[test]
+fn resuming_a_failed_run_submits_a_new_job_instead_of_adopting_the_old_one() {
+    let p = Project::new();
+    let cfg = config(&p, "");
+    p.write("code/fail.py", "import sys\nsys.exit(3)\n");
+    let f = p.write(
+        "f.toml",
+        "[[step]]\nname = \"fails\"\npython = { script = \"fail.py\", code = \"code\" }\ncompute = \"cluster\"\n",
+    );
+    let out = p.run(&["run", f.to_str().unwrap(), "--config", &cfg]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let first = placement(&p.json(&["runs", "show", "latest"]), "fails")["job_id"].clone();
+    let out = p.run(&["resume", "latest", "--config", &cfg]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let show = p.json(&["runs", "show", "latest"]);
+    let second = placement(&show, "fails")["job_id"].clone();
+    assert!(
+        second.is_string() && second != first,
+        "{first} then {second}"
+    );
+    let e = step(&show, "fails")["step"]["error"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("exited with code 3"), "{e}");
+}

@@ -30,16 +30,56 @@ pub const LABEL_RUN: &str = "io.millrace.run";
 pub const LABEL_STEP: &str = "io.millrace.step";
 pub const LABEL_ATTEMPT: &str = "io.millrace.attempt";
 
-/// The instance label of a state directory: two state directories on one engine
-/// never touch each other's containers.
+/// The instance id of a state directory: random, made once and kept in
+/// `<state>/instance-id`. It marks the containers, Slurm jobs and staging
+/// directories of this state, so two state directories (on one host or on two
+/// hosts with the same path) never touch each other's.
 pub fn instance_of(state_dir: &std::path::Path) -> String {
-    let root = std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
-    blake3::hash(root.to_string_lossy().as_bytes()).to_hex()[..16].to_string()
+    let path = state_dir.join("instance-id");
+    let valid = |t: &str| t.len() == 16 && t.bytes().all(|b| b.is_ascii_hexdigit());
+    if let Ok(t) = std::fs::read_to_string(&path)
+        && valid(t.trim())
+    {
+        return t.trim().to_string();
+    }
+    let mut bytes = [0u8; 8];
+    let random = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes));
+    if random.is_err() {
+        // No /dev/urandom: the path, the time and the pid.
+        let seed = format!(
+            "{}-{:?}-{}",
+            state_dir.display(),
+            std::time::SystemTime::now(),
+            std::process::id()
+        );
+        bytes.copy_from_slice(&blake3::hash(seed.as_bytes()).as_bytes()[..8]);
+    }
+    let id: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    // First writer wins: a process racing us reads the same id back.
+    let _ = std::fs::create_dir_all(state_dir);
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+    {
+        Ok(mut f) => {
+            let _ = std::io::Write::write_all(&mut f, format!("{id}\n").as_bytes());
+            id
+        }
+        Err(_) => std::fs::read_to_string(&path)
+            .ok()
+            .map(|t| t.trim().to_string())
+            .filter(|t| valid(t))
+            .unwrap_or(id),
+    }
 }
 
 /// How long connecting, inspecting or removing may take: an engine that does not
 /// answer is an error, not a hang.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// A pull that makes no end in this time fails the steps that need the image.
+const PULL_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
 /// Where the engine is when nothing names it: `$DOCKER_HOST`, else the first
 /// socket that exists of podman's (rootless, then system) and docker's.
@@ -175,10 +215,16 @@ pub async fn resolve_image(
         Ok(i) => i,
         Err(e) if not_found(&e) && pull => {
             let opts = CreateImageOptionsBuilder::new().from_image(image).build();
-            let mut stream = docker.create_image(Some(opts), None, None);
-            while let Some(progress) = stream.next().await {
-                progress.map_err(|e| format!("cannot pull image `{image}`: {e}"))?;
-            }
+            let pull = async {
+                let mut stream = docker.create_image(Some(opts), None, None);
+                while let Some(progress) = stream.next().await {
+                    progress.map_err(|e| format!("cannot pull image `{image}`: {e}"))?;
+                }
+                Ok::<(), String>(())
+            };
+            tokio::time::timeout(PULL_TIMEOUT, pull)
+                .await
+                .map_err(|_| format!("pulling image `{image}` took more than 30 minutes"))??;
             inspect()
                 .await
                 .map_err(|e| format!("image `{image}` after pulling it: {e}"))?
@@ -295,21 +341,21 @@ pub async fn run(
     spec: Spec,
     stop: impl std::future::Future<Output = u64> + Send,
 ) -> Result<Outcome, String> {
-    let binds = spec
+    // Typed mounts, not `host:guest:mode` strings: a path may hold a colon.
+    let mounts = spec
         .binds
         .iter()
-        .map(|b| {
-            format!(
-                "{}:{}:{}",
-                b.host.display(),
-                b.guest,
-                if b.writable { "rw" } else { "ro" }
-            )
+        .map(|b| bollard::models::Mount {
+            source: Some(b.host.display().to_string()),
+            target: Some(b.guest.clone()),
+            typ: Some(bollard::models::MountType::BIND),
+            read_only: Some(!b.writable),
+            ..Default::default()
         })
         .collect();
     let memory = i64::try_from(spec.memory).unwrap_or(i64::MAX);
     let host_config = HostConfig {
-        binds: Some(binds),
+        mounts: Some(mounts),
         network_mode: Some(if spec.network { "bridge" } else { "none" }.into()),
         memory: Some(memory),
         // The same value for memory+swap: no swap, so the limit is the limit.

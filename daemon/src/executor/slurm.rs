@@ -52,6 +52,13 @@ pub struct JobSpec {
     pub log_cap: u64,
     /// Where the outcome is written.
     pub result: PathBuf,
+    /// What `/out` and `/tmp` may hold together (MILLRACE_OUTPUT_CAP of the daemon).
+    #[serde(default = "no_cap")]
+    pub output_cap: u64,
+}
+
+fn no_cap() -> u64 {
+    u64::MAX
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -74,6 +81,10 @@ pub enum JobResult {
     OutOfMemory,
     TimedOut {
         ms: u64,
+    },
+    /// `/out` and `/tmp` grew past the output cap; the guest was stopped.
+    DiskFull {
+        used: u64,
     },
     /// exec-step itself failed (bad spec, cannot compile, …).
     Error {
@@ -289,9 +300,19 @@ pub async fn submit(args: &[String], script: &Path) -> Result<String, String> {
             .kill_on_drop(true)
             .output(),
     )
-    .await
-    .map_err(|_| "sbatch did not answer within 60 s".to_string())?
-    .map_err(|e| format!("cannot run sbatch (is Slurm's client installed?): {e}"))?;
+    .await;
+    let out = match out {
+        Ok(r) => r.map_err(|e| format!("cannot run sbatch (is Slurm's client installed?): {e}"))?,
+        Err(_) => {
+            // It may have submitted the job all the same: no untracked job is left.
+            if let Some(name) = args.iter().find_map(|a| a.strip_prefix("--job-name="))
+                && let Ok(Some(id)) = job_by_name(name).await
+            {
+                cancel(&id).await;
+            }
+            return Err("sbatch did not answer within 60 s".to_string());
+        }
+    };
     if !out.status.success() {
         return Err(format!(
             "sbatch refused the job: {}",
@@ -341,14 +362,39 @@ impl Drop for CancelOnDrop {
             }
             return;
         }
-        if let Some(job) = self.job.take()
-            && let Ok(handle) = tokio::runtime::Handle::try_current()
-        {
-            let staging = self.staging.clone();
-            handle.spawn(async move {
-                cancel(&job).await;
-                let _ = tokio::fs::remove_dir_all(&staging).await;
-            });
+        // Synchronous, and bounded: a process about to exit (a cancelled CLI run)
+        // would never run a spawned task.
+        if let Some(job) = self.job.take() {
+            cancel_blocking(&job);
+        }
+        let _ = std::fs::remove_dir_all(&self.staging);
+    }
+}
+
+/// `scancel ID` from a destructor: waits at most 10 s.
+fn cancel_blocking(job: &str) {
+    let child = std::process::Command::new("scancel")
+        .arg(job)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    let Ok(mut child) = child else {
+        tracing::warn!(job, "cannot run scancel");
+        return;
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => return,
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                tracing::warn!(job, "scancel did not finish within 10 s");
+                return;
+            }
         }
     }
 }
@@ -427,7 +473,38 @@ async fn run_spec(spec: &JobSpec) -> JobResult {
         memory: spec.memory,
         timeout: Some(Duration::from_millis(spec.timeout_ms)),
     };
-    match wasm.run(&spec.program, &spec.digest, sandbox).await {
+    // The cap on what the guest writes holds here as on the daemon's host.
+    let watched: Vec<PathBuf> = spec
+        .mounts
+        .iter()
+        .filter(|m| m.writable && (m.guest == "/out" || m.guest == "/tmp"))
+        .map(|m| m.host.clone())
+        .collect();
+    let cap = spec.output_cap;
+    let disk = async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let dirs = watched.clone();
+            let used = tokio::task::spawn_blocking(move || {
+                dirs.iter()
+                    .flat_map(|d| walkdir::WalkDir::new(d).into_iter().flatten())
+                    .filter_map(|e| e.metadata().ok())
+                    .filter(|m| m.is_file())
+                    .map(|m| m.len())
+                    .sum::<u64>()
+            })
+            .await
+            .unwrap_or(0);
+            if used > cap {
+                return used;
+            }
+        }
+    };
+    let ran = tokio::select! {
+        r = wasm.run(&spec.program, &spec.digest, sandbox) => r,
+        used = disk => return JobResult::DiskFull { used },
+    };
+    match ran {
         Ok(Outcome::Exited(code)) => JobResult::Exited { code },
         Ok(Outcome::Trapped(message)) => JobResult::Trapped { message },
         Ok(Outcome::OutOfMemory(_)) => JobResult::OutOfMemory,

@@ -711,19 +711,42 @@ impl Batch<'_> {
         Ok(())
     }
 
-    pub fn start_attempt(&self, run: i64, step: &str, attempt: u32, log_path: &str) -> Result<()> {
+    /// Starts (or restarts) an attempt; its placement is kept only when `adopt`
+    /// (the attempt's Slurm job is followed again).
+    pub fn start_attempt(
+        &self,
+        run: i64,
+        step: &str,
+        attempt: u32,
+        log_path: &str,
+        adopt: bool,
+    ) -> Result<()> {
         self.conn
             .prepare_cached(
                 "INSERT INTO attempts (run_id, step, attempt, status, started_at, log_path)
                  VALUES (?1, ?2, ?3, 'running', ?4, ?5)
                  ON CONFLICT (run_id, step, attempt) DO UPDATE SET status = 'running',
                    started_at = excluded.started_at, log_path = excluded.log_path,
-                   finished_at = NULL, exit_code = NULL, error = NULL",
+                   finished_at = NULL, exit_code = NULL, error = NULL,
+                   placement = CASE WHEN ?6 THEN placement ELSE NULL END",
             )?
-            .execute(params![run, step, attempt, now_ms(), log_path])?;
+            .execute(params![run, step, attempt, now_ms(), log_path, adopt])?;
         self.conn
             .prepare_cached("UPDATE steps SET attempts = ?3 WHERE run_id = ?1 AND name = ?2")?
             .execute(params![run, step, attempt])?;
+        Ok(())
+    }
+
+    /// Attempts still `running` when their run was cancelled: their work was
+    /// stopped with it.
+    pub fn cancel_running_attempts(&self, run: i64) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "UPDATE attempts SET status = 'cancelled', finished_at = ?2,
+                 error = coalesce(error, 'the run was cancelled')
+                 WHERE run_id = ?1 AND status = 'running'",
+            )?
+            .execute(params![run, now_ms()])?;
         Ok(())
     }
 
