@@ -2329,11 +2329,10 @@ impl RunContext {
         let result: Option<JobResult> = std::fs::read_to_string(&result_path)
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok());
-        if let Ok(text) = std::fs::read_to_string(&job_out)
-            && !text.trim().is_empty()
-        {
+        let job_text = std::fs::read_to_string(&job_out).unwrap_or_default();
+        if !job_text.trim().is_empty() {
             log.note(&format!("Slurm job {job} output:"));
-            log.append(text.as_bytes());
+            log.append(job_text.as_bytes());
         }
         let memory = sandbox.memory;
         let failure = match (result, &last) {
@@ -2364,7 +2363,10 @@ impl RunContext {
             (Some(JobResult::Error { message }), _) => {
                 Some((None, format!("on the node (Slurm job {job}): {message}")))
             }
-            (None, Some(info)) => Some((info.exit_code(), slurm::state_message(&job, info))),
+            (None, Some(info)) => Some((
+                info.exit_code(),
+                slurm::failure_message(&job, info, &job_text),
+            )),
             (None, None) => Some((
                 None,
                 format!("Slurm job {job} ended without a result (it is no longer known to Slurm)"),

@@ -145,7 +145,20 @@ impl JobInfo {
     }
 }
 
-/// Why a job that wrote no result ended, in words.
+/// Why a job that wrote no result ended, in words. `output` is the job's own
+/// output file: without cgroups Slurm kills a job over its `--mem` as FAILED
+/// (JobLaunchFailure) and says why only there.
+pub fn failure_message(job: &str, info: &JobInfo, output: &str) -> String {
+    if output.contains("xceeded job memory limit") || output.contains("exceeded memory limit") {
+        return format!(
+            "Slurm job {job} went over its memory limit (--mem) and was killed ({})",
+            info.state()
+        );
+    }
+    state_message(job, info)
+}
+
+/// Why a job that wrote no result ended, by its state.
 pub fn state_message(job: &str, info: &JobInfo) -> String {
     let reason = info
         .get("Reason")
@@ -537,6 +550,15 @@ mod tests {
         let p = JobInfo::parse("JobId=18 JobState=PENDING Reason=Resources NodeList=(null)");
         assert!(!p.is_finished());
         assert_eq!(p.nodes(), None);
+        let m = JobInfo::parse("JobId=16 JobState=FAILED Reason=JobLaunchFailure ExitCode=0:9");
+        assert_eq!(
+            failure_message(
+                "16",
+                &m,
+                "slurmstepd-localhost: error: Exceeded job memory limit\n"
+            ),
+            "Slurm job 16 went over its memory limit (--mem) and was killed (FAILED)"
+        );
         let t = JobInfo::parse("JobId=19 JobState=TIMEOUT Reason=TimeLimit ExitCode=0:15");
         assert_eq!(
             state_message("19", &t),
