@@ -6,15 +6,18 @@
 //! The modules in the order data flows through them:
 //!
 //! - [`diagnostic`]: `file:line:col` errors with the offending text and a caret.
-//! - [`config`]: the daemon config (pipelines directory, state, API, datastores).
+//! - [`config`]: the daemon config (pipelines directory, state, API, datastores,
+//!   compute targets: local, container engines, Slurm clusters).
 //! - [`definition`]: a pipeline file → [`definition::Pipeline`], every mistake reported.
 //! - [`graph`]: references and cycles checked; the DAG of steps; text/dot/mermaid.
 //! - [`module`]: the versioned module registry; `module = "name@^1.2"` resolution.
 //! - [`trigger`]: cron schedules (DST-aware) and watched globs.
 //! - [`planner`]: cache keys over code, inputs, params, args and env; reuse decisions.
 //! - [`executor`]: what runs a step: [`executor::wasm`] (wasmtime + WASI),
-//!   [`executor::python`] (CPython on WASI, in the same sandbox) and
-//!   [`executor::transfer`] (copy into a datastore).
+//!   [`executor::python`] (CPython on WASI, in the same sandbox),
+//!   [`executor::container`] (an OS image through the Docker Engine API),
+//!   [`executor::transfer`] (copy into a datastore); and where:
+//!   [`executor::slurm`] (a wasm or Python step as a Slurm batch job).
 //! - [`run`]: one run's scheduler: parallel steps, retries, skips, resume.
 //! - [`store`]: SQLite records and the BLAKE3 artifact store.
 //! - [`daemon`]: the service: loads and hot-reloads pipelines, fires triggers,
