@@ -645,8 +645,11 @@ impl Engine {
                     None
                 };
                 if let Some(from) = reuse {
-                    let detail = if from.run == run_id {
+                    let detail = if from.run == run_id && from.step == name {
                         "completed before the resume".to_string()
+                    } else if from.run == run_id {
+                        // Another step of this run with the very same key.
+                        format!("from step {} of this run", from.step)
                     } else {
                         format!("from run {}", from.run)
                     };
