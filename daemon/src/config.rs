@@ -66,23 +66,9 @@ const KEYS: &[&str] = &[
     "compute",
 ];
 const API_KEYS: &[&str] = &["listen", "token_file", "public_read"];
-/// Keys of compute targets whose runtimes arrive with later issues are accepted
-/// so one config serves every version; only `local` targets run steps here.
-const COMPUTE_KEYS: &[&str] = &[
-    "kind",
-    "partition",
-    "account",
-    "qos",
-    "time_limit",
-    "gpus",
-    "gres",
-    "cpus_per_task",
-    "mem",
-    "extra_args",
-    "shared_dir",
-    "socket",
-    "pull",
-];
+/// Keys of a `[compute.NAME]` table beyond the Slurm ones; each is checked
+/// against the target's kind.
+const COMPUTE_KEYS: &[&str] = &["kind", "socket", "pull"];
 
 const SLURM_KEYS: &[&str] = &[
     "partition",
@@ -314,7 +300,8 @@ fn config(w: &mut Walker, doc: &DeTable<'_>, path: &Path) -> Option<Config> {
         for (name, v) in t {
             let what = format!("[compute.{}]", name.get_ref());
             let Some(c) = w.table(v, &what) else { continue };
-            w.unknown_keys(c, COMPUTE_KEYS, &what);
+            let keys: Vec<&str> = COMPUTE_KEYS.iter().chain(SLURM_KEYS).copied().collect();
+            w.unknown_keys(c, &keys, &what);
             let kind = match c.get("kind").and_then(|k| w.string(k, "kind")) {
                 Some(k) if ["local", "container", "slurm"].contains(&k.get_ref().as_str()) => {
                     k.into_inner()

@@ -1226,6 +1226,20 @@ fn cached_outputs(
     }))
 }
 
+/// A step name as it may appear in a container's, a job's or a directory's
+/// name: anything but ASCII letters, digits, `-` and `_` becomes `-`.
+fn safe_name(name: &str) -> String {
+    name.chars()
+        .map(|ch| {
+            if ch.is_ascii_alphanumeric() || ch == '-' || ch == '_' {
+                ch
+            } else {
+                '-'
+            }
+        })
+        .collect()
+}
+
 /// Resolves when the directories hold more than the output cap (checked every
 /// 500 ms), with the bytes they hold.
 async fn watch_disk(dirs: Vec<PathBuf>) -> u64 {
@@ -2051,16 +2065,7 @@ impl RunContext {
         let name = step.name.get_ref();
         let fail = |e: String| (None, e);
         let log = sandbox.log.clone();
-        let safe: String = name
-            .chars()
-            .map(|ch| {
-                if ch.is_ascii_alphanumeric() || ch == '-' || ch == '_' {
-                    ch
-                } else {
-                    '-'
-                }
-            })
-            .collect();
+        let safe = safe_name(name);
         let staging = target
             .shared_dir
             .join(format!("millrace-{}", self.engine.instance()))
@@ -2429,16 +2434,7 @@ impl RunContext {
         }
         let memory = step.memory.unwrap_or(DEFAULT_MEMORY);
         let timeout = step.timeout.unwrap_or(DEFAULT_TIMEOUT);
-        let safe: String = name
-            .chars()
-            .map(|ch| {
-                if ch.is_ascii_alphanumeric() || ch == '-' || ch == '_' {
-                    ch
-                } else {
-                    '-'
-                }
-            })
-            .collect();
+        let safe = safe_name(name);
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
