@@ -2132,6 +2132,7 @@ impl RunContext {
             if let Some(id) = id {
                 let known = slurm::job_info(&id).await.map_err(fail)?.is_some();
                 if known || result_path.exists() {
+                    log.reset();
                     log.note(&format!("re-adopted Slurm job {id} after a restart"));
                     let mut p = p.clone();
                     p["job_id"] = serde_json::json!(id);

@@ -301,6 +301,14 @@ reuse = false
     );
     assert_eq!(job(&id)["JobState"], "COMPLETED");
     assert!(d.log_text().contains("interrupted"), "{}", d.log_text());
+    let log =
+        String::from_utf8_lossy(&p.run(&["logs", &run.to_string(), "sleep"]).stdout).into_owned();
+    assert_eq!(log.matches("re-adopted Slurm job").count(), 1, "{log}");
+    assert_eq!(
+        log.matches("slept").count(),
+        1,
+        "the guest's output once: {log}"
+    );
 
     // A clean shutdown (SIGTERM, past its grace) leaves the job running too: the
     // next start adopts it.

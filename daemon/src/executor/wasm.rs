@@ -629,6 +629,16 @@ impl LogFile {
         let _ = writeln!(inner.file, "[millrace] {line}");
     }
 
+    /// Empties the log (a re-adopted Slurm job's log is copied again from its
+    /// start, so nothing the previous process copied appears twice).
+    pub fn reset(&self) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if inner.file.set_len(0).is_ok() {
+            inner.written = 0;
+            inner.truncated = false;
+        }
+    }
+
     /// Appends output of the step (capped like the rest).
     pub fn append(&self, buf: &[u8]) {
         let _ = self.write(buf);
