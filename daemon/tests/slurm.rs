@@ -332,6 +332,19 @@ reuse = false
     let run = d.trigger("long");
     let id = wait_job(&d, run, "sleep");
     wait_job_state(&id, "RUNNING");
+    // `millrace status` says where the running step runs.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = p.run(&["status", "--config", "millrace.toml"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if text.contains(&format!(
+            "run {run} step sleep: slurm job {id} on localhost"
+        )) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{text}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let (status, v) = d.post(
         &format!("/api/v1/runs/{run}/cancel"),
         serde_json::json!({}),

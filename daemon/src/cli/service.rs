@@ -350,6 +350,40 @@ pub fn status(c: &Connect, state: &Path, json: bool) -> anyhow::Result<i32> {
     let active = v["active_runs"].as_array().unwrap_or(&empty);
     let queued = v["queued_runs"].as_array().unwrap_or(&empty);
     println!("\nrunning: {}", list_runs(active));
+    // Where each running step runs: a container, a Slurm job on its node.
+    for r in active {
+        let Some(id) = r["id"].as_i64() else { continue };
+        let Ok((200, run)) = client.call("GET", &format!("/api/v1/runs/{id}"), None) else {
+            continue;
+        };
+        for s in run["steps"].as_array().unwrap_or(&empty) {
+            if s["status"] != "running" {
+                continue;
+            }
+            let p = s["attempts_detail"]
+                .as_array()
+                .and_then(|a| a.last())
+                .map(|a| a["placement"].clone())
+                .unwrap_or_default();
+            let place = match p["kind"].as_str() {
+                Some("slurm") => format!(
+                    "slurm job {} on {}",
+                    p["job_id"].as_str().unwrap_or("(submitting)"),
+                    p["node"].as_str().unwrap_or("(pending)")
+                ),
+                Some("container") => format!(
+                    "container {} ({})",
+                    p["container"].as_str().unwrap_or("?"),
+                    p["image"].as_str().unwrap_or("?")
+                ),
+                _ => "here".to_string(),
+            };
+            println!(
+                "  run {id} step {}: {place}",
+                s["name"].as_str().unwrap_or("?")
+            );
+        }
+    }
     println!("queued:  {}", list_runs(queued));
     Ok(if invalid.is_empty() { 0 } else { EXIT_CONFIG })
 }
