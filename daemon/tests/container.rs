@@ -472,3 +472,43 @@ outputs = ["o"]
         "only its own file: nothing of the stopped container"
     );
 }
+
+#[test]
+fn an_interrupted_millrace_run_leaves_no_container_behind() {
+    let p = Project::new();
+    let f = p.write(
+        "i.toml",
+        &format!(
+            r#"
+[[step]]
+name = "long"
+container = {{ image = "{IMAGE}", command = ["sleep", "60"] }}
+"#
+        ),
+    );
+    let mut child = p
+        .cmd(&["run", f.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !containers_of(&p, "1")
+        .iter()
+        .any(|c| c["State"].as_str() == Some("running"))
+    {
+        assert!(Instant::now() < deadline, "the container never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let status = child.wait().unwrap();
+    assert!(!status.success());
+    assert!(
+        containers_of(&p, "1").is_empty(),
+        "removed before the process exited"
+    );
+    assert_eq!(step_statuses(&p, "latest")[0].1, "cancelled");
+}

@@ -291,6 +291,7 @@ pub enum Outcome {
 /// future dropped) leaves no container behind.
 struct Removal {
     docker: Docker,
+    socket: String,
     id: Option<String>,
 }
 
@@ -304,12 +305,43 @@ impl Removal {
 
 impl Drop for Removal {
     fn drop(&mut self) {
-        if let Some(id) = self.id.take()
-            && let Ok(handle) = tokio::runtime::Handle::try_current()
+        let Some(id) = self.id.take() else { return };
+        // On a unix socket, synchronously: a process about to exit (a cancelled
+        // `millrace run`) would never run a spawned task.
+        if let Some(path) = self
+            .socket
+            .strip_prefix("unix://")
+            .or_else(|| self.socket.starts_with('/').then_some(self.socket.as_str()))
         {
+            if let Err(e) = remove_blocking(path, &id) {
+                tracing::warn!(container = %id, error = %e, "cannot remove container");
+            }
+        } else if let Ok(handle) = tokio::runtime::Handle::try_current() {
             let docker = self.docker.clone();
             handle.spawn(async move { remove(&docker, &id).await });
         }
+    }
+}
+
+/// `DELETE /containers/ID?force=1&v=1` over a unix socket, bounded at 10 s.
+fn remove_blocking(socket: &str, id: &str) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.set_write_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "DELETE /containers/{id}?force=1&v=1 HTTP/1.0\r\nHost: engine\r\n\r\n"
+    )?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head)?;
+    // `HTTP/1.x 204` (removed) or 404 (already gone).
+    match &head[9..12] {
+        b"204" | b"200" | b"404" => Ok(()),
+        other => Err(std::io::Error::other(format!(
+            "the engine answered {}",
+            String::from_utf8_lossy(other)
+        ))),
     }
 }
 
@@ -393,6 +425,7 @@ pub async fn run(
     tracing::debug!(container = %short(&created.id), "created");
     let removal = Removal {
         docker: docker.clone(),
+        socket: spec.image.socket.clone(),
         id: Some(created.id.clone()),
     };
     spec.log.note(&format!(
