@@ -18,7 +18,7 @@ use crate::diagnostic::Report;
 use crate::executor::container::{self, ResolvedImage};
 use crate::executor::transfer;
 use crate::executor::wasm::{LogFile, Mount, Outcome, Sandbox, WasmRuntime};
-use crate::executor::workspace::{Workspace, WorkspacePool};
+use crate::executor::workspace::{Workspace, WorkspacePool, tree_size, watch_disk};
 use crate::graph::Graph;
 use crate::planner::{self, Decision, KeyParts, param_env_name};
 use crate::store::artifacts::Mode;
@@ -52,18 +52,6 @@ fn output_cap() -> u64 {
             .and_then(|v| definition::parse_size(&v).ok())
             .unwrap_or(10 << 30)
     })
-}
-
-/// Bytes of regular files under `dir` (symlinks not followed).
-fn tree_size(dir: &Path) -> u64 {
-    walkdir::WalkDir::new(dir)
-        .follow_links(false)
-        .into_iter()
-        .filter_map(Result::ok)
-        .filter(|e| e.file_type().is_file())
-        .filter_map(|e| e.metadata().ok())
-        .map(|m| m.len())
-        .sum()
 }
 
 /// Most metric lines read from one step.
@@ -1240,22 +1228,6 @@ fn safe_name(name: &str) -> String {
         .collect()
 }
 
-/// Resolves when the directories hold more than the output cap (checked every
-/// 500 ms), with the bytes they hold.
-async fn watch_disk(dirs: Vec<PathBuf>) -> u64 {
-    loop {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let dirs = dirs.clone();
-        let used =
-            tokio::task::spawn_blocking(move || dirs.iter().map(|d| tree_size(d)).sum::<u64>())
-                .await
-                .unwrap_or(0);
-        if used > output_cap() {
-            return used;
-        }
-    }
-}
-
 fn disk_cap_message(used: u64) -> String {
     format!(
         "/out and /tmp hold {}, more than the cap of {} (MILLRACE_OUTPUT_CAP); the step was stopped",
@@ -1910,7 +1882,7 @@ impl RunContext {
                     full_env,
                     mounts,
                     log.clone(),
-                    watch_disk(vec![dir_out.clone(), dir_tmp.clone()]),
+                    watch_disk(vec![dir_out.clone(), dir_tmp.clone()], output_cap()),
                 )),
                 Program::Wasm(_) | Program::Python { .. } => {
                     let (wasm_path, run_digest, args, extra_mounts) = match program {
@@ -1999,7 +1971,7 @@ impl RunContext {
         let watch_here = !matches!(program, Program::Container(_));
         let failure = tokio::select! {
             f = run => f?,
-            used = watch_disk(vec![dir_out.clone(), dir_tmp.clone()]), if watch_here => {
+            used = watch_disk(vec![dir_out.clone(), dir_tmp.clone()], output_cap()), if watch_here => {
                 let msg = disk_cap_message(used);
                 log.note(&format!("step failed: {msg}"));
                 return Err((None, msg));

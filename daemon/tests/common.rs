@@ -116,6 +116,36 @@ pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// Polls `check` every 50 ms until it gives `Ok`, and fails the test with its
+/// last `Err` (what the state was) after `secs` seconds.
+pub fn eventually<T>(secs: u64, mut check: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        match check() {
+            Ok(v) => return v,
+            Err(e) if std::time::Instant::now() > deadline => panic!("after {secs} s: {e}"),
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
+        }
+    }
+}
+
+/// The error recorded for `step` of the latest run ("" when none).
+pub fn step_error(p: &Project, step: &str) -> String {
+    let v = p.json(&["runs", "show", "latest"]);
+    v["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .find(|s| s["step"]["name"] == step)
+        .map(|s| s["step"]["error"].as_str().unwrap_or("").to_string())
+        .unwrap_or_default()
+}
+
+/// The log of `step` in the latest run.
+pub fn step_log(p: &Project, step: &str) -> String {
+    String::from_utf8_lossy(&p.run(&["logs", "latest", step]).stdout).into_owned()
+}
+
 /// Step name → status of a run, from `runs show --json`.
 pub fn step_statuses(p: &Project, run: &str) -> Vec<(String, String)> {
     let v = p.json(&["runs", "show", run]);

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::common::{Project, stderr, step_statuses};
+use crate::common::{Project, eventually, stderr, step_error, step_log, step_statuses};
 use crate::daemon::Daemon;
 
 const IMAGE: &str = "localhost/millrace-busybox:1";
@@ -67,6 +67,17 @@ fn containers_of(p: &Project, run: &str) -> Vec<Value> {
     v.as_array().cloned().unwrap_or_default()
 }
 
+/// The id of run `run`'s container once it runs (a minute at most).
+fn running_container(p: &Project, run: &str) -> String {
+    eventually(60, || {
+        containers_of(p, run)
+            .iter()
+            .find(|c| c["State"].as_str() == Some("running"))
+            .map(|c| c["Id"].as_str().unwrap().to_string())
+            .ok_or("the container never started".to_string())
+    })
+}
+
 fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
@@ -96,21 +107,6 @@ fn commit_image(repo: &str, tag: &str, stamp: &str) -> String {
     engine("DELETE", &format!("/containers/{id}?force=1"), None);
     let (_, img) = engine("GET", &format!("/images/{repo}:{tag}/json"), None);
     img["Id"].as_str().unwrap().to_string()
-}
-
-fn error_of(p: &Project, step: &str) -> String {
-    let v = p.json(&["runs", "show", "latest"]);
-    v["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["step"]["name"] == step)
-        .map(|s| s["step"]["error"].as_str().unwrap_or("").to_string())
-        .unwrap_or_default()
-}
-
-fn log(p: &Project, step: &str) -> String {
-    String::from_utf8_lossy(&p.run(&["logs", "latest", step]).stdout).into_owned()
 }
 
 #[test]
@@ -168,7 +164,7 @@ cpus = 0.5
         "runs as the daemon's uid: {probe}"
     );
     assert_eq!(lines[5], "hi yes sort", "{probe}");
-    assert!(log(&p, "sort").contains("sorted the rows"));
+    assert!(step_log(&p, "sort").contains("sorted the rows"));
     let m = p.json(&["metrics", "latest"]);
     assert!(m.to_string().contains("rows"), "{m}");
     // The run record names the image by digest and where it ran.
@@ -220,7 +216,7 @@ memory = "32MiB"
     );
     let out = p.run(&["run", f.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    let e = error_of(&p, "hog");
+    let e = step_error(&p, "hog");
     assert!(e.contains("memory limit of 32MiB"), "{e}");
     assert!(e.contains("137"), "{e}");
 }
@@ -249,20 +245,18 @@ container = {{ image = "{IMAGE}", command = ["sh", "-c", "echo about to fail >&2
         started.elapsed() < Duration::from_secs(40),
         "the timeout held"
     );
-    let e = error_of(&p, "slow");
+    let e = step_error(&p, "slow");
     assert!(e.contains("timed out after 1s"), "{e}");
-    assert!(error_of(&p, "fails").contains("exited with code 3"));
-    assert!(log(&p, "fails").contains("about to fail"));
+    assert!(step_error(&p, "fails").contains("exited with code 3"));
+    assert!(step_log(&p, "fails").contains("about to fail"));
     let show = p.json(&["runs", "show", "latest"]);
     let run_id = show["run"]["id"].as_i64().unwrap().to_string();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !containers_of(&p, &run_id).is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "the timed-out container was not removed"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    eventually(10, || {
+        containers_of(&p, &run_id)
+            .is_empty()
+            .then_some(())
+            .ok_or("the timed-out container was not removed".to_string())
+    });
 }
 
 #[test]
@@ -331,7 +325,7 @@ container = { image = "localhost/no-such-image:404", command = ["true"] }
     );
     let out = p.run(&["run", f.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    let e = error_of(&p, "ghost");
+    let e = step_error(&p, "ghost");
     assert!(
         e.contains("image `localhost/no-such-image:404` not found"),
         "{e}"
@@ -342,7 +336,7 @@ container = { image = "localhost/no-such-image:404", command = ["true"] }
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    let e = error_of(&p, "ghost");
+    let e = step_error(&p, "ghost");
     assert!(
         e.contains("cannot reach the container engine at unix:///nonexistent/engine.sock"),
         "{e}"
@@ -385,18 +379,7 @@ outputs = ["done"]
     );
     let d = Daemon::start(&p);
     let id = d.trigger("slow");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let orphan = loop {
-        let found = containers_of(&p, &id.to_string());
-        if let Some(c) = found
-            .iter()
-            .find(|c| c["State"].as_str() == Some("running"))
-        {
-            break c["Id"].as_str().unwrap().to_string();
-        }
-        assert!(Instant::now() < deadline, "the container never started");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let orphan = running_container(&p, &id.to_string());
     d.kill9();
     let (status, _) = engine("GET", &format!("/containers/{orphan}/json"), None);
     assert_eq!(status, 200, "the killed daemon's container outlives it");
@@ -432,7 +415,7 @@ outputs = ["model"]
     );
     let out = p.run(&["run", f.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    let e = error_of(&p, "evil");
+    let e = step_error(&p, "evil");
     assert!(
         e.contains("symbolic links cannot be part of an artifact"),
         "{e}"
@@ -464,7 +447,7 @@ outputs = ["o"]
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    assert!(error_of(&p, "fill").contains("more than the cap of 1MiB"));
+    assert!(step_error(&p, "fill").contains("more than the cap of 1MiB"));
     let count = p.run(&["output", "latest", "next.o"]);
     assert_eq!(
         String::from_utf8_lossy(&count.stdout).trim(),
@@ -492,14 +475,7 @@ container = {{ image = "{IMAGE}", command = ["sleep", "60"] }}
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !containers_of(&p, "1")
-        .iter()
-        .any(|c| c["State"].as_str() == Some("running"))
-    {
-        assert!(Instant::now() < deadline, "the container never started");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    running_container(&p, "1");
     // SAFETY: kill(2) on our own child's pid.
     unsafe {
         libc::kill(child.id() as i32, libc::SIGINT);

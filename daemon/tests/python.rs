@@ -1,22 +1,7 @@
 //! Python steps with the real CPython-on-WASI runtime (`scripts/fetch-python-runtime.sh`
 //! installs it; `MILLRACE_CACHE` shares its one compile between the tests).
 
-use crate::common::{Project, stderr, step_statuses};
-
-fn log(p: &Project, step: &str) -> String {
-    String::from_utf8_lossy(&p.run(&["logs", "latest", step]).stdout).into_owned()
-}
-
-fn error_of(p: &Project, step: &str) -> String {
-    let v = p.json(&["runs", "show", "latest"]);
-    v["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["step"]["name"] == step)
-        .map(|s| s["step"]["error"].as_str().unwrap_or("").to_string())
-        .unwrap_or_default()
-}
+use crate::common::{Project, stderr, step_error, step_log, step_statuses};
 
 #[test]
 fn pandas_reads_in_writes_out_with_sibling_imports_params_and_metrics() {
@@ -63,14 +48,14 @@ outputs = ["summary"]
         out.status.success(),
         "{}\n{}",
         stderr(&out),
-        log(&p, "summarise")
+        step_log(&p, "summarise")
     );
     let got = p.run(&["output", "latest", "summarise.summary"]);
     let v: serde_json::Value = serde_json::from_slice(&got.stdout).unwrap();
     assert_eq!(v["rows"], 3);
     assert_eq!(v["total"], 42.0);
     assert_eq!(v["argv"], serde_json::json!(["--scale", "2.0"]));
-    assert!(log(&p, "summarise").contains("summarised 3 rows"));
+    assert!(step_log(&p, "summarise").contains("summarised 3 rows"));
     let m = p.json(&["metrics", "latest"]);
     assert!(m.to_string().contains("rows"), "{m}");
 
@@ -140,16 +125,16 @@ inputs = { d = "inputs.d" }
     let out = p.run(&["run", f.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        error_of(&p, "exit3").contains("exited with code 3"),
+        step_error(&p, "exit3").contains("exited with code 3"),
         "{}",
-        error_of(&p, "exit3")
+        step_error(&p, "exit3")
     );
-    assert!(log(&p, "exit3").contains("leaving"));
-    let tb = log(&p, "boom");
+    assert!(step_log(&p, "exit3").contains("leaving"));
+    let tb = step_log(&p, "boom");
     assert!(tb.contains("Traceback (most recent call last)"), "{tb}");
     assert!(tb.contains("ValueError: the model is unhappy"), "{tb}");
     assert!(tb.contains("boom.py\", line 2, in inner"), "{tb}");
-    let esc = log(&p, "escape");
+    let esc = step_log(&p, "escape");
     let statuses = step_statuses(&p, "latest");
     assert!(
         statuses
@@ -193,16 +178,17 @@ timeout = "3s"
         start.elapsed() < std::time::Duration::from_secs(50),
         "the sleep was cut short"
     );
-    let hog = error_of(&p, "hog");
+    let hog = step_error(&p, "hog");
     assert!(
-        hog.contains("memory limit of 512MiB exceeded") || log(&p, "hog").contains("MemoryError"),
+        hog.contains("memory limit of 512MiB exceeded")
+            || step_log(&p, "hog").contains("MemoryError"),
         "{hog}\n{}",
-        log(&p, "hog")
+        step_log(&p, "hog")
     );
     assert!(
-        error_of(&p, "nap").contains("timed out after 3s"),
+        step_error(&p, "nap").contains("timed out after 3s"),
         "{}",
-        error_of(&p, "nap")
+        step_error(&p, "nap")
     );
 }
 
@@ -258,12 +244,12 @@ fn a_python_module_is_published_resolved_and_run() {
         out.status.success(),
         "{}\n{}",
         stderr(&out),
-        log(&p, "greet")
+        step_log(&p, "greet")
     );
     assert!(
-        log(&p, "greet").contains("from the module and its args"),
+        step_log(&p, "greet").contains("from the module and its args"),
         "{}",
-        log(&p, "greet")
+        step_log(&p, "greet")
     );
     let show = p.json(&["runs", "show", "latest"]);
     assert_eq!(show["steps"][0]["step"]["module"], "greeter@0.1.0");
@@ -288,9 +274,9 @@ fn outputs_past_the_cap_fail_the_step() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        error_of(&p, "big").contains("more than the cap of 1MiB"),
+        step_error(&p, "big").contains("more than the cap of 1MiB"),
         "{}",
-        error_of(&p, "big")
+        step_error(&p, "big")
     );
 }
 
@@ -310,7 +296,7 @@ fn a_script_beside_its_pipeline_sees_a_snapshot_without_the_state_and_is_reused(
     let f = f.to_str().unwrap();
     let out = p.run(&["run", f]);
     assert_eq!(out.status.code(), Some(1), "writing /code is refused");
-    let log = log(&p, "spy");
+    let log = step_log(&p, "spy");
     assert!(
         log.contains("code: ['notes.txt', 'spy.py', 'spy.toml']"),
         "{log}"
@@ -342,10 +328,10 @@ fn filling_tmp_past_the_cap_stops_the_step_while_it_runs() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        error_of(&p, "fill").contains("/out and /tmp hold"),
+        step_error(&p, "fill").contains("/out and /tmp hold"),
         "{}",
-        error_of(&p, "fill")
+        step_error(&p, "fill")
     );
-    assert!(!log(&p, "fill").contains("never reached"));
+    assert!(!step_log(&p, "fill").contains("never reached"));
     assert!(start.elapsed() < std::time::Duration::from_secs(30));
 }

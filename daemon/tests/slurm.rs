@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::common::{Project, plugin, stderr, step_statuses};
+use crate::common::{Project, eventually, plugin, stderr, step_log, step_statuses};
 use crate::daemon::Daemon;
 
 const TARGET: &str = "\n[compute.cluster]\nkind = \"slurm\"\nshared_dir = \"shared\"\n";
@@ -120,7 +120,7 @@ fn a_train_step_runs_on_slurm_the_rest_locally_and_reuse_ignores_where() {
     );
     let model = p.run(&["output", "latest", "train.model"]);
     assert_eq!(String::from_utf8_lossy(&model.stdout), "sum=6 c=0.5\n");
-    let log = String::from_utf8_lossy(&p.run(&["logs", "latest", "train"]).stdout).into_owned();
+    let log = step_log(&p, "train");
     assert!(log.contains("trained on 3 rows"), "{log}");
     assert!(log.contains(&format!("submitted Slurm job {id}")), "{log}");
     assert!(p.json(&["metrics", "latest"]).to_string().contains("rows"));
@@ -193,7 +193,7 @@ compute = "cluster"
         .unwrap()
         .to_string();
     assert!(e.contains("exited with code 3 (Slurm job"), "{e}");
-    let log = String::from_utf8_lossy(&p.run(&["logs", "latest", "fails"]).stdout).into_owned();
+    let log = step_log(&p, "fails");
     assert!(log.contains("failing on purpose"), "{log}");
     let e = step(&show, "overruns")["step"]["error"]
         .as_str()
@@ -236,18 +236,12 @@ fn wait_job(d: &Daemon, run: i64, step_name: &str) -> String {
 }
 
 fn wait_job_state(id: &str, want: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    eventually(60, || {
         let state = job(id).get("JobState").cloned().unwrap_or_default();
-        if state == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "job {id} never {want} (is {state})"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        (state == want)
+            .then_some(())
+            .ok_or(format!("job {id} never {want} (is {state})"))
+    });
 }
 
 #[test]
@@ -333,18 +327,15 @@ reuse = false
     let id = wait_job(&d, run, "sleep");
     wait_job_state(&id, "RUNNING");
     // `millrace status` says where the running step runs.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    eventually(30, || {
         let out = p.run(&["status", "--config", "millrace.toml"]);
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        if text.contains(&format!(
+        text.contains(&format!(
             "run {run} step sleep: slurm job {id} on localhost"
-        )) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{text}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+        ))
+        .then_some(())
+        .ok_or(text)
+    });
     let (status, v) = d.post(
         &format!("/api/v1/runs/{run}/cancel"),
         serde_json::json!({}),

@@ -493,29 +493,11 @@ async fn run_spec(spec: &JobSpec) -> JobResult {
         .filter(|m| m.writable && (m.guest == "/out" || m.guest == "/tmp"))
         .map(|m| m.host.clone())
         .collect();
-    let cap = spec.output_cap;
-    let disk = async move {
-        loop {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            let dirs = watched.clone();
-            let used = tokio::task::spawn_blocking(move || {
-                dirs.iter()
-                    .flat_map(|d| walkdir::WalkDir::new(d).into_iter().flatten())
-                    .filter_map(|e| e.metadata().ok())
-                    .filter(|m| m.is_file())
-                    .map(|m| m.len())
-                    .sum::<u64>()
-            })
-            .await
-            .unwrap_or(0);
-            if used > cap {
-                return used;
-            }
-        }
-    };
     let ran = tokio::select! {
         r = wasm.run(&spec.program, &spec.digest, sandbox) => r,
-        used = disk => return JobResult::DiskFull { used },
+        used = crate::executor::workspace::watch_disk(watched, spec.output_cap) => {
+            return JobResult::DiskFull { used };
+        }
     };
     match ran {
         Ok(Outcome::Exited(code)) => JobResult::Exited { code },

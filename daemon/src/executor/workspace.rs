@@ -9,6 +9,34 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+/// Bytes of regular files under `dir` (symlinks not followed).
+pub fn tree_size(dir: &Path) -> u64 {
+    walkdir::WalkDir::new(dir)
+        .follow_links(false)
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_file())
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// Resolves when the directories hold more than `cap` bytes together (checked
+/// every 500 ms), with what they hold: the disk cap on a step's `/out` and `/tmp`.
+pub async fn watch_disk(dirs: Vec<PathBuf>, cap: u64) -> u64 {
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let dirs = dirs.clone();
+        let used =
+            tokio::task::spawn_blocking(move || dirs.iter().map(|d| tree_size(d)).sum::<u64>())
+                .await
+                .unwrap_or(0);
+        if used > cap {
+            return used;
+        }
+    }
+}
+
 /// One sandbox's directory tree.
 pub struct Workspace {
     root: PathBuf,
