@@ -292,6 +292,17 @@ impl Engine {
     /// Removes the containers of steps no live process runs any more (a crash
     /// left them), on every engine the config names. Returns how many.
     pub async fn remove_orphan_containers(&self) -> usize {
+        // A store whose runs never had a container step has none to leave:
+        // no engine is contacted (podman's version handshake alone costs ~0.3 s).
+        if !self
+            .store
+            .db()
+            .read()
+            .has_container_steps()
+            .unwrap_or(true)
+        {
+            return 0;
+        }
         let mut sockets: Vec<String> = self
             .computes
             .values()

@@ -506,6 +506,19 @@ impl Batch<'_> {
     }
 
     /// Runs in one status, oldest first (`queued` runs start in this order).
+    /// Whether any run ever had a container step.
+    pub fn has_container_steps(&self) -> Result<bool> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT 1 FROM steps WHERE runtime = 'container' LIMIT 1",
+                [],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
+    }
+
     pub fn runs_with_status(&self, status: &str) -> Result<Vec<RunRow>> {
         let mut stmt = self.conn.prepare_cached(&format!(
             "SELECT {RUN_COLUMNS} FROM runs WHERE status = ?1 ORDER BY id"
