@@ -95,11 +95,13 @@ fi
 [[ $(id -u) -eq 0 ]] || die "starting Slurm needs root (or point millrace at an existing cluster)"
 
 if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null \
-    || ! command -v munged >/dev/null || ! command -v sbatch >/dev/null; then
+    || ! command -v munged >/dev/null || ! command -v sbatch >/dev/null \
+    || ! command -v pgrep >/dev/null; then
     command -v apt-get >/dev/null || die "slurm-wlm and munge are missing and there is no apt-get"
     say "installing slurm-wlm, munge and the Slurm client (Debian packages)"
     apt_get update -qq >&2
-    apt_get install -y -qq --no-install-recommends slurm-wlm slurm-client munge >&2
+    # procps: pgrep, which tells whether the daemons run.
+    apt_get install -y -qq --no-install-recommends slurm-wlm slurm-client munge procps >&2
 fi
 
 # munge: the key (the postinst makes one; an image that skipped it may not have it).
