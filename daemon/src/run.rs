@@ -294,13 +294,7 @@ impl Engine {
     pub async fn remove_orphan_containers(&self) -> usize {
         // A store whose runs never had a container step has none to leave:
         // no engine is contacted (podman's version handshake alone costs ~0.3 s).
-        if !self
-            .store
-            .db()
-            .read()
-            .has_container_steps()
-            .unwrap_or(true)
-        {
+        if !self.store.db().read().has_container_steps().unwrap_or(true) {
             return 0;
         }
         let mut sockets: Vec<String> = self

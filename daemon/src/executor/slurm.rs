@@ -181,19 +181,48 @@ pub fn state_message(job: &str, info: &JobInfo) -> String {
     }
 }
 
-/// `scontrol show job -o ID`: `Ok(None)` when Slurm no longer knows the job
-/// (finished longer ago than MinJobAge, or never existed).
-pub async fn job_info(job: &str) -> Result<Option<JobInfo>, String> {
-    let out = tokio::time::timeout(
-        Duration::from_secs(30),
-        tokio::process::Command::new("scontrol")
-            .args(["show", "job", "-o", job])
+/// Why a Slurm client command gave no output.
+enum CommandError {
+    /// It did not answer in time (it may still have acted).
+    TimedOut(String),
+    Failed(String),
+}
+
+impl From<CommandError> for String {
+    fn from(e: CommandError) -> String {
+        match e {
+            CommandError::TimedOut(m) | CommandError::Failed(m) => m,
+        }
+    }
+}
+
+/// Runs a Slurm client (`scontrol`, `squeue`, `sbatch`, `scancel`), bounded in
+/// time: a controller that does not answer makes it block for long.
+async fn slurm_command(
+    program: &str,
+    args: &[&str],
+    secs: u64,
+) -> Result<std::process::Output, CommandError> {
+    tokio::time::timeout(
+        Duration::from_secs(secs),
+        tokio::process::Command::new(program)
+            .args(args)
             .kill_on_drop(true)
             .output(),
     )
     .await
-    .map_err(|_| "scontrol did not answer within 30 s".to_string())?
-    .map_err(|e| format!("cannot run scontrol: {e}"))?;
+    .map_err(|_| CommandError::TimedOut(format!("{program} did not answer within {secs} s")))?
+    .map_err(|e| {
+        CommandError::Failed(format!(
+            "cannot run {program} (is Slurm's client installed?): {e}"
+        ))
+    })
+}
+
+/// `scontrol show job -o ID`: `Ok(None)` when Slurm no longer knows the job
+/// (finished longer ago than MinJobAge, or never existed).
+pub async fn job_info(job: &str) -> Result<Option<JobInfo>, String> {
+    let out = slurm_command("scontrol", &["show", "job", "-o", job], 30).await?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() || stdout.trim().is_empty() {
@@ -207,16 +236,7 @@ pub async fn job_info(job: &str) -> Result<Option<JobInfo>, String> {
 
 /// The id of the (one) queued or running job named `name`, via `squeue`.
 pub async fn job_by_name(name: &str) -> Result<Option<String>, String> {
-    let out = tokio::time::timeout(
-        Duration::from_secs(30),
-        tokio::process::Command::new("squeue")
-            .args(["-h", "-n", name, "-o", "%i"])
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .map_err(|_| "squeue did not answer within 30 s".to_string())?
-    .map_err(|e| format!("cannot run squeue: {e}"))?;
+    let out = slurm_command("squeue", &["-h", "-n", name, "-o", "%i"], 30).await?;
     if !out.status.success() {
         return Err(format!(
             "squeue -n {name}: {}",
@@ -232,21 +252,12 @@ pub async fn job_by_name(name: &str) -> Result<Option<String>, String> {
 
 /// `scancel ID`, best effort.
 pub async fn cancel(job: &str) {
-    let r = tokio::time::timeout(
-        Duration::from_secs(30),
-        tokio::process::Command::new("scancel")
-            .arg(job)
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await;
-    match r {
-        Ok(Ok(o)) if o.status.success() => {}
-        Ok(Ok(o)) => {
+    match slurm_command("scancel", &[job], 30).await {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => {
             tracing::warn!(job, error = %String::from_utf8_lossy(&o.stderr).trim(), "scancel failed")
         }
-        Ok(Err(e)) => tracing::warn!(job, error = %e, "cannot run scancel"),
-        Err(_) => tracing::warn!(job, "scancel did not answer within 30 s"),
+        Err(e) => tracing::warn!(job, error = %String::from(e), "scancel"),
     }
 }
 
@@ -305,26 +316,24 @@ pub const RUNTIME_OVERHEAD_MIB: u64 = 512;
 
 /// `sbatch ARGS SCRIPT` → the job id.
 pub async fn submit(args: &[String], script: &Path) -> Result<String, String> {
-    let out = tokio::time::timeout(
-        Duration::from_secs(60),
-        tokio::process::Command::new("sbatch")
-            .args(args)
-            .arg(script)
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await;
-    let out = match out {
-        Ok(r) => r.map_err(|e| format!("cannot run sbatch (is Slurm's client installed?): {e}"))?,
-        Err(_) => {
+    let script = script.display().to_string();
+    let all: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .chain([script.as_str()])
+        .collect();
+    let out = match slurm_command("sbatch", &all, 60).await {
+        Ok(o) => o,
+        Err(CommandError::TimedOut(m)) => {
             // It may have submitted the job all the same: no untracked job is left.
             if let Some(name) = args.iter().find_map(|a| a.strip_prefix("--job-name="))
                 && let Ok(Some(id)) = job_by_name(name).await
             {
                 cancel(&id).await;
             }
-            return Err("sbatch did not answer within 60 s".to_string());
+            return Err(m);
         }
+        Err(e) => return Err(e.into()),
     };
     if !out.status.success() {
         return Err(format!(
