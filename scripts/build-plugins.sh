@@ -23,15 +23,15 @@ fi
 
 cd "$plugins"
 cargo build --release --target wasm32-wasip2 --workspace --bins "$@"
-cargo build --release --target wasm32-wasip1 -p testkit --bin noop --bin fail "$@"
+cargo build --release --target wasm32-wasip1 -p testkit --bin noop --bin fail --bin sleep --bin attack "$@"
 
 mkdir -p "$dist"
 rm -f "$dist"/*.wasm
-bins=(csv-clean csv-stats csv-standardize csv-join noop copy fail flaky sleep spin alloc escape env chatty)
+bins=(csv-clean csv-stats csv-standardize csv-join noop copy fail flaky sleep spin alloc escape env chatty attack)
 for b in "${bins[@]}"; do
     cp "$target_dir/wasm32-wasip2/release/$b.wasm" "$dist/$b.wasm"
 done
-for b in noop fail; do
+for b in noop fail sleep attack; do
     cp "$target_dir/wasm32-wasip1/release/$b.wasm" "$dist/$b-p1.wasm"
 done
 

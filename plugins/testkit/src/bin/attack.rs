@@ -1,0 +1,125 @@
+//! attack: what a hostile or clumsy step does to its host, one mode per finding of the
+//! red-team review. Each mode either succeeds (the host must survive it) or reports
+//! how far it got; the host's tests check that the step fails with a named limit and
+//! that the daemon carries on.
+
+use csvkit::Error;
+use std::hint::black_box;
+
+const USAGE: &str = "\
+attack: stress the host of a step
+
+usage: attack MODE [options]
+
+  deep --dir D --levels N   nest N directories named `a` under D, each made relative
+                            to an open descriptor of its parent (wasip1 builds only)
+  recurse                   recurse without bound (the wasm stack)
+  fds --file F --count N    open F N times and hold every descriptor
+  names --dir D             write `x` and `x\\r` (carriage return) with different bytes
+  fill --dir D --mib N      write N MiB into D/fill, 1 MiB at a time";
+
+fn main() {
+    csvkit::run("attack", USAGE, |args| {
+        let mode = args.rest().first().cloned().unwrap_or_default();
+        match mode.as_str() {
+            "deep" => {
+                let dir = args.opt_or("dir", "/out/o")?;
+                let levels: u64 = args.parsed("levels", 20_000)?;
+                deep(&dir, levels)
+            }
+            "recurse" => {
+                println!("recursing");
+                println!("depth {}", recurse(black_box(0)));
+                Ok(())
+            }
+            "fds" => {
+                let file = args.opt_or("file", "/in/a/x.txt")?;
+                let count: u64 = args.parsed("count", 100_000)?;
+                let mut held = Vec::new();
+                for i in 0..count {
+                    match std::fs::File::open(&file) {
+                        Ok(f) => held.push(f),
+                        Err(e) => {
+                            println!("opened {i} descriptors, then: {e}");
+                            return Err(Error::fail(format!("open #{i}: {e}")));
+                        }
+                    }
+                }
+                println!("opened {count} descriptors");
+                Ok(())
+            }
+            "names" => {
+                let dir = args.opt_or("dir", "/out/o")?;
+                std::fs::write(format!("{dir}/x"), "plain x\n")
+                    .map_err(|e| Error::fail(format!("x: {e}")))?;
+                std::fs::write(format!("{dir}/x\r"), "attacker's bytes\n")
+                    .map_err(|e| Error::fail(format!("x\\r: {e}")))?;
+                println!("wrote x and x\\r");
+                Ok(())
+            }
+            "fill" => {
+                use std::io::Write;
+                let dir = args.opt_or("dir", "/out/o")?;
+                let mib: u64 = args.parsed("mib", 1024)?;
+                let mut f = std::fs::File::create(format!("{dir}/fill"))
+                    .map_err(|e| Error::fail(format!("{dir}/fill: {e}")))?;
+                let chunk = vec![7u8; 1 << 20];
+                for i in 0..mib {
+                    f.write_all(&chunk)
+                        .map_err(|e| Error::fail(format!("after {i} MiB: {e}")))?;
+                }
+                println!("wrote {mib} MiB");
+                Ok(())
+            }
+            other => Err(Error::usage(format!("unknown mode `{other}`"))),
+        }
+    })
+}
+
+#[allow(unconditional_recursion)]
+fn recurse(n: u64) -> u64 {
+    let pad = black_box([n; 16]);
+    recurse(black_box(pad[3] + 1)) + pad[7]
+}
+
+#[cfg(target_env = "p1")]
+fn deep(dir: &str, levels: u64) -> Result<(), Error> {
+    use std::os::fd::AsRawFd;
+    let root = std::fs::File::open(dir).map_err(|e| Error::fail(format!("{dir}: {e}")))?;
+    let mut fd = root.as_raw_fd() as wasi::Fd;
+    for i in 0..levels {
+        // SAFETY: plain WASI calls on descriptors this program owns.
+        let next = unsafe {
+            wasi::path_create_directory(fd, "a")
+                .and_then(|()| {
+                    wasi::path_open(fd, 0, "a", wasi::OFLAGS_DIRECTORY, u64::MAX, u64::MAX, 0)
+                })
+        };
+        match next {
+            Ok(child) => {
+                if i > 0 {
+                    // SAFETY: `fd` was opened above by this loop and is not used again.
+                    unsafe {
+                        let _ = wasi::fd_close(fd);
+                    }
+                }
+                fd = child;
+            }
+            Err(e) => {
+                println!("nested {i} levels, then: {e}");
+                return Err(Error::fail(format!("level {i}: {e}")));
+            }
+        }
+    }
+    // SAFETY: a small file in the deepest directory, through its descriptor.
+    let _ = unsafe {
+        wasi::path_open(fd, 0, "deep.txt", wasi::OFLAGS_CREAT, u64::MAX, u64::MAX, 0)
+    };
+    println!("nested {levels} levels");
+    Ok(())
+}
+
+#[cfg(not(target_env = "p1"))]
+fn deep(_dir: &str, _levels: u64) -> Result<(), Error> {
+    Err(Error::usage("`deep` needs the wasip1 build (attack-p1.wasm)"))
+}
