@@ -513,6 +513,8 @@ impl Engine {
             Some(l) => l,
             None => return Err(RunError::Busy(run_id)),
         };
+        // Held until the run ends; a `gc` sweeping now finishes first.
+        let _store_lock = tokio::task::block_in_place(|| self.store.lock_shared())?;
         // Only the process holding the lock may mark the run as running (a resume
         // that finds it busy must not touch its status).
         self.store
@@ -780,6 +782,39 @@ impl Engine {
 
     /// Hashes (and on first sight copies) every pipeline input the steps use. A
     /// resumed run keeps the inputs it started with.
+    /// Where a pipeline input lives on the host. It must exist, and must not hold
+    /// the state directory: a step would read the API token, the database and every
+    /// log, and the input would never be reused (the database changes under it).
+    fn input_path(&self, p: &Pipeline, input: &definition::Input) -> Result<PathBuf, RunError> {
+        let name = input.name.get_ref();
+        let path = self
+            .datastores
+            .path(input.datastore.get_ref(), &p.dir)
+            .join(input.path.get_ref());
+        let Ok(real) = path.canonicalize() else {
+            return Err(RunError::Input {
+                name: name.clone(),
+                detail: format!("not found: {}", path.display()),
+            });
+        };
+        let state = self
+            .store
+            .root
+            .canonicalize()
+            .unwrap_or(self.store.root.clone());
+        if state.starts_with(&real) {
+            return Err(RunError::Input {
+                name: name.clone(),
+                detail: format!(
+                    "{} contains the state directory {}: a step would see the API token, the database and the logs; point the input at a subdirectory, or keep the state elsewhere (--state, MILLRACE_STATE)",
+                    path.display(),
+                    state.display()
+                ),
+            });
+        }
+        Ok(path)
+    }
+
     fn snapshot_inputs(
         &self,
         run_id: i64,
@@ -803,16 +838,7 @@ impl Engine {
                 out.insert(name.clone(), d.clone());
                 continue;
             }
-            let path = self
-                .datastores
-                .path(input.datastore.get_ref(), &p.dir)
-                .join(input.path.get_ref());
-            if !path.exists() {
-                return Err(RunError::Input {
-                    name: name.clone(),
-                    detail: format!("not found: {}", path.display()),
-                });
-            }
+            let path = self.input_path(p, input)?;
             let ingested = self
                 .store
                 .ingest(&path, Mode::Copy)
@@ -857,16 +883,7 @@ impl Engine {
         let graph = Graph::new(p);
         let mut inputs = HashMap::new();
         for input in &p.inputs {
-            let path = self
-                .datastores
-                .path(input.datastore.get_ref(), &p.dir)
-                .join(input.path.get_ref());
-            if !path.exists() {
-                return Err(RunError::Input {
-                    name: input.name.get_ref().clone(),
-                    detail: format!("not found: {}", path.display()),
-                });
-            }
+            let path = self.input_path(p, input)?;
             let d = self
                 .store
                 .ingest(&path, Mode::Hash)
@@ -1677,6 +1694,16 @@ impl RunContext {
             StepKind::Transfer { .. } => {
                 let source = inputs.get("from").cloned().unwrap_or_default();
                 let dest = self.transfer_destination(i);
+                if let Some(state) = overlaps_state(&dest, &self.engine.store.root) {
+                    return Err((
+                        None,
+                        format!(
+                            "transfer to {}: the destination overlaps the state directory {}; choose a path outside it",
+                            dest.display(),
+                            state.display()
+                        ),
+                    ));
+                }
                 tokio::task::block_in_place(|| {
                     transfer::publish(&self.engine.store.artifacts, &source, &dest)
                 })
@@ -2589,6 +2616,22 @@ fn record_inputs(
         }
     }
     Ok(())
+}
+
+/// The state directory, when `path` is inside it or holds it (symlinks resolved
+/// as far as `path` exists).
+fn overlaps_state(path: &Path, state: &Path) -> Option<PathBuf> {
+    let state = state.canonicalize().unwrap_or_else(|_| state.to_path_buf());
+    // The destination may not exist yet: resolve its nearest existing ancestor.
+    let mut existing = path;
+    let mut rest = Vec::new();
+    while !existing.exists() {
+        rest.push(existing.file_name()?);
+        existing = existing.parent()?;
+    }
+    let mut real = existing.canonicalize().ok()?;
+    real.extend(rest.iter().rev());
+    (real.starts_with(&state) || state.starts_with(&real)).then_some(state)
 }
 
 /// Removes a sandbox directory, including read-only hard links to blobs.

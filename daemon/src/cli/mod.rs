@@ -1268,7 +1268,14 @@ fn gc(store: &Store, keep: i64, json: bool) -> anyhow::Result<i32> {
     if keep < 1 {
         return Err(Exit::usage("error: --keep must be at least 1").into());
     }
-    // A run in progress may have moved blobs into the store that no row names yet.
+    // A run in progress may have moved blobs into the store that no row names yet:
+    // every run, import and publish holds the store lock shared while it writes.
+    let Some(_exclusive) = store.try_lock_exclusive()? else {
+        return Err(Exit::usage(
+            "error: a run, module import or publish is in progress; run gc when none is",
+        )
+        .into());
+    };
     let active: Vec<i64> = store
         .db()
         .read()
@@ -1315,16 +1322,15 @@ fn gc(store: &Store, keep: i64, json: bool) -> anyhow::Result<i32> {
             }
         }
     }
-    // Staging files of ingestions that never finished (an hour old: not in progress).
+    // Staging files of ingestions and module imports that never finished: with the
+    // store lock held exclusively, nothing is writing there now.
     if let Ok(entries) = std::fs::read_dir(store.root.join("objects/tmp")) {
         for e in entries.flatten() {
-            let old = e
-                .metadata()
-                .and_then(|m| m.modified())
-                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > Duration::from_secs(3600)));
-            if old {
-                let _ = std::fs::remove_file(e.path());
-            }
+            let _ = if e.file_type().is_ok_and(|t| t.is_dir()) {
+                std::fs::remove_dir_all(e.path())
+            } else {
+                std::fs::remove_file(e.path())
+            };
         }
     }
     let mut blobs = std::collections::HashSet::new();

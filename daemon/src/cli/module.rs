@@ -238,6 +238,8 @@ fn publish(
     }
     let meta = std::fs::metadata(path)
         .map_err(|e| Exit::usage(format!("error: cannot read {}: {e}", path.display())))?;
+    // The code enters the store before a row names it: no gc may sweep meanwhile.
+    let _store_lock = store.lock_shared()?;
     let (kind, entry) = if meta.is_dir() {
         let Some(entry) = entry else {
             return Err(Exit::usage(format!(
@@ -633,7 +635,23 @@ fn tempdir_in(store: &Store) -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
+fn entry_kind(kind: tar::EntryType) -> &'static str {
+    if kind.is_symlink() {
+        "symbolic link"
+    } else if kind.is_hard_link() {
+        "hard link"
+    } else if kind.is_fifo() {
+        "FIFO"
+    } else if kind.is_character_special() || kind.is_block_special() {
+        "device"
+    } else {
+        "special entry"
+    }
+}
+
 fn import(store: &Store, file: &Path, json: bool) -> anyhow::Result<i32> {
+    // Its staging directory is under objects/tmp, which gc empties.
+    let _store_lock = store.lock_shared()?;
     let tmp = tempdir_in(store)?;
     let result = (|| -> anyhow::Result<i32> {
         let f = std::fs::File::open(file)
@@ -652,6 +670,22 @@ fn import(store: &Store, file: &Path, json: bool) -> anyhow::Result<i32> {
         archive.set_overwrite(false);
         for entry in archive.entries().map_err(not_archive)? {
             let mut entry = entry.map_err(not_archive)?;
+            // Only files and directories: a symlink or hard link would import
+            // whatever host file it names (and its digest would tell a guess).
+            let kind = entry.header().entry_type();
+            if !(kind.is_file() || kind.is_dir()) {
+                let what = entry
+                    .path()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default();
+                return Err(Exit::config(format!(
+                    "error: {}: the archive entry `{}` is a {}; a module archive holds only regular files and directories; nothing was imported",
+                    file.display(),
+                    what.escape_debug(),
+                    entry_kind(kind)
+                ))
+                .into());
+            }
             // unpack_in refuses paths that escape the directory.
             if !entry.unpack_in(&tmp).map_err(not_archive)? {
                 return Err(Exit::config(format!(

@@ -37,7 +37,9 @@ pub fn publish(artifacts: &ArtifactStore, digest: &str, dest: &Path) -> Result<(
         .unwrap_or_default();
     static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let staging = parent.join(format!(".{name}.millrace-{}-{seq}", std::process::id()));
+    let prefix = format!(".{name}.millrace-");
+    remove_stale_staging(parent, &prefix);
+    let staging = parent.join(format!("{prefix}{}-{seq}", std::process::id()));
     if staging.exists() {
         std::fs::remove_dir_all(&staging).map_err(io(&staging))?;
     }
@@ -64,6 +66,39 @@ pub fn publish(artifacts: &ArtifactStore, digest: &str, dest: &Path) -> Result<(
         let _ = d.sync_all();
     }
     Ok(())
+}
+
+/// Removes the staging copies (`<prefix><pid>-<seq>`) that a killed process left
+/// beside the destination: those of processes that no longer exist.
+fn remove_stale_staging(parent: &Path, prefix: &str) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(prefix))
+            .and_then(|rest| rest.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() as i32 && !process_exists(pid) {
+            let path = e.path();
+            let _ = if e.file_type().is_ok_and(|t| t.is_dir()) {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+        }
+    }
+}
+
+fn process_exists(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
 }
 
 /// fsyncs every file and directory of a freshly written tree.

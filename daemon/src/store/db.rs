@@ -17,13 +17,14 @@ use crate::store::artifacts::FileStat;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
-    #[error("database {path}: {source}")]
+    #[error("database {path}: {}", describe(.source))]
     Open {
         path: String,
         source: rusqlite::Error,
     },
-    #[error("database: {0}")]
-    Sql(#[from] rusqlite::Error),
+    /// SQLite's message once (as a source too it would be printed twice).
+    #[error("database: {}", describe(.0))]
+    Sql(rusqlite::Error),
     #[error(
         "the database was written by a newer millrace (schema {found}, this binary knows {known})"
     )]
@@ -31,6 +32,34 @@ pub enum DbError {
     /// A conditional update found the row changed by someone else.
     #[error("{0}")]
     Conflict(String),
+}
+
+impl From<rusqlite::Error> for DbError {
+    fn from(e: rusqlite::Error) -> DbError {
+        DbError::Sql(e)
+    }
+}
+
+impl DbError {
+    /// The write failed for want of disk space (the transaction was rolled back).
+    pub fn is_disk_full(&self) -> bool {
+        let (DbError::Sql(e) | DbError::Open { source: e, .. }) = self else {
+            return false;
+        };
+        e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull)
+    }
+}
+
+fn describe(e: &rusqlite::Error) -> String {
+    match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DiskFull) => {
+            "the disk is full (free some space and try again)".into()
+        }
+        _ => match e {
+            rusqlite::Error::SqliteFailure(_, Some(msg)) => msg.clone(),
+            e => e.to_string(),
+        },
+    }
 }
 
 pub type Result<T> = std::result::Result<T, DbError>;
@@ -405,6 +434,14 @@ impl Db {
     /// transaction, so two processes opening a new database do not both migrate.
     fn migrate(&mut self) -> Result<()> {
         let known = MIGRATIONS.len() as i64;
+        // An up-to-date database is only read: a read command must work on a full
+        // disk, and a reader must not wait for a writer's lock.
+        let current: i64 = self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if current == known {
+            return Ok(());
+        }
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -414,6 +451,9 @@ impl Db {
                 found: version,
                 known,
             });
+        }
+        if version == known {
+            return Ok(());
         }
         for m in MIGRATIONS.iter().skip(version as usize) {
             tx.execute_batch(m)?;

@@ -6,11 +6,13 @@
 //! <state>/work/<run>/…       sandboxes of running steps (removed afterwards)
 //! <state>/logs/<run>/…       step logs, one file per attempt
 //! <state>/cache/wasm/        precompiled wasm, written only by millrace
+//! <state>/store.lock         shared by runs, imports and publishes; exclusive for gc
 //! ```
 
 pub mod artifacts;
 pub mod db;
 
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
@@ -30,6 +32,45 @@ pub enum StoreError {
     Artifact(#[from] ArtifactError),
 }
 
+/// Creates `path` (a file, or a directory) with `mode` if missing, else sets `mode`.
+/// SQLite gives its journal and WAL files the database file's mode.
+fn make_private(path: &Path, mode: u32, dir: bool) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if dir {
+                std::fs::DirBuilder::new().mode(mode).create(path)?;
+            } else {
+                std::fs::OpenOptions::new()
+                    .create_new(true)
+                    .write(true)
+                    .mode(mode)
+                    .open(path)?;
+            }
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    // Only the owner can tighten it; a reader of someone else's state (a
+    // member of its group, say) leaves it as it is.
+    // SAFETY: geteuid has no preconditions.
+    let ours = meta.uid() == unsafe { libc::geteuid() };
+    if ours && meta.permissions().mode() & 0o777 != mode {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    }
+    Ok(())
+}
+
+/// `<state>/store.lock`: see [`Store::lock_shared`].
+const LOCK: &str = "store.lock";
+
+/// The store lock, held until dropped (one open file description each, so the
+/// shared holders of one process do not share a lock).
+pub struct StoreLock {
+    _file: std::fs::File,
+}
+
 pub struct Store {
     pub root: PathBuf,
     db: Mutex<Db>,
@@ -42,9 +83,23 @@ impl Store {
             path: root.to_path_buf(),
             source,
         };
-        std::fs::create_dir_all(root).map_err(dir_err)?;
+        // The state holds the API token, every log and the database: only its
+        // owner may read it (a directory we create is 0700; the database and the
+        // logs are private even in a directory the user made).
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(root)
+            .map_err(dir_err)?;
         let root = std::path::absolute(root).map_err(dir_err)?;
-        let db = Db::open(&root.join("millrace.db"))?;
+        let db_path = root.join("millrace.db");
+        for (path, mode, dir) in [(&db_path, 0o600, false), (&root.join("logs"), 0o700, true)] {
+            make_private(path, mode, dir).map_err(|source| StoreError::Dir {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        let db = Db::open(&db_path)?;
         let artifacts = ArtifactStore::open(&root.join("objects"))?;
         Ok(Store {
             root,
@@ -76,6 +131,41 @@ impl Store {
             Some(d) if !d.is_empty() => PathBuf::from(d),
             _ => self.root.join("cache").join("wasm"),
         }
+    }
+
+    /// Takes the store lock shared, waiting while `gc` holds it: every process that
+    /// may move objects into the store before a row names them (a run, a module
+    /// import or publish) holds it for as long as it does.
+    pub fn lock_shared(&self) -> Result<StoreLock, StoreError> {
+        let file = self.lock_file()?;
+        file.lock_shared().map_err(|source| StoreError::Dir {
+            path: self.root.join(LOCK),
+            source,
+        })?;
+        Ok(StoreLock { _file: file })
+    }
+
+    /// Takes the store lock exclusively (for `gc`), or `None` while anyone holds it.
+    pub fn try_lock_exclusive(&self) -> Result<Option<StoreLock>, StoreError> {
+        let file = self.lock_file()?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(StoreLock { _file: file })),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(source)) => Err(StoreError::Dir {
+                path: self.root.join(LOCK),
+                source,
+            }),
+        }
+    }
+
+    fn lock_file(&self) -> Result<std::fs::File, StoreError> {
+        let path = self.root.join(LOCK);
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|source| StoreError::Dir { path, source })
     }
 
     /// The stat cache as the artifact store asks it.

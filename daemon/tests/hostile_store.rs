@@ -1,0 +1,373 @@
+//! The state directory under attack or pressure: gc racing runs, datasets and
+//! transfers that reach into the state, module archives with links, leftovers of
+//! killed processes, permissions, a full disk.
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Stdio;
+
+use crate::common::{Project, plugin, stderr, step_error};
+
+fn copy_pipeline(p: &Project) -> String {
+    p.write(
+        "p.toml",
+        &format!(
+            r#"
+name = "p"
+[inputs.a]
+path = "data/a.txt"
+[[step]]
+name = "make"
+wasm = "{}"
+inputs = {{ x = "inputs.a" }}
+outputs = ["model"]
+args = ["--out", "model"]
+"#,
+            plugin("copy")
+        ),
+    )
+    .display()
+    .to_string()
+}
+
+/// Every blob's content hashes to its name (the store was not corrupted).
+fn assert_store_intact(p: &Project) {
+    let blobs = p.path(".state/objects/blobs");
+    let Ok(shards) = std::fs::read_dir(&blobs) else {
+        return;
+    };
+    for shard in shards.flatten() {
+        for f in std::fs::read_dir(shard.path()).unwrap().flatten() {
+            let name = format!(
+                "{}{}",
+                shard.file_name().to_string_lossy(),
+                f.file_name().to_string_lossy()
+            );
+            let bytes = std::fs::read(f.path()).unwrap();
+            assert_eq!(
+                hash_blob(&bytes),
+                name,
+                "blob {} changed",
+                f.path().display()
+            );
+        }
+    }
+}
+
+/// BLAKE3 as the store computes it.
+fn hash_blob(bytes: &[u8]) -> String {
+    let tmp = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(tmp.path(), bytes).unwrap();
+    millrace::store::artifacts::hash_file(tmp.path()).unwrap()
+}
+
+#[test]
+fn gc_never_removes_what_a_run_is_writing() {
+    let p = Project::new();
+    let f = copy_pipeline(&p);
+    p.write("data/a.txt", "first\n");
+    assert!(p.run(&["run", &f]).status.success());
+    for i in 0..8 {
+        let content = format!("version {i}\n");
+        p.write("data/a.txt", &content);
+        // A run and a gc started together: whichever takes the store first, the
+        // run's fresh outputs survive.
+        let mut run = p
+            .cmd(&["run", &f])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        if i % 2 == 1 {
+            std::thread::sleep(std::time::Duration::from_millis(20 * i));
+        }
+        let gc = p.run(&["gc", "--keep", "1"]);
+        let run_status = run.wait().unwrap();
+        assert!(run_status.success(), "run {i} failed");
+        let gc_err = stderr(&gc);
+        assert!(
+            gc.status.success() || gc_err.contains("in progress"),
+            "gc: {gc_err}"
+        );
+        let out = p.run(&["output", "latest", "make.model"]);
+        assert!(out.status.success(), "iteration {i}: {}", stderr(&out));
+        assert_eq!(String::from_utf8_lossy(&out.stdout), content);
+    }
+    // A last gc on a quiet store; every remaining output still reads back.
+    assert!(p.run(&["gc", "--keep", "1"]).status.success());
+    assert!(p.run(&["output", "latest", "make.model"]).status.success());
+    assert_store_intact(&p);
+}
+
+#[test]
+fn an_input_holding_the_state_directory_is_refused() {
+    let p = Project::new();
+    p.write("data/a.txt", "x\n");
+    let f = p.write(
+        "whole.toml",
+        &format!(
+            "name = \"whole\"\n[inputs.all]\npath = \".\"\n[[step]]\nname = \"s\"\nwasm = \"{}\"\ninputs = {{ a = \"inputs.all\" }}\n",
+            plugin("noop")
+        ),
+    );
+    // The state directory must exist for the check to matter.
+    assert!(p.run(&["runs"]).status.success());
+    for cmd in ["run", "plan"] {
+        let out = p.run(&[cmd, f.to_str().unwrap()]);
+        assert_ne!(out.status.code(), Some(0), "{cmd}");
+        let err = stderr(&out);
+        assert!(
+            err.contains("contains the state directory") && err.contains("input `all`"),
+            "{cmd}: {err}"
+        );
+    }
+}
+
+#[test]
+fn a_transfer_into_the_state_directory_is_refused() {
+    let p = Project::new();
+    p.write("data/a.txt", "x\n");
+    let f = p.write(
+        "t.toml",
+        &format!(
+            r#"
+name = "t"
+[inputs.a]
+path = "data/a.txt"
+[[step]]
+name = "make"
+wasm = "{}"
+inputs = {{ x = "inputs.a" }}
+outputs = ["model"]
+args = ["--out", "model"]
+[[step]]
+name = "publish"
+transfer = {{ from = "make.model", to = ".state/objects" }}
+"#,
+            plugin("copy")
+        ),
+    );
+    let out = p.run(&["run", f.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = step_error(&p, "publish");
+    assert!(err.contains("overlaps the state directory"), "{err}");
+    assert!(
+        p.path(".state/objects/blobs").is_dir(),
+        "the store is intact"
+    );
+    assert!(p.run(&["output", "latest", "make.model"]).status.success());
+}
+
+/// A module archive as `module export` writes it, but with `code/` given by
+/// `code_entry` (a python tarfile snippet adding it).
+fn archive_with(p: &Project, name: &str, code_entry: &str) -> std::path::PathBuf {
+    let out = p.path(name);
+    let script = format!(
+        r#"
+import io, json, tarfile, sys
+t = tarfile.open(sys.argv[1], "w")
+meta = json.dumps({{"name": "evil", "version": "1.0.0", "kind": "wasm", "digest": "0" * 64}}).encode()
+i = tarfile.TarInfo("millrace-module.json"); i.size = len(meta); t.addfile(i, io.BytesIO(meta))
+d = tarfile.TarInfo("code"); d.type = tarfile.DIRTYPE; t.addfile(d)
+{code_entry}
+t.close()
+"#
+    );
+    let st = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    out
+}
+
+#[test]
+fn a_module_archive_with_links_or_devices_is_refused() {
+    let p = Project::new();
+    let cases = [
+        (
+            "sym.mod",
+            "l = tarfile.TarInfo('code/tool.wasm'); l.type = tarfile.SYMTYPE; l.linkname = '/etc/passwd'; t.addfile(l)",
+            "symbolic link",
+        ),
+        (
+            "hard.mod",
+            "l = tarfile.TarInfo('code/tool.wasm'); l.type = tarfile.LNKTYPE; l.linkname = 'millrace-module.json'; t.addfile(l)",
+            "hard link",
+        ),
+        (
+            "fifo.mod",
+            "l = tarfile.TarInfo('code/tool.wasm'); l.type = tarfile.FIFOTYPE; t.addfile(l)",
+            "FIFO",
+        ),
+    ];
+    for (file, entry, what) in cases {
+        let archive = archive_with(&p, file, entry);
+        let out = p.run(&["module", "import", archive.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(78), "{file}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(
+            err.contains(what) && err.contains("only regular files and directories"),
+            "{file}: {err}"
+        );
+        assert!(!err.contains("content is"), "no digest oracle: {err}");
+    }
+    let list = p.json(&["module", "list"]);
+    assert_eq!(list.as_array().map(Vec::len), Some(0), "{list}");
+    // Nothing is left in the staging area either.
+    let tmp = std::fs::read_dir(p.path(".state/objects/tmp"))
+        .unwrap()
+        .count();
+    assert_eq!(tmp, 0);
+}
+
+#[test]
+fn leftovers_of_killed_transfers_and_imports_are_removed() {
+    let p = Project::new();
+    p.write("data/a.txt", "x\n");
+    let f = p.write(
+        "t.toml",
+        &format!(
+            r#"
+name = "t"
+[inputs.a]
+path = "data/a.txt"
+[[step]]
+name = "make"
+wasm = "{}"
+inputs = {{ x = "inputs.a" }}
+outputs = ["model"]
+args = ["--out", "model"]
+[[step]]
+name = "publish"
+transfer = {{ from = "make.model", to = "models/latest" }}
+"#,
+            plugin("copy")
+        ),
+    );
+    // A staging copy of a transfer whose process died (no such pid), and one of a
+    // live process (ours) that must be left alone.
+    let dead = p.write("models/.latest.millrace-999999999-0/a.txt", "half");
+    let live = p.write(
+        &format!("models/.latest.millrace-{}-0/a.txt", std::process::id()),
+        "in progress",
+    );
+    assert!(p.run(&["run", f.to_str().unwrap()]).status.success());
+    assert!(!dead.parent().unwrap().exists(), "the dead copy is removed");
+    assert!(live.exists(), "a live process's copy is left");
+    // A module import killed half-way left its staging directory: gc removes it.
+    p.write(".state/objects/tmp/module-1-1/code/x.wasm", "half");
+    let gc = p.run(&["gc", "--keep", "1"]);
+    assert!(gc.status.success(), "{}", stderr(&gc));
+    assert!(!p.path(".state/objects/tmp/module-1-1").exists());
+}
+
+#[test]
+fn the_state_directory_is_private() {
+    let p = Project::new();
+    let f = copy_pipeline(&p);
+    p.write("data/a.txt", "x\n");
+    assert!(p.run(&["run", &f]).status.success());
+    let mode = |rel: &str| std::fs::metadata(p.path(rel)).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(".state"), 0o700);
+    assert_eq!(mode(".state/millrace.db"), 0o600);
+    assert_eq!(mode(".state/logs"), 0o700);
+    // A state made by an older version is tightened at the next open.
+    std::fs::set_permissions(
+        p.path(".state/millrace.db"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        p.path(".state/logs"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    assert!(p.run(&["runs"]).status.success());
+    assert_eq!(mode(".state/millrace.db"), 0o600);
+    assert_eq!(mode(".state/logs"), 0o700);
+}
+
+/// A small tmpfs, unmounted when dropped (root only).
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: std::path::PathBuf, size: &str) -> Option<SmallDisk> {
+        std::fs::create_dir_all(&dir).ok()?;
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(SmallDisk(dir))
+    }
+
+    fn fill_leaving(&self, bytes: u64) -> std::path::PathBuf {
+        let filler = self.0.join("filler");
+        let _ = std::fs::remove_file(&filler);
+        // SAFETY: statvfs writes into the struct we pass.
+        let avail = unsafe {
+            let mut s: libc::statvfs = std::mem::zeroed();
+            let c = std::ffi::CString::new(self.0.to_str().unwrap()).unwrap();
+            assert_eq!(libc::statvfs(c.as_ptr(), &mut s), 0);
+            s.f_bavail * s.f_frsize
+        };
+        let st = std::process::Command::new("fallocate")
+            .args(["-l", &(avail.saturating_sub(bytes)).to_string()])
+            .arg(&filler)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        filler
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn a_full_disk_fails_a_run_cleanly_and_reads_still_work() {
+    let p = Project::new();
+    // The state directory itself is the small disk.
+    let Some(disk) = SmallDisk::mount(p.path(".state"), "16m") else {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let f = copy_pipeline(&p);
+    let state = disk.0.clone();
+    let cmd = |args: &[&str]| p.run(args);
+    p.write("data/a.txt", "first\n");
+    let first = cmd(&["run", &f]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    for left in [4096, 0] {
+        let filler = disk.fill_leaving(left);
+        // Reading needs no space.
+        let runs = cmd(&["runs"]);
+        assert!(runs.status.success(), "{}", stderr(&runs));
+        p.write("data/a.txt", &format!("left {left}\n"));
+        let out = cmd(&["run", &f]);
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        assert!(stderr(&out).contains("disk is full"), "{}", stderr(&out));
+        assert!(!stderr(&out).contains("panicked"));
+        std::fs::remove_file(filler).unwrap();
+    }
+    // Space is back: a run succeeds, and an interrupted run (if the disk filled
+    // while it ran) can be finished.
+    let out = cmd(&["run", &f]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let check = std::process::Command::new("python3")
+        .arg("-c")
+        .arg("import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute('pragma integrity_check').fetchone()[0])")
+        .arg(state.join("millrace.db"))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&check.stdout).trim(), "ok");
+}
