@@ -5,6 +5,9 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 scripts/setup.sh
+echo "== style: rustfmt and clippy (warnings are errors)"
+cargo fmt --all --check
+cargo clippy --quiet --workspace --all-targets -- -D warnings
 echo "== container engine (podman's Docker API service, or \$DOCKER_HOST) and the test image"
 export "$(scripts/setup-containers.sh)"
 echo "== a single-node Slurm cluster (munge, slurmctld, slurmd)"
@@ -25,3 +28,24 @@ echo "== web UI in headless Chromium (playwright-core)"
 scripts/check-ui.sh
 echo "== systemd unit"
 scripts/check-systemd.sh
+echo "== the tree is as the tests found it"
+# Tests and scripts write only under ignored paths; a tracked empty file is a stray
+# shell redirect (one named `oom` came back twice).
+if ! git rev-parse --git-dir >/dev/null 2>&1; then
+    echo "test.sh: not a git checkout; the clean-tree check is skipped"
+    exit 0
+fi
+dirty="$(git status --porcelain --untracked-files=all)"
+if [[ -n "$dirty" ]]; then
+    echo "test.sh: the run left the work tree dirty:" >&2
+    echo "$dirty" >&2
+    exit 1
+fi
+empty=()
+while IFS= read -r -d '' f; do
+    if [[ -f "$f" && ! -s "$f" ]]; then empty+=("$f"); fi
+done < <(git ls-files -z)
+if ((${#empty[@]})); then
+    echo "test.sh: tracked zero-byte files (stray redirects?): ${empty[*]}" >&2
+    exit 1
+fi
