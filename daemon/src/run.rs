@@ -515,6 +515,35 @@ impl Engine {
         };
         // Held until the run ends; a `gc` sweeping now finishes first.
         let _store_lock = tokio::task::block_in_place(|| self.store.lock_shared())?;
+        let result = self
+            .execute_locked(run_id, p, params, no_reuse, events, cancel, started)
+            .await;
+        if let Err(e @ (RunError::Db(_) | RunError::Store(_))) = &result {
+            // A record could not be written mid-run (most often: the disk is full).
+            // Removing the sandboxes frees what the steps wrote; then the failure
+            // may fit, and the run is not left `running` (it can be resumed).
+            let _ = tokio::task::block_in_place(|| remove_tree(&self.store.work_dir(run_id)));
+            let _ = self
+                .store
+                .db()
+                .read()
+                .set_run_status(run_id, "failed", Some(&e.to_string()));
+        }
+        result
+    }
+
+    /// [`Engine::execute`] once the run and the store are locked.
+    #[allow(clippy::too_many_arguments)]
+    async fn execute_locked(
+        self: &Arc<Self>,
+        run_id: i64,
+        p: Arc<Pipeline>,
+        params: Vec<(String, ParamValue)>,
+        no_reuse: bool,
+        events: EventSink,
+        cancel: tokio_util::sync::CancellationToken,
+        started: Instant,
+    ) -> Result<RunSummary, RunError> {
         // Only the process holding the lock may mark the run as running (a resume
         // that finds it busy must not touch its status).
         self.store
@@ -780,8 +809,6 @@ impl Engine {
         })
     }
 
-    /// Hashes (and on first sight copies) every pipeline input the steps use. A
-    /// resumed run keeps the inputs it started with.
     /// Where a pipeline input lives on the host. It must exist, and must not hold
     /// the state directory: a step would read the API token, the database and every
     /// log, and the input would never be reused (the database changes under it).
@@ -815,6 +842,8 @@ impl Engine {
         Ok(path)
     }
 
+    /// Hashes (and on first sight copies) every pipeline input the steps use. A
+    /// resumed run keeps the inputs it started with.
     fn snapshot_inputs(
         &self,
         run_id: i64,

@@ -359,8 +359,22 @@ fn a_full_disk_fails_a_run_cleanly_and_reads_still_work() {
         assert!(!stderr(&out).contains("panicked"));
         std::fs::remove_file(filler).unwrap();
     }
-    // Space is back: a run succeeds, and an interrupted run (if the disk filled
-    // while it ran) can be finished.
+    // Space is back: a run succeeds.
+    let out = cmd(&["run", &f]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // A step that fills the disk itself fails, and its run is recorded as failed,
+    // not left running.
+    let fill = p.write(
+        "fill.toml",
+        &format!(
+            "name = \"fill\"\n[[step]]\nname = \"f\"\nwasm = \"{}\"\nargs = [\"fill\", \"--dir\", \"/out/o\", \"--mib\", \"32\"]\noutputs = [\"o\"]\n",
+            plugin("attack")
+        ),
+    );
+    let out = cmd(&["run", fill.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let show = p.json(&["runs", "show", "latest"]);
+    assert_eq!(show["run"]["status"], "failed", "{show}");
     let out = cmd(&["run", &f]);
     assert!(out.status.success(), "{}", stderr(&out));
     let check = std::process::Command::new("python3")
