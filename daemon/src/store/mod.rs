@@ -10,6 +10,7 @@
 
 pub mod artifacts;
 pub mod db;
+pub mod walk;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
