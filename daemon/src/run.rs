@@ -2028,7 +2028,8 @@ impl RunContext {
                     let n = e.file_name().to_string_lossy().into_owned();
                     if !step.outputs.iter().any(|o| *o.get_ref() == n) {
                         log.note(&format!(
-                            "/out/{n} is not a declared output and was discarded"
+                            "/out/{} is not a declared output and was discarded",
+                            crate::store::artifacts::escape_controls(&n)
                         ));
                     }
                 }

@@ -17,20 +17,44 @@ use crate::store::walk::{self, Dir, DirEntry, Kind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ArtifactError {
-    #[error("{path}: {source}")]
+    #[error("{}: {source}", shown(path))]
     Io { path: PathBuf, source: io::Error },
-    #[error("{0}: symbolic links cannot be part of an artifact")]
+    #[error("{}: symbolic links cannot be part of an artifact", shown(.0))]
     Symlink(PathBuf),
-    #[error("{0}: only regular files and directories can be part of an artifact")]
+    #[error("{}: only regular files and directories can be part of an artifact", shown(.0))]
     Special(PathBuf),
-    #[error("{0}: file names in artifacts must be UTF-8 without newlines")]
+    #[error("{}: file names in artifacts must be UTF-8 without newlines", shown(.0))]
     BadName(PathBuf),
     #[error("{0}")]
     Limit(crate::store::walk::Limit),
-    #[error("{0}: a file or directory is already there")]
+    #[error("{}: a file or directory is already there", shown(.0))]
     Exists(PathBuf),
-    #[error("artifact {digest} is damaged: {detail}")]
+    #[error("artifact {digest} is damaged: {}", escape_controls(detail))]
     Damaged { digest: String, detail: String },
+}
+
+/// A path as printed: a guest chooses file names, and a terminal must not take
+/// one for an escape sequence.
+fn shown(p: &Path) -> String {
+    escape_controls(&p.to_string_lossy())
+}
+
+/// `s` with its control characters (`\r`, ESC, …) written as Rust escapes, so a
+/// file name printed to a terminal or a log shows what it is, and `x\r` is not
+/// mistaken for `x`.
+pub fn escape_controls(s: &str) -> String {
+    if !s.chars().any(char::is_control) {
+        return s.to_string();
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ArtifactError + '_ {
