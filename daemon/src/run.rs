@@ -18,7 +18,7 @@ use crate::diagnostic::Report;
 use crate::executor::container::{self, ResolvedImage};
 use crate::executor::transfer;
 use crate::executor::wasm::{LogFile, Mount, Outcome, Sandbox, WasmRuntime};
-use crate::executor::workspace::{Workspace, WorkspacePool, tree_size, watch_disk};
+use crate::executor::workspace::{Overrun, Workspace, WorkspacePool, checked_size, watch};
 use crate::graph::Graph;
 use crate::planner::{self, Decision, KeyParts, param_env_name};
 use crate::store::artifacts::Mode;
@@ -1279,9 +1279,25 @@ fn safe_name(name: &str) -> String {
         .collect()
 }
 
+/// The directories a step may write, as the disk watch names them.
+fn watched(out: &Path, tmp: &Path, meta: &Path) -> Vec<(String, PathBuf)> {
+    vec![
+        ("/out".into(), out.to_path_buf()),
+        ("/tmp".into(), tmp.to_path_buf()),
+        ("/millrace".into(), meta.to_path_buf()),
+    ]
+}
+
+fn overrun_message(o: &Overrun) -> String {
+    match o {
+        Overrun::Bytes(used) => disk_cap_message(*used),
+        Overrun::Limit(msg) => format!("{msg}; the step was stopped"),
+    }
+}
+
 fn disk_cap_message(used: u64) -> String {
     format!(
-        "/out and /tmp hold {}, more than the cap of {} (MILLRACE_OUTPUT_CAP); the step was stopped",
+        "/out, /tmp and /millrace hold {}, more than the cap of {} (MILLRACE_OUTPUT_CAP); the step was stopped",
         definition::format_size(used),
         definition::format_size(output_cap())
     )
@@ -1808,13 +1824,13 @@ impl RunContext {
             "part{attempt}-{}",
             SNAPSHOTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
-        let _ = std::fs::remove_dir_all(&part);
+        let _ = remove_tree(&part);
         tokio::task::block_in_place(|| {
             self.engine.store.artifacts.materialise(digest, &part)?;
             match std::fs::rename(&part, &code_dir) {
                 // Another step of this run put it there first.
                 Err(_) if code_dir.is_dir() => {
-                    let _ = std::fs::remove_dir_all(&part);
+                    let _ = remove_tree(&part);
                     Ok(())
                 }
                 r => r.map_err(|e| crate::store::artifacts::ArtifactError::Io {
@@ -1931,6 +1947,7 @@ impl RunContext {
                 writable: true,
             },
         ];
+        let stopped_by: Arc<Mutex<Option<String>>> = Arc::default();
         // What runs: the step's wasm, the Python runtime with the script, or a
         // container. Each ends in `None` (exit 0) or the failure.
         let run: std::pin::Pin<Box<dyn std::future::Future<Output = AttemptResult> + Send + '_>> =
@@ -1943,7 +1960,23 @@ impl RunContext {
                     full_env,
                     mounts,
                     log.clone(),
-                    watch_disk(vec![dir_out.clone(), dir_tmp.clone()], output_cap()),
+                    {
+                        // The container's stop carries a number: the message of a
+                        // limit comes back beside it.
+                        let stopped_by = stopped_by.clone();
+                        let dirs = watched(&dir_out, &dir_tmp, &dir_meta);
+                        async move {
+                            let over = watch(dirs, output_cap()).await;
+                            let used = match &over {
+                                Overrun::Bytes(used) => *used,
+                                Overrun::Limit(_) => 0,
+                            };
+                            *stopped_by.lock().unwrap_or_else(|e| e.into_inner()) =
+                                Some(overrun_message(&over));
+                            used
+                        }
+                    },
+                    stopped_by.clone(),
                 )),
                 Program::Wasm(_) | Program::Python { .. } => {
                     let (wasm_path, run_digest, args, extra_mounts) = match program {
@@ -2025,15 +2058,16 @@ impl RunContext {
                     }
                 }
             };
-        // The disk a step fills while it runs (/out and /tmp) is watched too: past
-        // the cap the guest is stopped, before it fills the state directory's disk.
+        // The disk a step fills while it runs (/out, /tmp, /millrace) is watched
+        // too: past the cap or a limit the guest is stopped, before it fills the
+        // state directory's disk.
         // (A container's watch is its own: it must be removed before the sandbox
         // directories go to the next step.)
         let watch_here = !matches!(program, Program::Container(_));
         let failure = tokio::select! {
             f = run => f?,
-            used = watch_disk(vec![dir_out.clone(), dir_tmp.clone()], output_cap()), if watch_here => {
-                let msg = disk_cap_message(used);
+            over = watch(watched(&dir_out, &dir_tmp, &dir_meta), output_cap()), if watch_here => {
+                let msg = overrun_message(&over);
                 log.note(&format!("step failed: {msg}"));
                 return Err((None, msg));
             }
@@ -2050,16 +2084,23 @@ impl RunContext {
                     let n = e.file_name().to_string_lossy().into_owned();
                     if !step.outputs.iter().any(|o| *o.get_ref() == n) {
                         log.note(&format!(
-                            "/out/{n} is not a declared output and was discarded"
+                            "/out/{} is not a declared output and was discarded",
+                            crate::store::artifacts::escape_controls(&n)
                         ));
                     }
                 }
             }
-            let size: u64 = step
-                .outputs
-                .iter()
-                .map(|o| tree_size(&dir_out.join(o.get_ref())))
-                .sum();
+            let mut size = 0u64;
+            for o in &step.outputs {
+                size += checked_size(
+                    &dir_out.join(o.get_ref()),
+                    &format!("output `{}`", o.get_ref()),
+                )
+                .map_err(|msg| {
+                    log.note(&format!("step failed: {msg}"));
+                    (None, msg)
+                })?;
+            }
             if size > output_cap() {
                 let msg = format!(
                     "outputs hold {}, more than the cap of {} (MILLRACE_OUTPUT_CAP)",
@@ -2189,7 +2230,7 @@ impl RunContext {
             Some(a) => a,
             None => {
                 let spec = tokio::task::block_in_place(|| -> Result<JobSpec, String> {
-                    let _ = std::fs::remove_dir_all(&staging);
+                    let _ = remove_tree(&staging);
                     std::fs::create_dir_all(&staging)
                         .map_err(|e| format!("cannot create {}: {e}", staging.display()))?;
                     // Only this daemon's user may read or plant files there.
@@ -2355,7 +2396,7 @@ impl RunContext {
             if deadline.is_some_and(|d| Instant::now() > d) {
                 slurm::cancel(&job).await;
                 guard.job = None;
-                let _ = std::fs::remove_dir_all(&staging);
+                let _ = remove_tree(&staging);
                 return Ok(Some((
                     None,
                     format!(
@@ -2431,7 +2472,7 @@ impl RunContext {
                 // Metrics of a failed step are still recorded.
                 let _ = remove_tree(host).and_then(|()| slurm::copy_tree(c, host));
             }
-            let _ = std::fs::remove_dir_all(&staging);
+            let _ = remove_tree(&staging);
             Ok(())
         });
         copied.map_err(fail)?;
@@ -2451,6 +2492,7 @@ impl RunContext {
         mounts: Vec<Mount>,
         log: LogFile,
         disk_full: impl std::future::Future<Output = u64> + Send,
+        stopped_by: Arc<Mutex<Option<String>>>,
     ) -> AttemptResult {
         let step = &self.pipeline.steps[i];
         let StepKind::Container(c) = &step.kind else {
@@ -2535,7 +2577,14 @@ impl RunContext {
                 .await
                 .map_err(|e| (None, e))?
             {
-                container::Outcome::Stopped(used) => Some((None, disk_cap_message(used))),
+                container::Outcome::Stopped(used) => Some((
+                    None,
+                    stopped_by
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .take()
+                        .unwrap_or_else(|| disk_cap_message(used)),
+                )),
                 container::Outcome::Exited(0) => None,
                 container::Outcome::Exited(code) => {
                     Some((i32::try_from(code).ok(), format!("exited with code {code}")))
@@ -2664,8 +2713,10 @@ fn overlaps_state(path: &Path, state: &Path) -> Option<PathBuf> {
 }
 
 /// Removes a sandbox directory, including read-only hard links to blobs.
+/// Removes a directory that holds what a guest wrote: at any depth, never
+/// recursing (see `walk::remove_tree`).
 fn remove_tree(dir: &Path) -> std::io::Result<()> {
-    std::fs::remove_dir_all(dir)
+    crate::store::walk::remove_tree(dir)
 }
 /// Held while a process drives a run; `resume` refuses a run whose lock is held.
 pub struct RunLock {

@@ -7,6 +7,7 @@
 mod common;
 mod container;
 mod daemon;
+mod hostile_fs;
 mod hostile_store;
 mod modules;
 mod python;

@@ -1250,7 +1250,11 @@ fn output_cmd(store: &Store, run: &str, output: &str, dir: Option<&Path>) -> any
                     std::io::stdout().write_all(&bytes)?;
                 }
                 _ => {
-                    let names: Vec<String> = entries.iter().map(|e| e.name.clone()).collect();
+                    // Names are the guest's: escaped, so no terminal takes one for a command.
+                    let names: Vec<String> = entries
+                        .iter()
+                        .map(|e| crate::store::artifacts::escape_controls(&e.name))
+                        .collect();
                     return Err(Exit::usage(format!(
                         "error: {output} holds {} entries ({}); use -o DIR to copy them",
                         entries.len(),

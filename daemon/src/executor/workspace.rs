@@ -8,32 +8,87 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
-/// Bytes of regular files under `dir` (symlinks not followed).
+use crate::store::walk;
+
+/// Bytes of regular files under `dir`, as far as the depth and entry limits go
+/// (a symlink at `dir` is not followed: it holds nothing).
 pub fn tree_size(dir: &Path) -> u64 {
-    walkdir::WalkDir::new(dir)
-        .follow_links(false)
-        .into_iter()
-        .filter_map(Result::ok)
-        .filter(|e| e.file_type().is_file())
-        .filter_map(|e| e.metadata().ok())
-        .map(|m| m.len())
-        .sum()
+    walk::usage(dir, walk::max_depth(), walk::max_entries())
+        .0
+        .bytes
 }
 
-/// Resolves when the directories hold more than `cap` bytes together (checked
-/// every 500 ms), with what they hold: the disk cap on a step's `/out` and `/tmp`.
-pub async fn watch_disk(dirs: Vec<PathBuf>, cap: u64) -> u64 {
+/// What `dir` holds, or the limit it breaks, named with `what` (e.g. "output `o`").
+pub fn checked_size(dir: &Path, what: &str) -> Result<u64, String> {
+    match walk::usage(dir, walk::max_depth(), walk::max_entries()) {
+        (u, None) => Ok(u.bytes),
+        (_, Some(limit)) => Err(format!("{limit} in {what}")),
+    }
+}
+
+/// Why a watch stopped a step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Overrun {
+    /// The writable directories hold these bytes, more than the cap.
+    Bytes(u64),
+    /// A depth or entry limit, with the message naming it and the directory.
+    Limit(String),
+}
+
+/// Resolves when the directories (with their names in the sandbox) hold more than
+/// `cap` bytes together, or one breaks the depth limit, or together the entry
+/// limit: the disk cap on a step's writable directories. The kernel cannot
+/// enforce it on a bind-mounted host directory for an unprivileged daemon, so it
+/// is polled: every 50 ms while a walk is cheap, and never more than a tenth of a
+/// core's time on it when the trees grow large (at most every 2 s).
+pub async fn watch(dirs: Vec<(String, PathBuf)>, cap: u64) -> Overrun {
+    let mut interval = Duration::from_millis(50);
     loop {
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        tokio::time::sleep(interval).await;
         let dirs = dirs.clone();
-        let used =
-            tokio::task::spawn_blocking(move || dirs.iter().map(|d| tree_size(d)).sum::<u64>())
-                .await
-                .unwrap_or(0);
-        if used > cap {
-            return used;
+        let started = Instant::now();
+        let seen = tokio::task::spawn_blocking(move || -> Result<u64, Overrun> {
+            let (depth, mut entries_left) = (walk::max_depth(), walk::max_entries());
+            let mut bytes = 0u64;
+            for (name, d) in &dirs {
+                let (u, limit) = walk::usage(d, depth, entries_left);
+                bytes += u.bytes;
+                if let Some(limit) = limit {
+                    let limit = match limit {
+                        // The count is over all the directories together.
+                        walk::Limit::Entries(_) => walk::Limit::Entries(walk::max_entries()),
+                        l => l,
+                    };
+                    return Err(Overrun::Limit(format!("{limit} in {name}")));
+                }
+                entries_left = entries_left.saturating_sub(u.entries);
+            }
+            Ok(bytes)
+        })
+        .await;
+        match seen {
+            Ok(Ok(used)) if used > cap => return Overrun::Bytes(used),
+            Ok(Err(over)) => return over,
+            _ => {}
         }
+        interval =
+            (started.elapsed() * 10).clamp(Duration::from_millis(50), Duration::from_secs(2));
+    }
+}
+
+/// [`watch`] for the bytes alone (a Slurm job reports only those): resolves with
+/// what the directories hold once it is more than `cap`, or a limit is broken.
+pub async fn watch_disk(dirs: Vec<PathBuf>, cap: u64) -> u64 {
+    let named = dirs
+        .into_iter()
+        .map(|d| (d.display().to_string(), d))
+        .collect();
+    match watch(named, cap).await {
+        Overrun::Bytes(used) => used,
+        // Past a limit the bytes below it are not counted: report the cap broken.
+        Overrun::Limit(_) => cap.saturating_add(1),
     }
 }
 
@@ -116,14 +171,9 @@ impl Workspace {
     }
 
     fn release_dir(&mut self, dir: &Path) -> io::Result<()> {
-        for e in fs::read_dir(dir)? {
-            let e = e?;
-            if e.file_type()?.is_dir() {
-                fs::remove_dir_all(e.path())?;
-            } else {
-                fs::remove_file(e.path())?;
-            }
-        }
+        // What the guest left may be of any depth and width: emptied without
+        // recursion (see `walk::remove_tree`), the scratch beside the spares.
+        walk::empty_dir(dir, &self.root.join("spare"))?;
         let spare = self.root.join("spare").join(self.created.to_string());
         self.created += 1;
         fs::rename(dir, &spare)?;
@@ -159,7 +209,7 @@ impl WorkspacePool {
         let root = self.root.join(format!("sandbox-{n}"));
         if root.exists() {
             // Left by an interrupted process of the same run (before a resume).
-            fs::remove_dir_all(&root)?;
+            walk::remove_tree(&root)?;
         }
         Workspace::new(root)
     }

@@ -7,23 +7,54 @@
 //! `tmp/` or from a step's output directory on the same filesystem, so a reader never
 //! sees half an object; a crash leaves at most unreferenced files that `gc` removes.
 
+use std::ffi::{CStr, CString};
 use std::fs;
 use std::io::{self, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use crate::store::walk::{self, Dir, DirEntry, Kind};
+
 #[derive(Debug, thiserror::Error)]
 pub enum ArtifactError {
-    #[error("{path}: {source}")]
+    #[error("{}: {source}", shown(path))]
     Io { path: PathBuf, source: io::Error },
-    #[error("{0}: symbolic links cannot be part of an artifact")]
+    #[error("{}: symbolic links cannot be part of an artifact", shown(.0))]
     Symlink(PathBuf),
-    #[error("{0}: only regular files and directories can be part of an artifact")]
+    #[error("{}: only regular files and directories can be part of an artifact", shown(.0))]
     Special(PathBuf),
-    #[error("{0}: file names in artifacts must be UTF-8 without newlines")]
+    #[error("{}: file names in artifacts must be UTF-8 without newlines", shown(.0))]
     BadName(PathBuf),
-    #[error("artifact {digest} is damaged: {detail}")]
+    #[error("{0}")]
+    Limit(crate::store::walk::Limit),
+    #[error("{}: a file or directory is already there", shown(.0))]
+    Exists(PathBuf),
+    #[error("artifact {digest} is damaged: {}", escape_controls(detail))]
     Damaged { digest: String, detail: String },
+}
+
+/// A path as printed: a guest chooses file names, and a terminal must not take
+/// one for an escape sequence.
+fn shown(p: &Path) -> String {
+    escape_controls(&p.to_string_lossy())
+}
+
+/// `s` with its control characters (`\r`, ESC, …) written as Rust escapes, so a
+/// file name printed to a terminal or a log shows what it is, and `x\r` is not
+/// mistaken for `x`.
+pub fn escape_controls(s: &str) -> String {
+    if !s.chars().any(char::is_control) {
+        return s.to_string();
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ArtifactError + '_ {
@@ -67,6 +98,9 @@ pub struct FileStat {
     pub size: u64,
     pub mtime_ns: i64,
     pub ino: u64,
+    /// A rewrite that restores the mtime (`touch -r`, `rsync -t`) still moves the
+    /// ctime, which no one can set.
+    pub ctime_ns: i64,
 }
 
 impl FileStat {
@@ -75,6 +109,17 @@ impl FileStat {
             size: m.len(),
             mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
             ino: m.ino(),
+            ctime_ns: m.ctime() * 1_000_000_000 + m.ctime_nsec(),
+        }
+    }
+
+    /// A blob's stat without its ctime: every hard link a materialisation makes (and
+    /// removes) moves a blob's ctime, and blobs are read-only files of ours, so their
+    /// ctime would only defeat the cache.
+    pub fn of_blob(m: &fs::Metadata) -> FileStat {
+        FileStat {
+            ctime_ns: 0,
+            ..FileStat::of(m)
         }
     }
 }
@@ -122,6 +167,8 @@ impl ArtifactStore {
 
     /// Hashes `dir` and everything below it into the store. `known` answers "is this
     /// file (by stat) known to have this digest", so unchanged files are not re-read.
+    /// A step's output (`Mode::Move`) is never followed through a symlink at its
+    /// root and is bounded by the entry limit; every tree by the depth limit.
     pub fn ingest_dir(
         &self,
         dir: &Path,
@@ -134,7 +181,33 @@ impl ArtifactStore {
             files: 0,
             known: Vec::new(),
         };
-        let (digest, size) = self.ingest_tree(dir, mode, known, &mut out)?;
+        let root = if mode == Mode::Move {
+            Dir::open(dir)
+        } else {
+            Dir::open_following(dir)
+        }
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                ArtifactError::Symlink(dir.to_path_buf())
+            } else {
+                io_err(dir)(e)
+            }
+        })?;
+        let entry_limit = if mode == Mode::Move {
+            walk::max_entries()
+        } else {
+            // A user's dataset is as large as it is; only what a guest wrote is bounded.
+            u64::MAX
+        };
+        let (digest, size) = self.ingest_tree(
+            root,
+            dir,
+            mode,
+            known,
+            &mut out,
+            walk::max_depth(),
+            entry_limit,
+        )?;
         out.digest = digest;
         out.size = size;
         Ok(out)
@@ -149,101 +222,186 @@ impl ArtifactStore {
         known: &dyn Fn(&Path, &FileStat) -> Option<String>,
     ) -> Result<Ingested, ArtifactError> {
         let name = entry_name(file)?;
-        let meta = fs::metadata(file).map_err(io_err(file))?;
-        let stat = FileStat::of(&meta);
+        // A user's dataset may be a symlink to its file; a step's output may not.
+        let real = if mode == Mode::Move {
+            file.to_path_buf()
+        } else {
+            fs::canonicalize(file).map_err(io_err(file))?
+        };
+        let parent = match real.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let dir = Dir::open_following(parent).map_err(io_err(parent))?;
+        let cname = real
+            .file_name()
+            .ok_or_else(|| ArtifactError::BadName(file.to_path_buf()))
+            .and_then(|n| walk::cstr(n).map_err(io_err(file)))?;
         let mut out = Ingested {
             digest: String::new(),
-            size: stat.size,
+            size: 0,
             files: 1,
             known: Vec::new(),
         };
-        let digest = self.ingest_blob(file, &stat, mode, known, &mut out)?;
+        let (digest, size) = self.ingest_blob(&dir, &cname, file, mode, known, &mut out)?;
+        out.size = size;
         let entries = vec![Entry {
             name,
             kind: EntryKind::File,
             digest,
-            size: stat.size,
+            size,
         }];
         out.digest = self.write_tree(&entries)?;
         Ok(out)
     }
 
+    /// Post-order over the directory tree with the stack on the heap: one frame
+    /// (an open directory, what is left of it, what it produced) per level.
+    #[allow(clippy::too_many_arguments)]
     fn ingest_tree(
         &self,
-        dir: &Path,
+        root: Dir,
+        root_path: &Path,
+        mode: Mode,
+        known: &dyn Fn(&Path, &FileStat) -> Option<String>,
+        out: &mut Ingested,
+        depth_limit: usize,
+        entry_limit: u64,
+    ) -> Result<(String, u64), ArtifactError> {
+        struct Frame {
+            dir: Dir,
+            path: PathBuf,
+            name: String,
+            todo: Vec<DirEntry>,
+            entries: Vec<Entry>,
+        }
+        let todo = root.entries().map_err(io_err(root_path))?;
+        let mut stack = vec![Frame {
+            dir: root,
+            path: root_path.to_path_buf(),
+            name: String::new(),
+            todo,
+            entries: Vec::new(),
+        }];
+        let mut seen = 0u64;
+        loop {
+            let depth = stack.len();
+            let Some(top) = stack.last_mut() else {
+                unreachable!("the root frame returns before the stack empties");
+            };
+            let Some(e) = top.todo.pop() else {
+                let Some(done) = stack.pop() else {
+                    unreachable!("a frame was just looked at");
+                };
+                let mut entries = done.entries;
+                entries.sort_by(|a, b| a.name.cmp(&b.name));
+                let size = entries.iter().map(|e| e.size).sum();
+                let digest = self.write_tree(&entries)?;
+                match stack.last_mut() {
+                    None => return Ok((digest, size)),
+                    Some(parent) => parent.entries.push(Entry {
+                        name: done.name,
+                        kind: EntryKind::Dir,
+                        digest,
+                        size,
+                    }),
+                }
+                continue;
+            };
+            seen += 1;
+            if seen > entry_limit {
+                return Err(ArtifactError::Limit(walk::Limit::Entries(entry_limit)));
+            }
+            let path = top.path.join(e.name_os());
+            let name = entry_name_bytes(e.name.to_bytes(), &path)?;
+            match e.kind {
+                Kind::Symlink => return Err(ArtifactError::Symlink(path)),
+                Kind::Other => return Err(ArtifactError::Special(path)),
+                Kind::File => {
+                    let (digest, size) =
+                        self.ingest_blob(&top.dir, &e.name, &path, mode, known, out)?;
+                    out.files += 1;
+                    top.entries.push(Entry {
+                        name,
+                        kind: EntryKind::File,
+                        digest,
+                        size,
+                    });
+                }
+                Kind::Dir => {
+                    if depth > depth_limit {
+                        return Err(ArtifactError::Limit(walk::Limit::Depth(depth_limit)));
+                    }
+                    let sub = top.dir.open_dir(&e.name).map_err(|err| {
+                        if err.raw_os_error() == Some(libc::ELOOP) {
+                            ArtifactError::Symlink(path.clone())
+                        } else {
+                            io_err(&path)(err)
+                        }
+                    })?;
+                    let todo = sub.entries().map_err(io_err(&path))?;
+                    stack.push(Frame {
+                        dir: sub,
+                        path,
+                        name,
+                        todo,
+                        entries: Vec::new(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// One file (`name` in `dir`; `path` names it in messages and the stat cache)
+    /// into the store: its digest and size, from one open descriptor, so what is
+    /// stat'ed, hashed and moved is the same file.
+    fn ingest_blob(
+        &self,
+        dir: &Dir,
+        name: &CStr,
+        path: &Path,
         mode: Mode,
         known: &dyn Fn(&Path, &FileStat) -> Option<String>,
         out: &mut Ingested,
     ) -> Result<(String, u64), ArtifactError> {
-        let mut entries = Vec::new();
-        for e in fs::read_dir(dir).map_err(io_err(dir))? {
-            let e = e.map_err(io_err(dir))?;
-            let path = e.path();
-            let name = entry_name(&path)?;
-            let ft = e.file_type().map_err(io_err(&path))?;
-            if ft.is_symlink() {
-                return Err(ArtifactError::Symlink(path));
-            } else if ft.is_dir() {
-                let (digest, size) = self.ingest_tree(&path, mode, known, out)?;
-                entries.push(Entry {
-                    name,
-                    kind: EntryKind::Dir,
-                    digest,
-                    size,
-                });
-            } else if ft.is_file() {
-                let meta = e.metadata().map_err(io_err(&path))?;
-                let stat = FileStat::of(&meta);
-                let digest = self.ingest_blob(&path, &stat, mode, known, out)?;
-                out.files += 1;
-                entries.push(Entry {
-                    name,
-                    kind: EntryKind::File,
-                    digest,
-                    size: stat.size,
-                });
+        let mut file = dir.open_file(name).map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                ArtifactError::Symlink(path.to_path_buf())
             } else {
-                return Err(ArtifactError::Special(path));
+                io_err(path)(e)
             }
+        })?;
+        let meta = file.metadata().map_err(io_err(path))?;
+        if !meta.is_file() {
+            return Err(ArtifactError::Special(path.to_path_buf()));
         }
-        entries.sort_by(|a, b| a.name.cmp(&b.name));
-        let size = entries.iter().map(|e| e.size).sum();
-        Ok((self.write_tree(&entries)?, size))
-    }
-
-    fn ingest_blob(
-        &self,
-        path: &Path,
-        stat: &FileStat,
-        mode: Mode,
-        known: &dyn Fn(&Path, &FileStat) -> Option<String>,
-        out: &mut Ingested,
-    ) -> Result<String, ArtifactError> {
+        let stat = FileStat::of(&meta);
         // Only what was hashed now goes back to the stat cache.
-        let (digest, source_known) = match known(path, stat) {
+        let (digest, source_known) = match known(path, &stat) {
             Some(d) => (d, true),
-            None => (hash_file(path)?, false),
+            None => (hash_reader(&mut file, path)?, false),
         };
         let dest = self.blob_path(&digest);
         if !source_known && mode != Mode::Move {
-            out.known.push((path.to_path_buf(), *stat, digest.clone()));
+            out.known.push((path.to_path_buf(), stat, digest.clone()));
         }
         if mode == Mode::Hash {
-            return Ok(digest);
+            return Ok((digest, stat.size));
         }
         if let Ok(m) = fs::symlink_metadata(&dest) {
             // The blob is there: keep it if it is intact (by stat, else by content).
-            let blob_stat = FileStat::of(&m);
+            let blob_stat = FileStat::of_blob(&m);
             let blob_known = known(&dest, &blob_stat).as_deref() == Some(digest.as_str());
-            let intact = m.len() == stat.size && (blob_known || hash_file(&dest)? == digest);
+            let intact =
+                m.is_file() && m.len() == stat.size && (blob_known || hash_file(&dest)? == digest);
             if intact {
                 if mode == Mode::Move {
-                    fs::remove_file(path).map_err(io_err(path))?;
+                    dir.unlink(name).map_err(io_err(path))?;
                 }
                 if !blob_known {
                     out.known.push((dest, blob_stat, digest.clone()));
                 }
-                return Ok(digest);
+                return Ok((digest, stat.size));
             }
             // A damaged blob is replaced by the good bytes we hold.
             remove_readonly(&dest)?;
@@ -253,13 +411,23 @@ impl ArtifactStore {
         match mode {
             Mode::Hash => unreachable!("returned above"),
             Mode::Move => {
-                fs::set_permissions(path, fs::Permissions::from_mode(0o444))
+                file.set_permissions(fs::Permissions::from_mode(0o444))
                     .map_err(io_err(path))?;
-                fs::rename(path, &dest).map_err(io_err(&dest))?;
+                dir.rename_out(name, &dest).map_err(io_err(&dest))?;
             }
             Mode::Copy => {
+                use std::io::Seek;
                 let tmp = self.tmp_path();
-                fs::copy(path, &tmp).map_err(io_err(path))?;
+                let copied = (|| -> io::Result<()> {
+                    file.rewind()?;
+                    let mut t = fs::File::create(&tmp)?;
+                    io::copy(&mut file, &mut t)?;
+                    Ok(())
+                })();
+                if let Err(e) = copied {
+                    let _ = fs::remove_file(&tmp);
+                    return Err(io_err(path)(e));
+                }
                 // The copy must hold what we hashed: the source may change under us.
                 let copied = hash_file(&tmp)?;
                 if copied != digest {
@@ -277,8 +445,9 @@ impl ArtifactStore {
             }
         }
         let m = fs::metadata(&dest).map_err(io_err(&dest))?;
-        out.known.push((dest, FileStat::of(&m), digest.clone()));
-        Ok(digest)
+        out.known
+            .push((dest, FileStat::of_blob(&m), digest.clone()));
+        Ok((digest, stat.size))
     }
 
     fn tmp_path(&self) -> PathBuf {
@@ -309,7 +478,7 @@ impl ArtifactStore {
         Ok(digest)
     }
 
-    /// Reads a tree and checks it hashes to its name.
+    /// Reads a tree and checks it hashes to its name and is in canonical form.
     pub fn read_tree(&self, digest: &str) -> Result<Vec<Entry>, ArtifactError> {
         let path = self.tree_path(digest);
         let text = fs::read_to_string(&path).map_err(|e| ArtifactError::Damaged {
@@ -337,82 +506,119 @@ impl ArtifactStore {
         known: &dyn Fn(&Path, &FileStat) -> Option<String>,
     ) -> Result<Vec<(PathBuf, FileStat, String)>, ArtifactError> {
         let mut checked = Vec::new();
-        self.verify_tree(digest, known, &mut checked)?;
+        // Iterative, and each subtree once: a tree shared by many directories is
+        // checked once.
+        let mut todo = vec![digest.to_string()];
+        let mut seen = std::collections::HashSet::new();
+        let damaged = |detail: String| ArtifactError::Damaged {
+            digest: digest.to_string(),
+            detail,
+        };
+        while let Some(tree) = todo.pop() {
+            if !seen.insert(tree.clone()) {
+                continue;
+            }
+            for e in self.read_tree(&tree)? {
+                match e.kind {
+                    EntryKind::Dir => todo.push(e.digest),
+                    EntryKind::File => {
+                        let path = self.blob_path(&e.digest);
+                        let meta = fs::symlink_metadata(&path).map_err(|err| {
+                            damaged(format!("file `{}` ({}): {err}", e.name, path.display()))
+                        })?;
+                        let stat = FileStat::of_blob(&meta);
+                        if stat.size != e.size || !meta.is_file() {
+                            remove_readonly(&path)?;
+                            return Err(damaged(format!(
+                                "file `{}` has {} bytes, expected {}",
+                                e.name, stat.size, e.size
+                            )));
+                        }
+                        if known(&path, &stat).as_deref() != Some(e.digest.as_str()) {
+                            if hash_file(&path)? != e.digest {
+                                remove_readonly(&path)?;
+                                return Err(damaged(format!(
+                                    "file `{}` does not match its digest",
+                                    e.name
+                                )));
+                            }
+                            checked.push((path, stat, e.digest.clone()));
+                        }
+                    }
+                }
+            }
+        }
         Ok(checked)
     }
 
-    fn verify_tree(
-        &self,
-        digest: &str,
-        known: &dyn Fn(&Path, &FileStat) -> Option<String>,
-        checked: &mut Vec<(PathBuf, FileStat, String)>,
-    ) -> Result<(), ArtifactError> {
-        for e in self.read_tree(digest)? {
-            match e.kind {
-                EntryKind::Dir => self.verify_tree(&e.digest, known, checked)?,
-                EntryKind::File => {
-                    let path = self.blob_path(&e.digest);
-                    let damaged = |detail: String| ArtifactError::Damaged {
-                        digest: digest.to_string(),
-                        detail,
-                    };
-                    let meta = fs::symlink_metadata(&path).map_err(|err| {
-                        damaged(format!("file `{}` ({}): {err}", e.name, path.display()))
-                    })?;
-                    let stat = FileStat::of(&meta);
-                    if stat.size != e.size {
-                        remove_readonly(&path)?;
-                        return Err(damaged(format!(
-                            "file `{}` has {} bytes, expected {}",
-                            e.name, stat.size, e.size
-                        )));
-                    }
-                    if known(&path, &stat).as_deref() != Some(e.digest.as_str()) {
-                        if hash_file(&path)? != e.digest {
-                            remove_readonly(&path)?;
-                            return Err(damaged(format!(
-                                "file `{}` does not match its digest",
-                                e.name
-                            )));
-                        }
-                        checked.push((path, stat, e.digest.clone()));
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Recreates an artifact at `dest` (which must not exist) with hard links to the
-    /// read-only blobs, copying only where linking is impossible.
+    /// Recreates an artifact at `dest` (an empty directory, or nothing) with hard
+    /// links to the read-only blobs, copying only where linking is impossible.
     pub fn materialise(&self, digest: &str, dest: &Path) -> Result<(), ArtifactError> {
-        fs::create_dir_all(dest).map_err(io_err(dest))?;
-        for e in self.read_tree(digest)? {
-            let target = dest.join(&e.name);
-            match e.kind {
-                EntryKind::Dir => self.materialise(&e.digest, &target)?,
-                EntryKind::File => {
-                    let blob = self.blob_path(&e.digest);
-                    if fs::hard_link(&blob, &target).is_err() {
-                        fs::copy(&blob, &target).map_err(io_err(&target))?;
-                    }
-                }
-            }
-        }
-        Ok(())
+        self.recreate(digest, dest, true)
     }
 
     /// Copies an artifact to `dest` as ordinary writable files (for `output -o`).
     pub fn export(&self, digest: &str, dest: &Path) -> Result<(), ArtifactError> {
+        self.recreate(digest, dest, false)
+    }
+
+    /// Pre-order over the trees, writing through directory descriptors: every
+    /// directory and file is created new (`mkdirat`, `O_EXCL`, `linkat`), so nothing
+    /// is ever written onto an existing path, least of all onto a hard link to a
+    /// blob. Pending directories hold their parent's descriptor, so at most one
+    /// descriptor per level is open.
+    fn recreate(&self, digest: &str, dest: &Path, link: bool) -> Result<(), ArtifactError> {
+        use std::rc::Rc;
         fs::create_dir_all(dest).map_err(io_err(dest))?;
-        for e in self.read_tree(digest)? {
-            let target = dest.join(&e.name);
-            match e.kind {
-                EntryKind::Dir => self.export(&e.digest, &target)?,
-                EntryKind::File => {
-                    fs::copy(self.blob_path(&e.digest), &target).map_err(io_err(&target))?;
-                    fs::set_permissions(&target, fs::Permissions::from_mode(0o644))
-                        .map_err(io_err(&target))?;
+        let root = Rc::new(Dir::open(dest).map_err(io_err(dest))?);
+        let depth_limit = walk::max_depth();
+        let (file_mode, dir_mode) = if link { (0o444, 0o755) } else { (0o644, 0o755) };
+        let exists = |path: &Path, e: io::Error| {
+            if e.kind() == io::ErrorKind::AlreadyExists {
+                ArtifactError::Exists(path.to_path_buf())
+            } else {
+                io_err(path)(e)
+            }
+        };
+        // (parent, name to create in it (none for the root), path, tree, depth)
+        type Pending = (Rc<Dir>, Option<CString>, PathBuf, String, usize);
+        let mut todo: Vec<Pending> = vec![(root, None, dest.to_path_buf(), digest.into(), 0)];
+        while let Some((parent, name, path, tree, depth)) = todo.pop() {
+            let dir = match name {
+                None => parent,
+                Some(n) => {
+                    parent.mkdir(&n, dir_mode).map_err(|e| exists(&path, e))?;
+                    Rc::new(parent.open_dir(&n).map_err(io_err(&path))?)
+                }
+            };
+            for e in self.read_tree(&tree)? {
+                let target = path.join(&e.name);
+                let cname = walk::cstr(std::ffi::OsStr::new(&e.name)).map_err(io_err(&target))?;
+                match e.kind {
+                    EntryKind::Dir => {
+                        if depth + 1 > depth_limit {
+                            return Err(ArtifactError::Limit(walk::Limit::Depth(depth_limit)));
+                        }
+                        todo.push((dir.clone(), Some(cname), target, e.digest, depth + 1));
+                    }
+                    EntryKind::File => {
+                        let blob = self.blob_path(&e.digest);
+                        if link {
+                            match dir.link_in(&blob, &cname) {
+                                Ok(()) => continue,
+                                Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {
+                                    return Err(ArtifactError::Exists(target));
+                                }
+                                // Another filesystem, or links refused: copy.
+                                Err(_) => {}
+                            }
+                        }
+                        let mut src = fs::File::open(&blob).map_err(io_err(&blob))?;
+                        let mut f = dir
+                            .create_new(&cname, file_mode)
+                            .map_err(|err| exists(&target, err))?;
+                        io::copy(&mut src, &mut f).map_err(io_err(&target))?;
+                    }
                 }
             }
         }
@@ -426,21 +632,23 @@ impl ArtifactStore {
         blobs: &mut std::collections::HashSet<String>,
         trees: &mut std::collections::HashSet<String>,
     ) {
-        if !trees.insert(digest.to_string()) {
-            return;
-        }
-        if let Ok(entries) = self.read_tree(digest) {
-            for e in entries {
-                match e.kind {
-                    EntryKind::Dir => self.reachable(&e.digest, blobs, trees),
-                    EntryKind::File => {
-                        blobs.insert(e.digest);
+        let mut todo = vec![digest.to_string()];
+        while let Some(tree) = todo.pop() {
+            if !trees.insert(tree.clone()) {
+                continue;
+            }
+            if let Ok(entries) = self.read_tree(&tree) {
+                for e in entries {
+                    match e.kind {
+                        EntryKind::Dir => todo.push(e.digest),
+                        EntryKind::File => {
+                            blobs.insert(e.digest);
+                        }
                     }
                 }
             }
         }
     }
-
     /// Removes every blob and tree not in the keep sets; returns (files, bytes) freed.
     pub fn sweep(
         &self,
@@ -504,10 +712,29 @@ fn remove_readonly(path: &Path) -> Result<(), ArtifactError> {
 }
 
 fn entry_name(path: &Path) -> Result<String, ArtifactError> {
-    match path.file_name().and_then(|n| n.to_str()) {
-        Some(n) if !n.contains('\n') => Ok(n.to_string()),
+    use std::os::unix::ffi::OsStrExt;
+    match path.file_name() {
+        Some(n) => entry_name_bytes(n.as_bytes(), path),
+        None => Err(ArtifactError::BadName(path.to_path_buf())),
+    }
+}
+
+/// A name a tree can hold exactly: UTF-8 without a newline (the line separator of
+/// the tree text). Every other character, `\r` and other control characters
+/// included, is kept as it is, so two different names never become one.
+fn entry_name_bytes(name: &[u8], path: &Path) -> Result<String, ArtifactError> {
+    match std::str::from_utf8(name) {
+        Ok(n) if valid_name(n) => Ok(n.to_string()),
         _ => Err(ArtifactError::BadName(path.to_path_buf())),
     }
+}
+
+fn valid_name(n: &str) -> bool {
+    !n.is_empty() && n != "." && n != ".." && !n.contains(['/', '\0', '\n'])
+}
+
+fn valid_digest(d: &str) -> bool {
+    d.len() == 64 && d.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// BLAKE3 of a file's content.
@@ -528,6 +755,16 @@ pub fn hash_file(path: &Path) -> Result<String, ArtifactError> {
     Ok(h.finalize().to_hex().to_string())
 }
 
+/// BLAKE3 of an open file's content, from its start.
+fn hash_reader(f: &mut fs::File, path: &Path) -> Result<String, ArtifactError> {
+    use std::io::Seek;
+    let mut h = blake3::Hasher::new();
+    f.rewind().map_err(io_err(path))?;
+    h.update_reader(io::BufReader::with_capacity(1 << 16, &mut *f))
+        .map_err(io_err(path))?;
+    Ok(h.finalize().to_hex().to_string())
+}
+
 /// `f <digest> <size> <name>` / `d <digest> <size> <name>`, one line per entry,
 /// sorted by name: the canonical text a tree digest is taken over.
 fn tree_text(entries: &[Entry]) -> String {
@@ -542,30 +779,38 @@ fn tree_text(entries: &[Entry]) -> String {
     s
 }
 
+/// The entries of a tree text, or `None` unless the text is exactly what
+/// [`tree_text`] writes for them: lines split on `\n` only (a `\r` is part of a
+/// name), names valid, unique and sorted, digests of 64 hex digits. So a parsed
+/// tree can never hold two entries for one path, nor a path outside it.
 fn parse_tree(text: &str) -> Option<Vec<Entry>> {
-    let mut lines = text.lines();
-    if lines.next()? != "millrace-tree-v1" {
-        return None;
+    let body = text.strip_prefix("millrace-tree-v1\n")?;
+    let mut entries: Vec<Entry> = Vec::new();
+    for l in body.split_terminator('\n') {
+        let mut parts = l.splitn(4, ' ');
+        let kind = match parts.next()? {
+            "f" => EntryKind::File,
+            "d" => EntryKind::Dir,
+            _ => return None,
+        };
+        let digest = parts.next()?.to_string();
+        let size = parts.next()?.parse().ok()?;
+        let name = parts.next()?.to_string();
+        if !valid_digest(&digest) || !valid_name(&name) {
+            return None;
+        }
+        if entries.last().is_some_and(|prev| prev.name >= name) {
+            return None;
+        }
+        entries.push(Entry {
+            name,
+            kind,
+            digest,
+            size,
+        });
     }
-    lines
-        .map(|l| {
-            let mut parts = l.splitn(4, ' ');
-            let kind = match parts.next()? {
-                "f" => EntryKind::File,
-                "d" => EntryKind::Dir,
-                _ => return None,
-            };
-            let digest = parts.next()?.to_string();
-            let size = parts.next()?.parse().ok()?;
-            let name = parts.next()?.to_string();
-            Some(Entry {
-                name,
-                kind,
-                digest,
-                size,
-            })
-        })
-        .collect()
+    // Canonical: no missing final newline, no `+1` or `01` sizes.
+    (tree_text(&entries) == text).then_some(entries)
 }
 
 #[cfg(test)]
@@ -618,5 +863,159 @@ mod tests {
             "{err}"
         );
         assert!(!blob.exists());
+    }
+
+    fn rehash_every_blob(objects: &Path) {
+        for shard in fs::read_dir(objects.join("blobs")).unwrap() {
+            let shard = shard.unwrap().path();
+            for f in fs::read_dir(&shard).unwrap() {
+                let f = f.unwrap().path();
+                let name = format!(
+                    "{}{}",
+                    shard.file_name().unwrap().to_str().unwrap(),
+                    f.file_name().unwrap().to_str().unwrap()
+                );
+                assert_eq!(hash_file(&f).unwrap(), name, "blob {} changed", f.display());
+            }
+        }
+    }
+
+    #[test]
+    fn names_differing_by_a_carriage_return_stay_two_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let objects = tmp.path().join("objects");
+        let store = ArtifactStore::open(&objects).unwrap();
+        let o = tmp.path().join("o");
+        fs::create_dir(&o).unwrap();
+        fs::write(o.join("x"), "plain x\n").unwrap();
+        fs::write(o.join("x\r"), "attacker's bytes\n").unwrap();
+        fs::write(o.join("\x1b[2Jesc"), "escape\n").unwrap();
+        let a = store.ingest_dir(&o, Mode::Move, &none).unwrap();
+        let names: Vec<String> = store
+            .list(&a.digest)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+        assert_eq!(names, ["\x1b[2Jesc", "x", "x\r"]);
+        // Materialised twice (the second time the blobs are linked twice over).
+        for d in ["m1", "m2"] {
+            let dest = tmp.path().join(d);
+            store.materialise(&a.digest, &dest).unwrap();
+            assert_eq!(fs::read_to_string(dest.join("x")).unwrap(), "plain x\n");
+            assert_eq!(
+                fs::read_to_string(dest.join("x\r")).unwrap(),
+                "attacker's bytes\n"
+            );
+        }
+        let e = tmp.path().join("e");
+        store.export(&a.digest, &e).unwrap();
+        assert_eq!(fs::read_dir(&e).unwrap().count(), 3);
+        rehash_every_blob(&objects);
+    }
+
+    #[test]
+    fn a_tree_text_is_accepted_only_in_canonical_form() {
+        let d = "a".repeat(64);
+        let ok = format!("millrace-tree-v1\nf {d} 1 a\nf {d} 2 a\r\nd {d} 3 b\n");
+        assert_eq!(parse_tree(&ok).unwrap()[1].name, "a\r");
+        for bad in [
+            format!("millrace-tree-v1\nf {d} 1 a\nf {d} 1 a\n"),
+            format!("millrace-tree-v1\nf {d} 1 b\nf {d} 1 a\n"),
+            format!("millrace-tree-v1\nf {d} 1 \n"),
+            format!("millrace-tree-v1\nf {d} 1 .\n"),
+            format!("millrace-tree-v1\nd {d} 1 ..\n"),
+            format!("millrace-tree-v1\nf {d} 1 a/b\n"),
+            format!("millrace-tree-v1\nf {d} 1 a\0b\n"),
+            format!("millrace-tree-v1\nf {d} 1 a"),
+            format!("millrace-tree-v1\r\nf {d} 1 a\r\n"),
+            format!("millrace-tree-v1\nf {d} +1 a\n"),
+            format!("millrace-tree-v1\nf {d} 01 a\n"),
+            format!("millrace-tree-v1\nf ab 1 a\n"),
+            format!("millrace-tree-v1\n\nf {d} 1 a\n"),
+        ] {
+            assert!(parse_tree(&bad).is_none(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn materialise_never_writes_onto_an_existing_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let objects = tmp.path().join("objects");
+        let store = ArtifactStore::open(&objects).unwrap();
+        let src = tmp.path().join("src");
+        fs::create_dir(&src).unwrap();
+        fs::write(src.join("x"), "good").unwrap();
+        let a = store.ingest_dir(&src, Mode::Copy, &none).unwrap();
+        fs::write(tmp.path().join("other"), "other bytes").unwrap();
+        let b = store
+            .ingest_file(&tmp.path().join("other"), Mode::Copy, &none)
+            .unwrap();
+        // `dest/x` is a hard link to b's blob: a copy onto it would change that blob.
+        let dest = tmp.path().join("dest");
+        store.materialise(&b.digest, &dest).unwrap();
+        fs::rename(dest.join("other"), dest.join("x")).unwrap();
+        let err = store.materialise(&a.digest, &dest).unwrap_err();
+        assert!(matches!(err, ArtifactError::Exists(_)), "{err}");
+        let err = store.export(&a.digest, &dest).unwrap_err();
+        assert!(matches!(err, ArtifactError::Exists(_)), "{err}");
+        rehash_every_blob(&objects);
+    }
+
+    #[test]
+    fn deep_trees_hit_the_depth_limit_and_long_paths_work() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ArtifactStore::open(&tmp.path().join("objects")).unwrap();
+        // 40 levels of 200-byte names: 8 000 bytes of path, beyond PATH_MAX.
+        let long = tmp.path().join("long");
+        fs::create_dir(&long).unwrap();
+        let mut d = Dir::open(&long).unwrap();
+        let name = CString::new("n".repeat(200)).unwrap();
+        for _ in 0..40 {
+            d.mkdir(&name, 0o755).unwrap();
+            d = d.open_dir(&name).unwrap();
+        }
+        d.create_new(c"f", 0o644)
+            .unwrap()
+            .write_all(b"deep")
+            .unwrap();
+        let a = store.ingest_dir(&long, Mode::Move, &none).unwrap();
+        assert_eq!((a.files, a.size), (1, 4));
+        store.verify(&a.digest, &none).unwrap();
+        store.materialise(&a.digest, &tmp.path().join("m")).unwrap();
+        store.export(&a.digest, &tmp.path().join("e")).unwrap();
+        walk::remove_tree(&tmp.path().join("m")).unwrap();
+        walk::remove_tree(&tmp.path().join("e")).unwrap();
+        // Past the limit (and deep enough to overflow a recursive walk): refused.
+        let deep = tmp.path().join("deep");
+        fs::create_dir(&deep).unwrap();
+        let mut d = Dir::open(&deep).unwrap();
+        for _ in 0..3_000 {
+            d.mkdir(c"a", 0o755).unwrap();
+            d = d.open_dir(c"a").unwrap();
+        }
+        drop(d);
+        let err = store.ingest_dir(&deep, Mode::Move, &none).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("directory depth limit of 256 levels"),
+            "{err}"
+        );
+        walk::remove_tree(&deep).unwrap();
+    }
+
+    #[test]
+    fn a_rewrite_with_its_mtime_restored_changes_the_stat() {
+        let tmp = tempfile::tempdir().unwrap();
+        let f = tmp.path().join("data.csv");
+        fs::write(&f, "1,2\n").unwrap();
+        let before = fs::metadata(&f).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        fs::write(&f, "3,4\n").unwrap();
+        let file = fs::File::options().write(true).open(&f).unwrap();
+        file.set_modified(before.modified().unwrap()).unwrap();
+        let after = fs::metadata(&f).unwrap();
+        assert_eq!(before.mtime_nsec(), after.mtime_nsec());
+        assert_ne!(FileStat::of(&before), FileStat::of(&after));
     }
 }

@@ -231,6 +231,11 @@ ALTER TABLE runs ADD COLUMN module_pins TEXT;
 -- Slurm job's id and node. Written before the work starts, so a restart finds it.
 ALTER TABLE attempts ADD COLUMN placement TEXT;
 "#,
+    r#"
+-- The stat cache compares ctime too (a rewrite with its mtime restored is not
+-- unchanged). Rows from before have none and are hashed again once.
+ALTER TABLE stat_cache ADD COLUMN ctime_ns INTEGER NOT NULL DEFAULT -1;
+"#,
 ];
 
 pub fn now_ms() -> i64 {
@@ -1104,9 +1109,9 @@ impl Batch<'_> {
     pub fn stat_lookup(&self, path: &Path, stat: &FileStat) -> Result<Option<String>> {
         Ok(self
             .conn
-            .prepare_cached("SELECT digest FROM stat_cache WHERE path = ?1 AND size = ?2 AND mtime_ns = ?3 AND ino = ?4")?
+            .prepare_cached("SELECT digest FROM stat_cache WHERE path = ?1 AND size = ?2 AND mtime_ns = ?3 AND ino = ?4 AND ctime_ns = ?5")?
             .query_row(
-                params![path.to_string_lossy(), stat.size as i64, stat.mtime_ns, stat.ino as i64],
+                params![path.to_string_lossy(), stat.size as i64, stat.mtime_ns, stat.ino as i64, stat.ctime_ns],
                 |r| r.get(0),
             )
             .optional()?)
@@ -1115,9 +1120,9 @@ impl Batch<'_> {
     pub fn stat_record(&self, path: &Path, stat: &FileStat, digest: &str) -> Result<()> {
         self.conn
             .prepare_cached(
-                "INSERT OR REPLACE INTO stat_cache (path, size, mtime_ns, ino, digest) VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT OR REPLACE INTO stat_cache (path, size, mtime_ns, ino, digest, ctime_ns) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?
-            .execute(params![path.to_string_lossy(), stat.size as i64, stat.mtime_ns, stat.ino as i64, digest])?;
+            .execute(params![path.to_string_lossy(), stat.size as i64, stat.mtime_ns, stat.ino as i64, digest, stat.ctime_ns])?;
         Ok(())
     }
 
