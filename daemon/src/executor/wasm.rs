@@ -733,7 +733,12 @@ fn bounded(mut s: String, max: usize) -> String {
 /// bounded: a stack overflow's backtrace has a frame per call.
 fn note_error(log: &LogFile, e: &wasmtime::Error) {
     const LINES: usize = 40;
-    let text = format!("{e:?}");
+    // The chain by hand: `{e:?}` would add the host's own backtrace.
+    let text = e
+        .chain()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join("\ncaused by: ");
     let mut lines = text.lines();
     log.note("the guest's error:");
     for line in lines.by_ref().take(LINES) {

@@ -76,10 +76,19 @@ fn main() {
     })
 }
 
+/// Calls made so far: a side effect the optimiser must keep, stored in a static
+/// rather than on the stack.
+static DEPTH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Recursion whose frames live on the wasm stack alone: nothing of it is in linear
+/// memory (where a `[u64; 16]` local would put it: the guest's own 1 MiB stack would
+/// overflow into an out-of-bounds access long before the engine's wasm stack), and the
+/// result is not an accumulation the optimiser could turn into a loop.
 #[allow(unconditional_recursion)]
+#[inline(never)]
 fn recurse(n: u64) -> u64 {
-    let pad = black_box([n; 16]);
-    recurse(black_box(pad[3] + 1)) + pad[7]
+    let depth = DEPTH.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    recurse(n.wrapping_mul(3).wrapping_add(1)).rotate_left((depth % 63) as u32 + 1) ^ n
 }
 
 #[cfg(target_env = "p1")]
