@@ -7,6 +7,7 @@
 mod common;
 mod container;
 mod daemon;
+mod hostile_wasm;
 mod modules;
 mod python;
 mod run;

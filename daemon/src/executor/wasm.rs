@@ -49,10 +49,10 @@ use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p1::types as p1t;
 use wasmtime_wasi::p1::wasi_snapshot_preview1::{self as p1, WasiSnapshotPreview1 as _};
-use wiggle::{GuestMemory, GuestPtr};
 use wasmtime_wasi::p2::bindings::CommandPre;
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError, StreamResult};
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wiggle::{GuestMemory, GuestPtr};
 
 /// The version that enters cache keys as the runtime version.
 pub const WASMTIME_VERSION: &str = "48.0.8";
@@ -118,7 +118,10 @@ pub enum Outcome {
     TimedOut(Duration),
     /// Another limit of the sandbox stopped the guest (`code` is `None`), or refused
     /// it something before it exited non-zero (`code`): the message names the limit.
-    Limit { code: Option<i32>, message: String },
+    Limit {
+        code: Option<i32>,
+        message: String,
+    },
 }
 
 /// A host directory visible to the guest.
