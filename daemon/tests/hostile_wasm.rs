@@ -70,6 +70,10 @@ name = "p1"
 wasm = "{attack_p1}"
 args = ["recurse"]
 [[step]]
+name = "io"
+wasm = "{attack_p1}"
+args = ["recurse-io"]
+[[step]]
 name = "nest"
 python = "code/nest.py"
 [[step]]
@@ -83,7 +87,9 @@ python = "code/deep.py"
     let out = p.run(&["run", f.to_str().unwrap()]);
     // A trap is a failed step; the process was not aborted by a signal.
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    for step in ["p2", "p1", "nest"] {
+    // `io` makes a host call at the deepest point: it runs in the room the fiber
+    // stack keeps above the wasm stack limit.
+    for step in ["p2", "p1", "io", "nest"] {
         let e = step_error(&p, step);
         assert_eq!(
             e,
