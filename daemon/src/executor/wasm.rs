@@ -1171,3 +1171,79 @@ impl tokio::io::AsyncWrite for LogFile {
         Poll::Ready(Ok(()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounded_cuts_at_a_character_boundary() {
+        assert_eq!(bounded("abc".into(), 3), "abc");
+        assert_eq!(bounded("abcd".into(), 3), "abc…");
+        // "é" is two bytes: a cut inside it moves back before it.
+        assert_eq!(bounded("aéb".into(), 2), "a…");
+    }
+
+    #[test]
+    fn a_trap_message_is_the_whole_chain_on_one_line() {
+        let e = wasmtime::Error::msg("wasm trap: out of\nbounds").context("while reading /in/x");
+        assert_eq!(
+            trap_message(&e),
+            "while reading /in/x: wasm trap: out of bounds"
+        );
+        let long = wasmtime::Error::msg("x".repeat(5000));
+        assert!(trap_message(&long).len() <= TRAP_MESSAGE_MAX + '…'.len_utf8());
+    }
+
+    #[test]
+    fn only_a_lone_relative_clock_is_a_sleep() {
+        let mut bytes = vec![0u8; 256];
+        let mut mem = GuestMemory::Unshared(&mut bytes);
+        let sub = |flags, id| p1t::Subscription {
+            userdata: 7,
+            u: p1t::SubscriptionU::Clock(p1t::SubscriptionClock {
+                id,
+                timeout: 5_000_000_000,
+                precision: 0,
+                flags,
+            }),
+        };
+        let at = GuestPtr::<p1t::Subscription>::new(0);
+        mem.write(
+            at,
+            sub(p1t::Subclockflags::empty(), p1t::Clockid::Monotonic),
+        )
+        .unwrap();
+        assert_eq!(
+            lone_relative_sleep(&mem, 0, 1),
+            Some((7, Duration::from_secs(5)))
+        );
+        // Two subscriptions, a deadline, a CPU clock, a pointer out of memory: the
+        // real function's business.
+        assert_eq!(lone_relative_sleep(&mem, 0, 2), None);
+        assert_eq!(lone_relative_sleep(&mem, 1 << 20, 1), None);
+        mem.write(
+            at,
+            sub(
+                p1t::Subclockflags::SUBSCRIPTION_CLOCK_ABSTIME,
+                p1t::Clockid::Monotonic,
+            ),
+        )
+        .unwrap();
+        assert_eq!(lone_relative_sleep(&mem, 0, 1), None);
+        mem.write(
+            at,
+            sub(p1t::Subclockflags::empty(), p1t::Clockid::ProcessCputimeId),
+        )
+        .unwrap();
+        assert_eq!(lone_relative_sleep(&mem, 0, 1), None);
+    }
+
+    #[test]
+    fn the_fiber_stack_leaves_room_above_the_wasm_stack() {
+        let c = config(None);
+        assert!(Engine::new(&c).is_ok());
+        const { assert!(HOST_STACK_HEADROOM >= 1 << 20) };
+        assert!(descriptor_budget(1) >= 16);
+    }
+}
