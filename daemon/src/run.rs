@@ -1311,10 +1311,9 @@ fn wasm_failure(outcome: Outcome, memory: u64) -> Option<(Option<i32>, String)> 
     match outcome {
         Outcome::Exited(0) => None,
         Outcome::Exited(code) => Some((Some(code), format!("exited with code {code}"))),
-        Outcome::Trapped(msg) => Some((
-            None,
-            format!("trapped: {}", msg.lines().next().unwrap_or_default()),
-        )),
+        // One line already, with the trap's cause (the whole error is in the log).
+        Outcome::Trapped(msg) => Some((None, format!("trapped: {msg}"))),
+        Outcome::Limit { code, message } => Some((code, message)),
         Outcome::OutOfMemory(_) => Some((
             None,
             format!(
@@ -2424,10 +2423,12 @@ impl RunContext {
                 Some(code),
                 format!("exited with code {code} (Slurm job {job})"),
             )),
-            (Some(JobResult::Trapped { message }), _) => Some((
-                None,
-                format!("trapped: {}", message.lines().next().unwrap_or_default()),
-            )),
+            (Some(JobResult::Trapped { message }), _) => {
+                Some((None, format!("trapped: {message} (Slurm job {job})")))
+            }
+            (Some(JobResult::Limit { code, message }), _) => {
+                Some((code, format!("{message} (Slurm job {job})")))
+            }
             (Some(JobResult::OutOfMemory), _) => Some((
                 None,
                 format!(

@@ -9,6 +9,7 @@ mod container;
 mod daemon;
 mod hostile_fs;
 mod hostile_store;
+mod hostile_wasm;
 mod modules;
 mod python;
 mod run;

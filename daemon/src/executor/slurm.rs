@@ -82,6 +82,11 @@ pub enum JobResult {
     TimedOut {
         ms: u64,
     },
+    /// Another limit of the sandbox (the wasm stack, descriptors); the message names it.
+    Limit {
+        code: Option<i32>,
+        message: String,
+    },
     /// `/out` and `/tmp` grew past the output cap; the guest was stopped.
     DiskFull {
         used: u64,
@@ -512,6 +517,7 @@ async fn run_spec(spec: &JobSpec) -> JobResult {
         Ok(Outcome::Exited(code)) => JobResult::Exited { code },
         Ok(Outcome::Trapped(message)) => JobResult::Trapped { message },
         Ok(Outcome::OutOfMemory(_)) => JobResult::OutOfMemory,
+        Ok(Outcome::Limit { code, message }) => JobResult::Limit { code, message },
         Ok(Outcome::TimedOut(d)) => JobResult::TimedOut {
             ms: d.as_millis() as u64,
         },

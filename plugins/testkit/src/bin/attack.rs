@@ -14,6 +14,8 @@ usage: attack MODE [options]
   deep --dir D --levels N   nest N directories named `a` under D, each made relative
                             to an open descriptor of its parent (wasip1 builds only)
   recurse                   recurse without bound (the wasm stack)
+  recurse-io                as recurse, with a host call (a stat of /tmp) at every depth,
+                            so one runs at the deepest point the wasm stack reaches
   fds --file F --count N    open F N times and hold every descriptor
   names --dir D             write `x` and `x\\r` (carriage return) with different bytes
   fill --dir D --mib N      write N MiB into D/fill, 1 MiB at a time";
@@ -30,6 +32,11 @@ fn main() {
             "recurse" => {
                 println!("recursing");
                 println!("depth {}", recurse(black_box(0)));
+                Ok(())
+            }
+            "recurse-io" => {
+                println!("recursing with a host call at every depth");
+                println!("depth {}", recurse_io(black_box(0)));
                 Ok(())
             }
             "fds" => {
@@ -76,10 +83,34 @@ fn main() {
     })
 }
 
+/// Calls made so far: a side effect the optimiser must keep, stored in a static
+/// rather than on the stack.
+static DEPTH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Recursion whose frames live on the wasm stack alone: nothing of it is in linear
+/// memory (where a `[u64; 16]` local would put it: the guest's own 1 MiB stack would
+/// overflow into an out-of-bounds access long before the engine's wasm stack), and the
+/// result is not an accumulation the optimiser could turn into a loop.
 #[allow(unconditional_recursion)]
+#[inline(never)]
 fn recurse(n: u64) -> u64 {
-    let pad = black_box([n; 16]);
-    recurse(black_box(pad[3] + 1)) + pad[7]
+    let depth = DEPTH.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    recurse(n.wrapping_mul(3).wrapping_add(1)).rotate_left((depth % 63) as u32 + 1) ^ n
+}
+
+/// `recurse`, calling the host at every depth.
+#[allow(unconditional_recursion)]
+#[inline(never)]
+fn recurse_io(n: u64) -> u64 {
+    let depth = DEPTH.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    recurse_io(n.wrapping_mul(3).wrapping_add(stat_tmp())).rotate_left((depth % 63) as u32 + 1) ^ n
+}
+
+/// A host call whose buffers stay out of `recurse_io`'s frame (on the guest's own
+/// stack, they would overflow it first).
+#[inline(never)]
+fn stat_tmp() -> u64 {
+    std::fs::metadata("/tmp").map(|m| m.len()).unwrap_or(0)
 }
 
 /// Every right wasi_snapshot_preview1 defines (29 bits): a host traps on bits
