@@ -6,7 +6,9 @@
 
 mod common;
 mod container;
+mod crash;
 mod daemon;
+mod hostile_api;
 mod modules;
 mod python;
 mod run;
