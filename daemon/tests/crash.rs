@@ -289,7 +289,7 @@ fn sigkill_at_random_moments_of_a_mixed_workload_loses_no_run_and_runs_none_twic
             submit(&d, pipeline, n, &mut accepted);
         }
     }
-    const KILLS: usize = 12;
+    const KILLS: usize = 16;
     let mut moments = Vec::new();
     for k in 0..KILLS {
         // New work arrives between crashes too (never in flight at a kill: a
