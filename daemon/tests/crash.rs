@@ -229,6 +229,15 @@ fn submit(d: &Daemon, pipeline: &str, n: u64, accepted: &mut BTreeMap<i64, Strin
     accepted.insert(v["run_id"].as_i64().unwrap(), pipeline.to_string());
 }
 
+fn recorded_outputs(db: &rusqlite::Connection) -> BTreeSet<String> {
+    db.prepare("SELECT DISTINCT artifact FROM step_outputs")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
 /// Every blob and tree of the store hashes to its name; every recorded output
 /// verifies whole. Returns the number of objects checked.
 fn verify_store(state: &Path, outputs: &BTreeSet<String>) -> usize {
@@ -329,6 +338,15 @@ fn sigkill_at_random_moments_of_a_mixed_workload_loses_no_run_and_runs_none_twic
             s["running_steps"]
         ));
         d.kill9();
+        // What the kill left is sound before anything touches it again.
+        let db = rusqlite::Connection::open(p.path(".state/millrace.db")).unwrap();
+        let check: String = db
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(check, "ok", "after kill {k}");
+        let outputs = recorded_outputs(&db);
+        drop(db);
+        verify_store(&p.path(".state"), &outputs);
         d = Daemon::start(&p);
     }
     eprintln!("{}", moments.join("\n"));
@@ -449,13 +467,7 @@ fn sigkill_at_random_moments_of_a_mixed_workload_loses_no_run_and_runs_none_twic
         )
         .unwrap();
     assert_eq!(missing, 0, "a succeeded step without its output");
-    let outputs: BTreeSet<String> = db
-        .prepare("SELECT DISTINCT artifact FROM step_outputs")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
+    let outputs = recorded_outputs(&db);
     drop(stmt);
     drop(db);
     let objects = verify_store(&p.path(".state"), &outputs);
@@ -467,6 +479,12 @@ fn sigkill_at_random_moments_of_a_mixed_workload_loses_no_run_and_runs_none_twic
         std::fs::read_to_string(p.path("shelf/models/latest/rows.csv")).unwrap(),
         "x,y\n1,2\n3,4\n"
     );
+    let staged: Vec<String> = std::fs::read_dir(p.path("shelf/models"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n != "latest")
+        .collect();
+    eprintln!("left beside the transfer's destination: {staged:?}");
     eprintln!(
         "crash test: {KILLS} kills, {} runs accepted and ended once ({} interrupted at least once, {given_up} given up after three), {} outputs and {objects} objects verified, {:.1} s",
         accepted.len(),
