@@ -40,6 +40,10 @@ pub struct Api {
     pub token_file: Option<PathBuf>,
     /// Reads without a token (default true).
     pub public_read: bool,
+    /// Host names (or addresses) the API answers to besides the loopback ones and
+    /// the listen address, lowercase: the names a reverse proxy or the users' URLs
+    /// use. Any other `Host` is refused (DNS rebinding).
+    pub allowed_hosts: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -65,7 +69,7 @@ const KEYS: &[&str] = &[
     "datastores",
     "compute",
 ];
-const API_KEYS: &[&str] = &["listen", "token_file", "public_read"];
+const API_KEYS: &[&str] = &["listen", "token_file", "public_read", "allowed_hosts"];
 /// Keys of a `[compute.NAME]` table beyond the Slurm ones; each is checked
 /// against the target's kind.
 const COMPUTE_KEYS: &[&str] = &["kind", "socket", "pull"];
@@ -140,6 +144,26 @@ fn slurm_target(
         extra_args,
         shared_dir,
     })
+}
+
+/// A host as the API compares it (lowercase, no trailing dot, an IPv6 address
+/// without brackets), or None if `text` is neither a DNS name nor an IP address.
+pub fn host_name(text: &str) -> Option<String> {
+    let t = text.trim_end_matches('.').to_ascii_lowercase();
+    let bare = t
+        .strip_prefix('[')
+        .and_then(|x| x.strip_suffix(']'))
+        .unwrap_or(&t);
+    if let Ok(ip) = bare.parse::<std::net::IpAddr>() {
+        return Some(ip.to_string());
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    (t.len() <= 253 && t.split('.').all(label_ok)).then_some(t)
 }
 
 pub fn default_listen() -> SocketAddr {
@@ -244,6 +268,7 @@ fn config(w: &mut Walker, doc: &DeTable<'_>, path: &Path) -> Option<Config> {
         listen: default_listen(),
         token_file: None,
         public_read: true,
+        allowed_hosts: Vec::new(),
     };
     if let Some(v) = doc.get("api")
         && let Some(t) = w.table(v, "[api]")
@@ -272,6 +297,20 @@ fn config(w: &mut Walker, doc: &DeTable<'_>, path: &Path) -> Option<Config> {
             .and_then(|b| w.boolean(b, "api.public_read"))
         {
             api.public_read = b;
+        }
+        if let Some(v) = t.get("allowed_hosts") {
+            for h in w.string_array(v, "api.allowed_hosts") {
+                match host_name(h.get_ref()) {
+                    Some(name) => api.allowed_hosts.push(name),
+                    None => w.error(
+                        h.span(),
+                        format!(
+                            "api.allowed_hosts: `{}` is not a host: expected a name like \"millrace.example.org\" or an IP address, without scheme or port",
+                            h.get_ref()
+                        ),
+                    ),
+                }
+            }
         }
     }
     let mut datastores = BTreeMap::new();

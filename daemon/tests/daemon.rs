@@ -47,6 +47,8 @@ impl Daemon {
             .args(["daemon", "--config"])
             .arg(&config)
             .env("MILLRACE_LOG", "info")
+            // One compile of the Python runtime (and of each plugin) for all tests.
+            .env("MILLRACE_CACHE", crate::common::shared_cache())
             .env_remove("JOURNAL_STREAM")
             .env_remove("NOTIFY_SOCKET")
             .stdout(Stdio::null())
@@ -79,6 +81,14 @@ impl Daemon {
             token,
             log,
         }
+    }
+
+    pub(crate) fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub(crate) fn token(&self) -> &str {
+        &self.token
     }
 
     fn agent() -> ureq::Agent {

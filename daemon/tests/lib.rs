@@ -6,7 +6,9 @@
 
 mod common;
 mod container;
+mod crash;
 mod daemon;
+mod hostile_api;
 mod hostile_fs;
 mod hostile_store;
 mod hostile_wasm;

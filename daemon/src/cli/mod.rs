@@ -655,7 +655,12 @@ fn validate_with(
 fn parse_params(raw: &[String]) -> anyhow::Result<Vec<(String, String)>> {
     raw.iter()
         .map(|p| match p.split_once('=') {
-            Some((k, v)) if !k.is_empty() => Ok((k.trim().to_string(), v.to_string())),
+            Some((k, v)) if !k.is_empty() => {
+                let k = k.trim();
+                crate::planner::check_param_value(k, v)
+                    .map_err(|e| Exit::usage(format!("error: {e}")))?;
+                Ok((k.to_string(), v.to_string()))
+            }
             _ => Err(Exit::usage(format!("error: --param expects KEY=VALUE, got `{p}`")).into()),
         })
         .collect()

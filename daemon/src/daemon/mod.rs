@@ -621,24 +621,47 @@ impl Daemon {
     }
 
     /// At start: runs a crash left `running` are `interrupted`; interrupted runs
-    /// the daemon owned are queued again to finish (`resume_interrupted`).
+    /// the daemon owned are queued again to finish (`resume_interrupted`), unless
+    /// the process already stopped [`MAX_CRASHES`] times while running them.
     fn recover(&self) -> anyhow::Result<()> {
-        let db = self.store().db();
+        let mut db = self.store().db();
         for r in db.read().runs_with_status("running")? {
             if crate::run::RunLock::is_held(self.store(), r.id) {
                 continue; // a `millrace run` in another process
             }
-            tracing::warn!(pipeline = %r.pipeline, run = r.id, "interrupted: its process stopped while it was running");
-            db.read().set_run_status(
-                r.id,
-                "interrupted",
-                Some("the process running it stopped (crash or kill)"),
-            )?;
+            // Counted before the run is resumed: if the resume kills the process
+            // too, the next start knows.
+            let crashes = db
+                .read()
+                .record_crash(r.id, "the process running it stopped (crash or kill)")?;
+            tracing::warn!(pipeline = %r.pipeline, run = r.id, crashes, "interrupted: its process stopped while it was running");
         }
         if self.config.resume_interrupted {
             for r in db.read().runs_with_status("interrupted")? {
                 if r.trigger == "cli" {
                     continue; // `millrace resume` is the owner's call
+                }
+                if db.read().run_crashes(r.id)? >= MAX_CRASHES {
+                    let running: Vec<String> = db
+                        .read()
+                        .steps(r.id)?
+                        .into_iter()
+                        .filter(|s| s.status == "running")
+                        .map(|s| format!("`{}`", s.name))
+                        .collect();
+                    let during = match running.len() {
+                        0 => String::new(),
+                        1 => format!(" (step {} was running)", running[0]),
+                        _ => format!(" (steps {} were running)", running.join(", ")),
+                    };
+                    let msg = format!(
+                        "the engine stopped while running this run twice after it was resumed{during}; \
+                         it is not resumed again (`millrace resume {}` tries once more)",
+                        r.id
+                    );
+                    tracing::error!(pipeline = %r.pipeline, run = r.id, "failed: {msg}");
+                    db.batch(|b| b.fail_abandoned_run(r.id, &msg))?;
+                    continue;
                 }
                 tracing::info!(pipeline = %r.pipeline, run = r.id, "queued to resume");
                 db.read().set_run_status(r.id, "queued", None)?;
@@ -647,6 +670,13 @@ impl Daemon {
         Ok(())
     }
 }
+
+/// How many times the process may stop while running one run before the daemon
+/// stops resuming it: the first stop can be anything (a kill, the OOM killer, a
+/// power cut); two more while it was being resumed mean the run itself is what
+/// takes the process down (a step that aborts it), and resuming it again would
+/// crash-loop the service until systemd gives up (start-limit-hit).
+pub const MAX_CRASHES: i64 = 3;
 
 /// Step events go to the log.
 fn log_events(run: i64) -> EventSink {
@@ -734,6 +764,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.api.listen))?;
     let addr = listener.local_addr()?;
+    if !addr.ip().is_loopback() && config.api.public_read {
+        tracing::warn!(
+            "the API listens on {addr}, which is not a loopback address, and `public_read = true`: \
+             anyone who can reach it reads every pipeline, run, param and step log without a token; \
+             set `public_read = false` in [api], or listen on 127.0.0.1 behind a proxy that authenticates"
+        );
+    }
     let d = Arc::new(Daemon {
         config,
         engine,
@@ -761,18 +798,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     d.wake.notify_one();
     triggers::watch_pipelines_dir(&d);
 
-    let server = {
-        let app = api::router(d.clone());
-        let stop = d.shutdown.clone();
-        tokio::spawn(async move {
-            let r = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await;
-            if let Err(e) = r {
-                tracing::error!("the API server stopped: {e}");
-            }
-        })
-    };
+    let server = tokio::spawn(api::serve(
+        listener,
+        api::router(d.clone()),
+        d.shutdown.clone(),
+    ));
     let endpoint = endpoint_file(&d.config.state_dir);
     let url = format!("http://{addr}");
     let _ = std::fs::write(

@@ -236,6 +236,12 @@ ALTER TABLE attempts ADD COLUMN placement TEXT;
 -- unchanged). Rows from before have none and are hashed again once.
 ALTER TABLE stat_cache ADD COLUMN ctime_ns INTEGER NOT NULL DEFAULT -1;
 "#,
+    r#"
+-- How many times the process driving a run stopped (crash, kill) while the run was
+-- running. A run that keeps killing its process is not resumed for ever: after the
+-- third stop the daemon fails it instead of crash-looping (daemon::recover).
+ALTER TABLE runs ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0;
+"#,
 ];
 
 pub fn now_ms() -> i64 {
@@ -550,7 +556,43 @@ impl Batch<'_> {
         Ok(())
     }
 
-    /// Runs in one status, oldest first (`queued` runs start in this order).
+    /// A run found `running` with no process driving it: it becomes `interrupted`
+    /// and its crash count goes up by one. Returns the new count.
+    pub fn record_crash(&self, id: i64, error: &str) -> Result<i64> {
+        Ok(self.conn.query_row(
+            "UPDATE runs SET status = 'interrupted', error = ?2, finished_at = ?3, crashes = crashes + 1
+             WHERE id = ?1 RETURNING crashes",
+            params![id, error, now_ms()],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// How many times a process stopped while running this run (0 for no such run).
+    pub fn run_crashes(&self, id: i64) -> Result<i64> {
+        Ok(self
+            .conn
+            .query_row("SELECT crashes FROM runs WHERE id = ?1", [id], |r| r.get(0))
+            .optional()?
+            .unwrap_or(0))
+    }
+
+    /// Fails a run that is not to be resumed, with the steps and attempts a crash
+    /// left `running` (nothing runs them any more). Use inside a batch.
+    pub fn fail_abandoned_run(&self, id: i64, error: &str) -> Result<()> {
+        let now = now_ms();
+        self.conn.execute(
+            "UPDATE steps SET status = 'failed', error = ?2, finished_at = ?3
+             WHERE run_id = ?1 AND status = 'running'",
+            params![id, error, now],
+        )?;
+        self.conn.execute(
+            "UPDATE attempts SET status = 'failed', error = ?2, finished_at = ?3
+             WHERE run_id = ?1 AND status = 'running'",
+            params![id, error, now],
+        )?;
+        self.set_run_status(id, "failed", Some(error))
+    }
+
     /// Whether any run ever had a container step.
     pub fn has_container_steps(&self) -> Result<bool> {
         Ok(self
@@ -564,6 +606,7 @@ impl Batch<'_> {
             .is_some())
     }
 
+    /// Runs in one status, oldest first (`queued` runs start in this order).
     pub fn runs_with_status(&self, status: &str) -> Result<Vec<RunRow>> {
         let mut stmt = self.conn.prepare_cached(&format!(
             "SELECT {RUN_COLUMNS} FROM runs WHERE status = ?1 ORDER BY id"
@@ -1367,6 +1410,49 @@ mod tests {
         let run = db.read().run(id).unwrap().unwrap();
         assert_eq!(run.params["c"], 0.5);
         assert_eq!(run.status, "running");
+    }
+
+    #[test]
+    fn crashes_are_counted_and_an_abandoned_run_fails_with_its_running_steps() {
+        let mut db = Db::open_in_memory().unwrap();
+        let id = db
+            .batch(|b| {
+                b.record_definition("d1", "p", "/p.toml", "name = 'p'")?;
+                let id = b.create_run(&NewRun {
+                    pipeline: "p",
+                    experiment: "p",
+                    definition: "d1",
+                    params: &serde_json::json!({}),
+                    trigger: "api",
+                    trigger_detail: None,
+                    no_reuse: false,
+                    status: "running",
+                    warnings: &[],
+                    module_pins: &Default::default(),
+                })?;
+                b.insert_step(id, "s", 0, "wasm", None)?;
+                b.start_step(id, "s")?;
+                b.start_attempt(id, "s", 1, "/log", false)?;
+                Ok(id)
+            })
+            .unwrap();
+        assert_eq!(db.read().run_crashes(id).unwrap(), 0);
+        assert_eq!(db.read().record_crash(id, "stopped").unwrap(), 1);
+        assert_eq!(db.read().record_crash(id, "stopped").unwrap(), 2);
+        assert_eq!(db.read().run(id).unwrap().unwrap().status, "interrupted");
+        db.batch(|b| b.fail_abandoned_run(id, "gave up")).unwrap();
+        let run = db.read().run(id).unwrap().unwrap();
+        assert_eq!(
+            (run.status.as_str(), run.error.as_deref()),
+            ("failed", Some("gave up"))
+        );
+        let step = db.read().step(id, "s").unwrap().unwrap();
+        assert_eq!(
+            (step.status.as_str(), step.error.as_deref()),
+            ("failed", Some("gave up"))
+        );
+        assert_eq!(db.read().attempts(id, "s").unwrap()[0].status, "failed");
+        assert_eq!(db.read().run_crashes(id).unwrap(), 2);
     }
 
     #[test]
