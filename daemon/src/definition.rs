@@ -329,15 +329,27 @@ impl Default for Environment {
     }
 }
 
+/// The longest debounce, backoff or grace period (and step timeout).
+pub(crate) const MAX_TIMER: Duration = Duration::from_secs(366 * 24 * 3600);
+
 /// Largest linear memory a wasm32 guest can address.
 pub const WASM32_MAX_MEMORY: u64 = 4 << 30;
 
 /// Reads and checks a pipeline file. The [`Report`] carries every diagnostic; the
 /// pipeline is `Some` only when there is no error.
+/// A file that is not UTF-8 is reported at its first invalid byte.
 pub fn load(path: &Path, env: &Environment) -> Result<(Option<Pipeline>, Report), std::io::Error> {
-    let text = std::fs::read_to_string(path)?;
+    let bytes = std::fs::read(path)?;
     let path = std::path::absolute(path)?;
-    Ok(parse(&path, text, env))
+    Ok(parse_bytes(&path, bytes, env))
+}
+
+/// Checks a pipeline file's bytes: [`parse`] once they are UTF-8 text.
+pub fn parse_bytes(path: &Path, bytes: Vec<u8>, env: &Environment) -> (Option<Pipeline>, Report) {
+    match SourceFile::decode(path, bytes) {
+        Ok(source) => parse(path, source.text, env),
+        Err(report) => (None, report),
+    }
 }
 
 /// Checks a pipeline file's text. `path` names the file in diagnostics and anchors
@@ -499,7 +511,7 @@ impl Walker {
             Some(v) => self
                 .array_of_tables(v, "step")
                 .iter()
-                .filter_map(|t| self.step(t, &params, &dir, env))
+                .filter_map(|t| self.step(t, text, &params, &dir, env))
                 .collect(),
             None => Vec::new(),
         };
@@ -755,7 +767,7 @@ impl Walker {
             }
             let debounce = t
                 .get("debounce")
-                .and_then(|d| self.duration(d, "debounce"))
+                .and_then(|d| self.timer_duration(d, "debounce"))
                 .unwrap_or(Duration::from_secs(2));
             TriggerKind::Watch { glob, debounce }
         } else {
@@ -822,6 +834,7 @@ impl Walker {
     fn step(
         &mut self,
         v: &Value<'_>,
+        text: &str,
         params: &[Param],
         dir: &Path,
         env: &Environment,
@@ -867,14 +880,14 @@ impl Walker {
             None => Vec::new(),
         };
         for a in &args {
-            self.interpolation(a, params);
+            self.interpolation(a, text, params);
         }
         let env_vars = match t.get("env") {
             Some(e) => self.string_table(e, "env"),
             None => Vec::new(),
         };
         for (k, v) in &env_vars {
-            self.interpolation(v, params);
+            self.interpolation(v, text, params);
             if !valid_env_name(k.get_ref()) {
                 self.error(
                     k.span(),
@@ -922,7 +935,7 @@ impl Walker {
         };
         let timeout = t.get("timeout").and_then(|d| self.duration(d, "timeout"));
         if let (Some(d), Some(v)) = (timeout, t.get("timeout"))
-            && (d.is_zero() || d > Duration::from_secs(366 * 24 * 3600))
+            && (d.is_zero() || d > MAX_TIMER)
         {
             self.error(
                 v.span(),
@@ -948,8 +961,11 @@ impl Walker {
             Some(c) => match c.get_ref() {
                 DeValue::Integer(_) | DeValue::Float(_) => {
                     let x: f64 = match c.get_ref() {
-                        DeValue::Integer(i) => i.as_str().parse().unwrap_or(-1.0),
-                        DeValue::Float(f) => f.as_str().parse().unwrap_or(-1.0),
+                        DeValue::Integer(i) => {
+                            i64::from_str_radix(&i.as_str().replace('_', ""), i.radix())
+                                .map_or(-1.0, |n| n as f64)
+                        }
+                        DeValue::Float(f) => f.as_str().replace('_', "").parse().unwrap_or(-1.0),
                         _ => -1.0,
                     };
                     if !(x > 0.0 && x <= 1024.0) {
@@ -1321,7 +1337,7 @@ impl Walker {
         }
         if let Some(b) = t
             .get("backoff")
-            .and_then(|b| self.duration(b, "retries.backoff"))
+            .and_then(|b| self.timer_duration(b, "retries.backoff"))
         {
             r.backoff = b;
         }
@@ -1329,9 +1345,7 @@ impl Walker {
     }
 
     /// Checks every `${…}` in a string: only `${params.NAME}` of declared params.
-    fn interpolation(&mut self, s: &Sp<String>, params: &[Param]) {
-        // The span of a string value includes its opening quote.
-        let base = s.span().start + 1;
+    fn interpolation(&mut self, s: &Sp<String>, text: &str, params: &[Param]) {
         for piece in interpolation_pieces(s.get_ref()) {
             match piece {
                 Piece::Literal(_) => {}
@@ -1340,7 +1354,7 @@ impl Walker {
                         let known: Vec<&str> =
                             params.iter().map(|p| p.name.get_ref().as_str()).collect();
                         let mut d = Diagnostic::error(
-                            base + at..base + at + name.len() + 10,
+                            value_span(text, s, at..at + name.len() + 10),
                             format!("unknown param `{name}` in `${{params.{name}}}`"),
                         );
                         d = match closest(name, known.iter().copied()) {
@@ -1353,11 +1367,11 @@ impl Walker {
                         self.diags.push(d);
                     }
                 }
-                Piece::Bad { text, at } => {
+                Piece::Bad { text: bad, at } => {
                     self.diags.push(
                         Diagnostic::error(
-                            base + at..base + at + text.len(),
-                            format!("bad interpolation `{text}`"),
+                            value_span(text, s, at..at + bad.len()),
+                            format!("bad interpolation `{bad}`"),
                         )
                         .with_help("write `${params.NAME}`; a literal `$` followed by `{` is written `$${`"),
                     );
@@ -1442,7 +1456,13 @@ impl Walker {
     pub(crate) fn integer(&mut self, v: &Value<'_>, what: &str) -> Option<i64> {
         match v.get_ref() {
             DeValue::Integer(i) => {
-                i64::from_str_radix(&i.as_str().replace('_', ""), i.radix()).ok()
+                match i64::from_str_radix(&i.as_str().replace('_', ""), i.radix()) {
+                    Ok(n) => Some(n),
+                    Err(_) => {
+                        self.error(v.span(), format!("{what}: integer out of range"));
+                        None
+                    }
+                }
             }
             _ => {
                 self.wrong_type(v, what, "an integer");
@@ -1503,6 +1523,17 @@ impl Walker {
                 None
             }
         }
+    }
+
+    /// A duration a timer adds to the clock (a debounce, a backoff, a grace
+    /// period): at most a year, since a longer one overflows `Instant` arithmetic.
+    pub(crate) fn timer_duration(&mut self, v: &Value<'_>, what: &str) -> Option<Duration> {
+        let d = self.duration(v, what)?;
+        if d > MAX_TIMER {
+            self.error(v.span(), format!("{what} must be at most a year"));
+            return None;
+        }
+        Some(d)
     }
 
     pub(crate) fn size(&mut self, v: &Value<'_>, what: &str) -> Option<u64> {
@@ -1571,6 +1602,23 @@ fn valid_env_name(s: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
+/// Where bytes `part` of a string value are in the file: exactly there when the
+/// value is written as it reads (one-line quotes, no escapes), else the whole
+/// string: an escape (`\u00e9`, `\"`) or a multi-line string shifts every offset
+/// after it.
+fn value_span(text: &str, s: &Sp<String>, part: Span) -> Span {
+    let span = s.span();
+    let raw = text.get(span.clone()).unwrap_or_default();
+    let quoted = raw.len() >= 2
+        && (raw.starts_with('"') && raw.ends_with('"')
+            || raw.starts_with('\'') && raw.ends_with('\''));
+    if quoted && raw.get(1..raw.len() - 1) == Some(s.get_ref().as_str()) {
+        span.start + 1 + part.start..span.start + 1 + part.end
+    } else {
+        span
+    }
+}
+
 fn declared_list(what: &str, names: &[&str]) -> String {
     if names.is_empty() {
         format!("no {what} are declared")
@@ -1611,49 +1659,47 @@ pub enum Piece<'a> {
 }
 
 /// Splits a string into literals and `${params.NAME}` references; `$${` is a literal `${`.
+/// Offsets are bytes of `s`, always at character boundaries: the scan moves from
+/// one `$` to the next (an ASCII byte), never into a multi-byte character.
 pub fn interpolation_pieces(s: &str) -> Vec<Piece<'_>> {
     let mut out = Vec::new();
     let mut rest = 0;
-    let mut i = 0;
-    let bytes = s.as_bytes();
-    while i < bytes.len() {
-        if s[i..].starts_with("$${") {
+    let mut from = 0;
+    while let Some(found) = s[from..].find('$') {
+        let i = from + found;
+        let tail = &s[i..];
+        if tail.starts_with("$${") {
             if rest < i {
                 out.push(Piece::Literal(&s[rest..i]));
             }
             out.push(Piece::Literal("${"));
-            i += 3;
-            rest = i;
-            continue;
-        }
-        if s[i..].starts_with("${") {
+            rest = i + 3;
+            from = rest;
+        } else if tail.starts_with("${") {
             if rest < i {
                 out.push(Piece::Literal(&s[rest..i]));
             }
-            match s[i..].find('}') {
+            match tail.find('}') {
                 Some(end) => {
-                    let inner = &s[i + 2..i + end];
+                    let inner = &tail[2..end];
                     match inner.strip_prefix("params.") {
                         Some(name) if !name.is_empty() => out.push(Piece::Param { name, at: i }),
                         _ => out.push(Piece::Bad {
-                            text: &s[i..=i + end],
+                            text: &tail[..=end],
                             at: i,
                         }),
                     }
-                    i += end + 1;
+                    rest = i + end + 1;
                 }
                 None => {
-                    out.push(Piece::Bad {
-                        text: &s[i..],
-                        at: i,
-                    });
-                    i = s.len();
+                    out.push(Piece::Bad { text: tail, at: i });
+                    rest = s.len();
                 }
             }
-            rest = i;
-            continue;
+            from = rest;
+        } else {
+            from = i + 1;
         }
-        i += 1;
     }
     if rest < s.len() {
         out.push(Piece::Literal(&s[rest..]));

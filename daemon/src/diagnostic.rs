@@ -69,6 +69,43 @@ impl SourceFile {
         }
     }
 
+    /// A configuration file's bytes as text. Bytes that are not UTF-8 are an error
+    /// at the line and column of the first invalid one (rendered against the text
+    /// with U+FFFD in its place), like any other mistake in the file.
+    #[allow(clippy::result_large_err)]
+    pub fn decode(path: impl Into<PathBuf>, bytes: Vec<u8>) -> Result<SourceFile, Report> {
+        match String::from_utf8(bytes) {
+            Ok(text) => Ok(SourceFile::new(path, text)),
+            Err(e) => {
+                let at = e.utf8_error().valid_up_to();
+                let byte = e.as_bytes()[at];
+                let text = String::from_utf8_lossy(e.as_bytes()).into_owned();
+                let message = match e.utf8_error().error_len() {
+                    Some(_) => {
+                        format!("invalid UTF-8: byte 0x{byte:02X} is not part of a valid character")
+                    }
+                    None => format!(
+                        "invalid UTF-8: the file ends inside a character (byte 0x{byte:02X})"
+                    ),
+                };
+                Err(Report {
+                    source: SourceFile::new(path, text),
+                    diagnostics: vec![
+                        Diagnostic::error(at..at + '\u{FFFD}'.len_utf8(), message).with_help(
+                            "configuration files are UTF-8 text: save this one as UTF-8",
+                        ),
+                    ],
+                })
+            }
+        }
+    }
+
+    /// Reads a configuration file (see [`SourceFile::decode`]).
+    #[allow(clippy::result_large_err)]
+    pub fn read(path: &Path) -> std::io::Result<Result<SourceFile, Report>> {
+        Ok(SourceFile::decode(path, std::fs::read(path)?))
+    }
+
     /// 1-based line and column (in characters) of a byte offset.
     pub fn line_col(&self, offset: usize) -> (usize, usize) {
         let offset = offset.min(self.text.len());
@@ -115,26 +152,61 @@ impl SourceFile {
             display_path(&self.path),
             d.message
         );
-        out += &format!("{line:>gutter$} | {text}\n");
-        // The caret covers the span, clipped to the first line.
-        let line_end_col = text.chars().count() + 1;
+        out += &format!("{line:>gutter$} | {}\n", shown(text));
+        // The caret covers the span, clipped to the first line. `col` counts
+        // characters; the caret line counts terminal cells, so it lines up under
+        // wide (CJK), combining and tab characters too.
         let (end_line, end_col) = self.line_col(d.span.end);
         let end_col = if end_line == line {
             end_col
         } else {
-            line_end_col
+            text.chars().count() + 1
         };
-        let width = end_col.saturating_sub(col).max(1);
-        out += &format!(
-            "{:gutter$} | {}{}\n",
-            "",
-            " ".repeat(col - 1),
-            "^".repeat(width)
-        );
+        let pad: String = text
+            .chars()
+            .take(col - 1)
+            .map(|c| match c {
+                '\t' => "\t".to_string(),
+                c => " ".repeat(cell_width(c)),
+            })
+            .collect();
+        let width: usize = text
+            .chars()
+            .skip(col - 1)
+            .take(end_col.saturating_sub(col))
+            .map(|c| if c == '\t' { 1 } else { cell_width(c) })
+            .sum();
+        out += &format!("{:gutter$} | {pad}{}\n", "", "^".repeat(width.max(1)));
         if let Some(help) = &d.help {
             out += &format!("{:gutter$} = help: {help}\n", "");
         }
         out
+    }
+}
+
+/// A source line as printed: control characters (a stray `\r`, an escape
+/// sequence in invalid TOML) become U+FFFD, so the terminal shows the line as it is
+/// and nothing in the file can move the cursor. One character each, so the caret
+/// still lines up.
+fn shown(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() && c != '\t' {
+                '\u{FFFD}'
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
+/// Terminal cells of one printed character (a control character prints as one
+/// U+FFFD).
+fn cell_width(c: char) -> usize {
+    if c.is_control() {
+        1
+    } else {
+        unicode_width::UnicodeWidthChar::width(c).unwrap_or(1)
     }
 }
 

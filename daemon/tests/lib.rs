@@ -7,6 +7,7 @@
 mod common;
 mod container;
 mod daemon;
+mod fuzz;
 mod modules;
 mod python;
 mod run;

@@ -1,0 +1,682 @@
+//! A fuzz harness on the stable toolchain: mutations of the golden cases and the
+//! example pipelines and configs are fed, in process, to what `millrace validate`
+//! calls (the pipeline and daemon-config parsers, then the rendering of their
+//! reports). Every input must give a result (no panic), within 5 s (no hang),
+//! and every error must point at a line and column inside the file.
+//!
+//! `MILLRACE_FUZZ_SECS` (default 3) bounds the run, `MILLRACE_FUZZ_SEED` repeats
+//! one: input `n` of a seed is always the same, so a failure reproduces with the
+//! seed the test prints. A failing input is also written under
+//! `CARGO_TARGET_TMPDIR/fuzz/`, and the input being parsed is always in
+//! `fuzz/current.toml` (what a stack overflow, which aborts the process, leaves).
+
+use std::io::{Seek, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use millrace::definition::{self, Environment};
+use millrace::diagnostic::{Report, Severity};
+
+/// SplitMix64: small, fast, and the same sequence everywhere.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (`n` > 0).
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    fn chance(&mut self, percent: u64) -> bool {
+        self.next() % 100 < percent
+    }
+
+    fn pick<'a, T>(&mut self, xs: &'a [T]) -> &'a T {
+        &xs[self.below(xs.len())]
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Kind {
+    Pipeline,
+    Config,
+}
+
+struct Seed {
+    path: PathBuf,
+    bytes: Vec<u8>,
+    kind: Kind,
+}
+
+fn seeds() -> Vec<Seed> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let config = root.join("../config");
+    let mut out = Vec::new();
+    let mut add = |path: PathBuf, kind: Kind| {
+        let bytes = std::fs::read(&path).expect("read seed");
+        out.push(Seed { path, bytes, kind });
+    };
+    let tomls = |dir: &Path| -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = walkdir::WalkDir::new(dir)
+            .into_iter()
+            .filter_map(Result::ok)
+            .map(|e| e.into_path())
+            .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+            .collect();
+        v.sort();
+        v
+    };
+    for p in tomls(&root.join("tests/ui")) {
+        add(p, Kind::Pipeline);
+    }
+    for p in tomls(&config) {
+        // Daemon configs are named millrace.toml; everything else is a pipeline
+        // (config/pipelines/**, config/cluster/retrain-on-slurm.toml).
+        let kind = if p.file_name().is_some_and(|n| n == "millrace.toml") {
+            Kind::Config
+        } else {
+            Kind::Pipeline
+        };
+        add(p, kind);
+    }
+    assert!(out.len() >= 20, "only {} seeds", out.len());
+    out
+}
+
+/// Pipelines are checked against the example configs' datastores and targets
+/// (and no module registry), as `millrace validate --config` would.
+fn environment(seeds: &[Seed]) -> Environment {
+    let mut env = Environment::default();
+    for s in seeds.iter().filter(|s| s.kind == Kind::Config) {
+        let (c, report) = millrace::config::parse_bytes(&s.path, s.bytes.clone());
+        let c = c.unwrap_or_else(|| panic!("example config is invalid:\n{report}"));
+        let e = c.environment();
+        for d in e.datastores {
+            if !env.datastores.contains(&d) {
+                env.datastores.push(d);
+            }
+        }
+        env.computes.extend(e.computes);
+    }
+    env
+}
+
+const NON_ASCII: &[&str] = &[
+    "é",
+    "café",
+    "naïve",
+    "日本語",
+    "🦀",
+    "e\u{301}",
+    "\u{200B}",
+    "\u{FEFF}",
+    "\u{202E}",
+    "\u{10FFFF}",
+    "ß",
+    "Ω",
+    "\u{a0}",
+    "\u{2028}",
+    "ｗａｓｍ",
+    "\u{1F468}\u{200D}\u{1F469}",
+];
+
+const INVALID_UTF8: &[&[u8]] = &[
+    b"\xff",
+    b"\xfe\xff",
+    b"\xc3",
+    b"\xc3\x28",
+    b"\xe6\x97",
+    b"\xed\xa0\x80",
+    b"\xc0\x80",
+    b"\xf4\x90\x80\x80",
+    b"\x80",
+    b"\xf0\x9f\xa6",
+];
+
+/// Text that means something to TOML or to millrace's own checks.
+const TOKENS: &[&str] = &[
+    "\"",
+    "'",
+    "\"\"\"",
+    "'''",
+    "[",
+    "]",
+    "[[",
+    "]]",
+    "{",
+    "}",
+    "=",
+    ",",
+    ".",
+    "#",
+    "\n",
+    "\r",
+    "\r\n",
+    "\t",
+    "\\",
+    "\\u00e9",
+    "\\U0001F980",
+    "\\uD800",
+    "\\x",
+    "${",
+    "$${",
+    "${params.",
+    "${params.x}",
+    "${params.é}",
+    "${params.}",
+    "${env.HOME}",
+    "}",
+    "$",
+    "inputs.",
+    "step.out",
+    "[[step]]\n",
+    "[[trigger]]\n",
+    "[params]\n",
+    "[inputs.x]\n",
+    "[api]\n",
+    "[compute.x]\n",
+    "[datastores.x]\n",
+    "name = \"x\"\n",
+    "wasm = \"x.wasm\"\n",
+    "args = [\"café\"]\n",
+    "env = { A = \"é\" }\n",
+    "cron = \"0 3 * * *\"\n",
+    "watch = \"**/*.csv\"\n",
+    "after = \"x\"\n",
+    "timeout = \"1s\"\n",
+    "memory = \"1GiB\"\n",
+    "cpus = 1.5\n",
+    "true",
+    "false",
+    "nan",
+    "inf",
+    "-inf",
+    "+inf",
+    "0x",
+    "0o",
+    "0b",
+    "1e",
+    "1979-05-27T07:32:00Z",
+    "07:32:00",
+    "1979-05-27",
+    "_",
+    "-",
+    "+",
+    "0",
+    "00",
+    "-0",
+    "1_000",
+];
+
+const NUMBERS: &[&str] = &[
+    "9223372036854775807",
+    "9223372036854775808",
+    "-9223372036854775809",
+    "18446744073709551616",
+    "99999999999999999999999999999999999999999",
+    "0xffffffffffffffffff",
+    "0o7777777777777777777777777",
+    "0b11111111111111111111111111111111111111111111111111111111111111111",
+    "1e308",
+    "1e309",
+    "-1e400",
+    "1e-400",
+    "4.9e-324",
+    "1.7976931348623157e308",
+];
+
+/// Strings that reach the duration, size, cron, glob, name and reference checks.
+const STRINGS: &[&str] = &[
+    "99999999999999999999999999s",
+    "18446744073709551615s",
+    "18446744073709551616ns",
+    "584942417355y",
+    "99999999999999y",
+    "1000000000000000000000000d",
+    "0s",
+    "1 µs",
+    "1µs",
+    "1 ｓ",
+    "1 sé",
+    "1é",
+    "é1s",
+    "1e30GiB",
+    "99999999999999999999999TiB",
+    "18446744073709551615",
+    "18446744073709551616",
+    "0.5",
+    ".",
+    "1.2.3MiB",
+    "1 KiBé",
+    "1 Kí",
+    "4GiB",
+    "5GiB",
+    "* * * * * * *",
+    "60 24 32 13 8",
+    "*/0 * * * *",
+    "0/99999999999999999999 * * * *",
+    "1-99999999999 * * * *",
+    "L * * * *",
+    "0 0 31W * *",
+    "0 0 * * 5#9",
+    "0 0 29 2 *",
+    "@yearly",
+    "@reboot",
+    "CRON_TZ=Mars/Base * * * * *",
+    "{a,{b,{c,{d,{e,{f}}}}}}",
+    "[[[[[[[[[[",
+    "**/**/**/**/*.csv",
+    "/etc/passwd",
+    "../../../../etc",
+    "a\0b",
+    "\u{0}",
+    "\u{1b}[31m",
+    "inputs..x",
+    "é.é",
+    ".x",
+    "x.",
+    "Europe/Amsterdam",
+    "Europe/Ämsterdam",
+    "UTC+99",
+    "[::1]:99999",
+    "0.0.0.0:0",
+    "unix://é",
+];
+
+/// One input: a seed with 1–4 stacked mutations.
+fn mutate(rng: &mut Rng, seeds: &[Seed]) -> (usize, Vec<u8>) {
+    let which = rng.below(seeds.len());
+    let mut b = seeds[which].bytes.clone();
+    for _ in 0..1 + rng.below(4) {
+        mutate_once(rng, seeds, &mut b);
+    }
+    (which, b)
+}
+
+/// A position, often just after a `"` (inside a string value) or at a line start.
+fn position(rng: &mut Rng, b: &[u8]) -> usize {
+    if b.is_empty() {
+        return 0;
+    }
+    let at = rng.below(b.len() + 1);
+    match rng.below(3) {
+        0 => at,
+        1 => b[at..]
+            .iter()
+            .position(|&c| c == b'"')
+            .map_or(at, |i| at + i + 1),
+        _ => b[..at]
+            .iter()
+            .rposition(|&c| c == b'\n')
+            .map_or(0, |i| i + 1),
+    }
+}
+
+fn nested(rng: &mut Rng) -> Vec<u8> {
+    let depth = *rng.pick(&[10, 79, 80, 81, 200, 1_000, 10_000, 100_000]);
+    let close = rng.chance(50);
+    let (open, shut, prefix) = match rng.below(5) {
+        0 => ("[", "]", "a = "),
+        1 => ("{x=", "}", "a = "),
+        2 => ("[{x=", "}]", "a = "),
+        3 => ("a.", "", ""),
+        _ => ("[[", "]]", "args = "),
+    };
+    let mut s = String::from(prefix);
+    s += &open.repeat(depth);
+    if open == "a." {
+        s += "a = 1";
+    } else {
+        s += "1";
+        if close {
+            s += &shut.repeat(depth);
+        }
+    }
+    s.push('\n');
+    if rng.chance(30) {
+        // As a table header: [a.a.a…] or [[step.a.a…]].
+        s = format!("[{}a]\n", "a.".repeat(depth));
+    }
+    s.into_bytes()
+}
+
+fn mutate_once(rng: &mut Rng, seeds: &[Seed], b: &mut Vec<u8>) {
+    let len = b.len();
+    match rng.below(14) {
+        // Byte flips.
+        0 => {
+            for _ in 0..1 + rng.below(4) {
+                if !b.is_empty() {
+                    let i = rng.below(b.len());
+                    if rng.chance(50) {
+                        b[i] ^= 1 << rng.below(8);
+                    } else {
+                        b[i] = rng.next() as u8;
+                    }
+                }
+            }
+        }
+        // Truncation.
+        1 => b.truncate(rng.below(len + 1)),
+        // Delete a slice.
+        2 if len > 0 => {
+            let from = rng.below(len);
+            let to = (from + 1 + rng.below(64)).min(len);
+            b.drain(from..to);
+        }
+        // Duplicate a slice.
+        3 if len > 0 => {
+            let from = rng.below(len);
+            let to = (from + 1 + rng.below(256)).min(len);
+            let piece = b[from..to].to_vec();
+            let at = position(rng, b);
+            b.splice(at..at, piece);
+        }
+        // Splice in a slice of another seed.
+        4 => {
+            let other = &rng.pick(seeds).bytes;
+            if !other.is_empty() {
+                let from = rng.below(other.len());
+                let to = (from + 1 + rng.below(512)).min(other.len());
+                let at = position(rng, b);
+                b.splice(at..at, other[from..to].iter().copied());
+            }
+        }
+        5 | 6 => {
+            let at = position(rng, b);
+            let t = rng.pick(NON_ASCII).as_bytes();
+            b.splice(at..at, t.iter().copied());
+        }
+        7 => {
+            let at = position(rng, b);
+            let t = *rng.pick(INVALID_UTF8);
+            b.splice(at..at, t.iter().copied());
+        }
+        8 => {
+            let at = position(rng, b);
+            let t = rng.pick(TOKENS).as_bytes();
+            b.splice(at..at, t.iter().copied());
+        }
+        // A number replaced by a huge one (or inserted).
+        9 => {
+            let digit = b.iter().position(|c| c.is_ascii_digit());
+            let n = rng.pick(NUMBERS).as_bytes();
+            match digit {
+                Some(i) if rng.chance(70) => {
+                    let end = b[i..]
+                        .iter()
+                        .position(|c| !c.is_ascii_alphanumeric() && *c != b'.' && *c != b'_')
+                        .map_or(b.len(), |e| i + e);
+                    b.splice(i..end, n.iter().copied());
+                }
+                _ => {
+                    let at = position(rng, b);
+                    b.splice(at..at, n.iter().copied());
+                }
+            }
+        }
+        // A string's content replaced by one that reaches a deeper check.
+        10 => {
+            let quotes: Vec<usize> = b
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| **c == b'"')
+                .map(|(i, _)| i)
+                .collect();
+            let t = rng.pick(STRINGS).as_bytes();
+            if quotes.len() >= 2 {
+                let k = rng.below(quotes.len() - 1);
+                b.splice(quotes[k] + 1..quotes[k + 1], t.iter().copied());
+            }
+        }
+        11 => {
+            let at = position(rng, b);
+            b.splice(at..at, nested(rng));
+        }
+        // A long line: a long key, string, comment or run of one character.
+        12 => {
+            let n = if rng.chance(10) {
+                1 << 20
+            } else {
+                1 + rng.below(1 << 16)
+            };
+            let at = position(rng, b);
+            let piece = match rng.below(4) {
+                0 => format!("k{} = 1\n", "k".repeat(n)),
+                1 => format!("x = \"{}\"\n", "é".repeat(n / 2)),
+                2 => format!("# {}\n", "🦀".repeat(n / 4)),
+                _ => "$".repeat(n),
+            };
+            b.splice(at..at, piece.into_bytes());
+        }
+        // Many lines or tables: a repeated step.
+        _ => {
+            let n = 1 + rng.below(2000);
+            let piece = if rng.chance(50) {
+                "[[step]]\nname = \"s\"\nwasm = \"x.wasm\"\n".repeat(n)
+            } else {
+                "\n".repeat(n * 10)
+            };
+            let at = position(rng, b);
+            b.splice(at..at, piece.into_bytes());
+        }
+    }
+}
+
+/// What `validate` does with a file's bytes: check, then print the report (text and
+/// JSON). Returns the problems found with the result (panics are caught outside).
+fn check(seed: &Seed, kind: Kind, bytes: Vec<u8>, env: &Environment) -> Vec<String> {
+    let (valid, report) = match kind {
+        Kind::Pipeline => {
+            let (p, r) = definition::parse_bytes(&seed.path, bytes, env);
+            if let Some(p) = &p {
+                // What a run does with it: params resolved, args interpolated.
+                let params = p.resolve_params(&[]).unwrap_or_default();
+                let get = |n: &str| {
+                    params
+                        .iter()
+                        .find(|(k, _)| k == n)
+                        .map(|(_, v)| v.to_string())
+                };
+                for s in &p.steps {
+                    for a in &s.args {
+                        definition::interpolate(a.get_ref(), &get);
+                    }
+                }
+                for t in &p.triggers {
+                    t.schedule();
+                }
+            }
+            (p.is_some(), r)
+        }
+        Kind::Config => {
+            let (c, r) = millrace::config::parse_bytes(&seed.path, bytes);
+            (c.is_some(), r)
+        }
+    };
+    located(&report, valid)
+}
+
+/// Every error is at a line:col inside the file, and an invalid file has one.
+fn located(report: &Report, valid: bool) -> Vec<String> {
+    let mut problems = Vec::new();
+    let text = &report.source.text;
+    let lines: Vec<&str> = text.split('\n').collect();
+    if !valid && !report.has_errors() {
+        problems.push("rejected without an error".to_string());
+    }
+    let rendered = report.to_string();
+    let json = report.to_json();
+    for (d, j) in report.diagnostics.iter().zip(&json) {
+        let (line, col) = report.source.line_col(d.span.start);
+        let in_file = line >= 1
+            && line <= lines.len()
+            && col >= 1
+            && col <= lines[line - 1].chars().count() + 1;
+        if !in_file || d.span.start > text.len() || d.span.end < d.span.start {
+            problems.push(format!(
+                "{:?} at {line}:{col} (span {:?}) is outside the file: {}",
+                d.severity, d.span, d.message
+            ));
+        }
+        if j["line"] != line || j["column"] != col {
+            problems.push(format!("JSON location {} differs from {line}:{col}", j));
+        }
+        if d.severity == Severity::Error && d.message.trim().is_empty() {
+            problems.push("an error without a message".to_string());
+        }
+        let head = format!(":{line}:{col}: ");
+        if !rendered.contains(&head) {
+            problems.push(format!("`{head}` is not in the rendered report"));
+        }
+    }
+    problems
+}
+
+struct Job {
+    seed: usize,
+    kind: Kind,
+    bytes: Vec<u8>,
+}
+
+type Outcome = Result<Vec<String>, String>;
+
+/// The checks run on a worker thread with the stack of a tokio worker (2 MiB, where
+/// the daemon reloads); the harness waits at most `LIMIT` for each.
+const LIMIT: Duration = Duration::from_secs(5);
+const STACK: usize = 2 << 20;
+
+fn worker(
+    seeds: Arc<Vec<Seed>>,
+    env: Arc<Environment>,
+) -> (mpsc::Sender<Job>, mpsc::Receiver<Outcome>) {
+    let (jobs, rx) = mpsc::channel::<Job>();
+    let (tx, outcomes) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("fuzz-worker".into())
+        .stack_size(STACK)
+        .spawn(move || {
+            for job in rx {
+                let seed = &seeds[job.seed];
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    check(seed, job.kind, job.bytes, &env)
+                }))
+                .map_err(|p| {
+                    p.downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| p.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "a panic".into())
+                });
+                if tx.send(r).is_err() {
+                    return;
+                }
+            }
+        })
+        .expect("spawn the fuzz worker");
+    (jobs, outcomes)
+}
+
+#[test]
+fn parsers_never_panic_hang_or_lose_the_location() {
+    let secs: f64 = std::env::var("MILLRACE_FUZZ_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3.0);
+    let seed = std::env::var("MILLRACE_FUZZ_SEED")
+        .ok()
+        .and_then(|s| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+        });
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fuzz");
+    std::fs::create_dir_all(&dir).unwrap();
+    let current_path = dir.join("current.toml");
+    let mut current = std::fs::File::create(&current_path).unwrap();
+    eprintln!(
+        "fuzz: seed {seed:#x} for {secs} s (repeat with MILLRACE_FUZZ_SEED={seed:x}); \
+         the input being checked is in {}",
+        current_path.display()
+    );
+    let seeds = Arc::new(seeds());
+    let env = Arc::new(environment(&seeds));
+    let (jobs, outcomes) = worker(seeds.clone(), env);
+    let mut rng = Rng(seed);
+    let started = Instant::now();
+    let mut failures: Vec<String> = Vec::new();
+    let mut n: u64 = 0;
+    let mut slowest = (Duration::ZERO, 0);
+    while started.elapsed().as_secs_f64() < secs && failures.len() < 10 {
+        let (which, bytes) = if n < seeds.len() as u64 {
+            // The seeds themselves first: each must pass (or fail) as it does.
+            (n as usize, seeds[n as usize].bytes.clone())
+        } else {
+            mutate(&mut rng, &seeds)
+        };
+        // Mostly the seed's own parser; sometimes the other one.
+        let kind = match (seeds[which].kind, rng.chance(10)) {
+            (k, false) => k,
+            (Kind::Pipeline, true) => Kind::Config,
+            (Kind::Config, true) => Kind::Pipeline,
+        };
+        // Written before the call: a stack overflow aborts the whole process.
+        current.set_len(0).unwrap();
+        current.rewind().unwrap();
+        current.write_all(&bytes).unwrap();
+        let t = Instant::now();
+        jobs.send(Job {
+            seed: which,
+            kind,
+            bytes: bytes.clone(),
+        })
+        .expect("worker alive");
+        let outcome = outcomes.recv_timeout(LIMIT);
+        let took = t.elapsed();
+        if took > slowest.0 {
+            slowest = (took, bytes.len());
+        }
+        let problem = match outcome {
+            Ok(Ok(problems)) if problems.is_empty() => None,
+            Ok(Ok(problems)) => Some(problems.join("; ")),
+            Ok(Err(panic)) => Some(format!("panicked: {panic}")),
+            Err(_) => Some(format!("no result within {} s", LIMIT.as_secs())),
+        };
+        if let Some(problem) = problem {
+            let file = dir.join(format!("{seed:x}-{n}.toml"));
+            std::fs::write(&file, &bytes).unwrap();
+            failures.push(format!(
+                "input {n} (a mutation of {}, checked as a {kind:?}; saved as {}): {problem}",
+                seeds[which].path.display(),
+                file.display()
+            ));
+            if took >= LIMIT {
+                // The worker is stuck on it: no further input can be checked.
+                break;
+            }
+        }
+        n += 1;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    eprintln!(
+        "fuzz: {n} inputs in {elapsed:.1} s ({:.0}/s), slowest {:?} ({} bytes), {} failures",
+        n as f64 / elapsed,
+        slowest.0,
+        slowest.1,
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "seed {seed:#x}:\n{}",
+        failures.join("\n")
+    );
+}
