@@ -200,12 +200,8 @@ pub fn parse(path: &Path, text: String) -> (Option<Config>, Report) {
     } else {
         None
     };
-    let mut diagnostics = w.diags;
-    diagnostics.sort_by_key(|d| (d.span.start, d.severity));
-    let report = Report {
-        source,
-        diagnostics,
-    };
+    let diagnostics = w.diags;
+    let report = Report::new(source, diagnostics);
     let config = if report.has_errors() { None } else { config };
     (config, report)
 }

@@ -376,11 +376,7 @@ pub fn parse(path: &Path, text: String, env: &Environment) -> (Option<Pipeline>,
     if let Some(p) = &pipeline {
         crate::graph::check(p, &mut diagnostics);
     }
-    diagnostics.sort_by_key(|d| (d.span.start, d.severity));
-    let report = Report {
-        source,
-        diagnostics,
-    };
+    let report = Report::new(source, diagnostics);
     let pipeline = if report.has_errors() { None } else { pipeline };
     (pipeline, report)
 }

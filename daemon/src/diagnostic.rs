@@ -29,7 +29,7 @@ impl Diagnostic {
         Diagnostic {
             severity: Severity::Error,
             span,
-            message: message.into(),
+            message: clip(message.into()),
             help: None,
         }
     }
@@ -38,15 +38,31 @@ impl Diagnostic {
         Diagnostic {
             severity: Severity::Warning,
             span,
-            message: message.into(),
+            message: clip(message.into()),
             help: None,
         }
     }
 
     pub fn with_help(mut self, help: impl Into<String>) -> Self {
-        self.help = Some(help.into());
+        self.help = Some(clip(help.into()));
         self
     }
+}
+
+/// Characters of a message or help kept at most: they quote the file (a key, a
+/// value), which may be a megabyte long.
+const MESSAGE_CHARS: usize = 480;
+
+/// A message with its middle elided when it is too long: the start says what is
+/// wrong, the end what to do.
+fn clip(message: String) -> String {
+    let n = message.chars().count();
+    if n <= MESSAGE_CHARS {
+        return message;
+    }
+    let head: String = message.chars().take(MESSAGE_CHARS * 2 / 3).collect();
+    let tail: String = message.chars().skip(n - MESSAGE_CHARS / 3).collect();
+    format!("{head} … {tail}")
 }
 
 /// A configuration file's text, kept to render diagnostics against it.
@@ -100,12 +116,6 @@ impl SourceFile {
         }
     }
 
-    /// Reads a configuration file (see [`SourceFile::decode`]).
-    #[allow(clippy::result_large_err)]
-    pub fn read(path: &Path) -> std::io::Result<Result<SourceFile, Report>> {
-        Ok(SourceFile::decode(path, std::fs::read(path)?))
-    }
-
     /// 1-based line and column (in characters) of a byte offset.
     pub fn line_col(&self, offset: usize) -> (usize, usize) {
         let offset = offset.min(self.text.len());
@@ -152,29 +162,37 @@ impl SourceFile {
             display_path(&self.path),
             d.message
         );
-        out += &format!("{line:>gutter$} | {}\n", shown(text));
         // The caret covers the span, clipped to the first line. `col` counts
         // characters; the caret line counts terminal cells, so it lines up under
-        // wide (CJK), combining and tab characters too.
+        // wide (CJK), combining and tab characters too. A long line is shown as a
+        // window around the caret.
+        let chars: Vec<char> = text.chars().collect();
+        let n = chars.len();
         let (end_line, end_col) = self.line_col(d.span.end);
-        let end_col = if end_line == line {
-            end_col
+        let first = (col - 1).min(n);
+        let last = if end_line == line { end_col - 1 } else { n }.clamp(first, n);
+        let (from, to) = if n <= SHOWN_CHARS {
+            (0, n)
         } else {
-            text.chars().count() + 1
+            let from = first
+                .saturating_sub(SHOWN_CHARS / 4)
+                .min(n - SHOWN_CHARS);
+            (from, from + SHOWN_CHARS)
         };
-        let pad: String = text
-            .chars()
-            .take(col - 1)
-            .map(|c| match c {
-                '\t' => "\t".to_string(),
-                c => " ".repeat(cell_width(c)),
-            })
+        let (open, close) = (if from > 0 { "…" } else { "" }, if to < n { "…" } else { "" });
+        let shown: String = chars[from..to].iter().map(|&c| shown_char(c)).collect();
+        out += &format!("{line:>gutter$} | {open}{shown}{close}\n");
+        let pad: String = std::iter::repeat_n(" ", open.len().min(1))
+            .chain(chars[from..first.min(to)].iter().map(|&c| match c {
+                '\t' => "\t",
+                c if cell_width(c) == 2 => "  ",
+                c if cell_width(c) == 0 => "",
+                _ => " ",
+            }))
             .collect();
-        let width: usize = text
-            .chars()
-            .skip(col - 1)
-            .take(end_col.saturating_sub(col))
-            .map(|c| if c == '\t' { 1 } else { cell_width(c) })
+        let width: usize = chars[first.min(to)..last.min(to)]
+            .iter()
+            .map(|&c| if c == '\t' { 1 } else { cell_width(c) })
             .sum();
         out += &format!("{:gutter$} | {pad}{}\n", "", "^".repeat(width.max(1)));
         if let Some(help) = &d.help {
@@ -184,20 +202,20 @@ impl SourceFile {
     }
 }
 
-/// A source line as printed: control characters (a stray `\r`, an escape
-/// sequence in invalid TOML) become U+FFFD, so the terminal shows the line as it is
-/// and nothing in the file can move the cursor. One character each, so the caret
-/// still lines up.
-fn shown(text: &str) -> String {
-    text.chars()
-        .map(|c| {
-            if c.is_control() && c != '\t' {
-                '\u{FFFD}'
-            } else {
-                c
-            }
-        })
-        .collect()
+/// Characters of a source line shown at most (the rest is elided around the
+/// caret): a megabyte-long line is not printed once per diagnostic.
+const SHOWN_CHARS: usize = 200;
+
+/// A source line's character as printed: control characters (a stray `\r`, an
+/// escape sequence in invalid TOML) become U+FFFD, so the terminal shows the
+/// line as it is and nothing in the file can move the cursor. One character
+/// each, so the caret still lines up.
+fn shown_char(c: char) -> char {
+    if c.is_control() && c != '\t' {
+        '\u{FFFD}'
+    } else {
+        c
+    }
 }
 
 /// Terminal cells of one printed character (a control character prints as one
@@ -234,7 +252,45 @@ pub struct Report {
     pub diagnostics: Vec<Diagnostic>,
 }
 
+/// Diagnostics a report keeps at most: a file with a thousand mistakes (an
+/// unclosed table nested a thousand deep) reports its first ones, and a note.
+pub const MAX_DIAGNOSTICS: usize = 100;
+
 impl Report {
+    /// The diagnostics in file order, each reported once, at most
+    /// [`MAX_DIAGNOSTICS`] of them and then a note of how many more there are.
+    pub fn new(source: SourceFile, mut diagnostics: Vec<Diagnostic>) -> Report {
+        diagnostics.sort_by_key(|d| (d.span.start, d.severity));
+        diagnostics.dedup_by(|a, b| {
+            a.span == b.span && a.severity == b.severity && a.message == b.message
+        });
+        if diagnostics.len() > MAX_DIAGNOSTICS {
+            let rest = diagnostics.split_off(MAX_DIAGNOSTICS);
+            let errors = rest.iter().filter(|d| d.severity == Severity::Error).count();
+            let note = format!(
+                "{} more diagnostic{} ({errors} error{}) after this point are not shown",
+                rest.len(),
+                if rest.len() == 1 { "" } else { "s" },
+                if errors == 1 { "" } else { "s" },
+            );
+            let severity = if errors > 0 {
+                Severity::Error
+            } else {
+                Severity::Warning
+            };
+            diagnostics.push(Diagnostic {
+                severity,
+                span: rest[0].span.clone(),
+                message: note,
+                help: Some(format!("a file shows its first {MAX_DIAGNOSTICS}: fix those first")),
+            });
+        }
+        Report {
+            source,
+            diagnostics,
+        }
+    }
+
     pub fn has_errors(&self) -> bool {
         self.diagnostics
             .iter()
@@ -278,8 +334,16 @@ impl fmt::Display for Report {
 
 /// The closest candidate by edit distance, for "did you mean" hints.
 pub fn closest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    // The distance is at least the difference in length: a word far longer than
+    // every candidate (a megabyte-long key) is no near miss, and is not compared
+    // character by character with each of them.
+    let len = word.chars().count();
     candidates
         .into_iter()
+        .filter(|c| {
+            let n = c.chars().count();
+            len.abs_diff(n) <= (n.max(len) / 3).max(1)
+        })
         .map(|c| (edit_distance(word, c), c))
         .filter(|(d, c)| *d <= (c.len().max(word.len()) / 3).max(1))
         .min_by_key(|(d, _)| *d)
