@@ -88,7 +88,6 @@ impl SourceFile {
     /// A configuration file's bytes as text. Bytes that are not UTF-8 are an error
     /// at the line and column of the first invalid one (rendered against the text
     /// with U+FFFD in its place), like any other mistake in the file.
-    #[allow(clippy::result_large_err)]
     pub fn decode(path: impl Into<PathBuf>, bytes: Vec<u8>) -> Result<SourceFile, Report> {
         match String::from_utf8(bytes) {
             Ok(text) => Ok(SourceFile::new(path, text)),
@@ -174,12 +173,13 @@ impl SourceFile {
         let (from, to) = if n <= SHOWN_CHARS {
             (0, n)
         } else {
-            let from = first
-                .saturating_sub(SHOWN_CHARS / 4)
-                .min(n - SHOWN_CHARS);
+            let from = first.saturating_sub(SHOWN_CHARS / 4).min(n - SHOWN_CHARS);
             (from, from + SHOWN_CHARS)
         };
-        let (open, close) = (if from > 0 { "…" } else { "" }, if to < n { "…" } else { "" });
+        let (open, close) = (
+            if from > 0 { "…" } else { "" },
+            if to < n { "…" } else { "" },
+        );
         let shown: String = chars[from..to].iter().map(|&c| shown_char(c)).collect();
         out += &format!("{line:>gutter$} | {open}{shown}{close}\n");
         let pad: String = std::iter::repeat_n(" ", open.len().min(1))
@@ -266,7 +266,10 @@ impl Report {
         });
         if diagnostics.len() > MAX_DIAGNOSTICS {
             let rest = diagnostics.split_off(MAX_DIAGNOSTICS);
-            let errors = rest.iter().filter(|d| d.severity == Severity::Error).count();
+            let errors = rest
+                .iter()
+                .filter(|d| d.severity == Severity::Error)
+                .count();
             let note = format!(
                 "{} more diagnostic{} ({errors} error{}) after this point are not shown",
                 rest.len(),
@@ -282,7 +285,9 @@ impl Report {
                 severity,
                 span: rest[0].span.clone(),
                 message: note,
-                help: Some(format!("a file shows its first {MAX_DIAGNOSTICS}: fix those first")),
+                help: Some(format!(
+                    "a file shows its first {MAX_DIAGNOSTICS}: fix those first"
+                )),
             });
         }
         Report {

@@ -536,7 +536,9 @@ fn located(report: &Report, valid: bool) -> Vec<String> {
         let head = format!(":{line}:{col}: ");
         let rendered = report.source.render(d);
         if !rendered.lines().next().is_some_and(|l| l.contains(&head)) {
-            problems.push(format!("`{head}` is not in the rendered report: {rendered}"));
+            problems.push(format!(
+                "`{head}` is not in the rendered report: {rendered}"
+            ));
         }
     }
     problems

@@ -8,6 +8,7 @@ mod common;
 mod container;
 mod daemon;
 mod fuzz;
+mod hostile_text;
 mod modules;
 mod python;
 mod run;
