@@ -1883,6 +1883,84 @@ mod tests {
     }
 
     #[test]
+    fn interpolation_of_non_ascii_text() {
+        assert_eq!(interpolation_pieces("café"), vec![Piece::Literal("café")]);
+        assert_eq!(
+            interpolation_pieces("日本${params.é}ü$${é}$"),
+            vec![
+                Piece::Literal("日本"),
+                Piece::Param { name: "é", at: 6 },
+                Piece::Literal("ü"),
+                Piece::Literal("${"),
+                Piece::Literal("é}$"),
+            ]
+        );
+        assert!(matches!(
+            interpolation_pieces("é${é")[1],
+            Piece::Bad {
+                text: "${é", at: 2
+            }
+        ));
+        let get = |n: &str| (n == "é").then(|| "ça".to_string());
+        assert_eq!(interpolate("→${params.é}←", &get), "→ça←");
+    }
+
+    fn check(text: &str) -> String {
+        let (_, r) = parse(
+            Path::new("/nowhere/p.toml"),
+            text.into(),
+            &Environment::default(),
+        );
+        r.to_string()
+    }
+
+    #[test]
+    fn an_interpolation_error_points_into_the_string_as_written() {
+        let step = "[[step]]\nname = \"a\"\ntransfer = { from = \"inputs.x\", to = \"y\" }\n[inputs.x]\npath = \"x\"\n[[step]]\nname = \"b\"\nwasm = \"b.wasm\"\n";
+        // As written: the caret is under `${params.y}`.
+        let out = check(&format!("{step}args = [\"é ${{params.y}}\"]\n"));
+        assert!(
+            out.contains("p.toml:9:12: error: unknown param `y`"),
+            "{out}"
+        );
+        // An escape before it shifts the offsets: the whole string is marked.
+        let out = check(&format!("{step}args = [\"\\u00e9 ${{params.y}}\"]\n"));
+        assert!(
+            out.contains("p.toml:9:9: error: unknown param `y`"),
+            "{out}"
+        );
+        let out = check(&format!("{step}args = [\"\"\"\né ${{params.y}}\"\"\"]\n"));
+        assert!(
+            out.contains("p.toml:9:9: error: unknown param `y`"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn out_of_range_numbers_and_timers_are_errors() {
+        let step = "[[step]]\nname = \"a\"\nwasm = \"a.wasm\"\n";
+        let out = check(&format!(
+            "{step}retries = {{ attempts = 99999999999999999999 }}\n"
+        ));
+        assert!(
+            out.contains("p.toml:4:24: error: retries.attempts: integer out of range"),
+            "{out}"
+        );
+        let out = check(&format!("{step}retries = {{ backoff = \"1000000y\" }}\n"));
+        assert!(
+            out.contains("p.toml:4:23: error: retries.backoff must be at most a year"),
+            "{out}"
+        );
+        let out = check(&format!(
+            "[[trigger]]\nwatch = \"*.csv\"\ndebounce = \"400y\"\n{step}"
+        ));
+        assert!(
+            out.contains("p.toml:3:12: error: debounce must be at most a year"),
+            "{out}"
+        );
+    }
+
+    #[test]
     fn sizes_and_durations() {
         assert_eq!(parse_size("512MiB"), Ok(512 << 20));
         assert_eq!(parse_size("2GB"), Ok(2_000_000_000));

@@ -393,8 +393,94 @@ mod tests {
     }
 
     #[test]
+    fn the_caret_lines_up_under_wide_combining_and_tab_characters() {
+        let s = SourceFile::new(
+            "/nowhere/x.toml",
+            "a = [\"日本\", \"e\u{301}\", \"x\"]\n\tb = 1\n".into(),
+        );
+        let at = s.text.find("\"x\"").unwrap();
+        let out = s.render(&Diagnostic::error(at..at + 3, "here"));
+        // Column 18 in characters (the accent is one), 18 cells before the caret.
+        assert!(
+            out.starts_with("/nowhere/x.toml:1:18: error: here\n"),
+            "{out}"
+        );
+        // `a = [` 5, `"日本"` 6 cells, `, ` 2, `"é"` 3 (the accent takes none), `, ` 2.
+        assert!(
+            out.ends_with(&format!("     | {}^^^\n", " ".repeat(18))),
+            "{out}"
+        );
+        let at = s.text.find('b').unwrap();
+        let out = s.render(&Diagnostic::error(at..at + 1, "tab"));
+        assert!(out.contains(":2:2: error: tab\n"), "{out}");
+        assert!(out.ends_with("     | \t^\n"), "{out}");
+    }
+
+    #[test]
+    fn control_characters_and_long_lines_are_shown_safely() {
+        let line = format!("k = \"\u{1b}[31m{}\"", "x".repeat(10_000));
+        let s = SourceFile::new("/nowhere/x.toml", line.clone());
+        let at = line.len() - 1;
+        let out = s.render(&Diagnostic::error(at..at + 1, "end"));
+        assert!(!out.contains('\u{1b}'), "{out}");
+        let shown = out.lines().nth(1).unwrap();
+        assert!(shown.chars().count() < 250, "{shown}");
+        assert!(shown.starts_with("   1 | …x"), "{shown}");
+        let caret = out.lines().nth(2).unwrap();
+        let quote = shown.chars().position(|c| c == '"').unwrap();
+        assert_eq!(caret.chars().position(|c| c == '^'), Some(quote), "{out}");
+        let message = format!(
+            "unknown key `{}`: did you mean `name`?",
+            "k".repeat(100_000)
+        );
+        let d = Diagnostic::error(0..1, message);
+        assert!(d.message.chars().count() < 500, "{}", d.message);
+        assert!(d.message.ends_with("did you mean `name`?"), "{}", d.message);
+    }
+
+    #[test]
+    fn invalid_utf8_is_located_at_its_first_bad_byte() {
+        let r = SourceFile::decode("/nowhere/x.toml", b"a = 1\nb = \"caf\xe9\"\n".to_vec())
+            .unwrap_err();
+        let out = r.to_string();
+        assert!(
+            out.starts_with("/nowhere/x.toml:2:9: error: invalid UTF-8: byte 0xE9"),
+            "{out}"
+        );
+        assert!(
+            out.contains("   2 | b = \"caf\u{FFFD}\"\n     |         ^\n"),
+            "{out}"
+        );
+        let r = SourceFile::decode("/nowhere/x.toml", b"a = \"\xe6\x97".to_vec()).unwrap_err();
+        assert!(
+            r.to_string()
+                .contains(":1:6: error: invalid UTF-8: the file ends inside a character")
+        );
+    }
+
+    #[test]
+    fn a_report_keeps_its_first_hundred_diagnostics_once_each() {
+        let s = SourceFile::new("/nowhere/x.toml", "x\n".repeat(500));
+        let mut ds: Vec<Diagnostic> = (0..300)
+            .map(|i| Diagnostic::error(i * 2..i * 2 + 1, "bad"))
+            .collect();
+        ds.extend((0..50).map(|_| Diagnostic::error(0..1, "bad")));
+        let r = Report::new(s, ds);
+        assert_eq!(r.diagnostics.len(), MAX_DIAGNOSTICS + 1);
+        assert_eq!(r.diagnostics[0].span, 0..1);
+        assert_eq!(r.diagnostics[1].span, 2..3);
+        let note = &r.diagnostics[MAX_DIAGNOSTICS];
+        assert_eq!(
+            note.message,
+            "200 more diagnostics (200 errors) after this point are not shown"
+        );
+        assert_eq!(note.span, 200..201);
+    }
+
+    #[test]
     fn closest_suggests_near_misses_only() {
         assert_eq!(closest("wasmm", ["wasm", "python"]), Some("wasm"));
         assert_eq!(closest("zzz", ["wasm", "python"]), None);
+        assert_eq!(closest(&"w".repeat(1 << 20), ["wasm", "python"]), None);
     }
 }

@@ -198,3 +198,99 @@ fn the_daemon_starts_with_non_ascii_and_non_utf8_files_and_reloads_them() {
     assert!(!log.contains("panicked"), "{log}");
     assert_eq!(d.stop(), 0);
 }
+
+/// Defence in depth: a checker that panics on one file (injected, debug builds
+/// only) costs that file alone. The daemon starts, logs the error with the file's
+/// name, loads the files after it, and its watcher and SIGHUP keep reloading.
+#[test]
+fn a_panic_while_checking_one_file_spares_the_daemon_and_the_other_files() {
+    let p = Project::new();
+    let config = config(&p, "");
+    let noop = plugin("noop");
+    let good =
+        |name: &str| format!("name = \"{name}\"\n[[step]]\nname = \"a\"\nwasm = \"{noop}\"\n");
+    p.write("pipelines/a-panics.toml", &good("first"));
+    p.write("pipelines/b-good.toml", &good("second"));
+    let log = p.path("daemon.log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_millrace"))
+        .current_dir(p.dir.path())
+        .args(["daemon", "--config"])
+        .arg(&config)
+        .env("MILLRACE_LOG", "info")
+        .env("MILLRACE_TEST_PANIC_IN_CHECK", "a-panics.toml")
+        .env_remove("JOURNAL_STREAM")
+        .env_remove("NOTIFY_SOCKET")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let endpoint = crate::common::eventually(60, || {
+        std::fs::read_to_string(p.path(".state/daemon.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .ok_or_else(|| format!("not started: {}", log_text()))
+    });
+    let url = endpoint["url"].as_str().unwrap().to_string();
+    let pid = endpoint["pid"].as_i64().unwrap() as i32;
+    let agent = ureq::Agent::new_with_config(
+        ureq::Agent::config_builder()
+            .proxy(None)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build(),
+    );
+    let get = |path: &str| -> serde_json::Value {
+        agent
+            .get(format!("{url}{path}"))
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_json()
+            .unwrap()
+    };
+    let loaded = || -> Vec<String> {
+        get("/api/v1/pipelines")["pipelines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(loaded(), ["second"], "{}", log_text());
+    let invalid = get("/api/v1/pipelines")["invalid_files"].to_string();
+    assert!(
+        invalid.contains("a-panics.toml:1:1: error: internal error while checking this file"),
+        "{invalid}"
+    );
+    assert!(
+        log_text().contains(
+            "a-panics.toml:1:1: error: internal error while checking this file: injected"
+        ),
+        "{}",
+        log_text()
+    );
+    // The watcher still reloads: both files change, the one after the bad one loads.
+    p.write("pipelines/a-panics.toml", &good("first-again"));
+    p.write("pipelines/b-good.toml", &good("third"));
+    crate::common::eventually(20, || match loaded() {
+        l if l == ["third"] => Ok(()),
+        l => Err(format!("{l:?}: {}", log_text())),
+    });
+    // And SIGHUP: a new file is loaded, the daemon carries on.
+    p.write("pipelines/c-new.toml", &good("fourth"));
+    // SAFETY: kill(2) on the daemon this test started.
+    unsafe {
+        libc::kill(pid, libc::SIGHUP);
+    }
+    crate::common::eventually(20, || match loaded() {
+        l if l == ["fourth", "third"] => Ok(()),
+        l => Err(format!("{l:?}: {}", log_text())),
+    });
+    assert!(child.try_wait().unwrap().is_none(), "{}", log_text());
+    // SAFETY: as above.
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{}", log_text());
+}

@@ -707,6 +707,14 @@ fn check(
     env: &definition::Environment,
 ) -> Result<(Option<Pipeline>, Report), String> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // The test of this defence (debug builds only): the checker panics on
+        // the file named by MILLRACE_TEST_PANIC_IN_CHECK.
+        #[cfg(debug_assertions)]
+        if let Some(name) = std::env::var_os("MILLRACE_TEST_PANIC_IN_CHECK")
+            && path.file_name() == Some(name.as_os_str())
+        {
+            panic!("injected by MILLRACE_TEST_PANIC_IN_CHECK");
+        }
         definition::parse(path, text.to_string(), env)
     }))
     .map_err(|panic| panic_message(&*panic))
