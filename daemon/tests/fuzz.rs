@@ -296,10 +296,90 @@ const STRINGS: &[&str] = &[
 fn mutate(rng: &mut Rng, seeds: &[Seed]) -> (usize, Vec<u8>) {
     let which = rng.below(seeds.len());
     let mut b = seeds[which].bytes.clone();
-    for _ in 0..1 + rng.below(4) {
-        mutate_once(rng, seeds, &mut b);
+    if rng.chance(40) {
+        // Values only: the file stays TOML, so the checks behind the parser
+        // (names, durations, sizes, cron, globs, references, interpolation) see it.
+        for _ in 0..1 + rng.below(3) {
+            mutate_value(rng, &mut b);
+        }
+    } else {
+        for _ in 0..1 + rng.below(4) {
+            mutate_once(rng, seeds, &mut b);
+        }
     }
     (which, b)
+}
+
+/// The contents of the one-line basic strings (`"…"` outside comments).
+fn string_values(b: &[u8]) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let mut start = None;
+    let mut i = 0;
+    while i < b.len() {
+        match (b[i], start) {
+            (b'\n', _) => start = None,
+            (b'#', None) => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+                continue;
+            }
+            (b'\\', Some(_)) => i += 1,
+            (b'"', None) => start = Some(i + 1),
+            (b'"', Some(s)) => {
+                out.push(s..i);
+                start = None;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    out
+}
+
+fn mutate_value(rng: &mut Rng, b: &mut Vec<u8>) {
+    let strings = string_values(b);
+    if strings.is_empty() || rng.chance(15) {
+        // A number instead.
+        if let Some(i) = b.iter().position(|c| c.is_ascii_digit()) {
+            let end = b[i..]
+                .iter()
+                .position(|c| !c.is_ascii_alphanumeric() && *c != b'.' && *c != b'_')
+                .map_or(b.len(), |e| i + e);
+            b.splice(i..end, rng.pick(NUMBERS).bytes());
+        }
+        return;
+    }
+    let r = rng.pick(&strings).clone();
+    let escapes: &[&str] = &[
+        "\\u00e9",
+        "\\U0001F980",
+        "\\\\",
+        "\\\"",
+        "\\t",
+        "\\u0000",
+        "\\u001b",
+    ];
+    let piece: Vec<u8> = match rng.below(5) {
+        0 | 1 => rng.pick(STRINGS).as_bytes().to_vec(),
+        2 => rng.pick(NON_ASCII).as_bytes().to_vec(),
+        3 => rng.pick(escapes).as_bytes().to_vec(),
+        _ => format!(
+            "{}${{params.{}}}{}",
+            rng.pick(NON_ASCII),
+            rng.pick(&["x", "é", "", "seed", "lr"]),
+            rng.pick(NON_ASCII)
+        )
+        .into_bytes(),
+    };
+    // Replace the content, or put the piece somewhere in it (at a character
+    // boundary, or not: that is a test of its own).
+    if rng.chance(50) {
+        b.splice(r, piece);
+    } else {
+        let at = r.start + rng.below(r.len() + 1);
+        b.splice(at..at, piece);
+    }
 }
 
 /// A position, often just after a `"` (inside a string value) or at a line start.
@@ -474,7 +554,7 @@ fn mutate_once(rng: &mut Rng, seeds: &[Seed], b: &mut Vec<u8>) {
 
 /// What `validate` does with a file's bytes: check, then print the report (text and
 /// JSON). Returns the problems found with the result (panics are caught outside).
-fn check(seed: &Seed, kind: Kind, bytes: Vec<u8>, env: &Environment) -> Vec<String> {
+fn check(seed: &Seed, kind: Kind, bytes: Vec<u8>, env: &Environment) -> Checked {
     let (valid, report) = match kind {
         Kind::Pipeline => {
             let (p, r) = definition::parse_bytes(&seed.path, bytes, env);
@@ -503,7 +583,22 @@ fn check(seed: &Seed, kind: Kind, bytes: Vec<u8>, env: &Environment) -> Vec<Stri
             (c.is_some(), r)
         }
     };
-    located(&report, valid)
+    Checked {
+        problems: located(&report, valid),
+        valid,
+        toml: !report.diagnostics.iter().any(|d| {
+            d.message.starts_with("invalid TOML") || d.message.starts_with("invalid UTF-8")
+        }),
+    }
+}
+
+/// What one input gave: the harness's complaints, and how far it got.
+struct Checked {
+    problems: Vec<String>,
+    /// Accepted by the checker.
+    valid: bool,
+    /// UTF-8 and TOML: it reached the checks behind the parser.
+    toml: bool,
 }
 
 /// Every error is at a line:col inside the file, and an invalid file has one.
@@ -550,7 +645,7 @@ struct Job {
     bytes: Vec<u8>,
 }
 
-type Outcome = Result<Vec<String>, String>;
+type Outcome = Result<Checked, String>;
 
 /// The checks run on a worker thread with the stack of a tokio worker (2 MiB, where
 /// the daemon reloads); the harness waits at most `LIMIT` for each.
@@ -618,6 +713,7 @@ fn parsers_never_panic_hang_or_lose_the_location() {
     let mut failures: Vec<String> = Vec::new();
     let mut n: u64 = 0;
     let mut slowest = (Duration::ZERO, 0);
+    let (mut toml, mut valid) = (0u64, 0u64);
     while started.elapsed().as_secs_f64() < secs && failures.len() < 10 {
         let (which, bytes) = if n < seeds.len() as u64 {
             // The seeds themselves first: each must pass (or fail) as it does.
@@ -649,9 +745,13 @@ fn parsers_never_panic_hang_or_lose_the_location() {
             // Kept to look at what is slow.
             let _ = std::fs::write(dir.join("slowest.toml"), &bytes);
         }
+        if let Ok(Ok(c)) = &outcome {
+            toml += u64::from(c.toml);
+            valid += u64::from(c.valid);
+        }
         let problem = match outcome {
-            Ok(Ok(problems)) if problems.is_empty() => None,
-            Ok(Ok(problems)) => Some(problems.join("; ")),
+            Ok(Ok(c)) if c.problems.is_empty() => None,
+            Ok(Ok(c)) => Some(c.problems.join("; ")),
             Ok(Err(panic)) => Some(format!("panicked: {panic}")),
             Err(_) => Some(format!("no result within {} s", LIMIT.as_secs())),
         };
@@ -672,7 +772,8 @@ fn parsers_never_panic_hang_or_lose_the_location() {
     }
     let elapsed = started.elapsed().as_secs_f64();
     eprintln!(
-        "fuzz: {n} inputs in {elapsed:.1} s ({:.0}/s), slowest {:?} ({} bytes), {} failures",
+        "fuzz: {n} inputs in {elapsed:.1} s ({:.0}/s; {toml} reached the checks behind the \
+         TOML parser, {valid} were accepted), slowest {:?} ({} bytes), {} failures",
         n as f64 / elapsed,
         slowest.0,
         slowest.1,
