@@ -1961,6 +1961,56 @@ mod tests {
     }
 
     #[test]
+    fn sizes_and_durations_of_non_ascii_text_are_errors() {
+        for s in [
+            "12 é",
+            "１２MiB",
+            "1.5Mé",
+            "é",
+            "1e30GiB",
+            "99999999999999999999999TiB",
+        ] {
+            assert!(parse_size(s).is_err(), "{s}");
+        }
+        for s in [
+            "1é",
+            "é1s",
+            "1 ｓ",
+            "99999999999999999999999999s",
+            "584942417355y",
+        ] {
+            assert!(parse_duration(s).is_err(), "{s}");
+        }
+        assert_eq!(parse_duration("5 µs"), Ok(Duration::from_micros(5)));
+    }
+
+    /// The `toml` parser bounds nesting itself (80 levels); this holds it to that
+    /// on a small stack, so an upgrade that drops the bound fails here first.
+    #[test]
+    fn deep_nesting_is_a_located_error_not_a_stack_overflow() {
+        let cases = [
+            format!("a = {}1", "[".repeat(100_000)),
+            format!("a = {}1{}", "{x=".repeat(100_000), "}".repeat(100_000)),
+            format!("[{}a]", "a.".repeat(100_000)),
+            format!("{}a = 1", "a.".repeat(100_000)),
+        ];
+        for text in cases {
+            let out = std::thread::Builder::new()
+                .stack_size(256 << 10)
+                .spawn(move || check(&text))
+                .unwrap()
+                .join()
+                .unwrap();
+            assert!(out.contains("p.toml:1:"), "{}", &out[..out.len().min(2000)]);
+            assert!(
+                out.contains("error: invalid TOML"),
+                "{}",
+                &out[..out.len().min(2000)]
+            );
+        }
+    }
+
+    #[test]
     fn sizes_and_durations() {
         assert_eq!(parse_size("512MiB"), Ok(512 << 20));
         assert_eq!(parse_size("2GB"), Ok(2_000_000_000));

@@ -698,7 +698,6 @@ impl Daemon {
     }
 }
 
-/// Step events go to the log.
 /// Checks a pipeline file's text; a panic in the checker (a bug) is caught and
 /// returned as its message, so one file cannot stop the daemon or a reload.
 fn check(
@@ -728,6 +727,7 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "a panic".to_string())
 }
 
+/// Step events go to the log.
 fn log_events(run: i64) -> EventSink {
     Arc::new(move |e: &Event| match e {
         Event::RunStarted { .. } => {}
