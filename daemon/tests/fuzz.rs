@@ -541,8 +541,19 @@ fn mutate_once(rng: &mut Rng, seeds: &[Seed], b: &mut Vec<u8>) {
         // Many lines or tables: a repeated step.
         _ => {
             let n = 1 + rng.below(2000);
-            let piece = if rng.chance(50) {
+            let piece = if rng.chance(30) {
                 "[[step]]\nname = \"s\"\nwasm = \"x.wasm\"\n".repeat(n)
+            } else if rng.chance(50) {
+                // A chain (or a ring) of steps, each reading the one before.
+                let ring = rng.chance(50);
+                (0..n)
+                    .map(|i| {
+                        let from = if i > 0 { i - 1 } else if ring { n - 1 } else { n };
+                        format!(
+                            "[[step]]\nname = \"s{i}\"\nwasm = \"x.wasm\"\noutputs = [\"o\"]\ninputs = {{ x = \"s{from}.o\" }}\n"
+                        )
+                    })
+                    .collect()
             } else {
                 "\n".repeat(n * 10)
             };
@@ -606,6 +617,9 @@ fn located(report: &Report, valid: bool) -> Vec<String> {
     let mut problems = Vec::new();
     let text = &report.source.text;
     let lines: Vec<&str> = text.split('\n').collect();
+    if report.diagnostics.len() > millrace::diagnostic::MAX_DIAGNOSTICS + 1 {
+        problems.push(format!("{} diagnostics", report.diagnostics.len()));
+    }
     if !valid && !report.has_errors() {
         problems.push("rejected without an error".to_string());
     }
@@ -630,6 +644,13 @@ fn located(report: &Report, valid: bool) -> Vec<String> {
         }
         let head = format!(":{line}:{col}: ");
         let rendered = report.source.render(d);
+        // Bounded whatever the file: a clipped message and help, a window of the line.
+        if rendered.len() > 8 << 10 {
+            problems.push(format!(
+                "{} bytes rendered for one diagnostic",
+                rendered.len()
+            ));
+        }
         if !rendered.lines().next().is_some_and(|l| l.contains(&head)) {
             problems.push(format!(
                 "`{head}` is not in the rendered report: {rendered}"
