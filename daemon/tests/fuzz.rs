@@ -2,7 +2,8 @@
 //! example pipelines and configs are fed, in process, to what `millrace validate`
 //! calls (the pipeline and daemon-config parsers, then the rendering of their
 //! reports). Every input must give a result (no panic), within 5 s (no hang),
-//! and every error must point at a line and column inside the file.
+//! and every error must point at a line and column inside the file; one input in
+//! a thousand also goes through the real binary, which must exit 0 or 78.
 //!
 //! `MILLRACE_FUZZ_SECS` (default 3) bounds the run, `MILLRACE_FUZZ_SEED` repeats
 //! one: input `n` of a seed is always the same, so a failure reproduces with the
@@ -660,6 +661,52 @@ fn located(report: &Report, valid: bool) -> Vec<String> {
     problems
 }
 
+fn kind_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Pipeline => "pipeline",
+        Kind::Config => "config",
+    }
+}
+
+/// `millrace validate FILE` (or `validate --config FILE --config-only`) on the
+/// input, run in its seed's directory; the problem, if any.
+fn through_the_binary(file: &Path, bytes: &[u8], kind: Kind, seed: &Path) -> Option<String> {
+    std::fs::write(file, bytes).unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_millrace"));
+    cmd.current_dir(seed.parent().unwrap_or(Path::new(".")))
+        .env("MILLRACE_STATE", file.with_extension("no-such-state"))
+        .arg("validate")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    match kind {
+        Kind::Pipeline => cmd.arg(file),
+        Kind::Config => cmd.arg("--config").arg(file).arg("--config-only"),
+    };
+    let child = cmd.spawn().expect("run millrace");
+    let deadline = Instant::now() + 2 * LIMIT;
+    let (tx, rx) = mpsc::channel();
+    let pid = child.id();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = match rx.recv_timeout(deadline - Instant::now()) {
+        Ok(out) => out.expect("wait"),
+        Err(_) => {
+            // SAFETY: kill(2) on the child spawned above.
+            unsafe {
+                libc::kill(pid as i32, libc::SIGKILL);
+            }
+            return Some(format!("no exit within {} s", (2 * LIMIT).as_secs()));
+        }
+    };
+    let err = String::from_utf8_lossy(&out.stderr);
+    match out.status.code() {
+        Some(0) => None,
+        Some(78) if err.contains(": error: ") => None,
+        code => Some(format!("exit {code:?}: {}", &err[..err.len().min(4000)])),
+    }
+}
+
 struct Job {
     seed: usize,
     kind: Kind,
@@ -787,6 +834,19 @@ fn parsers_never_panic_hang_or_lose_the_location() {
             if took >= LIMIT {
                 // The worker is stuck on it: no further input can be checked.
                 break;
+            }
+        }
+        // Now and then the same input through the real binary: `validate` exits 0
+        // or 78, never 101, within the limit.
+        if n % 1000 == 500 {
+            let file = dir.join(format!("cli-{}.toml", kind_name(kind)));
+            if let Some(problem) = through_the_binary(&file, &bytes, kind, &seeds[which].path) {
+                let saved = dir.join(format!("{seed:x}-{n}.toml"));
+                std::fs::write(&saved, &bytes).unwrap();
+                failures.push(format!(
+                    "input {n} through `millrace validate` (saved as {}): {problem}",
+                    saved.display()
+                ));
             }
         }
         n += 1;
