@@ -332,6 +332,9 @@ impl Default for Environment {
 /// The longest debounce, backoff or grace period (and step timeout).
 pub(crate) const MAX_TIMER: Duration = Duration::from_secs(366 * 24 * 3600);
 
+/// The longest `watch` glob, in characters (a path pattern; PATH_MAX is 4096 bytes).
+pub const MAX_GLOB_CHARS: usize = 1024;
+
 /// Largest linear memory a wasm32 guest can address.
 pub const WASM32_MAX_MEMORY: u64 = 4 << 30;
 
@@ -758,7 +761,16 @@ impl Walker {
             }
         } else if let Some(g) = t.get("watch") {
             let glob = self.string(g, "watch")?;
-            if let Err(e) = crate::trigger::watch::check_glob(glob.get_ref()) {
+            // Bounded before it is compiled: globset panics when a glob's regex
+            // exceeds the regex size limit (a megabyte-long glob, found by
+            // fuzzing).
+            let chars = glob.get_ref().chars().count();
+            if chars > MAX_GLOB_CHARS {
+                self.error(
+                    glob.span(),
+                    format!("the watch glob has {chars} characters, more than the limit of {MAX_GLOB_CHARS}"),
+                );
+            } else if let Err(e) = crate::trigger::watch::check_glob(glob.get_ref()) {
                 self.error(glob.span(), e);
             }
             let debounce = t
@@ -2007,6 +2019,34 @@ mod tests {
                 "{}",
                 &out[..out.len().min(2000)]
             );
+        }
+    }
+
+    #[test]
+    fn a_watch_glob_is_bounded_before_it_is_compiled() {
+        let step = "[[step]]\nname = \"a\"\nwasm = \"a.wasm\"\n";
+        let glob = |g: &str| check(&format!("[[trigger]]\nwatch = \"{g}\"\n{step}"));
+        let out = glob(&format!("inbox/*{}.csv", "$".repeat(1 << 20)));
+        assert!(
+            out.contains("p.toml:2:9: error: the watch glob has 1048587 characters, more than the limit of 1024"),
+            "{}",
+            &out[..out.len().min(1000)]
+        );
+        // The worst globs within the limit compile (or are refused) without a panic.
+        for g in [
+            "$".repeat(1024),
+            "*".repeat(1024),
+            "?".repeat(1024),
+            "**/".repeat(341),
+            "[a-z]".repeat(204),
+            "{a,".repeat(341),
+            format!("{}{}", "{a,".repeat(170), "}".repeat(170)),
+            "[!a-z0-9]".repeat(113),
+            "[\u{80}-\u{10FFFF}]".repeat(204),
+            "[!\u{80}-\u{10FFFF}]*".repeat(146),
+        ] {
+            assert!(g.chars().count() <= MAX_GLOB_CHARS);
+            let _ = glob(&g);
         }
     }
 

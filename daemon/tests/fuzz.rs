@@ -820,7 +820,10 @@ fn parsers_never_panic_hang_or_lose_the_location() {
         let problem = match outcome {
             Ok(Ok(c)) if c.problems.is_empty() => None,
             Ok(Ok(c)) => Some(c.problems.join("; ")),
-            Ok(Err(panic)) => Some(format!("panicked: {panic}")),
+            Ok(Err(panic)) => Some(format!(
+                "panicked: {}",
+                panic.chars().take(2000).collect::<String>()
+            )),
             Err(_) => Some(format!("no result within {} s", LIMIT.as_secs())),
         };
         if let Some(problem) = problem {
