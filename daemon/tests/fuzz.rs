@@ -703,7 +703,10 @@ fn through_the_binary(file: &Path, bytes: &[u8], kind: Kind, seed: &Path) -> Opt
     match out.status.code() {
         Some(0) => None,
         Some(78) if err.contains(": error: ") => None,
-        code => Some(format!("exit {code:?}: {}", &err[..err.len().min(4000)])),
+        code => Some(format!(
+            "exit {code:?}: {}",
+            err.chars().take(4000).collect::<String>()
+        )),
     }
 }
 
