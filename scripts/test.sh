@@ -22,6 +22,7 @@ if ! command -v promtool >/dev/null && [[ $(id -u) -eq 0 ]] && command -v apt-ge
 fi
 if command -v promtool >/dev/null; then export MILLRACE_REQUIRE_PROMTOOL=1; fi
 cargo test --workspace
+MILLRACE_FUZZ_SECS=60 cargo test -p millrace --test integration fuzz:: -- --nocapture
 echo "== REST API against its OpenAPI document (schemathesis)"
 scripts/check-api.sh
 echo "== web UI in headless Chromium (playwright-core)"

@@ -194,10 +194,19 @@ impl Config {
 }
 
 /// Reads and checks a daemon config file.
+/// A file that is not UTF-8 is reported at its first invalid byte.
 pub fn load(path: &Path) -> Result<(Option<Config>, Report), std::io::Error> {
-    let text = std::fs::read_to_string(path)?;
+    let bytes = std::fs::read(path)?;
     let path = std::path::absolute(path)?;
-    Ok(parse(&path, text))
+    Ok(parse_bytes(&path, bytes))
+}
+
+/// Checks a daemon config's bytes: [`parse`] once they are UTF-8 text.
+pub fn parse_bytes(path: &Path, bytes: Vec<u8>) -> (Option<Config>, Report) {
+    match SourceFile::decode(path, bytes) {
+        Ok(source) => parse(path, source.text),
+        Err(report) => (None, report),
+    }
 }
 
 pub fn parse(path: &Path, text: String) -> (Option<Config>, Report) {
@@ -215,12 +224,8 @@ pub fn parse(path: &Path, text: String) -> (Option<Config>, Report) {
     } else {
         None
     };
-    let mut diagnostics = w.diags;
-    diagnostics.sort_by_key(|d| (d.span.start, d.severity));
-    let report = Report {
-        source,
-        diagnostics,
-    };
+    let diagnostics = w.diags;
+    let report = Report::new(source, diagnostics);
     let config = if report.has_errors() { None } else { config };
     (config, report)
 }
@@ -258,7 +263,7 @@ fn config(w: &mut Walker, doc: &DeTable<'_>, path: &Path) -> Option<Config> {
     };
     let shutdown_grace = doc
         .get("shutdown_grace")
-        .and_then(|v| w.duration(v, "shutdown_grace"))
+        .and_then(|v| w.timer_duration(v, "shutdown_grace"))
         .unwrap_or(Duration::from_secs(30));
     let resume_interrupted = doc
         .get("resume_interrupted")

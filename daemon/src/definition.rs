@@ -329,15 +329,30 @@ impl Default for Environment {
     }
 }
 
+/// The longest debounce, backoff or grace period (and step timeout).
+pub(crate) const MAX_TIMER: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// The longest `watch` glob, in characters (a path pattern; PATH_MAX is 4096 bytes).
+pub const MAX_GLOB_CHARS: usize = 1024;
+
 /// Largest linear memory a wasm32 guest can address.
 pub const WASM32_MAX_MEMORY: u64 = 4 << 30;
 
 /// Reads and checks a pipeline file. The [`Report`] carries every diagnostic; the
 /// pipeline is `Some` only when there is no error.
+/// A file that is not UTF-8 is reported at its first invalid byte.
 pub fn load(path: &Path, env: &Environment) -> Result<(Option<Pipeline>, Report), std::io::Error> {
-    let text = std::fs::read_to_string(path)?;
+    let bytes = std::fs::read(path)?;
     let path = std::path::absolute(path)?;
-    Ok(parse(&path, text, env))
+    Ok(parse_bytes(&path, bytes, env))
+}
+
+/// Checks a pipeline file's bytes: [`parse`] once they are UTF-8 text.
+pub fn parse_bytes(path: &Path, bytes: Vec<u8>, env: &Environment) -> (Option<Pipeline>, Report) {
+    match SourceFile::decode(path, bytes) {
+        Ok(source) => parse(path, source.text, env),
+        Err(report) => (None, report),
+    }
 }
 
 /// Checks a pipeline file's text. `path` names the file in diagnostics and anchors
@@ -364,11 +379,7 @@ pub fn parse(path: &Path, text: String, env: &Environment) -> (Option<Pipeline>,
     if let Some(p) = &pipeline {
         crate::graph::check(p, &mut diagnostics);
     }
-    diagnostics.sort_by_key(|d| (d.span.start, d.severity));
-    let report = Report {
-        source,
-        diagnostics,
-    };
+    let report = Report::new(source, diagnostics);
     let pipeline = if report.has_errors() { None } else { pipeline };
     (pipeline, report)
 }
@@ -499,7 +510,7 @@ impl Walker {
             Some(v) => self
                 .array_of_tables(v, "step")
                 .iter()
-                .filter_map(|t| self.step(t, &params, &dir, env))
+                .filter_map(|t| self.step(t, text, &params, &dir, env))
                 .collect(),
             None => Vec::new(),
         };
@@ -750,12 +761,21 @@ impl Walker {
             }
         } else if let Some(g) = t.get("watch") {
             let glob = self.string(g, "watch")?;
-            if let Err(e) = crate::trigger::watch::check_glob(glob.get_ref()) {
+            // Bounded before it is compiled: globset panics when a glob's regex
+            // exceeds the regex size limit (a megabyte-long glob, found by
+            // fuzzing).
+            let chars = glob.get_ref().chars().count();
+            if chars > MAX_GLOB_CHARS {
+                self.error(
+                    glob.span(),
+                    format!("the watch glob has {chars} characters, more than the limit of {MAX_GLOB_CHARS}"),
+                );
+            } else if let Err(e) = crate::trigger::watch::check_glob(glob.get_ref()) {
                 self.error(glob.span(), e);
             }
             let debounce = t
                 .get("debounce")
-                .and_then(|d| self.duration(d, "debounce"))
+                .and_then(|d| self.timer_duration(d, "debounce"))
                 .unwrap_or(Duration::from_secs(2));
             TriggerKind::Watch { glob, debounce }
         } else {
@@ -822,6 +842,7 @@ impl Walker {
     fn step(
         &mut self,
         v: &Value<'_>,
+        text: &str,
         params: &[Param],
         dir: &Path,
         env: &Environment,
@@ -867,14 +888,14 @@ impl Walker {
             None => Vec::new(),
         };
         for a in &args {
-            self.interpolation(a, params);
+            self.interpolation(a, text, params);
         }
         let env_vars = match t.get("env") {
             Some(e) => self.string_table(e, "env"),
             None => Vec::new(),
         };
         for (k, v) in &env_vars {
-            self.interpolation(v, params);
+            self.interpolation(v, text, params);
             if !valid_env_name(k.get_ref()) {
                 self.error(
                     k.span(),
@@ -922,7 +943,7 @@ impl Walker {
         };
         let timeout = t.get("timeout").and_then(|d| self.duration(d, "timeout"));
         if let (Some(d), Some(v)) = (timeout, t.get("timeout"))
-            && (d.is_zero() || d > Duration::from_secs(366 * 24 * 3600))
+            && (d.is_zero() || d > MAX_TIMER)
         {
             self.error(
                 v.span(),
@@ -948,8 +969,11 @@ impl Walker {
             Some(c) => match c.get_ref() {
                 DeValue::Integer(_) | DeValue::Float(_) => {
                     let x: f64 = match c.get_ref() {
-                        DeValue::Integer(i) => i.as_str().parse().unwrap_or(-1.0),
-                        DeValue::Float(f) => f.as_str().parse().unwrap_or(-1.0),
+                        DeValue::Integer(i) => {
+                            i64::from_str_radix(&i.as_str().replace('_', ""), i.radix())
+                                .map_or(-1.0, |n| n as f64)
+                        }
+                        DeValue::Float(f) => f.as_str().replace('_', "").parse().unwrap_or(-1.0),
                         _ => -1.0,
                     };
                     if !(x > 0.0 && x <= 1024.0) {
@@ -1321,7 +1345,7 @@ impl Walker {
         }
         if let Some(b) = t
             .get("backoff")
-            .and_then(|b| self.duration(b, "retries.backoff"))
+            .and_then(|b| self.timer_duration(b, "retries.backoff"))
         {
             r.backoff = b;
         }
@@ -1329,9 +1353,7 @@ impl Walker {
     }
 
     /// Checks every `${…}` in a string: only `${params.NAME}` of declared params.
-    fn interpolation(&mut self, s: &Sp<String>, params: &[Param]) {
-        // The span of a string value includes its opening quote.
-        let base = s.span().start + 1;
+    fn interpolation(&mut self, s: &Sp<String>, text: &str, params: &[Param]) {
         for piece in interpolation_pieces(s.get_ref()) {
             match piece {
                 Piece::Literal(_) => {}
@@ -1340,7 +1362,7 @@ impl Walker {
                         let known: Vec<&str> =
                             params.iter().map(|p| p.name.get_ref().as_str()).collect();
                         let mut d = Diagnostic::error(
-                            base + at..base + at + name.len() + 10,
+                            value_span(text, s, at..at + name.len() + 10),
                             format!("unknown param `{name}` in `${{params.{name}}}`"),
                         );
                         d = match closest(name, known.iter().copied()) {
@@ -1353,11 +1375,11 @@ impl Walker {
                         self.diags.push(d);
                     }
                 }
-                Piece::Bad { text, at } => {
+                Piece::Bad { text: bad, at } => {
                     self.diags.push(
                         Diagnostic::error(
-                            base + at..base + at + text.len(),
-                            format!("bad interpolation `{text}`"),
+                            value_span(text, s, at..at + bad.len()),
+                            format!("bad interpolation `{bad}`"),
                         )
                         .with_help("write `${params.NAME}`; a literal `$` followed by `{` is written `$${`"),
                     );
@@ -1442,7 +1464,13 @@ impl Walker {
     pub(crate) fn integer(&mut self, v: &Value<'_>, what: &str) -> Option<i64> {
         match v.get_ref() {
             DeValue::Integer(i) => {
-                i64::from_str_radix(&i.as_str().replace('_', ""), i.radix()).ok()
+                match i64::from_str_radix(&i.as_str().replace('_', ""), i.radix()) {
+                    Ok(n) => Some(n),
+                    Err(_) => {
+                        self.error(v.span(), format!("{what}: integer out of range"));
+                        None
+                    }
+                }
             }
             _ => {
                 self.wrong_type(v, what, "an integer");
@@ -1503,6 +1531,17 @@ impl Walker {
                 None
             }
         }
+    }
+
+    /// A duration a timer adds to the clock (a debounce, a backoff, a grace
+    /// period): at most a year, since a longer one overflows `Instant` arithmetic.
+    pub(crate) fn timer_duration(&mut self, v: &Value<'_>, what: &str) -> Option<Duration> {
+        let d = self.duration(v, what)?;
+        if d > MAX_TIMER {
+            self.error(v.span(), format!("{what} must be at most a year"));
+            return None;
+        }
+        Some(d)
     }
 
     pub(crate) fn size(&mut self, v: &Value<'_>, what: &str) -> Option<u64> {
@@ -1571,6 +1610,23 @@ fn valid_env_name(s: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
+/// Where bytes `part` of a string value are in the file: exactly there when the
+/// value is written as it reads (one-line quotes, no escapes), else the whole
+/// string: an escape (`\u00e9`, `\"`) or a multi-line string shifts every offset
+/// after it.
+fn value_span(text: &str, s: &Sp<String>, part: Span) -> Span {
+    let span = s.span();
+    let raw = text.get(span.clone()).unwrap_or_default();
+    let quoted = raw.len() >= 2
+        && (raw.starts_with('"') && raw.ends_with('"')
+            || raw.starts_with('\'') && raw.ends_with('\''));
+    if quoted && raw.get(1..raw.len() - 1) == Some(s.get_ref().as_str()) {
+        span.start + 1 + part.start..span.start + 1 + part.end
+    } else {
+        span
+    }
+}
+
 fn declared_list(what: &str, names: &[&str]) -> String {
     if names.is_empty() {
         format!("no {what} are declared")
@@ -1611,49 +1667,47 @@ pub enum Piece<'a> {
 }
 
 /// Splits a string into literals and `${params.NAME}` references; `$${` is a literal `${`.
+/// Offsets are bytes of `s`, always at character boundaries: the scan moves from
+/// one `$` to the next (an ASCII byte), never into a multi-byte character.
 pub fn interpolation_pieces(s: &str) -> Vec<Piece<'_>> {
     let mut out = Vec::new();
     let mut rest = 0;
-    let mut i = 0;
-    let bytes = s.as_bytes();
-    while i < bytes.len() {
-        if s[i..].starts_with("$${") {
+    let mut from = 0;
+    while let Some(found) = s[from..].find('$') {
+        let i = from + found;
+        let tail = &s[i..];
+        if tail.starts_with("$${") {
             if rest < i {
                 out.push(Piece::Literal(&s[rest..i]));
             }
             out.push(Piece::Literal("${"));
-            i += 3;
-            rest = i;
-            continue;
-        }
-        if s[i..].starts_with("${") {
+            rest = i + 3;
+            from = rest;
+        } else if tail.starts_with("${") {
             if rest < i {
                 out.push(Piece::Literal(&s[rest..i]));
             }
-            match s[i..].find('}') {
+            match tail.find('}') {
                 Some(end) => {
-                    let inner = &s[i + 2..i + end];
+                    let inner = &tail[2..end];
                     match inner.strip_prefix("params.") {
                         Some(name) if !name.is_empty() => out.push(Piece::Param { name, at: i }),
                         _ => out.push(Piece::Bad {
-                            text: &s[i..=i + end],
+                            text: &tail[..=end],
                             at: i,
                         }),
                     }
-                    i += end + 1;
+                    rest = i + end + 1;
                 }
                 None => {
-                    out.push(Piece::Bad {
-                        text: &s[i..],
-                        at: i,
-                    });
-                    i = s.len();
+                    out.push(Piece::Bad { text: tail, at: i });
+                    rest = s.len();
                 }
             }
-            rest = i;
-            continue;
+            from = rest;
+        } else {
+            from = i + 1;
         }
-        i += 1;
     }
     if rest < s.len() {
         out.push(Piece::Literal(&s[rest..]));
@@ -1838,6 +1892,166 @@ mod tests {
             interpolation_pieces("${env.x}")[0],
             Piece::Bad { .. }
         ));
+    }
+
+    #[test]
+    fn interpolation_of_non_ascii_text() {
+        assert_eq!(interpolation_pieces("café"), vec![Piece::Literal("café")]);
+        assert_eq!(
+            interpolation_pieces("日本${params.é}ü$${é}$"),
+            vec![
+                Piece::Literal("日本"),
+                Piece::Param { name: "é", at: 6 },
+                Piece::Literal("ü"),
+                Piece::Literal("${"),
+                Piece::Literal("é}$"),
+            ]
+        );
+        assert!(matches!(
+            interpolation_pieces("é${é")[1],
+            Piece::Bad {
+                text: "${é", at: 2
+            }
+        ));
+        let get = |n: &str| (n == "é").then(|| "ça".to_string());
+        assert_eq!(interpolate("→${params.é}←", &get), "→ça←");
+    }
+
+    fn check(text: &str) -> String {
+        let (_, r) = parse(
+            Path::new("/nowhere/p.toml"),
+            text.into(),
+            &Environment::default(),
+        );
+        r.to_string()
+    }
+
+    #[test]
+    fn an_interpolation_error_points_into_the_string_as_written() {
+        let step = "[[step]]\nname = \"a\"\ntransfer = { from = \"inputs.x\", to = \"y\" }\n[inputs.x]\npath = \"x\"\n[[step]]\nname = \"b\"\nwasm = \"b.wasm\"\n";
+        // As written: the caret is under `${params.y}`.
+        let out = check(&format!("{step}args = [\"é ${{params.y}}\"]\n"));
+        assert!(
+            out.contains("p.toml:9:12: error: unknown param `y`"),
+            "{out}"
+        );
+        // An escape before it shifts the offsets: the whole string is marked.
+        let out = check(&format!("{step}args = [\"\\u00e9 ${{params.y}}\"]\n"));
+        assert!(
+            out.contains("p.toml:9:9: error: unknown param `y`"),
+            "{out}"
+        );
+        let out = check(&format!("{step}args = [\"\"\"\né ${{params.y}}\"\"\"]\n"));
+        assert!(
+            out.contains("p.toml:9:9: error: unknown param `y`"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn out_of_range_numbers_and_timers_are_errors() {
+        let step = "[[step]]\nname = \"a\"\nwasm = \"a.wasm\"\n";
+        let out = check(&format!(
+            "{step}retries = {{ attempts = 99999999999999999999 }}\n"
+        ));
+        assert!(
+            out.contains("p.toml:4:24: error: retries.attempts: integer out of range"),
+            "{out}"
+        );
+        let out = check(&format!("{step}retries = {{ backoff = \"1000000y\" }}\n"));
+        assert!(
+            out.contains("p.toml:4:23: error: retries.backoff must be at most a year"),
+            "{out}"
+        );
+        let out = check(&format!(
+            "[[trigger]]\nwatch = \"*.csv\"\ndebounce = \"400y\"\n{step}"
+        ));
+        assert!(
+            out.contains("p.toml:3:12: error: debounce must be at most a year"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn sizes_and_durations_of_non_ascii_text_are_errors() {
+        for s in [
+            "12 é",
+            "１２MiB",
+            "1.5Mé",
+            "é",
+            "1e30GiB",
+            "99999999999999999999999TiB",
+        ] {
+            assert!(parse_size(s).is_err(), "{s}");
+        }
+        for s in [
+            "1é",
+            "é1s",
+            "1 ｓ",
+            "99999999999999999999999999s",
+            "584942417355y",
+        ] {
+            assert!(parse_duration(s).is_err(), "{s}");
+        }
+        assert_eq!(parse_duration("5 µs"), Ok(Duration::from_micros(5)));
+    }
+
+    /// The `toml` parser bounds nesting itself (80 levels); this holds it to that
+    /// on a small stack, so an upgrade that drops the bound fails here first.
+    #[test]
+    fn deep_nesting_is_a_located_error_not_a_stack_overflow() {
+        let cases = [
+            format!("a = {}1", "[".repeat(100_000)),
+            format!("a = {}1{}", "{x=".repeat(100_000), "}".repeat(100_000)),
+            format!("[{}a]", "a.".repeat(100_000)),
+            format!("{}a = 1", "a.".repeat(100_000)),
+        ];
+        for text in cases {
+            let out = std::thread::Builder::new()
+                .stack_size(256 << 10)
+                .spawn(move || check(&text))
+                .unwrap()
+                .join()
+                .unwrap();
+            assert!(
+                out.contains("p.toml:1:"),
+                "{}",
+                out.chars().take(2000).collect::<String>()
+            );
+            assert!(
+                out.contains("error: invalid TOML"),
+                "{}",
+                out.chars().take(2000).collect::<String>()
+            );
+        }
+    }
+
+    #[test]
+    fn a_watch_glob_is_bounded_before_it_is_compiled() {
+        let step = "[[step]]\nname = \"a\"\nwasm = \"a.wasm\"\n";
+        let glob = |g: &str| check(&format!("[[trigger]]\nwatch = \"{g}\"\n{step}"));
+        let out = glob(&format!("inbox/*{}.csv", "$".repeat(1 << 20)));
+        assert!(
+            out.contains("p.toml:2:9: error: the watch glob has 1048587 characters, more than the limit of 1024"),
+            "{}",
+            out.chars().take(1000).collect::<String>()
+        );
+        // The worst globs within the limit compile (or are refused) without a panic.
+        for g in [
+            "$".repeat(1024),
+            "*".repeat(1024),
+            "?".repeat(1024),
+            "**/".repeat(341),
+            "[a-z]".repeat(204),
+            "{a,".repeat(341),
+            format!("{}{}", "{a,".repeat(170), "}".repeat(170)),
+            "[!a-z0-9]".repeat(113),
+            "[\u{80}-\u{10FFFF}]".repeat(204),
+            "[!\u{80}-\u{10FFFF}]*".repeat(146),
+        ] {
+            assert!(g.chars().count() <= MAX_GLOB_CHARS);
+            let _ = glob(&g);
+        }
     }
 
     #[test]

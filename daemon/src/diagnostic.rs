@@ -29,7 +29,7 @@ impl Diagnostic {
         Diagnostic {
             severity: Severity::Error,
             span,
-            message: message.into(),
+            message: clip(message.into()),
             help: None,
         }
     }
@@ -38,15 +38,31 @@ impl Diagnostic {
         Diagnostic {
             severity: Severity::Warning,
             span,
-            message: message.into(),
+            message: clip(message.into()),
             help: None,
         }
     }
 
     pub fn with_help(mut self, help: impl Into<String>) -> Self {
-        self.help = Some(help.into());
+        self.help = Some(clip(help.into()));
         self
     }
+}
+
+/// Characters of a message or help kept at most: they quote the file (a key, a
+/// value), which may be a megabyte long.
+const MESSAGE_CHARS: usize = 480;
+
+/// A message with its middle elided when it is too long: the start says what is
+/// wrong, the end what to do.
+fn clip(message: String) -> String {
+    let n = message.chars().count();
+    if n <= MESSAGE_CHARS {
+        return message;
+    }
+    let head: String = message.chars().take(MESSAGE_CHARS * 2 / 3).collect();
+    let tail: String = message.chars().skip(n - MESSAGE_CHARS / 3).collect();
+    format!("{head} … {tail}")
 }
 
 /// A configuration file's text, kept to render diagnostics against it.
@@ -66,6 +82,36 @@ impl SourceFile {
             path: path.into(),
             text,
             line_starts,
+        }
+    }
+
+    /// A configuration file's bytes as text. Bytes that are not UTF-8 are an error
+    /// at the line and column of the first invalid one (rendered against the text
+    /// with U+FFFD in its place), like any other mistake in the file.
+    pub fn decode(path: impl Into<PathBuf>, bytes: Vec<u8>) -> Result<SourceFile, Report> {
+        match String::from_utf8(bytes) {
+            Ok(text) => Ok(SourceFile::new(path, text)),
+            Err(e) => {
+                let at = e.utf8_error().valid_up_to();
+                let byte = e.as_bytes()[at];
+                let text = String::from_utf8_lossy(e.as_bytes()).into_owned();
+                let message = match e.utf8_error().error_len() {
+                    Some(_) => {
+                        format!("invalid UTF-8: byte 0x{byte:02X} is not part of a valid character")
+                    }
+                    None => format!(
+                        "invalid UTF-8: the file ends inside a character (byte 0x{byte:02X})"
+                    ),
+                };
+                Err(Report {
+                    source: SourceFile::new(path, text),
+                    diagnostics: vec![
+                        Diagnostic::error(at..at + '\u{FFFD}'.len_utf8(), message).with_help(
+                            "configuration files are UTF-8 text: save this one as UTF-8",
+                        ),
+                    ],
+                })
+            }
         }
     }
 
@@ -115,26 +161,70 @@ impl SourceFile {
             display_path(&self.path),
             d.message
         );
-        out += &format!("{line:>gutter$} | {text}\n");
-        // The caret covers the span, clipped to the first line.
-        let line_end_col = text.chars().count() + 1;
+        // The caret covers the span, clipped to the first line. `col` counts
+        // characters; the caret line counts terminal cells, so it lines up under
+        // wide (CJK), combining and tab characters too. A long line is shown as a
+        // window around the caret.
+        let chars: Vec<char> = text.chars().collect();
+        let n = chars.len();
         let (end_line, end_col) = self.line_col(d.span.end);
-        let end_col = if end_line == line {
-            end_col
+        let first = (col - 1).min(n);
+        let last = if end_line == line { end_col - 1 } else { n }.clamp(first, n);
+        let (from, to) = if n <= SHOWN_CHARS {
+            (0, n)
         } else {
-            line_end_col
+            let from = first.saturating_sub(SHOWN_CHARS / 4).min(n - SHOWN_CHARS);
+            (from, from + SHOWN_CHARS)
         };
-        let width = end_col.saturating_sub(col).max(1);
-        out += &format!(
-            "{:gutter$} | {}{}\n",
-            "",
-            " ".repeat(col - 1),
-            "^".repeat(width)
+        let (open, close) = (
+            if from > 0 { "…" } else { "" },
+            if to < n { "…" } else { "" },
         );
+        let shown: String = chars[from..to].iter().map(|&c| shown_char(c)).collect();
+        out += &format!("{line:>gutter$} | {open}{shown}{close}\n");
+        let pad: String = std::iter::repeat_n(" ", open.len().min(1))
+            .chain(chars[from..first.min(to)].iter().map(|&c| match c {
+                '\t' => "\t",
+                c if cell_width(c) == 2 => "  ",
+                c if cell_width(c) == 0 => "",
+                _ => " ",
+            }))
+            .collect();
+        let width: usize = chars[first.min(to)..last.min(to)]
+            .iter()
+            .map(|&c| if c == '\t' { 1 } else { cell_width(c) })
+            .sum();
+        out += &format!("{:gutter$} | {pad}{}\n", "", "^".repeat(width.max(1)));
         if let Some(help) = &d.help {
             out += &format!("{:gutter$} = help: {help}\n", "");
         }
         out
+    }
+}
+
+/// Characters of a source line shown at most (the rest is elided around the
+/// caret): a megabyte-long line is not printed once per diagnostic.
+const SHOWN_CHARS: usize = 200;
+
+/// A source line's character as printed: control characters (a stray `\r`, an
+/// escape sequence in invalid TOML) become U+FFFD, so the terminal shows the
+/// line as it is and nothing in the file can move the cursor. One character
+/// each, so the caret still lines up.
+fn shown_char(c: char) -> char {
+    if c.is_control() && c != '\t' {
+        '\u{FFFD}'
+    } else {
+        c
+    }
+}
+
+/// Terminal cells of one printed character (a control character prints as one
+/// U+FFFD).
+fn cell_width(c: char) -> usize {
+    if c.is_control() {
+        1
+    } else {
+        unicode_width::UnicodeWidthChar::width(c).unwrap_or(1)
     }
 }
 
@@ -162,7 +252,50 @@ pub struct Report {
     pub diagnostics: Vec<Diagnostic>,
 }
 
+/// Diagnostics a report keeps at most: a file with a thousand mistakes (an
+/// unclosed table nested a thousand deep) reports its first ones, and a note.
+pub const MAX_DIAGNOSTICS: usize = 100;
+
 impl Report {
+    /// The diagnostics in file order, each reported once, at most
+    /// [`MAX_DIAGNOSTICS`] of them and then a note of how many more there are.
+    pub fn new(source: SourceFile, mut diagnostics: Vec<Diagnostic>) -> Report {
+        diagnostics.sort_by_key(|d| (d.span.start, d.severity));
+        diagnostics.dedup_by(|a, b| {
+            a.span == b.span && a.severity == b.severity && a.message == b.message
+        });
+        if diagnostics.len() > MAX_DIAGNOSTICS {
+            let rest = diagnostics.split_off(MAX_DIAGNOSTICS);
+            let errors = rest
+                .iter()
+                .filter(|d| d.severity == Severity::Error)
+                .count();
+            let note = format!(
+                "{} more diagnostic{} ({errors} error{}) after this point are not shown",
+                rest.len(),
+                if rest.len() == 1 { "" } else { "s" },
+                if errors == 1 { "" } else { "s" },
+            );
+            let severity = if errors > 0 {
+                Severity::Error
+            } else {
+                Severity::Warning
+            };
+            diagnostics.push(Diagnostic {
+                severity,
+                span: rest[0].span.clone(),
+                message: note,
+                help: Some(format!(
+                    "a file shows its first {MAX_DIAGNOSTICS}: fix those first"
+                )),
+            });
+        }
+        Report {
+            source,
+            diagnostics,
+        }
+    }
+
     pub fn has_errors(&self) -> bool {
         self.diagnostics
             .iter()
@@ -206,8 +339,16 @@ impl fmt::Display for Report {
 
 /// The closest candidate by edit distance, for "did you mean" hints.
 pub fn closest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    // The distance is at least the difference in length: a word far longer than
+    // every candidate (a megabyte-long key) is no near miss, and is not compared
+    // character by character with each of them.
+    let len = word.chars().count();
     candidates
         .into_iter()
+        .filter(|c| {
+            let n = c.chars().count();
+            len.abs_diff(n) <= (n.max(len) / 3).max(1)
+        })
         .map(|c| (edit_distance(word, c), c))
         .filter(|(d, c)| *d <= (c.len().max(word.len()) / 3).max(1))
         .min_by_key(|(d, _)| *d)
@@ -252,8 +393,94 @@ mod tests {
     }
 
     #[test]
+    fn the_caret_lines_up_under_wide_combining_and_tab_characters() {
+        let s = SourceFile::new(
+            "/nowhere/x.toml",
+            "a = [\"日本\", \"e\u{301}\", \"x\"]\n\tb = 1\n".into(),
+        );
+        let at = s.text.find("\"x\"").unwrap();
+        let out = s.render(&Diagnostic::error(at..at + 3, "here"));
+        // Column 18 in characters (the accent is one), 18 cells before the caret.
+        assert!(
+            out.starts_with("/nowhere/x.toml:1:18: error: here\n"),
+            "{out}"
+        );
+        // `a = [` 5, `"日本"` 6 cells, `, ` 2, `"é"` 3 (the accent takes none), `, ` 2.
+        assert!(
+            out.ends_with(&format!("     | {}^^^\n", " ".repeat(18))),
+            "{out}"
+        );
+        let at = s.text.find('b').unwrap();
+        let out = s.render(&Diagnostic::error(at..at + 1, "tab"));
+        assert!(out.contains(":2:2: error: tab\n"), "{out}");
+        assert!(out.ends_with("     | \t^\n"), "{out}");
+    }
+
+    #[test]
+    fn control_characters_and_long_lines_are_shown_safely() {
+        let line = format!("k = \"\u{1b}[31m{}\"", "x".repeat(10_000));
+        let s = SourceFile::new("/nowhere/x.toml", line.clone());
+        let at = line.len() - 1;
+        let out = s.render(&Diagnostic::error(at..at + 1, "end"));
+        assert!(!out.contains('\u{1b}'), "{out}");
+        let shown = out.lines().nth(1).unwrap();
+        assert!(shown.chars().count() < 250, "{shown}");
+        assert!(shown.starts_with("   1 | …x"), "{shown}");
+        let caret = out.lines().nth(2).unwrap();
+        let quote = shown.chars().position(|c| c == '"').unwrap();
+        assert_eq!(caret.chars().position(|c| c == '^'), Some(quote), "{out}");
+        let message = format!(
+            "unknown key `{}`: did you mean `name`?",
+            "k".repeat(100_000)
+        );
+        let d = Diagnostic::error(0..1, message);
+        assert!(d.message.chars().count() < 500, "{}", d.message);
+        assert!(d.message.ends_with("did you mean `name`?"), "{}", d.message);
+    }
+
+    #[test]
+    fn invalid_utf8_is_located_at_its_first_bad_byte() {
+        let r = SourceFile::decode("/nowhere/x.toml", b"a = 1\nb = \"caf\xe9\"\n".to_vec())
+            .unwrap_err();
+        let out = r.to_string();
+        assert!(
+            out.starts_with("/nowhere/x.toml:2:9: error: invalid UTF-8: byte 0xE9"),
+            "{out}"
+        );
+        assert!(
+            out.contains("   2 | b = \"caf\u{FFFD}\"\n     |         ^\n"),
+            "{out}"
+        );
+        let r = SourceFile::decode("/nowhere/x.toml", b"a = \"\xe6\x97".to_vec()).unwrap_err();
+        assert!(
+            r.to_string()
+                .contains(":1:6: error: invalid UTF-8: the file ends inside a character")
+        );
+    }
+
+    #[test]
+    fn a_report_keeps_its_first_hundred_diagnostics_once_each() {
+        let s = SourceFile::new("/nowhere/x.toml", "x\n".repeat(500));
+        let mut ds: Vec<Diagnostic> = (0..300)
+            .map(|i| Diagnostic::error(i * 2..i * 2 + 1, "bad"))
+            .collect();
+        ds.extend((0..50).map(|_| Diagnostic::error(0..1, "bad")));
+        let r = Report::new(s, ds);
+        assert_eq!(r.diagnostics.len(), MAX_DIAGNOSTICS + 1);
+        assert_eq!(r.diagnostics[0].span, 0..1);
+        assert_eq!(r.diagnostics[1].span, 2..3);
+        let note = &r.diagnostics[MAX_DIAGNOSTICS];
+        assert_eq!(
+            note.message,
+            "200 more diagnostics (200 errors) after this point are not shown"
+        );
+        assert_eq!(note.span, 200..201);
+    }
+
+    #[test]
     fn closest_suggests_near_misses_only() {
         assert_eq!(closest("wasmm", ["wasm", "python"]), Some("wasm"));
         assert_eq!(closest("zzz", ["wasm", "python"]), None);
+        assert_eq!(closest(&"w".repeat(1 << 20), ["wasm", "python"]), None);
     }
 }

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::definition::{self, Overlap, Pipeline};
-use crate::diagnostic::display_path;
+use crate::diagnostic::{Report, SourceFile, display_path};
 use crate::run::{Datastores, Engine, Event, EventSink, RunRequest, StepStatus};
 use crate::store::Store;
 use crate::store::db::Batch;
@@ -159,6 +159,19 @@ impl Daemon {
     /// `force` (SIGHUP) re-reads every file, also those whose text is unchanged:
     /// a wasm file or module they need may have appeared since.
     pub fn reload_with(self: &Arc<Self>, force: bool) {
+        // Defence in depth: a bug anywhere in a reload must not take down the
+        // daemon (SIGHUP, startup) or the watcher's task (hot reload); the
+        // pipelines loaded so far stay loaded.
+        let reload = std::panic::AssertUnwindSafe(|| self.reload_files(force));
+        if let Err(panic) = std::panic::catch_unwind(reload) {
+            tracing::error!(
+                "reloading the pipelines failed: {}; the loaded pipelines stay as they were",
+                panic_message(&*panic)
+            );
+        }
+    }
+
+    fn reload_files(self: &Arc<Self>, force: bool) {
         let dir = &self.config.pipelines;
         let mut paths: Vec<PathBuf> = match std::fs::read_dir(dir) {
             Ok(rd) => rd
@@ -199,14 +212,14 @@ impl Daemon {
             }
         }
         for path in paths {
-            let text = match std::fs::read_to_string(&path) {
-                Ok(t) => t,
+            let bytes = match std::fs::read(&path) {
+                Ok(b) => b,
                 Err(e) => {
                     tracing::error!("cannot read {}: {e}", display_path(&path));
                     continue;
                 }
             };
-            let digest = blake3::hash(text.as_bytes()).to_hex().to_string();
+            let digest = blake3::hash(&bytes).to_hex().to_string();
             let previous = st.files.get(&path).cloned();
             // Unchanged and loaded: nothing to do. An invalid or rejected file is
             // checked again (what it lacked, or its rival, may be gone).
@@ -217,14 +230,46 @@ impl Daemon {
             {
                 continue;
             }
-            let (parsed, report) = definition::parse(&path, text.clone(), &env);
+            let (parsed, report) = match SourceFile::decode(&path, bytes) {
+                Ok(source) => match check(&path, &source.text, &env) {
+                    Ok((parsed, report)) => (parsed.map(|p| (p, source.text)), report),
+                    Err(panic) => {
+                        // Not the user's mistake, but the file's last valid
+                        // version stays and the files after it still load.
+                        let msg = format!(
+                            "{}:1:1: error: internal error while checking this file: {panic}",
+                            display_path(&path)
+                        );
+                        let pipeline = previous.as_ref().and_then(|f| f.pipeline.clone());
+                        tracing::error!(
+                            "{msg}; {}",
+                            match &pipeline {
+                                Some(n) => format!("pipeline `{n}` keeps its last valid version"),
+                                None => "nothing was loaded from it".to_string(),
+                            }
+                        );
+                        let file = FileState {
+                            digest,
+                            pipeline,
+                            errors: msg.clone() + "\n",
+                            diagnostics: vec![serde_json::json!({
+                                "file": display_path(&path), "line": 1, "column": 1,
+                                "severity": "error", "message": msg, "help": null,
+                            })],
+                        };
+                        st.files.insert(path, file);
+                        continue;
+                    }
+                },
+                Err(report) => (None, report),
+            };
             let mut file = FileState {
                 digest,
                 pipeline: previous.as_ref().and_then(|f| f.pipeline.clone()),
                 errors: report.to_string(),
                 diagnostics: report.to_json(),
             };
-            let Some(p) = parsed else {
+            let Some((p, text)) = parsed else {
                 tracing::error!(
                     "{} is invalid; {}:\n{}",
                     display_path(&path),
@@ -334,9 +379,14 @@ impl Daemon {
             .engine
             .environment()
             .map_err(|e| SubmitError::Store(e.to_string()))?;
-        let p = match definition::parse(&l.path, l.text.to_string(), &env) {
-            (Some(p), _) => Arc::new(p),
-            (None, report) => return Err(SubmitError::Invalid(report.to_string())),
+        let p = match check(&l.path, &l.text, &env) {
+            Ok((Some(p), _)) => Arc::new(p),
+            Ok((None, report)) => return Err(SubmitError::Invalid(report.to_string())),
+            Err(panic) => {
+                return Err(SubmitError::Invalid(format!(
+                    "internal error while checking the pipeline: {panic}"
+                )));
+            }
         };
         // Details of the firing become params where the pipeline declares them
         // (`changed`, `scheduled`, `missed_from`, …).
@@ -677,6 +727,35 @@ impl Daemon {
 /// takes the process down (a step that aborts it), and resuming it again would
 /// crash-loop the service until systemd gives up (start-limit-hit).
 pub const MAX_CRASHES: i64 = 3;
+
+/// Checks a pipeline file's text; a panic in the checker (a bug) is caught and
+/// returned as its message, so one file cannot stop the daemon or a reload.
+fn check(
+    path: &Path,
+    text: &str,
+    env: &definition::Environment,
+) -> Result<(Option<Pipeline>, Report), String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // The test of this defence (debug builds only): the checker panics on
+        // the file named by MILLRACE_TEST_PANIC_IN_CHECK.
+        #[cfg(debug_assertions)]
+        if let Some(name) = std::env::var_os("MILLRACE_TEST_PANIC_IN_CHECK")
+            && path.file_name() == Some(name.as_os_str())
+        {
+            panic!("injected by MILLRACE_TEST_PANIC_IN_CHECK");
+        }
+        definition::parse(path, text.to_string(), env)
+    }))
+    .map_err(|panic| panic_message(&*panic))
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".to_string())
+}
 
 /// Step events go to the log.
 fn log_events(run: i64) -> EventSink {
