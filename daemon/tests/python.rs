@@ -328,7 +328,7 @@ fn filling_tmp_past_the_cap_stops_the_step_while_it_runs() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        step_error(&p, "fill").contains("/out and /tmp hold"),
+        step_error(&p, "fill").contains("/out, /tmp and /millrace hold"),
         "{}",
         step_error(&p, "fill")
     );

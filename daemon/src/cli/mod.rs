@@ -1324,7 +1324,8 @@ fn gc(store: &Store, keep: i64, json: bool) -> anyhow::Result<i32> {
             let remove = !exists || (!only_deleted && !crate::run::RunLock::is_held(store, id));
             if remove {
                 let _ = if e.path().is_dir() {
-                    std::fs::remove_dir_all(e.path())
+                    // A sandbox holds what a guest left: any depth, no recursion.
+                    crate::store::walk::remove_tree(&e.path())
                 } else {
                     std::fs::remove_file(e.path())
                 };

@@ -357,18 +357,8 @@ pub async fn submit(args: &[String], script: &Path) -> Result<String, String> {
 
 /// Copies a directory tree (files and directories only; symlinks are skipped).
 pub fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(to)?;
-    for e in std::fs::read_dir(from)? {
-        let e = e?;
-        let kind = e.file_type()?;
-        let dest = to.join(e.file_name());
-        if kind.is_dir() {
-            copy_tree(&e.path(), &dest)?;
-        } else if kind.is_file() {
-            std::fs::copy(e.path(), &dest)?;
-        }
-    }
-    Ok(())
+    // What comes back is the guest's: copied without recursion, depth-limited.
+    crate::store::walk::copy_tree(from, to)
 }
 
 /// Cancels the job and removes its staging directory when dropped, unless

@@ -931,7 +931,7 @@ mod tests {
             format!("millrace-tree-v1\r\nf {d} 1 a\r\n"),
             format!("millrace-tree-v1\nf {d} +1 a\n"),
             format!("millrace-tree-v1\nf {d} 01 a\n"),
-            format!("millrace-tree-v1\nf ab 1 a\n"),
+            "millrace-tree-v1\nf ab 1 a\n".to_string(),
             format!("millrace-tree-v1\n\nf {d} 1 a\n"),
         ] {
             assert!(parse_tree(&bad).is_none(), "{bad:?}");
