@@ -1861,6 +1861,7 @@ impl Pipeline {
                     declared_list("params", &known)
                 ));
             };
+            check_param_value(k, v)?;
             slot.1 = slot
                 .1
                 .parse_like(v)
@@ -1870,9 +1871,39 @@ impl Pipeline {
     }
 }
 
+/// A param value given by a caller (`--param`, the API) must be text a step can
+/// receive: a NUL cannot pass through a process argument or an environment
+/// variable (it would be cut there while the cache key kept it), and other
+/// control characters (escape sequences, carriage returns) rewrite the terminal
+/// of whoever lists the run. Tab and newline are text.
+pub fn check_param_value(name: &str, value: &str) -> Result<(), String> {
+    match value
+        .char_indices()
+        .find(|(_, c)| c.is_control() && !matches!(c, '\t' | '\n'))
+    {
+        Some((at, c)) => Err(format!(
+            "param `{}`: its value has the control character U+{:04X} at byte {at}; \
+             param values are text (tab and newline are allowed, other control characters are not)",
+            name.escape_debug(),
+            c as u32
+        )),
+        None => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn param_values_with_control_characters_are_refused() {
+        assert!(check_param_value("p", "a\tb\nc é").is_ok());
+        let e = check_param_value("p", "ab\0c").unwrap_err();
+        assert!(e.contains("U+0000 at byte 2"), "{e}");
+        assert!(check_param_value("p", "\u{1b}[2J").is_err());
+        assert!(check_param_value("p", "x\r").is_err());
+        assert!(check_param_value("p", "\u{9b}").is_err());
+    }
 
     #[test]
     fn interpolation_splits_params_and_escapes() {

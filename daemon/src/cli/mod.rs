@@ -657,7 +657,7 @@ fn parse_params(raw: &[String]) -> anyhow::Result<Vec<(String, String)>> {
         .map(|p| match p.split_once('=') {
             Some((k, v)) if !k.is_empty() => {
                 let k = k.trim();
-                crate::planner::check_param_value(k, v)
+                crate::definition::check_param_value(k, v)
                     .map_err(|e| Exit::usage(format!("error: {e}")))?;
                 Ok((k.to_string(), v.to_string()))
             }
