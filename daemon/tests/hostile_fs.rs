@@ -331,3 +331,42 @@ fn a_dataset_rewritten_with_its_mtime_restored_is_not_reused() {
     assert_eq!(step_statuses(&p, "latest")[0].1, "succeeded");
     assert!(step_log(&p, "cat").contains("read: after!"));
 }
+
+#[test]
+fn the_daemon_serves_healthz_through_hostile_steps_and_runs_the_others() {
+    use crate::daemon::Daemon;
+    let p = Project::new();
+    std::fs::create_dir_all(p.path("pipelines")).unwrap();
+    p.write(
+        "pipelines/deep.toml",
+        &format!(
+            "name = \"deep\"\n[[step]]\nname = \"deep\"\nwasm = \"{}\"\nargs = [\"deep\", \"--dir\", \"/out/o\", \"--levels\", \"20000\"]\noutputs = [\"o\"]\nreuse = false\n[[step]]\nname = \"names\"\nwasm = \"{}\"\nargs = [\"names\", \"--dir\", \"/out/o\"]\noutputs = [\"o\"]\nreuse = false\n",
+            plugin("attack-p1"),
+            plugin("attack")
+        ),
+    );
+    p.write(
+        "pipelines/ok.toml",
+        &format!(
+            "name = \"ok\"\n[[step]]\nname = \"noop\"\nwasm = \"{}\"\nreuse = false\n",
+            plugin("noop")
+        ),
+    );
+    let d = Daemon::start(&p);
+    let runs: Vec<i64> = (0..3).map(|_| d.trigger("deep")).collect();
+    let ok = d.trigger("ok");
+    for id in &runs {
+        assert_eq!(d.get("/healthz")["status"], "ok");
+        let r = d.wait_status(*id, "failed");
+        assert!(
+            r.to_string()
+                .contains("directory depth limit of 256 levels exceeded"),
+            "{r}"
+        );
+    }
+    d.wait_status(ok, "succeeded");
+    assert_eq!(d.get("/healthz")["status"], "ok");
+    assert_eq!(d.stop(), 0, "the daemon exits cleanly");
+    rehash_store(&p);
+    no_sandbox_left(&p);
+}

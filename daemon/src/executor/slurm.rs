@@ -52,7 +52,8 @@ pub struct JobSpec {
     pub log_cap: u64,
     /// Where the outcome is written.
     pub result: PathBuf,
-    /// What `/out` and `/tmp` may hold together (MILLRACE_OUTPUT_CAP of the daemon).
+    /// What `/out`, `/tmp` and `/millrace` may hold together (MILLRACE_OUTPUT_CAP of
+    /// the daemon).
     #[serde(default = "no_cap")]
     pub output_cap: u64,
 }
@@ -494,7 +495,7 @@ async fn run_spec(spec: &JobSpec) -> JobResult {
     let watched: Vec<PathBuf> = spec
         .mounts
         .iter()
-        .filter(|m| m.writable && (m.guest == "/out" || m.guest == "/tmp"))
+        .filter(|m| m.writable && matches!(m.guest.as_str(), "/out" | "/tmp" | "/millrace"))
         .map(|m| m.host.clone())
         .collect();
     let ran = tokio::select! {

@@ -41,12 +41,28 @@ pub enum Overrun {
 /// `cap` bytes together, or one breaks the depth limit, or together the entry
 /// limit: the disk cap on a step's writable directories. The kernel cannot
 /// enforce it on a bind-mounted host directory for an unprivileged daemon, so it
-/// is polled: every 50 ms while a walk is cheap, and never more than a tenth of a
-/// core's time on it when the trees grow large (at most every 2 s).
+/// is polled. A walk costs what the trees hold, so walks are spaced to keep them
+/// under a tenth of a core's time (every 50 ms for small trees, at most every
+/// 5 s); between walks, one `statvfs` every 50 ms watches the free space of their
+/// filesystem, and a fall larger than what is left under the cap walks at once.
+/// So a guest writing fast is seen within ~50 ms however large its trees.
 pub async fn watch(dirs: Vec<(String, PathBuf)>, cap: u64) -> Overrun {
-    let mut interval = Duration::from_millis(50);
+    const TICK: Duration = Duration::from_millis(50);
+    let mut interval = TICK;
+    let mut last_walk: Option<(Instant, u64, Option<u64>)> = None;
+    let probe = dirs.first().map(|(_, d)| d.clone());
     loop {
-        tokio::time::sleep(interval).await;
+        tokio::time::sleep(TICK).await;
+        let free = probe.as_deref().and_then(free_bytes);
+        if let Some((at, used, free_then)) = last_walk {
+            let fell = match (free_then, free) {
+                (Some(then), Some(now)) => then.saturating_sub(now),
+                _ => 0,
+            };
+            if at.elapsed() < interval && fell <= cap.saturating_sub(used) {
+                continue;
+            }
+        }
         let dirs = dirs.clone();
         let started = Instant::now();
         let seen = tokio::task::spawn_blocking(move || -> Result<u64, Overrun> {
@@ -68,14 +84,28 @@ pub async fn watch(dirs: Vec<(String, PathBuf)>, cap: u64) -> Overrun {
             Ok(bytes)
         })
         .await;
-        match seen {
+        let used = match seen {
             Ok(Ok(used)) if used > cap => return Overrun::Bytes(used),
             Ok(Err(over)) => return over,
-            _ => {}
-        }
-        interval =
-            (started.elapsed() * 10).clamp(Duration::from_millis(50), Duration::from_secs(2));
+            Ok(Ok(used)) => used,
+            Err(_) => 0,
+        };
+        last_walk = Some((Instant::now(), used, free));
+        interval = (started.elapsed() * 10).clamp(TICK, Duration::from_secs(5));
     }
+}
+
+/// Free bytes of the filesystem holding `dir` (for an unprivileged writer).
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: an all-zero statvfs is a valid value for the kernel to overwrite.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a valid out pointer.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
 /// [`watch`] for the bytes alone (a Slurm job reports only those): resolves with

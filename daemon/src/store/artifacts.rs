@@ -570,7 +570,8 @@ impl ArtifactStore {
     fn recreate(&self, digest: &str, dest: &Path, link: bool) -> Result<(), ArtifactError> {
         use std::rc::Rc;
         fs::create_dir_all(dest).map_err(io_err(dest))?;
-        let root = Rc::new(Dir::open(dest).map_err(io_err(dest))?);
+        // The root is the host's choice (a sandbox mount, `output -o DIR`): followed.
+        let root = Rc::new(Dir::open_following(dest).map_err(io_err(dest))?);
         let depth_limit = walk::max_depth();
         let (file_mode, dir_mode) = if link { (0o444, 0o755) } else { (0o644, 0o755) };
         let exists = |path: &Path, e: io::Error| {
