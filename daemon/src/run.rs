@@ -1117,7 +1117,7 @@ fn code_snapshot(
             .map(|i| i.digest)
             .map_err(|e| err(e.to_string()))
     });
-    let _ = std::fs::remove_dir_all(&tmp);
+    let _ = crate::store::walk::remove_tree(&tmp);
     let digest = result?;
     memo.lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -1479,6 +1479,8 @@ impl RunContext {
         {
             // A transfer is reused only while the destination still holds the artifact.
             let dest = self.transfer_destination(i);
+            // What a killed transfer left beside it goes either way.
+            transfer::remove_stale_staging(&dest);
             let source = parts.inputs.get("from");
             let current = dest
                 .exists()

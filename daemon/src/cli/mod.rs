@@ -1323,12 +1323,8 @@ fn gc(store: &Store, keep: i64, json: bool) -> anyhow::Result<i32> {
             let exists = store.db().read().run(id)?.is_some();
             let remove = !exists || (!only_deleted && !crate::run::RunLock::is_held(store, id));
             if remove {
-                let _ = if e.path().is_dir() {
-                    // A sandbox holds what a guest left: any depth, no recursion.
-                    crate::store::walk::remove_tree(&e.path())
-                } else {
-                    std::fs::remove_file(e.path())
-                };
+                // A sandbox holds what a guest left: any depth, no recursion.
+                let _ = crate::store::walk::remove_tree(&e.path());
             }
         }
     }
@@ -1336,11 +1332,7 @@ fn gc(store: &Store, keep: i64, json: bool) -> anyhow::Result<i32> {
     // store lock held exclusively, nothing is writing there now.
     if let Ok(entries) = std::fs::read_dir(store.root.join("objects/tmp")) {
         for e in entries.flatten() {
-            let _ = if e.file_type().is_ok_and(|t| t.is_dir()) {
-                std::fs::remove_dir_all(e.path())
-            } else {
-                std::fs::remove_file(e.path())
-            };
+            let _ = crate::store::walk::remove_tree(&e.path());
         }
     }
     let mut blobs = std::collections::HashSet::new();

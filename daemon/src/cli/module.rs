@@ -592,7 +592,7 @@ fn export(store: &Store, spec: &str, output: &Path) -> anyhow::Result<i32> {
     let m = find(store, spec)?;
     let tmp = tempdir_in(store)?;
     let result = export_in(store, &m, &tmp, output);
-    let _ = std::fs::remove_dir_all(&tmp);
+    let _ = crate::store::walk::remove_tree(&tmp);
     result
 }
 
@@ -763,6 +763,6 @@ fn import(store: &Store, file: &Path, json: bool) -> anyhow::Result<i32> {
             json,
         )
     })();
-    let _ = std::fs::remove_dir_all(&tmp);
+    let _ = crate::store::walk::remove_tree(&tmp);
     result
 }

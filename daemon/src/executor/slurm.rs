@@ -385,7 +385,7 @@ impl Drop for CancelOnDrop {
         if let Some(job) = self.job.take() {
             cancel_blocking(&job);
         }
-        let _ = std::fs::remove_dir_all(&self.staging);
+        let _ = crate::store::walk::remove_tree(&self.staging);
     }
 }
 

@@ -37,29 +37,27 @@ pub fn publish(artifacts: &ArtifactStore, digest: &str, dest: &Path) -> Result<(
         .unwrap_or_default();
     static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let prefix = format!(".{name}.millrace-");
-    remove_stale_staging(parent, &prefix);
-    let staging = parent.join(format!("{prefix}{}-{seq}", std::process::id()));
+    remove_stale_staging(dest);
+    let staging = parent.join(format!(
+        "{}{}-{seq}",
+        staging_prefix(&name),
+        std::process::id()
+    ));
     if staging.exists() {
-        std::fs::remove_dir_all(&staging).map_err(io(&staging))?;
+        crate::store::walk::remove_tree(&staging).map_err(io(&staging))?;
     }
     artifacts.export(digest, &staging)?;
     sync_tree(&staging);
     let result = if dest.exists() {
         exchange(&staging, dest).map_err(io(dest)).and_then(|()| {
             // `staging` now holds the old content, which may have been a file.
-            if staging.is_dir() {
-                std::fs::remove_dir_all(&staging)
-            } else {
-                std::fs::remove_file(&staging)
-            }
-            .map_err(io(&staging))
+            crate::store::walk::remove_tree(&staging).map_err(io(&staging))
         })
     } else {
         std::fs::rename(&staging, dest).map_err(io(dest))
     };
     if result.is_err() && staging.exists() {
-        let _ = std::fs::remove_dir_all(&staging);
+        let _ = crate::store::walk::remove_tree(&staging);
     }
     result?;
     if let Ok(d) = std::fs::File::open(parent) {
@@ -68,9 +66,19 @@ pub fn publish(artifacts: &ArtifactStore, digest: &str, dest: &Path) -> Result<(
     Ok(())
 }
 
-/// Removes the staging copies (`<prefix><pid>-<seq>`) that a killed process left
-/// beside the destination: those of processes that no longer exist.
-fn remove_stale_staging(parent: &Path, prefix: &str) {
+/// The staging copies of `<name>` are `.<name>.millrace-<pid>-<seq>` beside it.
+fn staging_prefix(name: &str) -> String {
+    format!(".{name}.millrace-")
+}
+
+/// Removes the staging copies that killed processes left beside `dest`: those of
+/// processes that no longer exist.
+pub fn remove_stale_staging(dest: &Path) {
+    let (Some(parent), Some(name)) = (dest.parent(), dest.file_name()) else {
+        return;
+    };
+    let prefix = staging_prefix(&name.to_string_lossy());
+    let prefix = prefix.as_str();
     let Ok(entries) = std::fs::read_dir(parent) else {
         return;
     };
@@ -86,11 +94,7 @@ fn remove_stale_staging(parent: &Path, prefix: &str) {
         };
         if pid != std::process::id() as i32 && !process_exists(pid) {
             let path = e.path();
-            let _ = if e.file_type().is_ok_and(|t| t.is_dir()) {
-                std::fs::remove_dir_all(&path)
-            } else {
-                std::fs::remove_file(&path)
-            };
+            let _ = crate::store::walk::remove_tree(&path);
         }
     }
 }
