@@ -211,6 +211,7 @@ pub fn parse_bytes(path: &Path, bytes: Vec<u8>) -> (Option<Config>, Report) {
 
 pub fn parse(path: &Path, text: String) -> (Option<Config>, Report) {
     let source = SourceFile::new(path, text);
+    crate::diagnostic::reset_hint_budget();
     let mut w = Walker { diags: Vec::new() };
     let (doc, errors) = DeTable::parse_recoverable(&source.text);
     for e in &errors {

@@ -359,6 +359,7 @@ pub fn parse_bytes(path: &Path, bytes: Vec<u8>, env: &Environment) -> (Option<Pi
 /// relative paths.
 pub fn parse(path: &Path, text: String, env: &Environment) -> (Option<Pipeline>, Report) {
     let source = SourceFile::new(path, text);
+    crate::diagnostic::reset_hint_budget();
     let mut w = Walker { diags: Vec::new() };
     let pipeline = {
         let (doc, errors) = DeTable::parse_recoverable(&source.text);

@@ -510,11 +510,44 @@ impl Engine {
     ) -> Result<RunSummary, RunError> {
         let started = Instant::now();
         let _lock = match RunLock::acquire(&self.store, run_id) {
-            Some(l) => l,
-            None => return Err(RunError::Busy(run_id)),
+            Ok(Some(l)) => l,
+            Ok(None) => return Err(RunError::Busy(run_id)),
+            Err(source) => {
+                return Err(RunError::Store(StoreError::Dir {
+                    path: self.store.root.join("locks"),
+                    source,
+                }));
+            }
         };
-        // Held until the run ends; a `gc` sweeping now finishes first.
-        let _store_lock = tokio::task::block_in_place(|| self.store.lock_shared())?;
+        // Held until the run ends; a `gc` sweeping now finishes first (a cancel or
+        // a shutdown meanwhile ends the wait).
+        let stop = || cancel.is_cancelled() || self.is_draining();
+        let Some(_store_lock) =
+            tokio::task::block_in_place(|| self.store.lock_shared_unless(&stop))?
+        else {
+            let status = if self.is_draining() {
+                // Left as it was (queued or running): the next start takes it up.
+                "interrupted"
+            } else {
+                self.store.db().read().set_run_status(
+                    run_id,
+                    "cancelled",
+                    Some("cancelled while it waited for gc to finish"),
+                )?;
+                "cancelled"
+            };
+            return Ok(RunSummary {
+                run_id,
+                pipeline: p.name.get_ref().clone(),
+                status: status.into(),
+                executed: 0,
+                reused: 0,
+                failed: 0,
+                skipped: 0,
+                cancelled: 0,
+                seconds: started.elapsed().as_secs_f64(),
+            });
+        };
         let result = self
             .execute_locked(run_id, p, params, no_reuse, events, cancel, started)
             .await;
@@ -818,24 +851,19 @@ impl Engine {
             .datastores
             .path(input.datastore.get_ref(), &p.dir)
             .join(input.path.get_ref());
-        let Ok(real) = path.canonicalize() else {
+        if !path.exists() {
             return Err(RunError::Input {
                 name: name.clone(),
                 detail: format!("not found: {}", path.display()),
             });
-        };
-        let state = self
-            .store
-            .root
-            .canonicalize()
-            .unwrap_or(self.store.root.clone());
-        if state.starts_with(&real) {
+        }
+        if self.store.overlaps(&path) {
             return Err(RunError::Input {
                 name: name.clone(),
                 detail: format!(
-                    "{} contains the state directory {}: a step would see the API token, the database and the logs; point the input at a subdirectory, or keep the state elsewhere (--state, MILLRACE_STATE)",
+                    "{} overlaps the state directory {} (it lies inside it or holds it): a step would see the API token, the database and the logs; point the input at data outside the state, or keep the state elsewhere (--state, MILLRACE_STATE)",
                     path.display(),
-                    state.display()
+                    self.store.root.display()
                 ),
             });
         }
@@ -1071,6 +1099,11 @@ fn code_snapshot(
         return Ok(d.clone());
     }
     let err = |e: String| format!("the code directory {}: {e}", dir.display());
+    if store.inside(dir) {
+        return Err(err(
+            "it lies inside the state directory; a step must not see the state".into(),
+        ));
+    }
     let tmp = store.root.join("objects/tmp").join(format!(
         "code-{}-{}",
         std::process::id(),
@@ -1740,13 +1773,13 @@ impl RunContext {
             StepKind::Transfer { .. } => {
                 let source = inputs.get("from").cloned().unwrap_or_default();
                 let dest = self.transfer_destination(i);
-                if let Some(state) = overlaps_state(&dest, &self.engine.store.root) {
+                if self.engine.store.overlaps(&dest) {
                     return Err((
                         None,
                         format!(
                             "transfer to {}: the destination overlaps the state directory {}; choose a path outside it",
                             dest.display(),
-                            state.display()
+                            self.engine.store.root.display()
                         ),
                     ));
                 }
@@ -2699,22 +2732,6 @@ fn record_inputs(
     Ok(())
 }
 
-/// The state directory, when `path` is inside it or holds it (symlinks resolved
-/// as far as `path` exists).
-fn overlaps_state(path: &Path, state: &Path) -> Option<PathBuf> {
-    let state = state.canonicalize().unwrap_or_else(|_| state.to_path_buf());
-    // The destination may not exist yet: resolve its nearest existing ancestor.
-    let mut existing = path;
-    let mut rest = Vec::new();
-    while !existing.exists() {
-        rest.push(existing.file_name()?);
-        existing = existing.parent()?;
-    }
-    let mut real = existing.canonicalize().ok()?;
-    real.extend(rest.iter().rev());
-    (real.starts_with(&state) || state.starts_with(&real)).then_some(state)
-}
-
 /// Removes a sandbox directory, including read-only hard links to blobs.
 /// Removes a directory that holds what a guest wrote: at any depth, never
 /// recursing (see `walk::remove_tree`).
@@ -2727,21 +2744,27 @@ pub struct RunLock {
 }
 
 impl RunLock {
-    pub fn acquire(store: &Store, run: i64) -> Option<RunLock> {
+    /// The lock, `None` while another process holds it, or the error that kept
+    /// us from asking (out of descriptors, say: that is not "busy", and a
+    /// dispatcher taking it for busy would pick the run again at once).
+    pub fn acquire(store: &Store, run: i64) -> std::io::Result<Option<RunLock>> {
         let dir = store.root.join("locks");
-        std::fs::create_dir_all(&dir).ok()?;
+        std::fs::create_dir_all(&dir)?;
         let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
-            .open(dir.join(format!("run-{run}.lock")))
-            .ok()?;
-        file.try_lock().ok()?;
-        Some(RunLock { _file: file })
+            .open(dir.join(format!("run-{run}.lock")))?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(RunLock { _file: file })),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => Err(e),
+        }
     }
 
-    /// Whether some process is driving the run now.
+    /// Whether some process is driving the run now (when we cannot tell, yes:
+    /// the safe answer for gc, recovery and the orphan sweep).
     pub fn is_held(store: &Store, run: i64) -> bool {
-        RunLock::acquire(store, run).is_none()
+        !matches!(RunLock::acquire(store, run), Ok(Some(_)))
     }
 }

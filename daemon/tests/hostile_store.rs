@@ -81,8 +81,8 @@ fn gc_never_removes_what_a_run_is_writing() {
             std::thread::sleep(std::time::Duration::from_millis(20 * i));
         }
         let gc = p.run(&["gc", "--keep", "1"]);
-        let run_status = run.wait().unwrap();
-        assert!(run_status.success(), "run {i} failed");
+        let run = run.wait_with_output().unwrap();
+        assert!(run.status.success(), "run {i} failed: {}", stderr(&run));
         let gc_err = stderr(&gc);
         assert!(
             gc.status.success() || gc_err.contains("in progress"),
@@ -116,10 +116,101 @@ fn an_input_holding_the_state_directory_is_refused() {
         assert_ne!(out.status.code(), Some(0), "{cmd}");
         let err = stderr(&out);
         assert!(
-            err.contains("contains the state directory") && err.contains("input `all`"),
+            err.contains("overlaps the state directory") && err.contains("input `all`"),
             "{cmd}: {err}"
         );
     }
+    // Nor anything inside it, directly or through a symlink.
+    std::os::unix::fs::symlink(p.path(".state"), p.path("link")).unwrap();
+    for inside in [
+        ".state/millrace.db",
+        ".state/logs",
+        "link/objects",
+        "./.state/../.state/logs",
+    ] {
+        let f = p.write(
+            "inside.toml",
+            &format!(
+                "name = \"inside\"\n[inputs.x]\npath = \"{inside}\"\n[[step]]\nname = \"s\"\nwasm = \"{}\"\ninputs = {{ a = \"inputs.x\" }}\n",
+                plugin("noop")
+            ),
+        );
+        let out = p.run(&["run", f.to_str().unwrap()]);
+        assert_ne!(out.status.code(), Some(0), "{inside}");
+        assert!(
+            stderr(&out).contains("overlaps the state directory"),
+            "{inside}: {}",
+            stderr(&out)
+        );
+    }
+    // A Python code directory or a published module inside the state: refused too.
+    p.write(".state/logs/x.py", "print('secret')\n");
+    let f = p.write(
+        "code.toml",
+        "name = \"code\"\n[[step]]\nname = \"s\"\npython = { script = \"x.py\", code = \".state/logs\" }\n",
+    );
+    let out = p.run(&["run", f.to_str().unwrap()]);
+    assert_ne!(out.status.code(), Some(0));
+    let err = format!("{}{}", stderr(&out), step_error(&p, "s"));
+    assert!(err.contains("inside the state directory"), "{err}");
+    let out = p.run(&[
+        "module",
+        "publish",
+        p.path(".state/logs").to_str().unwrap(),
+        "--name",
+        "logs",
+        "--version",
+        "1.0.0",
+        "--entry",
+        "x.py",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("inside the state directory"));
+}
+
+#[test]
+fn a_run_waiting_for_gc_can_be_cancelled() {
+    let p = Project::new();
+    let f = copy_pipeline(&p);
+    p.write("data/a.txt", "x\n");
+    assert!(p.run(&["runs"]).status.success());
+    // A long gc, as the store sees it: the lock held exclusively.
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(p.path(".state/store.lock"))
+        .unwrap();
+    lock.lock().unwrap();
+    let mut run = p
+        .cmd(&["run", &f])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // It waits (its run exists, nothing ran) …
+    crate::common::eventually(30, || {
+        let v = p.json(&["runs"]);
+        match v.as_array().and_then(|a| a.first()) {
+            Some(r) => Ok(r["id"].clone()),
+            None => Err(format!("no run yet: {v}")),
+        }
+    });
+    assert!(run.try_wait().unwrap().is_none(), "the run waits for gc");
+    // … and Ctrl-C ends the wait: cancelled, exit 130.
+    // SAFETY: a signal to our own child.
+    unsafe {
+        libc::kill(run.id() as i32, libc::SIGINT);
+    }
+    let status = crate::common::eventually(30, || {
+        run.try_wait()
+            .unwrap()
+            .ok_or_else(|| "still waiting".to_string())
+    });
+    assert_eq!(status.code(), Some(130));
+    drop(lock);
+    let show = p.json(&["runs", "show", "latest"]);
+    assert_eq!(show["run"]["status"], "cancelled", "{show}");
 }
 
 #[test]

@@ -238,6 +238,14 @@ fn publish(
     }
     let meta = std::fs::metadata(path)
         .map_err(|e| Exit::usage(format!("error: cannot read {}: {e}", path.display())))?;
+    if store.inside(path) {
+        return Err(Exit::usage(format!(
+            "error: {} lies inside the state directory {}; publish code from outside it",
+            path.display(),
+            store.root.display()
+        ))
+        .into());
+    }
     // The code enters the store before a row names it: no gc may sweep meanwhile.
     let _store_lock = store.lock_shared()?;
     let (kind, entry) = if meta.is_dir() {

@@ -313,10 +313,25 @@ async fn error_shape(req: Request, next: Next) -> Response {
 /// (a followed log ends when the daemon stops) for up to 10 s. hyper directly,
 /// rather than `axum::serve`, for its limits, the header timeout and
 /// [`PlainErrors`].
+/// Connections served at once.
+const MAX_CONNECTIONS: usize = 256;
+
 pub async fn serve(listener: tokio::net::TcpListener, app: Router, stop: CancellationToken) {
     use hyper_util::rt::{TokioIo, TokioTimer};
     let mut conns = tokio::task::JoinSet::new();
     loop {
+        // At the cap, the next connection waits in the kernel's backlog: idle
+        // clients cannot take the descriptors that steps, SQLite and the store
+        // need (the guests' caps leave the daemon 512).
+        while conns.len() >= MAX_CONNECTIONS {
+            tokio::select! {
+                _ = conns.join_next() => {}
+                () = stop.cancelled() => break,
+            }
+        }
+        if stop.is_cancelled() {
+            break;
+        }
         let stream = tokio::select! {
             r = listener.accept() => match r {
                 Ok((s, _)) => s,

@@ -1215,8 +1215,10 @@ impl Batch<'_> {
             self.conn
                 .execute("INSERT OR IGNORE INTO keep_runs (id) VALUES (?1)", [id])?;
         }
+        // A run queued or started since `keep` was read is not in it, and is kept.
         let n = self.conn.execute(
-            "DELETE FROM runs WHERE id NOT IN (SELECT id FROM keep_runs)",
+            "DELETE FROM runs WHERE id NOT IN (SELECT id FROM keep_runs)
+               AND status NOT IN ('running', 'queued')",
             [],
         )?;
         self.conn.execute(

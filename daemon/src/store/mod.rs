@@ -146,6 +146,30 @@ impl Store {
         Ok(StoreLock { _file: file })
     }
 
+    /// [`Store::lock_shared`], giving up (`None`) once `stop` says so: a run
+    /// waiting for `gc` can still be cancelled or stopped.
+    pub fn lock_shared_unless(
+        &self,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<Option<StoreLock>, StoreError> {
+        let file = self.lock_file()?;
+        loop {
+            match file.try_lock_shared() {
+                Ok(()) => return Ok(Some(StoreLock { _file: file })),
+                Err(std::fs::TryLockError::WouldBlock) if !stop() => {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(std::fs::TryLockError::WouldBlock) => return Ok(None),
+                Err(std::fs::TryLockError::Error(source)) => {
+                    return Err(StoreError::Dir {
+                        path: self.root.join(LOCK),
+                        source,
+                    });
+                }
+            }
+        }
+    }
+
     /// Takes the store lock exclusively (for `gc`), or `None` while anyone holds it.
     pub fn try_lock_exclusive(&self) -> Result<Option<StoreLock>, StoreError> {
         let file = self.lock_file()?;
@@ -167,6 +191,46 @@ impl Store {
             .write(true)
             .open(&path)
             .map_err(|source| StoreError::Dir { path, source })
+    }
+
+    /// Whether `path` lies inside the state directory (symlinks resolved as far
+    /// as `path` exists; it need not exist).
+    pub fn inside(&self, path: &Path) -> bool {
+        let (state, real) = self.resolved(path);
+        real.is_some_and(|r| r.starts_with(&state))
+    }
+
+    /// Whether `path` lies inside the state directory or holds it: a dataset, a
+    /// code directory or a transfer destination must do neither (a step would see
+    /// the API token, the database and every log).
+    pub fn overlaps(&self, path: &Path) -> bool {
+        let (state, real) = self.resolved(path);
+        real.is_some_and(|r| r.starts_with(&state) || state.starts_with(&r))
+    }
+
+    fn resolved(&self, path: &Path) -> (PathBuf, Option<PathBuf>) {
+        let state = self
+            .root
+            .canonicalize()
+            .unwrap_or_else(|_| self.root.clone());
+        // The path may not exist yet: resolve its nearest existing ancestor.
+        let Ok(absolute) = std::path::absolute(path) else {
+            return (state, None);
+        };
+        let mut existing = absolute.as_path();
+        let mut rest = Vec::new();
+        while !existing.exists() {
+            let (Some(name), Some(parent)) = (existing.file_name(), existing.parent()) else {
+                return (state, None);
+            };
+            rest.push(name.to_os_string());
+            existing = parent;
+        }
+        let real = existing.canonicalize().ok().map(|mut r| {
+            r.extend(rest.iter().rev());
+            r
+        });
+        (state, real)
     }
 
     /// The stat cache as the artifact store asks it.
