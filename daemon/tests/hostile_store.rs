@@ -71,7 +71,7 @@ fn gc_never_removes_what_a_run_is_writing() {
         p.write("data/a.txt", &content);
         // A run and a gc started together: whichever takes the store first, the
         // run's fresh outputs survive.
-        let mut run = p
+        let run = p
             .cmd(&["run", &f])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
