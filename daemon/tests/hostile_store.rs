@@ -476,3 +476,52 @@ fn a_full_disk_fails_a_run_cleanly_and_reads_still_work() {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&check.stdout).trim(), "ok");
 }
+
+#[test]
+fn a_watch_over_the_state_directory_is_not_fired_by_the_daemons_own_writes() {
+    use crate::daemon::Daemon;
+    let p = Project::new();
+    // The glob covers the project, the state directory included.
+    p.write(
+        "pipelines/w.toml",
+        &format!(
+            "name = \"w\"\n[[trigger]]\nwatch = \"../{{drop,.state}}/**\"\ndebounce = \"200ms\"\n[[step]]\nname = \"s\"\nwasm = \"{}\"\n",
+            plugin("noop")
+        ),
+    );
+    let d = Daemon::start(&p);
+    // A drop fires (written again until the watch, past its first look, sees it).
+    let mut i = 0;
+    crate::common::eventually(60, || {
+        // Once a second: each write restarts the 200 ms debounce.
+        if i % 20 == 0 {
+            p.write("drop/a.txt", &format!("{i}\n"));
+        }
+        i += 1;
+        let runs = d.runs("w");
+        if runs.is_empty() {
+            return Err("no run yet".into());
+        }
+        Ok(())
+    });
+    let first = d.runs("w")[0]["id"].as_i64().unwrap();
+    d.wait_status(first, "succeeded");
+    // The run wrote the database and logs; another drop fires the next run, and no
+    // run ever lists a file of the state among what changed.
+    let before = d.runs("w").len();
+    p.write("drop/b.txt", "b\n");
+    let runs = crate::common::eventually(60, || {
+        let runs = d.runs("w");
+        if runs.len() > before && runs.iter().all(|r| r["status"] == "succeeded") {
+            Ok(runs)
+        } else {
+            Err(format!("{runs:?}"))
+        }
+    });
+    for r in &runs {
+        let changed = r["trigger_detail"]["changed"].to_string();
+        assert!(!changed.contains(".state"), "fired by the state: {r}");
+    }
+    assert_eq!(runs.len(), before + 1, "{runs:?}");
+    assert_eq!(d.stop(), 0);
+}

@@ -56,7 +56,7 @@ pub(super) fn start(d: &Arc<Daemon>, p: Arc<Pipeline>, token: CancellationToken)
             }
             TriggerKind::Watch { glob, debounce } => {
                 let files = match FileSet::new(glob.get_ref(), &p.dir) {
-                    Ok(f) => f,
+                    Ok(f) => f.excluding(&d.store().root),
                     Err(e) => {
                         tracing::error!(pipeline = %p.name.get_ref(), "trigger {}: {e}", i + 1);
                         continue;

@@ -27,6 +27,9 @@ pub struct FileSet {
     /// The deepest directory of the glob without wildcards: what is watched.
     pub base: PathBuf,
     matcher: GlobMatcher,
+    /// Never matched (the state directory, as given and resolved: its own writes
+    /// must not fire a run).
+    exclude: Vec<PathBuf>,
 }
 
 pub fn check_glob(glob: &str) -> Result<(), String> {
@@ -70,11 +73,26 @@ impl FileSet {
             dir: dir.to_path_buf(),
             base,
             matcher,
+            exclude: Vec::new(),
         })
     }
 
+    /// The same set without anything under `dir` (the daemon's state directory,
+    /// whose database and logs change with every run).
+    pub fn excluding(mut self, dir: &Path) -> FileSet {
+        self.exclude.push(dir.to_path_buf());
+        if let Ok(real) = dir.canonicalize() {
+            self.exclude.push(real);
+        }
+        self
+    }
+
+    fn excluded(&self, path: &Path) -> bool {
+        self.exclude.iter().any(|x| path.starts_with(x))
+    }
+
     pub fn matches(&self, path: &Path) -> bool {
-        self.matcher.is_match(path)
+        self.matcher.is_match(path) && !self.excluded(path)
     }
 
     /// The matching regular files now, with their sizes and mtimes.
@@ -83,6 +101,14 @@ impl FileSet {
         for e in walkdir::WalkDir::new(&self.base)
             .follow_links(false)
             .into_iter()
+            // A directory reached through a symlinked path is resolved once.
+            .filter_entry(|e| {
+                !self.excluded(e.path())
+                    && !(e.path_is_symlink() || e.file_type().is_dir())
+                        .then(|| e.path().canonicalize().ok())
+                        .flatten()
+                        .is_some_and(|p| self.excluded(&p))
+            })
             .filter_map(Result::ok)
         {
             if e.file_type().is_file()
