@@ -605,7 +605,14 @@ impl Walker {
 
     fn param_value(&mut self, v: &Value<'_>, what: &str) -> Option<ParamValue> {
         Some(match v.get_ref() {
-            DeValue::String(s) => ParamValue::String(s.to_string()),
+            DeValue::String(s) => {
+                // The same rule as for a value given on the command line or the API.
+                if let Err(e) = check_param_value(what.trim_start_matches("params."), s) {
+                    self.error(v.span(), e);
+                    return None;
+                }
+                ParamValue::String(s.to_string())
+            }
             DeValue::Integer(i) => {
                 match i64::from_str_radix(&i.as_str().replace('_', ""), i.radix()) {
                     Ok(i) => ParamValue::Integer(i),
@@ -1454,6 +1461,15 @@ impl Walker {
 
     pub(crate) fn string(&mut self, v: &Value<'_>, what: &str) -> Option<Sp<String>> {
         match v.get_ref() {
+            // No argument, variable or path can hold a NUL: it would be cut where
+            // the step sees it while the cache key kept it.
+            DeValue::String(s) if s.contains('\0') => {
+                self.error(
+                    v.span(),
+                    format!("{what}: the text holds a NUL character (\\u0000), which no argument, variable or path can carry"),
+                );
+                None
+            }
             DeValue::String(s) => Some(Spanned::new(v.span(), s.to_string())),
             _ => {
                 self.wrong_type(v, what, "a string");
