@@ -915,7 +915,10 @@ fn runs_show(store: &Store, run: &str, json: bool) -> anyhow::Result<i32> {
     println!("  experiment  {}", r.experiment);
     println!("  definition  {}", short(&r.definition));
     println!("  trigger     {}", r.trigger);
-    println!("  params      {}", r.params);
+    println!(
+        "  params      {}",
+        crate::store::artifacts::escape_controls(&r.params.to_string())
+    );
     println!(
         "  started     {}  ({})",
         time(r.started_at),
@@ -1088,7 +1091,9 @@ fn metrics(store: &Store, runs: &[String], json: bool) -> anyhow::Result<i32> {
     }
     println!();
     for ((step, name), cells) in table {
-        print!("{:width$}", format!("{step}.{name}"));
+        // Metric names are the guest's text.
+        let shown = crate::store::artifacts::escape_controls(&format!("{step}.{name}"));
+        print!("{shown:width$}");
         for c in cells {
             print!("  {:>16}", c.unwrap_or_else(|| "-".into()));
         }

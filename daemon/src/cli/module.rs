@@ -556,7 +556,10 @@ fn show(store: &Store, spec: &str, args: &PipelinesArgs, json: bool) -> anyhow::
         );
         println!("  published   {}", time(Some(m.published_at)));
         if let Some(d) = &m.description {
-            println!("  description {d}");
+            println!(
+                "  description {}",
+                crate::store::artifacts::escape_controls(d)
+            );
         }
         println!("  history");
         for (e, msg, at) in &history {

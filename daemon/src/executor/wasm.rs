@@ -686,7 +686,11 @@ fn trap_message(e: &wasmtime::Error) -> String {
         msg.push_str(&frames);
         msg.push(')');
     }
-    bounded(msg, TRAP_MESSAGE_MAX)
+    // Function names come from the guest's name section: no escape sequences.
+    bounded(
+        crate::store::artifacts::escape_controls(&msg),
+        TRAP_MESSAGE_MAX,
+    )
 }
 
 /// The innermost frames, a run of one function counted once: "f ← g ×200 ← h …".

@@ -43,12 +43,18 @@ fn shown(p: &Path) -> String {
 /// file name printed to a terminal or a log shows what it is, and `x\r` is not
 /// mistaken for `x`.
 pub fn escape_controls(s: &str) -> String {
-    if !s.chars().any(char::is_control) {
+    // Bidirectional overrides and line separators reorder or break what a
+    // terminal shows as surely as an escape sequence.
+    let hidden = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{2028}' | '\u{2029}')
+    };
+    if !s.chars().any(hidden) {
         return s.to_string();
     }
     s.chars()
         .map(|c| {
-            if c.is_control() {
+            if hidden(c) {
                 c.escape_default().to_string()
             } else {
                 c.to_string()
@@ -817,6 +823,14 @@ fn parse_tree(text: &str) -> Option<Vec<Entry>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn printed_text_cannot_move_the_cursor_or_reorder_itself() {
+        assert_eq!(escape_controls("plain é"), "plain é");
+        assert_eq!(escape_controls("x\r"), "x\\r");
+        assert_eq!(escape_controls("\u{1b}]0;t\u{7}"), "\\u{1b}]0;t\\u{7}");
+        assert_eq!(escape_controls("a\u{202e}b\u{2028}"), "a\\u{202e}b\\u{2028}");
+    }
 
     fn none(_: &Path, _: &FileStat) -> Option<String> {
         None
