@@ -256,7 +256,11 @@ pub fn main() -> i32 {
             return 1;
         }
     };
-    match runtime.block_on(dispatch(cli)) {
+    let result = runtime.block_on(dispatch(cli));
+    // A compile still running on a blocking thread (its run was cancelled) must
+    // not hold the exit: its output is written by rename, so leaving is safe.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    match result {
         Ok(code) => code,
         Err(e) => {
             if let Some(exit) = e.downcast_ref::<Exit>() {

@@ -506,13 +506,21 @@ impl WasmRuntime {
 
     /// Runs the program at `path` (content digest `digest`) in `sandbox`.
     pub async fn run(
-        &self,
+        self: &Arc<Self>,
         path: &Path,
         digest: &str,
         sandbox: Sandbox,
     ) -> Result<Outcome, WasmError> {
-        // Compiling a large module takes minutes: not on a runtime worker's time.
-        let compiled = tokio::task::block_in_place(|| self.prepare(path, digest))?;
+        // Compiling a large module takes minutes: not on a runtime worker's time,
+        // and not beyond a cancel or a shutdown, which drop this future (the
+        // compile finishes on its thread and is cached). The step's timeout
+        // starts once the code is ready: a first compile is not the step's fault.
+        let compiled = {
+            let (rt, path, digest) = (self.clone(), path.to_path_buf(), digest.to_string());
+            tokio::task::spawn_blocking(move || rt.prepare(&path, &digest))
+                .await
+                .map_err(|e| WasmError::Engine(format!("the compile stopped: {e}")))??
+        };
         let mut b = WasiCtxBuilder::new();
         // File operations are short: doing them on this thread avoids a hand-off to
         // tokio's blocking pool (a thread wake-up) for every guest read and write.
