@@ -1,6 +1,6 @@
 //! csv-join: the fan-in step. Concatenates CSV files or merges JSON files.
 
-use csvkit::{Error, csv, ops, step};
+use csvkit::{Error, csv, json, ops, step};
 use std::path::PathBuf;
 
 const USAGE: &str = "\
@@ -91,7 +91,7 @@ fn main() {
                 };
                 parts.push((name.clone(), step::read_json(&path)?));
             }
-            step::write_file(&dest.join("joined.json"), ops::merge_json(parts).to_pretty())?;
+            step::write_file(&dest.join("joined.json"), json::to_pretty(&ops::merge_json(parts)))?;
             eprintln!("csv-join: {} JSON inputs merged", names.len());
             step::metrics(&[("inputs", names.len() as f64, None)])
         }

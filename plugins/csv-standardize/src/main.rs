@@ -1,6 +1,6 @@
 //! csv-standardize: z-scores of numeric columns.
 
-use csvkit::{Error, csv, ops, step};
+use csvkit::{Error, csv, json, ops, step};
 
 const USAGE: &str = "\
 csv-standardize: replace numeric values by z-scores (x - mean) / std (sample std)
@@ -30,13 +30,10 @@ fn main() {
         let table = step::read_csv(&path)?;
         let (out, params) = ops::standardize(table, columns.as_deref())
             .map_err(|e| Error::fail(format!("{}: {e}", path.display())))?;
-        let ncols = match params.get("columns") {
-            Some(csvkit::json::Json::Obj(c)) => c.len(),
-            _ => 0,
-        };
+        let ncols = params["columns"].as_object().map_or(0, |c| c.len());
         let dest = step::output_dir(&output)?;
         step::write_file(&dest.join("data.csv"), csv::write(&out))?;
-        step::write_file(&dest.join("params.json"), params.to_pretty())?;
+        step::write_file(&dest.join("params.json"), json::to_pretty(&params))?;
         eprintln!("csv-standardize: {}: {} rows, {ncols} columns standardised", path.display(), out.rows.len());
         step::metrics(&[("rows", out.rows.len() as f64, None), ("columns", ncols as f64, None)])
     })

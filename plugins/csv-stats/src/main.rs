@@ -29,7 +29,7 @@ fn main() {
         let table = step::read_csv(&path)?;
         let (json, means) =
             ops::stats(&table, columns.as_deref()).map_err(|e| Error::fail(format!("{}: {e}", path.display())))?;
-        step::write_file(&step::output_dir(&output)?.join("stats.json"), json.to_pretty())?;
+        step::write_file(&step::output_dir(&output)?.join("stats.json"), csvkit::json::to_pretty(&json))?;
         eprintln!("csv-stats: {}: {} rows, {} numeric columns", path.display(), table.rows.len(), means.len());
         let mut m: Vec<(&str, f64, Option<u64>)> = vec![("rows", table.rows.len() as f64, None)];
         m.extend(means.iter().map(|(n, v)| (n.as_str(), *v, None)));

@@ -2,7 +2,7 @@
 
 use crate::csv::Table;
 use crate::filter::Filter;
-use crate::json::{Json, fmt_num};
+use crate::json::{Map, Value, fmt_num, json, num, opt_num};
 use crate::stats::{is_missing, numeric_columns, summarize};
 
 /// Shard `index` (1-based) of `count`: a contiguous block of rows, so concatenating
@@ -79,7 +79,7 @@ pub fn clean(t: Table, o: &CleanOpts) -> Result<Table, String> {
 /// `{"rows": N, "columns": {NAME: {count, mean, std, min, max, median}}, "non_numeric": [...]}`
 /// (`non_numeric`, the columns that were skipped, only when `columns` is `None`)
 /// plus `(NAME.mean, mean)` metrics.
-pub fn stats(t: &Table, columns: Option<&[String]>) -> Result<(Json, Vec<(String, f64)>), String> {
+pub fn stats(t: &Table, columns: Option<&[String]>) -> Result<(Value, Vec<(String, f64)>), String> {
     let cols = numeric_columns(t, columns)?;
     if cols.is_empty() {
         return Err(format!(
@@ -88,59 +88,44 @@ pub fn stats(t: &Table, columns: Option<&[String]>) -> Result<(Json, Vec<(String
             t.header.join(", ")
         ));
     }
-    let mut per = Vec::new();
+    let mut per = Map::new();
     let mut metrics = Vec::new();
     for (_, name, vals) in &cols {
         let v: Vec<f64> = vals.iter().flatten().copied().collect();
         let entry = match summarize(&v) {
             Some(s) => {
                 metrics.push((format!("{name}.mean"), s.mean));
-                Json::obj(vec![
-                    ("count", Json::num(s.count as f64)),
-                    ("mean", Json::num(s.mean)),
-                    ("std", Json::opt_num(s.std)),
-                    ("min", Json::num(s.min)),
-                    ("max", Json::num(s.max)),
-                    ("median", Json::num(s.median)),
-                ])
+                json!({
+                    "count": s.count,
+                    "mean": num(s.mean),
+                    "std": opt_num(s.std),
+                    "min": num(s.min),
+                    "max": num(s.max),
+                    "median": num(s.median),
+                })
             }
-            None => Json::obj(vec![
-                ("count", Json::num(0.0)),
-                ("mean", Json::Null),
-                ("std", Json::Null),
-                ("min", Json::Null),
-                ("max", Json::Null),
-                ("median", Json::Null),
-            ]),
+            None => json!({"count": 0, "mean": null, "std": null, "min": null, "max": null, "median": null}),
         };
-        per.push((name.clone(), entry));
+        per.insert(name.clone(), entry);
     }
-    let mut fields = vec![
-        ("rows".to_string(), Json::num(t.rows.len() as f64)),
-        ("columns".to_string(), Json::Obj(per)),
-    ];
+    let mut out = json!({"rows": t.rows.len(), "columns": per});
     if columns.is_none() {
-        let non_numeric: Vec<Json> = t
-            .header
-            .iter()
-            .enumerate()
-            .filter(|(c, _)| !cols.iter().any(|(nc, _, _)| nc == c))
-            .map(|(_, h)| Json::str(h.clone()))
-            .collect();
-        fields.push(("non_numeric".to_string(), Json::Arr(non_numeric)));
+        let non_numeric: Vec<&String> =
+            t.header.iter().enumerate().filter(|(c, _)| !cols.iter().any(|(nc, _, _)| nc == c)).map(|(_, h)| h).collect();
+        out["non_numeric"] = json!(non_numeric);
     }
-    Ok((Json::Obj(fields), metrics))
+    Ok((out, metrics))
 }
 
 /// z-scores `(x - mean) / std` (sample std) of the numeric columns (or of `columns`);
 /// missing cells stay empty, other columns are unchanged, a constant column becomes 0.
 /// Returns the new table and `{"rows": N, "columns": {NAME: {"mean": m, "std": s}}}`.
-pub fn standardize(mut t: Table, columns: Option<&[String]>) -> Result<(Table, Json), String> {
+pub fn standardize(mut t: Table, columns: Option<&[String]>) -> Result<(Table, Value), String> {
     let cols = numeric_columns(&t, columns)?;
     if cols.is_empty() {
         return Err(format!("no numeric column to standardise (columns: {})", t.header.join(", ")));
     }
-    let mut params = Vec::new();
+    let mut params = Map::new();
     for (c, name, vals) in cols {
         let v: Vec<f64> = vals.iter().flatten().copied().collect();
         let s = summarize(&v);
@@ -155,12 +140,9 @@ pub fn standardize(mut t: Table, columns: Option<&[String]>) -> Result<(Table, J
                 row[c] = fmt_num(z);
             }
         }
-        params.push((name, Json::obj(vec![("mean", Json::opt_num(mean)), ("std", Json::opt_num(std))])));
+        params.insert(name, json!({"mean": opt_num(mean), "std": opt_num(std)}));
     }
-    let json = Json::Obj(vec![
-        ("rows".to_string(), Json::num(t.rows.len() as f64)),
-        ("columns".to_string(), Json::Obj(params)),
-    ]);
+    let json = json!({"rows": t.rows.len(), "columns": params});
     Ok((t, json))
 }
 
@@ -198,14 +180,15 @@ pub fn concat(parts: Vec<(String, Table)>) -> Result<Table, String> {
 }
 
 /// `{NAME: value, ...}` in the given order.
-pub fn merge_json(parts: Vec<(String, Json)>) -> Json {
-    Json::Obj(parts)
+pub fn merge_json(parts: Vec<(String, Value)>) -> Value {
+    Value::Object(parts.into_iter().collect())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::csv::{parse, write};
+    use crate::json::to_compact;
 
     fn table(s: &str) -> Table {
         parse(s).unwrap()
@@ -258,7 +241,7 @@ mod tests {
         let t = table("a,b,c\n1,x,\n2,y,\n3,z,\n");
         let (j, m) = stats(&t, None).unwrap();
         assert_eq!(
-            j.to_compact(),
+            to_compact(&j),
             r#"{"rows":3,"columns":{"a":{"count":3,"mean":2,"std":1,"min":1,"max":3,"median":2}},"non_numeric":["b","c"]}"#
         );
         assert_eq!(m, vec![("a.mean".to_string(), 2.0)]);
@@ -272,7 +255,7 @@ mod tests {
         let (out, p) = standardize(t, None).unwrap();
         assert_eq!(write(&out), "a,b,k\n-1,0,x\n0,0,y\n1,,z\n");
         assert_eq!(
-            p.to_compact(),
+            to_compact(&p),
             r#"{"rows":3,"columns":{"a":{"mean":2,"std":1},"b":{"mean":5,"std":0}}}"#
         );
         let (out, _) = standardize(table("a,b\n1,10\n3,30\n"), Some(&["b".to_string()])).unwrap();
