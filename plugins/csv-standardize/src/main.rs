@@ -1,5 +1,6 @@
 //! csv-standardize: z-scores of numeric columns.
 
+use csvkit::args::{self, Long, once};
 use csvkit::{Error, csv, json, ops, step};
 
 const USAGE: &str = "\
@@ -18,12 +19,20 @@ params.json: {\"rows\": N, \"columns\": {COL: {\"mean\": M, \"std\": S}}}.
 Metrics: rows, columns (how many were standardised).";
 
 fn main() {
-    csvkit::run("csv-standardize", USAGE, |args| {
-        let input = args.opt("input")?;
-        let file = args.opt("file")?;
-        let output = args.opt_or("output", "features")?;
-        let columns = args.list("columns")?;
-        args.finish()?;
+    csvkit::run("csv-standardize", USAGE, |p| {
+        let (mut input, mut file, mut output, mut columns) = (vec![], vec![], vec![], vec![]);
+        while let Some(arg) = p.next()? {
+            match arg {
+                Long("input") => input.push(args::value(p, "input")?),
+                Long("file") => file.push(args::value(p, "file")?),
+                Long("output") => output.push(args::value(p, "output")?),
+                Long("columns") => columns.push(args::value(p, "columns")?),
+                arg => return Err(arg.unexpected().into()),
+            }
+        }
+        let (input, file) = (once("input", input)?, once("file", file)?);
+        let output = once("output", output)?.unwrap_or_else(|| "features".into());
+        let columns = args::list("columns", columns)?;
 
         let dir = step::input_dir(input.as_deref(), "data")?;
         let path = step::find_file(&dir, &["csv"], file.as_deref())?;

@@ -12,4 +12,4 @@ pub mod ops;
 pub mod stats;
 pub mod step;
 
-pub use args::{Args, Error, run};
+pub use args::{Error, run};
