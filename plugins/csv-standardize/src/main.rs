@@ -39,7 +39,7 @@ fn main() {
         let table = step::read_csv(&path)?;
         let (out, params) = ops::standardize(table, columns.as_deref())
             .map_err(|e| Error::fail(format!("{}: {e}", path.display())))?;
-        let ncols = params["columns"].as_object().map_or(0, |c| c.len());
+        let ncols = params.columns.0.len();
         let dest = step::output_dir(&output)?;
         step::write_file(&dest.join("data.csv"), csv::write(&out))?;
         step::write_file(&dest.join("params.json"), json::to_pretty(&params))?;

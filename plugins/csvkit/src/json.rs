@@ -1,21 +1,35 @@
 //! JSON through `serde_json` (features `preserve_order`: objects keep their key order;
 //! `arbitrary_precision`: a number keeps its digits, so merging files never rounds one;
-//! serde_json does write an exponent as `e+N`/`e-N`, so `1E3` and `1e300` come out as
-//! `1e+3` and `1e+300`).
+//! serde_json does write an exponent read from a file as `e+N`/`e-N`, so `1E3` comes out
+//! as `1e+3`). The plugins' own numbers are `Num`s, written as `fmt_num` writes them.
 
+use serde::{Serialize, Serializer};
 pub use serde_json::{Map, Value, json};
 
-/// A finite number as the shortest text that reads back as exactly `v` (`1`, `0.25`,
-/// `1e+300`, `-1.5e-9`), or `null` for NaN and infinities (JSON has no such numbers).
-pub fn num(v: f64) -> Value {
-    match fmt_num(v).parse() {
-        Ok(n) if v.is_finite() => Value::Number(n),
-        _ => Value::Null,
+/// A number in the plugins' own output: `fmt_num`'s text (`1`, `0.25`, `1e300`), `null`
+/// when missing or not finite.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Num(pub Option<f64>);
+
+impl Serialize for Num {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0.filter(|v| v.is_finite()) {
+            Some(v) => serde_json::value::RawValue::from_string(fmt_num(v))
+                .map_err(serde::ser::Error::custom)?
+                .serialize(s),
+            None => s.serialize_unit(),
+        }
     }
 }
 
-pub fn opt_num(v: Option<f64>) -> Value {
-    v.map_or(Value::Null, num)
+/// A JSON object with its keys in this order (a name may repeat).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ordered<T>(pub Vec<(String, T)>);
+
+impl<T: Serialize> Serialize for Ordered<T> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.0.iter().map(|(k, v)| (k, v)))
+    }
 }
 
 /// Shortest text that reads back as exactly `v`; plain decimal for ordinary magnitudes,
@@ -26,12 +40,12 @@ pub fn fmt_num(v: f64) -> String {
 }
 
 /// Compact, one line.
-pub fn to_compact(v: &Value) -> String {
-    v.to_string()
+pub fn to_compact(v: &impl Serialize) -> String {
+    serde_json::to_string(v).unwrap_or_default()
 }
 
 /// Indented by two spaces, with a final newline.
-pub fn to_pretty(v: &Value) -> String {
+pub fn to_pretty(v: &impl Serialize) -> String {
     let mut s = serde_json::to_string_pretty(v).unwrap_or_default();
     s.push('\n');
     s
@@ -80,16 +94,20 @@ mod tests {
     }
 
     #[test]
+    fn own_numbers_keep_their_text() {
+        let o = Ordered(vec![("a".into(), Num(Some(1e300))), ("b".into(), Num(None)), ("a".into(), Num(Some(2.0)))]);
+        assert_eq!(to_compact(&o), r#"{"a":1e300,"b":null,"a":2}"#);
+        assert_eq!(to_pretty(&json!([])), "[]\n");
+        assert_eq!(to_compact(&Num(Some(f64::NAN))), "null");
+        assert_eq!(to_compact(&Num(Some(-1.5e-9))), "-1.5e-9");
+    }
+
+    #[test]
     fn numbers() {
-        assert_eq!(to_compact(&num(1.0)), "1");
-        assert_eq!(to_compact(&num(0.25)), "0.25");
-        assert_eq!(num(f64::NAN), Value::Null);
-        assert_eq!(num(f64::INFINITY), Value::Null);
-        assert_eq!(to_compact(&num(1e300)), "1e+300");
-        assert_eq!(to_compact(&num(-1.5e-9)), "-1.5e-9");
-        assert_eq!(to_compact(&opt_num(None)), "null");
+        let n = |v| to_compact(&Num(Some(v)));
+        assert_eq!((n(1.0), n(0.25), n(1e300), n(f64::INFINITY)), ("1".into(), "0.25".into(), "1e300".into(), "null".into()));
         for v in [1e300, -1.5e-9, 123.456, 0.0, 1e16, 9.99e15] {
-            assert_eq!(parse(&to_compact(&num(v))).unwrap().as_f64(), Some(v));
+            assert_eq!(parse(&n(v)).unwrap().as_f64(), Some(v));
         }
     }
 }

@@ -2,8 +2,9 @@
 
 use crate::csv::Table;
 use crate::filter::Filter;
-use crate::json::{Map, Value, fmt_num, json, num, opt_num};
-use crate::stats::{is_missing, numeric_columns, summarize};
+use crate::json::{Num, Ordered, Value, fmt_num};
+use serde::Serialize;
+use crate::stats::{Summary, is_missing, numeric_columns, summarize};
 
 /// Shard `index` (1-based) of `count`: a contiguous block of rows, so concatenating
 /// shards 1..=count in order gives back the input.
@@ -75,11 +76,29 @@ pub fn clean(t: Table, o: &CleanOpts) -> Result<Table, String> {
     Ok(Table { header: project(&t.header), rows: rows.iter().map(|r| project(r)).collect() })
 }
 
-/// Statistics of the numeric columns (or of `columns`):
-/// `{"rows": N, "columns": {NAME: {count, mean, std, min, max, median}}, "non_numeric": [...]}`
-/// (`non_numeric`, the columns that were skipped, only when `columns` is `None`)
-/// plus `(NAME.mean, mean)` metrics.
-pub fn stats(t: &Table, columns: Option<&[String]>) -> Result<(Value, Vec<(String, f64)>), String> {
+/// `stats.json`: `{"rows": N, "columns": {NAME: {count, mean, std, min, max, median}},
+/// "non_numeric": [...]}`.
+#[derive(Debug, Serialize)]
+pub struct Stats {
+    pub rows: usize,
+    pub columns: Ordered<ColumnStats>,
+    /// The columns that were skipped, only when no columns were named.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub non_numeric: Option<Vec<String>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ColumnStats {
+    pub count: usize,
+    pub mean: Num,
+    pub std: Num,
+    pub min: Num,
+    pub max: Num,
+    pub median: Num,
+}
+
+/// Statistics of the numeric columns (or of `columns`), plus `(NAME.mean, mean)` metrics.
+pub fn stats(t: &Table, columns: Option<&[String]>) -> Result<(Stats, Vec<(String, f64)>), String> {
     let cols = numeric_columns(t, columns)?;
     if cols.is_empty() {
         return Err(format!(
@@ -88,44 +107,55 @@ pub fn stats(t: &Table, columns: Option<&[String]>) -> Result<(Value, Vec<(Strin
             t.header.join(", ")
         ));
     }
-    let mut per = Map::new();
+    let mut per = Vec::new();
     let mut metrics = Vec::new();
     for (_, name, vals) in &cols {
         let v: Vec<f64> = vals.iter().flatten().copied().collect();
-        let entry = match summarize(&v) {
-            Some(s) => {
-                metrics.push((format!("{name}.mean"), s.mean));
-                json!({
-                    "count": s.count,
-                    "mean": num(s.mean),
-                    "std": opt_num(s.std),
-                    "min": num(s.min),
-                    "max": num(s.max),
-                    "median": num(s.median),
-                })
-            }
-            None => json!({"count": 0, "mean": null, "std": null, "min": null, "max": null, "median": null}),
-        };
-        per.insert(name.clone(), entry);
+        let s = summarize(&v);
+        if let Some(s) = &s {
+            metrics.push((format!("{name}.mean"), s.mean));
+        }
+        let f = |get: fn(&Summary) -> f64| Num(s.as_ref().map(get));
+        per.push((
+            name.clone(),
+            ColumnStats {
+                count: v.len(),
+                mean: f(|s| s.mean),
+                std: Num(s.as_ref().and_then(|s| s.std)),
+                min: f(|s| s.min),
+                max: f(|s| s.max),
+                median: f(|s| s.median),
+            },
+        ));
     }
-    let mut out = json!({"rows": t.rows.len(), "columns": per});
-    if columns.is_none() {
-        let non_numeric: Vec<&String> =
-            t.header.iter().enumerate().filter(|(c, _)| !cols.iter().any(|(nc, _, _)| nc == c)).map(|(_, h)| h).collect();
-        out["non_numeric"] = json!(non_numeric);
-    }
-    Ok((out, metrics))
+    let non_numeric = columns.is_none().then(|| {
+        let numeric = |c: usize| cols.iter().any(|(nc, _, _)| *nc == c);
+        t.header.iter().enumerate().filter(|(c, _)| !numeric(*c)).map(|(_, h)| h.clone()).collect()
+    });
+    Ok((Stats { rows: t.rows.len(), columns: Ordered(per), non_numeric }, metrics))
+}
+
+/// `params.json`: `{"rows": N, "columns": {NAME: {"mean": m, "std": s}}}`.
+#[derive(Debug, Serialize)]
+pub struct Params {
+    pub rows: usize,
+    pub columns: Ordered<ColumnParams>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ColumnParams {
+    pub mean: Num,
+    pub std: Num,
 }
 
 /// z-scores `(x - mean) / std` (sample std) of the numeric columns (or of `columns`);
 /// missing cells stay empty, other columns are unchanged, a constant column becomes 0.
-/// Returns the new table and `{"rows": N, "columns": {NAME: {"mean": m, "std": s}}}`.
-pub fn standardize(mut t: Table, columns: Option<&[String]>) -> Result<(Table, Value), String> {
+pub fn standardize(mut t: Table, columns: Option<&[String]>) -> Result<(Table, Params), String> {
     let cols = numeric_columns(&t, columns)?;
     if cols.is_empty() {
         return Err(format!("no numeric column to standardise (columns: {})", t.header.join(", ")));
     }
-    let mut params = Map::new();
+    let mut params = Vec::new();
     for (c, name, vals) in cols {
         let v: Vec<f64> = vals.iter().flatten().copied().collect();
         let s = summarize(&v);
@@ -140,10 +170,10 @@ pub fn standardize(mut t: Table, columns: Option<&[String]>) -> Result<(Table, V
                 row[c] = fmt_num(z);
             }
         }
-        params.insert(name, json!({"mean": opt_num(mean), "std": opt_num(std)}));
+        params.push((name, ColumnParams { mean: Num(mean), std: Num(std) }));
     }
-    let json = json!({"rows": t.rows.len(), "columns": params});
-    Ok((t, json))
+    let rows = t.rows.len();
+    Ok((t, Params { rows, columns: Ordered(params) }))
 }
 
 /// Concatenates tables that have the same columns (a different column order is
@@ -245,6 +275,11 @@ mod tests {
             r#"{"rows":3,"columns":{"a":{"count":3,"mean":2,"std":1,"min":1,"max":3,"median":2}},"non_numeric":["b","c"]}"#
         );
         assert_eq!(m, vec![("a.mean".to_string(), 2.0)]);
+        let (j, _) = stats(&table("a\n1e300\n\n"), Some(&["a".to_string(), "a".to_string()])).unwrap();
+        assert_eq!(
+            to_compact(&j),
+            r#"{"rows":1,"columns":{"a":{"count":1,"mean":1e300,"std":null,"min":1e300,"max":1e300,"median":1e300},"a":{"count":1,"mean":1e300,"std":null,"min":1e300,"max":1e300,"median":1e300}}}"#
+        );
         assert!(stats(&table("b\nx\n"), None).unwrap_err().contains("no numeric column"));
         assert!(stats(&t, Some(&["b".to_string()])).unwrap_err().contains("not a number"));
     }

@@ -3,7 +3,7 @@
 
 use crate::args::Error;
 use crate::csv::{self, Table};
-use crate::json::{Value, json, num, to_compact};
+use crate::json::{Num, Value, to_compact};
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -155,11 +155,14 @@ pub fn write_file(path: &Path, contents: impl AsRef<[u8]>) -> Result<(), Error> 
 
 /// One metrics line: `{"name":N,"value":V}` or with `"step":S`.
 pub fn metric_line(name: &str, value: f64, step: Option<u64>) -> String {
-    let mut line = json!({"name": name, "value": num(value)});
-    if let Some(step) = step {
-        line["step"] = json!(step);
+    #[derive(serde::Serialize)]
+    struct Metric<'a> {
+        name: &'a str,
+        value: Num,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        step: Option<u64>,
     }
-    to_compact(&line) + "\n"
+    to_compact(&Metric { name, value: Num(Some(value)), step }) + "\n"
 }
 
 /// Appends metrics to `$MILLRACE_METRICS`; does nothing when it is not set
