@@ -1,5 +1,6 @@
 //! csv-clean: filter, select and shard the rows of a CSV file.
 
+use csvkit::args::{self, Long, once};
 use csvkit::filter::Filter;
 use csvkit::ops::{CleanOpts, Shard, clean};
 use csvkit::{Error, csv, step};
@@ -26,20 +27,28 @@ usage: csv-clean [--input NAME] [--file FILE] [--output NAME] [--select COL,...]
 Order: filter, drop-na, shard, select, min-rows. Metrics: rows_in, rows_out.";
 
 fn main() {
-    csvkit::run("csv-clean", USAGE, |args| {
-        let input = args.opt("input")?;
-        let file = args.opt("file")?;
-        let output = args.opt_or("output", "clean")?;
-        let select = args.list("select")?;
-        let drop_na = args.flag("drop-na")?;
-        let filters = args
-            .opt_all("filter")?
-            .iter()
-            .map(|f| Filter::parse(f).map_err(Error::usage))
-            .collect::<Result<Vec<_>, _>>()?;
-        let shard = args.opt("shard")?.map(|s| Shard::parse(&s).map_err(Error::usage)).transpose()?;
-        let min_rows: usize = args.parsed("min-rows", 0)?;
-        args.finish()?;
+    csvkit::run("csv-clean", USAGE, |p| {
+        let (mut input, mut file, mut output, mut select, mut filters, mut shard, mut min_rows) =
+            (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+        let mut drop_na = false;
+        while let Some(arg) = p.next()? {
+            match arg {
+                Long("input") => input.push(args::value(p, "input")?),
+                Long("file") => file.push(args::value(p, "file")?),
+                Long("output") => output.push(args::value(p, "output")?),
+                Long("select") => select.push(args::value(p, "select")?),
+                Long("drop-na") => drop_na = args::flag(p, "drop-na")?,
+                Long("filter") => filters.push(Filter::parse(&args::value(p, "filter")?).map_err(Error::usage)?),
+                Long("shard") => shard.push(args::value(p, "shard")?),
+                Long("min-rows") => min_rows.push(args::value(p, "min-rows")?),
+                arg => return Err(arg.unexpected().into()),
+            }
+        }
+        let (input, file) = (once("input", input)?, once("file", file)?);
+        let output = once("output", output)?.unwrap_or_else(|| "clean".into());
+        let select = args::list("select", select)?;
+        let shard = once("shard", shard)?.map(|s| Shard::parse(&s).map_err(Error::usage)).transpose()?;
+        let min_rows: usize = args::number("min-rows", min_rows, 0)?;
 
         let dir = step::input_dir(input.as_deref(), "data")?;
         let path = step::find_file(&dir, &["csv"], file.as_deref())?;

@@ -1,6 +1,7 @@
 //! csv-join: the fan-in step. Concatenates CSV files or merges JSON files.
 
-use csvkit::{Error, csv, ops, step};
+use csvkit::args::{self, Long, once};
+use csvkit::{Error, csv, json, ops, step};
 use std::path::PathBuf;
 
 const USAGE: &str = "\
@@ -22,14 +23,22 @@ usage: csv-join [--inputs NAME,...] [--output NAME] [--mode auto|csv|json]
 Metrics: inputs, and rows (csv mode).";
 
 fn main() {
-    csvkit::run("csv-join", USAGE, |args| {
-        let inputs = args.list("inputs")?;
-        let output = args.opt_or("output", "joined")?;
-        let mode = args.opt_or("mode", "auto")?;
+    csvkit::run("csv-join", USAGE, |p| {
+        let (mut inputs, mut output, mut mode) = (vec![], vec![], vec![]);
+        while let Some(arg) = p.next()? {
+            match arg {
+                Long("inputs") => inputs.push(args::value(p, "inputs")?),
+                Long("output") => output.push(args::value(p, "output")?),
+                Long("mode") => mode.push(args::value(p, "mode")?),
+                arg => return Err(arg.unexpected().into()),
+            }
+        }
+        let inputs = args::list("inputs", inputs)?;
+        let output = once("output", output)?.unwrap_or_else(|| "joined".into());
+        let mode = once("mode", mode)?.unwrap_or_else(|| "auto".into());
         if !["auto", "csv", "json"].contains(&mode.as_str()) {
             return Err(Error::usage(format!("--mode must be auto, csv or json (got {mode:?})")));
         }
-        args.finish()?;
 
         let names = match inputs {
             Some(n) => n,
@@ -91,7 +100,7 @@ fn main() {
                 };
                 parts.push((name.clone(), step::read_json(&path)?));
             }
-            step::write_file(&dest.join("joined.json"), ops::merge_json(parts).to_pretty())?;
+            step::write_file(&dest.join("joined.json"), json::to_pretty(&ops::merge_json(parts)))?;
             eprintln!("csv-join: {} JSON inputs merged", names.len());
             step::metrics(&[("inputs", names.len() as f64, None)])
         }

@@ -1,6 +1,7 @@
 //! csv-standardize: z-scores of numeric columns.
 
-use csvkit::{Error, csv, ops, step};
+use csvkit::args::{self, Long, once};
+use csvkit::{Error, csv, json, ops, step};
 
 const USAGE: &str = "\
 csv-standardize: replace numeric values by z-scores (x - mean) / std (sample std)
@@ -18,25 +19,30 @@ params.json: {\"rows\": N, \"columns\": {COL: {\"mean\": M, \"std\": S}}}.
 Metrics: rows, columns (how many were standardised).";
 
 fn main() {
-    csvkit::run("csv-standardize", USAGE, |args| {
-        let input = args.opt("input")?;
-        let file = args.opt("file")?;
-        let output = args.opt_or("output", "features")?;
-        let columns = args.list("columns")?;
-        args.finish()?;
+    csvkit::run("csv-standardize", USAGE, |p| {
+        let (mut input, mut file, mut output, mut columns) = (vec![], vec![], vec![], vec![]);
+        while let Some(arg) = p.next()? {
+            match arg {
+                Long("input") => input.push(args::value(p, "input")?),
+                Long("file") => file.push(args::value(p, "file")?),
+                Long("output") => output.push(args::value(p, "output")?),
+                Long("columns") => columns.push(args::value(p, "columns")?),
+                arg => return Err(arg.unexpected().into()),
+            }
+        }
+        let (input, file) = (once("input", input)?, once("file", file)?);
+        let output = once("output", output)?.unwrap_or_else(|| "features".into());
+        let columns = args::list("columns", columns)?;
 
         let dir = step::input_dir(input.as_deref(), "data")?;
         let path = step::find_file(&dir, &["csv"], file.as_deref())?;
         let table = step::read_csv(&path)?;
         let (out, params) = ops::standardize(table, columns.as_deref())
             .map_err(|e| Error::fail(format!("{}: {e}", path.display())))?;
-        let ncols = match params.get("columns") {
-            Some(csvkit::json::Json::Obj(c)) => c.len(),
-            _ => 0,
-        };
+        let ncols = params.columns.0.len();
         let dest = step::output_dir(&output)?;
         step::write_file(&dest.join("data.csv"), csv::write(&out))?;
-        step::write_file(&dest.join("params.json"), params.to_pretty())?;
+        step::write_file(&dest.join("params.json"), json::to_pretty(&params))?;
         eprintln!("csv-standardize: {}: {} rows, {ncols} columns standardised", path.display(), out.rows.len());
         step::metrics(&[("rows", out.rows.len() as f64, None), ("columns", ncols as f64, None)])
     })

@@ -1,5 +1,5 @@
-//! A small RFC 4180 CSV reader and writer: comma-separated, `"`-quoted fields that may
-//! contain commas, newlines and doubled quotes; LF or CRLF line ends; a header row.
+//! CSV through the `csv` crate: comma-separated, `"`-quoted fields that may contain
+//! commas, newlines and doubled quotes; LF or CRLF line ends; a header row.
 
 /// A CSV file: a header row and rows of the same width.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -25,101 +25,20 @@ impl Table {
     }
 }
 
-/// Splits CSV text into records (no header handling). Each record comes with the
-/// 1-based line number it starts on. Blank lines are skipped.
-pub fn records(text: &str) -> Result<Vec<(usize, Vec<String>)>, String> {
-    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    let b = text.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    let mut line = 1;
-    while i < b.len() {
-        let start_line = line;
-        // A blank line (LF or CRLF) is not a record.
-        if b[i] == b'\n' {
-            i += 1;
-            line += 1;
-            continue;
-        }
-        if b[i] == b'\r' && b.get(i + 1) == Some(&b'\n') {
-            i += 2;
-            line += 1;
-            continue;
-        }
-        let mut rec = Vec::new();
-        loop {
-            // One field starts at i.
-            let mut field = String::new();
-            if b.get(i) == Some(&b'"') {
-                i += 1;
-                let mut seg = i;
-                loop {
-                    match b.get(i) {
-                        None => return Err(format!("line {start_line}: unterminated quoted field")),
-                        Some(b'"') if b.get(i + 1) == Some(&b'"') => {
-                            field.push_str(&text[seg..=i]);
-                            i += 2;
-                            seg = i;
-                        }
-                        Some(b'"') => {
-                            field.push_str(&text[seg..i]);
-                            i += 1;
-                            break;
-                        }
-                        Some(b'\n') => {
-                            line += 1;
-                            i += 1;
-                        }
-                        Some(_) => i += 1,
-                    }
-                }
-                match b.get(i) {
-                    None | Some(b',') | Some(b'\n') => {}
-                    Some(b'\r') if matches!(b.get(i + 1), None | Some(b'\n')) => {}
-                    Some(_) => {
-                        return Err(format!(
-                            "line {line}: unexpected text after a closing quote (a quote inside a quoted field must be doubled: \"\")"
-                        ));
-                    }
-                }
-            } else {
-                let seg = i;
-                while let Some(&c) = b.get(i) {
-                    if c == b',' || c == b'\n' || (c == b'\r' && matches!(b.get(i + 1), None | Some(b'\n'))) {
-                        break;
-                    }
-                    i += 1;
-                }
-                field.push_str(&text[seg..i]);
-            }
-            rec.push(field);
-            match b.get(i) {
-                Some(b',') => {
-                    i += 1;
-                }
-                Some(b'\r') => {
-                    i += if b.get(i + 1) == Some(&b'\n') { 2 } else { 1 };
-                    line += 1;
-                    break;
-                }
-                Some(b'\n') => {
-                    i += 1;
-                    line += 1;
-                    break;
-                }
-                _ => break, // end of input
-            }
-        }
-        out.push((start_line, rec));
-    }
-    Ok(out)
-}
-
-/// Parses CSV text with a header row. Every row must have as many fields as the header.
+/// Parses CSV text with a header row (a leading byte-order mark and blank lines are
+/// skipped). Every row must have as many fields as the header.
 pub fn parse(text: &str) -> Result<Table, String> {
-    let mut recs = records(text)?.into_iter();
-    let Some((_, header)) = recs.next() else {
-        return Err("the file is empty (expected a header row)".to_string());
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    check_quotes(text)?;
+    let mut records = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .from_reader(text.as_bytes())
+        .into_records();
+    let fields = |r: &csv::StringRecord| r.iter().map(String::from).collect::<Vec<_>>();
+    let header = match records.next() {
+        None => return Err("the file is empty (expected a header row)".to_string()),
+        Some(r) => fields(&r.map_err(|e| e.to_string())?),
     };
     for (i, h) in header.iter().enumerate() {
         if header[..i].contains(h) {
@@ -127,52 +46,69 @@ pub fn parse(text: &str) -> Result<Table, String> {
         }
     }
     let mut t = Table::new(header);
-    for (line, rec) in recs {
-        if rec.len() != t.header.len() {
+    for r in records {
+        let r = r.map_err(|e| e.to_string())?;
+        if r.len() != t.header.len() {
+            let line = r.position().map_or(0, |p| p.line());
             return Err(format!(
                 "line {line}: expected {} fields (as in the header), found {}",
                 t.header.len(),
-                rec.len()
+                r.len()
             ));
         }
-        t.rows.push(rec);
+        t.rows.push(fields(&r));
     }
     Ok(t)
 }
 
-/// Appends one field, quoted if it has to be.
-pub fn write_field(out: &mut String, f: &str) {
-    if f.contains([',', '"', '\n', '\r']) {
-        out.push('"');
-        out.push_str(&f.replace('"', "\"\""));
-        out.push('"');
-    } else {
-        out.push_str(f);
-    }
-}
-
-pub fn write_record<S: AsRef<str>>(out: &mut String, rec: &[S]) {
-    for (i, f) in rec.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
+/// The csv crate reads a stray quote leniently (an unterminated quoted field runs to the
+/// end of the file, text after a closing quote is appended); here a quoted field must end
+/// at its closing quote and a quote inside it must be doubled, as RFC 4180 says.
+fn check_quotes(text: &str) -> Result<(), String> {
+    let b = text.as_bytes();
+    let (mut i, mut line, mut record_line, mut field_start) = (0, 1, 1, true);
+    while let Some(&c) = b.get(i) {
+        i += 1;
+        match c {
+            b'"' if field_start => {
+                loop {
+                    match b.get(i) {
+                        None => return Err(format!("line {record_line}: unterminated quoted field")),
+                        Some(b'"') if b.get(i + 1) == Some(&b'"') => i += 2,
+                        Some(b'"') => break,
+                        Some(c) => {
+                            line += usize::from(*c == b'\n');
+                            i += 1;
+                        }
+                    }
+                }
+                i += 1;
+                if !matches!(b.get(i), None | Some(b',' | b'\n' | b'\r')) {
+                    return Err(format!(
+                        "line {line}: unexpected text after a closing quote (a quote inside a quoted field must be doubled: \"\")"
+                    ));
+                }
+                field_start = false;
+            }
+            b',' | b'\r' => field_start = true,
+            b'\n' => {
+                line += 1;
+                record_line = line;
+                field_start = true;
+            }
+            _ => field_start = false,
         }
-        write_field(out, f.as_ref());
     }
-    // A record with one empty field would read back as a blank line.
-    if rec.len() == 1 && rec[0].as_ref().is_empty() {
-        out.push_str("\"\"");
-    }
-    out.push('\n');
+    Ok(())
 }
 
-/// Serialises a table (LF line ends, minimal quoting).
+/// Serialises a table (LF line ends, fields quoted only when they have to be).
 pub fn write(t: &Table) -> String {
-    let mut out = String::new();
-    write_record(&mut out, &t.header);
-    for r in &t.rows {
-        write_record(&mut out, r);
+    let mut w = csv::WriterBuilder::new().terminator(csv::Terminator::Any(b'\n')).from_writer(Vec::new());
+    for r in std::iter::once(&t.header).chain(&t.rows) {
+        w.write_record(r).expect("a table's rows have the header's width");
     }
-    out
+    String::from_utf8(w.into_inner().unwrap_or_default()).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -216,6 +152,17 @@ mod tests {
         assert!(parse("a,b\n\"x\"y,2\n").unwrap_err().contains("line 2"));
         assert!(parse("").unwrap_err().contains("empty"));
         assert!(parse("a,a\n").unwrap_err().contains("duplicate"));
+        assert_eq!(parse("a\n\"x\ny\n").unwrap_err(), "line 2: unterminated quoted field");
+        assert_eq!(parse("a,b\n\n1,\"x\ny\"z\n").unwrap_err(), "line 4: unexpected text after a closing quote (a quote inside a quoted field must be doubled: \"\")");
+        assert_eq!(parse("a,b\n\"q\nq\",1\n3\n").unwrap_err(), "line 4: expected 2 fields (as in the header), found 1");
+    }
+
+    #[test]
+    fn quotes_inside_unquoted_fields_and_crlf() {
+        let t = parse("a,b\r\nx\"y, \"z\"\r\n\"\"\"\",\"\"\r\n").unwrap();
+        assert_eq!(t.rows, vec![vec!["x\"y", " \"z\""], vec!["\"", ""]]);
+        assert_eq!(write(&t), "a,b\n\"x\"\"y\",\" \"\"z\"\"\"\n\"\"\"\",\n");
+        assert_eq!(write(&Table::new(vec!["".into()])), "\"\"\n");
     }
 
     #[test]

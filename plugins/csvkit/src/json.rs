@@ -1,112 +1,34 @@
-//! A small JSON value type with a strict parser and a pretty printer.
-//! Numbers keep their source text so that merging files never changes them.
+//! JSON through `serde_json` (features `preserve_order`: objects keep their key order;
+//! `arbitrary_precision`: a number keeps its digits, so merging files never rounds one;
+//! serde_json does write an exponent read from a file as `e+N`/`e-N`, so `1E3` comes out
+//! as `1e+3`). The plugins' own numbers are `Num`s, written as `fmt_num` writes them.
 
-/// A JSON value. Object keys keep their order.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Json {
-    Null,
-    Bool(bool),
-    /// The number's text (valid JSON number syntax).
-    Num(String),
-    Str(String),
-    Arr(Vec<Json>),
-    Obj(Vec<(String, Json)>),
+use serde::{Serialize, Serializer};
+pub use serde_json::{Map, Value, json};
+
+/// A number in the plugins' own output: `fmt_num`'s text (`1`, `0.25`, `1e300`), `null`
+/// when missing or not finite.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Num(pub Option<f64>);
+
+impl Serialize for Num {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0.filter(|v| v.is_finite()) {
+            Some(v) => serde_json::value::RawValue::from_string(fmt_num(v))
+                .map_err(serde::ser::Error::custom)?
+                .serialize(s),
+            None => s.serialize_unit(),
+        }
+    }
 }
 
-impl Json {
-    /// A finite number, or `null` for NaN and infinities (JSON has no such numbers).
-    pub fn num(v: f64) -> Json {
-        if v.is_finite() { Json::Num(fmt_num(v)) } else { Json::Null }
-    }
+/// A JSON object with its keys in this order (a name may repeat).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ordered<T>(pub Vec<(String, T)>);
 
-    pub fn opt_num(v: Option<f64>) -> Json {
-        v.map_or(Json::Null, Json::num)
-    }
-
-    pub fn str(s: impl Into<String>) -> Json {
-        Json::Str(s.into())
-    }
-
-    pub fn obj(pairs: Vec<(&str, Json)>) -> Json {
-        Json::Obj(pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
-    }
-
-    /// Field of an object.
-    pub fn get(&self, key: &str) -> Option<&Json> {
-        match self {
-            Json::Obj(p) => p.iter().find(|(k, _)| k == key).map(|(_, v)| v),
-            _ => None,
-        }
-    }
-
-    pub fn as_f64(&self) -> Option<f64> {
-        match self {
-            Json::Num(s) => s.parse().ok(),
-            _ => None,
-        }
-    }
-
-    /// Compact, one line.
-    pub fn to_compact(&self) -> String {
-        let mut s = String::new();
-        self.write(&mut s, None, 0);
-        s
-    }
-
-    /// Indented by two spaces, with a final newline.
-    pub fn to_pretty(&self) -> String {
-        let mut s = String::new();
-        self.write(&mut s, Some(2), 0);
-        s.push('\n');
-        s
-    }
-
-    fn write(&self, out: &mut String, indent: Option<usize>, depth: usize) {
-        let nl = |out: &mut String, d: usize| {
-            if let Some(n) = indent {
-                out.push('\n');
-                out.extend(std::iter::repeat_n(' ', n * d));
-            }
-        };
-        match self {
-            Json::Null => out.push_str("null"),
-            Json::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
-            Json::Num(n) => out.push_str(n),
-            Json::Str(s) => write_str(out, s),
-            Json::Arr(items) => {
-                out.push('[');
-                for (i, v) in items.iter().enumerate() {
-                    if i > 0 {
-                        out.push(',');
-                    }
-                    nl(out, depth + 1);
-                    v.write(out, indent, depth + 1);
-                }
-                if !items.is_empty() {
-                    nl(out, depth);
-                }
-                out.push(']');
-            }
-            Json::Obj(pairs) => {
-                out.push('{');
-                for (i, (k, v)) in pairs.iter().enumerate() {
-                    if i > 0 {
-                        out.push(',');
-                    }
-                    nl(out, depth + 1);
-                    write_str(out, k);
-                    out.push(':');
-                    if indent.is_some() {
-                        out.push(' ');
-                    }
-                    v.write(out, indent, depth + 1);
-                }
-                if !pairs.is_empty() {
-                    nl(out, depth);
-                }
-                out.push('}');
-            }
-        }
+impl<T: Serialize> Serialize for Ordered<T> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.0.iter().map(|(k, v)| (k, v)))
     }
 }
 
@@ -117,230 +39,27 @@ pub fn fmt_num(v: f64) -> String {
     if a != 0.0 && !(1e-6..1e16).contains(&a) { format!("{v:e}") } else { format!("{v}") }
 }
 
-/// Appends `s` as a JSON string literal.
-pub fn write_str(out: &mut String, s: &str) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
+/// Compact, one line.
+pub fn to_compact(v: &impl Serialize) -> String {
+    serde_json::to_string(v).unwrap_or_default()
 }
 
-const MAX_DEPTH: usize = 256;
+/// Indented by two spaces, with a final newline.
+pub fn to_pretty(v: &impl Serialize) -> String {
+    let mut s = serde_json::to_string_pretty(v).unwrap_or_default();
+    s.push('\n');
+    s
+}
 
-/// Parses a complete JSON text (surrounding whitespace allowed).
-pub fn parse(text: &str) -> Result<Json, String> {
+/// Parses a complete JSON text (a leading byte-order mark and surrounding whitespace
+/// allowed). Errors read `JSON line L column C: what`.
+pub fn parse(text: &str) -> Result<Value, String> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    let mut p = Parser { s: text.as_bytes(), i: 0 };
-    p.ws();
-    let v = p.value(0)?;
-    p.ws();
-    if p.i != p.s.len() {
-        return Err(p.err("unexpected text after the JSON value"));
-    }
-    Ok(v)
-}
-
-struct Parser<'a> {
-    s: &'a [u8],
-    i: usize,
-}
-
-impl Parser<'_> {
-    fn err(&self, msg: &str) -> String {
-        let before = &self.s[..self.i.min(self.s.len())];
-        let line = before.iter().filter(|&&c| c == b'\n').count() + 1;
-        let col = before.len() - before.iter().rposition(|&c| c == b'\n').map_or(0, |p| p + 1) + 1;
-        format!("JSON line {line} column {col}: {msg}")
-    }
-
-    fn ws(&mut self) {
-        while matches!(self.s.get(self.i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
-            self.i += 1;
-        }
-    }
-
-    fn lit(&mut self, word: &str, v: Json) -> Result<Json, String> {
-        if self.s[self.i..].starts_with(word.as_bytes()) {
-            self.i += word.len();
-            Ok(v)
-        } else {
-            Err(self.err("invalid literal"))
-        }
-    }
-
-    fn value(&mut self, depth: usize) -> Result<Json, String> {
-        if depth > MAX_DEPTH {
-            return Err(self.err("nested too deeply"));
-        }
-        match self.s.get(self.i) {
-            None => Err(self.err("unexpected end of input")),
-            Some(b'n') => self.lit("null", Json::Null),
-            Some(b't') => self.lit("true", Json::Bool(true)),
-            Some(b'f') => self.lit("false", Json::Bool(false)),
-            Some(b'"') => Ok(Json::Str(self.string()?)),
-            Some(b'[') => {
-                self.i += 1;
-                let mut items = Vec::new();
-                self.ws();
-                if self.s.get(self.i) == Some(&b']') {
-                    self.i += 1;
-                    return Ok(Json::Arr(items));
-                }
-                loop {
-                    self.ws();
-                    items.push(self.value(depth + 1)?);
-                    self.ws();
-                    match self.s.get(self.i) {
-                        Some(b',') => self.i += 1,
-                        Some(b']') => {
-                            self.i += 1;
-                            return Ok(Json::Arr(items));
-                        }
-                        _ => return Err(self.err("expected ',' or ']'")),
-                    }
-                }
-            }
-            Some(b'{') => {
-                self.i += 1;
-                let mut pairs = Vec::new();
-                self.ws();
-                if self.s.get(self.i) == Some(&b'}') {
-                    self.i += 1;
-                    return Ok(Json::Obj(pairs));
-                }
-                loop {
-                    self.ws();
-                    if self.s.get(self.i) != Some(&b'"') {
-                        return Err(self.err("expected a string key"));
-                    }
-                    let k = self.string()?;
-                    self.ws();
-                    if self.s.get(self.i) != Some(&b':') {
-                        return Err(self.err("expected ':'"));
-                    }
-                    self.i += 1;
-                    self.ws();
-                    let v = self.value(depth + 1)?;
-                    pairs.push((k, v));
-                    self.ws();
-                    match self.s.get(self.i) {
-                        Some(b',') => self.i += 1,
-                        Some(b'}') => {
-                            self.i += 1;
-                            return Ok(Json::Obj(pairs));
-                        }
-                        _ => return Err(self.err("expected ',' or '}'")),
-                    }
-                }
-            }
-            Some(b'-' | b'0'..=b'9') => self.number(),
-            Some(_) => Err(self.err("unexpected character")),
-        }
-    }
-
-    fn digits(&mut self) -> usize {
-        let st = self.i;
-        while matches!(self.s.get(self.i), Some(b'0'..=b'9')) {
-            self.i += 1;
-        }
-        self.i - st
-    }
-
-    fn number(&mut self) -> Result<Json, String> {
-        let st = self.i;
-        if self.s.get(self.i) == Some(&b'-') {
-            self.i += 1;
-        }
-        let int_start = self.i;
-        let n = self.digits();
-        if n == 0 || (n > 1 && self.s[int_start] == b'0') {
-            return Err(self.err("invalid number"));
-        }
-        if self.s.get(self.i) == Some(&b'.') {
-            self.i += 1;
-            if self.digits() == 0 {
-                return Err(self.err("invalid number"));
-            }
-        }
-        if matches!(self.s.get(self.i), Some(b'e' | b'E')) {
-            self.i += 1;
-            if matches!(self.s.get(self.i), Some(b'+' | b'-')) {
-                self.i += 1;
-            }
-            if self.digits() == 0 {
-                return Err(self.err("invalid number"));
-            }
-        }
-        // Only ASCII bytes were consumed.
-        Ok(Json::Num(String::from_utf8_lossy(&self.s[st..self.i]).into_owned()))
-    }
-
-    fn hex4(&mut self) -> Result<u32, String> {
-        let h = self.s.get(self.i..self.i + 4).ok_or_else(|| self.err("truncated \\u escape"))?;
-        let h = std::str::from_utf8(h).map_err(|_| self.err("invalid \\u escape"))?;
-        let v = u32::from_str_radix(h, 16).map_err(|_| self.err("invalid \\u escape"))?;
-        self.i += 4;
-        Ok(v)
-    }
-
-    fn string(&mut self) -> Result<String, String> {
-        self.i += 1; // opening quote
-        let mut out = String::new();
-        let mut seg = self.i;
-        loop {
-            match self.s.get(self.i) {
-                None => return Err(self.err("unterminated string")),
-                Some(b'"') => {
-                    out.push_str(std::str::from_utf8(&self.s[seg..self.i]).map_err(|_| self.err("invalid UTF-8"))?);
-                    self.i += 1;
-                    return Ok(out);
-                }
-                Some(b'\\') => {
-                    out.push_str(std::str::from_utf8(&self.s[seg..self.i]).map_err(|_| self.err("invalid UTF-8"))?);
-                    self.i += 1;
-                    let Some(&e) = self.s.get(self.i) else {
-                        return Err(self.err("unterminated string"));
-                    };
-                    self.i += 1;
-                    match e {
-                        b'"' => out.push('"'),
-                        b'\\' => out.push('\\'),
-                        b'/' => out.push('/'),
-                        b'b' => out.push('\u{8}'),
-                        b'f' => out.push('\u{c}'),
-                        b'n' => out.push('\n'),
-                        b'r' => out.push('\r'),
-                        b't' => out.push('\t'),
-                        b'u' => {
-                            let mut cp = self.hex4()?;
-                            if (0xD800..0xDC00).contains(&cp) && self.s[self.i..].starts_with(b"\\u") {
-                                self.i += 2;
-                                let lo = self.hex4()?;
-                                if !(0xDC00..0xE000).contains(&lo) {
-                                    return Err(self.err("invalid surrogate pair"));
-                                }
-                                cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
-                            }
-                            out.push(char::from_u32(cp).ok_or_else(|| self.err("invalid \\u escape"))?);
-                        }
-                        _ => return Err(self.err("invalid escape")),
-                    }
-                    seg = self.i;
-                }
-                Some(c) if *c < 0x20 => return Err(self.err("control character in string")),
-                Some(_) => self.i += 1,
-            }
-        }
-    }
+    serde_json::from_str(text).map_err(|e| {
+        let what = e.to_string();
+        let what = what.split(" at line ").next().unwrap_or_default();
+        format!("JSON line {} column {}: {what}", e.line(), e.column())
+    })
 }
 
 #[cfg(test)]
@@ -350,33 +69,45 @@ mod tests {
     #[test]
     fn parse_and_print() {
         let v = parse(r#" {"a": [1, -2.5e3, true, null], "b": {"c": "x\"y\\n\u00e9\ud83d\ude00"}} "#).unwrap();
-        assert_eq!(v.get("a"), Some(&Json::Arr(vec![
-            Json::Num("1".into()), Json::Num("-2.5e3".into()), Json::Bool(true), Json::Null
-        ])));
-        assert_eq!(v.get("b").and_then(|b| b.get("c")), Some(&Json::Str("x\"y\\né😀".into())));
-        assert_eq!(parse(&v.to_pretty()).unwrap(), v);
-        assert_eq!(parse(&v.to_compact()).unwrap(), v);
-        assert_eq!(Json::obj(vec![("k", Json::Arr(vec![]))]).to_compact(), r#"{"k":[]}"#);
+        assert_eq!(to_compact(&v["a"]), "[1,-2.5e+3,true,null]");
+        assert_eq!(v["b"]["c"], "x\"y\\né😀");
+        assert_eq!(parse(&to_pretty(&v)).unwrap(), v);
+        assert_eq!(parse(&to_compact(&v)).unwrap(), v);
+        assert_eq!(to_compact(&json!({"k": []})), r#"{"k":[]}"#);
+    }
+
+    #[test]
+    fn keeps_key_order_and_number_text() {
+        let src = "{\n  \"z\": 1.50,\n  \"a\": [\n    1e-7,\n    -0,\n    123456789012345678901234567890\n  ],\n  \"m\": {},\n  \"e\": []\n}\n";
+        assert_eq!(to_pretty(&parse(src).unwrap()), src);
+        assert_eq!(to_compact(&parse("[1E3, 2e5, 3e+1]").unwrap()), "[1e+3,2e+5,3e+1]");
+        assert_eq!(to_compact(&parse("\u{feff} {\"s\":\"\\u0001\\t\\/\"}").unwrap()), r#"{"s":"\u0001\t/"}"#);
     }
 
     #[test]
     fn rejects_bad_json() {
-        for bad in ["", "{", "[1,]", "{\"a\" 1}", "01", "1.", "tru", "\"a", "{} x", "-", "\"\t\""] {
+        for bad in ["", "{", "[1,]", "{\"a\" 1}", "01", "1.", "tru", "\"a", "{} x", "-", "\"\t\"", "\"\\ud800\""] {
             assert!(parse(bad).is_err(), "{bad:?} should fail");
         }
-        let deep = "[".repeat(1000);
-        assert!(parse(&deep).unwrap_err().contains("deeply"));
+        assert_eq!(parse("{\"a\" 1}").unwrap_err(), "JSON line 1 column 6: expected `:`");
+        assert!(parse(&"[".repeat(1000)).unwrap_err().contains("recursion limit"));
+    }
+
+    #[test]
+    fn own_numbers_keep_their_text() {
+        let o = Ordered(vec![("a".into(), Num(Some(1e300))), ("b".into(), Num(None)), ("a".into(), Num(Some(2.0)))]);
+        assert_eq!(to_compact(&o), r#"{"a":1e300,"b":null,"a":2}"#);
+        assert_eq!(to_pretty(&json!([])), "[]\n");
+        assert_eq!(to_compact(&Num(Some(f64::NAN))), "null");
+        assert_eq!(to_compact(&Num(Some(-1.5e-9))), "-1.5e-9");
     }
 
     #[test]
     fn numbers() {
-        assert_eq!(Json::num(1.0).to_compact(), "1");
-        assert_eq!(Json::num(0.25).to_compact(), "0.25");
-        assert_eq!(Json::num(f64::NAN), Json::Null);
-        assert_eq!(Json::num(1e300).to_compact(), "1e300");
-        assert_eq!(Json::num(-1.5e-9).to_compact(), "-1.5e-9");
+        let n = |v| to_compact(&Num(Some(v)));
+        assert_eq!((n(1.0), n(0.25), n(1e300), n(f64::INFINITY)), ("1".into(), "0.25".into(), "1e300".into(), "null".into()));
         for v in [1e300, -1.5e-9, 123.456, 0.0, 1e16, 9.99e15] {
-            assert_eq!(parse(&Json::num(v).to_compact()).unwrap().as_f64(), Some(v));
+            assert_eq!(parse(&n(v)).unwrap().as_f64(), Some(v));
         }
     }
 }

@@ -1,4 +1,4 @@
-//! Shared, std-only code for the millrace plugins.
+//! Shared code for the millrace plugins, on `serde_json`, `csv` and `lexopt`.
 //!
 //! Everything that does not touch `/in`, `/out` or the process lives in pure functions
 //! here so that it can be unit-tested natively
@@ -12,4 +12,4 @@ pub mod ops;
 pub mod stats;
 pub mod step;
 
-pub use args::{Args, Error, run};
+pub use args::{Error, run};

@@ -2,8 +2,9 @@
 
 use crate::csv::Table;
 use crate::filter::Filter;
-use crate::json::{Json, fmt_num};
-use crate::stats::{is_missing, numeric_columns, summarize};
+use crate::json::{Num, Ordered, Value, fmt_num};
+use serde::Serialize;
+use crate::stats::{Summary, is_missing, numeric_columns, summarize};
 
 /// Shard `index` (1-based) of `count`: a contiguous block of rows, so concatenating
 /// shards 1..=count in order gives back the input.
@@ -75,11 +76,29 @@ pub fn clean(t: Table, o: &CleanOpts) -> Result<Table, String> {
     Ok(Table { header: project(&t.header), rows: rows.iter().map(|r| project(r)).collect() })
 }
 
-/// Statistics of the numeric columns (or of `columns`):
-/// `{"rows": N, "columns": {NAME: {count, mean, std, min, max, median}}, "non_numeric": [...]}`
-/// (`non_numeric`, the columns that were skipped, only when `columns` is `None`)
-/// plus `(NAME.mean, mean)` metrics.
-pub fn stats(t: &Table, columns: Option<&[String]>) -> Result<(Json, Vec<(String, f64)>), String> {
+/// `stats.json`: `{"rows": N, "columns": {NAME: {count, mean, std, min, max, median}},
+/// "non_numeric": [...]}`.
+#[derive(Debug, Serialize)]
+pub struct Stats {
+    pub rows: usize,
+    pub columns: Ordered<ColumnStats>,
+    /// The columns that were skipped, only when no columns were named.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub non_numeric: Option<Vec<String>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ColumnStats {
+    pub count: usize,
+    pub mean: Num,
+    pub std: Num,
+    pub min: Num,
+    pub max: Num,
+    pub median: Num,
+}
+
+/// Statistics of the numeric columns (or of `columns`), plus `(NAME.mean, mean)` metrics.
+pub fn stats(t: &Table, columns: Option<&[String]>) -> Result<(Stats, Vec<(String, f64)>), String> {
     let cols = numeric_columns(t, columns)?;
     if cols.is_empty() {
         return Err(format!(
@@ -92,50 +111,46 @@ pub fn stats(t: &Table, columns: Option<&[String]>) -> Result<(Json, Vec<(String
     let mut metrics = Vec::new();
     for (_, name, vals) in &cols {
         let v: Vec<f64> = vals.iter().flatten().copied().collect();
-        let entry = match summarize(&v) {
-            Some(s) => {
-                metrics.push((format!("{name}.mean"), s.mean));
-                Json::obj(vec![
-                    ("count", Json::num(s.count as f64)),
-                    ("mean", Json::num(s.mean)),
-                    ("std", Json::opt_num(s.std)),
-                    ("min", Json::num(s.min)),
-                    ("max", Json::num(s.max)),
-                    ("median", Json::num(s.median)),
-                ])
-            }
-            None => Json::obj(vec![
-                ("count", Json::num(0.0)),
-                ("mean", Json::Null),
-                ("std", Json::Null),
-                ("min", Json::Null),
-                ("max", Json::Null),
-                ("median", Json::Null),
-            ]),
-        };
-        per.push((name.clone(), entry));
+        let s = summarize(&v);
+        if let Some(s) = &s {
+            metrics.push((format!("{name}.mean"), s.mean));
+        }
+        let f = |get: fn(&Summary) -> f64| Num(s.as_ref().map(get));
+        per.push((
+            name.clone(),
+            ColumnStats {
+                count: v.len(),
+                mean: f(|s| s.mean),
+                std: Num(s.as_ref().and_then(|s| s.std)),
+                min: f(|s| s.min),
+                max: f(|s| s.max),
+                median: f(|s| s.median),
+            },
+        ));
     }
-    let mut fields = vec![
-        ("rows".to_string(), Json::num(t.rows.len() as f64)),
-        ("columns".to_string(), Json::Obj(per)),
-    ];
-    if columns.is_none() {
-        let non_numeric: Vec<Json> = t
-            .header
-            .iter()
-            .enumerate()
-            .filter(|(c, _)| !cols.iter().any(|(nc, _, _)| nc == c))
-            .map(|(_, h)| Json::str(h.clone()))
-            .collect();
-        fields.push(("non_numeric".to_string(), Json::Arr(non_numeric)));
-    }
-    Ok((Json::Obj(fields), metrics))
+    let non_numeric = columns.is_none().then(|| {
+        let numeric = |c: usize| cols.iter().any(|(nc, _, _)| *nc == c);
+        t.header.iter().enumerate().filter(|(c, _)| !numeric(*c)).map(|(_, h)| h.clone()).collect()
+    });
+    Ok((Stats { rows: t.rows.len(), columns: Ordered(per), non_numeric }, metrics))
+}
+
+/// `params.json`: `{"rows": N, "columns": {NAME: {"mean": m, "std": s}}}`.
+#[derive(Debug, Serialize)]
+pub struct Params {
+    pub rows: usize,
+    pub columns: Ordered<ColumnParams>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ColumnParams {
+    pub mean: Num,
+    pub std: Num,
 }
 
 /// z-scores `(x - mean) / std` (sample std) of the numeric columns (or of `columns`);
 /// missing cells stay empty, other columns are unchanged, a constant column becomes 0.
-/// Returns the new table and `{"rows": N, "columns": {NAME: {"mean": m, "std": s}}}`.
-pub fn standardize(mut t: Table, columns: Option<&[String]>) -> Result<(Table, Json), String> {
+pub fn standardize(mut t: Table, columns: Option<&[String]>) -> Result<(Table, Params), String> {
     let cols = numeric_columns(&t, columns)?;
     if cols.is_empty() {
         return Err(format!("no numeric column to standardise (columns: {})", t.header.join(", ")));
@@ -155,13 +170,10 @@ pub fn standardize(mut t: Table, columns: Option<&[String]>) -> Result<(Table, J
                 row[c] = fmt_num(z);
             }
         }
-        params.push((name, Json::obj(vec![("mean", Json::opt_num(mean)), ("std", Json::opt_num(std))])));
+        params.push((name, ColumnParams { mean: Num(mean), std: Num(std) }));
     }
-    let json = Json::Obj(vec![
-        ("rows".to_string(), Json::num(t.rows.len() as f64)),
-        ("columns".to_string(), Json::Obj(params)),
-    ]);
-    Ok((t, json))
+    let rows = t.rows.len();
+    Ok((t, Params { rows, columns: Ordered(params) }))
 }
 
 /// Concatenates tables that have the same columns (a different column order is
@@ -198,14 +210,15 @@ pub fn concat(parts: Vec<(String, Table)>) -> Result<Table, String> {
 }
 
 /// `{NAME: value, ...}` in the given order.
-pub fn merge_json(parts: Vec<(String, Json)>) -> Json {
-    Json::Obj(parts)
+pub fn merge_json(parts: Vec<(String, Value)>) -> Value {
+    Value::Object(parts.into_iter().collect())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::csv::{parse, write};
+    use crate::json::to_compact;
 
     fn table(s: &str) -> Table {
         parse(s).unwrap()
@@ -258,10 +271,15 @@ mod tests {
         let t = table("a,b,c\n1,x,\n2,y,\n3,z,\n");
         let (j, m) = stats(&t, None).unwrap();
         assert_eq!(
-            j.to_compact(),
+            to_compact(&j),
             r#"{"rows":3,"columns":{"a":{"count":3,"mean":2,"std":1,"min":1,"max":3,"median":2}},"non_numeric":["b","c"]}"#
         );
         assert_eq!(m, vec![("a.mean".to_string(), 2.0)]);
+        let (j, _) = stats(&table("a\n1e300\n\n"), Some(&["a".to_string(), "a".to_string()])).unwrap();
+        assert_eq!(
+            to_compact(&j),
+            r#"{"rows":1,"columns":{"a":{"count":1,"mean":1e300,"std":null,"min":1e300,"max":1e300,"median":1e300},"a":{"count":1,"mean":1e300,"std":null,"min":1e300,"max":1e300,"median":1e300}}}"#
+        );
         assert!(stats(&table("b\nx\n"), None).unwrap_err().contains("no numeric column"));
         assert!(stats(&t, Some(&["b".to_string()])).unwrap_err().contains("not a number"));
     }
@@ -272,7 +290,7 @@ mod tests {
         let (out, p) = standardize(t, None).unwrap();
         assert_eq!(write(&out), "a,b,k\n-1,0,x\n0,0,y\n1,,z\n");
         assert_eq!(
-            p.to_compact(),
+            to_compact(&p),
             r#"{"rows":3,"columns":{"a":{"mean":2,"std":1},"b":{"mean":5,"std":0}}}"#
         );
         let (out, _) = standardize(table("a,b\n1,10\n3,30\n"), Some(&["b".to_string()])).unwrap();

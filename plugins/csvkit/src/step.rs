@@ -3,7 +3,7 @@
 
 use crate::args::Error;
 use crate::csv::{self, Table};
-use crate::json::{Json, write_str};
+use crate::json::{Num, Value, to_compact};
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -135,7 +135,7 @@ pub fn read_csv(path: &Path) -> Result<Table, Error> {
     csv::parse(&read_text(path)?).map_err(|e| Error::fail(format!("{}: {e}", path.display())))
 }
 
-pub fn read_json(path: &Path) -> Result<Json, Error> {
+pub fn read_json(path: &Path) -> Result<Value, Error> {
     crate::json::parse(&read_text(path)?).map_err(|e| Error::fail(format!("{}: {e}", path.display())))
 }
 
@@ -155,15 +155,14 @@ pub fn write_file(path: &Path, contents: impl AsRef<[u8]>) -> Result<(), Error> 
 
 /// One metrics line: `{"name":N,"value":V}` or with `"step":S`.
 pub fn metric_line(name: &str, value: f64, step: Option<u64>) -> String {
-    let mut s = String::from("{\"name\":");
-    write_str(&mut s, name);
-    s.push_str(",\"value\":");
-    s.push_str(&Json::num(value).to_compact());
-    if let Some(step) = step {
-        s.push_str(&format!(",\"step\":{step}"));
+    #[derive(serde::Serialize)]
+    struct Metric<'a> {
+        name: &'a str,
+        value: Num,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        step: Option<u64>,
     }
-    s.push_str("}\n");
-    s
+    to_compact(&Metric { name, value: Num(Some(value)), step }) + "\n"
 }
 
 /// Appends metrics to `$MILLRACE_METRICS`; does nothing when it is not set

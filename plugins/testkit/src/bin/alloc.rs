@@ -1,6 +1,7 @@
 //! alloc: grows memory in 16 MiB chunks (each page touched) up to --mib.
 
 use csvkit::Error;
+use csvkit::args::{self, Long};
 use std::hint::black_box;
 
 const USAGE: &str = "\
@@ -17,9 +18,15 @@ const CHUNK_MIB: u64 = 16;
 const PAGE: usize = 4096;
 
 fn main() {
-    csvkit::run("alloc", USAGE, |args| {
-        let mib: u64 = args.parsed("mib", 100_000)?;
-        args.finish()?;
+    csvkit::run("alloc", USAGE, |p| {
+        let mut mib = vec![];
+        while let Some(arg) = p.next()? {
+            match arg {
+                Long("mib") => mib.push(args::value(p, "mib")?),
+                arg => return Err(arg.unexpected().into()),
+            }
+        }
+        let mib: u64 = args::number("mib", mib, 100_000)?;
         let mut held: Vec<Vec<u8>> = Vec::new();
         let mut total: u64 = 0;
         while total < mib {

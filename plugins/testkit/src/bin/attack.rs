@@ -4,6 +4,7 @@
 //! that the daemon carries on.
 
 use csvkit::Error;
+use csvkit::args::{self, Long, once};
 use std::hint::black_box;
 
 const USAGE: &str = "\
@@ -21,12 +22,26 @@ usage: attack MODE [options]
   fill --dir D --mib N      write N MiB into D/fill, 1 MiB at a time";
 
 fn main() {
-    csvkit::run("attack", USAGE, |args| {
-        let mode = args.rest().first().cloned().unwrap_or_default();
+    csvkit::run("attack", USAGE, |p| {
+        let mode = std::env::args().nth(1).unwrap_or_default();
+        let (mut dir, mut levels, mut file, mut count, mut mib) = (vec![], vec![], vec![], vec![], vec![]);
+        while let Some(arg) = p.next()? {
+            match arg {
+                Long("dir") => dir.push(args::value(p, "dir")?),
+                Long("levels") => levels.push(args::value(p, "levels")?),
+                Long("file") => file.push(args::value(p, "file")?),
+                Long("count") => count.push(args::value(p, "count")?),
+                Long("mib") => mib.push(args::value(p, "mib")?),
+                // The mode, and anything else, is not checked here.
+                Long(_) => _ = p.optional_value(),
+                _ => {}
+            }
+        }
+        let dir = || Ok::<_, Error>(once("dir", dir.clone())?.unwrap_or_else(|| "/out/o".into()));
         match mode.as_str() {
             "deep" => {
-                let dir = args.opt_or("dir", "/out/o")?;
-                let levels: u64 = args.parsed("levels", 20_000)?;
+                let dir = dir()?;
+                let levels: u64 = args::number("levels", levels, 20_000)?;
                 deep(&dir, levels)
             }
             "recurse" => {
@@ -40,8 +55,8 @@ fn main() {
                 Ok(())
             }
             "fds" => {
-                let file = args.opt_or("file", "/in/a/x.txt")?;
-                let count: u64 = args.parsed("count", 100_000)?;
+                let file = once("file", file)?.unwrap_or_else(|| "/in/a/x.txt".into());
+                let count: u64 = args::number("count", count, 100_000)?;
                 let mut held = Vec::new();
                 for i in 0..count {
                     match std::fs::File::open(&file) {
@@ -56,7 +71,7 @@ fn main() {
                 Ok(())
             }
             "names" => {
-                let dir = args.opt_or("dir", "/out/o")?;
+                let dir = dir()?;
                 std::fs::write(format!("{dir}/x"), "plain x\n")
                     .map_err(|e| Error::fail(format!("x: {e}")))?;
                 std::fs::write(format!("{dir}/x\r"), "attacker's bytes\n")
@@ -66,8 +81,8 @@ fn main() {
             }
             "fill" => {
                 use std::io::Write;
-                let dir = args.opt_or("dir", "/out/o")?;
-                let mib: u64 = args.parsed("mib", 1024)?;
+                let dir = dir()?;
+                let mib: u64 = args::number("mib", mib, 1024)?;
                 let mut f = std::fs::File::create(format!("{dir}/fill"))
                     .map_err(|e| Error::fail(format!("{dir}/fill: {e}")))?;
                 let chunk = vec![7u8; 1 << 20];

@@ -1,5 +1,6 @@
 //! chatty: floods stdout and stderr (to test log size caps).
 
+use csvkit::args::{self, Long};
 use std::io::Write;
 
 const USAGE: &str = "\
@@ -10,9 +11,15 @@ usage: chatty [--lines N]
   --lines N  lines per stream (default: 1000)";
 
 fn main() {
-    csvkit::run("chatty", USAGE, |args| {
-        let lines: u64 = args.parsed("lines", 1000)?;
-        args.finish()?;
+    csvkit::run("chatty", USAGE, |p| {
+        let mut lines = vec![];
+        while let Some(arg) = p.next()? {
+            match arg {
+                Long("lines") => lines.push(args::value(p, "lines")?),
+                arg => return Err(arg.unexpected().into()),
+            }
+        }
+        let lines: u64 = args::number("lines", lines, 1000)?;
         let (out, err) = (std::io::stdout(), std::io::stderr());
         let mut out = std::io::BufWriter::new(out.lock());
         let mut err = std::io::BufWriter::new(err.lock());

@@ -1,6 +1,7 @@
 //! copy: copies every file of every input into one output. Small and fast: the
 //! benchmark chains thousands of these.
 
+use csvkit::args::{self, Long, once};
 use csvkit::{Error, step};
 use std::fs;
 use std::io::Write;
@@ -58,11 +59,20 @@ fn copy_tree(src: &Path, dst: &Path, top: bool) -> Result<u64, Error> {
 }
 
 fn main() {
-    csvkit::run("copy", USAGE, |args| {
-        let all: Vec<String> = args.rest().to_vec();
-        let out = args.opt_or("out", "out")?;
-        let record = args.flag("record-args")?;
-        let per_input = args.flag("per-input")?;
+    csvkit::run("copy", USAGE, |p| {
+        let all: Vec<String> = std::env::args().skip(1).collect();
+        let (mut out, mut record, mut per_input) = (vec![], false, false);
+        while let Some(arg) = p.next()? {
+            match arg {
+                Long("out") => out.push(args::value(p, "out")?),
+                Long("record-args") => record = args::flag(p, "record-args")?,
+                Long("per-input") => per_input = args::flag(p, "per-input")?,
+                // Anything else is accepted and ignored (it varies the cache key).
+                Long(_) => _ = p.optional_value(),
+                _ => {}
+            }
+        }
+        let out = once("out", out)?.unwrap_or_else(|| "out".into());
         let dest = step::output_dir(&out)?;
         let mut files = 0;
         for name in step::input_names()? {

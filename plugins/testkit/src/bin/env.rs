@@ -1,5 +1,6 @@
 //! env: dumps its environment and arguments, and writes a few metrics.
 
+use csvkit::args::{self, Long, once};
 use csvkit::step;
 
 const USAGE: &str = "\
@@ -12,8 +13,17 @@ usage: env [--out NAME] [ANY OTHER ARGS...]
   --out NAME  output directory (default: out)";
 
 fn main() {
-    csvkit::run("env", USAGE, |args| {
-        let out = args.opt_or("out", "out")?;
+    csvkit::run("env", USAGE, |p| {
+        let mut out = vec![];
+        while let Some(arg) = p.next()? {
+            match arg {
+                Long("out") => out.push(args::value(p, "out")?),
+                // Anything else is accepted and ignored.
+                Long(_) => _ = p.optional_value(),
+                _ => {}
+            }
+        }
+        let out = once("out", out)?.unwrap_or_else(|| "out".into());
         let mut lines: Vec<String> = std::env::vars_os()
             .map(|(k, v)| format!("{}={}", k.to_string_lossy(), v.to_string_lossy()))
             .collect();

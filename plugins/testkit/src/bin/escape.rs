@@ -1,5 +1,6 @@
 //! escape: tries to get out of the sandbox; exits 0 only if every attempt is denied.
 
+use csvkit::args::{self, Long, once};
 use std::fs;
 use std::io::Read;
 
@@ -53,11 +54,17 @@ fn sorted_dirs(root: &str) -> Vec<String> {
 }
 
 fn main() {
-    csvkit::run("escape", USAGE, |args| {
-        let path = args.opt("path")?;
-        let connect = args.opt("connect")?;
-        let out = args.opt("out")?;
-        args.finish()?;
+    csvkit::run("escape", USAGE, |p| {
+        let (mut path, mut connect, mut out) = (vec![], vec![], vec![]);
+        while let Some(arg) = p.next()? {
+            match arg {
+                Long("path") => path.push(args::value(p, "path")?),
+                Long("connect") => connect.push(args::value(p, "connect")?),
+                Long("out") => out.push(args::value(p, "out")?),
+                arg => return Err(arg.unexpected().into()),
+            }
+        }
+        let (path, connect, out) = (once("path", path)?, once("connect", connect)?, once("out", out)?);
         let mut r = Report { allowed: 0, total: 0 };
 
         r.attempt("read /etc/passwd", read("/etc/passwd"));

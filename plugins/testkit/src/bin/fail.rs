@@ -9,12 +9,21 @@ usage: fail [--code N] [--message TEXT] [--trap]
   --message TEXT  the message (default: \"fail: failing on purpose with exit code N\")
   --trap          abort instead (a WebAssembly trap) after printing the message";
 
+use csvkit::args::{self, Long, once};
+
 fn main() {
-    csvkit::run("fail", USAGE, |args| {
-        let code: i32 = args.parsed("code", 3)?;
-        let message = args.opt("message")?;
-        let trap = args.flag("trap")?;
-        args.finish()?;
+    csvkit::run("fail", USAGE, |p| {
+        let (mut code, mut message, mut trap) = (vec![], vec![], false);
+        while let Some(arg) = p.next()? {
+            match arg {
+                Long("code") => code.push(args::value(p, "code")?),
+                Long("message") => message.push(args::value(p, "message")?),
+                Long("trap") => trap = args::flag(p, "trap")?,
+                arg => return Err(arg.unexpected().into()),
+            }
+        }
+        let code: i32 = args::number("code", code, 3)?;
+        let message = once("message", message)?;
         eprintln!("{}", message.unwrap_or_else(|| format!("fail: failing on purpose with exit code {code}")));
         if trap {
             std::process::abort();
