@@ -461,3 +461,24 @@ fn control_characters_in_param_values_are_refused_from_the_api_and_the_cli() {
     assert_eq!(d.runs("p").len(), 1);
     assert_eq!(d.stop(), 0);
 }
+
+#[test]
+fn a_request_with_two_host_headers_is_refused() {
+    let p = Project::new();
+    let d = Daemon::start(&p);
+    let (status, _, body) = exchange(
+        &d,
+        request(
+            "GET",
+            "/api/v1/status",
+            "127.0.0.1",
+            "Host: evil.example\r\n",
+        ),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("more than one `Host`"), "{body}");
+    // One Host of ours is still served.
+    let (status, _, _) = exchange(&d, request("GET", "/healthz", "127.0.0.1", ""));
+    assert_eq!(status, 200);
+    assert_eq!(d.stop(), 0);
+}

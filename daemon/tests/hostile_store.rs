@@ -304,6 +304,19 @@ fn a_module_archive_with_links_or_devices_is_refused() {
         );
         assert!(!err.contains("content is"), "no digest oracle: {err}");
     }
+    // A deep archive is refused before anything is unpacked.
+    let deep = archive_with(
+        &p,
+        "deep.mod",
+        "t.addfile(tarfile.TarInfo('code/' + 'a/' * 1000 + 'x.wasm'))",
+    );
+    let out = p.run(&["module", "import", deep.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(78), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("nests deeper than 256 levels"),
+        "{}",
+        stderr(&out)
+    );
     let list = p.json(&["module", "list"]);
     assert_eq!(list.as_array().map(Vec::len), Some(0), "{list}");
     // Nothing is left in the staging area either.

@@ -679,6 +679,7 @@ fn import(store: &Store, file: &Path, json: bool) -> anyhow::Result<i32> {
         let mut archive = tar::Archive::new(f);
         archive.set_preserve_permissions(false);
         archive.set_overwrite(false);
+        let mut entries: u64 = 0;
         for entry in archive.entries().map_err(not_archive)? {
             let mut entry = entry.map_err(not_archive)?;
             // Only files and directories: a symlink or hard link would import
@@ -694,6 +695,21 @@ fn import(store: &Store, file: &Path, json: bool) -> anyhow::Result<i32> {
                     file.display(),
                     what.escape_debug(),
                     entry_kind(kind)
+                ))
+                .into());
+            }
+            // Bounded before anything is unpacked: a deep archive costs unpack_in
+            // time cubic in its depth, and the store would refuse it anyway.
+            let depth = entry.path().map(|p| p.components().count()).unwrap_or(0);
+            entries += 1;
+            if depth > crate::store::walk::max_depth() + 2
+                || entries > crate::store::walk::max_entries()
+            {
+                return Err(Exit::config(format!(
+                    "error: {}: the archive nests deeper than {} levels or holds more than {} entries (MILLRACE_MAX_DEPTH, MILLRACE_MAX_ENTRIES); nothing was imported",
+                    file.display(),
+                    crate::store::walk::max_depth(),
+                    crate::store::walk::max_entries()
                 ))
                 .into());
             }

@@ -213,6 +213,21 @@ async fn check_host(State(hosts): State<Arc<AllowedHosts>>, req: Request, next: 
         .get(axum::http::header::HOST)
         .map(|h| h.to_str().unwrap_or("\u{fffd}"));
     let uri = req.uri().authority().map(|a| a.as_str());
+    // RFC 9112 3.2: more than one `Host` is a bad request (a proxy and we might
+    // each read another one).
+    if req
+        .headers()
+        .get_all(axum::http::header::HOST)
+        .iter()
+        .count()
+        > 1
+    {
+        return ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "the request has more than one `Host` header",
+        )
+        .into_response();
+    }
     if header.is_none() && uri.is_none() {
         return ApiError::new(
             StatusCode::BAD_REQUEST,

@@ -829,7 +829,10 @@ mod tests {
         assert_eq!(escape_controls("plain é"), "plain é");
         assert_eq!(escape_controls("x\r"), "x\\r");
         assert_eq!(escape_controls("\u{1b}]0;t\u{7}"), "\\u{1b}]0;t\\u{7}");
-        assert_eq!(escape_controls("a\u{202e}b\u{2028}"), "a\\u{202e}b\\u{2028}");
+        assert_eq!(
+            escape_controls("a\u{202e}b\u{2028}"),
+            "a\\u{202e}b\\u{2028}"
+        );
     }
 
     fn none(_: &Path, _: &FileStat) -> Option<String> {
