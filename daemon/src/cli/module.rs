@@ -94,7 +94,18 @@ pub fn run(state: &Path, cmd: ModuleCommand, json: bool) -> anyhow::Result<i32> 
             version,
             description,
             entry,
-        } => publish(&store, &path, &name, &version, description, entry, json),
+        } => {
+            // (An import publishes from its staging inside the state: not this way.)
+            if store.inside(&path) {
+                return Err(Exit::usage(format!(
+                    "error: {} lies inside the state directory {}; publish code from outside it",
+                    path.display(),
+                    store.root.display()
+                ))
+                .into());
+            }
+            publish(&store, &path, &name, &version, description, entry, json)
+        }
         ModuleCommand::List { name } => list(&store, name.as_deref(), json),
         ModuleCommand::Show { module, pipelines } => show(&store, &module, &pipelines, json),
         ModuleCommand::Deprecate {
@@ -238,14 +249,6 @@ fn publish(
     }
     let meta = std::fs::metadata(path)
         .map_err(|e| Exit::usage(format!("error: cannot read {}: {e}", path.display())))?;
-    if store.inside(path) {
-        return Err(Exit::usage(format!(
-            "error: {} lies inside the state directory {}; publish code from outside it",
-            path.display(),
-            store.root.display()
-        ))
-        .into());
-    }
     // The code enters the store before a row names it: no gc may sweep meanwhile.
     let _store_lock = store.lock_shared()?;
     let (kind, entry) = if meta.is_dir() {
