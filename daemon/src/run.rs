@@ -20,6 +20,7 @@ use crate::executor::transfer;
 use crate::executor::wasm::{LogFile, Mount, Outcome, Sandbox, WasmRuntime};
 use crate::executor::workspace::{Overrun, Workspace, WorkspacePool, checked_size, watch};
 use crate::graph::Graph;
+use crate::model::{AttemptStatus, RunStatus, StepStatus};
 use crate::planner::{self, Decision, KeyParts, param_env_name};
 use crate::store::artifacts::Mode;
 use crate::store::db::NewRun;
@@ -91,6 +92,8 @@ pub enum Event {
         step: String,
         attempt: u32,
     },
+    /// Also an attempt that failed and is retried (`status` failed, `detail`
+    /// ending in "retrying"). `status` is always terminal.
     StepFinished {
         step: String,
         status: StepStatus,
@@ -99,33 +102,12 @@ pub enum Event {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StepStatus {
-    Succeeded,
-    Reused,
-    Failed,
-    Skipped,
-    Cancelled,
-}
-
-impl StepStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            StepStatus::Succeeded => "succeeded",
-            StepStatus::Reused => "reused",
-            StepStatus::Failed => "failed",
-            StepStatus::Skipped => "skipped",
-            StepStatus::Cancelled => "cancelled",
-        }
-    }
-}
-
 /// How a run ended.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RunSummary {
     pub run_id: i64,
     pub pipeline: String,
-    pub status: String,
+    pub status: RunStatus,
     pub executed: usize,
     pub reused: usize,
     pub failed: usize,
@@ -378,7 +360,8 @@ impl Engine {
         cancel: tokio_util::sync::CancellationToken,
     ) -> Result<RunSummary, RunError> {
         let params = p.resolve_params(&req.params).map_err(RunError::Params)?;
-        let run_id = self.create_run(p, text, path, &req, &params, "running", |_| Ok(()))?;
+        let run_id =
+            self.create_run(p, text, path, &req, &params, RunStatus::Running, |_| Ok(()))?;
         self.execute(
             run_id,
             Arc::new(p.clone()),
@@ -403,7 +386,7 @@ impl Engine {
         also: impl FnOnce(&crate::store::db::Batch<'_>) -> crate::store::db::Result<()>,
     ) -> Result<i64, RunError> {
         let params = p.resolve_params(&req.params).map_err(RunError::Params)?;
-        self.create_run(p, text, path, req, &params, "queued", also)
+        self.create_run(p, text, path, req, &params, RunStatus::Queued, also)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -414,7 +397,7 @@ impl Engine {
         path: &Path,
         req: &RunRequest,
         params: &[(String, ParamValue)],
-        status: &str,
+        status: RunStatus,
         also: impl FnOnce(&crate::store::db::Batch<'_>) -> crate::store::db::Result<()>,
     ) -> Result<i64, RunError> {
         Ok(self.store.db().batch(|b| {
@@ -465,7 +448,7 @@ impl Engine {
             .read()
             .run(run_id)?
             .ok_or(RunError::NoSuchRun(run_id))?;
-        if run.status == "succeeded" {
+        if run.status == RunStatus::Succeeded {
             return Err(RunError::AlreadySucceeded(run_id));
         }
         let (path, text) = self
@@ -523,11 +506,11 @@ impl Engine {
             // Removing the sandboxes frees what the steps wrote; then the failure
             // may fit, and the run is not left `running` (it can be resumed).
             let _ = tokio::task::block_in_place(|| remove_tree(&self.store.work_dir(run_id)));
-            let _ = self
-                .store
-                .db()
-                .read()
-                .set_run_status(run_id, "failed", Some(&e.to_string()));
+            let _ = self.store.db().read().set_run_status(
+                run_id,
+                RunStatus::Failed,
+                Some(&e.to_string()),
+            );
         }
         result
     }
@@ -549,9 +532,9 @@ impl Engine {
         self.store
             .db()
             .read()
-            .set_run_status(run_id, "running", None)?;
+            .set_run_status(run_id, RunStatus::Running, None)?;
         let graph = Graph::new(&p);
-        let earlier: HashMap<String, String> = {
+        let earlier: HashMap<String, StepStatus> = {
             let mut db = self.store.db();
             db.batch(|b| {
                 for (pos, &i) in graph.order.iter().enumerate() {
@@ -580,10 +563,11 @@ impl Engine {
         let inputs = match tokio::task::block_in_place(|| self.snapshot_inputs(run_id, &p)) {
             Ok(i) => i,
             Err(e) => {
-                self.store
-                    .db()
-                    .read()
-                    .set_run_status(run_id, "failed", Some(&e.to_string()))?;
+                self.store.db().read().set_run_status(
+                    run_id,
+                    RunStatus::Failed,
+                    Some(&e.to_string()),
+                )?;
                 return Err(e);
             }
         };
@@ -636,7 +620,7 @@ impl Engine {
                         self.store.db().read().finish_step(
                             run_id,
                             &name,
-                            "failed",
+                            StepStatus::Failed,
                             None,
                             Some(&detail),
                         )?;
@@ -658,8 +642,8 @@ impl Engine {
                     parts: parts.to_json(),
                 });
                 let resumed = matches!(
-                    earlier.get(&name).map(String::as_str),
-                    Some("succeeded" | "reused")
+                    earlier.get(&name),
+                    Some(StepStatus::Succeeded | StepStatus::Reused)
                 );
                 let reuse = if resumed {
                     ctx.reuse_own(i)
@@ -750,7 +734,7 @@ impl Engine {
                     self.store.db().read().finish_step(
                         run_id,
                         name,
-                        "cancelled",
+                        StepStatus::Cancelled,
                         None,
                         Some("the run was cancelled"),
                     )?;
@@ -765,19 +749,19 @@ impl Engine {
                     self.store.db().read().finish_step(
                         run_id,
                         p.steps[i].name.get_ref(),
-                        "pending",
+                        StepStatus::Pending,
                         None,
                         Some("interrupted by the daemon's shutdown"),
                     )?;
                 }
             }
-            "interrupted"
+            RunStatus::Interrupted
         } else if cancelled {
-            "cancelled"
+            RunStatus::Cancelled
         } else if failed > 0 || status.iter().any(Option::is_none) {
-            "failed"
+            RunStatus::Failed
         } else {
-            "succeeded"
+            RunStatus::Succeeded
         };
         let error = if interrupted {
             Some("interrupted by the daemon's shutdown".to_string())
@@ -799,7 +783,7 @@ impl Engine {
         Ok(RunSummary {
             run_id,
             pipeline: p.name.get_ref().clone(),
-            status: run_status.into(),
+            status: run_status,
             executed,
             reused: count(StepStatus::Reused),
             failed,
@@ -1369,7 +1353,7 @@ fn skip_dependants(
                 ctx.engine.store.db().read().finish_step(
                     ctx.run_id,
                     name,
-                    "skipped",
+                    StepStatus::Skipped,
                     None,
                     Some(&detail),
                 )?;
@@ -1536,7 +1520,7 @@ impl RunContext {
                         if step.reuse {
                             b.set_cache_entry(key, self.run_id, name)?;
                         }
-                        b.finish_step(self.run_id, name, "reused", Some(from.run), None)?;
+                        b.finish_step(self.run_id, name, StepStatus::Reused, Some(from.run), None)?;
                     }
                 }
             }
@@ -1625,14 +1609,21 @@ impl RunContext {
             match result {
                 Ok(outputs) => {
                     let recorded = self.store().db().batch(|b| {
-                        b.finish_attempt(self.run_id, &name, attempt, "succeeded", Some(0), None)?;
+                        b.finish_attempt(
+                            self.run_id,
+                            &name,
+                            attempt,
+                            AttemptStatus::Succeeded,
+                            Some(0),
+                            None,
+                        )?;
                         for (o, d) in &outputs {
                             b.record_step_output(self.run_id, &name, o, d)?;
                         }
                         if step.reuse {
                             b.set_cache_entry(&key, self.run_id, &name)?;
                         }
-                        b.finish_step(self.run_id, &name, "succeeded", None, None)
+                        b.finish_step(self.run_id, &name, StepStatus::Succeeded, None, None)
                     });
                     // A success that cannot be recorded is a failure: nothing would
                     // find its outputs (`output`, `resume`, reuse).
@@ -1661,7 +1652,7 @@ impl RunContext {
                         self.run_id,
                         &name,
                         attempt,
-                        "failed",
+                        AttemptStatus::Failed,
                         exit_code,
                         Some(&error),
                     ));
@@ -1695,7 +1686,7 @@ impl RunContext {
         let name = self.pipeline.steps[i].name.get_ref();
         let attempts = self.store().db().read().attempts(self.run_id, name).ok()?;
         let last = attempts.last()?;
-        (last.status == "running"
+        (last.status == AttemptStatus::Running
             && last
                 .placement
                 .as_ref()
@@ -1710,12 +1701,13 @@ impl RunContext {
         detail: String,
         started: Instant,
     ) -> Result<StepDone, StepFailure> {
-        if let Err(e) =
-            self.store()
-                .db()
-                .read()
-                .finish_step(self.run_id, name, "failed", None, Some(&detail))
-        {
+        if let Err(e) = self.store().db().read().finish_step(
+            self.run_id,
+            name,
+            StepStatus::Failed,
+            None,
+            Some(&detail),
+        ) {
             tracing::error!(step = %name, error = %e, "cannot record step state");
         }
         (self.events)(&Event::StepFinished {

@@ -10,6 +10,7 @@ use super::{EXIT_CONFIG, Exit};
 use crate::config::{self, Config};
 use crate::definition::{self, TriggerKind};
 use crate::diagnostic::display_path;
+use crate::model::{RunStatus, StepStatus};
 
 /// Where the packaged service keeps its config.
 pub const SYSTEM_CONFIG: &str = "/etc/millrace/millrace.toml";
@@ -266,11 +267,10 @@ pub fn trigger(
         if code != 200 {
             return Err(api_error(code, &r));
         }
-        let status = r["status"].as_str().unwrap_or("").to_string();
-        if matches!(
-            status.as_str(),
-            "succeeded" | "failed" | "cancelled" | "interrupted"
-        ) {
+        let status = r["status"]
+            .as_str()
+            .and_then(|s| s.parse::<RunStatus>().ok());
+        if let Some(status) = status.filter(|s| s.is_terminal()) {
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
@@ -279,7 +279,7 @@ pub fn trigger(
                     println!("  {e}");
                 }
             }
-            return Ok(if status == "succeeded" {
+            return Ok(if status == RunStatus::Succeeded {
                 0
             } else {
                 super::EXIT_RUN_FAILED
@@ -357,7 +357,7 @@ pub fn status(c: &Connect, state: &Path, json: bool) -> anyhow::Result<i32> {
             continue;
         };
         for s in run["steps"].as_array().unwrap_or(&empty) {
-            if s["status"] != "running" {
+            if s["status"].as_str().and_then(|s| s.parse().ok()) != Some(StepStatus::Running) {
                 continue;
             }
             let p = s["attempts_detail"]
