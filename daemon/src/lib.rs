@@ -5,8 +5,8 @@
 //!
 //! The modules in the order data flows through them, after the words they share:
 //!
-//! - [`model`]: the shared words: the states of a run, a step and an attempt, as
-//!   the store keeps them and the API prints them.
+//! - [`model`]: the shared words: the states of a run, a step and an attempt, and
+//!   where an attempt runs, as the store keeps them and the API prints them.
 //! - [`diagnostic`]: `file:line:col` errors with the offending text and a caret.
 //! - [`config`]: the daemon config (pipelines directory, state, API, datastores,
 //!   compute targets: local, container engines, Slurm clusters).

@@ -1,7 +1,9 @@
-//! The shared words: the states a run, a step and an attempt go through. The store
-//! keeps them as the lowercase TEXT below (`runs.status`, `steps.status`,
-//! `attempts.status`), the API and `--json` print the same strings, and every other
-//! layer (engine, daemon, CLI) uses the types. A new state is one variant here.
+//! The shared words: the states a run, a step and an attempt go through, and where
+//! an attempt runs. The store keeps the states as the lowercase TEXT below
+//! (`runs.status`, `steps.status`, `attempts.status`) and placements as JSON
+//! (`attempts.placement`); the API and `--json` print the same strings, and every
+//! other layer (engine, daemon, CLI) uses the types. A new state is one variant
+//! here.
 
 use std::fmt;
 use std::str::FromStr;
@@ -140,6 +142,46 @@ impl AttemptStatus {
     }
 }
 
+/// Where an attempt runs (or ran), in `attempts.placement` as JSON:
+/// `{"kind": "container", …}` or `{"kind": "slurm", …}`. It is recorded before the
+/// work starts, so a process that restarts finds the container or the job. An
+/// attempt of an in-process runtime (wasm, Python, transfer) runs here, on this
+/// host, and records none: `Option<Placement>` is `None`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Placement {
+    Container(ContainerPlacement),
+    Slurm(SlurmPlacement),
+}
+
+/// A container step's attempt.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ContainerPlacement {
+    /// The engine's socket (`unix:///run/podman/podman.sock`).
+    pub engine: String,
+    /// The container's name (`millrace-<run>-<step>-<attempt>-<nonce>`).
+    pub container: String,
+    /// The image as the step names it, and the digest it resolved to.
+    pub image: String,
+    pub image_id: String,
+}
+
+/// A wasm or Python attempt run as a Slurm batch job.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SlurmPlacement {
+    /// The `[compute.NAME]` target.
+    pub compute: String,
+    /// The attempt's directory under the target's `shared_dir`.
+    pub staging: String,
+    /// Unique per attempt: a crash between `sbatch` and recording its answer
+    /// leaves a job to find by this name.
+    pub job_name: String,
+    /// Null until `sbatch` answers.
+    pub job_id: Option<String>,
+    /// Null until Slurm reports the node the job runs on.
+    pub node: Option<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,6 +229,24 @@ mod tests {
             listed::<AttemptStatus>(),
             serde_json::json!(AttemptStatus::TEXTS)
         );
+    }
+
+    /// The JSON the store holds (and the API prints) for each placement.
+    #[test]
+    fn placements_keep_their_json() {
+        let slurm = serde_json::json!({
+            "kind": "slurm", "compute": "hpc", "staging": "/shared/m/1-s-1",
+            "job_name": "millrace-1-s-1", "job_id": null, "node": null,
+        });
+        let p: Placement = serde_json::from_value(slurm.clone()).unwrap();
+        assert!(matches!(&p, Placement::Slurm(s) if s.job_id.is_none()));
+        assert_eq!(serde_json::to_value(&p).unwrap(), slurm);
+        let container = serde_json::json!({
+            "kind": "container", "engine": "unix:///e.sock", "container": "millrace-1-s-1-0",
+            "image": "busybox:1", "image_id": "sha256:ab",
+        });
+        let p: Placement = serde_json::from_value(container.clone()).unwrap();
+        assert_eq!(serde_json::to_value(&p).unwrap(), container);
     }
 
     #[test]

@@ -20,7 +20,9 @@ use crate::executor::transfer;
 use crate::executor::wasm::{LogFile, Mount, Outcome, Sandbox, WasmRuntime};
 use crate::executor::workspace::{Overrun, Workspace, WorkspacePool, checked_size, watch};
 use crate::graph::Graph;
-use crate::model::{AttemptStatus, RunStatus, StepStatus};
+use crate::model::{
+    AttemptStatus, ContainerPlacement, Placement, RunStatus, SlurmPlacement, StepStatus,
+};
 use crate::planner::{self, Decision, KeyParts, param_env_name};
 use crate::store::artifacts::Mode;
 use crate::store::db::NewRun;
@@ -1687,10 +1689,7 @@ impl RunContext {
         let attempts = self.store().db().read().attempts(self.run_id, name).ok()?;
         let last = attempts.last()?;
         (last.status == AttemptStatus::Running
-            && last
-                .placement
-                .as_ref()
-                .is_some_and(|p| p["kind"] == "slurm" && p["job_name"].is_string()))
+            && matches!(last.placement, Some(Placement::Slurm(_))))
         .then_some(last.attempt as u32)
     }
 
@@ -2160,12 +2159,13 @@ impl RunContext {
             &self.engine.instance()[..8],
             self.run_id
         );
-        let db_placement = |p: &serde_json::Value| {
+        let db_placement = |p: &SlurmPlacement| {
+            let p = Placement::Slurm(p.clone());
             if let Err(e) =
                 self.store()
                     .db()
                     .read()
-                    .set_attempt_placement(self.run_id, name, attempt, p)
+                    .set_attempt_placement(self.run_id, name, attempt, &p)
             {
                 tracing::error!(step = %name, error = %e, "cannot record the Slurm job");
             }
@@ -2179,7 +2179,10 @@ impl RunContext {
             .attempt_placement(self.run_id, name, attempt)
             .ok()
             .flatten()
-            .filter(|p| p["kind"] == "slurm" && p["staging"] == staging.display().to_string());
+            .and_then(|p| match p {
+                Placement::Slurm(p) if p.staging == staging.display().to_string() => Some(p),
+                _ => None,
+            });
         let mut adopted = None;
         let adopting = self
             .adopting
@@ -2189,12 +2192,9 @@ impl RunContext {
         if adopting && let Some(p) = &earlier {
             // The id, or (a crash between sbatch and recording its answer) the
             // job found by its unique name.
-            let id = match p["job_id"].as_str() {
-                Some(id) => Some(id.to_string()),
-                None => match p["job_name"].as_str() {
-                    Some(n) => slurm::job_by_name(n).await.map_err(fail)?,
-                    None => None,
-                },
+            let id = match &p.job_id {
+                Some(id) => Some(id.clone()),
+                None => slurm::job_by_name(&p.job_name).await.map_err(fail)?,
             };
             if let Some(id) = id {
                 let known = slurm::job_info(&id).await.map_err(fail)?.is_some();
@@ -2202,7 +2202,7 @@ impl RunContext {
                     log.reset();
                     log.note(&format!("re-adopted Slurm job {id} after a restart"));
                     let mut p = p.clone();
-                    p["job_id"] = serde_json::json!(id);
+                    p.job_id = Some(id.clone());
                     db_placement(&p);
                     adopted = Some((id, p));
                 }
@@ -2287,14 +2287,13 @@ impl RunContext {
                         )
                     })
                     .map_err(|e| fail(format!("cannot write the job files: {e}")))?;
-                let mut placement = serde_json::json!({
-                    "kind": "slurm",
-                    "compute": compute,
-                    "staging": staging.display().to_string(),
-                    "job_name": job_name,
-                    "job_id": null,
-                    "node": null,
-                });
+                let mut placement = SlurmPlacement {
+                    compute: compute.clone(),
+                    staging: staging.display().to_string(),
+                    job_name: job_name.clone(),
+                    job_id: None,
+                    node: None,
+                };
                 // Recorded before sbatch: a crash in between leaves a named job to
                 // find, not an unknown one.
                 db_placement(&placement);
@@ -2307,7 +2306,7 @@ impl RunContext {
                     step.cpus,
                 );
                 let id = slurm::submit(&args, &script).await.map_err(fail)?;
-                placement["job_id"] = serde_json::json!(id);
+                placement.job_id = Some(id.clone());
                 db_placement(&placement);
                 log.note(&format!("submitted Slurm job {id} to `{compute}`"));
                 (id, placement)
@@ -2340,11 +2339,11 @@ impl RunContext {
         let mut errors = 0;
         let mut last: Option<JobInfo> = None;
         let grace = limit + Duration::from_secs(120);
-        let note_node = |info: &JobInfo, placement: &mut serde_json::Value| {
-            if placement["node"].is_null()
+        let note_node = |info: &JobInfo, placement: &mut SlurmPlacement| {
+            if placement.node.is_none()
                 && let Some(n) = info.nodes()
             {
-                placement["node"] = serde_json::json!(n);
+                placement.node = Some(n.to_string());
                 db_placement(placement);
                 log.note(&format!("Slurm job {job} runs on {n}"));
             }
@@ -2520,12 +2519,11 @@ impl RunContext {
             (container::LABEL_STEP.to_string(), name.clone()),
             (container::LABEL_ATTEMPT.to_string(), attempt.to_string()),
         ]);
-        let placement = serde_json::json!({
-            "kind": "container",
-            "engine": image.socket,
-            "container": container_name,
-            "image": image.name,
-            "image_id": image.id,
+        let placement = Placement::Container(ContainerPlacement {
+            engine: image.socket.clone(),
+            container: container_name.clone(),
+            image: image.name.clone(),
+            image_id: image.id.clone(),
         });
         if let Err(e) =
             self.store()

@@ -14,7 +14,7 @@ use crate::config::Config;
 use crate::definition::{self, Pipeline};
 use crate::diagnostic::{Report, display_path};
 use crate::graph::{Graph, GraphFormat};
-use crate::model::{RunStatus, StepStatus};
+use crate::model::{Placement, RunStatus, StepStatus};
 use crate::planner::{Decision, short};
 use crate::run::{Datastores, Engine, Event, RunError, RunRequest, RunSummary};
 use crate::store::Store;
@@ -965,33 +965,23 @@ fn runs_show(store: &Store, run: &str, json: bool) -> anyhow::Result<i32> {
             .into_iter()
             .rev()
             .find_map(|a| a.placement);
-        if let Some(p) = &placement
-            && p["kind"] == "slurm"
-        {
-            println!(
+        match &placement {
+            Some(Placement::Slurm(p)) => println!(
                 "  {:width$}    slurm job {} on {}  (compute {})",
                 "",
-                p["job_id"].as_str().unwrap_or("?"),
-                p["node"].as_str().unwrap_or("(not started)"),
-                p["compute"].as_str().unwrap_or("?"),
-            );
-        }
-        if let Some(p) = placement
-            && p["kind"] == "container"
-        {
-            println!(
+                p.job_id.as_deref().unwrap_or("?"),
+                p.node.as_deref().unwrap_or("(not started)"),
+                p.compute,
+            ),
+            Some(Placement::Container(p)) => println!(
                 "  {:width$}    image {} {}  container {} on {}",
                 "",
-                p["image"].as_str().unwrap_or("?"),
-                short(
-                    p["image_id"]
-                        .as_str()
-                        .unwrap_or("?")
-                        .trim_start_matches("sha256:")
-                ),
-                p["container"].as_str().unwrap_or("?"),
-                p["engine"].as_str().unwrap_or("?"),
-            );
+                p.image,
+                short(p.image_id.trim_start_matches("sha256:")),
+                p.container,
+                p.engine,
+            ),
+            None => {}
         }
         for (o, a) in db.read().step_outputs(id, &s.name)? {
             println!("  {:width$}    → {o} {}", "", short(&a));

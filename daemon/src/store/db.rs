@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
-use crate::model::{AttemptStatus, RunStatus, StepStatus};
+use crate::model::{AttemptStatus, Placement, RunStatus, StepStatus};
 use crate::module::ModuleVersion;
 use crate::store::artifacts::FileStat;
 
@@ -332,10 +332,10 @@ pub struct AttemptRow {
     pub exit_code: Option<i64>,
     pub error: Option<String>,
     pub log_path: Option<String>,
-    /// Where the attempt ran: `{"kind":"container","engine":…,"container":…,
-    /// "image":…,"image_id":…}`; absent for the in-process runtimes.
+    /// Where the attempt ran: a container or a Slurm job ([`Placement`]); absent
+    /// for the in-process runtimes.
     #[schema(value_type = Option<Object>)]
-    pub placement: Option<serde_json::Value>,
+    pub placement: Option<Placement>,
 }
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -900,7 +900,7 @@ impl Batch<'_> {
         run: i64,
         step: &str,
         attempt: u32,
-    ) -> Result<Option<serde_json::Value>> {
+    ) -> Result<Option<Placement>> {
         let p: Option<Option<String>> = self
             .conn
             .query_row(
@@ -917,13 +917,14 @@ impl Batch<'_> {
         run: i64,
         step: &str,
         attempt: u32,
-        placement: &serde_json::Value,
+        placement: &Placement,
     ) -> Result<()> {
+        let placement = serde_json::to_string(placement).expect("plain data");
         self.conn
             .prepare_cached(
                 "UPDATE attempts SET placement = ?4 WHERE run_id = ?1 AND step = ?2 AND attempt = ?3",
             )?
-            .execute(params![run, step, attempt, placement.to_string()])?;
+            .execute(params![run, step, attempt, placement])?;
         Ok(())
     }
 
