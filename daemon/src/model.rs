@@ -17,8 +17,11 @@ pub struct UnknownStatus {
     pub expected: &'static [&'static str],
 }
 
-/// One closed set of states: the enum, its text (serde, `Display`, `FromStr`) and
-/// the list of all of them, from one table.
+/// One closed set of states: the enum, its text (`Display`, `FromStr`) and the list
+/// of all of them, from one table. Serde and the OpenAPI document spell the
+/// variants in lowercase (utoipa does not read a `rename` that a macro passes in);
+/// `every_status_round_trips_through_its_text` and
+/// `the_api_document_lists_the_stored_texts` prove the spellings agree.
 macro_rules! status_enum {
     (
         $(#[$meta:meta])*

@@ -332,8 +332,10 @@ pub struct AttemptRow {
     pub exit_code: Option<i64>,
     pub error: Option<String>,
     pub log_path: Option<String>,
-    /// Where the attempt ran: a container or a Slurm job ([`Placement`]); absent
-    /// for the in-process runtimes.
+    /// Where the attempt ran (`model::Placement`):
+    /// `{"kind":"container","engine":…,"container":…,"image":…,"image_id":…}` or
+    /// `{"kind":"slurm","compute":…,"staging":…,"job_name":…,"job_id":…,"node":…}`;
+    /// absent for the in-process runtimes.
     #[schema(value_type = Option<Object>)]
     pub placement: Option<Placement>,
 }
