@@ -3,8 +3,10 @@
 //!
 //! # Layout
 //!
-//! The modules in the order data flows through them:
+//! The modules in the order data flows through them, after the words they share:
 //!
+//! - [`model`]: the shared words: the states of a run, a step and an attempt, and
+//!   where an attempt runs, as the store keeps them and the API prints them.
 //! - [`diagnostic`]: `file:line:col` errors with the offending text and a caret.
 //! - [`config`]: the daemon config (pipelines directory, state, API, datastores,
 //!   compute targets: local, container engines, Slurm clusters).
@@ -35,6 +37,7 @@ pub mod definition;
 pub mod diagnostic;
 pub mod executor;
 pub mod graph;
+pub mod model;
 pub mod module;
 pub mod planner;
 pub mod run;

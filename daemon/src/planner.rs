@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::definition::{ParamValue, Pipeline, Step, StepKind, interpolate};
+use crate::model::StepStatus;
 
 /// The components of a cache key, kept for `explain`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -353,8 +354,7 @@ pub fn explain(
         .as_ref()
         .and_then(|p| p.key_parts.clone())
         .and_then(|v| serde_json::from_value(v).ok());
-    let (explanation, changes): (String, Vec<String>) = match (&s.status[..], s.reused_from, &parts)
-    {
+    let (explanation, changes): (String, Vec<String>) = match (s.status, s.reused_from, &parts) {
         (_, Some(from), _) => (
             format!(
                 "reused the outputs of run {from} (same cache key {})",
@@ -362,7 +362,7 @@ pub fn explain(
             ),
             vec![],
         ),
-        ("skipped", _, _) => (
+        (StepStatus::Skipped, _, _) => (
             format!("skipped: {}", s.error.clone().unwrap_or_default()),
             vec![],
         ),

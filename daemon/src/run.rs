@@ -20,6 +20,9 @@ use crate::executor::transfer;
 use crate::executor::wasm::{LogFile, Mount, Outcome, Sandbox, WasmRuntime};
 use crate::executor::workspace::{Overrun, Workspace, WorkspacePool, checked_size, watch};
 use crate::graph::Graph;
+use crate::model::{
+    AttemptStatus, ContainerPlacement, Placement, RunStatus, SlurmPlacement, StepStatus,
+};
 use crate::planner::{self, Decision, KeyParts, param_env_name};
 use crate::store::artifacts::Mode;
 use crate::store::db::NewRun;
@@ -91,6 +94,8 @@ pub enum Event {
         step: String,
         attempt: u32,
     },
+    /// Also an attempt that failed and is retried (`status` failed, `detail`
+    /// ending in "retrying"). `status` is always terminal.
     StepFinished {
         step: String,
         status: StepStatus,
@@ -99,33 +104,12 @@ pub enum Event {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StepStatus {
-    Succeeded,
-    Reused,
-    Failed,
-    Skipped,
-    Cancelled,
-}
-
-impl StepStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            StepStatus::Succeeded => "succeeded",
-            StepStatus::Reused => "reused",
-            StepStatus::Failed => "failed",
-            StepStatus::Skipped => "skipped",
-            StepStatus::Cancelled => "cancelled",
-        }
-    }
-}
-
 /// How a run ended.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RunSummary {
     pub run_id: i64,
     pub pipeline: String,
-    pub status: String,
+    pub status: RunStatus,
     pub executed: usize,
     pub reused: usize,
     pub failed: usize,
@@ -378,7 +362,8 @@ impl Engine {
         cancel: tokio_util::sync::CancellationToken,
     ) -> Result<RunSummary, RunError> {
         let params = p.resolve_params(&req.params).map_err(RunError::Params)?;
-        let run_id = self.create_run(p, text, path, &req, &params, "running", |_| Ok(()))?;
+        let run_id =
+            self.create_run(p, text, path, &req, &params, RunStatus::Running, |_| Ok(()))?;
         self.execute(
             run_id,
             Arc::new(p.clone()),
@@ -403,7 +388,7 @@ impl Engine {
         also: impl FnOnce(&crate::store::db::Batch<'_>) -> crate::store::db::Result<()>,
     ) -> Result<i64, RunError> {
         let params = p.resolve_params(&req.params).map_err(RunError::Params)?;
-        self.create_run(p, text, path, req, &params, "queued", also)
+        self.create_run(p, text, path, req, &params, RunStatus::Queued, also)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -414,7 +399,7 @@ impl Engine {
         path: &Path,
         req: &RunRequest,
         params: &[(String, ParamValue)],
-        status: &str,
+        status: RunStatus,
         also: impl FnOnce(&crate::store::db::Batch<'_>) -> crate::store::db::Result<()>,
     ) -> Result<i64, RunError> {
         Ok(self.store.db().batch(|b| {
@@ -465,7 +450,7 @@ impl Engine {
             .read()
             .run(run_id)?
             .ok_or(RunError::NoSuchRun(run_id))?;
-        if run.status == "succeeded" {
+        if run.status == RunStatus::Succeeded {
             return Err(RunError::AlreadySucceeded(run_id));
         }
         let (path, text) = self
@@ -556,11 +541,11 @@ impl Engine {
             // Removing the sandboxes frees what the steps wrote; then the failure
             // may fit, and the run is not left `running` (it can be resumed).
             let _ = tokio::task::block_in_place(|| remove_tree(&self.store.work_dir(run_id)));
-            let _ = self
-                .store
-                .db()
-                .read()
-                .set_run_status(run_id, "failed", Some(&e.to_string()));
+            let _ = self.store.db().read().set_run_status(
+                run_id,
+                RunStatus::Failed,
+                Some(&e.to_string()),
+            );
         }
         result
     }
@@ -582,9 +567,9 @@ impl Engine {
         self.store
             .db()
             .read()
-            .set_run_status(run_id, "running", None)?;
+            .set_run_status(run_id, RunStatus::Running, None)?;
         let graph = Graph::new(&p);
-        let earlier: HashMap<String, String> = {
+        let earlier: HashMap<String, StepStatus> = {
             let mut db = self.store.db();
             db.batch(|b| {
                 for (pos, &i) in graph.order.iter().enumerate() {
@@ -613,10 +598,11 @@ impl Engine {
         let inputs = match tokio::task::block_in_place(|| self.snapshot_inputs(run_id, &p)) {
             Ok(i) => i,
             Err(e) => {
-                self.store
-                    .db()
-                    .read()
-                    .set_run_status(run_id, "failed", Some(&e.to_string()))?;
+                self.store.db().read().set_run_status(
+                    run_id,
+                    RunStatus::Failed,
+                    Some(&e.to_string()),
+                )?;
                 return Err(e);
             }
         };
@@ -669,7 +655,7 @@ impl Engine {
                         self.store.db().read().finish_step(
                             run_id,
                             &name,
-                            "failed",
+                            StepStatus::Failed,
                             None,
                             Some(&detail),
                         )?;
@@ -691,8 +677,8 @@ impl Engine {
                     parts: parts.to_json(),
                 });
                 let resumed = matches!(
-                    earlier.get(&name).map(String::as_str),
-                    Some("succeeded" | "reused")
+                    earlier.get(&name),
+                    Some(StepStatus::Succeeded | StepStatus::Reused)
                 );
                 let reuse = if resumed {
                     ctx.reuse_own(i)
@@ -783,7 +769,7 @@ impl Engine {
                     self.store.db().read().finish_step(
                         run_id,
                         name,
-                        "cancelled",
+                        StepStatus::Cancelled,
                         None,
                         Some("the run was cancelled"),
                     )?;
@@ -798,19 +784,19 @@ impl Engine {
                     self.store.db().read().finish_step(
                         run_id,
                         p.steps[i].name.get_ref(),
-                        "pending",
+                        StepStatus::Pending,
                         None,
                         Some("interrupted by the daemon's shutdown"),
                     )?;
                 }
             }
-            "interrupted"
+            RunStatus::Interrupted
         } else if cancelled {
-            "cancelled"
+            RunStatus::Cancelled
         } else if failed > 0 || status.iter().any(Option::is_none) {
-            "failed"
+            RunStatus::Failed
         } else {
-            "succeeded"
+            RunStatus::Succeeded
         };
         let error = if interrupted {
             Some("interrupted by the daemon's shutdown".to_string())
@@ -832,7 +818,7 @@ impl Engine {
         Ok(RunSummary {
             run_id,
             pipeline: p.name.get_ref().clone(),
-            status: run_status.into(),
+            status: run_status,
             executed,
             reused: count(StepStatus::Reused),
             failed,
@@ -1402,7 +1388,7 @@ fn skip_dependants(
                 ctx.engine.store.db().read().finish_step(
                     ctx.run_id,
                     name,
-                    "skipped",
+                    StepStatus::Skipped,
                     None,
                     Some(&detail),
                 )?;
@@ -1569,7 +1555,7 @@ impl RunContext {
                         if step.reuse {
                             b.set_cache_entry(key, self.run_id, name)?;
                         }
-                        b.finish_step(self.run_id, name, "reused", Some(from.run), None)?;
+                        b.finish_step(self.run_id, name, StepStatus::Reused, Some(from.run), None)?;
                     }
                 }
             }
@@ -1658,14 +1644,21 @@ impl RunContext {
             match result {
                 Ok(outputs) => {
                     let recorded = self.store().db().batch(|b| {
-                        b.finish_attempt(self.run_id, &name, attempt, "succeeded", Some(0), None)?;
+                        b.finish_attempt(
+                            self.run_id,
+                            &name,
+                            attempt,
+                            AttemptStatus::Succeeded,
+                            Some(0),
+                            None,
+                        )?;
                         for (o, d) in &outputs {
                             b.record_step_output(self.run_id, &name, o, d)?;
                         }
                         if step.reuse {
                             b.set_cache_entry(&key, self.run_id, &name)?;
                         }
-                        b.finish_step(self.run_id, &name, "succeeded", None, None)
+                        b.finish_step(self.run_id, &name, StepStatus::Succeeded, None, None)
                     });
                     // A success that cannot be recorded is a failure: nothing would
                     // find its outputs (`output`, `resume`, reuse).
@@ -1694,7 +1687,7 @@ impl RunContext {
                         self.run_id,
                         &name,
                         attempt,
-                        "failed",
+                        AttemptStatus::Failed,
                         exit_code,
                         Some(&error),
                     ));
@@ -1728,11 +1721,8 @@ impl RunContext {
         let name = self.pipeline.steps[i].name.get_ref();
         let attempts = self.store().db().read().attempts(self.run_id, name).ok()?;
         let last = attempts.last()?;
-        (last.status == "running"
-            && last
-                .placement
-                .as_ref()
-                .is_some_and(|p| p["kind"] == "slurm" && p["job_name"].is_string()))
+        (last.status == AttemptStatus::Running
+            && matches!(last.placement, Some(Placement::Slurm(_))))
         .then_some(last.attempt as u32)
     }
 
@@ -1743,12 +1733,13 @@ impl RunContext {
         detail: String,
         started: Instant,
     ) -> Result<StepDone, StepFailure> {
-        if let Err(e) =
-            self.store()
-                .db()
-                .read()
-                .finish_step(self.run_id, name, "failed", None, Some(&detail))
-        {
+        if let Err(e) = self.store().db().read().finish_step(
+            self.run_id,
+            name,
+            StepStatus::Failed,
+            None,
+            Some(&detail),
+        ) {
             tracing::error!(step = %name, error = %e, "cannot record step state");
         }
         (self.events)(&Event::StepFinished {
@@ -2201,12 +2192,13 @@ impl RunContext {
             &self.engine.instance()[..8],
             self.run_id
         );
-        let db_placement = |p: &serde_json::Value| {
+        let db_placement = |p: &SlurmPlacement| {
+            let p = Placement::Slurm(p.clone());
             if let Err(e) =
                 self.store()
                     .db()
                     .read()
-                    .set_attempt_placement(self.run_id, name, attempt, p)
+                    .set_attempt_placement(self.run_id, name, attempt, &p)
             {
                 tracing::error!(step = %name, error = %e, "cannot record the Slurm job");
             }
@@ -2220,7 +2212,10 @@ impl RunContext {
             .attempt_placement(self.run_id, name, attempt)
             .ok()
             .flatten()
-            .filter(|p| p["kind"] == "slurm" && p["staging"] == staging.display().to_string());
+            .and_then(|p| match p {
+                Placement::Slurm(p) if p.staging == staging.display().to_string() => Some(p),
+                _ => None,
+            });
         let mut adopted = None;
         let adopting = self
             .adopting
@@ -2230,12 +2225,9 @@ impl RunContext {
         if adopting && let Some(p) = &earlier {
             // The id, or (a crash between sbatch and recording its answer) the
             // job found by its unique name.
-            let id = match p["job_id"].as_str() {
-                Some(id) => Some(id.to_string()),
-                None => match p["job_name"].as_str() {
-                    Some(n) => slurm::job_by_name(n).await.map_err(fail)?,
-                    None => None,
-                },
+            let id = match &p.job_id {
+                Some(id) => Some(id.clone()),
+                None => slurm::job_by_name(&p.job_name).await.map_err(fail)?,
             };
             if let Some(id) = id {
                 let known = slurm::job_info(&id).await.map_err(fail)?.is_some();
@@ -2243,7 +2235,7 @@ impl RunContext {
                     log.reset();
                     log.note(&format!("re-adopted Slurm job {id} after a restart"));
                     let mut p = p.clone();
-                    p["job_id"] = serde_json::json!(id);
+                    p.job_id = Some(id.clone());
                     db_placement(&p);
                     adopted = Some((id, p));
                 }
@@ -2328,14 +2320,13 @@ impl RunContext {
                         )
                     })
                     .map_err(|e| fail(format!("cannot write the job files: {e}")))?;
-                let mut placement = serde_json::json!({
-                    "kind": "slurm",
-                    "compute": compute,
-                    "staging": staging.display().to_string(),
-                    "job_name": job_name,
-                    "job_id": null,
-                    "node": null,
-                });
+                let mut placement = SlurmPlacement {
+                    compute: compute.clone(),
+                    staging: staging.display().to_string(),
+                    job_name: job_name.clone(),
+                    job_id: None,
+                    node: None,
+                };
                 // Recorded before sbatch: a crash in between leaves a named job to
                 // find, not an unknown one.
                 db_placement(&placement);
@@ -2348,7 +2339,7 @@ impl RunContext {
                     step.cpus,
                 );
                 let id = slurm::submit(&args, &script).await.map_err(fail)?;
-                placement["job_id"] = serde_json::json!(id);
+                placement.job_id = Some(id.clone());
                 db_placement(&placement);
                 log.note(&format!("submitted Slurm job {id} to `{compute}`"));
                 (id, placement)
@@ -2381,11 +2372,11 @@ impl RunContext {
         let mut errors = 0;
         let mut last: Option<JobInfo> = None;
         let grace = limit + Duration::from_secs(120);
-        let note_node = |info: &JobInfo, placement: &mut serde_json::Value| {
-            if placement["node"].is_null()
+        let note_node = |info: &JobInfo, placement: &mut SlurmPlacement| {
+            if placement.node.is_none()
                 && let Some(n) = info.nodes()
             {
-                placement["node"] = serde_json::json!(n);
+                placement.node = Some(n.to_string());
                 db_placement(placement);
                 log.note(&format!("Slurm job {job} runs on {n}"));
             }
@@ -2561,12 +2552,11 @@ impl RunContext {
             (container::LABEL_STEP.to_string(), name.clone()),
             (container::LABEL_ATTEMPT.to_string(), attempt.to_string()),
         ]);
-        let placement = serde_json::json!({
-            "kind": "container",
-            "engine": image.socket,
-            "container": container_name,
-            "image": image.name,
-            "image_id": image.id,
+        let placement = Placement::Container(ContainerPlacement {
+            engine: image.socket.clone(),
+            container: container_name.clone(),
+            image: image.name.clone(),
+            image_id: image.id.clone(),
         });
         if let Err(e) =
             self.store()

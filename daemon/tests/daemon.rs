@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use millrace::model::{RunStatus, StepStatus};
 use serde_json::Value;
 
 use crate::common::{Project, plugin};
@@ -676,7 +677,7 @@ args = ["--secs", "4"]
     );
     let db = millrace::store::db::Db::open(&p.path(".state/millrace.db")).unwrap();
     let run = db.read().run(id).unwrap().unwrap();
-    assert_eq!(run.status, "interrupted");
+    assert_eq!(run.status, RunStatus::Interrupted);
     let steps = db.read().steps(id).unwrap();
     let never_started: Vec<&str> = steps
         .iter()
@@ -690,13 +691,17 @@ args = ["--secs", "4"]
     );
     let short = steps.iter().find(|s| s.name == "short").unwrap();
     if short.attempts == 1 {
-        assert_eq!(short.status, "succeeded", "finished within the grace");
+        assert_eq!(
+            short.status,
+            StepStatus::Succeeded,
+            "finished within the grace"
+        );
     }
     assert!(
         steps
             .iter()
             .filter(|s| s.name != "short")
-            .all(|s| s.status == "pending"),
+            .all(|s| s.status == StepStatus::Pending),
         "the 4 s steps were stopped at the deadline or never started: {steps:?}"
     );
     drop(db);
@@ -902,7 +907,10 @@ wasm = "{noop}"
     assert_eq!(d.stop(), 0);
     let db = millrace::store::db::Db::open(&p.path(".state/millrace.db")).unwrap();
     for id in [second, third] {
-        assert_eq!(db.read().run(id).unwrap().unwrap().status, "queued");
+        assert_eq!(
+            db.read().run(id).unwrap().unwrap().status,
+            RunStatus::Queued
+        );
     }
     drop(db);
     let d = Daemon::start(&p);

@@ -14,8 +14,9 @@ use crate::config::Config;
 use crate::definition::{self, Pipeline};
 use crate::diagnostic::{Report, display_path};
 use crate::graph::{Graph, GraphFormat};
+use crate::model::{Placement, RunStatus, StepStatus};
 use crate::planner::{Decision, short};
-use crate::run::{Datastores, Engine, Event, RunError, RunRequest, RunSummary, StepStatus};
+use crate::run::{Datastores, Engine, Event, RunError, RunRequest, RunSummary};
 use crate::store::Store;
 use crate::store::db::now_ms;
 
@@ -692,9 +693,9 @@ fn finish_run(summary: Result<RunSummary, RunError>, json: bool) -> anyhow::Resu
             s.run_id, s.status, s.executed, s.reused, s.failed, s.skipped, s.seconds
         );
     }
-    Ok(match s.status.as_str() {
-        "succeeded" => 0,
-        "cancelled" => 130,
+    Ok(match s.status {
+        RunStatus::Succeeded => 0,
+        RunStatus::Cancelled => 130,
         _ => EXIT_RUN_FAILED,
     })
 }
@@ -791,7 +792,7 @@ impl Progress {
                 } else {
                     format!(": {detail}")
                 };
-                self.line(format!("  {step} {}{time}{detail}", status.as_str()));
+                self.line(format!("  {step} {status}{time}{detail}"));
             }
         }
     }
@@ -842,18 +843,18 @@ fn duration(start: Option<i64>, end: Option<i64>) -> String {
 }
 
 /// A run still marked running whose process is gone was interrupted.
-fn shown_status(store: &Store, id: i64, status: &str) -> String {
-    if status == "running" && !crate::run::RunLock::is_held(store, id) {
-        "interrupted".into()
+fn shown_status(store: &Store, id: i64, status: RunStatus) -> RunStatus {
+    if status == RunStatus::Running && !crate::run::RunLock::is_held(store, id) {
+        RunStatus::Interrupted
     } else {
-        status.into()
+        status
     }
 }
 
 fn runs_list(store: &Store, pipeline: Option<&str>, limit: i64, json: bool) -> anyhow::Result<i32> {
     let mut runs = store.db().read().runs(pipeline, limit)?;
     for r in &mut runs {
-        r.status = shown_status(store, r.id, &r.status);
+        r.status = shown_status(store, r.id, r.status);
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&runs)?);
@@ -885,7 +886,7 @@ fn runs_show(store: &Store, run: &str, json: bool) -> anyhow::Result<i32> {
     let id = run_id(store, run)?;
     let db = store.db();
     let mut r = db.read().run(id)?.context("run vanished")?;
-    r.status = shown_status(store, id, &r.status);
+    r.status = shown_status(store, id, r.status);
     let steps = db.read().steps(id)?;
     let inputs = db.read().run_inputs(id)?;
     if json {
@@ -971,33 +972,23 @@ fn runs_show(store: &Store, run: &str, json: bool) -> anyhow::Result<i32> {
             .into_iter()
             .rev()
             .find_map(|a| a.placement);
-        if let Some(p) = &placement
-            && p["kind"] == "slurm"
-        {
-            println!(
+        match &placement {
+            Some(Placement::Slurm(p)) => println!(
                 "  {:width$}    slurm job {} on {}  (compute {})",
                 "",
-                p["job_id"].as_str().unwrap_or("?"),
-                p["node"].as_str().unwrap_or("(not started)"),
-                p["compute"].as_str().unwrap_or("?"),
-            );
-        }
-        if let Some(p) = placement
-            && p["kind"] == "container"
-        {
-            println!(
+                p.job_id.as_deref().unwrap_or("?"),
+                p.node.as_deref().unwrap_or("(not started)"),
+                p.compute,
+            ),
+            Some(Placement::Container(p)) => println!(
                 "  {:width$}    image {} {}  container {} on {}",
                 "",
-                p["image"].as_str().unwrap_or("?"),
-                short(
-                    p["image_id"]
-                        .as_str()
-                        .unwrap_or("?")
-                        .trim_start_matches("sha256:")
-                ),
-                p["container"].as_str().unwrap_or("?"),
-                p["engine"].as_str().unwrap_or("?"),
-            );
+                p.image,
+                short(p.image_id.trim_start_matches("sha256:")),
+                p.container,
+                p.engine,
+            ),
+            None => {}
         }
         for (o, a) in db.read().step_outputs(id, &s.name)? {
             println!("  {:width$}    → {o} {}", "", short(&a));
@@ -1045,7 +1036,7 @@ async fn logs(store: &Store, run: &str, step: Option<&str>, follow: bool) -> any
         }
         out.flush()?;
         let r = store.db().read().run(id)?.context("run vanished")?;
-        if !follow || r.status != "running" || !crate::run::RunLock::is_held(store, id) {
+        if !follow || r.status != RunStatus::Running || !crate::run::RunLock::is_held(store, id) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -1299,7 +1290,7 @@ fn gc(store: &Store, keep: i64, json: bool) -> anyhow::Result<i32> {
         .read()
         .runs(None, i64::MAX)?
         .into_iter()
-        .filter(|r| r.status == "running" && crate::run::RunLock::is_held(store, r.id))
+        .filter(|r| r.status == RunStatus::Running && crate::run::RunLock::is_held(store, r.id))
         .map(|r| r.id)
         .collect();
     if let Some(id) = active.first() {

@@ -4,12 +4,14 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use serde::Deserialize;
 use serde_json::Value;
 
 use super::{EXIT_CONFIG, Exit};
 use crate::config::{self, Config};
 use crate::definition::{self, TriggerKind};
 use crate::diagnostic::display_path;
+use crate::model::{Placement, RunStatus, StepStatus};
 
 /// Where the packaged service keeps its config.
 pub const SYSTEM_CONFIG: &str = "/etc/millrace/millrace.toml";
@@ -266,11 +268,10 @@ pub fn trigger(
         if code != 200 {
             return Err(api_error(code, &r));
         }
-        let status = r["status"].as_str().unwrap_or("").to_string();
-        if matches!(
-            status.as_str(),
-            "succeeded" | "failed" | "cancelled" | "interrupted"
-        ) {
+        let status = r["status"]
+            .as_str()
+            .and_then(|s| s.parse::<RunStatus>().ok());
+        if let Some(status) = status.filter(|s| s.is_terminal()) {
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
@@ -279,7 +280,7 @@ pub fn trigger(
                     println!("  {e}");
                 }
             }
-            return Ok(if status == "succeeded" {
+            return Ok(if status == RunStatus::Succeeded {
                 0
             } else {
                 super::EXIT_RUN_FAILED
@@ -357,26 +358,21 @@ pub fn status(c: &Connect, state: &Path, json: bool) -> anyhow::Result<i32> {
             continue;
         };
         for s in run["steps"].as_array().unwrap_or(&empty) {
-            if s["status"] != "running" {
+            if s["status"].as_str().and_then(|s| s.parse().ok()) != Some(StepStatus::Running) {
                 continue;
             }
-            let p = s["attempts_detail"]
+            let placement = s["attempts_detail"]
                 .as_array()
                 .and_then(|a| a.last())
-                .map(|a| a["placement"].clone())
-                .unwrap_or_default();
-            let place = match p["kind"].as_str() {
-                Some("slurm") => format!(
+                .and_then(|a| Placement::deserialize(&a["placement"]).ok());
+            let place = match placement {
+                Some(Placement::Slurm(p)) => format!(
                     "slurm job {} on {}",
-                    p["job_id"].as_str().unwrap_or("(submitting)"),
-                    p["node"].as_str().unwrap_or("(pending)")
+                    p.job_id.as_deref().unwrap_or("(submitting)"),
+                    p.node.as_deref().unwrap_or("(pending)")
                 ),
-                Some("container") => format!(
-                    "container {} ({})",
-                    p["container"].as_str().unwrap_or("?"),
-                    p["image"].as_str().unwrap_or("?")
-                ),
-                _ => "here".to_string(),
+                Some(Placement::Container(p)) => format!("container {} ({})", p.container, p.image),
+                None => "here".to_string(),
             };
             println!(
                 "  run {id} step {}: {place}",

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Daemon, SubmitError, Submitted};
 use crate::definition::{Catchup, Overlap, Pipeline, TriggerKind};
 use crate::diagnostic::display_path;
+use crate::model::{AttemptStatus, RunStatus, StepStatus};
 use crate::run::RunRequest;
 
 /// The error shape of every failed call.
@@ -47,19 +48,6 @@ pub enum ParamScalar {
     Boolean(bool),
 }
 
-/// A run's status.
-#[derive(utoipa::ToSchema)]
-#[allow(dead_code)]
-#[schema(rename_all = "lowercase")]
-pub enum RunStatus {
-    Queued,
-    Running,
-    Succeeded,
-    Failed,
-    Cancelled,
-    Interrupted,
-}
-
 #[derive(serde::Serialize, utoipa::ToSchema)]
 pub struct RunsPage {
     runs: Vec<crate::store::db::RunRow>,
@@ -70,7 +58,7 @@ pub struct RunsPage {
 #[derive(serde::Serialize, utoipa::ToSchema)]
 pub struct Queued {
     run_id: i64,
-    status: String,
+    status: RunStatus,
 }
 
 #[derive(serde::Serialize, utoipa::ToSchema)]
@@ -89,7 +77,7 @@ pub struct RunMetrics {
 #[openapi(
     info(title = "millrace", description = "The millrace daemon's REST API"),
     paths(healthz, status, pipelines, pipeline, create_run, runs, run, run_metrics, step_log, cancel, modules, prometheus),
-    components(schemas(ErrorBody, ErrorDetail, RunStatus, ParamScalar, RunsPage, Queued, Cancelling, RunMetrics, CreateRun,
+    components(schemas(ErrorBody, ErrorDetail, RunStatus, StepStatus, AttemptStatus, ParamScalar, RunsPage, Queued, Cancelling, RunMetrics, CreateRun,
         crate::store::db::RunRow, crate::store::db::StepRow, crate::store::db::AttemptRow, crate::store::db::MetricRow)),
     modifiers(&Bearer)
 )]
@@ -763,7 +751,7 @@ async fn status(State(d): State<Arc<Daemon>>) -> ApiResult {
         .store()
         .db()
         .read()
-        .runs_with_status("queued")
+        .runs_with_status(RunStatus::Queued)
         .map_err(ApiError::internal)?;
     let list: Vec<Value> = d
         .pipelines()
@@ -869,7 +857,7 @@ async fn create_run(
     match d.submit(&name, req, |_| Ok(())) {
         Ok(Submitted::Queued(id)) => Ok((
             StatusCode::ACCEPTED,
-            Json(json!({ "run_id": id, "status": "queued" })),
+            Json(json!({ "run_id": id, "status": RunStatus::Queued })),
         )
             .into_response()),
         Ok(Submitted::Skipped(why)) => Err(ApiError::new(StatusCode::CONFLICT, why)),
@@ -899,15 +887,6 @@ struct RunsQuery {
     limit: Option<i64>,
 }
 
-const STATUSES: &[&str] = &[
-    "queued",
-    "running",
-    "succeeded",
-    "failed",
-    "cancelled",
-    "interrupted",
-];
-
 #[utoipa::path(get, path = "/api/v1/runs", tag = "runs",
     params(("pipeline" = Option<String>, Query, description = "Only this pipeline's runs"),
         ("status" = Option<RunStatus>, Query, description = "Only runs in this status"),
@@ -922,14 +901,18 @@ async fn runs(
 ) -> ApiResult {
     let Query(q) = q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     let limit = q.limit.unwrap_or(50).clamp(1, 1000);
-    if let Some(st) = &q.status
-        && !STATUSES.contains(&st.as_str())
-    {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("status `{st}`: expected one of {}", STATUSES.join(", ")),
-        ));
-    }
+    let status: Option<RunStatus> = q.status.as_deref().map(str::parse).transpose().map_err(
+        |e: crate::model::UnknownStatus| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "status `{}`: expected one of {}",
+                    e.value,
+                    e.expected.join(", ")
+                ),
+            )
+        },
+    )?;
     let since = match &q.since {
         None => None,
         Some(s) => Some(
@@ -951,7 +934,7 @@ async fn runs(
         .read()
         .runs_filtered(&crate::store::db::RunFilter {
             pipeline: q.pipeline.as_deref(),
-            status: q.status.as_deref(),
+            status,
             since,
             before: q.before,
             limit,
@@ -1179,7 +1162,7 @@ fn async_stream(
                     .run(id)
                     .ok()
                     .flatten()
-                    .is_none_or(|r| !matches!(r.status.as_str(), "queued" | "running"));
+                    .is_none_or(|r| r.status.is_terminal());
                 if over || d.shutdown.is_cancelled() {
                     // One last read for what was written at the very end.
                     let tail = match &p {
@@ -1275,7 +1258,7 @@ async fn prometheus(State(d): State<Arc<Daemon>>, headers: HeaderMap) -> ApiResu
         .store()
         .db()
         .read()
-        .runs_with_status("queued")
+        .runs_with_status(RunStatus::Queued)
         .map_err(ApiError::internal)?
         .len();
     let body = d.metrics.render(

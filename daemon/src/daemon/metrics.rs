@@ -11,6 +11,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::model::StepStatus;
+
 type Labels = Vec<(String, String)>;
 type HistogramFamily = Family<Labels, Histogram, fn() -> Histogram>;
 
@@ -104,17 +106,17 @@ impl Metrics {
         self.runs_finished
             .get_or_create(&vec![
                 ("pipeline".into(), run.pipeline.clone()),
-                ("status".into(), run.status.clone()),
+                ("status".into(), run.status.to_string()),
             ])
             .inc();
         for s in steps {
-            match s.status.as_str() {
-                "reused" => {
+            match s.status {
+                StepStatus::Reused => {
                     self.reuse
                         .get_or_create(&vec![("result".into(), "hit".into())])
                         .inc();
                 }
-                "succeeded" | "failed" => {
+                StepStatus::Succeeded | StepStatus::Failed => {
                     self.reuse
                         .get_or_create(&vec![("result".into(), "miss".into())])
                         .inc();

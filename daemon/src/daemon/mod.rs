@@ -26,7 +26,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::definition::{self, Overlap, Pipeline};
 use crate::diagnostic::{Report, SourceFile, display_path};
-use crate::run::{Datastores, Engine, Event, EventSink, RunRequest, StepStatus};
+use crate::model::{RunStatus, StepStatus};
+use crate::run::{Datastores, Engine, Event, EventSink, RunRequest};
 use crate::store::Store;
 use crate::store::db::Batch;
 
@@ -420,7 +421,7 @@ impl Daemon {
             .store()
             .db()
             .read()
-            .runs_with_status("queued")
+            .runs_with_status(RunStatus::Queued)
             .map_err(|e| SubmitError::Store(e.to_string()))?
             .into_iter()
             .filter(|r| r.pipeline == name)
@@ -443,11 +444,15 @@ impl Daemon {
                 // The newest request wins: queued runs are dropped, running ones
                 // cancelled; the new run starts when they have stopped.
                 let db = self.store().db();
-                for r in db.read().runs_with_status("queued").unwrap_or_default() {
+                for r in db
+                    .read()
+                    .runs_with_status(RunStatus::Queued)
+                    .unwrap_or_default()
+                {
                     if r.pipeline == name {
                         let _ = db.read().set_run_status(
                             r.id,
-                            "cancelled",
+                            RunStatus::Cancelled,
                             Some("superseded by a newer run (overlap = \"cancel\")"),
                         );
                     }
@@ -486,9 +491,13 @@ impl Daemon {
             .read()
             .run(run)
             .map_err(|e| SubmitError::Store(e.to_string()))?;
-        if r.is_some_and(|r| r.status == "queued") {
+        if r.is_some_and(|r| r.status == RunStatus::Queued) {
             db.read()
-                .set_run_status(run, "cancelled", Some("cancelled before it started"))
+                .set_run_status(
+                    run,
+                    RunStatus::Cancelled,
+                    Some("cancelled before it started"),
+                )
                 .map_err(|e| SubmitError::Store(e.to_string()))?;
             return Ok(true);
         }
@@ -504,7 +513,7 @@ impl Daemon {
                 () = self.wake.notified() => {}
                 () = self.shutdown.cancelled() => return,
             }
-            let queued = match self.store().db().read().runs_with_status("queued") {
+            let queued = match self.store().db().read().runs_with_status(RunStatus::Queued) {
                 Ok(q) => q,
                 Err(e) => {
                     tracing::error!("cannot read the queue: {e}");
@@ -533,7 +542,7 @@ impl Daemon {
                     .run(run.id)
                     .ok()
                     .flatten()
-                    .is_some_and(|r| r.status == "queued");
+                    .is_some_and(|r| r.status == RunStatus::Queued);
                 if !still_queued {
                     continue;
                 }
@@ -567,19 +576,19 @@ impl Daemon {
                     "the engine failed unexpectedly: {e}"
                 ))),
             };
-        let status = match result {
+        let succeeded = match result {
             Ok(s) => {
                 tracing::info!(
                     pipeline = %pipeline, run = id, status = %s.status,
                     executed = s.executed, reused = s.reused, failed = s.failed,
                     "finished in {:.2}s", s.seconds
                 );
-                s.status
+                s.status == RunStatus::Succeeded
             }
             Err(e @ crate::run::RunError::Busy(_)) => {
                 // Another process (`millrace resume`) drives it: its status is theirs.
                 tracing::warn!(pipeline = %pipeline, run = id, "{e}");
-                "busy".to_string()
+                false
             }
             Err(e) => {
                 tracing::error!(pipeline = %pipeline, run = id, "cannot run: {e}");
@@ -589,12 +598,14 @@ impl Daemon {
                 // an `if let` condition lives through its body).
                 let db = self.store().db();
                 if let Ok(Some(r)) = db.read().run(id)
-                    && matches!(r.status.as_str(), "queued" | "running")
+                    && !r.status.is_terminal()
                 {
-                    let _ = db.read().set_run_status(id, "failed", Some(&e.to_string()));
+                    let _ = db
+                        .read()
+                        .set_run_status(id, RunStatus::Failed, Some(&e.to_string()));
                 }
                 drop(db);
-                "failed".to_string()
+                false
             }
         };
         self.state().active.remove(&id);
@@ -605,7 +616,7 @@ impl Daemon {
                 self.metrics.run_finished(&run, &steps);
             }
         }
-        if status == "succeeded" {
+        if succeeded {
             self.fire_after(&pipeline, id);
         }
         self.wake.notify_one();
@@ -675,7 +686,7 @@ impl Daemon {
     /// the process already stopped [`MAX_CRASHES`] times while running them.
     fn recover(&self) -> anyhow::Result<()> {
         let mut db = self.store().db();
-        for r in db.read().runs_with_status("running")? {
+        for r in db.read().runs_with_status(RunStatus::Running)? {
             if crate::run::RunLock::is_held(self.store(), r.id) {
                 continue; // a `millrace run` in another process
             }
@@ -687,7 +698,7 @@ impl Daemon {
             tracing::warn!(pipeline = %r.pipeline, run = r.id, crashes, "interrupted: its process stopped while it was running");
         }
         if self.config.resume_interrupted {
-            for r in db.read().runs_with_status("interrupted")? {
+            for r in db.read().runs_with_status(RunStatus::Interrupted)? {
                 if r.trigger == "cli" {
                     continue; // `millrace resume` is the owner's call
                 }
@@ -696,7 +707,7 @@ impl Daemon {
                         .read()
                         .steps(r.id)?
                         .into_iter()
-                        .filter(|s| s.status == "running")
+                        .filter(|s| s.status == StepStatus::Running)
                         .map(|s| format!("`{}`", s.name))
                         .collect();
                     let during = match running.len() {
@@ -714,7 +725,7 @@ impl Daemon {
                     continue;
                 }
                 tracing::info!(pipeline = %r.pipeline, run = r.id, "queued to resume");
-                db.read().set_run_status(r.id, "queued", None)?;
+                db.read().set_run_status(r.id, RunStatus::Queued, None)?;
             }
         }
         Ok(())
@@ -773,7 +784,7 @@ fn log_events(run: i64) -> EventSink {
             StepStatus::Failed => {
                 tracing::warn!(run, step = %step, "step failed after {:.2}s: {detail}", elapsed.as_secs_f64())
             }
-            _ => tracing::debug!(run, step = %step, status = status.as_str(), "{detail}"),
+            _ => tracing::debug!(run, step = %step, status = %status, "{detail}"),
         },
     })
 }

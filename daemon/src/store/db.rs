@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
+use crate::model::{AttemptStatus, Placement, RunStatus, StepStatus};
 use crate::module::ModuleVersion;
 use crate::store::artifacts::FileStat;
 
@@ -63,6 +64,30 @@ fn describe(e: &rusqlite::Error) -> String {
 }
 
 pub type Result<T> = std::result::Result<T, DbError>;
+
+/// The states are TEXT columns holding [`crate::model`]'s words: bound and read as
+/// the typed values, so no query spells a state.
+macro_rules! status_column {
+    ($($t:ty),+) => {$(
+        impl rusqlite::ToSql for $t {
+            fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+                Ok(self.as_str().into())
+            }
+        }
+
+        impl rusqlite::types::FromSql for $t {
+            fn column_result(
+                v: rusqlite::types::ValueRef<'_>,
+            ) -> rusqlite::types::FromSqlResult<$t> {
+                v.as_str()?
+                    .parse()
+                    .map_err(|e| rusqlite::types::FromSqlError::Other(Box::new(e)))
+            }
+        }
+    )+};
+}
+
+status_column!(RunStatus, StepStatus, AttemptStatus);
 
 /// Migrations, applied in order; `PRAGMA user_version` is the number applied.
 const MIGRATIONS: &[&str] = &[
@@ -268,7 +293,7 @@ pub struct RunRow {
     #[schema(value_type = Option<Object>)]
     pub trigger_detail: Option<serde_json::Value>,
     pub no_reuse: bool,
-    pub status: String,
+    pub status: RunStatus,
     /// Warnings recorded at creation (deprecated modules).
     pub warnings: Vec<String>,
     /// Module spec → the version it resolved to when the run was created.
@@ -285,7 +310,7 @@ pub struct StepRow {
     pub name: String,
     pub position: i64,
     pub runtime: String,
-    pub status: String,
+    pub status: StepStatus,
     pub cache_key: Option<String>,
     #[schema(value_type = Option<Object>)]
     pub key_parts: Option<serde_json::Value>,
@@ -301,16 +326,18 @@ pub struct StepRow {
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct AttemptRow {
     pub attempt: i64,
-    pub status: String,
+    pub status: AttemptStatus,
     pub started_at: i64,
     pub finished_at: Option<i64>,
     pub exit_code: Option<i64>,
     pub error: Option<String>,
     pub log_path: Option<String>,
-    /// Where the attempt ran: `{"kind":"container","engine":…,"container":…,
-    /// "image":…,"image_id":…}`; absent for the in-process runtimes.
+    /// Where the attempt ran (`model::Placement`):
+    /// `{"kind":"container","engine":…,"container":…,"image":…,"image_id":…}` or
+    /// `{"kind":"slurm","compute":…,"staging":…,"job_name":…,"job_id":…,"node":…}`;
+    /// absent for the in-process runtimes.
     #[schema(value_type = Option<Object>)]
-    pub placement: Option<serde_json::Value>,
+    pub placement: Option<Placement>,
 }
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -386,7 +413,7 @@ fn step_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StepRow> {
 #[derive(Debug, Default)]
 pub struct RunFilter<'a> {
     pub pipeline: Option<&'a str>,
-    pub status: Option<&'a str>,
+    pub status: Option<RunStatus>,
     pub since: Option<i64>,
     pub before: Option<i64>,
     pub limit: i64,
@@ -402,7 +429,7 @@ pub struct NewRun<'a> {
     pub trigger_detail: Option<&'a serde_json::Value>,
     pub no_reuse: bool,
     /// `running` (started at once, by `millrace run`) or `queued` (the daemon).
-    pub status: &'a str,
+    pub status: RunStatus,
     pub warnings: &'a [String],
     pub module_pins: &'a std::collections::BTreeMap<String, String>,
 }
@@ -521,7 +548,7 @@ impl Batch<'_> {
 
     pub fn create_run(&self, r: &NewRun<'_>) -> Result<i64> {
         let now = now_ms();
-        let started = (r.status == "running").then_some(now);
+        let started = (r.status == RunStatus::Running).then_some(now);
         self.conn.execute(
             "INSERT INTO runs (pipeline, experiment, definition, params, trigger, trigger_detail, no_reuse, status, created_at, started_at, warnings, module_pins)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
@@ -543,11 +570,10 @@ impl Batch<'_> {
         Ok(self.conn.last_insert_rowid())
     }
 
-    pub fn set_run_status(&self, id: i64, status: &str, error: Option<&str>) -> Result<()> {
+    pub fn set_run_status(&self, id: i64, status: RunStatus, error: Option<&str>) -> Result<()> {
         let now = now_ms();
-        let finished =
-            matches!(status, "succeeded" | "failed" | "cancelled" | "interrupted").then_some(now);
-        let started = (status == "running").then_some(now);
+        let finished = status.is_terminal().then_some(now);
+        let started = (status == RunStatus::Running).then_some(now);
         self.conn.execute(
             "UPDATE runs SET status = ?2, error = ?3, finished_at = ?4, started_at = coalesce(started_at, ?5)
              WHERE id = ?1",
@@ -560,9 +586,9 @@ impl Batch<'_> {
     /// and its crash count goes up by one. Returns the new count.
     pub fn record_crash(&self, id: i64, error: &str) -> Result<i64> {
         Ok(self.conn.query_row(
-            "UPDATE runs SET status = 'interrupted', error = ?2, finished_at = ?3, crashes = crashes + 1
+            "UPDATE runs SET status = ?4, error = ?2, finished_at = ?3, crashes = crashes + 1
              WHERE id = ?1 RETURNING crashes",
-            params![id, error, now_ms()],
+            params![id, error, now_ms(), RunStatus::Interrupted],
             |r| r.get(0),
         )?)
     }
@@ -581,16 +607,22 @@ impl Batch<'_> {
     pub fn fail_abandoned_run(&self, id: i64, error: &str) -> Result<()> {
         let now = now_ms();
         self.conn.execute(
-            "UPDATE steps SET status = 'failed', error = ?2, finished_at = ?3
-             WHERE run_id = ?1 AND status = 'running'",
-            params![id, error, now],
+            "UPDATE steps SET status = ?4, error = ?2, finished_at = ?3
+             WHERE run_id = ?1 AND status = ?5",
+            params![id, error, now, StepStatus::Failed, StepStatus::Running],
         )?;
         self.conn.execute(
-            "UPDATE attempts SET status = 'failed', error = ?2, finished_at = ?3
-             WHERE run_id = ?1 AND status = 'running'",
-            params![id, error, now],
+            "UPDATE attempts SET status = ?4, error = ?2, finished_at = ?3
+             WHERE run_id = ?1 AND status = ?5",
+            params![
+                id,
+                error,
+                now,
+                AttemptStatus::Failed,
+                AttemptStatus::Running
+            ],
         )?;
-        self.set_run_status(id, "failed", Some(error))
+        self.set_run_status(id, RunStatus::Failed, Some(error))
     }
 
     /// Whether any run ever had a container step.
@@ -607,7 +639,7 @@ impl Batch<'_> {
     }
 
     /// Runs in one status, oldest first (`queued` runs start in this order).
-    pub fn runs_with_status(&self, status: &str) -> Result<Vec<RunRow>> {
+    pub fn runs_with_status(&self, status: RunStatus) -> Result<Vec<RunRow>> {
         let mut stmt = self.conn.prepare_cached(&format!(
             "SELECT {RUN_COLUMNS} FROM runs WHERE status = ?1 ORDER BY id"
         ))?;
@@ -763,9 +795,9 @@ impl Batch<'_> {
     ) -> Result<()> {
         self.conn
             .prepare_cached(
-                "INSERT OR IGNORE INTO steps (run_id, name, position, runtime, status, module) VALUES (?1, ?2, ?3, ?4, 'pending', ?5)",
+                "INSERT OR IGNORE INTO steps (run_id, name, position, runtime, status, module) VALUES (?1, ?2, ?3, ?4, ?6, ?5)",
             )?
-            .execute(params![run, name, position as i64, runtime, module])?;
+            .execute(params![run, name, position as i64, runtime, module, StepStatus::Pending])?;
         Ok(())
     }
 
@@ -787,10 +819,10 @@ impl Batch<'_> {
     pub fn start_step(&self, run: i64, step: &str) -> Result<()> {
         self.conn
             .prepare_cached(
-                "UPDATE steps SET status = 'running', started_at = coalesce(started_at, ?3), error = NULL
+                "UPDATE steps SET status = ?4, started_at = coalesce(started_at, ?3), error = NULL
                  WHERE run_id = ?1 AND name = ?2",
             )?
-            .execute(params![run, step, now_ms()])?;
+            .execute(params![run, step, now_ms(), StepStatus::Running])?;
         Ok(())
     }
 
@@ -798,7 +830,7 @@ impl Batch<'_> {
         &self,
         run: i64,
         step: &str,
-        status: &str,
+        status: StepStatus,
         reused_from: Option<i64>,
         error: Option<&str>,
     ) -> Result<()> {
@@ -825,13 +857,21 @@ impl Batch<'_> {
         self.conn
             .prepare_cached(
                 "INSERT INTO attempts (run_id, step, attempt, status, started_at, log_path)
-                 VALUES (?1, ?2, ?3, 'running', ?4, ?5)
-                 ON CONFLICT (run_id, step, attempt) DO UPDATE SET status = 'running',
+                 VALUES (?1, ?2, ?3, ?7, ?4, ?5)
+                 ON CONFLICT (run_id, step, attempt) DO UPDATE SET status = excluded.status,
                    started_at = excluded.started_at, log_path = excluded.log_path,
                    finished_at = NULL, exit_code = NULL, error = NULL,
                    placement = CASE WHEN ?6 THEN placement ELSE NULL END",
             )?
-            .execute(params![run, step, attempt, now_ms(), log_path, adopt])?;
+            .execute(params![
+                run,
+                step,
+                attempt,
+                now_ms(),
+                log_path,
+                adopt,
+                AttemptStatus::Running
+            ])?;
         self.conn
             .prepare_cached("UPDATE steps SET attempts = ?3 WHERE run_id = ?1 AND name = ?2")?
             .execute(params![run, step, attempt])?;
@@ -843,11 +883,16 @@ impl Batch<'_> {
     pub fn cancel_running_attempts(&self, run: i64) -> Result<()> {
         self.conn
             .prepare_cached(
-                "UPDATE attempts SET status = 'cancelled', finished_at = ?2,
+                "UPDATE attempts SET status = ?3, finished_at = ?2,
                  error = coalesce(error, 'the run was cancelled')
-                 WHERE run_id = ?1 AND status = 'running'",
+                 WHERE run_id = ?1 AND status = ?4",
             )?
-            .execute(params![run, now_ms()])?;
+            .execute(params![
+                run,
+                now_ms(),
+                AttemptStatus::Cancelled,
+                AttemptStatus::Running
+            ])?;
         Ok(())
     }
 
@@ -857,7 +902,7 @@ impl Batch<'_> {
         run: i64,
         step: &str,
         attempt: u32,
-    ) -> Result<Option<serde_json::Value>> {
+    ) -> Result<Option<Placement>> {
         let p: Option<Option<String>> = self
             .conn
             .query_row(
@@ -874,13 +919,14 @@ impl Batch<'_> {
         run: i64,
         step: &str,
         attempt: u32,
-        placement: &serde_json::Value,
+        placement: &Placement,
     ) -> Result<()> {
+        let placement = serde_json::to_string(placement).expect("plain data");
         self.conn
             .prepare_cached(
                 "UPDATE attempts SET placement = ?4 WHERE run_id = ?1 AND step = ?2 AND attempt = ?3",
             )?
-            .execute(params![run, step, attempt, placement.to_string()])?;
+            .execute(params![run, step, attempt, placement])?;
         Ok(())
     }
 
@@ -889,7 +935,7 @@ impl Batch<'_> {
         run: i64,
         step: &str,
         attempt: u32,
-        status: &str,
+        status: AttemptStatus,
         exit_code: Option<i32>,
         error: Option<&str>,
     ) -> Result<()> {
@@ -1201,10 +1247,12 @@ impl Batch<'_> {
     pub fn runs_to_keep(&self, keep: i64) -> Result<Vec<i64>> {
         let mut stmt = self.conn.prepare(
             "SELECT id FROM (SELECT id, status, row_number() OVER (PARTITION BY pipeline ORDER BY id DESC) AS n FROM runs)
-             WHERE n <= ?1 OR status IN ('running', 'queued')",
+             WHERE n <= ?1 OR status IN (?2, ?3)",
         )?;
         let rows = stmt
-            .query_map([keep], |r| r.get(0))?
+            .query_map(params![keep, RunStatus::Running, RunStatus::Queued], |r| {
+                r.get(0)
+            })?
             .collect::<rusqlite::Result<_>>()?;
         Ok(rows)
     }
@@ -1359,7 +1407,11 @@ impl Batch<'_> {
     }
 
     /// The latest step executions of `name@version`: (run, pipeline, step, status).
-    pub fn module_uses(&self, id: &str, limit: i64) -> Result<Vec<(i64, String, String, String)>> {
+    pub fn module_uses(
+        &self,
+        id: &str,
+        limit: i64,
+    ) -> Result<Vec<(i64, String, String, StepStatus)>> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT s.run_id, r.pipeline, s.name, s.status FROM steps s JOIN runs r ON r.id = s.run_id
              WHERE s.module = ?1 ORDER BY s.run_id DESC LIMIT ?2",
@@ -1401,7 +1453,7 @@ mod tests {
                     trigger: "cli",
                     trigger_detail: None,
                     no_reuse: false,
-                    status: "running",
+                    status: RunStatus::Running,
                     warnings: &[],
                     module_pins: &Default::default(),
                 })
@@ -1411,7 +1463,7 @@ mod tests {
         let db = Db::open(&path).unwrap();
         let run = db.read().run(id).unwrap().unwrap();
         assert_eq!(run.params["c"], 0.5);
-        assert_eq!(run.status, "running");
+        assert_eq!(run.status, RunStatus::Running);
     }
 
     #[test]
@@ -1428,7 +1480,7 @@ mod tests {
                     trigger: "api",
                     trigger_detail: None,
                     no_reuse: false,
-                    status: "running",
+                    status: RunStatus::Running,
                     warnings: &[],
                     module_pins: &Default::default(),
                 })?;
@@ -1441,19 +1493,25 @@ mod tests {
         assert_eq!(db.read().run_crashes(id).unwrap(), 0);
         assert_eq!(db.read().record_crash(id, "stopped").unwrap(), 1);
         assert_eq!(db.read().record_crash(id, "stopped").unwrap(), 2);
-        assert_eq!(db.read().run(id).unwrap().unwrap().status, "interrupted");
+        assert_eq!(
+            db.read().run(id).unwrap().unwrap().status,
+            RunStatus::Interrupted
+        );
         db.batch(|b| b.fail_abandoned_run(id, "gave up")).unwrap();
         let run = db.read().run(id).unwrap().unwrap();
         assert_eq!(
-            (run.status.as_str(), run.error.as_deref()),
-            ("failed", Some("gave up"))
+            (run.status, run.error.as_deref()),
+            (RunStatus::Failed, Some("gave up"))
         );
         let step = db.read().step(id, "s").unwrap().unwrap();
         assert_eq!(
-            (step.status.as_str(), step.error.as_deref()),
-            ("failed", Some("gave up"))
+            (step.status, step.error.as_deref()),
+            (StepStatus::Failed, Some("gave up"))
         );
-        assert_eq!(db.read().attempts(id, "s").unwrap()[0].status, "failed");
+        assert_eq!(
+            db.read().attempts(id, "s").unwrap()[0].status,
+            AttemptStatus::Failed
+        );
         assert_eq!(db.read().run_crashes(id).unwrap(), 2);
     }
 
