@@ -512,19 +512,19 @@ impl Engine {
         else {
             let status = if self.is_draining() {
                 // Left as it was (queued or running): the next start takes it up.
-                "interrupted"
+                RunStatus::Interrupted
             } else {
                 self.store.db().read().set_run_status(
                     run_id,
-                    "cancelled",
+                    RunStatus::Cancelled,
                     Some("cancelled while it waited for gc to finish"),
                 )?;
-                "cancelled"
+                RunStatus::Cancelled
             };
             return Ok(RunSummary {
                 run_id,
                 pipeline: p.name.get_ref().clone(),
-                status: status.into(),
+                status,
                 executed: 0,
                 reused: 0,
                 failed: 0,

@@ -1266,8 +1266,8 @@ impl Batch<'_> {
         // A run queued or started since `keep` was read is not in it, and is kept.
         let n = self.conn.execute(
             "DELETE FROM runs WHERE id NOT IN (SELECT id FROM keep_runs)
-               AND status NOT IN ('running', 'queued')",
-            [],
+               AND status NOT IN (?1, ?2)",
+            params![RunStatus::Running, RunStatus::Queued],
         )?;
         self.conn.execute(
             "DELETE FROM artifacts WHERE digest NOT IN (SELECT artifact FROM step_outputs)
