@@ -197,7 +197,7 @@ impl Workspace {
                 first_error.get_or_insert(e);
             }
         }
-        let finished = drain.finish(&spare_dir);
+        let finished = drain.finish();
         match first_error {
             Some(e) => Err(e),
             None => finished,

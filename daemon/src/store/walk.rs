@@ -408,7 +408,7 @@ pub fn remove_tree(path: &Path) -> io::Result<()> {
     // The root itself is hoisted first: then nothing outside the scratch directory
     // is touched again.
     let first = drain.hoist(&pdir, &name);
-    let rest = drain.finish(&pdir);
+    let rest = drain.finish();
     first.and(rest)
 }
 
@@ -419,7 +419,7 @@ pub fn empty_dir(dir: &Path, scratch_in: &Path) -> io::Result<()> {
     let sdir = Dir::open_following(scratch_in)?;
     let mut drain = Drain::new(&sdir)?;
     let first = drain.empty(&d);
-    let rest = drain.finish(&sdir);
+    let rest = drain.finish();
     first.and(rest)
 }
 
@@ -428,7 +428,11 @@ pub fn empty_dir(dir: &Path, scratch_in: &Path) -> io::Result<()> {
 /// than two descriptors, never recurses, and never builds a long path; an empty
 /// directory (200 000 of them in `/tmp`) costs one `rmdir`.
 pub struct Drain {
-    scratch: Dir,
+    /// Where the scratch directory goes, made at the first hoist: a workspace
+    /// reset that hoists nothing (the usual step) creates and removes no
+    /// directory, which on ext4 is what a trivial step costs most.
+    parent: Dir,
+    scratch: Option<std::rc::Rc<Dir>>,
     scratch_name: CString,
     next: u64,
     pending: Vec<CString>,
@@ -446,10 +450,11 @@ impl Drain {
             N.fetch_add(1, Ordering::Relaxed)
         );
         let scratch_name = cstr(OsStr::new(&name))?;
-        parent.mkdir(&scratch_name, 0o700)?;
-        let scratch = parent.open_dir(&scratch_name)?;
         Ok(Drain {
-            scratch,
+            parent: Dir {
+                fd: parent.fd.try_clone()?,
+            },
+            scratch: None,
             scratch_name,
             next: 0,
             pending: Vec::new(),
@@ -467,9 +472,16 @@ impl Drain {
 
     /// Moves the directory `name` of `dir` into the scratch directory, to empty later.
     fn hoist(&mut self, dir: &Dir, name: &CStr) -> io::Result<()> {
+        if self.scratch.is_none() {
+            self.parent.mkdir(&self.scratch_name, 0o700)?;
+            self.scratch = Some(std::rc::Rc::new(self.parent.open_dir(&self.scratch_name)?));
+        }
+        let Some(scratch) = &self.scratch else {
+            unreachable!("made above")
+        };
         let to = cstr(OsStr::new(&self.next.to_string()))?;
         self.next += 1;
-        dir.rename(name, &self.scratch, &to)?;
+        dir.rename(name, scratch, &to)?;
         self.pending.push(to);
         Ok(())
     }
@@ -518,23 +530,28 @@ impl Drain {
     }
 
     /// Empties and removes everything hoisted, then the scratch directory.
-    pub fn finish(mut self, parent: &Dir) -> io::Result<()> {
+    pub fn finish(mut self) -> io::Result<()> {
         while let Some(n) = self.pending.pop() {
-            let d = match self.scratch.open_dir(&n) {
-                Err(e) if e.raw_os_error() == Some(libc::EACCES) => self
-                    .scratch
-                    .chmod_dir(&n)
-                    .and_then(|()| self.scratch.open_dir(&n)),
+            // Hoisting only ever happens into this one scratch directory.
+            let Some(scratch) = self.scratch.clone() else {
+                break;
+            };
+            let d = match scratch.open_dir(&n) {
+                Err(e) if e.raw_os_error() == Some(libc::EACCES) => {
+                    scratch.chmod_dir(&n).and_then(|()| scratch.open_dir(&n))
+                }
                 r => r,
             };
             let r = d.and_then(|d| self.empty(&d));
             self.note(r);
-            let r = self.scratch.rmdir(&n);
+            let r = scratch.rmdir(&n);
             // Not empty after an error above: it stays, and so does the scratch dir.
             self.note(r);
         }
-        let r = parent.rmdir(&self.scratch_name);
-        self.note(r);
+        if self.scratch.is_some() {
+            let r = self.parent.rmdir(&self.scratch_name);
+            self.note(r);
+        }
         match self.first_error.take() {
             Some(e) => Err(e),
             None => Ok(()),
