@@ -188,3 +188,30 @@ pub fn wait_until_running(p: &Project, step: &str) {
 pub fn shared_cache() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("millrace-cache")
 }
+
+/// Every blob of the store still hashes to its name (an attack changed no
+/// stored content); the store must hold some.
+pub fn rehash_store(p: &Project) {
+    let blobs = p.path(".state/objects/blobs");
+    let Ok(shards) = std::fs::read_dir(&blobs) else {
+        return;
+    };
+    let mut n = 0;
+    for shard in shards {
+        let shard = shard.unwrap().path();
+        for f in std::fs::read_dir(&shard).unwrap() {
+            let f = f.unwrap().path();
+            let name = format!(
+                "{}{}",
+                shard.file_name().unwrap().to_str().unwrap(),
+                f.file_name().unwrap().to_str().unwrap()
+            );
+            let got = blake3::hash(&std::fs::read(&f).unwrap())
+                .to_hex()
+                .to_string();
+            assert_eq!(got, name, "blob {} changed", f.display());
+            n += 1;
+        }
+    }
+    assert!(n > 0, "the store holds blobs");
+}

@@ -10,32 +10,6 @@ use crate::common::{Project, plugin, stderr, step_error, step_log, step_statuses
 
 const IMAGE: &str = "localhost/millrace-busybox:1";
 
-/// Every blob of the store hashes to its name.
-fn rehash_store(p: &Project) {
-    let blobs = p.path(".state/objects/blobs");
-    let Ok(shards) = std::fs::read_dir(&blobs) else {
-        return;
-    };
-    let mut n = 0;
-    for shard in shards {
-        let shard = shard.unwrap().path();
-        for f in std::fs::read_dir(&shard).unwrap() {
-            let f = f.unwrap().path();
-            let name = format!(
-                "{}{}",
-                shard.file_name().unwrap().to_str().unwrap(),
-                f.file_name().unwrap().to_str().unwrap()
-            );
-            let got = blake3::hash(&std::fs::read(&f).unwrap())
-                .to_hex()
-                .to_string();
-            assert_eq!(got, name, "blob {} changed", f.display());
-            n += 1;
-        }
-    }
-    assert!(n > 0, "the store holds blobs");
-}
-
 /// The run's sandboxes are gone (cleanup finished, whatever the guest left).
 fn no_sandbox_left(p: &Project) {
     let work = p.path(".state/work");
@@ -88,7 +62,7 @@ fn assert_depth_limit(p: &Project, step: &str, dir: &str) {
         "{statuses:?}"
     );
     no_sandbox_left(p);
-    rehash_store(p);
+    crate::common::rehash_store(p);
 }
 
 #[test]
@@ -216,7 +190,7 @@ fn names_differing_by_a_carriage_return_stay_two_files_downstream() {
         assert!(log.contains("x: plain x"), "{log}");
         assert!(log.contains("x-cr: attacker's bytes"), "{log}");
     }
-    rehash_store(&p);
+    crate::common::rehash_store(&p);
     // Exported exactly; listed escaped (no raw `\r` reaches the terminal).
     let out = p.run(&["output", "latest", "write.o", "-o", "exported"]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -367,6 +341,6 @@ fn the_daemon_serves_healthz_through_hostile_steps_and_runs_the_others() {
     d.wait_status(ok, "succeeded");
     assert_eq!(d.get("/healthz")["status"], "ok");
     assert_eq!(d.stop(), 0, "the daemon exits cleanly");
-    rehash_store(&p);
+    crate::common::rehash_store(&p);
     no_sandbox_left(&p);
 }

@@ -8,11 +8,17 @@ use std::process::Stdio;
 use crate::common::{Project, plugin, stderr, step_error};
 
 fn copy_pipeline(p: &Project) -> String {
+    make_then(p, "p", "")
+}
+
+/// A pipeline `name`: step `make` copies `data/a.txt` into its output `model`;
+/// `more` adds steps after it.
+fn make_then(p: &Project, name: &str, more: &str) -> String {
     p.write(
-        "p.toml",
+        &format!("{name}.toml"),
         &format!(
             r#"
-name = "p"
+name = "{name}"
 [inputs.a]
 path = "data/a.txt"
 [[step]]
@@ -21,6 +27,7 @@ wasm = "{}"
 inputs = {{ x = "inputs.a" }}
 outputs = ["model"]
 args = ["--out", "model"]
+{more}
 "#,
             plugin("copy")
         ),
@@ -29,35 +36,15 @@ args = ["--out", "model"]
     .to_string()
 }
 
-/// Every blob's content hashes to its name (the store was not corrupted).
-fn assert_store_intact(p: &Project) {
-    let blobs = p.path(".state/objects/blobs");
-    let Ok(shards) = std::fs::read_dir(&blobs) else {
-        return;
-    };
-    for shard in shards.flatten() {
-        for f in std::fs::read_dir(shard.path()).unwrap().flatten() {
-            let name = format!(
-                "{}{}",
-                shard.file_name().to_string_lossy(),
-                f.file_name().to_string_lossy()
-            );
-            let bytes = std::fs::read(f.path()).unwrap();
-            assert_eq!(
-                hash_blob(&bytes),
-                name,
-                "blob {} changed",
-                f.path().display()
-            );
-        }
-    }
-}
-
-/// BLAKE3 as the store computes it.
-fn hash_blob(bytes: &[u8]) -> String {
-    let tmp = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(tmp.path(), bytes).unwrap();
-    millrace::store::artifacts::hash_file(tmp.path()).unwrap()
+/// `make`, then a transfer of its model to `to`.
+fn make_then_transfer(p: &Project, to: &str) -> String {
+    make_then(
+        p,
+        "t",
+        &format!(
+            "[[step]]\nname = \"publish\"\ntransfer = {{ from = \"make.model\", to = \"{to}\" }}"
+        ),
+    )
 }
 
 #[test]
@@ -95,7 +82,7 @@ fn gc_never_removes_what_a_run_is_writing() {
     // A last gc on a quiet store; every remaining output still reads back.
     assert!(p.run(&["gc", "--keep", "1"]).status.success());
     assert!(p.run(&["output", "latest", "make.model"]).status.success());
-    assert_store_intact(&p);
+    crate::common::rehash_store(&p);
 }
 
 #[test]
@@ -217,27 +204,8 @@ fn a_run_waiting_for_gc_can_be_cancelled() {
 fn a_transfer_into_the_state_directory_is_refused() {
     let p = Project::new();
     p.write("data/a.txt", "x\n");
-    let f = p.write(
-        "t.toml",
-        &format!(
-            r#"
-name = "t"
-[inputs.a]
-path = "data/a.txt"
-[[step]]
-name = "make"
-wasm = "{}"
-inputs = {{ x = "inputs.a" }}
-outputs = ["model"]
-args = ["--out", "model"]
-[[step]]
-name = "publish"
-transfer = {{ from = "make.model", to = ".state/objects" }}
-"#,
-            plugin("copy")
-        ),
-    );
-    let out = p.run(&["run", f.to_str().unwrap()]);
+    let f = make_then_transfer(&p, ".state/objects");
+    let out = p.run(&["run", &f]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let err = step_error(&p, "publish");
     assert!(err.contains("overlaps the state directory"), "{err}");
@@ -330,26 +298,7 @@ fn a_module_archive_with_links_or_devices_is_refused() {
 fn leftovers_of_killed_transfers_and_imports_are_removed() {
     let p = Project::new();
     p.write("data/a.txt", "x\n");
-    let f = p.write(
-        "t.toml",
-        &format!(
-            r#"
-name = "t"
-[inputs.a]
-path = "data/a.txt"
-[[step]]
-name = "make"
-wasm = "{}"
-inputs = {{ x = "inputs.a" }}
-outputs = ["model"]
-args = ["--out", "model"]
-[[step]]
-name = "publish"
-transfer = {{ from = "make.model", to = "models/latest" }}
-"#,
-            plugin("copy")
-        ),
-    );
+    let f = make_then_transfer(&p, "models/latest");
     // A staging copy of a transfer whose process died (no such pid), and one of a
     // live process (ours) that must be left alone.
     let dead = p.write("models/.latest.millrace-999999999-0/a.txt", "half");
@@ -357,7 +306,7 @@ transfer = {{ from = "make.model", to = "models/latest" }}
         &format!("models/.latest.millrace-{}-0/a.txt", std::process::id()),
         "in progress",
     );
-    assert!(p.run(&["run", f.to_str().unwrap()]).status.success());
+    assert!(p.run(&["run", &f]).status.success());
     assert!(!dead.parent().unwrap().exists(), "the dead copy is removed");
     assert!(live.exists(), "a live process's copy is left");
     // A module import killed half-way left its staging directory: gc removes it.
