@@ -205,7 +205,10 @@ else
             say "starting podman system service on $sock (log: $log)"
             mkdir -p "$dir"
             rm -f "$sock"  # a stale socket from a service that is gone
-            setsid nohup podman system service --time=0 "$host" >"$log" 2>&1 </dev/null &
+            # In its own directory: conmon writes a file named `oom` into its
+            # working directory when a container is OOM-killed, and it inherits
+            # the service's (the checkout's, when started from here).
+            (cd "$dir" && exec setsid nohup podman system service --time=0 "$host" >"$log" 2>&1 </dev/null) &
             changed=1
         fi
         for _ in $(seq 1 200); do

@@ -31,7 +31,7 @@ echo "== systemd unit"
 scripts/check-systemd.sh
 echo "== the tree is as the tests found it"
 # Tests and scripts write only under ignored paths; a tracked empty file is a stray
-# shell redirect (one named `oom` came back twice).
+# shell redirect, or conmon's `oom` file from a service started in the checkout.
 if ! git rev-parse --git-dir >/dev/null 2>&1; then
     echo "test.sh: not a git checkout; the clean-tree check is skipped"
     exit 0
