@@ -439,7 +439,16 @@ pub fn schedule(
     }
     let files = super::expand_dirs(&files)?;
     let (from, to) = match simulate {
-        Some([a, b]) => (parse_instant(a)?, Some(parse_instant(b)?)),
+        Some([a, b]) => {
+            let (from, to) = (parse_instant(a)?, parse_instant(b)?);
+            if to <= from {
+                return Err(Exit::usage(format!(
+                    "error: --simulate {a} {b}: the window ends before it starts (FROM must be earlier than TO)"
+                ))
+                .into());
+            }
+            (from, Some(to))
+        }
         _ => (chrono::Utc::now(), None),
     };
     let mut out = Vec::new();
@@ -457,15 +466,7 @@ pub fn schedule(
                 continue;
             };
             let Some(s) = t.schedule() else { continue };
-            let (firings, total) = match to {
-                Some(to) => s.between(from, to, count),
-                None => {
-                    let far = from + chrono::TimeDelta::days(366 * 5);
-                    let (f, _) = s.between(from, far, count);
-                    let n = f.len();
-                    (f, n)
-                }
-            };
+            let (firings, total) = s.earliest(from, to, count);
             out.push(serde_json::json!({
                 "pipeline": p.name.get_ref(),
                 "cron": expr.get_ref(),
