@@ -69,7 +69,13 @@ pub async fn daemon(config: Option<&Path>) -> anyhow::Result<i32> {
         .into());
     };
     let config = load_config(&path)?;
-    crate::daemon::serve(config).await?;
+    // The signal handlers first: a SIGTERM while the daemon starts stops it
+    // cleanly once it is up, instead of killing it half-started.
+    let signals = crate::daemon::signal::os_signals()?;
+    let listener = tokio::net::TcpListener::bind(config.api.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.api.listen))?;
+    crate::daemon::serve(config, listener, signals).await?;
     Ok(0)
 }
 
