@@ -355,3 +355,66 @@ fn log_events(run: i64) -> EventSink {
         },
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_moved_cursor_is_already_fired_and_keeps_its_message() {
+        let conflict = DbError::Conflict("trigger `t` of `p` fired elsewhere".into());
+        let e = SubmitError::from(RunError::Db(conflict));
+        assert!(matches!(e, SubmitError::AlreadyFired(_)), "{e:?}");
+        assert_eq!(e.to_string(), "trigger `t` of `p` fired elsewhere");
+        let e = SubmitError::from(DbError::TooNew { found: 9, known: 1 });
+        assert!(matches!(e, SubmitError::Store(_)), "{e:?}");
+    }
+
+    /// The path a cron or watch task takes when another task (a reload's
+    /// replacement, another daemon) consumed the firing first.
+    #[test]
+    fn a_firing_whose_cursor_moved_elsewhere_queues_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let noop = concat!(env!("CARGO_MANIFEST_DIR"), "/../plugins/dist/noop.wasm");
+        std::fs::create_dir_all(dir.path().join("pipelines")).unwrap();
+        std::fs::write(
+            dir.path().join("pipelines/p.toml"),
+            format!("[[step]]\nname = \"a\"\nwasm = \"{noop}\"\n"),
+        )
+        .unwrap();
+        let config_path = dir.path().join("millrace.toml");
+        std::fs::write(
+            &config_path,
+            "pipelines = \"pipelines\"\nstate_dir = \".state\"\n",
+        )
+        .unwrap();
+        let (config, report) = crate::config::load(&config_path).unwrap();
+        let config = config.unwrap_or_else(|| panic!("{report}"));
+        let store = Arc::new(crate::store::Store::open(&config.state_dir).unwrap());
+        let d = Arc::new(Daemon::new(config, store).unwrap());
+        d.reload();
+        assert!(
+            d.pipeline("p").is_some(),
+            "{:?}",
+            d.files().first().map(|f| &f.1.errors)
+        );
+        d.store()
+            .db()
+            .read()
+            .advance_trigger("p", "cron x", None, 1)
+            .unwrap();
+        let req = RunRequest {
+            params: Vec::new(),
+            no_reuse: false,
+            trigger: "cron x".into(),
+            trigger_detail: None,
+        };
+        // This task read the cursor as 0; it is 1 now.
+        let e = d
+            .submit("p", req, |b| b.advance_trigger("p", "cron x", Some(0), 2))
+            .unwrap_err();
+        assert!(matches!(e, SubmitError::AlreadyFired(_)), "{e:?}");
+        let queued = d.store().db().read().runs_with_status(RunStatus::Queued);
+        assert!(queued.unwrap().is_empty());
+    }
+}

@@ -44,3 +44,18 @@ pub fn os_signals() -> std::io::Result<impl Stream<Item = Signal>> {
 pub fn until(shutdown: impl Future<Output = ()>) -> impl Stream<Item = Signal> {
     futures_util::stream::once(shutdown).map(|()| Signal::Shutdown)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_shutdown_future_is_one_shutdown_then_the_end() {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let signals = until(async {
+            let _ = rx.await;
+        });
+        tx.send(()).unwrap();
+        assert_eq!(signals.collect::<Vec<_>>().await, vec![Signal::Shutdown]);
+    }
+}
