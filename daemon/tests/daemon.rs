@@ -1035,9 +1035,15 @@ reuse = false
             .unwrap();
         assert_eq!(r.status().as_u16(), want, "{path}");
     }
+    api_metrics(&d);
+    api_bodies_and_document(&d);
+}
+
+/// `/metrics` after two runs of `api2` (one step reused), in both formats.
+fn api_metrics(d: &Daemon) {
     // A run's counters move when the daemon is done with it, a little after its
     // status is written.
-    runs_ended(&d, 2);
+    runs_ended(d, 2);
     let metrics = Daemon::agent()
         .get(format!("{}/metrics", d.url()))
         .call()
@@ -1096,6 +1102,10 @@ reuse = false
         .read_to_string()
         .unwrap();
     assert!(om.ends_with("# EOF\n"), "{om}");
+}
+
+/// Bodies the create call refuses or accepts, and the OpenAPI document.
+fn api_bodies_and_document(d: &Daemon) {
     let (status, v) = d.post("/api/v1/pipelines/api2/runs", serde_json::json!(null), None);
     assert_eq!(status, 202, "a null body is an empty request: {v}");
     d.wait_status(v["run_id"].as_i64().unwrap(), "succeeded");
