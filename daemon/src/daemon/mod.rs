@@ -115,6 +115,12 @@ impl Counters {
         self.runs_ended.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Forgets the triggers of pipelines that are no longer loaded.
+    fn keep_pipelines(&self, loaded: impl Fn(&str) -> bool) {
+        let mut t = self.triggers.lock().unwrap_or_else(|e| e.into_inner());
+        t.retain(|(pipeline, _), _| loaded(pipeline));
+    }
+
     fn trigger(&self, pipeline: &str, id: &str, f: impl FnOnce(&mut TriggerCounts)) {
         let mut t = self.triggers.lock().unwrap_or_else(|e| e.into_inner());
         f(t.entry((pipeline.to_string(), id.to_string())).or_default());

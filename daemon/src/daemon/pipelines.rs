@@ -130,6 +130,8 @@ impl Daemon {
             }
         }
         warn_unknown_upstreams(&st);
+        self.counters
+            .keep_pipelines(|name| st.pipelines.contains_key(name));
         let to_start: Vec<(Arc<Pipeline>, CancellationToken)> = started
             .iter()
             .filter_map(|n| st.pipelines.get(n))
