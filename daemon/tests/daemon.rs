@@ -240,6 +240,15 @@ fn sighup_with_an_invalid_file_keeps_the_old_version_and_reports_it() {
     p.write("pipelines/keep.toml", &good);
     // A process: the real SIGHUP of `systemctl reload`.
     let d = Daemon::start(&p);
+    // SIGHUP reads the files again although none changed (the file watcher,
+    // subscribed after the first read, has seen nothing): the count moves.
+    let reloads = |d: &Daemon| d.counters()["reloads"].as_u64().unwrap();
+    assert_eq!(reloads(&d), 1, "the first read");
+    d.signal(libc::SIGHUP);
+    eventually(10, || match reloads(&d) {
+        n if n >= 2 => Ok(()),
+        n => Err(format!("{n} reload(s) after one SIGHUP")),
+    });
     let before = d.get("/api/v1/pipelines/keep");
     std::fs::write(
         p.path("pipelines/keep.toml"),
@@ -300,6 +309,7 @@ fn sighup_with_an_invalid_file_keeps_the_old_version_and_reports_it() {
             .unwrap()
             .is_empty()
     );
+    assert_eq!(d.stop(), 0);
 }
 
 #[test]
