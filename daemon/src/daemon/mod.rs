@@ -288,7 +288,7 @@ impl Daemon {
 /// One daemon per state directory: two would fire every trigger twice. The
 /// lock is the returned file's; it ends when the file is dropped (or the
 /// process dies).
-fn lock_state_dir(config: &Config) -> anyhow::Result<std::fs::File> {
+pub fn lock_state_dir(config: &Config) -> anyhow::Result<std::fs::File> {
     let lock_path = config.state_dir.join("daemon.lock");
     let lock = std::fs::OpenOptions::new()
         .create(true)
