@@ -69,7 +69,21 @@ pub async fn daemon(config: Option<&Path>) -> anyhow::Result<i32> {
         .into());
     };
     let config = load_config(&path)?;
-    crate::daemon::serve(config).await?;
+    // The signal handlers first: a SIGTERM while the daemon starts stops it
+    // cleanly once it is up, instead of killing it half-started.
+    let signals = crate::daemon::signal::os_signals()?;
+    let listener = match tokio::net::TcpListener::bind(config.api.listen).await {
+        Ok(l) => l,
+        // Taken, most likely, by a daemon of this very state directory: that
+        // is the error to report (serve's lock check, before the bind moved here).
+        Err(e) => {
+            if config.state_dir.join("daemon.lock").exists() {
+                crate::daemon::lock_state_dir(&config)?;
+            }
+            anyhow::bail!("cannot listen on {}: {e}", config.api.listen)
+        }
+    };
+    crate::daemon::serve(config, listener, signals).await?;
     Ok(0)
 }
 
