@@ -186,6 +186,11 @@ for old in $(podman ps -a --format '{{.Names}}' | grep '^millrace-systemd-check-
 done
 name="millrace-systemd-check-$$"
 cleanup() {
+    local rc=$?
+    if [ "$rc" -ne 0 ]; then
+        echo "check-systemd: the service's journal in $name ends:" >&2
+        podman exec "$name" journalctl -u millrace --no-pager -n 40 >&2 2>/dev/null || true
+    fi
     podman rm -f -t 0 "$name" >/dev/null 2>&1 || true
     rm -rf "$tmp"
 }
