@@ -286,8 +286,8 @@ lap "a bad config fails systemctl reload; the daemon runs on"
 status="$(ctr systemctl status millrace --no-pager --lines=5 2>&1)" || true
 printf '%s\n' "$status" | sed 's/^/    /'
 printf '%s\n' "$status" | grep -q 'Active: active (running)' || fail "systemctl status: not active (running)"
-# (The daemon prints paths relative to its working directory, /: `etc/millrace/...`.)
-for line in 'millrace daemon ready' 'SIGHUP: reloading pipelines' 'loaded /?etc/millrace/pipelines/wine-profile\.toml'; do
+# (Paths stay absolute although the service's working directory is /.)
+for line in 'millrace daemon ready' 'SIGHUP: reloading pipelines' 'loaded /etc/millrace/pipelines/wine-profile\.toml'; do
     journal | grep -qE "$line" || { journal | tail -n 30 >&2; fail "journalctl -u millrace has no '$line'"; }
 done
 lap "systemctl status, journalctl -u millrace"
