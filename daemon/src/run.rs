@@ -1,7 +1,7 @@
 //! A run: the scheduler that walks one pipeline's graph. Steps start as soon as
-//! their inputs exist, up to `max_parallel_steps` at once; each is reused when its
-//! cache key matches an intact earlier execution, else executed with retries. A
-//! failed step skips its dependants while independent branches finish.
+//! their inputs exist, up to `max_parallel_steps` at once; each is reused or
+//! executed (with retries) as [`Planner::decide`] says. A failed step skips its
+//! dependants while independent branches finish.
 //!
 //! Everything is recorded as it happens, so a killed process leaves a run that
 //! `resume` can finish: completed steps keep their outputs, the rest run again.
