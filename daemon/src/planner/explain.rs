@@ -1,7 +1,7 @@
 //! Why a step runs or ran, in words: for `plan` (what will happen, one line per
 //! step) and for `millrace explain`, the API and the UI (what happened, from the
-//! records). Both compare the step's key with its latest earlier execution
-//! through [`compare`], so they cannot disagree on what changed.
+//! records). One function compares the step's key with its latest earlier
+//! execution for both, so they cannot disagree on what changed.
 
 use std::path::PathBuf;
 
