@@ -693,6 +693,7 @@ impl Engine {
                 });
                 let step_inputs = parts.inputs;
                 if let Some(from) = reuse {
+                    // Its own outputs from before a resume: nothing new to record.
                     let resumed = from.run == run_id && from.step == name;
                     let detail = if resumed {
                         "completed before the resume".to_string()
@@ -982,7 +983,8 @@ struct RunContext {
     semaphore: Arc<tokio::sync::Semaphore>,
     /// The planner's, so an attempt reads the code digest its key holds.
     code_digests: Arc<Memo>,
-    /// Container steps' images, resolved when the run started.
+    /// Container steps' images, resolved when the run started (shared with the
+    /// planner, as are the params).
     images: Arc<HashMap<usize, Result<ResolvedImage, String>>>,
     /// Decides each step's reuse (see [`Planner::decide`]).
     planner: Planner,
