@@ -26,10 +26,13 @@
 //! - [`run`]: one run's scheduler: parallel steps (each decided by the planner),
 //!   retries, skips, resume.
 //! - [`store`]: SQLite records and the BLAKE3 artifact store.
-//! - [`daemon`]: the service: loads and hot-reloads pipelines, fires triggers,
-//!   queues runs under each pipeline's concurrency, recovers after a crash, and
-//!   serves the REST API with its OpenAPI document and the web UI ([`daemon::api`])
-//!   and Prometheus metrics ([`daemon::metrics`]).
+//! - [`daemon`]: the service, one library function ([`daemon::serve`]: a config, a
+//!   bound listener, a stream of [`daemon::signal::Signal`]s): the pipeline
+//!   registry and its hot reload (`daemon/pipelines.rs`), cron, watch and `after`
+//!   triggers (`daemon/triggers.rs`), the run queue under each pipeline's
+//!   concurrency (`daemon/queue.rs`), crash recovery (`daemon/recover.rs`), the
+//!   process's signals ([`daemon::signal`]), the REST API with its OpenAPI document
+//!   and the web UI ([`daemon::api`]) and Prometheus metrics ([`daemon::metrics`]).
 //! - [`cli`]: the `millrace` command line over all of the above.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]

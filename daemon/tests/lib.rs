@@ -18,5 +18,6 @@ mod modules;
 mod python;
 mod run;
 mod sandbox;
+mod schedule;
 mod slurm;
 mod ui;

@@ -191,9 +191,11 @@ enum Command {
         paths: Vec<PathBuf>,
         #[arg(long, env = "MILLRACE_CONFIG")]
         config: Option<PathBuf>,
+        /// Every firing in the window FROM..TO instead of the next ones from now
+        /// (RFC 3339, or YYYY-MM-DD[THH:MM] in UTC); --count caps what is listed.
         #[arg(long, num_args = 2, value_names = ["FROM", "TO"])]
         simulate: Option<Vec<String>>,
-        /// Firings listed per trigger.
+        /// Firings listed per trigger (the earliest ones; "… N more" counts the rest).
         #[arg(long, default_value_t = 10)]
         count: usize,
     },
