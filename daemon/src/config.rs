@@ -424,8 +424,9 @@ fn config(w: &mut Walker, doc: &DeTable<'_>, path: &Path) -> Option<Config> {
     })
 }
 
-/// Where datastores and compute targets are: from the daemon config, or for
-/// `millrace run` the pipeline's own directory as `default`.
+/// Where datastores are: from the daemon config, or for `millrace run` the
+/// pipeline's own directory as `default`. The engine and the planner (inputs,
+/// transfer destinations) read it.
 #[derive(Debug, Clone, Default)]
 pub struct Datastores {
     pub paths: std::collections::HashMap<String, PathBuf>,
