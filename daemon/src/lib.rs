@@ -14,13 +14,17 @@
 //! - [`graph`]: references and cycles checked; the DAG of steps; text/dot/mermaid.
 //! - [`module`]: the versioned module registry; `module = "name@^1.2"` resolution.
 //! - [`trigger`]: cron schedules (DST-aware) and watched globs.
-//! - [`planner`]: cache keys over code, inputs, params, args and env; reuse decisions.
+//! - [`planner`]: does a step run, under which key, and why: cache keys over code,
+//!   inputs, params, args and env ([`planner::key`], [`planner::code`],
+//!   [`planner::inputs`]), the one reuse decision ([`planner::Planner::decide`],
+//!   called by both `plan` and the run) and its explanation ([`planner::explain`]).
 //! - [`executor`]: what runs a step: [`executor::wasm`] (wasmtime + WASI),
 //!   [`executor::python`] (CPython on WASI, in the same sandbox),
 //!   [`executor::container`] (an OS image through the Docker Engine API),
 //!   [`executor::transfer`] (copy into a datastore); and where:
 //!   [`executor::slurm`] (a wasm or Python step as a Slurm batch job).
-//! - [`run`]: one run's scheduler: parallel steps, retries, skips, resume.
+//! - [`run`]: one run's scheduler: parallel steps (each decided by the planner),
+//!   retries, skips, resume.
 //! - [`store`]: SQLite records and the BLAKE3 artifact store.
 //! - [`daemon`]: the service, one library function ([`daemon::serve`]: a config, a
 //!   bound listener, a stream of [`daemon::signal::Signal`]s): the pipeline

@@ -15,7 +15,7 @@ use crate::definition::{self, Pipeline};
 use crate::diagnostic::{Report, display_path};
 use crate::graph::{Graph, GraphFormat};
 use crate::model::{Placement, RunStatus, StepStatus};
-use crate::planner::{Decision, short};
+use crate::planner::{Planned, short};
 use crate::run::{Datastores, Engine, Event, RunError, RunRequest, RunSummary};
 use crate::store::Store;
 use crate::store::db::now_ms;
@@ -439,11 +439,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 let width = plan.iter().map(|(s, _)| s.len()).max().unwrap_or(0);
                 for (step, d) in &plan {
                     match d {
-                        Decision::Reuse { run, .. } => {
+                        Planned::Reuse { run, .. } => {
                             println!("{step:width$}  reuse  from run {run}")
                         }
-                        Decision::Run { reason } => println!("{step:width$}  run    {reason}"),
-                        Decision::Pending { upstream } => {
+                        Planned::Run { reason } => println!("{step:width$}  run    {reason}"),
+                        Planned::Pending { upstream } => {
                             println!(
                                 "{step:width$}  run?   after {} (reused if its inputs come out unchanged)",
                                 upstream.join(", ")

@@ -294,7 +294,7 @@ fn publish(
         let i = store.ingest(path, Mode::Copy)?;
         (i.digest, i.size)
     } else {
-        let d = crate::run::snapshot_code_dir(store, path)
+        let d = crate::planner::code::snapshot_code_dir(store, path)
             .map_err(|e| Exit::usage(format!("error: {e}")))?;
         let size = store.db().read().artifact(&d)?.map_or(0, |(s, _)| s);
         (d, size)
