@@ -154,6 +154,8 @@ pub struct Engine {
     wasm: tokio::sync::OnceCell<Arc<WasmRuntime>>,
     /// Compute targets steps may name (from the daemon config; `local` is implicit).
     pub computes: BTreeMap<String, crate::config::Compute>,
+    /// `[python]`: the warm interpreter's preload list, and whether steps use it.
+    pub python: crate::config::Python,
     /// Container engine clients, by socket.
     containers: container::Engines,
     /// This state's instance id (see [`container::instance_of`]).
@@ -183,6 +185,7 @@ impl Engine {
             datastores,
             wasm: tokio::sync::OnceCell::new(),
             computes: BTreeMap::new(),
+            python: crate::config::Python::default(),
             containers: container::Engines::default(),
             instance: std::sync::OnceLock::new(),
             slots: Arc::new(tokio::sync::Semaphore::new(max_parallel.max(1))),
@@ -323,6 +326,28 @@ impl Engine {
         let wasm = self.wasm().await?;
         let cached = tokio::task::block_in_place(|| wasm.precompile(&runtime.wasm(), &digest))?;
         Ok((runtime.dir, digest, cached))
+    }
+
+    /// Builds and compiles the warm interpreter (`executor::snapshot`) for the
+    /// `[python] preload` list, once per recipe. The error says why there is
+    /// none; Python steps then run on the base runtime.
+    pub async fn prepare_python_snapshot(
+        &self,
+    ) -> Result<crate::executor::snapshot::Prepared, String> {
+        let runtime = crate::executor::python::Runtime::locate()
+            .ok_or_else(crate::executor::python::missing)?;
+        runtime.check()?;
+        let memo = Mutex::new(HashMap::new());
+        let digest = tokio::task::block_in_place(|| runtime_digest(&memo, &self.store))?;
+        let wasm = self.wasm().await.map_err(|e| e.to_string())?;
+        crate::executor::snapshot::prepare(
+            &wasm,
+            &runtime,
+            &digest,
+            &self.python.preload,
+            &self.store.wasm_cache_dir(),
+        )
+        .await
     }
 
     /// (precompiled code loaded from the cache, compiles) since the engine started.
@@ -961,7 +986,7 @@ impl Engine {
             let Some(step_inputs) = step_input_digests(p, i, &inputs, &outputs) else {
                 continue;
             };
-            let code = match code_of(&code_digests, &images, &self.store, p, i) {
+            let code = match code_of(&code_digests, &images, &self.store, &self.python, p, i) {
                 Ok(c) => c,
                 Err(e) => {
                     will_run[i] = true;
@@ -1066,6 +1091,66 @@ fn runtime_digest(memo: &Mutex<HashMap<PathBuf, String>>, store: &Store) -> Resu
         .unwrap_or_else(|e| e.into_inner())
         .insert(key, digest.clone());
     Ok(digest)
+}
+
+/// The runtime a Python step runs on, and the runtime digest its key names: the
+/// warm interpreter's recipe digest, or the base runtime's digest. The lookup of
+/// the snapshot is memoised, so a run's keys and attempts agree.
+fn python_variant(
+    memo: &Mutex<HashMap<PathBuf, String>>,
+    store: &Store,
+    python: &crate::config::Python,
+    step: &definition::Step,
+) -> Result<(crate::executor::snapshot::Variant, String), String> {
+    use crate::executor::snapshot::{self, Variant};
+    let base = runtime_digest(memo, store)?;
+    if !python.snapshot {
+        return Ok((Variant::Base("`[python] snapshot = false`".into()), base));
+    }
+    if let StepKind::Python {
+        snapshot: false, ..
+    } = &step.kind
+    {
+        return Ok((
+            Variant::Base("the step says `snapshot = false`".into()),
+            base,
+        ));
+    }
+    let mut names = step.env.iter().map(|(k, _)| k.get_ref().as_str());
+    if let Some(why) = snapshot::unsuitable(step.memory.unwrap_or(DEFAULT_MEMORY), &mut names) {
+        return Ok((Variant::Base(why), base));
+    }
+    let recipe = snapshot::recipe_digest(&base, &python.preload);
+    let key = PathBuf::from(format!("python-snapshot:{recipe}"));
+    let found = memo
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&key)
+        .cloned();
+    let found = match found {
+        Some(f) => f,
+        None => {
+            let f = match snapshot::find(&store.wasm_cache_dir(), &recipe) {
+                Ok(s) => format!("+{}", serde_json::to_string(&s).unwrap_or_default()),
+                Err(why) => format!("-{why}"),
+            };
+            memo.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(key, f.clone());
+            f
+        }
+    };
+    match found.split_at_checked(1) {
+        Some(("+", json)) => match serde_json::from_str::<snapshot::Snapshot>(json) {
+            Ok(mut s) => {
+                s.wasm = snapshot::dir(&store.wasm_cache_dir()).join(format!("{recipe}.wasm"));
+                Ok((Variant::Warm(s), recipe))
+            }
+            Err(e) => Ok((Variant::Base(e.to_string()), base)),
+        },
+        Some((_, why)) => Ok((Variant::Base(why.to_string()), base)),
+        None => Ok((Variant::Base(String::new()), base)),
+    }
 }
 
 /// Most bytes a Python step's code directory may hold.
@@ -1180,6 +1265,7 @@ fn code_of(
     memo: &Mutex<HashMap<PathBuf, String>>,
     images: &HashMap<usize, Result<ResolvedImage, String>>,
     store: &Store,
+    python: &crate::config::Python,
     p: &Pipeline,
     i: usize,
 ) -> Result<String, String> {
@@ -1191,7 +1277,7 @@ fn code_of(
         StepKind::Python {
             code_dir, entry, ..
         } => {
-            let rt = runtime_digest(memo, store)?;
+            let rt = python_variant(memo, store, python, &p.steps[i])?.1;
             let tree = code_snapshot(memo, store, code_dir)?;
             Ok(blake3::hash(
                 format!(
@@ -1206,7 +1292,7 @@ fn code_of(
         // A Python module: its code tree (digest from the registry), its entry and
         // the runtime, as for a `python` step.
         StepKind::Module { module, .. } if module.kind == "python" => {
-            let rt = runtime_digest(memo, store)?;
+            let rt = python_variant(memo, store, python, &p.steps[i])?.1;
             Ok(blake3::hash(
                 format!(
                     "{}\n{rt}\n{}\n{}",
@@ -1457,6 +1543,7 @@ impl RunContext {
             &self.code_digests,
             &self.images,
             self.store(),
+            &self.engine.python,
             &self.pipeline,
             i,
         )?;
@@ -2014,6 +2101,7 @@ impl RunContext {
                                 &self.code_digests,
                                 &self.images,
                                 self.store(),
+                                &self.engine.python,
                                 &self.pipeline,
                                 i,
                             )
@@ -2029,9 +2117,24 @@ impl RunContext {
                             let runtime = crate::executor::python::Runtime::locate()
                                 .ok_or_else(|| fail(crate::executor::python::missing()))?;
                             runtime.check().map_err(fail)?;
-                            let digest =
-                                file_digest(&self.code_digests, self.store(), &runtime.wasm())
-                                    .map_err(|e| fail(format!("the Python runtime: {e}")))?;
+                            // The variant the step's key named (the choice is memoised
+                            // for the run): the warm interpreter, or the base runtime.
+                            let (variant, _) = python_variant(
+                                &self.code_digests,
+                                self.store(),
+                                &self.engine.python,
+                                step,
+                            )
+                            .map_err(fail)?;
+                            log.note(&variant.note());
+                            let (program, digest) = match variant {
+                                crate::executor::snapshot::Variant::Warm(s) => (s.wasm, s.content),
+                                crate::executor::snapshot::Variant::Base(_) => (
+                                    runtime.wasm(),
+                                    file_digest(&self.code_digests, self.store(), &runtime.wasm())
+                                        .map_err(|e| fail(format!("the Python runtime: {e}")))?,
+                                ),
+                            };
                             // HOME: a fresh directory of this attempt's scratch space.
                             std::fs::create_dir_all(dir_tmp.join(".home"))
                                 .map_err(|e| fail(format!("sandbox directories: {e}")))?;
@@ -2044,7 +2147,7 @@ impl RunContext {
                                 writable: false,
                             });
                             (
-                                runtime.wasm(),
+                                program,
                                 digest,
                                 crate::executor::python::argv(entry, args),
                                 mounts,

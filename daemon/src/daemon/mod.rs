@@ -848,6 +848,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     };
     let mut engine = Engine::new(store, config.max_parallel_steps, datastores);
     engine.computes = config.computes.clone();
+    engine.python = config.python.clone();
     let engine = Arc::new(engine);
     let token = load_token(&config)?;
     let listener = tokio::net::TcpListener::bind(config.api.listen)
