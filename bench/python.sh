@@ -8,11 +8,12 @@
 # and the warm/base ratio.
 #
 # Env: BENCH_REPS=5  BENCH_NO_BUILD=1 (skip the release build and `runtime prepare`)
+#      BENCH_BIN=target/debug/millrace (another binary; the guest code is the same)
 # Uses the precompiled runtime and snapshot in target/tmp/millrace-cache
 # (scripts/setup.sh makes them; without BENCH_NO_BUILD this script does too).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bin="$root/target/release/millrace"
+bin="${BENCH_BIN:-$root/target/release/millrace}"
 reps="${BENCH_REPS:-5}"
 export MILLRACE_CACHE="${MILLRACE_CACHE:-$root/target/tmp/millrace-cache}"
 if [[ "${BENCH_NO_BUILD:-0}" != 1 ]]; then
@@ -37,8 +38,8 @@ cd "$work"
 # One run of each on each variant first: the publish step writes the model that
 # score.toml reads, and every compile is done before the clock starts.
 for variant in warm base; do
-    "$bin" --state "$work/state" run retrain.toml --config "$variant.toml" >/dev/null
-    "$bin" --state "$work/state" run score.toml --config "$variant.toml" >/dev/null
+    "$bin" --state "$work/state" run retrain.toml --config "$variant.toml" >/dev/null 2>&1
+    "$bin" --state "$work/state" run score.toml --config "$variant.toml" >/dev/null 2>&1
 done
 for variant in warm base; do
     for what in hello retrain score; do
@@ -47,7 +48,7 @@ for variant in warm base; do
                 run "$what.toml" --no-reuse --config "$variant.toml" >"$work/out.json"
             read -r wall rss <"$work/time"
             steps=$("$bin" --state "$work/state" --json runs show latest |
-                python3 -c 'import json,sys; print(json.dumps({s["step"]["name"]: s["step"].get("seconds") for s in json.load(sys.stdin)["steps"]}))')
+                python3 -c 'import json,sys; print(json.dumps({s["step"]["name"]: (s["step"]["finished_at"] - s["step"]["started_at"]) / 1000 for s in json.load(sys.stdin)["steps"] if s["step"].get("finished_at") and s["step"].get("started_at")}))')
             log=$("$bin" --state "$work/state" logs latest "$( [[ $what == retrain ]] && echo train || echo "$what")" | grep -c "python: the warm interpreter" || true)
             echo "$variant $what $wall $rss $log $steps" >>"$work/results"
         done

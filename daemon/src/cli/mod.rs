@@ -374,15 +374,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             } else {
                 match &snapshot {
                     Some(Ok(p)) => println!(
-                        "warm interpreter {} ({}) {} in {:.1}s + compiled in {:.1}s; {} preloaded, {}, {} initial memory",
+                        "warm interpreter {} ({}) {} in {:.1}s + compiled in {:.1}s; {} preloaded; {:.1} MB, {:.1} MiB initial memory",
                         display_path(&p.path),
                         short(&p.recipe),
                         if p.cached { "already built" } else { "built" },
                         p.build_seconds,
                         p.compile_seconds,
                         p.preload.join(", "),
-                        definition::format_size(p.bytes),
-                        definition::format_size(p.memory)
+                        p.bytes as f64 / 1e6,
+                        p.memory as f64 / f64::from(1 << 20)
                     ),
                     Some(Err(why)) => eprintln!(
                         "warning: no warm interpreter: {why}; Python steps run on the base runtime"

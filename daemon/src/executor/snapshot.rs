@@ -211,10 +211,10 @@ impl Variant {
     pub fn note(&self) -> String {
         match self {
             Variant::Warm(s) => format!(
-                "python: the warm interpreter ({} preloaded; snapshot {}, {} initial memory)",
+                "python: the warm interpreter ({} preloaded; snapshot {}, {:.1} MiB initial memory)",
                 s.preload.join(", "),
                 &s.recipe[..12.min(s.recipe.len())],
-                crate::definition::format_size(s.memory)
+                s.memory as f64 / f64::from(1 << 20)
             ),
             Variant::Base(why) => {
                 format!("python: the base runtime, not the warm interpreter: {why}")
