@@ -438,3 +438,53 @@ timeout = "3s"
         step_error(&p, "spin")
     );
 }
+
+#[test]
+fn a_removed_snapshot_file_falls_back_to_the_base_runtime() {
+    warm();
+    // A private cache holding (hard links to) the shared one's files, so removing
+    // the snapshot here leaves the other tests' alone.
+    let p = Project::new();
+    let shared = crate::common::shared_cache();
+    let cache = p.path("cache");
+    std::fs::create_dir_all(cache.join("python")).unwrap();
+    for dir in ["", "python"] {
+        for e in std::fs::read_dir(shared.join(dir)).unwrap() {
+            let e = e.unwrap();
+            let name = e.file_name().to_string_lossy().into_owned();
+            if e.file_type().unwrap().is_file()
+                && (name.ends_with(".cwasm") || name.ends_with(".wasm") || name.ends_with(".json"))
+            {
+                std::fs::hard_link(e.path(), cache.join(dir).join(&name)).unwrap();
+            }
+        }
+    }
+    p.write("code/hi.py", "print('hi from', __name__)\n");
+    let f = p.write(
+        "hi.toml",
+        "[[step]]\nname = \"hi\"\npython = { script = \"hi.py\", code = \"code\" }\nreuse = false\n",
+    );
+    let run = |p: &Project| {
+        p.cmd(&["run", f.to_str().unwrap()])
+            .env("MILLRACE_CACHE", &cache)
+            .output()
+            .unwrap()
+    };
+    let out = run(&p);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(step_log(&p, "hi").contains(WARM), "{}", step_log(&p, "hi"));
+    for e in std::fs::read_dir(cache.join("python")).unwrap() {
+        let e = e.unwrap().path();
+        if e.extension().is_some_and(|x| x == "wasm") {
+            std::fs::remove_file(e).unwrap();
+        }
+    }
+    let out = run(&p);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let log = step_log(&p, "hi");
+    assert!(
+        log.contains(BASE) && log.contains("is missing: run `millrace runtime prepare`"),
+        "{log}"
+    );
+    assert!(log.contains("hi from __main__"), "{log}");
+}
