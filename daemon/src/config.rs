@@ -483,6 +483,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_python_table_sets_the_preload_list_and_refuses_code() {
+        let base = "pipelines = \"p\"\nstate_dir = \"s\"\n";
+        let (c, r) = parse(Path::new("/m.toml"), base.into());
+        assert!(!r.has_errors());
+        assert_eq!(c.unwrap().python, Python::default());
+        let (c, r) = parse(
+            Path::new("/m.toml"),
+            format!("{base}[python]\npreload = [\"numpy\", \"sklearn.tree\"]\nsnapshot = false\n"),
+        );
+        assert!(!r.has_errors(), "{}", r.to_string());
+        let c = c.unwrap();
+        assert_eq!(c.python.preload, ["numpy", "sklearn.tree"]);
+        assert!(!c.python.snapshot);
+        let (c, r) = parse(
+            Path::new("/m.toml"),
+            format!("{base}[python]\npreload = [\"os; os.system('x')\"]\nwarm = 1\n"),
+        );
+        assert!(c.is_none());
+        let text = r.to_string();
+        assert!(text.contains("is not a module name"), "{text}");
+        assert!(text.contains("warm"), "{text}");
+    }
+
+    #[test]
     fn example_shape_parses_and_paths_resolve_against_the_file() {
         let (c, r) = parse(
             Path::new("/etc/millrace/millrace.toml"),

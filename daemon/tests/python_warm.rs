@@ -488,3 +488,60 @@ fn a_removed_snapshot_file_falls_back_to_the_base_runtime() {
     );
     assert!(log.contains("hi from __main__"), "{log}");
 }
+
+#[test]
+fn a_second_build_gives_the_same_bytes() {
+    warm();
+    // A private cache with the compiled forms (hard links) but no snapshot: the
+    // build runs again (imports and snapshot; its compiles are found), and its
+    // output is byte-identical to the shared one (fixed clock and randomness,
+    // nothing of the machine mounted).
+    let p = Project::new();
+    let shared = crate::common::shared_cache();
+    let cache = p.path("cache");
+    std::fs::create_dir_all(cache.join("python")).unwrap();
+    let mut built = Vec::new();
+    for dir in ["", "python"] {
+        for e in std::fs::read_dir(shared.join(dir)).unwrap() {
+            let e = e.unwrap();
+            let name = e.file_name().to_string_lossy().into_owned();
+            if e.file_type().unwrap().is_file() && name.ends_with(".cwasm") {
+                std::fs::hard_link(e.path(), cache.join(dir).join(&name)).unwrap();
+            }
+            if name.ends_with(".wasm") {
+                built.push(e.path());
+            }
+        }
+    }
+    let started = std::time::Instant::now();
+    let out = p
+        .cmd(&["runtime", "prepare"])
+        .env("MILLRACE_CACHE", &cache)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && text.contains("warm interpreter"),
+        "{text}\n{}",
+        stderr(&out)
+    );
+    assert!(text.contains(" built in "), "{text}");
+    eprintln!(
+        "python_warm: a rebuild took {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    let mut same = 0;
+    for shared_wasm in &built {
+        let mine = cache.join("python").join(shared_wasm.file_name().unwrap());
+        if mine.is_file() {
+            assert!(
+                std::fs::read(&mine).unwrap() == std::fs::read(shared_wasm).unwrap(),
+                "{} differs from {}",
+                mine.display(),
+                shared_wasm.display()
+            );
+            same += 1;
+        }
+    }
+    assert_eq!(same, 1, "one snapshot rebuilt: {built:?}");
+}
