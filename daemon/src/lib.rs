@@ -16,7 +16,8 @@
 //! - [`trigger`]: cron schedules (DST-aware) and watched globs.
 //! - [`planner`]: cache keys over code, inputs, params, args and env; reuse decisions.
 //! - [`executor`]: what runs a step: [`executor::wasm`] (wasmtime + WASI),
-//!   [`executor::python`] (CPython on WASI, in the same sandbox),
+//!   [`executor::python`] (CPython on WASI, in the same sandbox; it starts from
+//!   [`executor::snapshot`], an interpreter with numpy, pandas and sklearn imported),
 //!   [`executor::container`] (an OS image through the Docker Engine API),
 //!   [`executor::transfer`] (copy into a datastore); and where:
 //!   [`executor::slurm`] (a wasm or Python step as a Slurm batch job).
