@@ -30,6 +30,28 @@ pub struct Config {
     pub api: Api,
     pub datastores: BTreeMap<String, PathBuf>,
     pub computes: BTreeMap<String, Compute>,
+    pub python: Python,
+}
+
+/// `[python]`: the warm interpreter Python steps start from (SPEC "Python steps").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Python {
+    /// Modules imported once into the pre-initialised interpreter.
+    pub preload: Vec<String>,
+    /// Python steps start from the snapshot when it is built (default true).
+    pub snapshot: bool,
+}
+
+impl Default for Python {
+    fn default() -> Python {
+        Python {
+            preload: crate::executor::snapshot::DEFAULT_PRELOAD
+                .iter()
+                .map(|m| m.to_string())
+                .collect(),
+            snapshot: true,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -68,6 +90,7 @@ const KEYS: &[&str] = &[
     "api",
     "datastores",
     "compute",
+    "python",
 ];
 const API_KEYS: &[&str] = &["listen", "token_file", "public_read", "allowed_hosts"];
 /// Keys of a `[compute.NAME]` table beyond the Slurm ones; each is checked
@@ -403,6 +426,36 @@ fn config(w: &mut Walker, doc: &DeTable<'_>, path: &Path) -> Option<Config> {
             );
         }
     }
+    let mut python = Python::default();
+    if let Some(v) = doc.get("python")
+        && let Some(t) = w.table(v, "[python]")
+    {
+        w.unknown_keys(t, &["preload", "snapshot"], "[python]");
+        if let Some(b) = t
+            .get("snapshot")
+            .and_then(|b| w.boolean(b, "python.snapshot"))
+        {
+            python.snapshot = b;
+        }
+        if let Some(v) = t.get("preload") {
+            python.preload.clear();
+            for m in w.string_array(v, "python.preload") {
+                // The list becomes Python source (`import a, b.c`): only dotted
+                // identifiers, so a config cannot inject code into the build.
+                if crate::executor::snapshot::is_module_name(m.get_ref()) {
+                    python.preload.push(m.into_inner());
+                } else {
+                    w.error(
+                        m.span(),
+                        format!(
+                            "python.preload: `{}` is not a module name: expected dotted identifiers like \"sklearn.linear_model\"",
+                            m.get_ref()
+                        ),
+                    );
+                }
+            }
+        }
+    }
     let state_dir = state_dir?;
     for c in computes.values_mut() {
         if let Some(t) = &mut c.slurm
@@ -418,6 +471,7 @@ fn config(w: &mut Walker, doc: &DeTable<'_>, path: &Path) -> Option<Config> {
         max_parallel_steps,
         shutdown_grace,
         resume_interrupted,
+        python,
         api,
         datastores,
         computes,
@@ -456,6 +510,30 @@ impl Datastores {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_python_table_sets_the_preload_list_and_refuses_code() {
+        let base = "pipelines = \"p\"\nstate_dir = \"s\"\n";
+        let (c, r) = parse(Path::new("/m.toml"), base.into());
+        assert!(!r.has_errors());
+        assert_eq!(c.unwrap().python, Python::default());
+        let (c, r) = parse(
+            Path::new("/m.toml"),
+            format!("{base}[python]\npreload = [\"numpy\", \"sklearn.tree\"]\nsnapshot = false\n"),
+        );
+        assert!(!r.has_errors(), "{}", r.to_string());
+        let c = c.unwrap();
+        assert_eq!(c.python.preload, ["numpy", "sklearn.tree"]);
+        assert!(!c.python.snapshot);
+        let (c, r) = parse(
+            Path::new("/m.toml"),
+            format!("{base}[python]\npreload = [\"os; os.system('x')\"]\nwarm = 1\n"),
+        );
+        assert!(c.is_none());
+        let text = r.to_string();
+        assert!(text.contains("is not a module name"), "{text}");
+        assert!(text.contains("warm"), "{text}");
+    }
 
     #[test]
     fn example_shape_parses_and_paths_resolve_against_the_file() {

@@ -227,6 +227,8 @@ pub enum StepKind {
         code_dir: PathBuf,
         /// The script, relative to `code_dir`.
         entry: String,
+        /// `snapshot = false`: start the base runtime, not the warm interpreter.
+        snapshot: bool,
     },
     /// `container = { image, command, entrypoint, env, workdir, user, network,
     /// read_only_root }`: an OS image through the Docker Engine API.
@@ -1103,9 +1105,16 @@ impl Walker {
                 Some(StepKind::Wasm { path, resolved })
             }
             "python" => {
+                let mut snapshot = true;
                 let (script, code) = match v.get_ref() {
                     DeValue::Table(t) => {
-                        self.unknown_keys(t, &["script", "code"], "python");
+                        self.unknown_keys(t, &["script", "code", "snapshot"], "python");
+                        if let Some(b) = t
+                            .get("snapshot")
+                            .and_then(|b| self.boolean(b, "python.snapshot"))
+                        {
+                            snapshot = b;
+                        }
                         let Some(script) = t
                             .get("script")
                             .and_then(|s| self.string(s, "python.script"))
@@ -1167,6 +1176,7 @@ impl Walker {
                     script,
                     code_dir,
                     entry,
+                    snapshot,
                 })
             }
             "container" => {

@@ -19,7 +19,8 @@
 //!   [`planner::inputs`]), the one reuse decision ([`planner::Planner::decide`],
 //!   called by both `plan` and the run) and its explanation ([`planner::explain`]).
 //! - [`executor`]: what runs a step: [`executor::wasm`] (wasmtime + WASI),
-//!   [`executor::python`] (CPython on WASI, in the same sandbox),
+//!   [`executor::python`] (CPython on WASI, in the same sandbox; it starts from
+//!   [`executor::snapshot`], an interpreter with numpy, pandas and sklearn imported),
 //!   [`executor::container`] (an OS image through the Docker Engine API),
 //!   [`executor::transfer`] (copy into a datastore); and where:
 //!   [`executor::slurm`] (a wasm or Python step as a Slurm batch job).

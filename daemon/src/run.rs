@@ -23,7 +23,7 @@ use crate::graph::Graph;
 use crate::model::{
     AttemptStatus, ContainerPlacement, Placement, RunStatus, SlurmPlacement, StepStatus,
 };
-use crate::planner::code::{Memo, SNAPSHOTS, code_of, code_snapshot, file_digest};
+use crate::planner::code::{Memo, SNAPSHOTS, code_of, code_snapshot, file_digest, python_variant};
 use crate::planner::{
     self, Decision, InputMode, Known, PlanError, Planned, Planner, Reusable, param_env_name,
 };
@@ -31,8 +31,7 @@ use crate::store::artifacts::Mode;
 use crate::store::db::NewRun;
 use crate::store::{Store, StoreError};
 
-/// Default memory limit of a wasm step.
-pub const DEFAULT_MEMORY: u64 = 2 << 30;
+pub use crate::model::DEFAULT_MEMORY;
 /// A step without `timeout` is stopped after a day: wall time is always bounded.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// Largest log kept per step attempt, unless `MILLRACE_LOG_CAP` (a size such as
@@ -142,6 +141,8 @@ pub struct Engine {
     wasm: tokio::sync::OnceCell<Arc<WasmRuntime>>,
     /// Compute targets steps may name (from the daemon config; `local` is implicit).
     pub computes: BTreeMap<String, crate::config::Compute>,
+    /// `[python]`: the warm interpreter's preload list, and whether steps use it.
+    pub python: crate::config::Python,
     /// Container engine clients, by socket.
     containers: container::Engines,
     /// This state's instance id (see [`container::instance_of`]).
@@ -171,6 +172,7 @@ impl Engine {
             datastores,
             wasm: tokio::sync::OnceCell::new(),
             computes: BTreeMap::new(),
+            python: crate::config::Python::default(),
             containers: container::Engines::default(),
             instance: std::sync::OnceLock::new(),
             slots: Arc::new(tokio::sync::Semaphore::new(max_parallel.max(1))),
@@ -311,6 +313,30 @@ impl Engine {
         let wasm = self.wasm().await?;
         let cached = tokio::task::block_in_place(|| wasm.precompile(&runtime.wasm(), &digest))?;
         Ok((runtime.dir, digest, cached))
+    }
+
+    /// Builds and compiles the warm interpreter (`executor::snapshot`) for the
+    /// `[python] preload` list, once per recipe. The error says why there is
+    /// none; Python steps then run on the base runtime.
+    pub async fn prepare_python_snapshot(
+        &self,
+    ) -> Result<crate::executor::snapshot::Prepared, String> {
+        let runtime = crate::executor::python::Runtime::locate()
+            .ok_or_else(crate::executor::python::missing)?;
+        runtime.check()?;
+        let memo = Mutex::new(HashMap::new());
+        let digest = tokio::task::block_in_place(|| {
+            crate::planner::code::runtime_digest(&memo, &self.store)
+        })?;
+        let wasm = self.wasm().await.map_err(|e| e.to_string())?;
+        crate::executor::snapshot::prepare(
+            &wasm,
+            &runtime,
+            &digest,
+            &self.python.preload,
+            &self.store.wasm_cache_dir(),
+        )
+        .await
     }
 
     /// (precompiled code loaded from the cache, compiles) since the engine started.
@@ -622,6 +648,7 @@ impl Engine {
             self.datastores.clone(),
             no_reuse,
         )
+        .with_python(self.python.clone())
         .resuming(run_id, completed);
         let ctx = Arc::new(RunContext {
             engine: self.clone(),
@@ -854,7 +881,8 @@ impl Engine {
             Arc::new(images),
             self.datastores.clone(),
             no_reuse,
-        );
+        )
+        .with_python(self.python.clone());
         Ok(planner.plan(inputs)?)
     }
 }
@@ -1521,6 +1549,7 @@ impl RunContext {
                                 &self.code_digests,
                                 &self.images,
                                 self.store(),
+                                &self.engine.python,
                                 &self.pipeline,
                                 i,
                             )
@@ -1536,9 +1565,24 @@ impl RunContext {
                             let runtime = crate::executor::python::Runtime::locate()
                                 .ok_or_else(|| fail(crate::executor::python::missing()))?;
                             runtime.check().map_err(fail)?;
-                            let digest =
-                                file_digest(&self.code_digests, self.store(), &runtime.wasm())
-                                    .map_err(|e| fail(format!("the Python runtime: {e}")))?;
+                            // The variant the step's key named (the choice is memoised
+                            // for the run): the warm interpreter, or the base runtime.
+                            let (variant, _) = python_variant(
+                                &self.code_digests,
+                                self.store(),
+                                &self.engine.python,
+                                step,
+                            )
+                            .map_err(fail)?;
+                            log.note(&variant.note());
+                            let (program, digest) = match variant {
+                                crate::executor::snapshot::Variant::Warm(s) => (s.wasm, s.content),
+                                crate::executor::snapshot::Variant::Base(_) => (
+                                    runtime.wasm(),
+                                    file_digest(&self.code_digests, self.store(), &runtime.wasm())
+                                        .map_err(|e| fail(format!("the Python runtime: {e}")))?,
+                                ),
+                            };
                             // HOME: a fresh directory of this attempt's scratch space.
                             std::fs::create_dir_all(dir_tmp.join(".home"))
                                 .map_err(|e| fail(format!("sandbox directories: {e}")))?;
@@ -1551,7 +1595,7 @@ impl RunContext {
                                 writable: false,
                             });
                             (
-                                runtime.wasm(),
+                                program,
                                 digest,
                                 crate::executor::python::argv(entry, args),
                                 mounts,

@@ -16,6 +16,7 @@ mod hostile_text;
 mod hostile_wasm;
 mod modules;
 mod python;
+mod python_warm;
 mod run;
 mod sandbox;
 mod schedule;

@@ -203,9 +203,14 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum RuntimeCommand {
-    /// Compile the Python runtime into the cache (minutes, once per machine and
-    /// version; later steps load it in milliseconds).
-    Prepare,
+    /// Compile the Python runtime into the cache, then build and compile the warm
+    /// interpreter with the `[python] preload` modules imported (minutes, once per
+    /// machine, version and preload list; later steps load it in milliseconds).
+    Prepare {
+        /// The daemon config whose `[python]` section and state directory apply.
+        #[arg(long, env = "MILLRACE_CONFIG")]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -319,30 +324,73 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Daemon { config } => service::daemon(config.as_deref()).await,
         Command::Module { cmd } => module::run(&cli.state, cmd, json),
         Command::Runtime {
-            cmd: RuntimeCommand::Prepare,
+            cmd: RuntimeCommand::Prepare { config },
         } => {
-            let engine = engine(&cli.state, None)?;
+            let config = config.as_deref().map(service::load_config).transpose()?;
+            let state = config
+                .as_ref()
+                .map_or(cli.state.clone(), |c| c.state_dir.clone());
+            let python = config.map(|c| c.python).unwrap_or_default();
+            let mut engine = Arc::into_inner(engine(&state, None)?).context("engine in use")?;
+            engine.python = python;
+            let engine = Arc::new(engine);
             let started = std::time::Instant::now();
             eprintln!("preparing the Python runtime (the first time takes a few minutes)…");
             let (dir, digest, cached) = engine.prepare_python().await.map_err(run_error)?;
+            let base_seconds = started.elapsed().as_secs_f64();
             let what = if cached {
                 "already compiled"
             } else {
                 "compiled"
             };
-            if json {
+            if !json {
                 println!(
-                    "{}",
-                    serde_json::json!({"runtime": display_path(&dir), "digest": digest, "cached": cached, "seconds": started.elapsed().as_secs_f64()})
-                );
-            } else {
-                println!(
-                    "python runtime {} ({}) {what} in {:.1}s; cache {}",
+                    "python runtime {} ({}) {what} in {base_seconds:.1}s; cache {}",
                     display_path(&dir),
                     short(&digest),
-                    started.elapsed().as_secs_f64(),
                     display_path(&engine.store.wasm_cache_dir())
                 );
+            }
+            // The warm interpreter fails closed: without it, steps run on the base.
+            let snapshot = if engine.python.snapshot {
+                if !json {
+                    eprintln!(
+                        "building the warm interpreter with {} imported (the first time takes a few minutes)…",
+                        engine.python.preload.join(", ")
+                    );
+                }
+                Some(engine.prepare_python_snapshot().await)
+            } else {
+                None
+            };
+            if json {
+                let snap = match &snapshot {
+                    Some(Ok(p)) => serde_json::json!(p),
+                    Some(Err(why)) => serde_json::json!({"error": why}),
+                    None => serde_json::json!({"error": "`[python] snapshot = false`"}),
+                };
+                println!(
+                    "{}",
+                    serde_json::json!({"runtime": display_path(&dir), "digest": digest, "cached": cached, "seconds": base_seconds, "snapshot": snap})
+                );
+            } else {
+                match &snapshot {
+                    Some(Ok(p)) => println!(
+                        "warm interpreter {} ({}) {} in {:.1}s + compiled in {:.1}s; {} preloaded; {:.1} MB, {:.1} MiB initial memory",
+                        display_path(&p.path),
+                        short(&p.recipe),
+                        if p.cached { "already built" } else { "built" },
+                        p.build_seconds,
+                        p.compile_seconds,
+                        p.preload.join(", "),
+                        p.bytes as f64 / 1e6,
+                        p.memory as f64 / f64::from(1 << 20)
+                    ),
+                    Some(Err(why)) => eprintln!(
+                        "warning: no warm interpreter: {why}; Python steps run on the base runtime"
+                    ),
+                    None => println!("warm interpreter: off (`[python] snapshot = false`)"),
+                }
             }
             Ok(0)
         }
@@ -528,6 +576,7 @@ fn engine_for(
     };
     let mut engine = Arc::into_inner(engine).context("engine in use")?;
     engine.computes = config.computes;
+    engine.python = config.python;
     engine.datastores = Datastores {
         paths: config.datastores.into_iter().collect(),
     };

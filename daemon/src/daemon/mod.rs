@@ -268,6 +268,7 @@ impl Daemon {
         };
         let mut engine = Engine::new(store, config.max_parallel_steps, datastores);
         engine.computes = config.computes.clone();
+        engine.python = config.python.clone();
         let token = load_token(&config)?;
         Ok(Daemon {
             config,

@@ -6,6 +6,7 @@
 pub mod container;
 pub mod python;
 pub mod slurm;
+pub mod snapshot;
 pub mod transfer;
 pub mod wasm;
 pub mod workspace;

