@@ -1,6 +1,6 @@
 //! The `millrace` command line: parses arguments, calls the engine and the store,
-//! prints for people (or JSON with `--json`) and maps outcomes to exit codes:
-//! 0 ok, 1 run failed, 2 usage, 78 bad configuration.
+//! prints for people (or JSON with `--json`) and maps outcomes to exit codes
+//! ([`error`]: 0 ok, 1 run failed, 2 usage, 78 bad configuration, 130 cancelled).
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -20,12 +20,11 @@ use crate::run::{Datastores, Engine, Event, RunError, RunRequest, RunSummary};
 use crate::store::Store;
 use crate::store::db::now_ms;
 
+mod error;
 mod module;
 mod service;
 
-pub const EXIT_RUN_FAILED: i32 = 1;
-pub const EXIT_USAGE: i32 = 2;
-pub const EXIT_CONFIG: i32 = 78;
+pub use error::{EXIT_CANCELLED, EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Error};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -212,37 +211,6 @@ enum RunsCommand {
     Show { run: String },
 }
 
-/// An error with the exit code it deserves.
-#[derive(Debug)]
-pub struct Exit {
-    pub code: i32,
-    pub message: String,
-}
-
-impl Exit {
-    fn config(message: impl Into<String>) -> Exit {
-        Exit {
-            code: EXIT_CONFIG,
-            message: message.into(),
-        }
-    }
-
-    fn usage(message: impl Into<String>) -> Exit {
-        Exit {
-            code: EXIT_USAGE,
-            message: message.into(),
-        }
-    }
-}
-
-impl std::fmt::Display for Exit {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for Exit {}
-
 /// Runs the command line; returns the process exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
@@ -254,7 +222,7 @@ pub fn main() -> i32 {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
-            return 1;
+            return EXIT_FAILURE;
         }
     };
     let result = runtime.block_on(dispatch(cli));
@@ -264,15 +232,9 @@ pub fn main() -> i32 {
     match result {
         Ok(code) => code,
         Err(e) => {
-            if let Some(exit) = e.downcast_ref::<Exit>() {
-                if !exit.message.is_empty() {
-                    eprintln!("{}", exit.message.trim_end());
-                }
-                exit.code
-            } else {
-                eprintln!("error: {e:#}");
-                1
-            }
+            let (code, text) = error::report(&e);
+            eprintln!("{text}");
+            code
         }
     }
 }
@@ -554,7 +516,7 @@ fn load(path: &Path, state: &Path) -> anyhow::Result<(Pipeline, String)> {
 
 fn load_in(path: &Path, env: &definition::Environment) -> anyhow::Result<(Pipeline, String)> {
     let (pipeline, report) = definition::load(path, env)
-        .map_err(|e| Exit::config(format!("error: cannot read {}: {e}", path.display())))?;
+        .map_err(|e| Error::config(format!("cannot read {}: {e}", path.display())))?;
     match pipeline {
         Some(p) => {
             if !report.diagnostics.is_empty() {
@@ -562,7 +524,7 @@ fn load_in(path: &Path, env: &definition::Environment) -> anyhow::Result<(Pipeli
             }
             Ok((p, report.source.text))
         }
-        None => Err(Exit::config(format!("{report}{}", summary_line(&report))).into()),
+        None => Err(Error::Report(format!("{report}{}", summary_line(&report))).into()),
     }
 }
 
@@ -662,22 +624,21 @@ fn parse_params(raw: &[String]) -> anyhow::Result<Vec<(String, String)>> {
         .map(|p| match p.split_once('=') {
             Some((k, v)) if !k.is_empty() => {
                 let k = k.trim();
-                crate::definition::check_param_value(k, v)
-                    .map_err(|e| Exit::usage(format!("error: {e}")))?;
+                crate::definition::check_param_value(k, v).map_err(Error::usage)?;
                 Ok((k.to_string(), v.to_string()))
             }
-            _ => Err(Exit::usage(format!("error: --param expects KEY=VALUE, got `{p}`")).into()),
+            _ => Err(Error::usage(format!("--param expects KEY=VALUE, got `{p}`")).into()),
         })
         .collect()
 }
 
 fn run_error(e: RunError) -> anyhow::Error {
     match e {
-        RunError::Params(m) => Exit::usage(format!("error: {m}")).into(),
-        RunError::Definition(r) => Exit::config(format!("{r}{}", summary_line(&r))).into(),
-        RunError::Input { .. } => Exit::config(format!("error: {e}")).into(),
+        RunError::Params(m) => Error::usage(m).into(),
+        RunError::Definition(r) => Error::Report(format!("{r}{}", summary_line(&r))).into(),
+        RunError::Input { .. } => Error::config(e.to_string()).into(),
         RunError::NoSuchRun(_) | RunError::AlreadySucceeded(_) | RunError::Busy(_) => {
-            Exit::usage(format!("error: {e}")).into()
+            Error::usage(e.to_string()).into()
         }
         other => anyhow::Error::new(other),
     }
@@ -693,11 +654,7 @@ fn finish_run(summary: Result<RunSummary, RunError>, json: bool) -> anyhow::Resu
             s.run_id, s.status, s.executed, s.reused, s.failed, s.skipped, s.seconds
         );
     }
-    Ok(match s.status {
-        RunStatus::Succeeded => 0,
-        RunStatus::Cancelled => 130,
-        _ => EXIT_RUN_FAILED,
-    })
+    Ok(error::run_exit_code(s.status))
 }
 
 /// Ctrl-C / SIGTERM cancel the run; the steps are stopped and the run recorded
@@ -811,15 +768,13 @@ fn run_id(store: &Store, text: &str) -> anyhow::Result<i64> {
             .db()
             .read()
             .latest_run_id()?
-            .ok_or_else(|| Exit::usage("error: there are no runs yet").into());
+            .ok_or_else(|| Error::usage("there are no runs yet").into());
     }
-    let id: i64 = text.parse().map_err(|_| {
-        Exit::usage(format!(
-            "error: `{text}` is not a run id (a number or `latest`)"
-        ))
-    })?;
+    let id: i64 = text
+        .parse()
+        .map_err(|_| Error::usage(format!("`{text}` is not a run id (a number or `latest`)")))?;
     if store.db().read().run(id)?.is_none() {
-        return Err(Exit::usage(format!("error: run {id} not found")).into());
+        return Err(Error::usage(format!("run {id} not found")).into());
     }
     Ok(id)
 }
@@ -1004,8 +959,8 @@ async fn logs(store: &Store, run: &str, step: Option<&str>, follow: bool) -> any
         Some(s) => {
             if !steps.iter().any(|x| x.name == s) {
                 let known: Vec<&str> = steps.iter().map(|s| s.name.as_str()).collect();
-                return Err(Exit::usage(format!(
-                    "error: run {id} has no step `{s}` (steps: {})",
+                return Err(Error::usage(format!(
+                    "run {id} has no step `{s}` (steps: {})",
                     known.join(", ")
                 ))
                 .into());
@@ -1117,7 +1072,7 @@ fn explain(store: &Store, run: &str, step: &str, json: bool) -> anyhow::Result<i
         .db()
         .read()
         .step(id, step)?
-        .ok_or_else(|| Exit::usage(format!("error: run {id} has no step `{step}`")))?;
+        .ok_or_else(|| Error::usage(format!("run {id} has no step `{step}`")))?;
     let e = crate::planner::explain(store, &r, &s)?;
     let (verdict, changes, prev) = (e.explanation, e.changes, e.compared_with);
     if json {
@@ -1146,9 +1101,9 @@ fn resolve_artifact(store: &Store, text: &str) -> anyhow::Result<String> {
     let matches = store.db().read().artifacts_with_prefix(text)?;
     match matches.len() {
         1 => Ok(matches[0].clone()),
-        0 => Err(Exit::usage(format!("error: no artifact starts with `{text}`")).into()),
-        _ => Err(Exit::usage(format!(
-            "error: `{text}` matches several artifacts; give more digits"
+        0 => Err(Error::usage(format!("no artifact starts with `{text}`")).into()),
+        _ => Err(Error::usage(format!(
+            "`{text}` matches several artifacts; give more digits"
         ))
         .into()),
     }
@@ -1161,7 +1116,7 @@ fn lineage(store: &Store, artifact: &str, json: bool) -> anyhow::Result<i32> {
             let id = run_id(store, run)?;
             let (step, o) = out
                 .split_once('.')
-                .ok_or_else(|| Exit::usage("error: write RUN:STEP.OUTPUT"))?;
+                .ok_or_else(|| Error::usage("write RUN:STEP.OUTPUT"))?;
             store
                 .db()
                 .read()
@@ -1169,7 +1124,7 @@ fn lineage(store: &Store, artifact: &str, json: bool) -> anyhow::Result<i32> {
                 .into_iter()
                 .find(|(n, _)| n == o)
                 .map(|(_, d)| d)
-                .ok_or_else(|| Exit::usage(format!("error: run {id} has no output {out}")))?
+                .ok_or_else(|| Error::usage(format!("run {id} has no output {out}")))?
         }
         None => resolve_artifact(store, artifact)?,
     };
@@ -1225,12 +1180,12 @@ fn output_cmd(store: &Store, run: &str, output: &str, dir: Option<&Path>) -> any
     let id = run_id(store, run)?;
     let (step, name) = output
         .split_once('.')
-        .ok_or_else(|| Exit::usage(format!("error: `{output}`: write STEP.OUTPUT")))?;
+        .ok_or_else(|| Error::usage(format!("`{output}`: write STEP.OUTPUT")))?;
     let outs = store.db().read().step_outputs(id, step)?;
     let Some((_, digest)) = outs.iter().find(|(o, _)| o == name) else {
         let known: Vec<String> = outs.iter().map(|(o, _)| format!("{step}.{o}")).collect();
-        return Err(Exit::usage(format!(
-            "error: run {id} has no output `{output}`{}",
+        return Err(Error::usage(format!(
+            "run {id} has no output `{output}`{}",
             if known.is_empty() {
                 String::new()
             } else {
@@ -1260,8 +1215,8 @@ fn output_cmd(store: &Store, run: &str, output: &str, dir: Option<&Path>) -> any
                         .iter()
                         .map(|e| crate::store::artifacts::escape_controls(&e.name))
                         .collect();
-                    return Err(Exit::usage(format!(
-                        "error: {output} holds {} entries ({}); use -o DIR to copy them",
+                    return Err(Error::usage(format!(
+                        "{output} holds {} entries ({}); use -o DIR to copy them",
                         entries.len(),
                         names.join(", ")
                     ))
@@ -1275,13 +1230,13 @@ fn output_cmd(store: &Store, run: &str, output: &str, dir: Option<&Path>) -> any
 
 fn gc(store: &Store, keep: i64, json: bool) -> anyhow::Result<i32> {
     if keep < 1 {
-        return Err(Exit::usage("error: --keep must be at least 1").into());
+        return Err(Error::usage("--keep must be at least 1").into());
     }
     // A run in progress may have moved blobs into the store that no row names yet:
     // every run, import and publish holds the store lock shared while it writes.
     let Some(_exclusive) = store.try_lock_exclusive()? else {
-        return Err(Exit::usage(
-            "error: a run, module import or publish is in progress; run gc when none is",
+        return Err(Error::usage(
+            "a run, module import or publish is in progress; run gc when none is",
         )
         .into());
     };
@@ -1294,10 +1249,7 @@ fn gc(store: &Store, keep: i64, json: bool) -> anyhow::Result<i32> {
         .map(|r| r.id)
         .collect();
     if let Some(id) = active.first() {
-        return Err(Exit::usage(format!(
-            "error: run {id} is in progress; run gc when no run is"
-        ))
-        .into());
+        return Err(Error::usage(format!("run {id} is in progress; run gc when no run is")).into());
     }
     let deleted = {
         let mut db = store.db();

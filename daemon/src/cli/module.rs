@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use semver::Version;
 
-use super::{Exit, open_store, time};
+use super::{Error, open_store, time};
 use crate::definition::{self, StepKind};
 use crate::diagnostic::display_path;
 use crate::module::{ModuleIndex, ModuleVersion, valid_name};
@@ -97,8 +97,8 @@ pub fn run(state: &Path, cmd: ModuleCommand, json: bool) -> anyhow::Result<i32> 
         } => {
             // (An import publishes from its staging inside the state: not this way.)
             if store.inside(&path) {
-                return Err(Exit::usage(format!(
-                    "error: {} lies inside the state directory {}; publish code from outside it",
+                return Err(Error::usage(format!(
+                    "{} lies inside the state directory {}; publish code from outside it",
                     path.display(),
                     store.root.display()
                 ))
@@ -115,8 +115,8 @@ pub fn run(state: &Path, cmd: ModuleCommand, json: bool) -> anyhow::Result<i32> 
         } => {
             let m = find(&store, &module)?;
             if m.status == "disabled" {
-                return Err(Exit::usage(format!(
-                    "error: {} is disabled; `millrace module enable {}` first if it should run again",
+                return Err(Error::usage(format!(
+                    "{} is disabled; `millrace module enable {}` first if it should run again",
                     m.id(),
                     m.id()
                 ))
@@ -142,8 +142,8 @@ pub fn run(state: &Path, cmd: ModuleCommand, json: bool) -> anyhow::Result<i32> 
             let using = print_impact(&store, &m, &pipelines)?;
             let is_default = store.db().read().module_defaults()?.get(&m.name) == Some(&m.version);
             if is_default && !force {
-                return Err(Exit::usage(format!(
-                    "error: {} is the default of `{}`: `module = \"{}\"` would fail validation; make another version the default, or pass --force",
+                return Err(Error::usage(format!(
+                    "{} is the default of `{}`: `module = \"{}\"` would fail validation; make another version the default, or pass --force",
                     m.id(),
                     m.name,
                     m.name
@@ -151,8 +151,8 @@ pub fn run(state: &Path, cmd: ModuleCommand, json: bool) -> anyhow::Result<i32> 
                 .into());
             }
             if !using.is_empty() && !force {
-                return Err(Exit::usage(format!(
-                    "error: {} pipeline(s) still resolve to {}: they would fail validation; pin them to another version, or pass --force",
+                return Err(Error::usage(format!(
+                    "{} pipeline(s) still resolve to {}: they would fail validation; pin them to another version, or pass --force",
                     using.len(),
                     m.id()
                 ))
@@ -179,8 +179,8 @@ pub fn run(state: &Path, cmd: ModuleCommand, json: bool) -> anyhow::Result<i32> 
         ModuleCommand::Default { name, version } => {
             let m = find(&store, &format!("{name}@{version}"))?;
             if m.status == "disabled" {
-                return Err(Exit::usage(format!(
-                    "error: {} is disabled: enable it before making it the default",
+                return Err(Error::usage(format!(
+                    "{} is disabled: enable it before making it the default",
                     m.id()
                 ))
                 .into());
@@ -199,11 +199,11 @@ pub fn run(state: &Path, cmd: ModuleCommand, json: bool) -> anyhow::Result<i32> 
 /// NAME@VERSION (exact) in the registry, or a usage error listing what exists.
 fn find(store: &Store, spec: &str) -> anyhow::Result<ModuleVersion> {
     let Some((name, version)) = spec.split_once('@') else {
-        return Err(Exit::usage(format!("error: write NAME@VERSION, e.g. {spec}@1.0.0")).into());
+        return Err(Error::usage(format!("write NAME@VERSION, e.g. {spec}@1.0.0")).into());
     };
     let versions = store.db().read().module_versions(Some(name))?;
     if versions.is_empty() {
-        return Err(Exit::usage(format!("error: unknown module `{name}`")).into());
+        return Err(Error::usage(format!("unknown module `{name}`")).into());
     }
     let want = Version::parse(version).ok();
     versions
@@ -212,8 +212,8 @@ fn find(store: &Store, spec: &str) -> anyhow::Result<ModuleVersion> {
         .cloned()
         .ok_or_else(|| {
             let list: Vec<&str> = versions.iter().map(|m| m.version.as_str()).collect();
-            Exit::usage(format!(
-                "error: module `{name}` has no version {version} (versions: {})",
+            Error::usage(format!(
+                "module `{name}` has no version {version} (versions: {})",
                 list.join(", ")
             ))
             .into()
@@ -231,30 +231,30 @@ fn publish(
     json: bool,
 ) -> anyhow::Result<i32> {
     if !valid_name(name) {
-        return Err(Exit::usage(format!(
-            "error: `{name}` is not a module name: lowercase letters, digits and `-`"
+        return Err(Error::usage(format!(
+            "`{name}` is not a module name: lowercase letters, digits and `-`"
         ))
         .into());
     }
     let parsed = Version::parse(version).map_err(|e| {
-        Exit::usage(format!(
-            "error: `{version}` is not a semver version ({e}); write MAJOR.MINOR.PATCH, e.g. 1.2.0"
+        Error::usage(format!(
+            "`{version}` is not a semver version ({e}); write MAJOR.MINOR.PATCH, e.g. 1.2.0"
         ))
     })?;
     if !parsed.build.is_empty() || version.len() > 64 {
-        return Err(Exit::usage(format!(
-            "error: `{version}`: write MAJOR.MINOR.PATCH[-PRERELEASE] without build metadata (`+…`), at most 64 characters"
+        return Err(Error::usage(format!(
+            "`{version}`: write MAJOR.MINOR.PATCH[-PRERELEASE] without build metadata (`+…`), at most 64 characters"
         ))
         .into());
     }
     let meta = std::fs::metadata(path)
-        .map_err(|e| Exit::usage(format!("error: cannot read {}: {e}", path.display())))?;
+        .map_err(|e| Error::usage(format!("cannot read {}: {e}", path.display())))?;
     // The code enters the store before a row names it: no gc may sweep meanwhile.
     let _store_lock = store.lock_shared()?;
     let (kind, entry) = if meta.is_dir() {
         let Some(entry) = entry else {
-            return Err(Exit::usage(format!(
-                "error: {} is a directory: a Python module needs --entry SCRIPT.py",
+            return Err(Error::usage(format!(
+                "{} is a directory: a Python module needs --entry SCRIPT.py",
                 path.display()
             ))
             .into());
@@ -263,8 +263,8 @@ fn publish(
             .components()
             .all(|c| matches!(c, std::path::Component::Normal(_)));
         if !inside || !entry.ends_with(".py") || !path.join(&entry).is_file() {
-            return Err(Exit::usage(format!(
-                "error: --entry {entry}: no such .py file in {}",
+            return Err(Error::usage(format!(
+                "--entry {entry}: no such .py file in {}",
                 path.display()
             ))
             .into());
@@ -272,7 +272,7 @@ fn publish(
         ("python", Some(entry))
     } else {
         if entry.is_some() {
-            return Err(Exit::usage("error: --entry applies to a Python code directory").into());
+            return Err(Error::usage("--entry applies to a Python code directory").into());
         }
         let mut magic = [0u8; 4];
         let is_wasm = std::fs::File::open(path)
@@ -280,8 +280,8 @@ fn publish(
             .is_ok()
             && magic == *b"\0asm";
         if !is_wasm {
-            return Err(Exit::usage(format!(
-                "error: {} is not a WebAssembly file (component or module)",
+            return Err(Error::usage(format!(
+                "{} is not a WebAssembly file (component or module)",
                 path.display()
             ))
             .into());
@@ -294,8 +294,7 @@ fn publish(
         let i = store.ingest(path, Mode::Copy)?;
         (i.digest, i.size)
     } else {
-        let d = crate::run::snapshot_code_dir(store, path)
-            .map_err(|e| Exit::usage(format!("error: {e}")))?;
+        let d = crate::run::snapshot_code_dir(store, path).map_err(Error::usage)?;
         let size = store.db().read().artifact(&d)?.map_or(0, |(s, _)| s);
         (d, size)
     };
@@ -328,8 +327,8 @@ fn publish(
         if let Some(r) = recorded.iter().find(|r| r.version == m.version)
             && (r.kind != m.kind || r.entry != m.entry)
         {
-            return Err(Exit::usage(format!(
-                "error: {} is already published with this content but as {} (entry {}); versions are immutable, publish a new version",
+            return Err(Error::usage(format!(
+                "{} is already published with this content but as {} (entry {}); versions are immutable, publish a new version",
                 m.id(),
                 r.kind,
                 r.entry.as_deref().unwrap_or("-")
@@ -346,8 +345,8 @@ fn publish(
             }
             Ok(0)
         }
-        Some(d) => Err(Exit::usage(format!(
-            "error: {} is already published with other content: registry {d}, this {}; versions are immutable, publish a new version",
+        Some(d) => Err(Error::usage(format!(
+            "{} is already published with other content: registry {d}, this {}; versions are immutable, publish a new version",
             m.id(),
             m.digest
         ))
@@ -369,7 +368,7 @@ fn list(store: &Store, name: Option<&str>, json: bool) -> anyhow::Result<i32> {
     if let Some(n) = name
         && versions.is_empty()
     {
-        return Err(Exit::usage(format!("error: unknown module `{n}`")).into());
+        return Err(Error::usage(format!("unknown module `{n}`")).into());
     }
     let index = ModuleIndex::new(versions.clone(), defaults.clone(), None);
     if json {
@@ -501,7 +500,7 @@ fn show(store: &Store, spec: &str, args: &PipelinesArgs, json: bool) -> anyhow::
         None => {
             let v = store.db().read().module_versions(Some(spec))?;
             if v.is_empty() {
-                return Err(Exit::usage(format!("error: unknown module `{spec}`")).into());
+                return Err(Error::usage(format!("unknown module `{spec}`")).into());
             }
             v
         }
@@ -626,7 +625,7 @@ fn export_in(store: &Store, m: &ModuleVersion, tmp: &Path, output: &Path) -> any
     let part = output.with_extension("part");
     {
         let f = std::fs::File::create(&part)
-            .map_err(|e| Exit::usage(format!("error: cannot write {}: {e}", output.display())))?;
+            .map_err(|e| Error::usage(format!("cannot write {}: {e}", output.display())))?;
         let mut tar = tar::Builder::new(f);
         tar.mode(tar::HeaderMode::Deterministic);
         tar.append_path_with_name(tmp.join(META), META)?;
@@ -634,7 +633,7 @@ fn export_in(store: &Store, m: &ModuleVersion, tmp: &Path, output: &Path) -> any
         tar.into_inner()?.sync_all()?;
     }
     std::fs::rename(&part, output)
-        .map_err(|e| Exit::usage(format!("error: cannot write {}: {e}", output.display())))?;
+        .map_err(|e| Error::usage(format!("cannot write {}: {e}", output.display())))?;
     println!("exported {} to {}", m.id(), output.display());
     Ok(0)
 }
@@ -669,13 +668,13 @@ fn import(store: &Store, file: &Path, json: bool) -> anyhow::Result<i32> {
     let tmp = tempdir_in(store)?;
     let result = (|| -> anyhow::Result<i32> {
         let f = std::fs::File::open(file)
-            .map_err(|e| Exit::usage(format!("error: cannot read {}: {e}", file.display())))?;
+            .map_err(|e| Error::usage(format!("cannot read {}: {e}", file.display())))?;
         if !std::fs::metadata(file).is_ok_and(|m| m.is_file()) {
-            return Err(Exit::usage(format!("error: {} is not a file", file.display())).into());
+            return Err(Error::usage(format!("{} is not a file", file.display())).into());
         }
         let not_archive = |e: std::io::Error| {
-            Exit::config(format!(
-                "error: {} is not a module archive (from `millrace module export`): {e}",
+            Error::config(format!(
+                "{} is not a module archive (from `millrace module export`): {e}",
                 file.display()
             ))
         };
@@ -693,8 +692,8 @@ fn import(store: &Store, file: &Path, json: bool) -> anyhow::Result<i32> {
                     .path()
                     .map(|p| p.display().to_string())
                     .unwrap_or_default();
-                return Err(Exit::config(format!(
-                    "error: {}: the archive entry `{}` is a {}; a module archive holds only regular files and directories; nothing was imported",
+                return Err(Error::config(format!(
+                    "{}: the archive entry `{}` is a {}; a module archive holds only regular files and directories; nothing was imported",
                     file.display(),
                     what.escape_debug(),
                     entry_kind(kind)
@@ -708,8 +707,8 @@ fn import(store: &Store, file: &Path, json: bool) -> anyhow::Result<i32> {
             if depth > crate::store::walk::max_depth() + 2
                 || entries > crate::store::walk::max_entries()
             {
-                return Err(Exit::config(format!(
-                    "error: {}: the archive nests deeper than {} levels or holds more than {} entries (MILLRACE_MAX_DEPTH, MILLRACE_MAX_ENTRIES); nothing was imported",
+                return Err(Error::config(format!(
+                    "{}: the archive nests deeper than {} levels or holds more than {} entries (MILLRACE_MAX_DEPTH, MILLRACE_MAX_ENTRIES); nothing was imported",
                     file.display(),
                     crate::store::walk::max_depth(),
                     crate::store::walk::max_entries()
@@ -718,8 +717,8 @@ fn import(store: &Store, file: &Path, json: bool) -> anyhow::Result<i32> {
             }
             // unpack_in refuses paths that escape the directory.
             if !entry.unpack_in(&tmp).map_err(not_archive)? {
-                return Err(Exit::config(format!(
-                    "error: {}: the archive holds a path outside its root",
+                return Err(Error::config(format!(
+                    "{}: the archive holds a path outside its root",
                     file.display()
                 ))
                 .into());
@@ -727,12 +726,12 @@ fn import(store: &Store, file: &Path, json: bool) -> anyhow::Result<i32> {
         }
         let meta: serde_json::Value =
             serde_json::from_slice(&std::fs::read(tmp.join(META)).map_err(|_| {
-                Exit::config(format!(
-                    "error: {} is not a module archive (no {META})",
+                Error::config(format!(
+                    "{} is not a module archive (no {META})",
                     file.display()
                 ))
             })?)
-            .map_err(|e| Exit::config(format!("error: {}: bad {META}: {e}", file.display())))?;
+            .map_err(|e| Error::config(format!("{}: bad {META}: {e}", file.display())))?;
         let field = |k: &str| meta[k].as_str().map(str::to_string);
         let (Some(name), Some(version), Some(kind), Some(digest)) = (
             field("name"),
@@ -740,8 +739,8 @@ fn import(store: &Store, file: &Path, json: bool) -> anyhow::Result<i32> {
             field("kind"),
             field("digest"),
         ) else {
-            return Err(Exit::config(format!(
-                "error: {}: {META} lacks name, version, kind or digest",
+            return Err(Error::config(format!(
+                "{}: {META} lacks name, version, kind or digest",
                 file.display()
             ))
             .into());
@@ -754,8 +753,8 @@ fn import(store: &Store, file: &Path, json: bool) -> anyhow::Result<i32> {
             match files.as_slice() {
                 [one] => one.clone(),
                 _ => {
-                    return Err(Exit::config(format!(
-                        "error: {}: a wasm module archive holds exactly one file under code/",
+                    return Err(Error::config(format!(
+                        "{}: a wasm module archive holds exactly one file under code/",
                         file.display()
                     ))
                     .into());
@@ -777,8 +776,8 @@ fn import(store: &Store, file: &Path, json: bool) -> anyhow::Result<i32> {
             hashed.digest
         };
         if actual != digest {
-            return Err(Exit::config(format!(
-                "error: {}: the code does not match its digest (archive says {digest}, content is {actual}): the archive was altered or damaged; nothing was imported",
+            return Err(Error::config(format!(
+                "{}: the code does not match its digest (archive says {digest}, content is {actual}): the archive was altered or damaged; nothing was imported",
                 file.display()
             ))
             .into());
