@@ -26,6 +26,8 @@
 //!   queues runs under each pipeline's concurrency, recovers after a crash, and
 //!   serves the REST API with its OpenAPI document and the web UI ([`daemon::api`])
 //!   and Prometheus metrics ([`daemon::metrics`]).
+//! - [`view`]: what readers are shown: one [`view::RunView`] for the API,
+//!   `runs show --json` and the UI, with the OpenAPI schemas.
 //! - [`cli`]: the `millrace` command line over all of the above.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
@@ -43,3 +45,4 @@ pub mod planner;
 pub mod run;
 pub mod store;
 pub mod trigger;
+pub mod view;

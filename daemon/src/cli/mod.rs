@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 use crate::config::Config;
 use crate::definition::{self, Pipeline};
 use crate::diagnostic::{Report, display_path};
-use crate::graph::{Graph, GraphFormat};
+use crate::graph::Graph;
 use crate::model::{Placement, RunStatus, StepStatus};
 use crate::planner::{Decision, short};
 use crate::run::{Datastores, Engine, Event, RunError, RunRequest, RunSummary};
@@ -21,6 +21,7 @@ use crate::store::Store;
 use crate::store::db::now_ms;
 
 mod error;
+mod graph;
 mod module;
 mod service;
 
@@ -85,7 +86,7 @@ enum Command {
     Graph {
         pipeline: PathBuf,
         #[arg(long, value_enum, default_value = "text")]
-        format: GraphFormat,
+        format: graph::GraphFormat,
     },
     /// Show which steps would run or be reused, and why, without running anything.
     Plan {
@@ -327,7 +328,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         } => service::schedule(config.as_deref(), &paths, simulate.as_deref(), count, json),
         Command::Graph { pipeline, format } => {
             let (p, _) = load(&pipeline, &cli.state)?;
-            print!("{}", Graph::new(&p).render(&p, format));
+            print!("{}", graph::render(&Graph::new(&p), &p, format));
             Ok(0)
         }
         Command::Run {
@@ -515,7 +516,7 @@ fn load(path: &Path, state: &Path) -> anyhow::Result<(Pipeline, String)> {
 }
 
 fn load_in(path: &Path, env: &definition::Environment) -> anyhow::Result<(Pipeline, String)> {
-    let (pipeline, report) = definition::load(path, env)
+    let (pipeline, report) = crate::graph::load(path, env)
         .map_err(|e| Error::config(format!("cannot read {}: {e}", path.display())))?;
     match pipeline {
         Some(p) => {
@@ -580,7 +581,7 @@ fn validate_with(
     let mut bad = 0;
     let mut out = Vec::new();
     for f in &files {
-        match definition::load(f, env) {
+        match crate::graph::load(f, env) {
             Err(e) => {
                 bad += 1;
                 if json {
@@ -797,17 +798,19 @@ fn duration(start: Option<i64>, end: Option<i64>) -> String {
     }
 }
 
-/// A run still marked running whose process is gone was interrupted.
+/// What a reader is told of a run's status ([`RunStatus::shown`]).
 fn shown_status(store: &Store, id: i64, status: RunStatus) -> RunStatus {
-    if status == RunStatus::Running && !crate::run::RunLock::is_held(store, id) {
-        RunStatus::Interrupted
-    } else {
-        status
-    }
+    status.shown(|| crate::run::RunLock::is_held(store, id))
 }
 
 fn runs_list(store: &Store, pipeline: Option<&str>, limit: i64, json: bool) -> anyhow::Result<i32> {
-    let mut runs = store.db().read().runs(pipeline, limit)?;
+    let mut runs: Vec<crate::view::RunRecord> = store
+        .db()
+        .read()
+        .runs(pipeline, limit)?
+        .into_iter()
+        .map(Into::into)
+        .collect();
     for r in &mut runs {
         r.status = shown_status(store, r.id, r.status);
     }
@@ -839,38 +842,13 @@ fn runs_list(store: &Store, pipeline: Option<&str>, limit: i64, json: bool) -> a
 
 fn runs_show(store: &Store, run: &str, json: bool) -> anyhow::Result<i32> {
     let id = run_id(store, run)?;
-    let db = store.db();
-    let mut r = db.read().run(id)?.context("run vanished")?;
-    r.status = shown_status(store, id, r.status);
-    let steps = db.read().steps(id)?;
-    let inputs = db.read().run_inputs(id)?;
+    let mut v = crate::view::RunView::load(store, id)?.context("run vanished")?;
+    v.run.status = shown_status(store, id, v.run.status);
     if json {
-        let steps: Vec<_> = steps
-            .iter()
-            .map(|s| {
-                let outputs = db.read().step_outputs(id, &s.name).unwrap_or_default();
-                let step_inputs = db.read().step_inputs(id, &s.name).unwrap_or_default();
-                let attempts = db.read().attempts(id, &s.name).unwrap_or_default();
-                serde_json::json!({
-                    "step": s,
-                    "inputs": step_inputs.iter().map(|(m, r, a)| serde_json::json!({"mount": m, "reference": r, "artifact": a})).collect::<Vec<_>>(),
-                    "outputs": outputs.iter().map(|(o, a)| serde_json::json!({"output": o, "artifact": a})).collect::<Vec<_>>(),
-                    "attempts": attempts,
-                })
-            })
-            .collect();
-        let inputs: Vec<_> = inputs
-            .iter()
-            .map(|(n, p, a)| serde_json::json!({"name": n, "path": p, "artifact": a}))
-            .collect();
-        println!(
-            "{}",
-            serde_json::to_string_pretty(
-                &serde_json::json!({"run": r, "inputs": inputs, "steps": steps})
-            )?
-        );
+        println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(0);
     }
+    let r = &v.run;
     println!("run {}  {}  {}", r.id, r.pipeline, r.status);
     println!("  experiment  {}", r.experiment);
     println!("  definition  {}", short(&r.definition));
@@ -890,19 +868,19 @@ fn runs_show(store: &Store, run: &str, json: bool) -> anyhow::Result<i32> {
     for w in &r.warnings {
         println!("  warning     {w}");
     }
-    for (n, p, a) in &inputs {
-        println!("  input {n}  {}  {}", short(a), p);
+    for i in &v.inputs {
+        println!("  input {}  {}  {}", i.name, short(&i.artifact), i.path);
     }
     println!();
-    let width = steps.iter().map(|s| s.name.len()).max().unwrap_or(4);
-    for s in &steps {
+    let width = v.steps.iter().map(|s| s.name.len()).max().unwrap_or(4);
+    for s in &v.steps {
         let extra = match (s.reused_from, &s.error) {
             (Some(from), _) => format!("from run {from}"),
             (None, Some(e)) => e.clone(),
             _ => String::new(),
         };
-        let attempts = if s.attempts > 1 {
-            format!("  {} attempts", s.attempts)
+        let attempts = if s.attempts.len() > 1 {
+            format!("  {} attempts", s.attempts.len())
         } else {
             String::new()
         };
@@ -921,13 +899,7 @@ fn runs_show(store: &Store, run: &str, json: bool) -> anyhow::Result<i32> {
                 .unwrap_or_default();
             println!("  {:width$}    module {m}{digest}", "");
         }
-        let placement = db
-            .read()
-            .attempts(id, &s.name)?
-            .into_iter()
-            .rev()
-            .find_map(|a| a.placement);
-        match &placement {
+        match &s.placement {
             Some(Placement::Slurm(p)) => println!(
                 "  {:width$}    slurm job {} on {}  (compute {})",
                 "",
@@ -945,8 +917,8 @@ fn runs_show(store: &Store, run: &str, json: bool) -> anyhow::Result<i32> {
             ),
             None => {}
         }
-        for (o, a) in db.read().step_outputs(id, &s.name)? {
-            println!("  {:width$}    → {o} {}", "", short(&a));
+        for o in &s.outputs {
+            println!("  {:width$}    → {} {}", "", o.output, short(&o.artifact));
         }
     }
     Ok(0)
@@ -1229,77 +1201,19 @@ fn output_cmd(store: &Store, run: &str, output: &str, dir: Option<&Path>) -> any
 }
 
 fn gc(store: &Store, keep: i64, json: bool) -> anyhow::Result<i32> {
-    if keep < 1 {
-        return Err(Error::usage("--keep must be at least 1").into());
-    }
-    // A run in progress may have moved blobs into the store that no row names yet:
-    // every run, import and publish holds the store lock shared while it writes.
-    let Some(_exclusive) = store.try_lock_exclusive()? else {
-        return Err(Error::usage(
-            "a run, module import or publish is in progress; run gc when none is",
-        )
-        .into());
-    };
-    let active: Vec<i64> = store
-        .db()
-        .read()
-        .runs(None, i64::MAX)?
-        .into_iter()
-        .filter(|r| r.status == RunStatus::Running && crate::run::RunLock::is_held(store, r.id))
-        .map(|r| r.id)
-        .collect();
-    if let Some(id) = active.first() {
-        return Err(Error::usage(format!("run {id} is in progress; run gc when no run is")).into());
-    }
-    let deleted = {
-        let mut db = store.db();
-        let keep_ids = db.read().runs_to_keep(keep)?;
-        db.batch(|b| b.delete_runs_except(&keep_ids))?
-    };
-    // Logs and locks of deleted runs, sandboxes left by killed processes. A run that
-    // starts meanwhile exists in the database and holds its lock before it creates
-    // any of these, so it is left alone.
-    for (dir, only_deleted) in [("logs", true), ("locks", true), ("work", false)] {
-        let Ok(entries) = std::fs::read_dir(store.root.join(dir)) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let Ok(id) = name
-                .trim_start_matches("run-")
-                .trim_end_matches(".lock")
-                .parse::<i64>()
-            else {
-                continue;
-            };
-            let exists = store.db().read().run(id)?.is_some();
-            let remove = !exists || (!only_deleted && !crate::run::RunLock::is_held(store, id));
-            if remove {
-                // A sandbox holds what a guest left: any depth, no recursion.
-                let _ = crate::store::walk::remove_tree(&e.path());
-            }
-        }
-    }
-    // Staging files of ingestions and module imports that never finished: with the
-    // store lock held exclusively, nothing is writing there now.
-    if let Ok(entries) = std::fs::read_dir(store.root.join("objects/tmp")) {
-        for e in entries.flatten() {
-            let _ = crate::store::walk::remove_tree(&e.path());
-        }
-    }
-    let mut blobs = std::collections::HashSet::new();
-    let mut trees = std::collections::HashSet::new();
-    for a in store.db().read().all_artifacts()? {
-        store.artifacts.reachable(&a, &mut blobs, &mut trees);
-    }
-    let (files, bytes) = store.artifacts.sweep(&blobs, &trees)?;
+    use crate::store::gc::{self, GcError};
+    let held = |id| crate::run::RunLock::is_held(store, id);
+    let c = gc::collect(store, keep, &held).map_err(|e| match e {
+        GcError::Refused(m) => Error::usage(m).into(),
+        other => anyhow::Error::new(other),
+    })?;
     if json {
-        println!(
-            "{}",
-            serde_json::json!({"runs_deleted": deleted, "objects_deleted": files, "bytes_freed": bytes})
-        );
+        println!("{}", serde_json::to_string(&c)?);
     } else {
-        println!("deleted {deleted} runs and {files} objects ({bytes} bytes)");
+        println!(
+            "deleted {} runs and {} objects ({} bytes)",
+            c.runs_deleted, c.objects_deleted, c.bytes_freed
+        );
     }
     Ok(0)
 }

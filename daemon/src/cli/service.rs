@@ -352,7 +352,7 @@ pub fn status(c: &Connect, state: &Path, json: bool) -> anyhow::Result<i32> {
             if s["status"].as_str().and_then(|s| s.parse().ok()) != Some(StepStatus::Running) {
                 continue;
             }
-            let placement = s["attempts_detail"]
+            let placement = s["attempts"]
                 .as_array()
                 .and_then(|a| a.last())
                 .and_then(|a| Placement::deserialize(&a["placement"]).ok());
@@ -435,7 +435,7 @@ pub fn schedule(
     let mut out = Vec::new();
     let mut bad = false;
     for f in &files {
-        let (p, report) = definition::load(f, &env)
+        let (p, report) = crate::graph::load(f, &env)
             .map_err(|e| Error::config(format!("cannot read {}: {e}", f.display())))?;
         let Some(p) = p else {
             eprint!("{report}");

@@ -25,6 +25,9 @@ use crate::definition::{Catchup, Overlap, Pipeline, TriggerKind};
 use crate::diagnostic::display_path;
 use crate::model::{AttemptStatus, RunStatus, StepStatus};
 use crate::run::RunRequest;
+use crate::view::{
+    AttemptView, Metric, RunInput, RunRecord, RunView, StepInput, StepOutput, StepView, Why,
+};
 
 /// The error shape of every failed call.
 #[derive(serde::Serialize, utoipa::ToSchema)]
@@ -50,7 +53,7 @@ pub enum ParamScalar {
 
 #[derive(serde::Serialize, utoipa::ToSchema)]
 pub struct RunsPage {
-    runs: Vec<crate::store::db::RunRow>,
+    runs: Vec<RunRecord>,
     /// `before` for the next page; null on the last one.
     next: Option<i64>,
 }
@@ -70,7 +73,7 @@ pub struct Cancelling {
 #[derive(serde::Serialize, utoipa::ToSchema)]
 pub struct RunMetrics {
     run: i64,
-    metrics: Vec<crate::store::db::MetricRow>,
+    metrics: Vec<Metric>,
 }
 
 #[derive(utoipa::OpenApi)]
@@ -78,7 +81,7 @@ pub struct RunMetrics {
     info(title = "millrace", description = "The millrace daemon's REST API"),
     paths(healthz, status, pipelines, pipeline, create_run, runs, run, run_metrics, step_log, cancel, modules, prometheus),
     components(schemas(ErrorBody, ErrorDetail, RunStatus, StepStatus, AttemptStatus, ParamScalar, RunsPage, Queued, Cancelling, RunMetrics, CreateRun,
-        crate::store::db::RunRow, crate::store::db::StepRow, crate::store::db::AttemptRow, crate::store::db::MetricRow)),
+        RunRecord, RunView, RunInput, StepView, StepInput, StepOutput, AttemptView, Why, Metric)),
     modifiers(&Bearer)
 )]
 pub struct ApiDoc;
@@ -943,7 +946,11 @@ async fn runs(
     let next = (rows.len() as i64 == limit)
         .then(|| rows.last().map(|r| r.id))
         .flatten();
-    Ok(Json(json!({ "runs": rows, "next": next })).into_response())
+    let page = RunsPage {
+        runs: rows.into_iter().map(RunRecord::from).collect(),
+        next,
+    };
+    Ok(Json(page).into_response())
 }
 
 fn run_id(id: &str) -> Result<i64, ApiError> {
@@ -955,62 +962,19 @@ fn run_id(id: &str) -> Result<i64, ApiError> {
     })
 }
 
-/// A run with its inputs and, per step: status, timing, attempts, module version,
-/// reuse source, why it ran or was reused, inputs and outputs with digests.
+/// A run with its inputs and, per step: status, timing, attempts and where they
+/// ran, module version, reuse source, why it ran or was reused, inputs and outputs
+/// with digests: the [`RunView`] that `millrace runs show --json` prints too.
 #[utoipa::path(get, path = "/api/v1/runs/{id}", tag = "runs",
     params(("id" = i64, Path, description = "Run id")),
-    responses((status = 200, description = "The run, its inputs, and per step: status, timing, attempts, module, reuse source, explain, inputs and outputs with digests", body = Object),
+    responses((status = 200, description = "The run, its inputs, and per step: status, timing, attempts, placement, module, reuse source, explain, inputs and outputs with digests", body = RunView),
         (status = 404, description = "No such run", body = ErrorBody)))]
 async fn run(State(d): State<Arc<Daemon>>, Path(id): Path<String>) -> ApiResult {
     let id = run_id(&id)?;
-    let store = d.store();
-    let r = store.db().read().run(id).map_err(ApiError::internal)?;
-    let Some(r) = r else {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no run {id}")));
-    };
-    let steps = store.db().read().steps(id).map_err(ApiError::internal)?;
-    let inputs = store
-        .db()
-        .read()
-        .run_inputs(id)
-        .map_err(ApiError::internal)?;
-    let mut detail = Vec::with_capacity(steps.len());
-    for s in &steps {
-        let (attempts, outputs, step_inputs) = {
-            let db = store.db();
-            (
-                db.read()
-                    .attempts(id, &s.name)
-                    .map_err(ApiError::internal)?,
-                db.read()
-                    .step_outputs(id, &s.name)
-                    .map_err(ApiError::internal)?,
-                db.read()
-                    .step_inputs(id, &s.name)
-                    .map_err(ApiError::internal)?,
-            )
-        };
-        let explain = crate::planner::explain(store, &r, s).ok();
-        let mut v = serde_json::to_value(s).map_err(ApiError::internal)?;
-        v["attempts_detail"] = serde_json::to_value(&attempts).map_err(ApiError::internal)?;
-        v["outputs"] = outputs
-            .iter()
-            .map(|(o, a)| json!({ "output": o, "artifact": a }))
-            .collect();
-        v["inputs"] = step_inputs
-            .iter()
-            .map(|(m, rf, a)| json!({ "mount": m, "reference": rf, "artifact": a }))
-            .collect();
-        v["explain"] = serde_json::to_value(&explain).map_err(ApiError::internal)?;
-        detail.push(v);
+    match RunView::load(d.store(), id).map_err(ApiError::internal)? {
+        Some(view) => Ok(Json(view).into_response()),
+        None => Err(ApiError::new(StatusCode::NOT_FOUND, format!("no run {id}"))),
     }
-    let mut v = serde_json::to_value(&r).map_err(ApiError::internal)?;
-    v["inputs"] = inputs
-        .iter()
-        .map(|(n, p, a)| json!({ "name": n, "path": p, "artifact": a }))
-        .collect();
-    v["steps"] = Value::Array(detail);
-    Ok(Json(v).into_response())
 }
 
 /// A run's metrics: `{"metrics": [{step, name, value, step_index}]}`.
@@ -1024,8 +988,12 @@ async fn run_metrics(State(d): State<Arc<Daemon>>, Path(id): Path<String>) -> Ap
     if db.read().run(id).map_err(ApiError::internal)?.is_none() {
         return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no run {id}")));
     }
-    let m = db.read().metrics(id).map_err(ApiError::internal)?;
-    Ok(Json(json!({ "run": id, "metrics": m })).into_response())
+    let metrics = db.read().metrics(id).map_err(ApiError::internal)?;
+    let body = RunMetrics {
+        run: id,
+        metrics: metrics.into_iter().map(Metric::from).collect(),
+    };
+    Ok(Json(body).into_response())
 }
 
 #[derive(serde::Deserialize)]

@@ -13,8 +13,10 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
 use crate::model::{AttemptStatus, Placement, RunStatus, StepStatus};
-use crate::module::ModuleVersion;
 use crate::store::artifacts::FileStat;
+
+mod modules;
+pub use modules::ModuleVersion;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -280,17 +282,15 @@ pub struct Db {
     conn: Connection,
 }
 
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize)]
 pub struct RunRow {
     pub id: i64,
     pub pipeline: String,
     pub experiment: String,
     pub definition: String,
-    #[schema(value_type = Object)]
     pub params: serde_json::Value,
     pub trigger: String,
     /// What fired the run: changed paths, the scheduled instant, a missed interval.
-    #[schema(value_type = Option<Object>)]
     pub trigger_detail: Option<serde_json::Value>,
     pub no_reuse: bool,
     pub status: RunStatus,
@@ -304,7 +304,7 @@ pub struct RunRow {
     pub error: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize)]
 pub struct StepRow {
     pub run_id: i64,
     pub name: String,
@@ -312,7 +312,6 @@ pub struct StepRow {
     pub runtime: String,
     pub status: StepStatus,
     pub cache_key: Option<String>,
-    #[schema(value_type = Option<Object>)]
     pub key_parts: Option<serde_json::Value>,
     pub reused_from: Option<i64>,
     pub attempts: i64,
@@ -323,7 +322,7 @@ pub struct StepRow {
     pub module: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize)]
 pub struct AttemptRow {
     pub attempt: i64,
     pub status: AttemptStatus,
@@ -336,11 +335,10 @@ pub struct AttemptRow {
     /// `{"kind":"container","engine":…,"container":…,"image":…,"image_id":…}` or
     /// `{"kind":"slurm","compute":…,"staging":…,"job_name":…,"job_id":…,"node":…}`;
     /// absent for the in-process runtimes.
-    #[schema(value_type = Option<Object>)]
     pub placement: Option<Placement>,
 }
 
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize)]
 pub struct MetricRow {
     pub step: String,
     pub name: String,
@@ -1280,148 +1278,6 @@ impl Batch<'_> {
             [],
         )?;
         Ok(n)
-    }
-
-    /// Published versions (of one module, or all).
-    pub fn module_versions(&self, name: Option<&str>) -> Result<Vec<ModuleVersion>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT name, version, kind, digest, artifact, size, entry, description, status, message, published_at
-             FROM modules WHERE (?1 IS NULL OR name = ?1) ORDER BY name, published_at",
-        )?;
-        let rows = stmt
-            .query_map([name], |r| {
-                Ok(ModuleVersion {
-                    name: r.get(0)?,
-                    version: r.get(1)?,
-                    kind: r.get(2)?,
-                    digest: r.get(3)?,
-                    artifact: r.get(4)?,
-                    size: r.get::<_, i64>(5)? as u64,
-                    entry: r.get(6)?,
-                    description: r.get(7)?,
-                    status: r.get(8)?,
-                    message: r.get(9)?,
-                    published_at: r.get(10)?,
-                })
-            })?
-            .collect::<rusqlite::Result<_>>()?;
-        Ok(rows)
-    }
-
-    pub fn module_defaults(&self) -> Result<std::collections::BTreeMap<String, String>> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT name, version FROM module_defaults")?;
-        let rows = stmt
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-            .collect::<rusqlite::Result<_>>()?;
-        Ok(rows)
-    }
-
-    /// Records a new version. Returns the digest already recorded under this name
-    /// and version, if any (then nothing is written). One INSERT decides, so two
-    /// processes publishing the same version leave one record.
-    pub fn publish_module(&self, m: &ModuleVersion) -> Result<Option<String>> {
-        let inserted = self.conn.execute(
-            "INSERT OR IGNORE INTO modules (name, version, kind, digest, artifact, size, entry, description, status, published_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'active', ?9)",
-            params![
-                m.name,
-                m.version,
-                m.kind,
-                m.digest,
-                m.artifact,
-                m.size as i64,
-                m.entry,
-                m.description,
-                m.published_at
-            ],
-        )?;
-        if inserted == 0 {
-            return Ok(Some(self.conn.query_row(
-                "SELECT digest FROM modules WHERE name = ?1 AND version = ?2",
-                params![m.name, m.version],
-                |r| r.get(0),
-            )?));
-        }
-        self.module_event(&m.name, &m.version, "published", None)?;
-        Ok(None)
-    }
-
-    pub fn set_module_status(
-        &self,
-        name: &str,
-        version: &str,
-        status: &str,
-        message: Option<&str>,
-    ) -> Result<()> {
-        self.conn.execute(
-            "UPDATE modules SET status = ?3, message = ?4 WHERE name = ?1 AND version = ?2",
-            params![name, version, status, message],
-        )?;
-        let event = match status {
-            "active" => "enabled",
-            other => other,
-        };
-        self.module_event(name, version, event, message)
-    }
-
-    pub fn set_module_default(&self, name: &str, version: &str) -> Result<()> {
-        self.conn.execute(
-            "INSERT INTO module_defaults (name, version, set_at) VALUES (?1, ?2, ?3)
-             ON CONFLICT (name) DO UPDATE SET version = excluded.version, set_at = excluded.set_at",
-            params![name, version, now_ms()],
-        )?;
-        self.module_event(name, version, "made default", None)
-    }
-
-    fn module_event(
-        &self,
-        name: &str,
-        version: &str,
-        event: &str,
-        message: Option<&str>,
-    ) -> Result<()> {
-        self.conn.execute(
-            "INSERT INTO module_events (name, version, event, message, at) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![name, version, event, message, now_ms()],
-        )?;
-        Ok(())
-    }
-
-    /// A version's history: (event, message, at), oldest first.
-    pub fn module_events(
-        &self,
-        name: &str,
-        version: &str,
-    ) -> Result<Vec<(String, Option<String>, i64)>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT event, message, at FROM module_events WHERE name = ?1 AND version = ?2 ORDER BY rowid",
-        )?;
-        let rows = stmt
-            .query_map(params![name, version], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })?
-            .collect::<rusqlite::Result<_>>()?;
-        Ok(rows)
-    }
-
-    /// The latest step executions of `name@version`: (run, pipeline, step, status).
-    pub fn module_uses(
-        &self,
-        id: &str,
-        limit: i64,
-    ) -> Result<Vec<(i64, String, String, StepStatus)>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT s.run_id, r.pipeline, s.name, s.status FROM steps s JOIN runs r ON r.id = s.run_id
-             WHERE s.module = ?1 ORDER BY s.run_id DESC LIMIT ?2",
-        )?;
-        let rows = stmt
-            .query_map(params![id, limit], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-            })?
-            .collect::<rusqlite::Result<_>>()?;
-        Ok(rows)
     }
 
     pub fn all_artifacts(&self) -> Result<Vec<String>> {
