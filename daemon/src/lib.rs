@@ -11,8 +11,10 @@
 //! - [`config`]: the daemon config (pipelines directory, state, API, datastores,
 //!   compute targets: local, container engines, Slurm clusters).
 //! - [`definition`]: a pipeline file → [`definition::Pipeline`], every mistake reported.
-//! - [`graph`]: references and cycles checked; the DAG of steps; text/dot/mermaid.
-//! - [`module`]: the versioned module registry; `module = "name@^1.2"` resolution.
+//! - [`graph`]: references and cycles checked; the DAG of steps; [`graph::load`]
+//!   reads a pipeline file completely (the walk, then these checks).
+//! - [`module`]: the versioned module registry; `module = "name@^1.2"` resolution;
+//!   the registry's rules (publish, deprecate, disable, enable, default).
 //! - [`trigger`]: cron schedules (DST-aware) and watched globs.
 //! - [`planner`]: cache keys over code, inputs, params, args and env; reuse decisions.
 //! - [`executor`]: what runs a step: [`executor::wasm`] (wasmtime + WASI),
@@ -21,14 +23,15 @@
 //!   [`executor::transfer`] (copy into a datastore); and where:
 //!   [`executor::slurm`] (a wasm or Python step as a Slurm batch job).
 //! - [`run`]: one run's scheduler: parallel steps, retries, skips, resume.
-//! - [`store`]: SQLite records and the BLAKE3 artifact store.
+//! - [`store`]: SQLite records, the BLAKE3 artifact store, and `gc`.
 //! - [`daemon`]: the service: loads and hot-reloads pipelines, fires triggers,
 //!   queues runs under each pipeline's concurrency, recovers after a crash, and
 //!   serves the REST API with its OpenAPI document and the web UI ([`daemon::api`])
 //!   and Prometheus metrics ([`daemon::metrics`]).
 //! - [`view`]: what readers are shown: one [`view::RunView`] for the API,
 //!   `runs show --json` and the UI, with the OpenAPI schemas.
-//! - [`cli`]: the `millrace` command line over all of the above.
+//! - [`cli`]: the `millrace` command line over all of the above, by command group;
+//!   its exit codes in one place (`cli/error.rs`); graph drawing (`cli/graph.rs`).
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
