@@ -285,7 +285,11 @@ reuse = false
     let d = Daemon::start(&p);
     let r = d.wait_status(run, "succeeded");
     let s = &r["steps"][0];
-    assert_eq!(s["attempts"], 1, "not resubmitted: {r}");
+    assert_eq!(
+        s["attempts"].as_array().unwrap().len(),
+        1,
+        "not resubmitted: {r}"
+    );
     assert_eq!(
         s["attempts"][0]["placement"]["job_id"], id,
         "the same job: {r}"
