@@ -562,6 +562,36 @@ mod tests {
     }
 
     #[test]
+    fn publishing_needs_a_name_a_plain_semver_and_wasm_or_an_entry_script() {
+        let dir = tempfile::tempdir().unwrap();
+        let wasm = dir.path().join("a.wasm");
+        std::fs::write(&wasm, b"\0asm\x01\0\0\0").unwrap();
+        let code = dir.path().join("code");
+        std::fs::create_dir(&code).unwrap();
+        std::fs::write(code.join("main.py"), "print(1)\n").unwrap();
+        let refused = |path: &std::path::Path, name: &str, version: &str, entry: Option<&str>| {
+            match check_publish(path, name, version, entry.map(str::to_string)) {
+                Err(RegistryError::Refused(m)) => m,
+                other => panic!("{name}@{version}: {other:?}"),
+            }
+        };
+        let ok = check_publish(&wasm, "clean", "1.2.0", None).unwrap();
+        assert_eq!((ok.kind, ok.version.as_str()), (CodeKind::Wasm, "1.2.0"));
+        let py = check_publish(&code, "train", "0.1.0-rc.1", Some("main.py".into())).unwrap();
+        assert_eq!(
+            (py.kind, py.entry.as_deref()),
+            (CodeKind::Python, Some("main.py"))
+        );
+        assert!(refused(&wasm, "Clean", "1.0.0", None).contains("not a module name"));
+        assert!(refused(&wasm, "clean", "1.0", None).contains("not a semver version"));
+        assert!(refused(&wasm, "clean", "1.0.0+build", None).contains("build metadata"));
+        assert!(refused(&code, "train", "1.0.0", None).contains("needs --entry"));
+        assert!(refused(&code, "train", "1.0.0", Some("../main.py")).contains("no such .py"));
+        assert!(refused(&wasm, "clean", "1.0.0", Some("main.py")).contains("--entry applies"));
+        assert!(refused(&code.join("main.py"), "x", "1.0.0", None).contains("not a WebAssembly"));
+    }
+
+    #[test]
     fn every_spec_form_resolves_to_the_highest_usable_match() {
         let i = index(&[]);
         assert_eq!(pick(&i, "clean").unwrap(), "1.2.0", "highest active stable");

@@ -196,3 +196,44 @@ fn mermaid(g: &Graph, p: &Pipeline) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_three_drawings_show_the_same_edges() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("s.wasm"), b"\0asm").unwrap();
+        std::fs::write(dir.path().join("d.csv"), b"x\n").unwrap();
+        let text = "[inputs.data]\npath = \"d.csv\"\n\
+            [[step]]\nname = \"clean-up\"\nwasm = \"s.wasm\"\ninputs = { x = \"inputs.data\" }\noutputs = [\"out\"]\n\
+            [[step]]\nname = \"train\"\nwasm = \"s.wasm\"\ninputs = { x = \"clean-up.out\" }\n\
+            [[step]]\nname = \"report\"\nwasm = \"s.wasm\"\nafter = [\"train\"]\n";
+        let (p, report) =
+            crate::graph::parse(&dir.path().join("p.toml"), text.into(), &Default::default());
+        let p = p.unwrap_or_else(|| panic!("{report}"));
+        let g = Graph::new(&p);
+        let text = render(&g, &p, GraphFormat::Text);
+        assert!(text.starts_with("pipeline p (3 steps)\n"), "{text}");
+        assert!(
+            text.contains("train     wasm      ← x=clean-up.out"),
+            "{text}"
+        );
+        assert!(text.contains("report    wasm      ← after train"), "{text}");
+        let dot = render(&g, &p, GraphFormat::Dot);
+        assert!(dot.contains("\"inputs.data\" -> \"clean-up\";"), "{dot}");
+        assert!(
+            dot.contains("\"clean-up\" -> \"train\" [label=\"out\"];"),
+            "{dot}"
+        );
+        assert!(
+            dot.contains("\"train\" -> \"report\" [label=\"\"];"),
+            "{dot}"
+        );
+        let mermaid = render(&g, &p, GraphFormat::Mermaid);
+        assert!(mermaid.contains("in_data --> clean_up"), "{mermaid}");
+        assert!(mermaid.contains("clean_up -->|out| train"), "{mermaid}");
+        assert!(mermaid.contains("train --> report"), "{mermaid}");
+    }
+}
