@@ -11,13 +11,15 @@
 # Env: BENCH_SIZES="100 1000"  BENCH_REPS=3  BENCH_SHAPES="chain fanout"
 #      BENCH_RUN_ARGS=""  (extra `millrace run` args, e.g. "--max-parallel 4")
 #      BENCH_NO_BUILD=1   (skip the cargo / plugin builds)
+#      BENCH_BIN=PATH     (another millrace binary, e.g. a copy of the one before a change;
+#                          implies nothing about building: pair it with BENCH_NO_BUILD=1)
 #      BENCH_KEEP=1       (keep the temp dir with pipelines, state dirs and logs)
 #      TMPDIR             (where the pipelines and state dirs go; default /tmp)
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bench="$root/bench"
-bin="$root/target/release/millrace"
+bin="${BENCH_BIN:-$root/target/release/millrace}"
 wasm="$root/plugins/dist/copy.wasm"
 
 sizes="${BENCH_SIZES:-100 1000}"

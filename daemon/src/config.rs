@@ -424,6 +424,35 @@ fn config(w: &mut Walker, doc: &DeTable<'_>, path: &Path) -> Option<Config> {
     })
 }
 
+/// Where datastores are: from the daemon config, or for `millrace run` the
+/// pipeline's own directory as `default`. The engine and the planner (inputs,
+/// transfer destinations) read it.
+#[derive(Debug, Clone, Default)]
+pub struct Datastores {
+    pub paths: std::collections::HashMap<String, PathBuf>,
+}
+
+impl Datastores {
+    /// Where datastore `name` is: its configured path, else the pipeline's own
+    /// directory.
+    pub fn path(&self, name: &str, pipeline_dir: &Path) -> PathBuf {
+        match self.paths.get(name) {
+            Some(p) => p.clone(),
+            None => pipeline_dir.to_path_buf(),
+        }
+    }
+
+    pub fn environment(&self) -> Environment {
+        let mut env = Environment::default();
+        for k in self.paths.keys() {
+            if !env.datastores.contains(k) {
+                env.datastores.push(k.clone());
+            }
+        }
+        env
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

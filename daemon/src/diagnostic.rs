@@ -235,9 +235,12 @@ fn floor_char_boundary(s: &str, mut i: usize) -> usize {
     i
 }
 
-/// Paths are printed relative to the working directory when they are below it.
+/// Paths are printed relative to the working directory when they are below it,
+/// except under `/` (a service's working directory), where a relative path would
+/// only lose its leading slash.
 pub fn display_path(path: &Path) -> String {
     if let Ok(cwd) = std::env::current_dir()
+        && cwd.parent().is_some()
         && let Ok(rel) = path.strip_prefix(&cwd)
     {
         return rel.display().to_string();

@@ -16,20 +16,27 @@
 //! - [`module`]: the versioned module registry; `module = "name@^1.2"` resolution;
 //!   the registry's rules (publish, deprecate, disable, enable, default).
 //! - [`trigger`]: cron schedules (DST-aware) and watched globs.
-//! - [`planner`]: cache keys over code, inputs, params, args and env; reuse decisions.
+//! - [`planner`]: does a step run, under which key, and why: cache keys over code,
+//!   inputs, params, args and env ([`planner::key`], [`planner::code`],
+//!   [`planner::inputs`]), the one reuse decision ([`planner::Planner::decide`],
+//!   called by both `plan` and the run) and its explanation ([`planner::explain`]).
 //! - [`executor`]: what runs a step: [`executor::wasm`] (wasmtime + WASI),
 //!   [`executor::python`] (CPython on WASI, in the same sandbox),
 //!   [`executor::container`] (an OS image through the Docker Engine API),
 //!   [`executor::transfer`] (copy into a datastore); and where:
 //!   [`executor::slurm`] (a wasm or Python step as a Slurm batch job).
-//! - [`run`]: one run's scheduler: parallel steps, retries, skips, resume.
+//! - [`run`]: one run's scheduler: parallel steps (each decided by the planner),
+//!   retries, skips, resume.
 //! - [`store`]: SQLite records, the BLAKE3 artifact store, and `gc`.
-//! - [`daemon`]: the service: loads and hot-reloads pipelines, fires triggers,
-//!   queues runs under each pipeline's concurrency, recovers after a crash, and
-//!   serves the REST API with its OpenAPI document and the web UI ([`daemon::api`])
-//!   and Prometheus metrics ([`daemon::metrics`]).
 //! - [`view`]: what readers are shown: one [`view::RunView`] for the API,
 //!   `runs show --json` and the UI, with the OpenAPI schemas.
+//! - [`daemon`]: the service, one library function ([`daemon::serve`]: a config, a
+//!   bound listener, a stream of [`daemon::signal::Signal`]s): the pipeline
+//!   registry and its hot reload (`daemon/pipelines.rs`), cron, watch and `after`
+//!   triggers (`daemon/triggers.rs`), the run queue under each pipeline's
+//!   concurrency (`daemon/queue.rs`), crash recovery (`daemon/recover.rs`), the
+//!   process's signals ([`daemon::signal`]), the REST API with its OpenAPI document
+//!   and the web UI ([`daemon::api`]) and Prometheus metrics ([`daemon::metrics`]).
 //! - [`cli`]: the `millrace` command line over all of the above, by command group;
 //!   its exit codes in one place (`cli/error.rs`); graph drawing (`cli/graph.rs`).
 

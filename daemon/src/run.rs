@@ -1,19 +1,19 @@
 //! A run: the scheduler that walks one pipeline's graph. Steps start as soon as
-//! their inputs exist, up to `max_parallel_steps` at once; each is reused when its
-//! cache key matches an intact earlier execution, else executed with retries. A
-//! failed step skips its dependants while independent branches finish.
+//! their inputs exist, up to `max_parallel_steps` at once; each is reused or
+//! executed (with retries) as [`Planner::decide`] says. A failed step skips its
+//! dependants while independent branches finish.
 //!
 //! Everything is recorded as it happens, so a killed process leaves a run that
 //! `resume` can finish: completed steps keep their outputs, the rest run again.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::task::JoinSet;
 
-use crate::definition::{self, Environment, ParamValue, Pipeline, Reference, StepKind};
+use crate::definition::{self, Environment, ParamValue, Pipeline, StepKind};
 use crate::diagnostic::Report;
 use crate::executor::container::{self, ResolvedImage};
 use crate::executor::transfer;
@@ -23,7 +23,10 @@ use crate::graph::Graph;
 use crate::model::{
     AttemptStatus, ContainerPlacement, Placement, RunStatus, SlurmPlacement, StepStatus,
 };
-use crate::planner::{self, Decision, KeyParts, param_env_name};
+use crate::planner::code::{Memo, SNAPSHOTS, code_of, code_snapshot, file_digest};
+use crate::planner::{
+    self, Decision, InputMode, Known, PlanError, Planned, Planner, Reusable, param_env_name,
+};
 use crate::store::artifacts::Mode;
 use crate::store::db::NewRun;
 use crate::store::{Store, StoreError};
@@ -82,6 +85,15 @@ pub enum RunError {
     Wasm(#[from] crate::executor::wasm::WasmError),
 }
 
+impl From<PlanError> for RunError {
+    fn from(e: PlanError) -> RunError {
+        match e {
+            PlanError::Input { name, detail } => RunError::Input { name, detail },
+            PlanError::Db(e) => RunError::Db(e),
+        }
+    }
+}
+
 /// What a run or step reports as it goes.
 #[derive(Debug, Clone)]
 pub enum Event {
@@ -120,31 +132,7 @@ pub struct RunSummary {
 
 pub type EventSink = Arc<dyn Fn(&Event) + Send + Sync>;
 
-/// Where datastores and compute targets are: from the daemon config, or for
-/// `millrace run` the pipeline's own directory as `default`.
-#[derive(Debug, Clone, Default)]
-pub struct Datastores {
-    pub paths: HashMap<String, PathBuf>,
-}
-
-impl Datastores {
-    fn path(&self, name: &str, pipeline_dir: &Path) -> PathBuf {
-        match self.paths.get(name) {
-            Some(p) => p.clone(),
-            None => pipeline_dir.to_path_buf(),
-        }
-    }
-
-    pub fn environment(&self) -> Environment {
-        let mut env = Environment::default();
-        for k in self.paths.keys() {
-            if !env.datastores.contains(k) {
-                env.datastores.push(k.clone());
-            }
-        }
-        env
-    }
-}
+pub use crate::config::Datastores;
 
 /// The engine behind `millrace run`, `resume` and (later) the daemon.
 pub struct Engine {
@@ -569,7 +557,7 @@ impl Engine {
             .read()
             .set_run_status(run_id, RunStatus::Running, None)?;
         let graph = Graph::new(&p);
-        let earlier: HashMap<String, StepStatus> = {
+        let completed: HashSet<usize> = {
             let mut db = self.store.db();
             db.batch(|b| {
                 for (pos, &i) in graph.order.iter().enumerate() {
@@ -582,10 +570,20 @@ impl Engine {
                 }
                 Ok(())
             })?;
-            db.read()
+            // A resume keeps the steps that completed before it.
+            let earlier: HashMap<String, StepStatus> = db
+                .read()
                 .steps(run_id)?
                 .into_iter()
                 .map(|s| (s.name, s.status))
+                .collect();
+            (0..p.steps.len())
+                .filter(|&i| {
+                    matches!(
+                        earlier.get(p.steps[i].name.get_ref()),
+                        Some(StepStatus::Succeeded | StepStatus::Reused)
+                    )
+                })
                 .collect()
         };
         events(&Event::RunStarted {
@@ -595,9 +593,17 @@ impl Engine {
         });
 
         // Hashing (and on first sight copying) datasets is blocking work.
-        let inputs = match tokio::task::block_in_place(|| self.snapshot_inputs(run_id, &p)) {
+        let inputs = match tokio::task::block_in_place(|| {
+            planner::pipeline_inputs(
+                &self.store,
+                &self.datastores,
+                &p,
+                InputMode::Snapshot { run: run_id },
+            )
+        }) {
             Ok(i) => i,
             Err(e) => {
+                let e = RunError::from(e);
                 self.store.db().read().set_run_status(
                     run_id,
                     RunStatus::Failed,
@@ -606,7 +612,17 @@ impl Engine {
                 return Err(e);
             }
         };
-        let images = self.resolve_images(&p).await;
+        let images = Arc::new(self.resolve_images(&p).await);
+        let params: Arc<[(String, ParamValue)]> = params.into();
+        let planner = Planner::new(
+            self.store.clone(),
+            p.clone(),
+            params.clone(),
+            images.clone(),
+            self.datastores.clone(),
+            no_reuse,
+        )
+        .resuming(run_id, completed);
         let ctx = Arc::new(RunContext {
             engine: self.clone(),
             run_id,
@@ -614,8 +630,9 @@ impl Engine {
             params,
             events: events.clone(),
             semaphore: self.slots.clone(),
-            code_digests: Mutex::new(HashMap::new()),
+            code_digests: planner.memo(),
             images,
+            planner,
             adopting: Mutex::new(Default::default()),
             workspaces: WorkspacePool::new(self.store.work_dir(run_id)),
         });
@@ -623,7 +640,7 @@ impl Engine {
         let n = p.steps.len();
         let mut waiting: Vec<usize> = graph.deps.iter().map(Vec::len).collect();
         let mut status: Vec<Option<StepStatus>> = vec![None; n];
-        let mut outputs: HashMap<(usize, String), String> = HashMap::new();
+        let mut known = Known::new(inputs, n);
         let mut ready: VecDeque<usize> = graph
             .order
             .iter()
@@ -642,16 +659,14 @@ impl Engine {
                 ready.clear();
             }
             while let Some(i) = ready.pop_front() {
-                let step = &p.steps[i];
-                let name = step.name.get_ref().clone();
-                let step_inputs = match step_input_digests(&p, i, &inputs, &outputs) {
-                    Some(s) => s,
-                    None => continue, // upstream did not produce it: handled as skipped
-                };
-                let parts = match ctx.key_parts(i, step_inputs.clone()) {
-                    Ok(parts) => parts,
-                    Err(e) => {
-                        let detail = e.to_string();
+                let name = p.steps[i].name.get_ref().clone();
+                let (parts, reuse) = match ctx.planner.decide(i, &known)? {
+                    Decision::Reuse { key, from } => (key, Some(from)),
+                    Decision::Run { key, .. } => (key, None),
+                    // An upstream step did not produce what this one reads: handled
+                    // as skipped.
+                    Decision::Pending { .. } => continue,
+                    Decision::Unkeyed { error: detail } => {
                         self.store.db().read().finish_step(
                             run_id,
                             &name,
@@ -676,19 +691,11 @@ impl Engine {
                     key: key.clone(),
                     parts: parts.to_json(),
                 });
-                let resumed = matches!(
-                    earlier.get(&name),
-                    Some(StepStatus::Succeeded | StepStatus::Reused)
-                );
-                let reuse = if resumed {
-                    ctx.reuse_own(i)
-                } else if step.reuse && !no_reuse {
-                    ctx.reuse_cached(i, &key, &parts)?
-                } else {
-                    None
-                };
+                let step_inputs = parts.inputs;
                 if let Some(from) = reuse {
-                    let detail = if from.run == run_id && from.step == name {
+                    // Its own outputs from before a resume: nothing new to record.
+                    let resumed = from.run == run_id && from.step == name;
+                    let detail = if resumed {
                         "completed before the resume".to_string()
                     } else if from.run == run_id {
                         // Another step of this run with the very same key.
@@ -696,6 +703,11 @@ impl Engine {
                     } else {
                         format!("from run {}", from.run)
                     };
+                    if let Some(dest) = ctx.planner.destination(i) {
+                        // What a killed transfer left beside its destination: the
+                        // next transfer there removes it, and a reuse is one too.
+                        transfer::remove_stale_staging(&dest);
+                    }
                     let outs = from.outputs.clone();
                     if !resumed {
                         deferred.push(Deferred::Reuse {
@@ -712,9 +724,7 @@ impl Engine {
                         elapsed: Duration::ZERO,
                     });
                     status[i] = Some(StepStatus::Reused);
-                    for (o, d) in outs {
-                        outputs.insert((i, o), d);
-                    }
+                    known.settle(i, outs);
                     release(&graph, i, &mut waiting, &mut ready);
                     continue;
                 }
@@ -742,9 +752,7 @@ impl Engine {
             match result {
                 Ok(done) => {
                     status[i] = Some(StepStatus::Succeeded);
-                    for (o, d) in done.outputs {
-                        outputs.insert((i, o), d);
-                    }
+                    known.settle(i, done.outputs);
                     if !cancelled {
                         release(&graph, i, &mut waiting, &mut ready);
                     }
@@ -828,92 +836,6 @@ impl Engine {
         })
     }
 
-    /// Where a pipeline input lives on the host. It must exist, and must not hold
-    /// the state directory: a step would read the API token, the database and every
-    /// log, and the input would never be reused (the database changes under it).
-    fn input_path(&self, p: &Pipeline, input: &definition::Input) -> Result<PathBuf, RunError> {
-        let name = input.name.get_ref();
-        let path = self
-            .datastores
-            .path(input.datastore.get_ref(), &p.dir)
-            .join(input.path.get_ref());
-        if !path.exists() {
-            return Err(RunError::Input {
-                name: name.clone(),
-                detail: format!("not found: {}", path.display()),
-            });
-        }
-        if self.store.overlaps(&path) {
-            return Err(RunError::Input {
-                name: name.clone(),
-                detail: format!(
-                    "{} overlaps the state directory {} (it lies inside it or holds it): a step would see the API token, the database and the logs; point the input at data outside the state, or keep the state elsewhere (--state, MILLRACE_STATE)",
-                    path.display(),
-                    self.store.root.display()
-                ),
-            });
-        }
-        Ok(path)
-    }
-
-    /// Hashes (and on first sight copies) every pipeline input the steps use. A
-    /// resumed run keeps the inputs it started with.
-    fn snapshot_inputs(
-        &self,
-        run_id: i64,
-        p: &Pipeline,
-    ) -> Result<HashMap<String, String>, RunError> {
-        let recorded: HashMap<String, String> = self
-            .store
-            .db()
-            .read()
-            .run_inputs(run_id)?
-            .into_iter()
-            .map(|(n, _, d)| (n, d))
-            .collect();
-        let mut out = HashMap::new();
-        let mut snapshots = Vec::new();
-        for input in &p.inputs {
-            let name = input.name.get_ref();
-            if let Some(d) = recorded.get(name)
-                && self.store.verify(d).is_ok()
-            {
-                out.insert(name.clone(), d.clone());
-                continue;
-            }
-            let path = self.input_path(p, input)?;
-            let ingested = self
-                .store
-                .ingest(&path, Mode::Copy)
-                .map_err(|e| RunError::Input {
-                    name: name.clone(),
-                    detail: e.to_string(),
-                })?;
-            // A resumed run keeps the data it started with: if its snapshot was
-            // damaged, only identical content may take its place.
-            if let Some(d) = recorded.get(name)
-                && *d != ingested.digest
-            {
-                return Err(RunError::Input {
-                    name: name.clone(),
-                    detail: format!(
-                        "the snapshot this run started with is damaged and {} has changed since; start a new run",
-                        path.display()
-                    ),
-                });
-            }
-            snapshots.push((name, path.display().to_string(), ingested.digest.clone()));
-            out.insert(name.clone(), ingested.digest);
-        }
-        self.store.db().batch(|b| {
-            for (name, path, digest) in &snapshots {
-                b.record_run_input(run_id, name, path, digest)?;
-            }
-            Ok(())
-        })?;
-        Ok(out)
-    }
-
     /// `millrace plan`: what each step would do, without running anything. Inputs
     /// are hashed, not stored.
     pub async fn plan(
@@ -921,367 +843,20 @@ impl Engine {
         p: &Pipeline,
         overrides: &[(String, String)],
         no_reuse: bool,
-    ) -> Result<Vec<(String, Decision)>, RunError> {
+    ) -> Result<Vec<(String, Planned)>, RunError> {
         let params = p.resolve_params(overrides).map_err(RunError::Params)?;
-        let graph = Graph::new(p);
-        let mut inputs = HashMap::new();
-        for input in &p.inputs {
-            let path = self.input_path(p, input)?;
-            let d = self
-                .store
-                .ingest(&path, Mode::Hash)
-                .map_err(|e| RunError::Input {
-                    name: input.name.get_ref().clone(),
-                    detail: e.to_string(),
-                })?;
-            inputs.insert(input.name.get_ref().clone(), d.digest);
-        }
-        let code_digests = Mutex::new(HashMap::new());
+        let inputs = planner::pipeline_inputs(&self.store, &self.datastores, p, InputMode::Hash)?;
         let images = self.resolve_images(p).await;
-        let mut outputs: HashMap<(usize, String), String> = HashMap::new();
-        let mut will_run = vec![false; p.steps.len()];
-        let mut out = Vec::new();
-        for &i in &graph.order {
-            let step = &p.steps[i];
-            let upstream: Vec<usize> = graph.deps[i]
-                .iter()
-                .copied()
-                .filter(|&d| will_run[d])
-                .collect();
-            if !upstream.is_empty() {
-                will_run[i] = true;
-                out.push((
-                    step.name.get_ref().clone(),
-                    Decision::Pending {
-                        upstream: planner::upstream_names(p, &upstream),
-                    },
-                ));
-                continue;
-            }
-            let Some(step_inputs) = step_input_digests(p, i, &inputs, &outputs) else {
-                continue;
-            };
-            let code = match code_of(&code_digests, &images, &self.store, p, i) {
-                Ok(c) => c,
-                Err(e) => {
-                    will_run[i] = true;
-                    out.push((step.name.get_ref().clone(), Decision::Run { reason: e }));
-                    continue;
-                }
-            };
-            let parts = planner::key_parts(step, &params, &code, step_inputs);
-            let key = parts.key();
-            let hit = if step.reuse && !no_reuse {
-                cached_outputs(&self.store, p, i, &key)?
-            } else {
-                None
-            };
-            let decision = match hit {
-                Some(Reusable {
-                    run, outputs: outs, ..
-                }) => {
-                    for (o, d) in outs {
-                        outputs.insert((i, o), d);
-                    }
-                    Decision::Reuse {
-                        run,
-                        step: step.name.get_ref().clone(),
-                    }
-                }
-                None => {
-                    will_run[i] = true;
-                    let reason = if !step.reuse {
-                        "reuse = false".to_string()
-                    } else if no_reuse {
-                        "--no-reuse".to_string()
-                    } else {
-                        why_run(&self.store, p.name.get_ref(), step.name.get_ref(), &parts)?
-                    };
-                    Decision::Run { reason }
-                }
-            };
-            out.push((step.name.get_ref().clone(), decision));
-        }
-        Ok(out)
+        let planner = Planner::new(
+            self.store.clone(),
+            Arc::new(p.clone()),
+            params.into(),
+            Arc::new(images),
+            self.datastores.clone(),
+            no_reuse,
+        );
+        Ok(planner.plan(inputs)?)
     }
-}
-
-/// Why a step with `parts` has no usable cache entry, compared with its latest
-/// earlier execution.
-pub fn why_run(
-    store: &Store,
-    pipeline: &str,
-    step: &str,
-    parts: &KeyParts,
-) -> Result<String, RunError> {
-    let prev = store.db().read().previous_step(pipeline, step, i64::MAX)?;
-    Ok(
-        match prev.and_then(|s| {
-            Some((
-                s.run_id,
-                serde_json::from_value::<KeyParts>(s.key_parts?).ok()?,
-            ))
-        }) {
-            None => "never ran before".into(),
-            Some((run, old)) => {
-                let changes = parts.changes_since(&old);
-                if changes.is_empty() {
-                    format!("same key as run {run}, but its outputs are gone or damaged")
-                } else {
-                    format!("vs run {run}: {}", changes.join("; "))
-                }
-            }
-        },
-    )
-}
-
-/// The Python runtime's digest: the interpreter module, the standard library and
-/// packages zip, and matplotlib's data. A different runtime is different code.
-fn runtime_digest(memo: &Mutex<HashMap<PathBuf, String>>, store: &Store) -> Result<String, String> {
-    let runtime =
-        crate::executor::python::Runtime::locate().ok_or_else(crate::executor::python::missing)?;
-    runtime.check()?;
-    let key = PathBuf::from(format!("runtime:{}", runtime.dir.display()));
-    if let Some(d) = memo.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
-        return Ok(d.clone());
-    }
-    let wasm = file_digest(memo, store, &runtime.wasm())
-        .map_err(|e| format!("the Python runtime: {e}"))?;
-    let lib = store
-        .ingest(&runtime.dir.join("lib"), Mode::Hash)
-        .map_err(|e| format!("the Python runtime's lib/: {e}"))?;
-    let mpl = match runtime.dir.join("mpl-data") {
-        d if d.is_dir() => {
-            store
-                .ingest(&d, Mode::Hash)
-                .map_err(|e| format!("the Python runtime's mpl-data/: {e}"))?
-                .digest
-        }
-        _ => String::new(),
-    };
-    let digest = blake3::hash(format!("{wasm}\n{}\n{mpl}", lib.digest).as_bytes())
-        .to_hex()
-        .to_string();
-    memo.lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(key, digest.clone());
-    Ok(digest)
-}
-
-/// Most bytes a Python step's code directory may hold.
-const MAX_CODE_BYTES: u64 = 256 << 20;
-
-/// Copies a step's code directory into the store and returns the tree's digest:
-/// the guest runs this snapshot (an edit during the run cannot reach it, nor be
-/// cached under the old key). Hidden entries (`.git`, `.millrace`, …),
-/// `__pycache__` and the state directory are left out.
-fn code_snapshot(
-    memo: &Mutex<HashMap<PathBuf, String>>,
-    store: &Store,
-    dir: &Path,
-) -> Result<String, String> {
-    let key = PathBuf::from(format!("snapshot:{}", dir.display()));
-    if let Some(d) = memo.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
-        return Ok(d.clone());
-    }
-    let err = |e: String| format!("the code directory {}: {e}", dir.display());
-    if store.inside(dir) {
-        return Err(err(
-            "it lies inside the state directory; a step must not see the state".into(),
-        ));
-    }
-    let tmp = store.root.join("objects/tmp").join(format!(
-        "code-{}-{}",
-        std::process::id(),
-        SNAPSHOTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    ));
-    let state = std::fs::canonicalize(&store.root).unwrap_or_else(|_| store.root.clone());
-    let copied = (|| -> Result<(), String> {
-        std::fs::create_dir_all(&tmp).map_err(|e| e.to_string())?;
-        let mut total = 0u64;
-        let walk = walkdir::WalkDir::new(dir)
-            .follow_links(false)
-            .min_depth(1)
-            .into_iter()
-            .filter_entry(|e| {
-                let name = e.file_name().to_string_lossy();
-                !name.starts_with('.')
-                    && name != "__pycache__"
-                    && std::fs::canonicalize(e.path()).map_or(true, |p| p != state)
-            });
-        for e in walk {
-            let e = e.map_err(|e| e.to_string())?;
-            let rel = e.path().strip_prefix(dir).map_err(|e| e.to_string())?;
-            let dest = tmp.join(rel);
-            if e.file_type().is_dir() {
-                std::fs::create_dir_all(&dest).map_err(|e| e.to_string())?;
-            } else if e.file_type().is_file() {
-                total += e.metadata().map(|m| m.len()).unwrap_or(0);
-                if total > MAX_CODE_BYTES {
-                    return Err(format!(
-                        "holds more than {} of code; give the step a `code` directory of its own",
-                        definition::format_size(MAX_CODE_BYTES)
-                    ));
-                }
-                std::fs::copy(e.path(), &dest)
-                    .map_err(|x| format!("{}: {x}", e.path().display()))?;
-            }
-            // Symlinks are not followed nor copied: code is what is inside.
-        }
-        Ok(())
-    })();
-    let result = copied.map_err(err).and_then(|()| {
-        store
-            .ingest(&tmp, Mode::Move)
-            .map(|i| i.digest)
-            .map_err(|e| err(e.to_string()))
-    });
-    let _ = crate::store::walk::remove_tree(&tmp);
-    let digest = result?;
-    memo.lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(key, digest.clone());
-    Ok(digest)
-}
-
-static SNAPSHOTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// The code snapshot of a Python step (see `code_snapshot`), for `module publish`.
-pub fn snapshot_code_dir(store: &Store, dir: &Path) -> Result<String, String> {
-    code_snapshot(&Mutex::new(HashMap::new()), store, dir)
-}
-
-/// A file's content digest, hashed once per process (and remembered by stat).
-fn file_digest(
-    memo: &Mutex<HashMap<PathBuf, String>>,
-    store: &Store,
-    path: &Path,
-) -> Result<String, String> {
-    if let Some(d) = memo.lock().unwrap_or_else(|e| e.into_inner()).get(path) {
-        return Ok(d.clone());
-    }
-    let ingested = store.ingest(path, Mode::Hash).map_err(|e| e.to_string())?;
-    // The tree wraps the one file; the digest is the file's own.
-    let digest = store
-        .artifacts
-        .list(&ingested.digest)
-        .ok()
-        .and_then(|e| e.first().map(|e| e.digest.clone()))
-        .unwrap_or(ingested.digest);
-    memo.lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(path.to_path_buf(), digest.clone());
-    Ok(digest)
-}
-
-/// The content digest of a step's code (the wasm bytes; for a transfer, its
-/// destination), hashed once per file and remembered by stat.
-fn code_of(
-    memo: &Mutex<HashMap<PathBuf, String>>,
-    images: &HashMap<usize, Result<ResolvedImage, String>>,
-    store: &Store,
-    p: &Pipeline,
-    i: usize,
-) -> Result<String, String> {
-    match &p.steps[i].kind {
-        StepKind::Wasm { resolved, .. } => file_digest(memo, store, resolved)
-            .map_err(|e| format!("cannot read the wasm file: {e}")),
-        // The script's whole code directory, its name, and the runtime: a change
-        // to any of them re-executes the step.
-        StepKind::Python {
-            code_dir, entry, ..
-        } => {
-            let rt = runtime_digest(memo, store)?;
-            let tree = code_snapshot(memo, store, code_dir)?;
-            Ok(blake3::hash(
-                format!(
-                    "{}\n{rt}\n{tree}\n{entry}",
-                    crate::executor::python::RUNTIME_NAME,
-                )
-                .as_bytes(),
-            )
-            .to_hex()
-            .to_string())
-        }
-        // A Python module: its code tree (digest from the registry), its entry and
-        // the runtime, as for a `python` step.
-        StepKind::Module { module, .. } if module.kind == "python" => {
-            let rt = runtime_digest(memo, store)?;
-            Ok(blake3::hash(
-                format!(
-                    "{}\n{rt}\n{}\n{}",
-                    crate::executor::python::RUNTIME_NAME,
-                    module.digest,
-                    module.entry.as_deref().unwrap_or_default()
-                )
-                .as_bytes(),
-            )
-            .to_hex()
-            .to_string())
-        }
-        // The registry recorded the digest when the version was published; the
-        // executor checks the bytes against it before compiling.
-        StepKind::Module { module, .. } => Ok(module.digest.clone()),
-        StepKind::Transfer { to, datastore, .. } => {
-            Ok(format!("{}:{}", datastore.get_ref(), to.get_ref()))
-        }
-        // The image's content digest, never its tag: a retagged image re-executes.
-        StepKind::Container(_) => match images.get(&i) {
-            Some(Ok(image)) => Ok(image.digest().to_string()),
-            Some(Err(e)) => Err(e.clone()),
-            None => Err("the image was not resolved".to_string()),
-        },
-    }
-}
-
-/// The artifacts a step's inputs resolve to, by mount name (a transfer's source
-/// is its single input, `from`). `None` if an upstream output is missing.
-fn step_input_digests(
-    p: &Pipeline,
-    i: usize,
-    inputs: &HashMap<String, String>,
-    outputs: &HashMap<(usize, String), String>,
-) -> Option<BTreeMap<String, String>> {
-    p.steps[i]
-        .references()
-        .map(|(mount, r)| {
-            let digest = match r.get_ref() {
-                Reference::Input(name) => inputs.get(name)?.clone(),
-                Reference::Output { step, output } => {
-                    let j = p.step_position(step)?;
-                    outputs.get(&(j, output.clone()))?.clone()
-                }
-            };
-            Some((mount.to_string(), digest))
-        })
-        .collect()
-}
-
-/// The outputs of the execution a cache key points at, if all are intact.
-fn cached_outputs(
-    store: &Store,
-    p: &Pipeline,
-    i: usize,
-    key: &str,
-) -> Result<Option<Reusable>, RunError> {
-    let Some((run, step)) = store.db().read().cache_entry(key)? else {
-        return Ok(None);
-    };
-    let outs = store.db().read().step_outputs(run, &step)?;
-    let declared = &p.steps[i].outputs;
-    if outs.len() != declared.len() {
-        return Ok(None);
-    }
-    for (_, digest) in &outs {
-        if store.verify(digest).is_err() {
-            return Ok(None);
-        }
-    }
-    Ok(Some(Reusable {
-        run,
-        step,
-        outputs: outs,
-    }))
 }
 
 /// A step name as it may appear in a container's, a job's or a directory's
@@ -1354,13 +929,6 @@ enum Program {
     Container(ResolvedImage),
 }
 
-/// An earlier execution whose outputs can stand in for a step's.
-struct Reusable {
-    run: i64,
-    step: String,
-    outputs: Vec<(String, String)>,
-}
-
 fn release(graph: &Graph, i: usize, waiting: &mut [usize], ready: &mut VecDeque<usize>) {
     for &d in &graph.dependants[i] {
         waiting[d] -= 1;
@@ -1410,12 +978,16 @@ struct RunContext {
     engine: Arc<Engine>,
     run_id: i64,
     pipeline: Arc<Pipeline>,
-    params: Vec<(String, ParamValue)>,
+    params: Arc<[(String, ParamValue)]>,
     events: EventSink,
     semaphore: Arc<tokio::sync::Semaphore>,
-    code_digests: Mutex<HashMap<PathBuf, String>>,
-    /// Container steps' images, resolved when the run started.
-    images: HashMap<usize, Result<ResolvedImage, String>>,
+    /// The planner's, so an attempt reads the code digest its key holds.
+    code_digests: Arc<Memo>,
+    /// Container steps' images, resolved when the run started (shared with the
+    /// planner, as are the params).
+    images: Arc<HashMap<usize, Result<ResolvedImage, String>>>,
+    /// Decides each step's reuse (see [`Planner::decide`]).
+    planner: Planner,
     /// (step, attempt) whose Slurm job is to be followed again, not submitted.
     adopting: Mutex<std::collections::HashSet<(usize, u32)>>,
     workspaces: WorkspacePool,
@@ -1452,75 +1024,10 @@ impl RunContext {
         &self.engine.store
     }
 
-    fn key_parts(&self, i: usize, inputs: BTreeMap<String, String>) -> Result<KeyParts, String> {
-        let code = code_of(
-            &self.code_digests,
-            &self.images,
-            self.store(),
-            &self.pipeline,
-            i,
-        )?;
-        Ok(planner::key_parts(
-            &self.pipeline.steps[i],
-            &self.params,
-            &code,
-            inputs,
-        ))
-    }
-
-    /// A step that completed in this run before a resume: its recorded outputs.
-    fn reuse_own(&self, i: usize) -> Option<Reusable> {
-        let name = self.pipeline.steps[i].name.get_ref();
-        let outs = self
-            .store()
-            .db()
-            .read()
-            .step_outputs(self.run_id, name)
-            .ok()?;
-        outs.iter()
-            .all(|(_, d)| self.store().verify(d).is_ok())
-            .then(|| Reusable {
-                run: self.run_id,
-                step: name.clone(),
-                outputs: outs,
-            })
-    }
-
-    fn reuse_cached(
-        &self,
-        i: usize,
-        key: &str,
-        parts: &KeyParts,
-    ) -> Result<Option<Reusable>, RunError> {
-        let hit = cached_outputs(self.store(), &self.pipeline, i, key)?;
-        if hit.is_some()
-            && let StepKind::Transfer { .. } = &self.pipeline.steps[i].kind
-        {
-            // A transfer is reused only while the destination still holds the artifact.
-            let dest = self.transfer_destination(i);
-            // What a killed transfer left beside it goes either way.
-            transfer::remove_stale_staging(&dest);
-            let source = parts.inputs.get("from");
-            let current = dest
-                .exists()
-                .then(|| self.store().ingest(&dest, Mode::Hash).ok())
-                .flatten();
-            if current.map(|c| c.digest).as_ref() != source {
-                return Ok(None);
-            }
-        }
-        Ok(hit)
-    }
-
     fn transfer_destination(&self, i: usize) -> PathBuf {
-        match &self.pipeline.steps[i].kind {
-            StepKind::Transfer { to, datastore, .. } => self
-                .engine
-                .datastores
-                .path(datastore.get_ref(), &self.pipeline.dir)
-                .join(to.get_ref()),
-            _ => unreachable!("only transfers have a destination"),
-        }
+        self.planner
+            .destination(i)
+            .unwrap_or_else(|| unreachable!("only transfers have a destination"))
     }
 
     /// Writes the deferred records in one transaction. A reused step's cache entry

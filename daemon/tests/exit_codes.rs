@@ -3,8 +3,7 @@
 
 use std::process::Stdio;
 
-use crate::common::{Project, eventually, plugin};
-use crate::daemon::Daemon;
+use crate::common::{Daemon, Project, eventually, plugin};
 
 #[test]
 fn trigger_wait_exits_130_for_a_run_cancelled_through_the_api() {

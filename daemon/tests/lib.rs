@@ -19,5 +19,6 @@ mod modules;
 mod python;
 mod run;
 mod sandbox;
+mod schedule;
 mod slurm;
 mod ui;

@@ -451,6 +451,106 @@ transfer = {{ from = "make.model", to = "models/latest" }}
     assert!(p.path("models/latest/a.txt").exists());
 }
 
+/// `plan --json` as (step, decision, reason).
+fn plan_of(p: &Project, f: &str) -> Vec<(String, String, String)> {
+    p.json(&["plan", f])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["step"].as_str().unwrap().to_string(),
+                d["plan"]["decision"].as_str().unwrap().to_string(),
+                d["plan"]["reason"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Runs `f` and checks that every step did what `plan` said just before: a
+/// reuse is reused, a run is executed (a pending step may do either).
+fn run_as_planned(p: &Project, f: &str) -> Vec<(String, String, String)> {
+    let plan = plan_of(p, f);
+    let s = summary(p, &[f]);
+    let run = s["run_id"].as_i64().unwrap().to_string();
+    let did = step_statuses(p, &run);
+    assert_eq!(did.len(), plan.len(), "plan {plan:?}, run {did:?}");
+    for ((step, decision, _), (name, status)) in plan.iter().zip(&did) {
+        let agree = match decision.as_str() {
+            "reuse" => status == "reused",
+            "run" => status == "succeeded",
+            _ => true,
+        };
+        assert!(step == name && agree, "plan {plan:?}, run {did:?}");
+    }
+    plan
+}
+
+#[test]
+fn plan_and_run_agree_on_a_transfer_whose_destination_changed() {
+    let p = Project::new();
+    p.write("data/a.txt", "v1\n");
+    let f = p.write(
+        "publish.toml",
+        &format!(
+            r#"
+[inputs.a]
+path = "data/a.txt"
+[[step]]
+name = "make"
+wasm = "{}"
+inputs = {{ x = "inputs.a" }}
+outputs = ["model"]
+args = ["--out", "model"]
+[[step]]
+name = "publish"
+transfer = {{ from = "make.model", to = "models/latest" }}
+"#,
+            plugin("copy")
+        ),
+    );
+    let f = f.to_str().unwrap();
+    let first = run_as_planned(&p, f);
+    assert_eq!(first[1].1, "pending", "{first:?}");
+    let unchanged = run_as_planned(&p, f);
+    assert_eq!(
+        (unchanged[0].1.as_str(), unchanged[1].1.as_str()),
+        ("reuse", "reuse"),
+        "{unchanged:?}"
+    );
+
+    // Someone edits what the transfer published: the cache entry still matches,
+    // but the destination no longer holds it.
+    std::fs::write(p.path("models/latest/a.txt"), "edited by hand\n").unwrap();
+    let edited = run_as_planned(&p, f);
+    assert_eq!(edited[0].1, "reuse", "{edited:?}");
+    let (_, decision, reason) = &edited[1];
+    assert_eq!(decision, "run", "{edited:?}");
+    assert!(
+        reason.starts_with("same key as run ")
+            && reason.contains("models/latest no longer holds what it published"),
+        "{reason}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(p.path("models/latest/a.txt")).unwrap(),
+        "v1\n"
+    );
+
+    // Deleted: the same.
+    std::fs::remove_dir_all(p.path("models/latest")).unwrap();
+    let deleted = run_as_planned(&p, f);
+    assert_eq!(deleted[1].1, "run", "{deleted:?}");
+    assert!(p.path("models/latest/a.txt").exists());
+
+    // Published again: reused again, and the text plan prints says so.
+    run_as_planned(&p, f);
+    let text = p.run(&["plan", f]);
+    assert_eq!(
+        String::from_utf8_lossy(&text.stdout),
+        "make     reuse  from run 5\npublish  reuse  from run 5\n"
+    );
+}
+
 #[test]
 fn metrics_env_and_core_modules() {
     let p = Project::new();

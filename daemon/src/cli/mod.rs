@@ -18,7 +18,7 @@ use clap::{Parser, Subcommand};
 use crate::config::Config;
 use crate::diagnostic::display_path;
 use crate::graph::Graph;
-use crate::planner::{Decision, short};
+use crate::planner::{Planned, short};
 use crate::run::{Datastores, Engine, RunRequest};
 use crate::store::Store;
 use crate::store::db::now_ms;
@@ -203,9 +203,11 @@ enum Command {
         paths: Vec<PathBuf>,
         #[arg(long, env = "MILLRACE_CONFIG")]
         config: Option<PathBuf>,
+        /// Every firing in the window FROM..TO instead of the next ones from now
+        /// (RFC 3339, or YYYY-MM-DD[THH:MM] in UTC); --count caps what is listed.
         #[arg(long, num_args = 2, value_names = ["FROM", "TO"])]
         simulate: Option<Vec<String>>,
-        /// Firings listed per trigger.
+        /// Firings listed per trigger (the earliest ones; "… N more" counts the rest).
         #[arg(long, default_value_t = 10)]
         count: usize,
     },
@@ -412,11 +414,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 let width = plan.iter().map(|(s, _)| s.len()).max().unwrap_or(0);
                 for (step, d) in &plan {
                     match d {
-                        Decision::Reuse { run, .. } => {
+                        Planned::Reuse { run, .. } => {
                             println!("{step:width$}  reuse  from run {run}")
                         }
-                        Decision::Run { reason } => println!("{step:width$}  run    {reason}"),
-                        Decision::Pending { upstream } => {
+                        Planned::Run { reason } => println!("{step:width$}  run    {reason}"),
+                        Planned::Pending { upstream } => {
                             println!(
                                 "{step:width$}  run?   after {} (reused if its inputs come out unchanged)",
                                 upstream.join(", ")

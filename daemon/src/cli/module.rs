@@ -188,7 +188,7 @@ fn publish(
             (i.digest, i.size, digest)
         }
         CodeKind::Python => {
-            let d = crate::run::snapshot_code_dir(store, path).map_err(Error::usage)?;
+            let d = crate::planner::code::snapshot_code_dir(store, path).map_err(Error::usage)?;
             let size = store.db().read().artifact(&d)?.map_or(0, |(s, _)| s);
             (d.clone(), size, d)
         }

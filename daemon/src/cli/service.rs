@@ -69,7 +69,21 @@ pub async fn daemon(config: Option<&Path>) -> anyhow::Result<i32> {
         .into());
     };
     let config = load_config(&path)?;
-    crate::daemon::serve(config).await?;
+    // The signal handlers first: a SIGTERM while the daemon starts stops it
+    // cleanly once it is up, instead of killing it half-started.
+    let signals = crate::daemon::signal::os_signals()?;
+    let listener = match tokio::net::TcpListener::bind(config.api.listen).await {
+        Ok(l) => l,
+        // Taken, most likely, by a daemon of this very state directory: that
+        // is the error to report (serve's lock check, before the bind moved here).
+        Err(e) => {
+            if config.state_dir.join("daemon.lock").exists() {
+                crate::daemon::lock_state_dir(&config)?;
+            }
+            anyhow::bail!("cannot listen on {}: {e}", config.api.listen)
+        }
+    };
+    crate::daemon::serve(config, listener, signals).await?;
     Ok(0)
 }
 
@@ -429,7 +443,16 @@ pub fn schedule(
     }
     let files = super::expand_dirs(&files)?;
     let (from, to) = match simulate {
-        Some([a, b]) => (parse_instant(a)?, Some(parse_instant(b)?)),
+        Some([a, b]) => {
+            let (from, to) = (parse_instant(a)?, parse_instant(b)?);
+            if to <= from {
+                return Err(Error::usage(format!(
+                    "--simulate {a} {b}: the window ends before it starts (FROM must be earlier than TO)"
+                ))
+                .into());
+            }
+            (from, Some(to))
+        }
         _ => (chrono::Utc::now(), None),
     };
     let mut out = Vec::new();
@@ -447,15 +470,7 @@ pub fn schedule(
                 continue;
             };
             let Some(s) = t.schedule() else { continue };
-            let (firings, total) = match to {
-                Some(to) => s.between(from, to, count),
-                None => {
-                    let far = from + chrono::TimeDelta::days(366 * 5);
-                    let (f, _) = s.between(from, far, count);
-                    let n = f.len();
-                    (f, n)
-                }
-            };
+            let (firings, total) = s.earliest(from, to, count);
             out.push(serde_json::json!({
                 "pipeline": p.name.get_ref(),
                 "cron": expr.get_ref(),

@@ -1,7 +1,7 @@
-//! The daemon's trigger tasks: one tokio task per cron or watch trigger of each
-//! loaded pipeline (`after` triggers fire from the run that ends), the pipelines
-//! directory watcher and the systemd watchdog. Nothing here polls: tasks sleep
-//! until the next firing or wait for inotify events.
+//! The daemon's triggers: one tokio task per cron or watch trigger of each
+//! loaded pipeline, the `after` triggers (fired by the run that ends), the
+//! pipelines directory watcher and the systemd watchdog. Nothing here polls:
+//! tasks sleep until the next firing or wait for inotify events.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -11,7 +11,7 @@ use chrono::Utc;
 use notify::Watcher;
 use tokio_util::sync::CancellationToken;
 
-use super::Daemon;
+use super::{Daemon, SubmitError};
 use crate::definition::{Catchup, Pipeline, TriggerKind};
 use crate::run::RunRequest;
 use crate::trigger::cron::{self, Schedule};
@@ -77,6 +77,64 @@ pub(super) fn start(d: &Arc<Daemon>, p: Arc<Pipeline>, token: CancellationToken)
     }
 }
 
+impl Daemon {
+    /// `after = "pipeline"` triggers: fire when that pipeline's run succeeds.
+    pub(super) fn fire_after(&self, upstream: &str, run: i64) {
+        // The chain of `after` firings that led here: a pipeline already in it is
+        // not fired again (a cycle of `after` triggers would run forever).
+        let mut chain: Vec<String> = self
+            .store()
+            .db()
+            .read()
+            .run(run)
+            .ok()
+            .flatten()
+            .and_then(|r| r.trigger_detail)
+            .and_then(|d| serde_json::from_value(d["chain"].clone()).ok())
+            .unwrap_or_default();
+        chain.push(upstream.to_string());
+        let downstream: Vec<(String, Vec<(String, String)>)> = self
+            .state()
+            .pipelines
+            .values()
+            .flat_map(|l| {
+                l.pipeline
+                    .triggers
+                    .iter()
+                    .filter_map(move |t| match &t.kind {
+                        TriggerKind::After { pipeline } if pipeline.get_ref() == upstream => {
+                            Some((l.pipeline.name.get_ref().clone(), t.param_overrides()))
+                        }
+                        _ => None,
+                    })
+            })
+            .collect();
+        for (name, params) in downstream {
+            if chain.contains(&name) {
+                tracing::warn!(
+                    pipeline = %name,
+                    "not fired: `after` triggers form a cycle ({} -> {name})",
+                    chain.join(" -> ")
+                );
+                continue;
+            }
+            let req = RunRequest {
+                params,
+                no_reuse: false,
+                trigger: format!("after {upstream}"),
+                trigger_detail: Some(serde_json::json!({
+                    "upstream_pipeline": upstream,
+                    "upstream_run": run,
+                    "chain": chain,
+                })),
+            };
+            if let Err(e) = self.submit(&name, req, |_| Ok(())) {
+                tracing::error!(pipeline = %name, "after `{upstream}`: {e}");
+            }
+        }
+    }
+}
+
 struct CronTask {
     d: Arc<Daemon>,
     pipeline: String,
@@ -109,12 +167,15 @@ impl CronTask {
             let now = Utc::now();
             let Some(last_ms) = last else {
                 // First sight of this schedule: firings count from now.
-                let _ = self.d.store().db().read().advance_trigger(
+                let moved = self.d.store().db().read().advance_trigger(
                     &self.pipeline,
                     &self.id,
                     None,
                     now.timestamp_millis(),
                 );
+                if moved.is_ok() {
+                    self.counted(|t| t.cursor_moves += 1);
+                }
                 continue;
             };
             let last = cron::from_ms(last_ms);
@@ -128,6 +189,11 @@ impl CronTask {
             })
             .await;
             let Ok((due, count, first)) = due else { return };
+            if !due.is_empty() {
+                self.fire(last_ms, &due, count, first, now);
+            }
+            // Counted once what was due is queued (or consumed).
+            self.counted(|t| t.checks += 1);
             if due.is_empty() {
                 let Some(next) = self.schedule.next_after(last.max(now)) else {
                     tracing::warn!(pipeline = %self.pipeline, "cron `{}` never fires again", self.schedule.expr);
@@ -139,10 +205,12 @@ impl CronTask {
                     .unwrap_or_default()
                     .min(Duration::from_secs(60));
                 tokio::time::sleep(wait).await;
-                continue;
             }
-            self.fire(last_ms, &due, count, first, now);
         }
+    }
+
+    fn counted(&self, f: impl FnOnce(&mut super::TriggerCounts)) {
+        self.d.counters.trigger(&self.pipeline, &self.id, f);
     }
 
     /// `due`: the latest firings since the one recorded (`last_ms`), oldest first,
@@ -179,7 +247,6 @@ impl CronTask {
                             b.advance_trigger(pipeline, id, Some(old), ms)
                         })
                         .map(|_| ())
-                        .map_err(|e| e.to_string())
                 }
                 None => self
                     .d
@@ -187,11 +254,14 @@ impl CronTask {
                     .db()
                     .read()
                     .advance_trigger(pipeline, id, Some(old), ms)
-                    .map_err(|e| e.to_string()),
+                    .map_err(SubmitError::from),
             };
             match result {
-                Ok(()) => cursor = ms,
-                Err(e) if e.contains("fired elsewhere") => {}
+                Ok(()) => {
+                    cursor = ms;
+                    self.counted(|t| t.cursor_moves += 1);
+                }
+                Err(SubmitError::AlreadyFired(_)) => {}
                 Err(e) => {
                     tracing::error!(pipeline = %self.pipeline, "cron: {e}");
                     // The firing is consumed all the same: never fire it twice.
@@ -204,6 +274,7 @@ impl CronTask {
                         .is_ok()
                     {
                         cursor = ms;
+                        self.counted(|t| t.cursor_moves += 1);
                     }
                 }
             }
@@ -288,7 +359,9 @@ impl WatchTask {
                     () = token.cancelled() => return,
                 }
             };
-            // Changes made while the daemon was down (or the directory away) fire now.
+            // Changes made while the daemon was down (or the directory away) fire
+            // now: pending until this first look is done.
+            self.counted(|t| t.pending = true);
             self.check().await;
             let mut deadline: Option<tokio::time::Instant> = None;
             loop {
@@ -304,6 +377,7 @@ impl WatchTask {
                         }
                         if e.paths.iter().any(|p| self.files.matches(p)) {
                             deadline = Some(tokio::time::Instant::now() + self.debounce);
+                            self.counted(|t| t.pending = true);
                         }
                     }
                     () = async { tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)).await },
@@ -317,9 +391,23 @@ impl WatchTask {
         }
     }
 
+    fn counted(&self, f: impl FnOnce(&mut super::TriggerCounts)) {
+        self.d.counters.trigger(&self.pipeline, &self.id, f);
+    }
+
+    /// [`WatchTask::look`], counted: once it has fired (or found no change),
+    /// the changes seen before it are checked.
+    async fn check(&self) {
+        self.look().await;
+        self.counted(|t| {
+            t.checks += 1;
+            t.pending = false;
+        });
+    }
+
     /// Hashes the matching files once they hold still and fires if any content
     /// differs from the cursor.
-    async fn check(&self) {
+    async fn look(&self) {
         let files = self.files.clone();
         let Ok(Some(now)) =
             tokio::task::spawn_blocking(move || files.settle_and_hash(SETTLE_PATIENCE)).await
@@ -343,11 +431,14 @@ impl WatchTask {
         };
         let Some(before) = before else {
             // First look: what is there now is the baseline.
-            let _ = self
+            let set = self
                 .d
                 .store()
                 .db()
                 .batch(|b| b.set_watch_cursor(&self.pipeline, id, None, &now));
+            if set.is_ok() {
+                self.counted(|t| t.cursor_moves += 1);
+            }
             return;
         };
         let changed = watch::changed(&before, &now);
@@ -364,8 +455,8 @@ impl WatchTask {
         match self.d.submit(&self.pipeline, req, |b| {
             b.set_watch_cursor(&self.pipeline, id, seen, &now)
         }) {
-            Ok(_) => {}
-            Err(e) if e.to_string().contains("fired elsewhere") => {}
+            Ok(_) => self.counted(|t| t.cursor_moves += 1),
+            Err(SubmitError::AlreadyFired(_)) => {}
             Err(e) => tracing::error!(pipeline = %self.pipeline, "watch: {e}"),
         }
     }

@@ -171,6 +171,32 @@ impl Schedule {
         (out.into(), count)
     }
 
+    /// What `millrace schedule` lists: the earliest `limit` firings after `from`
+    /// (up to `to` when given) and how many fall in `(from, to]` in all (counting
+    /// stops at [`MAX_FIRINGS`] × 100). Without `to` the total is what is listed.
+    pub fn earliest(
+        &self,
+        from: DateTime<Utc>,
+        to: Option<DateTime<Utc>>,
+        limit: usize,
+    ) -> (Vec<DateTime<Tz>>, usize) {
+        let mut out = Vec::new();
+        let mut count = 0;
+        let mut t = from;
+        while let Some(next) = self.next_after(t) {
+            let past_end = to.is_some_and(|to| next > to);
+            if past_end || count >= MAX_FIRINGS * 100 || (to.is_none() && count == limit) {
+                break;
+            }
+            if out.len() < limit {
+                out.push(next.with_timezone(&self.tz));
+            }
+            count += 1;
+            t = next;
+        }
+        (out, count)
+    }
+
     /// The first firing in `(from, to]`.
     pub fn first_between(&self, from: DateTime<Utc>, to: DateTime<Utc>) -> Option<DateTime<Tz>> {
         self.next_after(from)
@@ -309,6 +335,28 @@ mod tests {
             Schedule::parse("0 0 31 2 *", None),
             Err(ScheduleError::Expr(m)) if m.contains("never fires")
         ));
+    }
+
+    #[test]
+    fn earliest_lists_from_the_start_of_the_window_and_counts_the_rest() {
+        let s = Schedule::parse("0 3 * * *", None).expect("valid");
+        let from = at("2026-12-01T10:00:00Z");
+        let (next, n) = s.earliest(from, None, 3);
+        let next: Vec<String> = next.iter().map(|t| t.to_rfc3339()).collect();
+        assert_eq!(
+            next,
+            [
+                "2026-12-02T03:00:00+00:00",
+                "2026-12-03T03:00:00+00:00",
+                "2026-12-04T03:00:00+00:00"
+            ]
+        );
+        assert_eq!(n, 3, "without an end only what is listed is counted");
+        let (first, n) = s.earliest(from, Some(at("2026-12-31T23:00:00Z")), 2);
+        assert_eq!(first[0].to_rfc3339(), "2026-12-02T03:00:00+00:00");
+        assert_eq!((first.len(), n), (2, 30));
+        let (none, n) = s.earliest(from, Some(at("2026-12-02T02:00:00Z")), 5);
+        assert!(none.is_empty() && n == 0);
     }
 
     #[test]

@@ -171,7 +171,7 @@ pub(super) async fn pipeline(State(d): State<Arc<Daemon>>, Path(name): Path<Stri
 }
 
 #[utoipa::path(get, path = "/api/v1/status", tag = "daemon",
-    responses((status = 200, description = "Pipelines, invalid files, running and queued runs", body = Object)))]
+    responses((status = 200, description = "Pipelines, invalid files, running and queued runs, and `counters`: reloads, runs ended, and per cron or watch trigger its checks, cursor moves and whether a change is pending", body = Object)))]
 pub(super) async fn status(State(d): State<Arc<Daemon>>) -> ApiResult {
     let queued = d
         .store()
@@ -195,6 +195,7 @@ pub(super) async fn status(State(d): State<Arc<Daemon>>) -> ApiResult {
         "queued_runs": queued.iter().map(|r| json!({ "id": r.id, "pipeline": r.pipeline })).collect::<Vec<_>>(),
         "running_steps": d.engine.running_steps(),
         "max_parallel_steps": d.engine.max_parallel,
+        "counters": d.counters.to_json(),
     }))
     .into_response())
 }

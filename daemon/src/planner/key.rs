@@ -1,6 +1,6 @@
-//! Reuse decisions. A step's cache key is a BLAKE3 digest over its [`KeyParts`]:
-//! the runtime and its version, the code digest, args and env after interpolation,
-//! the params, the declared outputs and the content digest of every input. No
+//! Cache keys. A step's cache key is a BLAKE3 digest over its [`KeyParts`]: the
+//! runtime and its version, the code digest, args and env after interpolation, the
+//! params, the declared outputs and the content digest of every input. No
 //! timestamp enters it. [`KeyParts`] is stored with each step so `explain` can name
 //! the component that changed.
 
@@ -8,8 +8,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::definition::{ParamValue, Pipeline, Step, StepKind, interpolate};
-use crate::model::StepStatus;
+use crate::definition::{ParamValue, Step, StepKind, interpolate};
 
 /// The components of a cache key, kept for `explain`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -260,19 +259,6 @@ pub fn key_parts(
     }
 }
 
-/// What `plan` expects for one step.
-#[derive(Debug, Clone, Serialize)]
-#[serde(tag = "decision", rename_all = "snake_case")]
-pub enum Decision {
-    /// Outputs of an earlier execution with the same key are present and intact.
-    Reuse { run: i64, step: String },
-    /// Will execute; `reason` says why.
-    Run { reason: String },
-    /// Depends on a step that will execute: decided once that step's outputs exist
-    /// (unchanged outputs still allow reuse).
-    Pending { upstream: Vec<String> },
-}
-
 /// Params of a run as JSON, for the run record.
 pub fn params_json(params: &[(String, ParamValue)]) -> serde_json::Value {
     serde_json::Value::Object(
@@ -281,13 +267,6 @@ pub fn params_json(params: &[(String, ParamValue)]) -> serde_json::Value {
             .map(|(k, v)| (k.clone(), v.to_json()))
             .collect(),
     )
-}
-
-/// The names of the steps a pipeline's step waits for.
-pub fn upstream_names(p: &Pipeline, deps: &[usize]) -> Vec<String> {
-    deps.iter()
-        .map(|&d| p.steps[d].name.get_ref().clone())
-        .collect()
 }
 
 #[cfg(test)]
@@ -325,81 +304,4 @@ mod tests {
             vec!["param `c` changed: float:0.5 → float:0.7"]
         );
     }
-}
-
-/// Why a recorded step ran or was reused (`millrace explain`, the API).
-#[derive(Debug, Clone, Serialize)]
-pub struct Explanation {
-    pub explanation: String,
-    /// The components of the key that changed, vs `compared_with`.
-    pub changes: Vec<String>,
-    /// The run of the latest earlier execution of this step, if any.
-    pub compared_with: Option<i64>,
-}
-
-pub fn explain(
-    store: &crate::store::Store,
-    run: &crate::store::db::RunRow,
-    s: &crate::store::db::StepRow,
-) -> crate::store::db::Result<Explanation> {
-    let parts: Option<KeyParts> = s
-        .key_parts
-        .clone()
-        .and_then(|v| serde_json::from_value(v).ok());
-    let prev = store
-        .db()
-        .read()
-        .previous_step(&run.pipeline, &s.name, run.id)?;
-    let prev_parts: Option<KeyParts> = prev
-        .as_ref()
-        .and_then(|p| p.key_parts.clone())
-        .and_then(|v| serde_json::from_value(v).ok());
-    let (explanation, changes): (String, Vec<String>) = match (s.status, s.reused_from, &parts) {
-        (_, Some(from), _) => (
-            format!(
-                "reused the outputs of run {from} (same cache key {})",
-                short(s.cache_key.as_deref().unwrap_or(""))
-            ),
-            vec![],
-        ),
-        (StepStatus::Skipped, _, _) => (
-            format!("skipped: {}", s.error.clone().unwrap_or_default()),
-            vec![],
-        ),
-        (_, None, None) => ("did not get as far as computing a cache key".into(), vec![]),
-        (_, None, Some(parts)) => {
-            if run.no_reuse {
-                (
-                    "executed: the run was started with --no-reuse".into(),
-                    vec![],
-                )
-            } else {
-                match (&prev, &prev_parts) {
-                    (Some(p), Some(old)) => {
-                        let changes = parts.changes_since(old);
-                        if changes.is_empty() {
-                            (
-                                format!(
-                                    "executed: same key as run {}, but that result was not reusable (reuse = false, failed, or its outputs were missing or damaged)",
-                                    p.run_id
-                                ),
-                                vec![],
-                            )
-                        } else {
-                            (
-                                format!("executed: compared with run {}:", p.run_id),
-                                changes,
-                            )
-                        }
-                    }
-                    _ => ("executed: no earlier execution of this step".into(), vec![]),
-                }
-            }
-        }
-    };
-    Ok(Explanation {
-        explanation,
-        changes,
-        compared_with: prev.map(|p| p.run_id),
-    })
 }

@@ -1,0 +1,284 @@
+//! The planner answers "does step i run, under which key, and why". It reads the
+//! store and never runs anything. [`Planner::decide`] is the only reuse decision:
+//! `millrace plan` ([`Planner::plan`], a dry walk) and the run's scheduler both
+//! call it, so a plan cannot promise a reuse that the run will not make.
+//!
+//! - [`key`]: the cache key's parts ([`KeyParts`]) and the container settings in it.
+//! - [`code`]: what a step's code is, as a digest (memoised per run).
+//! - [`inputs`]: the pipeline's inputs hashed or snapshotted, and what each step
+//!   reads ([`Known`]).
+//! - [`explain`]: why a step runs or ran, in the words `plan`, `millrace explain`,
+//!   the API and the UI show.
+
+pub mod code;
+pub mod explain;
+pub mod inputs;
+pub mod key;
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::config::Datastores;
+use crate::definition::{ParamValue, Pipeline, StepKind};
+use crate::executor::container::ResolvedImage;
+use crate::graph::Graph;
+use crate::store::Store;
+use crate::store::artifacts::Mode;
+use crate::store::db::DbError;
+use code::Memo;
+pub use explain::{Explanation, Reason, explain};
+pub use inputs::{InputMode, Known, pipeline_inputs};
+pub use key::{
+    KeyParts, container_command, interpolated, key_parts, param_env_name, params_json, short,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("input `{name}`: {detail}")]
+    Input { name: String, detail: String },
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+/// An earlier execution whose outputs can stand in for a step's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reusable {
+    pub run: i64,
+    pub step: String,
+    /// (output name, artifact digest), every one verified intact.
+    pub outputs: Vec<(String, String)>,
+}
+
+/// What a step does, as [`Planner::decide`] sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// The outputs of `from` stand in for the step's.
+    Reuse { key: KeyParts, from: Reusable },
+    /// The step executes under `key`; `reason` says why it is not reused.
+    Run { key: KeyParts, reason: Reason },
+    /// Decided once these upstream steps are settled: their outputs are not known
+    /// yet (in a plan: they will run; unchanged outputs still allow reuse).
+    Pending { upstream: Vec<usize> },
+    /// The step has no key: its code cannot be read, or its image did not resolve.
+    /// A run fails it without an attempt.
+    Unkeyed { error: String },
+}
+
+/// What `plan` shows for one step (its JSON is `millrace plan --json`'s).
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "decision", rename_all = "snake_case")]
+pub enum Planned {
+    /// Outputs of an earlier execution with the same key are present and intact.
+    Reuse { run: i64, step: String },
+    /// Will execute; `reason` says why.
+    Run { reason: String },
+    /// Depends on a step that will execute: decided once that step's outputs exist
+    /// (unchanged outputs still allow reuse).
+    Pending { upstream: Vec<String> },
+}
+
+/// One pipeline's reuse decisions under one set of params.
+pub struct Planner {
+    store: Arc<Store>,
+    pipeline: Arc<Pipeline>,
+    graph: Graph,
+    params: Arc<[(String, ParamValue)]>,
+    /// Container steps' images, resolved before planning.
+    images: Arc<HashMap<usize, Result<ResolvedImage, String>>>,
+    datastores: Datastores,
+    /// Shared with the run's attempts, which read the same code.
+    memo: Arc<Memo>,
+    no_reuse: bool,
+    /// A resumed run, and its steps that completed before the resume.
+    resumed: Option<(i64, HashSet<usize>)>,
+}
+
+impl Planner {
+    pub fn new(
+        store: Arc<Store>,
+        pipeline: Arc<Pipeline>,
+        params: Arc<[(String, ParamValue)]>,
+        images: Arc<HashMap<usize, Result<ResolvedImage, String>>>,
+        datastores: Datastores,
+        no_reuse: bool,
+    ) -> Planner {
+        Planner {
+            store,
+            graph: Graph::new(&pipeline),
+            pipeline,
+            params,
+            images,
+            datastores,
+            memo: Arc::default(),
+            no_reuse,
+            resumed: None,
+        }
+    }
+
+    /// For run `run`, in which the steps `completed` finished before a resume:
+    /// they keep their own outputs while those are intact.
+    pub fn resuming(mut self, run: i64, completed: HashSet<usize>) -> Planner {
+        self.resumed = Some((run, completed));
+        self
+    }
+
+    /// The code digests computed so far, shared with whoever reads the same code.
+    pub fn memo(&self) -> Arc<Memo> {
+        self.memo.clone()
+    }
+
+    /// Does step `i` run, under which key, and why. `known` holds what its
+    /// upstream steps produced.
+    pub fn decide(&self, i: usize, known: &Known) -> Result<Decision, PlanError> {
+        let upstream: Vec<usize> = self.graph.deps[i]
+            .iter()
+            .copied()
+            .filter(|&d| !known.is_settled(d))
+            .collect();
+        if !upstream.is_empty() {
+            return Ok(Decision::Pending { upstream });
+        }
+        let Some(inputs) = known.step_inputs(&self.pipeline, i) else {
+            // Settled upstream without an output this step reads.
+            return Ok(Decision::Pending {
+                upstream: self.graph.deps[i].clone(),
+            });
+        };
+        let step = &self.pipeline.steps[i];
+        let code = match code::code_of(&self.memo, &self.images, &self.store, &self.pipeline, i) {
+            Ok(c) => c,
+            Err(error) => return Ok(Decision::Unkeyed { error }),
+        };
+        let key = key_parts(step, &self.params, &code, inputs);
+        if let Some((run, completed)) = &self.resumed
+            && completed.contains(&i)
+        {
+            return Ok(match self.reuse_own(*run, i) {
+                Some(from) => Decision::Reuse { key, from },
+                None => Decision::Run {
+                    key,
+                    reason: Reason::LostSinceResume,
+                },
+            });
+        }
+        let reason = if !step.reuse {
+            Reason::ReuseOff
+        } else if self.no_reuse {
+            Reason::NoReuse
+        } else {
+            match self.cached_outputs(i, &key.key())? {
+                None => Reason::NotCached,
+                Some(from) => match self.destination(i) {
+                    // A transfer is reused only while the destination still holds
+                    // the artifact.
+                    Some(destination) if !self.holds(&destination, key.inputs.get("from")) => {
+                        Reason::DestinationChanged {
+                            run: from.run,
+                            destination,
+                        }
+                    }
+                    _ => return Ok(Decision::Reuse { key, from }),
+                },
+            }
+        };
+        Ok(Decision::Run { key, reason })
+    }
+
+    /// `millrace plan`: every step's decision, in graph order, without running
+    /// anything. A step that will run settles nothing, so what reads its outputs
+    /// is pending.
+    pub fn plan(
+        &self,
+        inputs: HashMap<String, String>,
+    ) -> Result<Vec<(String, Planned)>, PlanError> {
+        let p = &self.pipeline;
+        let mut known = Known::new(inputs, p.steps.len());
+        let mut out = Vec::new();
+        for &i in &self.graph.order {
+            let name = p.steps[i].name.get_ref();
+            let planned = match self.decide(i, &known)? {
+                Decision::Reuse { from, .. } => {
+                    let run = from.run;
+                    known.settle(i, from.outputs);
+                    Planned::Reuse {
+                        run,
+                        step: name.clone(),
+                    }
+                }
+                Decision::Run { key, reason } => Planned::Run {
+                    reason: explain::why_run(&self.store, p.name.get_ref(), name, &key, &reason)?,
+                },
+                Decision::Pending { upstream } => Planned::Pending {
+                    upstream: upstream
+                        .iter()
+                        .map(|&d| p.steps[d].name.get_ref().clone())
+                        .collect(),
+                },
+                Decision::Unkeyed { error } => Planned::Run { reason: error },
+            };
+            out.push((name.clone(), planned));
+        }
+        Ok(out)
+    }
+
+    /// Where a transfer step publishes; `None` for any other step.
+    pub fn destination(&self, i: usize) -> Option<PathBuf> {
+        match &self.pipeline.steps[i].kind {
+            StepKind::Transfer { to, datastore, .. } => Some(
+                self.datastores
+                    .path(datastore.get_ref(), &self.pipeline.dir)
+                    .join(to.get_ref()),
+            ),
+            _ => None,
+        }
+    }
+
+    /// Whether `destination` holds exactly the artifact `digest`.
+    fn holds(&self, destination: &std::path::Path, digest: Option<&String>) -> bool {
+        let current = destination
+            .exists()
+            .then(|| self.store.ingest(destination, Mode::Hash).ok())
+            .flatten();
+        current.map(|c| c.digest).as_ref() == digest
+    }
+
+    /// The outputs of the execution a cache key points at, if all are intact.
+    fn cached_outputs(&self, i: usize, key: &str) -> Result<Option<Reusable>, DbError> {
+        let Some((run, step)) = self.store.db().read().cache_entry(key)? else {
+            return Ok(None);
+        };
+        let outs = self.store.db().read().step_outputs(run, &step)?;
+        if outs.len() != self.pipeline.steps[i].outputs.len() {
+            return Ok(None);
+        }
+        for (_, digest) in &outs {
+            if self.store.verify(digest).is_err() {
+                return Ok(None);
+            }
+        }
+        Ok(Some(Reusable {
+            run,
+            step,
+            outputs: outs,
+        }))
+    }
+
+    /// A step that completed in run `run` before a resume: its recorded outputs.
+    fn reuse_own(&self, run: i64, i: usize) -> Option<Reusable> {
+        let name = self.pipeline.steps[i].name.get_ref();
+        let outs = self.store.db().read().step_outputs(run, name).ok()?;
+        outs.iter()
+            .all(|(_, d)| self.store.verify(d).is_ok())
+            .then(|| Reusable {
+                run,
+                step: name.clone(),
+                outputs: outs,
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests;
