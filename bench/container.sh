@@ -31,7 +31,7 @@ for _ in $(seq "$reps"); do
     "$bin" --state "$work/state" run "$work/trivial.toml" >/dev/null 2>&1
     echo $((($(date +%s%N) - t0) / 1000000)) >>"$work/wall.ms"
     "$bin" --state "$work/state" --json runs show latest |
-        python3 -c 'import json,sys; s=json.load(sys.stdin)["steps"][0]["step"]; print(s["finished_at"]-s["started_at"])' >>"$work/step.ms"
+        python3 -c 'import json,sys; s=json.load(sys.stdin)["steps"][0]; print(s["finished_at"]-s["started_at"])' >>"$work/step.ms"
 done
 : >"$work/podman.ms"
 if command -v podman >/dev/null; then

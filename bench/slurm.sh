@@ -43,7 +43,7 @@ TOML
     for _ in $(seq "$reps"); do
         "$bin" --state "$work/state" run "$work/$where.toml" --config "$work/millrace.toml" >/dev/null 2>&1
         "$bin" --state "$work/state" --json runs show latest |
-            python3 -c 'import json,sys; s=json.load(sys.stdin)["steps"][0]["step"]; print(s["finished_at"]-s["started_at"])' >>"$work/$where.ms"
+            python3 -c 'import json,sys; s=json.load(sys.stdin)["steps"][0]; print(s["finished_at"]-s["started_at"])' >>"$work/$where.ms"
     done
 done
 python3 - "$work" "$reps" <<'PY'

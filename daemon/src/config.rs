@@ -590,7 +590,7 @@ partition = "gpu"
         );
         assert!(c.computes["engine"].pull);
         let env = c.environment();
-        let (_, report) = crate::definition::parse(
+        let (_, report) = crate::graph::parse(
             Path::new("/x/p/a.toml"),
             "[[step]]\nname = \"a\"\ntransfer = { from = \"inputs.x\", to = \"y\" }\n[[step]]\nname = \"w\"\nwasm = \"w.wasm\"\ncompute = \"engine\"\n[[step]]\nname = \"c\"\ncontainer = { image = \"i\" }\ncompute = \"engine\"\n[[step]]\nname = \"l\"\ncontainer = { image = \"i\" }\ncompute = \"box\"\n".into(),
             &env,

@@ -3,7 +3,8 @@
 //!
 //! The walk is by hand over `toml`'s spanned document (not serde with
 //! `deny_unknown_fields`) because serde stops at the first error and we report all.
-//! Checks that need the whole pipeline (references, cycles) live in [`crate::graph`].
+//! Checks that need the whole pipeline (references, cycles) come after, in
+//! [`crate::graph`], whose `load` and `parse` read a pipeline file completely.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -12,7 +13,7 @@ use std::time::Duration;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
-use crate::diagnostic::{Diagnostic, Report, SourceFile, Span, closest, display_path};
+use crate::diagnostic::{Diagnostic, SourceFile, Span, closest, display_path};
 
 pub type Sp<T> = Spanned<T>;
 
@@ -340,51 +341,32 @@ pub const MAX_GLOB_CHARS: usize = 1024;
 /// Largest linear memory a wasm32 guest can address.
 pub const WASM32_MAX_MEMORY: u64 = 4 << 30;
 
-/// Reads and checks a pipeline file. The [`Report`] carries every diagnostic; the
-/// pipeline is `Some` only when there is no error.
-/// A file that is not UTF-8 is reported at its first invalid byte.
-pub fn load(path: &Path, env: &Environment) -> Result<(Option<Pipeline>, Report), std::io::Error> {
-    let bytes = std::fs::read(path)?;
-    let path = std::path::absolute(path)?;
-    Ok(parse_bytes(&path, bytes, env))
-}
-
-/// Checks a pipeline file's bytes: [`parse`] once they are UTF-8 text.
-pub fn parse_bytes(path: &Path, bytes: Vec<u8>, env: &Environment) -> (Option<Pipeline>, Report) {
-    match SourceFile::decode(path, bytes) {
-        Ok(source) => parse(path, source.text, env),
-        Err(report) => (None, report),
-    }
-}
-
-/// Checks a pipeline file's text. `path` names the file in diagnostics and anchors
-/// relative paths.
-pub fn parse(path: &Path, text: String, env: &Environment) -> (Option<Pipeline>, Report) {
+/// Walks a pipeline file's text: every mistake in its keys and values, each at
+/// its span. The checks that need the whole pipeline (references, cycles) come
+/// after, in [`crate::graph::parse`], which is what readers of pipeline files call.
+/// `path` names the file in diagnostics and anchors relative paths.
+pub fn walk(
+    path: &Path,
+    text: String,
+    env: &Environment,
+) -> (Option<Pipeline>, SourceFile, Vec<Diagnostic>) {
     let source = SourceFile::new(path, text);
     crate::diagnostic::reset_hint_budget();
     let mut w = Walker { diags: Vec::new() };
-    let pipeline = {
-        let (doc, errors) = DeTable::parse_recoverable(&source.text);
-        for e in &errors {
-            let span = e.span().unwrap_or(0..0);
-            w.diags.push(Diagnostic::error(
-                span,
-                format!("invalid TOML: {}", e.message().trim()),
-            ));
-        }
-        if errors.is_empty() {
-            w.pipeline(doc.get_ref(), path, &source.text, env)
-        } else {
-            None
-        }
-    };
-    let mut diagnostics = w.diags;
-    if let Some(p) = &pipeline {
-        crate::graph::check(p, &mut diagnostics);
+    let (doc, errors) = DeTable::parse_recoverable(&source.text);
+    for e in &errors {
+        let span = e.span().unwrap_or(0..0);
+        w.diags.push(Diagnostic::error(
+            span,
+            format!("invalid TOML: {}", e.message().trim()),
+        ));
     }
-    let report = Report::new(source, diagnostics);
-    let pipeline = if report.has_errors() { None } else { pipeline };
-    (pipeline, report)
+    let pipeline = if errors.is_empty() {
+        w.pipeline(doc.get_ref(), path, &source.text, env)
+    } else {
+        None
+    };
+    (pipeline, source, w.diags)
 }
 
 const PIPELINE_KEYS: &[&str] = &[
@@ -1976,7 +1958,7 @@ mod tests {
     }
 
     fn check(text: &str) -> String {
-        let (_, r) = parse(
+        let (_, r) = crate::graph::parse(
             Path::new("/nowhere/p.toml"),
             text.into(),
             &Environment::default(),

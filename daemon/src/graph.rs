@@ -1,12 +1,43 @@
 //! The execution graph: steps connected by their data references (`step.output`) and
 //! `after` edges. [`check`] reports every bad reference and names each cycle;
-//! [`Graph`] is the validated DAG the planner and the run walk.
+//! [`Graph`] is the validated DAG the planner and the run walk. [`load`] and
+//! [`parse`] read a pipeline file completely: the walk of
+//! [`crate::definition`], then these checks.
 
 use std::collections::HashMap;
-use std::fmt::Write;
+use std::path::Path;
 
-use crate::definition::{Pipeline, Reference, Sp, StepKind};
-use crate::diagnostic::{Diagnostic, closest};
+use crate::definition::{Environment, Pipeline, Reference, Sp};
+use crate::diagnostic::{Diagnostic, Report, SourceFile, closest};
+
+/// Reads and checks a pipeline file. The [`Report`] carries every diagnostic; the
+/// pipeline is `Some` only when there is no error.
+/// A file that is not UTF-8 is reported at its first invalid byte.
+pub fn load(path: &Path, env: &Environment) -> Result<(Option<Pipeline>, Report), std::io::Error> {
+    let bytes = std::fs::read(path)?;
+    let path = std::path::absolute(path)?;
+    Ok(parse_bytes(&path, bytes, env))
+}
+
+/// Checks a pipeline file's bytes: [`parse`] once they are UTF-8 text.
+pub fn parse_bytes(path: &Path, bytes: Vec<u8>, env: &Environment) -> (Option<Pipeline>, Report) {
+    match SourceFile::decode(path, bytes) {
+        Ok(source) => parse(path, source.text, env),
+        Err(report) => (None, report),
+    }
+}
+
+/// Checks a pipeline file's text: its keys and values, then its references and
+/// cycles. `path` names the file in diagnostics and anchors relative paths.
+pub fn parse(path: &Path, text: String, env: &Environment) -> (Option<Pipeline>, Report) {
+    let (pipeline, source, mut diagnostics) = crate::definition::walk(path, text, env);
+    if let Some(p) = &pipeline {
+        check(p, &mut diagnostics);
+    }
+    let report = Report::new(source, diagnostics);
+    let pipeline = if report.has_errors() { None } else { pipeline };
+    (pipeline, report)
+}
 
 /// Whole-pipeline checks: duplicate steps, references, `after`, cycles.
 pub fn check(p: &Pipeline, diags: &mut Vec<Diagnostic>) {
@@ -273,180 +304,4 @@ impl Graph {
         }
         cycles
     }
-
-    /// Renders the graph as `text`, `dot` or `mermaid`.
-    pub fn render(&self, p: &Pipeline, format: GraphFormat) -> String {
-        let mut out = String::new();
-        let edges = || {
-            self.order.iter().flat_map(move |&i| {
-                let s = &p.steps[i];
-                self.deps[i].iter().map(move |&d| {
-                    let label: Vec<String> = s
-                        .references()
-                        .filter_map(|(_, r)| match r.get_ref() {
-                            Reference::Output { step, output }
-                                if step == p.steps[d].name.get_ref() =>
-                            {
-                                Some(output.clone())
-                            }
-                            _ => None,
-                        })
-                        .collect();
-                    (d, i, label.join(", "))
-                })
-            })
-        };
-        let input_edges = || {
-            self.order.iter().flat_map(move |&i| {
-                let s = &p.steps[i];
-                s.references().filter_map(move |(_, r)| match r.get_ref() {
-                    Reference::Input(name) => Some((name.clone(), i)),
-                    _ => None,
-                })
-            })
-        };
-        match format {
-            GraphFormat::Text => {
-                let _ = writeln!(
-                    out,
-                    "pipeline {} ({} steps)",
-                    p.name.get_ref(),
-                    p.steps.len()
-                );
-                let width = p
-                    .steps
-                    .iter()
-                    .map(|s| s.name.get_ref().len())
-                    .max()
-                    .unwrap_or(0);
-                for &i in &self.order {
-                    let s = &p.steps[i];
-                    let mut from: Vec<String> = s
-                        .inputs
-                        .iter()
-                        .map(|(m, r)| format!("{}={}", m.get_ref(), r.get_ref()))
-                        .collect();
-                    if let StepKind::Transfer {
-                        from: f,
-                        to,
-                        datastore,
-                    } = &s.kind
-                    {
-                        from.push(format!(
-                            "{} → {}:{}",
-                            f.get_ref(),
-                            datastore.get_ref(),
-                            to.get_ref()
-                        ));
-                    }
-                    from.extend(s.after.iter().map(|a| format!("after {}", a.get_ref())));
-                    let outputs: Vec<&str> =
-                        s.outputs.iter().map(|o| o.get_ref().as_str()).collect();
-                    let _ = write!(
-                        out,
-                        "  {:width$}  {:8}",
-                        s.name.get_ref(),
-                        s.kind.runtime_name()
-                    );
-                    if !from.is_empty() {
-                        let _ = write!(out, "  ← {}", from.join(", "));
-                    }
-                    if !outputs.is_empty() {
-                        let _ = write!(out, "  → {}", outputs.join(", "));
-                    }
-                    out.push('\n');
-                }
-            }
-            GraphFormat::Dot => {
-                let _ = writeln!(
-                    out,
-                    "digraph \"{}\" {{\n  rankdir=LR;\n  node [shape=box];",
-                    p.name.get_ref()
-                );
-                for inp in &p.inputs {
-                    let _ = writeln!(
-                        out,
-                        "  \"inputs.{0}\" [shape=cylinder, label=\"{0}\"];",
-                        inp.name.get_ref()
-                    );
-                }
-                for &i in &self.order {
-                    let s = &p.steps[i];
-                    let _ = writeln!(
-                        out,
-                        "  \"{0}\" [label=\"{0}\\n({1})\"];",
-                        s.name.get_ref(),
-                        s.kind.runtime_name()
-                    );
-                }
-                for (name, i) in input_edges() {
-                    let _ = writeln!(
-                        out,
-                        "  \"inputs.{name}\" -> \"{}\";",
-                        p.steps[i].name.get_ref()
-                    );
-                }
-                for (d, i, label) in edges() {
-                    let _ = writeln!(
-                        out,
-                        "  \"{}\" -> \"{}\" [label=\"{label}\"];",
-                        p.steps[d].name.get_ref(),
-                        p.steps[i].name.get_ref()
-                    );
-                }
-                out.push_str("}\n");
-            }
-            GraphFormat::Mermaid => {
-                out.push_str("flowchart LR\n");
-                let id = |s: &str| s.replace('-', "_");
-                for inp in &p.inputs {
-                    let _ = writeln!(
-                        out,
-                        "  in_{}[(\"{}\")]",
-                        id(inp.name.get_ref()),
-                        inp.name.get_ref()
-                    );
-                }
-                for &i in &self.order {
-                    let s = &p.steps[i];
-                    let _ = writeln!(
-                        out,
-                        "  {}[\"{} ({})\"]",
-                        id(s.name.get_ref()),
-                        s.name.get_ref(),
-                        s.kind.runtime_name()
-                    );
-                }
-                for (name, i) in input_edges() {
-                    let _ = writeln!(
-                        out,
-                        "  in_{} --> {}",
-                        id(&name),
-                        id(p.steps[i].name.get_ref())
-                    );
-                }
-                for (d, i, label) in edges() {
-                    let arrow = if label.is_empty() {
-                        "-->".to_string()
-                    } else {
-                        format!("-->|{label}|")
-                    };
-                    let _ = writeln!(
-                        out,
-                        "  {} {arrow} {}",
-                        id(p.steps[d].name.get_ref()),
-                        id(p.steps[i].name.get_ref())
-                    );
-                }
-            }
-        }
-        out
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum GraphFormat {
-    Text,
-    Dot,
-    Mermaid,
 }

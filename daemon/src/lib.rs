@@ -11,8 +11,10 @@
 //! - [`config`]: the daemon config (pipelines directory, state, API, datastores,
 //!   compute targets: local, container engines, Slurm clusters).
 //! - [`definition`]: a pipeline file → [`definition::Pipeline`], every mistake reported.
-//! - [`graph`]: references and cycles checked; the DAG of steps; text/dot/mermaid.
-//! - [`module`]: the versioned module registry; `module = "name@^1.2"` resolution.
+//! - [`graph`]: references and cycles checked; the DAG of steps; [`graph::load`]
+//!   reads a pipeline file completely (the walk, then these checks).
+//! - [`module`]: the versioned module registry; `module = "name@^1.2"` resolution;
+//!   the registry's rules (publish, deprecate, disable, enable, default).
 //! - [`trigger`]: cron schedules (DST-aware) and watched globs.
 //! - [`planner`]: does a step run, under which key, and why: cache keys over code,
 //!   inputs, params, args and env ([`planner::key`], [`planner::code`],
@@ -26,7 +28,9 @@
 //!   [`executor::slurm`] (a wasm or Python step as a Slurm batch job).
 //! - [`run`]: one run's scheduler: parallel steps (each decided by the planner),
 //!   retries, skips, resume.
-//! - [`store`]: SQLite records and the BLAKE3 artifact store.
+//! - [`store`]: SQLite records, the BLAKE3 artifact store, and `gc`.
+//! - [`view`]: what readers are shown: one [`view::RunView`] for the API,
+//!   `runs show --json` and the UI, with the OpenAPI schemas.
 //! - [`daemon`]: the service, one library function ([`daemon::serve`]: a config, a
 //!   bound listener, a stream of [`daemon::signal::Signal`]s): the pipeline
 //!   registry and its hot reload (`daemon/pipelines.rs`), cron, watch and `after`
@@ -34,7 +38,8 @@
 //!   concurrency (`daemon/queue.rs`), crash recovery (`daemon/recover.rs`), the
 //!   process's signals ([`daemon::signal`]), the REST API with its OpenAPI document
 //!   and the web UI ([`daemon::api`]) and Prometheus metrics ([`daemon::metrics`]).
-//! - [`cli`]: the `millrace` command line over all of the above.
+//! - [`cli`]: the `millrace` command line over all of the above, by command group;
+//!   its exit codes in one place (`cli/error.rs`); graph drawing (`cli/graph.rs`).
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
@@ -51,3 +56,4 @@ pub mod planner;
 pub mod run;
 pub mod store;
 pub mod trigger;
+pub mod view;

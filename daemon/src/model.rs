@@ -94,6 +94,17 @@ status_enum! {
 }
 
 impl RunStatus {
+    /// The status a reader is shown: a run still marked running whose process is
+    /// gone was interrupted. `driven` says whether a process holds the run's lock
+    /// (`run::RunLock::is_held`); it is asked only about a running run.
+    pub fn shown(self, driven: impl FnOnce() -> bool) -> RunStatus {
+        if self == RunStatus::Running && !driven() {
+            RunStatus::Interrupted
+        } else {
+            self
+        }
+    }
+
     /// No process drives the run any more. An interrupted run is terminal too: it
     /// starts again only when something resumes it.
     pub fn is_terminal(self) -> bool {
@@ -192,6 +203,19 @@ pub const DEFAULT_MEMORY: u64 = 2 << 30;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_running_run_nobody_drives_is_shown_interrupted() {
+        assert_eq!(RunStatus::Running.shown(|| true), RunStatus::Running);
+        assert_eq!(RunStatus::Running.shown(|| false), RunStatus::Interrupted);
+        let asked = std::cell::Cell::new(false);
+        let failed = RunStatus::Failed.shown(|| {
+            asked.set(true);
+            false
+        });
+        assert_eq!(failed, RunStatus::Failed);
+        assert!(!asked.get(), "the lock is looked at only for a running run");
+    }
 
     /// The text is what the store holds and the API prints: serde, Display and
     /// FromStr agree on it, for every state.

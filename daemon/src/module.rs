@@ -6,6 +6,9 @@
 //! status is `active`, `deprecated` or `disabled`, and every change is kept in
 //! `module_events`. A pipeline step says `module = "name"`, `"name@1.2.0"` or
 //! `"name@^1.2"`; [`ModuleIndex::resolve`] picks the version at validation time.
+//! The registry's rules live here too, for every caller (the CLI today, the API
+//! later): what may be published ([`check_publish`], [`record`]), deprecated,
+//! disabled ([`check_disable`]), enabled or made the default.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -13,44 +16,16 @@ use std::sync::Arc;
 
 use semver::{Version, VersionReq};
 
-/// One published version.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct ModuleVersion {
-    pub name: String,
-    pub version: String,
-    /// `wasm` or `python`.
-    pub kind: String,
-    pub digest: String,
-    /// The artifact (a tree) that holds the code in the store.
-    pub artifact: String,
-    pub size: u64,
-    /// The entry script of a Python module.
-    pub entry: Option<String>,
-    pub description: Option<String>,
-    pub status: String,
-    /// The deprecation (or disable) message.
-    pub message: Option<String>,
-    pub published_at: i64,
-}
+pub use crate::store::db::ModuleVersion;
 
-impl ModuleVersion {
-    pub fn semver(&self) -> Option<Version> {
-        Version::parse(&self.version).ok()
-    }
-
-    pub fn id(&self) -> String {
-        format!("{}@{}", self.name, self.version)
-    }
-
-    /// "module `n@v` is deprecated: use 1.1"
-    fn status_line(&self) -> String {
-        let why = self
-            .message
-            .as_deref()
-            .map(|m| format!(": {m}"))
-            .unwrap_or_default();
-        format!("module `{}` is {}{why}", self.id(), self.status)
-    }
+/// "module `n@v` is deprecated: use 1.1"
+fn status_line(m: &ModuleVersion) -> String {
+    let why = m
+        .message
+        .as_deref()
+        .map(|m| format!(": {m}"))
+        .unwrap_or_default();
+    format!("module `{}` is {}{why}", m.id(), m.status)
 }
 
 /// A snapshot of the registry, for resolving `module = "…"` while a pipeline is
@@ -269,7 +244,7 @@ impl ModuleIndex {
         };
         if chosen.status == "disabled" {
             return Err(ResolveError {
-                message: chosen.status_line(),
+                message: status_line(chosen),
                 help: Some(format!(
                     "{}; pin another version, or `millrace module enable {}`",
                     self.listing(&name),
@@ -277,7 +252,7 @@ impl ModuleIndex {
                 )),
             });
         }
-        let warning = (chosen.status == "deprecated").then(|| chosen.status_line());
+        let warning = (chosen.status == "deprecated").then(|| status_line(chosen));
         let objects = self.objects.clone().unwrap_or_default();
         let path = if chosen.kind == "wasm" {
             objects
@@ -296,6 +271,250 @@ impl ModuleIndex {
             warning,
         })
     }
+}
+
+/// Why the registry refuses a change.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The request breaks a rule of the registry, or names what it does not hold.
+    #[error("{0}")]
+    Refused(String),
+    #[error(transparent)]
+    Db(#[from] crate::store::db::DbError),
+}
+
+fn refused(message: impl Into<String>) -> RegistryError {
+    RegistryError::Refused(message.into())
+}
+
+/// What a version's code is, once [`check_publish`] accepted it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CodeKind {
+    /// A .wasm file (component or module).
+    Wasm,
+    /// A Python code directory with an entry script.
+    Python,
+}
+
+impl CodeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CodeKind::Wasm => "wasm",
+            CodeKind::Python => "python",
+        }
+    }
+}
+
+/// A publish request that passed the rules: the version, normalised, and the kind
+/// of code at the path.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    pub version: String,
+    pub kind: CodeKind,
+    pub entry: Option<String>,
+}
+
+/// The rules a new version must pass before its code enters the store: a module
+/// name, a semver version without build metadata (at most 64 characters), and
+/// either a WebAssembly file or a directory with `entry`, a `.py` file inside it.
+pub fn check_publish(
+    path: &std::path::Path,
+    name: &str,
+    version: &str,
+    entry: Option<String>,
+) -> Result<Checked, RegistryError> {
+    if !valid_name(name) {
+        return Err(refused(format!(
+            "`{name}` is not a module name: lowercase letters, digits and `-`"
+        )));
+    }
+    let parsed = Version::parse(version).map_err(|e| {
+        refused(format!(
+            "`{version}` is not a semver version ({e}); write MAJOR.MINOR.PATCH, e.g. 1.2.0"
+        ))
+    })?;
+    if !parsed.build.is_empty() || version.len() > 64 {
+        return Err(refused(format!(
+            "`{version}`: write MAJOR.MINOR.PATCH[-PRERELEASE] without build metadata (`+…`), at most 64 characters"
+        )));
+    }
+    let meta = std::fs::metadata(path)
+        .map_err(|e| refused(format!("cannot read {}: {e}", path.display())))?;
+    let (kind, entry) = if meta.is_dir() {
+        let Some(entry) = entry else {
+            return Err(refused(format!(
+                "{} is a directory: a Python module needs --entry SCRIPT.py",
+                path.display()
+            )));
+        };
+        let inside = std::path::Path::new(&entry)
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+        if !inside || !entry.ends_with(".py") || !path.join(&entry).is_file() {
+            return Err(refused(format!(
+                "--entry {entry}: no such .py file in {}",
+                path.display()
+            )));
+        }
+        (CodeKind::Python, Some(entry))
+    } else {
+        if entry.is_some() {
+            return Err(refused("--entry applies to a Python code directory"));
+        }
+        let mut magic = [0u8; 4];
+        let is_wasm = std::fs::File::open(path)
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+            .is_ok()
+            && magic == *b"\0asm";
+        if !is_wasm {
+            return Err(refused(format!(
+                "{} is not a WebAssembly file (component or module)",
+                path.display()
+            )));
+        }
+        (CodeKind::Wasm, None)
+    };
+    Ok(Checked {
+        version: parsed.to_string(),
+        kind,
+        entry,
+    })
+}
+
+/// Records a version whose code is in the store. Versions are immutable: the same
+/// content again is no change (`Ok(false)`), other content, or the same content
+/// as another kind or entry, is refused. `Ok(true)`: newly published.
+pub fn record(store: &crate::store::Store, m: &ModuleVersion) -> Result<bool, RegistryError> {
+    let existing = store.db().batch(|b| b.publish_module(m))?;
+    match existing {
+        None => Ok(true),
+        Some(d) if d == m.digest => {
+            let recorded = store.db().read().module_versions(Some(&m.name))?;
+            if let Some(r) = recorded.iter().find(|r| r.version == m.version)
+                && (r.kind != m.kind || r.entry != m.entry)
+            {
+                return Err(refused(format!(
+                    "{} is already published with this content but as {} (entry {}); versions are immutable, publish a new version",
+                    m.id(),
+                    r.kind,
+                    r.entry.as_deref().unwrap_or("-")
+                )));
+            }
+            Ok(false)
+        }
+        Some(d) => Err(refused(format!(
+            "{} is already published with other content: registry {d}, this {}; versions are immutable, publish a new version",
+            m.id(),
+            m.digest
+        ))),
+    }
+}
+
+/// NAME@VERSION (exact) in the registry, or a refusal listing what exists.
+pub fn find(store: &crate::store::Store, spec: &str) -> Result<ModuleVersion, RegistryError> {
+    let Some((name, version)) = spec.split_once('@') else {
+        return Err(refused(format!("write NAME@VERSION, e.g. {spec}@1.0.0")));
+    };
+    let versions = store.db().read().module_versions(Some(name))?;
+    if versions.is_empty() {
+        return Err(refused(format!("unknown module `{name}`")));
+    }
+    let want = Version::parse(version).ok();
+    versions
+        .iter()
+        .find(|m| m.version == version || (want.is_some() && m.semver() == want))
+        .cloned()
+        .ok_or_else(|| {
+            let list: Vec<&str> = versions.iter().map(|m| m.version.as_str()).collect();
+            refused(format!(
+                "module `{name}` has no version {version} (versions: {})",
+                list.join(", ")
+            ))
+        })
+}
+
+/// Deprecates a version: it still runs, with a warning. A disabled version must be
+/// enabled first.
+pub fn deprecate(
+    store: &crate::store::Store,
+    m: &ModuleVersion,
+    message: Option<&str>,
+) -> Result<(), RegistryError> {
+    if m.status == "disabled" {
+        return Err(refused(format!(
+            "{} is disabled; `millrace module enable {}` first if it should run again",
+            m.id(),
+            m.id()
+        )));
+    }
+    store
+        .db()
+        .read()
+        .set_module_status(&m.name, &m.version, "deprecated", message)?;
+    Ok(())
+}
+
+/// Whether `disable` may go ahead: not the default of its name, and no pipeline
+/// (`resolving` of them, counted by the caller) resolves to it, unless `force`.
+pub fn check_disable(
+    store: &crate::store::Store,
+    m: &ModuleVersion,
+    resolving: usize,
+    force: bool,
+) -> Result<(), RegistryError> {
+    let is_default = store.db().read().module_defaults()?.get(&m.name) == Some(&m.version);
+    if is_default && !force {
+        return Err(refused(format!(
+            "{} is the default of `{}`: `module = \"{}\"` would fail validation; make another version the default, or pass --force",
+            m.id(),
+            m.name,
+            m.name
+        )));
+    }
+    if resolving > 0 && !force {
+        return Err(refused(format!(
+            "{resolving} pipeline(s) still resolve to {}: they would fail validation; pin them to another version, or pass --force",
+            m.id()
+        )));
+    }
+    Ok(())
+}
+
+/// Disables a version that passed [`check_disable`]: pipelines resolving to it
+/// fail validation.
+pub fn disable(
+    store: &crate::store::Store,
+    m: &ModuleVersion,
+    message: Option<&str>,
+) -> Result<(), RegistryError> {
+    store
+        .db()
+        .read()
+        .set_module_status(&m.name, &m.version, "disabled", message)?;
+    Ok(())
+}
+
+/// Makes a deprecated or disabled version active again.
+pub fn enable(store: &crate::store::Store, m: &ModuleVersion) -> Result<(), RegistryError> {
+    store
+        .db()
+        .read()
+        .set_module_status(&m.name, &m.version, "active", None)?;
+    Ok(())
+}
+
+/// Makes `m` what `module = "NAME"` resolves to; a disabled version cannot be.
+pub fn make_default(store: &crate::store::Store, m: &ModuleVersion) -> Result<(), RegistryError> {
+    if m.status == "disabled" {
+        return Err(refused(format!(
+            "{} is disabled: enable it before making it the default",
+            m.id()
+        )));
+    }
+    store
+        .db()
+        .batch(|b| b.set_module_default(&m.name, &m.version))?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -340,6 +559,36 @@ mod tests {
         i.resolve(spec)
             .map(|r| r.module.version)
             .map_err(|e| e.message)
+    }
+
+    #[test]
+    fn publishing_needs_a_name_a_plain_semver_and_wasm_or_an_entry_script() {
+        let dir = tempfile::tempdir().unwrap();
+        let wasm = dir.path().join("a.wasm");
+        std::fs::write(&wasm, b"\0asm\x01\0\0\0").unwrap();
+        let code = dir.path().join("code");
+        std::fs::create_dir(&code).unwrap();
+        std::fs::write(code.join("main.py"), "print(1)\n").unwrap();
+        let refused = |path: &std::path::Path, name: &str, version: &str, entry: Option<&str>| {
+            match check_publish(path, name, version, entry.map(str::to_string)) {
+                Err(RegistryError::Refused(m)) => m,
+                other => panic!("{name}@{version}: {other:?}"),
+            }
+        };
+        let ok = check_publish(&wasm, "clean", "1.2.0", None).unwrap();
+        assert_eq!((ok.kind, ok.version.as_str()), (CodeKind::Wasm, "1.2.0"));
+        let py = check_publish(&code, "train", "0.1.0-rc.1", Some("main.py".into())).unwrap();
+        assert_eq!(
+            (py.kind, py.entry.as_deref()),
+            (CodeKind::Python, Some("main.py"))
+        );
+        assert!(refused(&wasm, "Clean", "1.0.0", None).contains("not a module name"));
+        assert!(refused(&wasm, "clean", "1.0", None).contains("not a semver version"));
+        assert!(refused(&wasm, "clean", "1.0.0+build", None).contains("build metadata"));
+        assert!(refused(&code, "train", "1.0.0", None).contains("needs --entry"));
+        assert!(refused(&code, "train", "1.0.0", Some("../main.py")).contains("no such .py"));
+        assert!(refused(&wasm, "clean", "1.0.0", Some("main.py")).contains("--entry applies"));
+        assert!(refused(&code.join("main.py"), "x", "1.0.0", None).contains("not a WebAssembly"));
     }
 
     #[test]

@@ -477,7 +477,7 @@ impl Engine {
         // disabled since then fails the run here, with the reason.
         let mut env = self.environment()?;
         env.modules = Arc::new(env.modules.pinned(run.module_pins.clone()));
-        let (pipeline, report) = definition::parse(Path::new(&path), text, &env);
+        let (pipeline, report) = crate::graph::parse(Path::new(&path), text, &env);
         let p = pipeline.ok_or_else(|| RunError::Definition(Box::new(report)))?;
         let overrides: Vec<(String, String)> = match &run.params {
             serde_json::Value::Object(m) => m

@@ -140,8 +140,8 @@ pub fn step_error(p: &Project, step: &str) -> String {
         .as_array()
         .expect("steps")
         .iter()
-        .find(|s| s["step"]["name"] == step)
-        .map(|s| s["step"]["error"].as_str().unwrap_or("").to_string())
+        .find(|s| s["name"] == step)
+        .map(|s| s["error"].as_str().unwrap_or("").to_string())
         .unwrap_or_default()
 }
 
@@ -159,8 +159,8 @@ pub fn step_statuses(p: &Project, run: &str) -> Vec<(String, String)> {
         .iter()
         .map(|s| {
             (
-                s["step"]["name"].as_str().unwrap().to_string(),
-                s["step"]["status"].as_str().unwrap().to_string(),
+                s["name"].as_str().unwrap().to_string(),
+                s["status"].as_str().unwrap().to_string(),
             )
         })
         .collect()
@@ -174,7 +174,7 @@ pub fn wait_until_running(p: &Project, step: &str) {
             let show = p.json(&["runs", "show", "latest"]);
             let running = show["steps"].as_array().is_some_and(|a| {
                 a.iter()
-                    .any(|s| s["step"]["name"] == step && s["step"]["status"] == "running")
+                    .any(|s| s["name"] == step && s["status"] == "running")
             });
             if running {
                 return;

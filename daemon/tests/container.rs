@@ -178,7 +178,7 @@ cpus = 0.5
             .starts_with("sha256:"),
         "{show}"
     );
-    let run_id = show["run"]["id"].as_i64().unwrap().to_string();
+    let run_id = show["id"].as_i64().unwrap().to_string();
     assert!(
         containers_of(&p, &run_id).is_empty(),
         "the container is removed after the step"
@@ -250,7 +250,7 @@ container = {{ image = "{IMAGE}", command = ["sh", "-c", "echo about to fail >&2
     assert!(step_error(&p, "fails").contains("exited with code 3"));
     assert!(step_log(&p, "fails").contains("about to fail"));
     let show = p.json(&["runs", "show", "latest"]);
-    let run_id = show["run"]["id"].as_i64().unwrap().to_string();
+    let run_id = show["id"].as_i64().unwrap().to_string();
     eventually(10, || {
         containers_of(&p, &run_id)
             .is_empty()

@@ -569,7 +569,7 @@ fn mutate_once(rng: &mut Rng, seeds: &[Seed], b: &mut Vec<u8>) {
 fn check(seed: &Seed, kind: Kind, bytes: Vec<u8>, env: &Environment) -> Checked {
     let (valid, report) = match kind {
         Kind::Pipeline => {
-            let (p, r) = definition::parse_bytes(&seed.path, bytes, env);
+            let (p, r) = millrace::graph::parse_bytes(&seed.path, bytes, env);
             if let Some(p) = &p {
                 // What a run does with it: params resolved, args interpolated.
                 let params = p.resolve_params(&[]).unwrap_or_default();

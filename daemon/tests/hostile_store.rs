@@ -197,7 +197,7 @@ fn a_run_waiting_for_gc_can_be_cancelled() {
     assert_eq!(status.code(), Some(130));
     drop(lock);
     let show = p.json(&["runs", "show", "latest"]);
-    assert_eq!(show["run"]["status"], "cancelled", "{show}");
+    assert_eq!(show["status"], "cancelled", "{show}");
 }
 
 #[test]
@@ -427,7 +427,7 @@ fn a_full_disk_fails_a_run_cleanly_and_reads_still_work() {
     let out = cmd(&["run", fill.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let show = p.json(&["runs", "show", "latest"]);
-    assert_eq!(show["run"]["status"], "failed", "{show}");
+    assert_eq!(show["status"], "failed", "{show}");
     let out = cmd(&["run", &f]);
     assert!(out.status.success(), "{}", stderr(&out));
     let check = std::process::Command::new("python3")

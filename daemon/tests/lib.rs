@@ -8,6 +8,7 @@ mod common;
 mod container;
 mod crash;
 mod daemon;
+mod exit_codes;
 mod fuzz;
 mod hostile_api;
 mod hostile_fs;

@@ -58,9 +58,9 @@ fn step_modules(p: &Project) -> Vec<(String, String, String)> {
         .iter()
         .map(|s| {
             (
-                s["step"]["name"].as_str().unwrap().to_string(),
-                s["step"]["status"].as_str().unwrap().to_string(),
-                s["step"]["module"].as_str().unwrap_or("").to_string(),
+                s["name"].as_str().unwrap().to_string(),
+                s["status"].as_str().unwrap().to_string(),
+                s["module"].as_str().unwrap_or("").to_string(),
             )
         })
         .collect()
@@ -164,7 +164,7 @@ fn deprecated_warns_disabled_refuses_with_the_location() {
     assert!(stderr(&run).contains("is deprecated"), "run output warns");
     let show = p.json(&["runs", "show", "latest"]);
     assert_eq!(
-        show["run"]["warnings"][0], "step `a`: module `tool@1.0.0` is deprecated: use 1.1",
+        show["warnings"][0], "step `a`: module `tool@1.0.0` is deprecated: use 1.1",
         "the run record keeps the warning"
     );
 

@@ -252,8 +252,8 @@ fn a_python_module_is_published_resolved_and_run() {
         step_log(&p, "greet")
     );
     let show = p.json(&["runs", "show", "latest"]);
-    assert_eq!(show["steps"][0]["step"]["module"], "greeter@0.1.0");
-    assert_eq!(show["steps"][0]["step"]["runtime"], "python");
+    assert_eq!(show["steps"][0]["module"], "greeter@0.1.0");
+    assert_eq!(show["steps"][0]["runtime"], "python");
 }
 
 #[test]

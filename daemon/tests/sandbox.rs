@@ -10,7 +10,7 @@ fn one_step(p: &Project, body: &str) -> String {
 
 fn step_error(p: &Project) -> String {
     let show = p.json(&["runs", "show", "latest"]);
-    show["steps"][0]["step"]["error"]
+    show["steps"][0]["error"]
         .as_str()
         .unwrap_or_default()
         .to_string()
@@ -131,7 +131,7 @@ fn sigterm_stops_a_busy_guest_that_has_no_timeout() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     };
     assert_eq!(status.code(), Some(130));
-    assert_eq!(p.json(&["runs", "show", "1"])["run"]["status"], "cancelled");
+    assert_eq!(p.json(&["runs", "show", "1"])["status"], "cancelled");
 }
 
 #[test]

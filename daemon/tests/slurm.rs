@@ -35,7 +35,7 @@ fn step<'a>(show: &'a Value, name: &str) -> &'a Value {
         .as_array()
         .unwrap()
         .iter()
-        .find(|s| s["step"]["name"] == name)
+        .find(|s| s["name"] == name)
         .unwrap_or_else(|| panic!("no step {name} in {show}"))
 }
 
@@ -188,14 +188,11 @@ compute = "cluster"
     let out = p.run_within(&["run", f.to_str().unwrap(), "--config", &cfg], 240);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let show = p.json(&["runs", "show", "latest"]);
-    let e = step(&show, "fails")["step"]["error"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let e = step(&show, "fails")["error"].as_str().unwrap().to_string();
     assert!(e.contains("exited with code 3 (Slurm job"), "{e}");
     let log = step_log(&p, "fails");
     assert!(log.contains("failing on purpose"), "{log}");
-    let e = step(&show, "overruns")["step"]["error"]
+    let e = step(&show, "overruns")["error"]
         .as_str()
         .unwrap()
         .to_string();
@@ -216,7 +213,7 @@ fn wait_job(d: &Daemon, run: i64, step_name: &str) -> String {
         r["steps"].as_array().is_some_and(|steps| {
             steps.iter().any(|s| {
                 s["name"] == step_name
-                    && s["attempts_detail"]
+                    && s["attempts"]
                         .as_array()
                         .and_then(|a| a.last())
                         .is_some_and(|a| a["placement"]["job_id"].is_string())
@@ -229,7 +226,7 @@ fn wait_job(d: &Daemon, run: i64, step_name: &str) -> String {
         .iter()
         .find(|s| s["name"] == step_name)
         .unwrap();
-    s["attempts_detail"].as_array().unwrap().last().unwrap()["placement"]["job_id"]
+    s["attempts"].as_array().unwrap().last().unwrap()["placement"]["job_id"]
         .as_str()
         .unwrap()
         .to_string()
@@ -288,9 +285,13 @@ reuse = false
     let d = Daemon::start(&p);
     let r = d.wait_status(run, "succeeded");
     let s = &r["steps"][0];
-    assert_eq!(s["attempts"], 1, "not resubmitted: {r}");
     assert_eq!(
-        s["attempts_detail"][0]["placement"]["job_id"], id,
+        s["attempts"].as_array().unwrap().len(),
+        1,
+        "not resubmitted: {r}"
+    );
+    assert_eq!(
+        s["attempts"][0]["placement"]["job_id"], id,
         "the same job: {r}"
     );
     assert_eq!(job(&id)["JobState"], "COMPLETED");
@@ -318,7 +319,7 @@ reuse = false
     let d = Daemon::start(&p);
     let r = d.wait_status(run, "succeeded");
     assert_eq!(
-        r["steps"][0]["attempts_detail"][0]["placement"]["job_id"], id,
+        r["steps"][0]["attempts"][0]["placement"]["job_id"], id,
         "{r}"
     );
 
@@ -366,9 +367,6 @@ fn resuming_a_failed_run_submits_a_new_job_instead_of_adopting_the_old_one() {
         second.is_string() && second != first,
         "{first} then {second}"
     );
-    let e = step(&show, "fails")["step"]["error"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let e = step(&show, "fails")["error"].as_str().unwrap().to_string();
     assert!(e.contains("exited with code 3"), "{e}");
 }

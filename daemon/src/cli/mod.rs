@@ -1,8 +1,13 @@
 //! The `millrace` command line: parses arguments, calls the engine and the store,
-//! prints for people (or JSON with `--json`) and maps outcomes to exit codes:
-//! 0 ok, 1 run failed, 2 usage, 78 bad configuration.
+//! prints for people (or JSON with `--json`) and maps outcomes to exit codes
+//! ([`error`]: 0 ok, 1 run failed, 2 usage, 78 bad configuration, 130 cancelled).
+//!
+//! By command group: [`validate`] (reading pipeline files), [`progress`] (`run`
+//! and `resume` as they go), [`records`] (`runs`, `logs`, `metrics`, `lineage`,
+//! `output`, `gc`), [`graph`], [`module`], [`service`] (the daemon and its
+//! clients); here the arguments, the dispatch, `plan` and `explain`.
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,21 +16,28 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use crate::config::Config;
-use crate::definition::{self, Pipeline};
-use crate::diagnostic::{Report, display_path};
-use crate::graph::{Graph, GraphFormat};
-use crate::model::{Placement, RunStatus, StepStatus};
+use crate::diagnostic::display_path;
+use crate::graph::Graph;
 use crate::planner::{Planned, short};
-use crate::run::{Datastores, Engine, Event, RunError, RunRequest, RunSummary};
+use crate::run::{Datastores, Engine, RunRequest};
 use crate::store::Store;
 use crate::store::db::now_ms;
 
+mod error;
+mod graph;
 mod module;
+mod progress;
+mod records;
 mod service;
+mod validate;
 
-pub const EXIT_RUN_FAILED: i32 = 1;
-pub const EXIT_USAGE: i32 = 2;
-pub const EXIT_CONFIG: i32 = 78;
+use progress::{cancel_on_signal, finish_run, progress, run_error};
+use records::{gc, lineage, logs, metrics, output_cmd, runs_list, runs_show};
+use validate::{
+    environment, environment_for, expand_dirs, load, load_in, parse_params, validate, validate_with,
+};
+
+pub use error::{EXIT_CANCELLED, EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Error};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -86,7 +98,7 @@ enum Command {
     Graph {
         pipeline: PathBuf,
         #[arg(long, value_enum, default_value = "text")]
-        format: GraphFormat,
+        format: graph::GraphFormat,
     },
     /// Show which steps would run or be reused, and why, without running anything.
     Plan {
@@ -219,37 +231,6 @@ enum RunsCommand {
     Show { run: String },
 }
 
-/// An error with the exit code it deserves.
-#[derive(Debug)]
-pub struct Exit {
-    pub code: i32,
-    pub message: String,
-}
-
-impl Exit {
-    fn config(message: impl Into<String>) -> Exit {
-        Exit {
-            code: EXIT_CONFIG,
-            message: message.into(),
-        }
-    }
-
-    fn usage(message: impl Into<String>) -> Exit {
-        Exit {
-            code: EXIT_USAGE,
-            message: message.into(),
-        }
-    }
-}
-
-impl std::fmt::Display for Exit {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for Exit {}
-
 /// Runs the command line; returns the process exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
@@ -261,7 +242,7 @@ pub fn main() -> i32 {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
-            return 1;
+            return EXIT_FAILURE;
         }
     };
     let result = runtime.block_on(dispatch(cli));
@@ -271,15 +252,9 @@ pub fn main() -> i32 {
     match result {
         Ok(code) => code,
         Err(e) => {
-            if let Some(exit) = e.downcast_ref::<Exit>() {
-                if !exit.message.is_empty() {
-                    eprintln!("{}", exit.message.trim_end());
-                }
-                exit.code
-            } else {
-                eprintln!("error: {e:#}");
-                1
-            }
+            let (code, text) = error::report(&e);
+            eprintln!("{text}");
+            code
         }
     }
 }
@@ -415,7 +390,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         } => service::schedule(config.as_deref(), &paths, simulate.as_deref(), count, json),
         Command::Graph { pipeline, format } => {
             let (p, _) = load(&pipeline, &cli.state)?;
-            print!("{}", Graph::new(&p).render(&p, format));
+            print!("{}", graph::render(&Graph::new(&p), &p, format));
             Ok(0)
         }
         Command::Run {
@@ -583,278 +558,6 @@ fn engine_for(
     Ok(Arc::new(engine))
 }
 
-/// What pipelines are checked against: the state's registry (read only if it
-/// exists: a bad file must leave nothing behind) and a config's targets.
-fn environment_for(
-    state: &Path,
-    config: Option<&Config>,
-) -> anyhow::Result<definition::Environment> {
-    let mut env = environment(state)?;
-    if let Some(c) = config {
-        let from = c.environment();
-        env.datastores = from.datastores;
-        env.computes = from.computes;
-    }
-    Ok(env)
-}
-
-/// Loads and checks a pipeline file; bad configuration exits 78 with every error.
-fn load(path: &Path, state: &Path) -> anyhow::Result<(Pipeline, String)> {
-    load_in(path, &environment(state)?)
-}
-
-fn load_in(path: &Path, env: &definition::Environment) -> anyhow::Result<(Pipeline, String)> {
-    let (pipeline, report) = definition::load(path, env)
-        .map_err(|e| Exit::config(format!("error: cannot read {}: {e}", path.display())))?;
-    match pipeline {
-        Some(p) => {
-            if !report.diagnostics.is_empty() {
-                eprint!("{report}");
-            }
-            Ok((p, report.source.text))
-        }
-        None => Err(Exit::config(format!("{report}{}", summary_line(&report))).into()),
-    }
-}
-
-fn summary_line(report: &Report) -> String {
-    let n = report.error_count();
-    format!(
-        "error: {} has {n} error{}\n",
-        display_path(&report.source.path),
-        if n == 1 { "" } else { "s" }
-    )
-}
-
-/// Files named, and the `*.toml` files of directories named.
-fn expand_dirs(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
-    let mut files = Vec::new();
-    for p in paths {
-        if p.is_dir() {
-            let mut in_dir: Vec<PathBuf> = std::fs::read_dir(p)
-                .with_context(|| format!("cannot read {}", p.display()))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|f| f.extension().is_some_and(|e| e == "toml"))
-                .collect();
-            in_dir.sort();
-            files.extend(in_dir);
-        } else {
-            files.push(p.clone());
-        }
-    }
-    Ok(files)
-}
-
-fn validate(paths: &[PathBuf], state: &Path, json: bool) -> anyhow::Result<i32> {
-    validate_with(paths, &environment(state)?, json)
-}
-
-/// What pipelines are checked against outside the daemon: the module registry of
-/// the state directory, if there is one (nothing is created to find out).
-pub(crate) fn environment(state: &Path) -> anyhow::Result<definition::Environment> {
-    let mut env = definition::Environment::default();
-    if state.join("millrace.db").is_file() {
-        let store = open_store(state)?;
-        env.modules = crate::module::ModuleIndex::load(&store)?;
-    }
-    Ok(env)
-}
-
-fn validate_with(
-    paths: &[PathBuf],
-    env: &definition::Environment,
-    json: bool,
-) -> anyhow::Result<i32> {
-    let files = expand_dirs(paths)?;
-    let mut bad = 0;
-    let mut out = Vec::new();
-    for f in &files {
-        match definition::load(f, env) {
-            Err(e) => {
-                bad += 1;
-                if json {
-                    out.push(serde_json::json!({"file": display_path(f), "valid": false, "errors": [{"message": e.to_string()}]}));
-                } else {
-                    eprintln!("{}: error: cannot read: {e}", display_path(f));
-                }
-            }
-            Ok((pipeline, report)) => {
-                if pipeline.is_none() {
-                    bad += 1;
-                }
-                if json {
-                    out.push(serde_json::json!({
-                        "file": display_path(f),
-                        "valid": pipeline.is_some(),
-                        "pipeline": pipeline.as_ref().map(|p| p.name.get_ref().clone()),
-                        "diagnostics": report.to_json(),
-                    }));
-                } else if pipeline.is_some() {
-                    eprint!("{report}");
-                    println!(
-                        "{}: ok ({} steps)",
-                        display_path(f),
-                        pipeline.as_ref().map_or(0, |p| p.steps.len())
-                    );
-                } else {
-                    eprint!("{report}{}", summary_line(&report));
-                }
-            }
-        }
-    }
-    if json {
-        println!("{}", serde_json::to_string_pretty(&out)?);
-    }
-    Ok(if bad > 0 { EXIT_CONFIG } else { 0 })
-}
-
-fn parse_params(raw: &[String]) -> anyhow::Result<Vec<(String, String)>> {
-    raw.iter()
-        .map(|p| match p.split_once('=') {
-            Some((k, v)) if !k.is_empty() => {
-                let k = k.trim();
-                crate::definition::check_param_value(k, v)
-                    .map_err(|e| Exit::usage(format!("error: {e}")))?;
-                Ok((k.to_string(), v.to_string()))
-            }
-            _ => Err(Exit::usage(format!("error: --param expects KEY=VALUE, got `{p}`")).into()),
-        })
-        .collect()
-}
-
-fn run_error(e: RunError) -> anyhow::Error {
-    match e {
-        RunError::Params(m) => Exit::usage(format!("error: {m}")).into(),
-        RunError::Definition(r) => Exit::config(format!("{r}{}", summary_line(&r))).into(),
-        RunError::Input { .. } => Exit::config(format!("error: {e}")).into(),
-        RunError::NoSuchRun(_) | RunError::AlreadySucceeded(_) | RunError::Busy(_) => {
-            Exit::usage(format!("error: {e}")).into()
-        }
-        other => anyhow::Error::new(other),
-    }
-}
-
-fn finish_run(summary: Result<RunSummary, RunError>, json: bool) -> anyhow::Result<i32> {
-    let s = summary.map_err(run_error)?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
-    } else {
-        eprintln!(
-            "run {} {}: {} executed, {} reused, {} failed, {} skipped in {:.2}s",
-            s.run_id, s.status, s.executed, s.reused, s.failed, s.skipped, s.seconds
-        );
-    }
-    Ok(match s.status {
-        RunStatus::Succeeded => 0,
-        RunStatus::Cancelled => 130,
-        _ => EXIT_RUN_FAILED,
-    })
-}
-
-/// Ctrl-C / SIGTERM cancel the run; the steps are stopped and the run recorded
-/// as cancelled (resumable).
-fn cancel_on_signal() -> tokio_util::sync::CancellationToken {
-    let token = tokio_util::sync::CancellationToken::new();
-    let t = token.clone();
-    tokio::spawn(async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => return,
-            };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        eprintln!("millrace: stopping the run (it can be finished later with `millrace resume`)");
-        t.cancel();
-    });
-    token
-}
-
-/// Progress for `run`: a bar on a terminal, plain lines otherwise.
-struct Progress {
-    bar: Option<indicatif::ProgressBar>,
-    json: bool,
-}
-
-fn progress(json: bool, steps: usize) -> Arc<Progress> {
-    let bar = (!json && std::io::stderr().is_terminal()).then(|| {
-        let b = indicatif::ProgressBar::new(steps as u64);
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        b.enable_steady_tick(Duration::from_millis(120));
-        b
-    });
-    Arc::new(Progress { bar, json })
-}
-
-impl Progress {
-    fn sink(self: &Arc<Self>) -> crate::run::EventSink {
-        let me = self.clone();
-        Arc::new(move |e: &Event| me.event(e))
-    }
-
-    fn line(&self, s: String) {
-        match &self.bar {
-            Some(b) => b.println(s),
-            None if !self.json => eprintln!("{s}"),
-            None => {}
-        }
-    }
-
-    fn event(&self, e: &Event) {
-        match e {
-            Event::RunStarted {
-                run,
-                pipeline,
-                steps,
-            } => self.line(format!("run {run} of {pipeline}: {steps} steps")),
-            Event::StepStarted { step, attempt } => {
-                if let Some(b) = &self.bar {
-                    b.set_message(step.clone());
-                } else if *attempt > 1 {
-                    self.line(format!("  {step}: attempt {attempt}"));
-                }
-            }
-            Event::StepFinished {
-                step,
-                status,
-                detail,
-                elapsed,
-            } => {
-                let retrying = *status == StepStatus::Failed && detail.ends_with("retrying");
-                if let Some(b) = &self.bar
-                    && !retrying
-                {
-                    b.inc(1);
-                }
-                let time = if elapsed.is_zero() {
-                    String::new()
-                } else {
-                    format!(" ({:.2}s)", elapsed.as_secs_f64())
-                };
-                let detail = if detail.is_empty() {
-                    String::new()
-                } else {
-                    format!(": {detail}")
-                };
-                self.line(format!("  {step} {status}{time}{detail}"));
-            }
-        }
-    }
-
-    fn finish(&self) {
-        if let Some(b) = &self.bar {
-            b.finish_and_clear();
-        }
-    }
-}
-
 /// `42`, or `latest`/`last` for the newest run.
 fn run_id(store: &Store, text: &str) -> anyhow::Result<i64> {
     if text == "latest" || text == "last" {
@@ -862,15 +565,13 @@ fn run_id(store: &Store, text: &str) -> anyhow::Result<i64> {
             .db()
             .read()
             .latest_run_id()?
-            .ok_or_else(|| Exit::usage("error: there are no runs yet").into());
+            .ok_or_else(|| Error::usage("there are no runs yet").into());
     }
-    let id: i64 = text.parse().map_err(|_| {
-        Exit::usage(format!(
-            "error: `{text}` is not a run id (a number or `latest`)"
-        ))
-    })?;
+    let id: i64 = text
+        .parse()
+        .map_err(|_| Error::usage(format!("`{text}` is not a run id (a number or `latest`)")))?;
     if store.db().read().run(id)?.is_none() {
-        return Err(Exit::usage(format!("error: run {id} not found")).into());
+        return Err(Error::usage(format!("run {id} not found")).into());
     }
     Ok(id)
 }
@@ -893,274 +594,6 @@ fn duration(start: Option<i64>, end: Option<i64>) -> String {
     }
 }
 
-/// A run still marked running whose process is gone was interrupted.
-fn shown_status(store: &Store, id: i64, status: RunStatus) -> RunStatus {
-    if status == RunStatus::Running && !crate::run::RunLock::is_held(store, id) {
-        RunStatus::Interrupted
-    } else {
-        status
-    }
-}
-
-fn runs_list(store: &Store, pipeline: Option<&str>, limit: i64, json: bool) -> anyhow::Result<i32> {
-    let mut runs = store.db().read().runs(pipeline, limit)?;
-    for r in &mut runs {
-        r.status = shown_status(store, r.id, r.status);
-    }
-    if json {
-        println!("{}", serde_json::to_string_pretty(&runs)?);
-        return Ok(0);
-    }
-    if runs.is_empty() {
-        println!("no runs yet");
-        return Ok(0);
-    }
-    println!(
-        "{:>5}  {:20}  {:11}  {:20}  {:>10}  trigger",
-        "run", "pipeline", "status", "started", "duration"
-    );
-    for r in runs {
-        println!(
-            "{:>5}  {:20}  {:11}  {:20}  {:>10}  {}",
-            r.id,
-            r.pipeline,
-            r.status,
-            time(r.started_at),
-            duration(r.started_at, r.finished_at),
-            r.trigger
-        );
-    }
-    Ok(0)
-}
-
-fn runs_show(store: &Store, run: &str, json: bool) -> anyhow::Result<i32> {
-    let id = run_id(store, run)?;
-    let db = store.db();
-    let mut r = db.read().run(id)?.context("run vanished")?;
-    r.status = shown_status(store, id, r.status);
-    let steps = db.read().steps(id)?;
-    let inputs = db.read().run_inputs(id)?;
-    if json {
-        let steps: Vec<_> = steps
-            .iter()
-            .map(|s| {
-                let outputs = db.read().step_outputs(id, &s.name).unwrap_or_default();
-                let step_inputs = db.read().step_inputs(id, &s.name).unwrap_or_default();
-                let attempts = db.read().attempts(id, &s.name).unwrap_or_default();
-                serde_json::json!({
-                    "step": s,
-                    "inputs": step_inputs.iter().map(|(m, r, a)| serde_json::json!({"mount": m, "reference": r, "artifact": a})).collect::<Vec<_>>(),
-                    "outputs": outputs.iter().map(|(o, a)| serde_json::json!({"output": o, "artifact": a})).collect::<Vec<_>>(),
-                    "attempts": attempts,
-                })
-            })
-            .collect();
-        let inputs: Vec<_> = inputs
-            .iter()
-            .map(|(n, p, a)| serde_json::json!({"name": n, "path": p, "artifact": a}))
-            .collect();
-        println!(
-            "{}",
-            serde_json::to_string_pretty(
-                &serde_json::json!({"run": r, "inputs": inputs, "steps": steps})
-            )?
-        );
-        return Ok(0);
-    }
-    println!("run {}  {}  {}", r.id, r.pipeline, r.status);
-    println!("  experiment  {}", r.experiment);
-    println!("  definition  {}", short(&r.definition));
-    println!("  trigger     {}", r.trigger);
-    println!(
-        "  params      {}",
-        crate::store::artifacts::escape_controls(&r.params.to_string())
-    );
-    println!(
-        "  started     {}  ({})",
-        time(r.started_at),
-        duration(r.started_at, r.finished_at)
-    );
-    if let Some(e) = &r.error {
-        println!("  error       {e}");
-    }
-    for w in &r.warnings {
-        println!("  warning     {w}");
-    }
-    for (n, p, a) in &inputs {
-        println!("  input {n}  {}  {}", short(a), p);
-    }
-    println!();
-    let width = steps.iter().map(|s| s.name.len()).max().unwrap_or(4);
-    for s in &steps {
-        let extra = match (s.reused_from, &s.error) {
-            (Some(from), _) => format!("from run {from}"),
-            (None, Some(e)) => e.clone(),
-            _ => String::new(),
-        };
-        let attempts = if s.attempts > 1 {
-            format!("  {} attempts", s.attempts)
-        } else {
-            String::new()
-        };
-        println!(
-            "  {:width$}  {:9}  {:>8}{attempts}  {extra}",
-            s.name,
-            s.status,
-            duration(s.started_at, s.finished_at)
-        );
-        if let Some(m) = &s.module {
-            let digest = s
-                .key_parts
-                .as_ref()
-                .and_then(|k| k["code"].as_str())
-                .map(|d| format!(" {}", short(d)))
-                .unwrap_or_default();
-            println!("  {:width$}    module {m}{digest}", "");
-        }
-        let placement = db
-            .read()
-            .attempts(id, &s.name)?
-            .into_iter()
-            .rev()
-            .find_map(|a| a.placement);
-        match &placement {
-            Some(Placement::Slurm(p)) => println!(
-                "  {:width$}    slurm job {} on {}  (compute {})",
-                "",
-                p.job_id.as_deref().unwrap_or("?"),
-                p.node.as_deref().unwrap_or("(not started)"),
-                p.compute,
-            ),
-            Some(Placement::Container(p)) => println!(
-                "  {:width$}    image {} {}  container {} on {}",
-                "",
-                p.image,
-                short(p.image_id.trim_start_matches("sha256:")),
-                p.container,
-                p.engine,
-            ),
-            None => {}
-        }
-        for (o, a) in db.read().step_outputs(id, &s.name)? {
-            println!("  {:width$}    → {o} {}", "", short(&a));
-        }
-    }
-    Ok(0)
-}
-
-async fn logs(store: &Store, run: &str, step: Option<&str>, follow: bool) -> anyhow::Result<i32> {
-    let id = run_id(store, run)?;
-    let steps = store.db().read().steps(id)?;
-    let names: Vec<String> = match step {
-        Some(s) => {
-            if !steps.iter().any(|x| x.name == s) {
-                let known: Vec<&str> = steps.iter().map(|s| s.name.as_str()).collect();
-                return Err(Exit::usage(format!(
-                    "error: run {id} has no step `{s}` (steps: {})",
-                    known.join(", ")
-                ))
-                .into());
-            }
-            vec![s.to_string()]
-        }
-        None => steps.iter().map(|s| s.name.clone()).collect(),
-    };
-    let mut offsets: std::collections::HashMap<String, u64> = Default::default();
-    let mut out = std::io::stdout().lock();
-    loop {
-        for name in &names {
-            for a in store.db().read().attempts(id, name)? {
-                let Some(path) = a.log_path else { continue };
-                let key = path.clone();
-                let seen = offsets.get(&key).copied().unwrap_or(0);
-                let Ok(bytes) = std::fs::read(&path) else {
-                    continue;
-                };
-                if bytes.len() as u64 > seen {
-                    if seen == 0 && names.len() + usize::from(a.attempt > 1) > 1 {
-                        writeln!(out, "==> {name} (attempt {}) <==", a.attempt)?;
-                    }
-                    out.write_all(&bytes[seen as usize..])?;
-                    offsets.insert(key, bytes.len() as u64);
-                }
-            }
-        }
-        out.flush()?;
-        let r = store.db().read().run(id)?.context("run vanished")?;
-        if !follow || r.status != RunStatus::Running || !crate::run::RunLock::is_held(store, id) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    Ok(0)
-}
-
-fn metrics(store: &Store, runs: &[String], json: bool) -> anyhow::Result<i32> {
-    let ids: Vec<i64> = runs
-        .iter()
-        .map(|r| run_id(store, r))
-        .collect::<anyhow::Result<_>>()?;
-    let mut table: std::collections::BTreeMap<(String, String), Vec<Option<String>>> =
-        Default::default();
-    let mut all = Vec::new();
-    for (col, id) in ids.iter().enumerate() {
-        let rows = store.db().read().metrics(*id)?;
-        for m in &rows {
-            let cell = table
-                .entry((m.step.clone(), m.name.clone()))
-                .or_insert_with(|| vec![None; ids.len()]);
-            // A curve (with `step` indexes) shows its last value and its length.
-            let shown = match m.step_index {
-                Some(ix) => format!("{} (@{ix})", fmt_num(m.value)),
-                None => fmt_num(m.value),
-            };
-            cell[col] = Some(shown);
-        }
-        all.push(serde_json::json!({"run": id, "metrics": rows}));
-    }
-    if json {
-        println!("{}", serde_json::to_string_pretty(&all)?);
-        return Ok(0);
-    }
-    if table.is_empty() {
-        println!("no metrics recorded");
-        return Ok(0);
-    }
-    let width = table
-        .keys()
-        .map(|(s, n)| s.len() + n.len() + 1)
-        .max()
-        .unwrap_or(6);
-    print!("{:width$}", "metric");
-    for id in &ids {
-        print!("  {:>16}", format!("run {id}"));
-    }
-    println!();
-    for ((step, name), cells) in table {
-        // Metric names are the guest's text.
-        let shown = crate::store::artifacts::escape_controls(&format!("{step}.{name}"));
-        print!("{shown:width$}");
-        for c in cells {
-            print!("  {:>16}", c.unwrap_or_else(|| "-".into()));
-        }
-        println!();
-    }
-    Ok(0)
-}
-
-fn fmt_num(v: f64) -> String {
-    if v.fract() == 0.0 && v.abs() < 1e15 {
-        format!("{v:.0}")
-    } else if v.abs() < 1e-4 || v.abs() >= 1e9 {
-        format!("{v:.3e}")
-    } else {
-        format!("{v:.6}")
-            .trim_end_matches('0')
-            .trim_end_matches('.')
-            .to_string()
-    }
-}
-
 fn explain(store: &Store, run: &str, step: &str, json: bool) -> anyhow::Result<i32> {
     let id = run_id(store, run)?;
     let r = store.db().read().run(id)?.context("run vanished")?;
@@ -1168,7 +601,7 @@ fn explain(store: &Store, run: &str, step: &str, json: bool) -> anyhow::Result<i
         .db()
         .read()
         .step(id, step)?
-        .ok_or_else(|| Exit::usage(format!("error: run {id} has no step `{step}`")))?;
+        .ok_or_else(|| Error::usage(format!("run {id} has no step `{step}`")))?;
     let e = crate::planner::explain(store, &r, &s)?;
     let (verdict, changes, prev) = (e.explanation, e.changes, e.compared_with);
     if json {
@@ -1189,216 +622,6 @@ fn explain(store: &Store, run: &str, step: &str, json: bool) -> anyhow::Result<i
     }
     if let Some(k) = &s.cache_key {
         println!("  cache key {}", short(k));
-    }
-    Ok(0)
-}
-
-fn resolve_artifact(store: &Store, text: &str) -> anyhow::Result<String> {
-    let matches = store.db().read().artifacts_with_prefix(text)?;
-    match matches.len() {
-        1 => Ok(matches[0].clone()),
-        0 => Err(Exit::usage(format!("error: no artifact starts with `{text}`")).into()),
-        _ => Err(Exit::usage(format!(
-            "error: `{text}` matches several artifacts; give more digits"
-        ))
-        .into()),
-    }
-}
-
-fn lineage(store: &Store, artifact: &str, json: bool) -> anyhow::Result<i32> {
-    // Accept RUN STEP.OUTPUT's artifact too: `lineage 12:train.model`.
-    let digest = match artifact.split_once(':') {
-        Some((run, out)) => {
-            let id = run_id(store, run)?;
-            let (step, o) = out
-                .split_once('.')
-                .ok_or_else(|| Exit::usage("error: write RUN:STEP.OUTPUT"))?;
-            store
-                .db()
-                .read()
-                .step_outputs(id, step)?
-                .into_iter()
-                .find(|(n, _)| n == o)
-                .map(|(_, d)| d)
-                .ok_or_else(|| Exit::usage(format!("error: run {id} has no output {out}")))?
-        }
-        None => resolve_artifact(store, artifact)?,
-    };
-    let rows = store.db().read().lineage(&digest)?;
-    let (size, files) = store.db().read().artifact(&digest)?.unwrap_or((0, 0));
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(
-                &serde_json::json!({"artifact": digest, "size": size, "files": files, "uses": rows})
-            )?
-        );
-        return Ok(0);
-    }
-    println!("artifact {digest}  ({files} files, {size} bytes)");
-    for r in rows {
-        let module = || {
-            store
-                .db()
-                .read()
-                .step(r.run_id, &r.step)
-                .ok()
-                .flatten()
-                .and_then(|s| {
-                    let code = s.key_parts.as_ref()?["code"].as_str()?.to_string();
-                    Some(format!(" by module {} {}", s.module?, short(&code)))
-                })
-                .unwrap_or_default()
-        };
-        match r.role.as_str() {
-            "output" => println!(
-                "  produced by run {} {}.{} ({}){}",
-                r.run_id,
-                r.step,
-                r.name,
-                r.pipeline,
-                module()
-            ),
-            "input" => println!(
-                "  read by     run {} {} as /in/{} ({})",
-                r.run_id, r.step, r.name, r.pipeline
-            ),
-            _ => println!(
-                "  input       run {} inputs.{} ({})",
-                r.run_id, r.name, r.pipeline
-            ),
-        }
-    }
-    Ok(0)
-}
-
-fn output_cmd(store: &Store, run: &str, output: &str, dir: Option<&Path>) -> anyhow::Result<i32> {
-    let id = run_id(store, run)?;
-    let (step, name) = output
-        .split_once('.')
-        .ok_or_else(|| Exit::usage(format!("error: `{output}`: write STEP.OUTPUT")))?;
-    let outs = store.db().read().step_outputs(id, step)?;
-    let Some((_, digest)) = outs.iter().find(|(o, _)| o == name) else {
-        let known: Vec<String> = outs.iter().map(|(o, _)| format!("{step}.{o}")).collect();
-        return Err(Exit::usage(format!(
-            "error: run {id} has no output `{output}`{}",
-            if known.is_empty() {
-                String::new()
-            } else {
-                format!(" (outputs: {})", known.join(", "))
-            }
-        ))
-        .into());
-    };
-    store
-        .verify(digest)
-        .with_context(|| format!("artifact {} is not intact", short(digest)))?;
-    match dir {
-        Some(d) => {
-            store.artifacts.export(digest, d)?;
-            eprintln!("{output} of run {id} → {}", d.display());
-        }
-        None => {
-            let entries = store.artifacts.list(digest)?;
-            match entries.as_slice() {
-                [one] if one.kind == crate::store::artifacts::EntryKind::File => {
-                    let bytes = std::fs::read(store.artifacts.blob_path(&one.digest))?;
-                    std::io::stdout().write_all(&bytes)?;
-                }
-                _ => {
-                    // Names are the guest's: escaped, so no terminal takes one for a command.
-                    let names: Vec<String> = entries
-                        .iter()
-                        .map(|e| crate::store::artifacts::escape_controls(&e.name))
-                        .collect();
-                    return Err(Exit::usage(format!(
-                        "error: {output} holds {} entries ({}); use -o DIR to copy them",
-                        entries.len(),
-                        names.join(", ")
-                    ))
-                    .into());
-                }
-            }
-        }
-    }
-    Ok(0)
-}
-
-fn gc(store: &Store, keep: i64, json: bool) -> anyhow::Result<i32> {
-    if keep < 1 {
-        return Err(Exit::usage("error: --keep must be at least 1").into());
-    }
-    // A run in progress may have moved blobs into the store that no row names yet:
-    // every run, import and publish holds the store lock shared while it writes.
-    let Some(_exclusive) = store.try_lock_exclusive()? else {
-        return Err(Exit::usage(
-            "error: a run, module import or publish is in progress; run gc when none is",
-        )
-        .into());
-    };
-    let active: Vec<i64> = store
-        .db()
-        .read()
-        .runs(None, i64::MAX)?
-        .into_iter()
-        .filter(|r| r.status == RunStatus::Running && crate::run::RunLock::is_held(store, r.id))
-        .map(|r| r.id)
-        .collect();
-    if let Some(id) = active.first() {
-        return Err(Exit::usage(format!(
-            "error: run {id} is in progress; run gc when no run is"
-        ))
-        .into());
-    }
-    let deleted = {
-        let mut db = store.db();
-        let keep_ids = db.read().runs_to_keep(keep)?;
-        db.batch(|b| b.delete_runs_except(&keep_ids))?
-    };
-    // Logs and locks of deleted runs, sandboxes left by killed processes. A run that
-    // starts meanwhile exists in the database and holds its lock before it creates
-    // any of these, so it is left alone.
-    for (dir, only_deleted) in [("logs", true), ("locks", true), ("work", false)] {
-        let Ok(entries) = std::fs::read_dir(store.root.join(dir)) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let Ok(id) = name
-                .trim_start_matches("run-")
-                .trim_end_matches(".lock")
-                .parse::<i64>()
-            else {
-                continue;
-            };
-            let exists = store.db().read().run(id)?.is_some();
-            let remove = !exists || (!only_deleted && !crate::run::RunLock::is_held(store, id));
-            if remove {
-                // A sandbox holds what a guest left: any depth, no recursion.
-                let _ = crate::store::walk::remove_tree(&e.path());
-            }
-        }
-    }
-    // Staging files of ingestions and module imports that never finished: with the
-    // store lock held exclusively, nothing is writing there now.
-    if let Ok(entries) = std::fs::read_dir(store.root.join("objects/tmp")) {
-        for e in entries.flatten() {
-            let _ = crate::store::walk::remove_tree(&e.path());
-        }
-    }
-    let mut blobs = std::collections::HashSet::new();
-    let mut trees = std::collections::HashSet::new();
-    for a in store.db().read().all_artifacts()? {
-        store.artifacts.reachable(&a, &mut blobs, &mut trees);
-    }
-    let (files, bytes) = store.artifacts.sweep(&blobs, &trees)?;
-    if json {
-        println!(
-            "{}",
-            serde_json::json!({"runs_deleted": deleted, "objects_deleted": files, "bytes_freed": bytes})
-        );
-    } else {
-        println!("deleted {deleted} runs and {files} objects ({bytes} bytes)");
     }
     Ok(0)
 }

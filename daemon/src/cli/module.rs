@@ -1,16 +1,14 @@
 //! `millrace module …`: publish, list, show, deprecate, disable, enable, default,
 //! export, import (SPEC "Modules").
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use semver::Version;
 
-use super::{Exit, open_store, time};
+use super::{Error, open_store, time};
 use crate::definition::{self, StepKind};
 use crate::diagnostic::display_path;
-use crate::module::{ModuleIndex, ModuleVersion, valid_name};
+use crate::module::{self as registry, CodeKind, ModuleIndex, ModuleVersion, RegistryError};
 use crate::planner::short;
 use crate::store::Store;
 use crate::store::artifacts::Mode;
@@ -97,8 +95,8 @@ pub fn run(state: &Path, cmd: ModuleCommand, json: bool) -> anyhow::Result<i32> 
         } => {
             // (An import publishes from its staging inside the state: not this way.)
             if store.inside(&path) {
-                return Err(Exit::usage(format!(
-                    "error: {} lies inside the state directory {}; publish code from outside it",
+                return Err(Error::usage(format!(
+                    "{} lies inside the state directory {}; publish code from outside it",
                     path.display(),
                     store.root.display()
                 ))
@@ -114,21 +112,10 @@ pub fn run(state: &Path, cmd: ModuleCommand, json: bool) -> anyhow::Result<i32> 
             pipelines,
         } => {
             let m = find(&store, &module)?;
-            if m.status == "disabled" {
-                return Err(Exit::usage(format!(
-                    "error: {} is disabled; `millrace module enable {}` first if it should run again",
-                    m.id(),
-                    m.id()
-                ))
-                .into());
+            if m.status != "disabled" {
+                print_impact(&store, &m, &pipelines)?;
             }
-            print_impact(&store, &m, &pipelines)?;
-            store.db().read().set_module_status(
-                &m.name,
-                &m.version,
-                "deprecated",
-                message.as_deref(),
-            )?;
+            registry::deprecate(&store, &m, message.as_deref()).map_err(refused)?;
             println!("{} is deprecated", m.id());
             Ok(0)
         }
@@ -140,54 +127,20 @@ pub fn run(state: &Path, cmd: ModuleCommand, json: bool) -> anyhow::Result<i32> 
         } => {
             let m = find(&store, &module)?;
             let using = print_impact(&store, &m, &pipelines)?;
-            let is_default = store.db().read().module_defaults()?.get(&m.name) == Some(&m.version);
-            if is_default && !force {
-                return Err(Exit::usage(format!(
-                    "error: {} is the default of `{}`: `module = \"{}\"` would fail validation; make another version the default, or pass --force",
-                    m.id(),
-                    m.name,
-                    m.name
-                ))
-                .into());
-            }
-            if !using.is_empty() && !force {
-                return Err(Exit::usage(format!(
-                    "error: {} pipeline(s) still resolve to {}: they would fail validation; pin them to another version, or pass --force",
-                    using.len(),
-                    m.id()
-                ))
-                .into());
-            }
-            store.db().read().set_module_status(
-                &m.name,
-                &m.version,
-                "disabled",
-                message.as_deref(),
-            )?;
+            registry::check_disable(&store, &m, using.len(), force).map_err(refused)?;
+            registry::disable(&store, &m, message.as_deref()).map_err(refused)?;
             println!("{} is disabled", m.id());
             Ok(0)
         }
         ModuleCommand::Enable { module } => {
             let m = find(&store, &module)?;
-            store
-                .db()
-                .read()
-                .set_module_status(&m.name, &m.version, "active", None)?;
+            registry::enable(&store, &m).map_err(refused)?;
             println!("{} is active", m.id());
             Ok(0)
         }
         ModuleCommand::Default { name, version } => {
             let m = find(&store, &format!("{name}@{version}"))?;
-            if m.status == "disabled" {
-                return Err(Exit::usage(format!(
-                    "error: {} is disabled: enable it before making it the default",
-                    m.id()
-                ))
-                .into());
-            }
-            store
-                .db()
-                .batch(|b| b.set_module_default(&m.name, &m.version))?;
+            registry::make_default(&store, &m).map_err(refused)?;
             println!("`module = \"{name}\"` now resolves to {}", m.id());
             Ok(0)
         }
@@ -198,29 +151,17 @@ pub fn run(state: &Path, cmd: ModuleCommand, json: bool) -> anyhow::Result<i32> 
 
 /// NAME@VERSION (exact) in the registry, or a usage error listing what exists.
 fn find(store: &Store, spec: &str) -> anyhow::Result<ModuleVersion> {
-    let Some((name, version)) = spec.split_once('@') else {
-        return Err(Exit::usage(format!("error: write NAME@VERSION, e.g. {spec}@1.0.0")).into());
-    };
-    let versions = store.db().read().module_versions(Some(name))?;
-    if versions.is_empty() {
-        return Err(Exit::usage(format!("error: unknown module `{name}`")).into());
-    }
-    let want = Version::parse(version).ok();
-    versions
-        .iter()
-        .find(|m| m.version == version || (want.is_some() && m.semver() == want))
-        .cloned()
-        .ok_or_else(|| {
-            let list: Vec<&str> = versions.iter().map(|m| m.version.as_str()).collect();
-            Exit::usage(format!(
-                "error: module `{name}` has no version {version} (versions: {})",
-                list.join(", ")
-            ))
-            .into()
-        })
+    registry::find(store, spec).map_err(refused)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The registry's refusals are usage errors; its database failing is not.
+fn refused(e: RegistryError) -> anyhow::Error {
+    match e {
+        RegistryError::Refused(m) => Error::usage(m).into(),
+        other => anyhow::Error::new(other),
+    }
+}
+
 fn publish(
     store: &Store,
     path: &Path,
@@ -230,137 +171,63 @@ fn publish(
     entry: Option<String>,
     json: bool,
 ) -> anyhow::Result<i32> {
-    if !valid_name(name) {
-        return Err(Exit::usage(format!(
-            "error: `{name}` is not a module name: lowercase letters, digits and `-`"
-        ))
-        .into());
-    }
-    let parsed = Version::parse(version).map_err(|e| {
-        Exit::usage(format!(
-            "error: `{version}` is not a semver version ({e}); write MAJOR.MINOR.PATCH, e.g. 1.2.0"
-        ))
-    })?;
-    if !parsed.build.is_empty() || version.len() > 64 {
-        return Err(Exit::usage(format!(
-            "error: `{version}`: write MAJOR.MINOR.PATCH[-PRERELEASE] without build metadata (`+…`), at most 64 characters"
-        ))
-        .into());
-    }
-    let meta = std::fs::metadata(path)
-        .map_err(|e| Exit::usage(format!("error: cannot read {}: {e}", path.display())))?;
+    let checked = registry::check_publish(path, name, version, entry).map_err(refused)?;
     // The code enters the store before a row names it: no gc may sweep meanwhile.
     let _store_lock = store.lock_shared()?;
-    let (kind, entry) = if meta.is_dir() {
-        let Some(entry) = entry else {
-            return Err(Exit::usage(format!(
-                "error: {} is a directory: a Python module needs --entry SCRIPT.py",
-                path.display()
-            ))
-            .into());
-        };
-        let inside = Path::new(&entry)
-            .components()
-            .all(|c| matches!(c, std::path::Component::Normal(_)));
-        if !inside || !entry.ends_with(".py") || !path.join(&entry).is_file() {
-            return Err(Exit::usage(format!(
-                "error: --entry {entry}: no such .py file in {}",
-                path.display()
-            ))
-            .into());
-        }
-        ("python", Some(entry))
-    } else {
-        if entry.is_some() {
-            return Err(Exit::usage("error: --entry applies to a Python code directory").into());
-        }
-        let mut magic = [0u8; 4];
-        let is_wasm = std::fs::File::open(path)
-            .and_then(|mut f| f.read_exact(&mut magic))
-            .is_ok()
-            && magic == *b"\0asm";
-        if !is_wasm {
-            return Err(Exit::usage(format!(
-                "error: {} is not a WebAssembly file (component or module)",
-                path.display()
-            ))
-            .into());
-        }
-        ("wasm", None)
-    };
     // A code directory is stored as the steps see it: without hidden entries (a
     // state directory, .git), __pycache__ or symlinks.
-    let (artifact, size) = if kind == "wasm" {
-        let i = store.ingest(path, Mode::Copy)?;
-        (i.digest, i.size)
-    } else {
-        let d = crate::planner::code::snapshot_code_dir(store, path)
-            .map_err(|e| Exit::usage(format!("error: {e}")))?;
-        let size = store.db().read().artifact(&d)?.map_or(0, |(s, _)| s);
-        (d, size)
+    let (artifact, size, digest) = match checked.kind {
+        CodeKind::Wasm => {
+            let i = store.ingest(path, Mode::Copy)?;
+            let digest = store
+                .artifacts
+                .list(&i.digest)?
+                .first()
+                .map(|e| e.digest.clone())
+                .context("the stored wasm tree is empty")?;
+            (i.digest, i.size, digest)
+        }
+        CodeKind::Python => {
+            let d = crate::planner::code::snapshot_code_dir(store, path).map_err(Error::usage)?;
+            let size = store.db().read().artifact(&d)?.map_or(0, |(s, _)| s);
+            (d.clone(), size, d)
+        }
     };
-    let digest = if kind == "wasm" {
-        store
-            .artifacts
-            .list(&artifact)?
-            .first()
-            .map(|e| e.digest.clone())
-            .context("the stored wasm tree is empty")?
-    } else {
-        artifact.clone()
-    };
+    let kind = checked.kind.as_str();
     let m = ModuleVersion {
         name: name.to_string(),
-        version: parsed.to_string(),
+        version: checked.version,
         kind: kind.to_string(),
         digest,
         artifact,
         size,
-        entry,
+        entry: checked.entry,
         description,
         status: "active".into(),
         message: None,
         published_at: now_ms(),
     };
-    let existing = store.db().batch(|b| b.publish_module(&m))?;
-    if existing.as_deref() == Some(m.digest.as_str()) {
-        let recorded = store.db().read().module_versions(Some(&m.name))?;
-        if let Some(r) = recorded.iter().find(|r| r.version == m.version)
-            && (r.kind != m.kind || r.entry != m.entry)
-        {
-            return Err(Exit::usage(format!(
-                "error: {} is already published with this content but as {} (entry {}); versions are immutable, publish a new version",
-                m.id(),
-                r.kind,
-                r.entry.as_deref().unwrap_or("-")
-            ))
-            .into());
-        }
-    }
-    match existing {
-        Some(d) if d == m.digest => {
-            if json {
-                println!("{}", serde_json::json!({"module": m.id(), "digest": m.digest, "published": false}));
-            } else {
-                println!("{} is already published with this content ({})", m.id(), short(&d));
-            }
-            Ok(0)
-        }
-        Some(d) => Err(Exit::usage(format!(
-            "error: {} is already published with other content: registry {d}, this {}; versions are immutable, publish a new version",
+    let published = registry::record(store, &m).map_err(refused)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"module": m.id(), "digest": m.digest, "published": published})
+        );
+    } else if published {
+        println!(
+            "published {} ({kind}, {} bytes) {}",
             m.id(),
-            m.digest
-        ))
-        .into()),
-        None => {
-            if json {
-                println!("{}", serde_json::json!({"module": m.id(), "digest": m.digest, "published": true}));
-            } else {
-                println!("published {} ({kind}, {} bytes) {}", m.id(), m.size, short(&m.digest));
-            }
-            Ok(0)
-        }
+            m.size,
+            short(&m.digest)
+        );
+    } else {
+        println!(
+            "{} is already published with this content ({})",
+            m.id(),
+            short(&m.digest)
+        );
     }
+    Ok(0)
 }
 
 fn list(store: &Store, name: Option<&str>, json: bool) -> anyhow::Result<i32> {
@@ -369,7 +236,7 @@ fn list(store: &Store, name: Option<&str>, json: bool) -> anyhow::Result<i32> {
     if let Some(n) = name
         && versions.is_empty()
     {
-        return Err(Exit::usage(format!("error: unknown module `{n}`")).into());
+        return Err(Error::usage(format!("unknown module `{n}`")).into());
     }
     let index = ModuleIndex::new(versions.clone(), defaults.clone(), None);
     if json {
@@ -446,7 +313,7 @@ fn resolving_to(
     env.modules = ModuleIndex::load(store)?;
     let mut out = Vec::new();
     for f in pipeline_files(args)? {
-        let Ok((Some(p), _)) = definition::load(&f, &env) else {
+        let Ok((Some(p), _)) = crate::graph::load(&f, &env) else {
             // Cannot tell what it uses: say so rather than leave it out.
             eprintln!(
                 "warning: {} does not validate: its use of {} is unknown",
@@ -501,7 +368,7 @@ fn show(store: &Store, spec: &str, args: &PipelinesArgs, json: bool) -> anyhow::
         None => {
             let v = store.db().read().module_versions(Some(spec))?;
             if v.is_empty() {
-                return Err(Exit::usage(format!("error: unknown module `{spec}`")).into());
+                return Err(Error::usage(format!("unknown module `{spec}`")).into());
             }
             v
         }
@@ -626,7 +493,7 @@ fn export_in(store: &Store, m: &ModuleVersion, tmp: &Path, output: &Path) -> any
     let part = output.with_extension("part");
     {
         let f = std::fs::File::create(&part)
-            .map_err(|e| Exit::usage(format!("error: cannot write {}: {e}", output.display())))?;
+            .map_err(|e| Error::usage(format!("cannot write {}: {e}", output.display())))?;
         let mut tar = tar::Builder::new(f);
         tar.mode(tar::HeaderMode::Deterministic);
         tar.append_path_with_name(tmp.join(META), META)?;
@@ -634,7 +501,7 @@ fn export_in(store: &Store, m: &ModuleVersion, tmp: &Path, output: &Path) -> any
         tar.into_inner()?.sync_all()?;
     }
     std::fs::rename(&part, output)
-        .map_err(|e| Exit::usage(format!("error: cannot write {}: {e}", output.display())))?;
+        .map_err(|e| Error::usage(format!("cannot write {}: {e}", output.display())))?;
     println!("exported {} to {}", m.id(), output.display());
     Ok(0)
 }
@@ -669,13 +536,13 @@ fn import(store: &Store, file: &Path, json: bool) -> anyhow::Result<i32> {
     let tmp = tempdir_in(store)?;
     let result = (|| -> anyhow::Result<i32> {
         let f = std::fs::File::open(file)
-            .map_err(|e| Exit::usage(format!("error: cannot read {}: {e}", file.display())))?;
+            .map_err(|e| Error::usage(format!("cannot read {}: {e}", file.display())))?;
         if !std::fs::metadata(file).is_ok_and(|m| m.is_file()) {
-            return Err(Exit::usage(format!("error: {} is not a file", file.display())).into());
+            return Err(Error::usage(format!("{} is not a file", file.display())).into());
         }
         let not_archive = |e: std::io::Error| {
-            Exit::config(format!(
-                "error: {} is not a module archive (from `millrace module export`): {e}",
+            Error::config(format!(
+                "{} is not a module archive (from `millrace module export`): {e}",
                 file.display()
             ))
         };
@@ -693,8 +560,8 @@ fn import(store: &Store, file: &Path, json: bool) -> anyhow::Result<i32> {
                     .path()
                     .map(|p| p.display().to_string())
                     .unwrap_or_default();
-                return Err(Exit::config(format!(
-                    "error: {}: the archive entry `{}` is a {}; a module archive holds only regular files and directories; nothing was imported",
+                return Err(Error::config(format!(
+                    "{}: the archive entry `{}` is a {}; a module archive holds only regular files and directories; nothing was imported",
                     file.display(),
                     what.escape_debug(),
                     entry_kind(kind)
@@ -708,8 +575,8 @@ fn import(store: &Store, file: &Path, json: bool) -> anyhow::Result<i32> {
             if depth > crate::store::walk::max_depth() + 2
                 || entries > crate::store::walk::max_entries()
             {
-                return Err(Exit::config(format!(
-                    "error: {}: the archive nests deeper than {} levels or holds more than {} entries (MILLRACE_MAX_DEPTH, MILLRACE_MAX_ENTRIES); nothing was imported",
+                return Err(Error::config(format!(
+                    "{}: the archive nests deeper than {} levels or holds more than {} entries (MILLRACE_MAX_DEPTH, MILLRACE_MAX_ENTRIES); nothing was imported",
                     file.display(),
                     crate::store::walk::max_depth(),
                     crate::store::walk::max_entries()
@@ -718,8 +585,8 @@ fn import(store: &Store, file: &Path, json: bool) -> anyhow::Result<i32> {
             }
             // unpack_in refuses paths that escape the directory.
             if !entry.unpack_in(&tmp).map_err(not_archive)? {
-                return Err(Exit::config(format!(
-                    "error: {}: the archive holds a path outside its root",
+                return Err(Error::config(format!(
+                    "{}: the archive holds a path outside its root",
                     file.display()
                 ))
                 .into());
@@ -727,12 +594,12 @@ fn import(store: &Store, file: &Path, json: bool) -> anyhow::Result<i32> {
         }
         let meta: serde_json::Value =
             serde_json::from_slice(&std::fs::read(tmp.join(META)).map_err(|_| {
-                Exit::config(format!(
-                    "error: {} is not a module archive (no {META})",
+                Error::config(format!(
+                    "{} is not a module archive (no {META})",
                     file.display()
                 ))
             })?)
-            .map_err(|e| Exit::config(format!("error: {}: bad {META}: {e}", file.display())))?;
+            .map_err(|e| Error::config(format!("{}: bad {META}: {e}", file.display())))?;
         let field = |k: &str| meta[k].as_str().map(str::to_string);
         let (Some(name), Some(version), Some(kind), Some(digest)) = (
             field("name"),
@@ -740,8 +607,8 @@ fn import(store: &Store, file: &Path, json: bool) -> anyhow::Result<i32> {
             field("kind"),
             field("digest"),
         ) else {
-            return Err(Exit::config(format!(
-                "error: {}: {META} lacks name, version, kind or digest",
+            return Err(Error::config(format!(
+                "{}: {META} lacks name, version, kind or digest",
                 file.display()
             ))
             .into());
@@ -754,8 +621,8 @@ fn import(store: &Store, file: &Path, json: bool) -> anyhow::Result<i32> {
             match files.as_slice() {
                 [one] => one.clone(),
                 _ => {
-                    return Err(Exit::config(format!(
-                        "error: {}: a wasm module archive holds exactly one file under code/",
+                    return Err(Error::config(format!(
+                        "{}: a wasm module archive holds exactly one file under code/",
                         file.display()
                     ))
                     .into());
@@ -777,8 +644,8 @@ fn import(store: &Store, file: &Path, json: bool) -> anyhow::Result<i32> {
             hashed.digest
         };
         if actual != digest {
-            return Err(Exit::config(format!(
-                "error: {}: the code does not match its digest (archive says {digest}, content is {actual}): the archive was altered or damaged; nothing was imported",
+            return Err(Error::config(format!(
+                "{}: the code does not match its digest (archive says {digest}, content is {actual}): the archive was altered or damaged; nothing was imported",
                 file.display()
             ))
             .into());

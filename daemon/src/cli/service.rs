@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{EXIT_CONFIG, Exit};
+use super::{EXIT_CONFIG, Error};
 use crate::config::{self, Config};
 use crate::definition::{self, TriggerKind};
 use crate::diagnostic::display_path;
@@ -41,10 +41,10 @@ pub fn config_path(given: Option<&Path>) -> Option<PathBuf> {
 /// Loads and checks the daemon config; a bad one exits 78 with every error.
 pub fn load_config(path: &Path) -> anyhow::Result<Config> {
     let (config, report) = config::load(path)
-        .map_err(|e| Exit::config(format!("error: cannot read {}: {e}", path.display())))?;
+        .map_err(|e| Error::config(format!("cannot read {}: {e}", path.display())))?;
     match config {
         Some(c) => Ok(c),
-        None => Err(Exit::config(format!(
+        None => Err(Error::Report(format!(
             "{report}error: the daemon config {} has {} error(s)",
             display_path(path),
             report.error_count()
@@ -63,8 +63,8 @@ pub fn config_env(c: &Config) -> anyhow::Result<definition::Environment> {
 /// `millrace daemon`.
 pub async fn daemon(config: Option<&Path>) -> anyhow::Result<i32> {
     let Some(path) = config_path(config) else {
-        return Err(Exit::usage(format!(
-            "error: no daemon config: pass --config FILE (or set MILLRACE_CONFIG); {SYSTEM_CONFIG} does not exist"
+        return Err(Error::usage(format!(
+            "no daemon config: pass --config FILE (or set MILLRACE_CONFIG); {SYSTEM_CONFIG} does not exist"
         ))
         .into());
     };
@@ -97,7 +97,7 @@ pub fn validate_config(
     json: bool,
 ) -> anyhow::Result<i32> {
     let (config, report) = config::load(path)
-        .map_err(|e| Exit::config(format!("error: cannot read {}: {e}", path.display())))?;
+        .map_err(|e| Error::config(format!("cannot read {}: {e}", path.display())))?;
     let Some(config) = config else {
         if json {
             println!(
@@ -162,8 +162,8 @@ impl Client {
             .or_else(|| endpoint.as_ref().and_then(|e| e["url"].as_str().map(str::to_string)))
             .or_else(|| config.as_ref().map(|c| format!("http://{}", c.api.listen)))
             .ok_or_else(|| {
-                Exit::usage(format!(
-                    "error: cannot find the daemon: no daemon.json in {} and no config; pass --config FILE or --url URL",
+                Error::usage(format!(
+                    "cannot find the daemon: no daemon.json in {} and no config; pass --config FILE or --url URL",
                     display_path(&state_dir)
                 ))
             })?;
@@ -230,14 +230,9 @@ fn api_error(status: u16, v: &Value) -> anyhow::Error {
         .as_str()
         .map(str::to_string)
         .unwrap_or_else(|| v.to_string());
-    let code = match status {
-        401 | 403 => 2,
-        404 | 422 => 2,
-        _ => 1,
-    };
-    Exit {
-        code,
-        message: format!("error: {msg} (HTTP {status})"),
+    Error::Api {
+        status,
+        message: msg,
     }
     .into()
 }
@@ -294,11 +289,7 @@ pub fn trigger(
                     println!("  {e}");
                 }
             }
-            return Ok(if status == RunStatus::Succeeded {
-                0
-            } else {
-                super::EXIT_RUN_FAILED
-            });
+            return Ok(super::error::run_exit_code(status));
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -375,7 +366,7 @@ pub fn status(c: &Connect, state: &Path, json: bool) -> anyhow::Result<i32> {
             if s["status"].as_str().and_then(|s| s.parse().ok()) != Some(StepStatus::Running) {
                 continue;
             }
-            let placement = s["attempts_detail"]
+            let placement = s["attempts"]
                 .as_array()
                 .and_then(|a| a.last())
                 .and_then(|a| Placement::deserialize(&a["placement"]).ok());
@@ -421,8 +412,8 @@ fn parse_instant(s: &str) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
     if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
         return Ok(d.and_hms_opt(0, 0, 0).unwrap_or_default().and_utc());
     }
-    Err(Exit::usage(format!(
-        "error: `{s}` is not an instant: use RFC 3339 (2026-03-29T01:00:00+01:00) or YYYY-MM-DD[THH:MM] (UTC)"
+    Err(Error::usage(format!(
+        "`{s}` is not an instant: use RFC 3339 (2026-03-29T01:00:00+01:00) or YYYY-MM-DD[THH:MM] (UTC)"
     ))
     .into())
 }
@@ -446,18 +437,17 @@ pub fn schedule(
     };
     files.extend(paths.iter().cloned());
     if files.is_empty() {
-        return Err(Exit::usage(
-            "error: name pipeline files or directories, or pass --config FILE",
-        )
-        .into());
+        return Err(
+            Error::usage("name pipeline files or directories, or pass --config FILE").into(),
+        );
     }
     let files = super::expand_dirs(&files)?;
     let (from, to) = match simulate {
         Some([a, b]) => {
             let (from, to) = (parse_instant(a)?, parse_instant(b)?);
             if to <= from {
-                return Err(Exit::usage(format!(
-                    "error: --simulate {a} {b}: the window ends before it starts (FROM must be earlier than TO)"
+                return Err(Error::usage(format!(
+                    "--simulate {a} {b}: the window ends before it starts (FROM must be earlier than TO)"
                 ))
                 .into());
             }
@@ -468,8 +458,8 @@ pub fn schedule(
     let mut out = Vec::new();
     let mut bad = false;
     for f in &files {
-        let (p, report) = definition::load(f, &env)
-            .map_err(|e| Exit::config(format!("error: cannot read {}: {e}", f.display())))?;
+        let (p, report) = crate::graph::load(f, &env)
+            .map_err(|e| Error::config(format!("cannot read {}: {e}", f.display())))?;
         let Some(p) = p else {
             eprint!("{report}");
             bad = true;

@@ -346,7 +346,7 @@ pub(super) fn check(
         {
             panic!("injected by MILLRACE_TEST_PANIC_IN_CHECK");
         }
-        definition::parse(path, text.to_string(), env)
+        crate::graph::parse(path, text.to_string(), env)
     }))
     .map_err(|panic| panic_message(&*panic))
 }

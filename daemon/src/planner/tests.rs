@@ -26,7 +26,7 @@ impl Fixture {
         std::fs::write(dir.path().join("step.wasm"), b"\0asm not really").unwrap();
         let text = format!("name = \"p\"\n[inputs.a]\npath = \"data/a.txt\"\n{steps}");
         let (p, report) =
-            crate::definition::parse(&dir.path().join("p.toml"), text, &Environment::default());
+            crate::graph::parse(&dir.path().join("p.toml"), text, &Environment::default());
         let pipeline = Arc::new(p.unwrap_or_else(|| panic!("{report}")));
         let store = Arc::new(Store::open(&dir.path().join(".state")).unwrap());
         Fixture {

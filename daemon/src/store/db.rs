@@ -2,6 +2,9 @@
 //! artifacts, step inputs and outputs (lineage), cache entries, metrics and the stat
 //! cache. WAL, foreign keys on, migrations embedded and applied at open.
 //!
+//! Here the connection, migrations, rows and runs' queries; the other tables' in `db/`:
+//! `steps` (and attempts), `artifacts` (lineage, cache, metrics), `triggers`, `modules`.
+//!
 //! Commits use `synchronous = NORMAL`: in WAL mode a crash of the process or the
 //! machine can lose the last transactions but never corrupts the database, and a
 //! commit costs no fsync, which is what keeps per-step bookkeeping cheap.
@@ -13,8 +16,13 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
 use crate::model::{AttemptStatus, Placement, RunStatus, StepStatus};
-use crate::module::ModuleVersion;
-use crate::store::artifacts::FileStat;
+
+mod artifacts;
+mod modules;
+mod steps;
+mod triggers;
+
+pub use modules::ModuleVersion;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -280,17 +288,15 @@ pub struct Db {
     conn: Connection,
 }
 
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize)]
 pub struct RunRow {
     pub id: i64,
     pub pipeline: String,
     pub experiment: String,
     pub definition: String,
-    #[schema(value_type = Object)]
     pub params: serde_json::Value,
     pub trigger: String,
     /// What fired the run: changed paths, the scheduled instant, a missed interval.
-    #[schema(value_type = Option<Object>)]
     pub trigger_detail: Option<serde_json::Value>,
     pub no_reuse: bool,
     pub status: RunStatus,
@@ -304,7 +310,7 @@ pub struct RunRow {
     pub error: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize)]
 pub struct StepRow {
     pub run_id: i64,
     pub name: String,
@@ -312,7 +318,6 @@ pub struct StepRow {
     pub runtime: String,
     pub status: StepStatus,
     pub cache_key: Option<String>,
-    #[schema(value_type = Option<Object>)]
     pub key_parts: Option<serde_json::Value>,
     pub reused_from: Option<i64>,
     pub attempts: i64,
@@ -323,7 +328,7 @@ pub struct StepRow {
     pub module: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize)]
 pub struct AttemptRow {
     pub attempt: i64,
     pub status: AttemptStatus,
@@ -336,11 +341,10 @@ pub struct AttemptRow {
     /// `{"kind":"container","engine":…,"container":…,"image":…,"image_id":…}` or
     /// `{"kind":"slurm","compute":…,"staging":…,"job_name":…,"job_id":…,"node":…}`;
     /// absent for the in-process runtimes.
-    #[schema(value_type = Option<Object>)]
     pub placement: Option<Placement>,
 }
 
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize)]
 pub struct MetricRow {
     pub step: String,
     pub name: String,
@@ -649,98 +653,6 @@ impl Batch<'_> {
         Ok(rows)
     }
 
-    /// The last persisted firing of a cron trigger, in ms since the epoch.
-    pub fn trigger_last_fired(&self, pipeline: &str, trigger: &str) -> Result<Option<i64>> {
-        Ok(self
-            .conn
-            .query_row(
-                "SELECT last_fired FROM trigger_state WHERE pipeline = ?1 AND trigger = ?2",
-                params![pipeline, trigger],
-                |r| r.get(0),
-            )
-            .optional()?)
-    }
-
-    pub fn set_trigger_last_fired(&self, pipeline: &str, trigger: &str, at_ms: i64) -> Result<()> {
-        self.conn.execute(
-            "INSERT INTO trigger_state (pipeline, trigger, last_fired) VALUES (?1, ?2, ?3)
-             ON CONFLICT (pipeline, trigger) DO UPDATE SET last_fired = excluded.last_fired",
-            params![pipeline, trigger, at_ms],
-        )?;
-        Ok(())
-    }
-
-    /// Moves a trigger's cursor from `old` to `new` only if no one moved it since:
-    /// two tasks of one trigger (an old version being replaced by a reload) cannot
-    /// both consume a firing. The error aborts the caller's transaction.
-    pub fn advance_trigger(
-        &self,
-        pipeline: &str,
-        trigger: &str,
-        old: Option<i64>,
-        new: i64,
-    ) -> Result<()> {
-        let moved = match old {
-            Some(old) => self.conn.execute(
-                "UPDATE trigger_state SET last_fired = ?4 WHERE pipeline = ?1 AND trigger = ?2 AND last_fired = ?3",
-                params![pipeline, trigger, old, new],
-            )?,
-            None => self.conn.execute(
-                "INSERT OR IGNORE INTO trigger_state (pipeline, trigger, last_fired) VALUES (?1, ?2, ?3)",
-                params![pipeline, trigger, new],
-            )?,
-        };
-        if moved == 0 {
-            return Err(DbError::Conflict(format!(
-                "trigger `{trigger}` of `{pipeline}` fired elsewhere"
-            )));
-        }
-        Ok(())
-    }
-
-    /// Path → content digest as a watch trigger last saw them; `None` before its
-    /// first look.
-    pub fn watch_cursor(
-        &self,
-        pipeline: &str,
-        glob: &str,
-    ) -> Result<Option<std::collections::BTreeMap<String, String>>> {
-        if self.trigger_last_fired(pipeline, glob)?.is_none() {
-            return Ok(None);
-        }
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT path, digest FROM watch_cursor WHERE pipeline = ?1 AND glob = ?2",
-        )?;
-        let rows = stmt
-            .query_map(params![pipeline, glob], |r| Ok((r.get(0)?, r.get(1)?)))?
-            .collect::<rusqlite::Result<_>>()?;
-        Ok(Some(rows))
-    }
-
-    /// Replaces a watch trigger's cursor with what it saw now, if no one replaced
-    /// it since `seen` (its `trigger_state` stamp when the cursor was read).
-    pub fn set_watch_cursor(
-        &self,
-        pipeline: &str,
-        glob: &str,
-        seen: Option<i64>,
-        files: &std::collections::BTreeMap<String, String>,
-    ) -> Result<()> {
-        let stamp = now_ms().max(seen.map_or(0, |s| s + 1));
-        self.advance_trigger(pipeline, glob, seen, stamp)?;
-        self.conn.execute(
-            "DELETE FROM watch_cursor WHERE pipeline = ?1 AND glob = ?2",
-            params![pipeline, glob],
-        )?;
-        let mut insert = self.conn.prepare_cached(
-            "INSERT INTO watch_cursor (pipeline, glob, path, digest) VALUES (?1, ?2, ?3, ?4)",
-        )?;
-        for (path, digest) in files {
-            insert.execute(params![pipeline, glob, path, digest])?;
-        }
-        Ok(())
-    }
-
     pub fn run(&self, id: i64) -> Result<Option<RunRow>> {
         Ok(self
             .conn
@@ -781,645 +693,6 @@ impl Batch<'_> {
                 params![f.pipeline, f.status, f.since, f.before, f.limit],
                 run_row,
             )?
-            .collect::<rusqlite::Result<_>>()?;
-        Ok(rows)
-    }
-
-    pub fn insert_step(
-        &self,
-        run: i64,
-        name: &str,
-        position: usize,
-        runtime: &str,
-        module: Option<&str>,
-    ) -> Result<()> {
-        self.conn
-            .prepare_cached(
-                "INSERT OR IGNORE INTO steps (run_id, name, position, runtime, status, module) VALUES (?1, ?2, ?3, ?4, ?6, ?5)",
-            )?
-            .execute(params![run, name, position as i64, runtime, module, StepStatus::Pending])?;
-        Ok(())
-    }
-
-    pub fn set_step_key(
-        &self,
-        run: i64,
-        step: &str,
-        key: &str,
-        parts: &serde_json::Value,
-    ) -> Result<()> {
-        self.conn
-            .prepare_cached(
-                "UPDATE steps SET cache_key = ?3, key_parts = ?4 WHERE run_id = ?1 AND name = ?2",
-            )?
-            .execute(params![run, step, key, parts.to_string()])?;
-        Ok(())
-    }
-
-    pub fn start_step(&self, run: i64, step: &str) -> Result<()> {
-        self.conn
-            .prepare_cached(
-                "UPDATE steps SET status = ?4, started_at = coalesce(started_at, ?3), error = NULL
-                 WHERE run_id = ?1 AND name = ?2",
-            )?
-            .execute(params![run, step, now_ms(), StepStatus::Running])?;
-        Ok(())
-    }
-
-    pub fn finish_step(
-        &self,
-        run: i64,
-        step: &str,
-        status: StepStatus,
-        reused_from: Option<i64>,
-        error: Option<&str>,
-    ) -> Result<()> {
-        let now = now_ms();
-        self.conn
-            .prepare_cached(
-                "UPDATE steps SET status = ?3, reused_from = ?4, error = ?5, finished_at = ?6,
-                 started_at = coalesce(started_at, ?6) WHERE run_id = ?1 AND name = ?2",
-            )?
-            .execute(params![run, step, status, reused_from, error, now])?;
-        Ok(())
-    }
-
-    /// Starts (or restarts) an attempt; its placement is kept only when `adopt`
-    /// (the attempt's Slurm job is followed again).
-    pub fn start_attempt(
-        &self,
-        run: i64,
-        step: &str,
-        attempt: u32,
-        log_path: &str,
-        adopt: bool,
-    ) -> Result<()> {
-        self.conn
-            .prepare_cached(
-                "INSERT INTO attempts (run_id, step, attempt, status, started_at, log_path)
-                 VALUES (?1, ?2, ?3, ?7, ?4, ?5)
-                 ON CONFLICT (run_id, step, attempt) DO UPDATE SET status = excluded.status,
-                   started_at = excluded.started_at, log_path = excluded.log_path,
-                   finished_at = NULL, exit_code = NULL, error = NULL,
-                   placement = CASE WHEN ?6 THEN placement ELSE NULL END",
-            )?
-            .execute(params![
-                run,
-                step,
-                attempt,
-                now_ms(),
-                log_path,
-                adopt,
-                AttemptStatus::Running
-            ])?;
-        self.conn
-            .prepare_cached("UPDATE steps SET attempts = ?3 WHERE run_id = ?1 AND name = ?2")?
-            .execute(params![run, step, attempt])?;
-        Ok(())
-    }
-
-    /// Attempts still `running` when their run was cancelled: their work was
-    /// stopped with it.
-    pub fn cancel_running_attempts(&self, run: i64) -> Result<()> {
-        self.conn
-            .prepare_cached(
-                "UPDATE attempts SET status = ?3, finished_at = ?2,
-                 error = coalesce(error, 'the run was cancelled')
-                 WHERE run_id = ?1 AND status = ?4",
-            )?
-            .execute(params![
-                run,
-                now_ms(),
-                AttemptStatus::Cancelled,
-                AttemptStatus::Running
-            ])?;
-        Ok(())
-    }
-
-    /// Where an attempt ran (or runs), as recorded.
-    pub fn attempt_placement(
-        &self,
-        run: i64,
-        step: &str,
-        attempt: u32,
-    ) -> Result<Option<Placement>> {
-        let p: Option<Option<String>> = self
-            .conn
-            .query_row(
-                "SELECT placement FROM attempts WHERE run_id = ?1 AND step = ?2 AND attempt = ?3",
-                params![run, step, attempt],
-                |r| r.get(0),
-            )
-            .optional()?;
-        Ok(p.flatten().and_then(|p| serde_json::from_str(&p).ok()))
-    }
-
-    pub fn set_attempt_placement(
-        &self,
-        run: i64,
-        step: &str,
-        attempt: u32,
-        placement: &Placement,
-    ) -> Result<()> {
-        let placement = serde_json::to_string(placement).expect("plain data");
-        self.conn
-            .prepare_cached(
-                "UPDATE attempts SET placement = ?4 WHERE run_id = ?1 AND step = ?2 AND attempt = ?3",
-            )?
-            .execute(params![run, step, attempt, placement])?;
-        Ok(())
-    }
-
-    pub fn finish_attempt(
-        &self,
-        run: i64,
-        step: &str,
-        attempt: u32,
-        status: AttemptStatus,
-        exit_code: Option<i32>,
-        error: Option<&str>,
-    ) -> Result<()> {
-        self.conn
-            .prepare_cached(
-                "UPDATE attempts SET status = ?4, finished_at = ?5, exit_code = ?6, error = ?7
-                 WHERE run_id = ?1 AND step = ?2 AND attempt = ?3",
-            )?
-            .execute(params![
-                run,
-                step,
-                attempt,
-                status,
-                now_ms(),
-                exit_code,
-                error
-            ])?;
-        Ok(())
-    }
-
-    pub fn steps(&self, run: i64) -> Result<Vec<StepRow>> {
-        let mut stmt = self.conn.prepare_cached(&format!(
-            "SELECT {STEP_COLUMNS} FROM steps WHERE run_id = ?1 ORDER BY position"
-        ))?;
-        let rows = stmt
-            .query_map([run], step_row)?
-            .collect::<rusqlite::Result<_>>()?;
-        Ok(rows)
-    }
-
-    pub fn step(&self, run: i64, name: &str) -> Result<Option<StepRow>> {
-        Ok(self
-            .conn
-            .query_row(
-                &format!("SELECT {STEP_COLUMNS} FROM steps WHERE run_id = ?1 AND name = ?2"),
-                params![run, name],
-                step_row,
-            )
-            .optional()?)
-    }
-
-    /// The latest execution of the same step of the same pipeline before `run` that
-    /// got as far as computing a cache key: what `explain` compares with.
-    pub fn previous_step(
-        &self,
-        pipeline: &str,
-        step: &str,
-        before_run: i64,
-    ) -> Result<Option<StepRow>> {
-        let sql = format!(
-            "SELECT {} FROM steps s JOIN runs r ON r.id = s.run_id
-             WHERE r.pipeline = ?1 AND s.name = ?2 AND s.run_id < ?3 AND s.cache_key IS NOT NULL
-             ORDER BY s.run_id DESC LIMIT 1",
-            STEP_COLUMNS
-                .split(", ")
-                .map(|c| format!("s.{c}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        Ok(self
-            .conn
-            .query_row(&sql, params![pipeline, step, before_run], step_row)
-            .optional()?)
-    }
-
-    pub fn attempts(&self, run: i64, step: &str) -> Result<Vec<AttemptRow>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT attempt, status, started_at, finished_at, exit_code, error, log_path, placement FROM attempts
-             WHERE run_id = ?1 AND step = ?2 ORDER BY attempt",
-        )?;
-        let rows = stmt
-            .query_map(params![run, step], |r| {
-                Ok(AttemptRow {
-                    attempt: r.get(0)?,
-                    status: r.get(1)?,
-                    started_at: r.get(2)?,
-                    finished_at: r.get(3)?,
-                    exit_code: r.get(4)?,
-                    error: r.get(5)?,
-                    log_path: r.get(6)?,
-                    placement: r
-                        .get::<_, Option<String>>(7)?
-                        .and_then(|p| serde_json::from_str(&p).ok()),
-                })
-            })?
-            .collect::<rusqlite::Result<_>>()?;
-        Ok(rows)
-    }
-
-    pub fn record_artifact(&self, digest: &str, size: u64, files: u64) -> Result<()> {
-        self.conn
-            .prepare_cached("INSERT OR IGNORE INTO artifacts (digest, size, files, created_at) VALUES (?1, ?2, ?3, ?4)")?
-            .execute(params![digest, size as i64, files as i64, now_ms()])?;
-        Ok(())
-    }
-
-    pub fn artifact(&self, digest: &str) -> Result<Option<(u64, u64)>> {
-        Ok(self
-            .conn
-            .query_row(
-                "SELECT size, files FROM artifacts WHERE digest = ?1",
-                [digest],
-                |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
-            )
-            .optional()?)
-    }
-
-    /// Artifacts whose digest starts with `prefix` (users type short digests).
-    pub fn artifacts_with_prefix(&self, prefix: &str) -> Result<Vec<String>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT digest FROM artifacts WHERE digest >= ?1 AND digest < ?2 LIMIT 10",
-        )?;
-        let upper = format!("{prefix}~");
-        let rows = stmt
-            .query_map(params![prefix, upper], |r| r.get(0))?
-            .collect::<rusqlite::Result<_>>()?;
-        Ok(rows)
-    }
-
-    pub fn record_run_input(&self, run: i64, name: &str, path: &str, artifact: &str) -> Result<()> {
-        self.conn
-            .prepare_cached("INSERT OR REPLACE INTO run_inputs (run_id, name, path, artifact) VALUES (?1, ?2, ?3, ?4)")?
-            .execute(params![run, name, path, artifact])?;
-        Ok(())
-    }
-
-    pub fn run_inputs(&self, run: i64) -> Result<Vec<(String, String, String)>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT name, path, artifact FROM run_inputs WHERE run_id = ?1 ORDER BY name",
-        )?;
-        let rows = stmt
-            .query_map([run], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-            .collect::<rusqlite::Result<_>>()?;
-        Ok(rows)
-    }
-
-    pub fn record_step_input(
-        &self,
-        run: i64,
-        step: &str,
-        mount: &str,
-        reference: &str,
-        artifact: &str,
-    ) -> Result<()> {
-        self.conn
-            .prepare_cached(
-                "INSERT OR REPLACE INTO step_inputs (run_id, step, mount, reference, artifact) VALUES (?1, ?2, ?3, ?4, ?5)",
-            )?
-            .execute(params![run, step, mount, reference, artifact])?;
-        Ok(())
-    }
-
-    pub fn step_inputs(&self, run: i64, step: &str) -> Result<Vec<(String, String, String)>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT mount, reference, artifact FROM step_inputs WHERE run_id = ?1 AND step = ?2 ORDER BY mount",
-        )?;
-        let rows = stmt
-            .query_map(params![run, step], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })?
-            .collect::<rusqlite::Result<_>>()?;
-        Ok(rows)
-    }
-
-    pub fn record_step_output(
-        &self,
-        run: i64,
-        step: &str,
-        output: &str,
-        artifact: &str,
-    ) -> Result<()> {
-        self.conn
-            .prepare_cached("INSERT OR REPLACE INTO step_outputs (run_id, step, output, artifact) VALUES (?1, ?2, ?3, ?4)")?
-            .execute(params![run, step, output, artifact])?;
-        Ok(())
-    }
-
-    pub fn step_outputs(&self, run: i64, step: &str) -> Result<Vec<(String, String)>> {
-        let mut stmt =
-            self.conn.prepare_cached("SELECT output, artifact FROM step_outputs WHERE run_id = ?1 AND step = ?2 ORDER BY output")?;
-        let rows = stmt
-            .query_map(params![run, step], |r| Ok((r.get(0)?, r.get(1)?)))?
-            .collect::<rusqlite::Result<_>>()?;
-        Ok(rows)
-    }
-
-    pub fn set_cache_entry(&self, key: &str, run: i64, step: &str) -> Result<()> {
-        self.conn
-            .prepare_cached("INSERT OR REPLACE INTO cache_entries (key, run_id, step, created_at) VALUES (?1, ?2, ?3, ?4)")?
-            .execute(params![key, run, step, now_ms()])?;
-        Ok(())
-    }
-
-    /// The execution a cache key points at: (run, step).
-    pub fn cache_entry(&self, key: &str) -> Result<Option<(i64, String)>> {
-        Ok(self
-            .conn
-            .prepare_cached("SELECT run_id, step FROM cache_entries WHERE key = ?1")?
-            .query_row([key], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()?)
-    }
-
-    pub fn drop_cache_entry(&self, key: &str) -> Result<()> {
-        self.conn
-            .prepare_cached("DELETE FROM cache_entries WHERE key = ?1")?
-            .execute([key])?;
-        Ok(())
-    }
-
-    pub fn record_metric(
-        &self,
-        run: i64,
-        step: &str,
-        name: &str,
-        value: f64,
-        index: Option<i64>,
-        seq: i64,
-    ) -> Result<()> {
-        self.conn
-            .prepare_cached("INSERT INTO metrics (run_id, step, name, value, idx, seq) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")?
-            .execute(params![run, step, name, value, index, seq])?;
-        Ok(())
-    }
-
-    pub fn clear_metrics(&self, run: i64, step: &str) -> Result<()> {
-        self.conn
-            .prepare_cached("DELETE FROM metrics WHERE run_id = ?1 AND step = ?2")?
-            .execute(params![run, step])?;
-        Ok(())
-    }
-
-    pub fn metrics(&self, run: i64) -> Result<Vec<MetricRow>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT step, name, value, idx FROM metrics WHERE run_id = ?1 ORDER BY step, name, seq",
-        )?;
-        let rows = stmt
-            .query_map([run], |r| {
-                Ok(MetricRow {
-                    step: r.get(0)?,
-                    name: r.get(1)?,
-                    value: r.get(2)?,
-                    step_index: r.get(3)?,
-                })
-            })?
-            .collect::<rusqlite::Result<_>>()?;
-        Ok(rows)
-    }
-
-    /// Copies the metrics a reused step's source execution logged.
-    pub fn copy_metrics(&self, from_run: i64, from_step: &str, run: i64, step: &str) -> Result<()> {
-        self.conn
-            .prepare_cached(
-                "INSERT INTO metrics (run_id, step, name, value, idx, seq)
-                 SELECT ?3, ?4, name, value, idx, seq FROM metrics WHERE run_id = ?1 AND step = ?2",
-            )?
-            .execute(params![from_run, from_step, run, step])?;
-        Ok(())
-    }
-
-    pub fn stat_lookup(&self, path: &Path, stat: &FileStat) -> Result<Option<String>> {
-        Ok(self
-            .conn
-            .prepare_cached("SELECT digest FROM stat_cache WHERE path = ?1 AND size = ?2 AND mtime_ns = ?3 AND ino = ?4 AND ctime_ns = ?5")?
-            .query_row(
-                params![path.to_string_lossy(), stat.size as i64, stat.mtime_ns, stat.ino as i64, stat.ctime_ns],
-                |r| r.get(0),
-            )
-            .optional()?)
-    }
-
-    pub fn stat_record(&self, path: &Path, stat: &FileStat, digest: &str) -> Result<()> {
-        self.conn
-            .prepare_cached(
-                "INSERT OR REPLACE INTO stat_cache (path, size, mtime_ns, ino, digest, ctime_ns) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?
-            .execute(params![path.to_string_lossy(), stat.size as i64, stat.mtime_ns, stat.ino as i64, digest, stat.ctime_ns])?;
-        Ok(())
-    }
-
-    /// Where an artifact was produced and read.
-    pub fn lineage(&self, artifact: &str) -> Result<Vec<LineageRow>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT o.run_id, r.pipeline, o.step, o.output, 'output' FROM step_outputs o JOIN runs r ON r.id = o.run_id
-               WHERE o.artifact = ?1
-             UNION ALL
-             SELECT i.run_id, r.pipeline, i.step, i.mount, 'input' FROM step_inputs i JOIN runs r ON r.id = i.run_id
-               WHERE i.artifact = ?1
-             UNION ALL
-             SELECT p.run_id, r.pipeline, '', p.name, 'pipeline input' FROM run_inputs p JOIN runs r ON r.id = p.run_id
-               WHERE p.artifact = ?1
-             ORDER BY 1, 3",
-        )?;
-        let rows = stmt
-            .query_map([artifact], |r| {
-                Ok(LineageRow {
-                    run_id: r.get(0)?,
-                    pipeline: r.get(1)?,
-                    step: r.get(2)?,
-                    name: r.get(3)?,
-                    role: r.get(4)?,
-                })
-            })?
-            .collect::<rusqlite::Result<_>>()?;
-        Ok(rows)
-    }
-
-    /// Run ids to keep for `gc --keep N`: the newest N runs of each pipeline, plus
-    /// every run still running.
-    pub fn runs_to_keep(&self, keep: i64) -> Result<Vec<i64>> {
-        let mut stmt = self.conn.prepare(
-            "SELECT id FROM (SELECT id, status, row_number() OVER (PARTITION BY pipeline ORDER BY id DESC) AS n FROM runs)
-             WHERE n <= ?1 OR status IN (?2, ?3)",
-        )?;
-        let rows = stmt
-            .query_map(params![keep, RunStatus::Running, RunStatus::Queued], |r| {
-                r.get(0)
-            })?
-            .collect::<rusqlite::Result<_>>()?;
-        Ok(rows)
-    }
-
-    pub fn delete_runs_except(&self, keep: &[i64]) -> Result<usize> {
-        self.conn.execute_batch("CREATE TEMP TABLE IF NOT EXISTS keep_runs (id INTEGER PRIMARY KEY); DELETE FROM keep_runs;")?;
-        for id in keep {
-            self.conn
-                .execute("INSERT OR IGNORE INTO keep_runs (id) VALUES (?1)", [id])?;
-        }
-        // A run queued or started since `keep` was read is not in it, and is kept.
-        let n = self.conn.execute(
-            "DELETE FROM runs WHERE id NOT IN (SELECT id FROM keep_runs)
-               AND status NOT IN (?1, ?2)",
-            params![RunStatus::Running, RunStatus::Queued],
-        )?;
-        self.conn.execute(
-            "DELETE FROM artifacts WHERE digest NOT IN (SELECT artifact FROM step_outputs)
-               AND digest NOT IN (SELECT artifact FROM step_inputs) AND digest NOT IN (SELECT artifact FROM run_inputs)
-               AND digest NOT IN (SELECT artifact FROM modules)",
-            [],
-        )?;
-        self.conn.execute(
-            "DELETE FROM stat_cache WHERE path LIKE '%/objects/blobs/%'",
-            [],
-        )?;
-        Ok(n)
-    }
-
-    /// Published versions (of one module, or all).
-    pub fn module_versions(&self, name: Option<&str>) -> Result<Vec<ModuleVersion>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT name, version, kind, digest, artifact, size, entry, description, status, message, published_at
-             FROM modules WHERE (?1 IS NULL OR name = ?1) ORDER BY name, published_at",
-        )?;
-        let rows = stmt
-            .query_map([name], |r| {
-                Ok(ModuleVersion {
-                    name: r.get(0)?,
-                    version: r.get(1)?,
-                    kind: r.get(2)?,
-                    digest: r.get(3)?,
-                    artifact: r.get(4)?,
-                    size: r.get::<_, i64>(5)? as u64,
-                    entry: r.get(6)?,
-                    description: r.get(7)?,
-                    status: r.get(8)?,
-                    message: r.get(9)?,
-                    published_at: r.get(10)?,
-                })
-            })?
-            .collect::<rusqlite::Result<_>>()?;
-        Ok(rows)
-    }
-
-    pub fn module_defaults(&self) -> Result<std::collections::BTreeMap<String, String>> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT name, version FROM module_defaults")?;
-        let rows = stmt
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-            .collect::<rusqlite::Result<_>>()?;
-        Ok(rows)
-    }
-
-    /// Records a new version. Returns the digest already recorded under this name
-    /// and version, if any (then nothing is written). One INSERT decides, so two
-    /// processes publishing the same version leave one record.
-    pub fn publish_module(&self, m: &ModuleVersion) -> Result<Option<String>> {
-        let inserted = self.conn.execute(
-            "INSERT OR IGNORE INTO modules (name, version, kind, digest, artifact, size, entry, description, status, published_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'active', ?9)",
-            params![
-                m.name,
-                m.version,
-                m.kind,
-                m.digest,
-                m.artifact,
-                m.size as i64,
-                m.entry,
-                m.description,
-                m.published_at
-            ],
-        )?;
-        if inserted == 0 {
-            return Ok(Some(self.conn.query_row(
-                "SELECT digest FROM modules WHERE name = ?1 AND version = ?2",
-                params![m.name, m.version],
-                |r| r.get(0),
-            )?));
-        }
-        self.module_event(&m.name, &m.version, "published", None)?;
-        Ok(None)
-    }
-
-    pub fn set_module_status(
-        &self,
-        name: &str,
-        version: &str,
-        status: &str,
-        message: Option<&str>,
-    ) -> Result<()> {
-        self.conn.execute(
-            "UPDATE modules SET status = ?3, message = ?4 WHERE name = ?1 AND version = ?2",
-            params![name, version, status, message],
-        )?;
-        let event = match status {
-            "active" => "enabled",
-            other => other,
-        };
-        self.module_event(name, version, event, message)
-    }
-
-    pub fn set_module_default(&self, name: &str, version: &str) -> Result<()> {
-        self.conn.execute(
-            "INSERT INTO module_defaults (name, version, set_at) VALUES (?1, ?2, ?3)
-             ON CONFLICT (name) DO UPDATE SET version = excluded.version, set_at = excluded.set_at",
-            params![name, version, now_ms()],
-        )?;
-        self.module_event(name, version, "made default", None)
-    }
-
-    fn module_event(
-        &self,
-        name: &str,
-        version: &str,
-        event: &str,
-        message: Option<&str>,
-    ) -> Result<()> {
-        self.conn.execute(
-            "INSERT INTO module_events (name, version, event, message, at) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![name, version, event, message, now_ms()],
-        )?;
-        Ok(())
-    }
-
-    /// A version's history: (event, message, at), oldest first.
-    pub fn module_events(
-        &self,
-        name: &str,
-        version: &str,
-    ) -> Result<Vec<(String, Option<String>, i64)>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT event, message, at FROM module_events WHERE name = ?1 AND version = ?2 ORDER BY rowid",
-        )?;
-        let rows = stmt
-            .query_map(params![name, version], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })?
-            .collect::<rusqlite::Result<_>>()?;
-        Ok(rows)
-    }
-
-    /// The latest step executions of `name@version`: (run, pipeline, step, status).
-    pub fn module_uses(
-        &self,
-        id: &str,
-        limit: i64,
-    ) -> Result<Vec<(i64, String, String, StepStatus)>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT s.run_id, r.pipeline, s.name, s.status FROM steps s JOIN runs r ON r.id = s.run_id
-             WHERE s.module = ?1 ORDER BY s.run_id DESC LIMIT ?2",
-        )?;
-        let rows = stmt
-            .query_map(params![id, limit], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-            })?
             .collect::<rusqlite::Result<_>>()?;
         Ok(rows)
     }

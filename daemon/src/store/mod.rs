@@ -11,6 +11,7 @@
 
 pub mod artifacts;
 pub mod db;
+pub mod gc;
 pub mod walk;
 
 use std::os::unix::fs::DirBuilderExt;

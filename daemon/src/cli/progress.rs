@@ -1,0 +1,140 @@
+//! `run` and `resume` as a person sees them: progress lines (or a bar on a
+//! terminal), Ctrl-C, the summary and the exit code.
+
+use std::io::IsTerminal;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::Error;
+use super::validate::summary_line;
+use crate::model::StepStatus;
+use crate::run::{Event, RunError, RunSummary};
+
+pub(super) fn run_error(e: RunError) -> anyhow::Error {
+    match e {
+        RunError::Params(m) => Error::usage(m).into(),
+        RunError::Definition(r) => Error::Report(format!("{r}{}", summary_line(&r))).into(),
+        RunError::Input { .. } => Error::config(e.to_string()).into(),
+        RunError::NoSuchRun(_) | RunError::AlreadySucceeded(_) | RunError::Busy(_) => {
+            Error::usage(e.to_string()).into()
+        }
+        other => anyhow::Error::new(other),
+    }
+}
+
+pub(super) fn finish_run(summary: Result<RunSummary, RunError>, json: bool) -> anyhow::Result<i32> {
+    let s = summary.map_err(run_error)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        eprintln!(
+            "run {} {}: {} executed, {} reused, {} failed, {} skipped in {:.2}s",
+            s.run_id, s.status, s.executed, s.reused, s.failed, s.skipped, s.seconds
+        );
+    }
+    Ok(super::error::run_exit_code(s.status))
+}
+
+/// Ctrl-C / SIGTERM cancel the run; the steps are stopped and the run recorded
+/// as cancelled (resumable).
+pub(super) fn cancel_on_signal() -> tokio_util::sync::CancellationToken {
+    let token = tokio_util::sync::CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return,
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        eprintln!("millrace: stopping the run (it can be finished later with `millrace resume`)");
+        t.cancel();
+    });
+    token
+}
+
+/// Progress for `run`: a bar on a terminal, plain lines otherwise.
+pub(super) struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    json: bool,
+}
+
+pub(super) fn progress(json: bool, steps: usize) -> Arc<Progress> {
+    let bar = (!json && std::io::stderr().is_terminal()).then(|| {
+        let b = indicatif::ProgressBar::new(steps as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b.enable_steady_tick(Duration::from_millis(120));
+        b
+    });
+    Arc::new(Progress { bar, json })
+}
+
+impl Progress {
+    pub(super) fn sink(self: &Arc<Self>) -> crate::run::EventSink {
+        let me = self.clone();
+        Arc::new(move |e: &Event| me.event(e))
+    }
+
+    fn line(&self, s: String) {
+        match &self.bar {
+            Some(b) => b.println(s),
+            None if !self.json => eprintln!("{s}"),
+            None => {}
+        }
+    }
+
+    fn event(&self, e: &Event) {
+        match e {
+            Event::RunStarted {
+                run,
+                pipeline,
+                steps,
+            } => self.line(format!("run {run} of {pipeline}: {steps} steps")),
+            Event::StepStarted { step, attempt } => {
+                if let Some(b) = &self.bar {
+                    b.set_message(step.clone());
+                } else if *attempt > 1 {
+                    self.line(format!("  {step}: attempt {attempt}"));
+                }
+            }
+            Event::StepFinished {
+                step,
+                status,
+                detail,
+                elapsed,
+            } => {
+                let retrying = *status == StepStatus::Failed && detail.ends_with("retrying");
+                if let Some(b) = &self.bar
+                    && !retrying
+                {
+                    b.inc(1);
+                }
+                let time = if elapsed.is_zero() {
+                    String::new()
+                } else {
+                    format!(" ({:.2}s)", elapsed.as_secs_f64())
+                };
+                let detail = if detail.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {detail}")
+                };
+                self.line(format!("  {step} {status}{time}{detail}"));
+            }
+        }
+    }
+
+    pub(super) fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
