@@ -2061,6 +2061,7 @@ impl RunContext {
                         log: log.clone(),
                         memory,
                         timeout: Some(step.timeout.unwrap_or(DEFAULT_TIMEOUT)),
+                        disk: output_cap(),
                     };
                     if let Some((compute, target)) = self.engine.slurm_target(step) {
                         let stage_program = matches!(program, Program::Wasm(_));
