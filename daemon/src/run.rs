@@ -2594,6 +2594,7 @@ impl RunContext {
                     writable: m.writable,
                 })
                 .collect(),
+            tmp_size: Some(output_cap()),
             labels,
             timeout,
             log,
