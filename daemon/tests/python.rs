@@ -424,3 +424,50 @@ print('churned')
     );
     assert!(step_log(&p, "churn").contains("churned"));
 }
+
+#[test]
+fn appends_and_positioned_writes_are_counted_and_an_unlinked_file_gives_its_bytes_back() {
+    let p = Project::new();
+    p.write(
+        "code/ways.py",
+        r#"
+import os
+chunk = b'x' * (1 << 20)
+def until_refused(what, write):
+    n = 0
+    try:
+        for n in range(30):
+            write(n)
+    except OSError as e:
+        print(what, 'refused after', n, flush=True)
+        return
+    print(what, 'never refused', flush=True)
+f = open('/tmp/a', 'ab')
+until_refused('append', lambda n: f.write(chunk))
+f.close()
+os.unlink('/tmp/a')
+fd = os.open('/tmp/p', os.O_WRONLY | os.O_CREAT)
+until_refused('pwrite', lambda n: os.pwrite(fd, chunk, n << 20))
+"#,
+    );
+    let f = p.write(
+        "ways.toml",
+        "[[step]]\nname = \"ways\"\npython = \"code/ways.py\"\n",
+    );
+    let out = p
+        .cmd(&["run", f.to_str().unwrap()])
+        .env("MILLRACE_OUTPUT_CAP", "20MiB")
+        .output()
+        .unwrap();
+    // The guest caught the errors and exited 0: the step fails all the same.
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        step_error(&p, "ways").contains("more than the cap of 20MiB"),
+        "{}",
+        step_error(&p, "ways")
+    );
+    let log = step_log(&p, "ways");
+    // Each got the whole budget: the unlinked file gave its 20 MiB back.
+    assert!(log.contains("append refused after 20"), "{log}");
+    assert!(log.contains("pwrite refused after 20"), "{log}");
+}

@@ -232,6 +232,10 @@ struct Disk {
     open: HashMap<i32, u64>,
     /// How many of those descriptors each inode has.
     refs: HashMap<u64, usize>,
+    /// The size of each of those inodes: stat at open, then kept by the wrappers
+    /// (every change of a guest's file goes through them), so a write needs no
+    /// stat of its own.
+    sizes: HashMap<u64, u64>,
     /// Regular files a wasip2 guest opened, by metadata hash: alive while the
     /// guest holds a descriptor or a stream of them (each holds the `Arc`).
     held: Vec<((u64, u64), std::sync::Weak<std::fs::File>)>,
@@ -246,6 +250,7 @@ impl Disk {
             log,
             open: HashMap::new(),
             refs: HashMap::new(),
+            sizes: HashMap::new(),
             held: Vec::new(),
         }
     }
@@ -286,11 +291,24 @@ impl Disk {
         }
     }
 
-    fn opened(&mut self, fd: i32, ino: u64) {
+    fn opened(&mut self, fd: i32, ino: u64, size: u64) {
         if let Some(old) = self.open.insert(fd, ino) {
             self.release(old);
         }
         *self.refs.entry(ino).or_default() += 1;
+        self.sizes.insert(ino, size);
+    }
+
+    /// The size of the file open at `fd`, if tracked.
+    fn size_of(&self, fd: i32) -> Option<(u64, u64)> {
+        let ino = *self.open.get(&fd)?;
+        Some((ino, *self.sizes.get(&ino)?))
+    }
+
+    fn resized(&mut self, fd: i32, size: u64) {
+        if let Some(ino) = self.open.get(&fd) {
+            self.sizes.insert(*ino, size);
+        }
     }
 
     /// Forgets descriptor `fd`; whether it was the last of its inode.
@@ -309,6 +327,7 @@ impl Disk {
             }
             Some(_) => {
                 self.refs.remove(&ino);
+                self.sizes.remove(&ino);
                 true
             }
             None => false,
@@ -1081,7 +1100,7 @@ fn wrap_p1(linker: &mut Linker<P1State>) -> wasmtime::Result<()> {
                     if let Some(new_fd) = new_fd
                         && let Some(st) = file_stat(&mut state.wasi, &mut mem, new_fd).await
                     {
-                        state.disk.opened(new_fd, st.ino);
+                        state.disk.opened(new_fd, st.ino, st.size);
                     }
                 }
                 Ok(r)
@@ -1116,9 +1135,9 @@ fn wrap_p1(linker: &mut Linker<P1State>) -> wasmtime::Result<()> {
                 if r == errno(p1t::Errno::Success) && from != to {
                     state.open = state.open.saturating_sub(1);
                     closed(&mut state.disk, to, held);
-                    if let Some(ino) = state.disk.open.get(&from).copied() {
+                    if let Some((ino, size)) = state.disk.size_of(from) {
                         state.disk.closed(from);
-                        state.disk.opened(to, ino);
+                        state.disk.opened(to, ino, size);
                     }
                 }
                 Ok(r)
@@ -1166,6 +1185,7 @@ fn wrap_p1(linker: &mut Linker<P1State>) -> wasmtime::Result<()> {
                     let size = size as u64;
                     state.disk.charge(size.saturating_sub(now));
                     state.disk.credit(now.saturating_sub(size));
+                    state.disk.resized(fd, size);
                 }
                 Ok(r)
             })
@@ -1322,8 +1342,15 @@ async fn budgeted_write(
     nwritten: i32,
 ) -> wasmtime::Result<i32> {
     let (mut mem, state) = p1_parts(caller)?;
-    let before = file_stat(&mut state.wasi, &mut mem, fd).await;
-    if let Some(b) = &before {
+    // The size before: kept for the files the guest opened; asked otherwise (its
+    // stdio, which are no files and answer without a syscall).
+    let before = match state.disk.size_of(fd) {
+        Some((_, size)) => Some(size),
+        None => file_stat(&mut state.wasi, &mut mem, fd)
+            .await
+            .map(|st| st.size),
+    };
+    if let Some(size) = before {
         let len = first_write_len(&mem, iovs);
         // Far from the cap even if every byte grew the file: no more questions.
         if len > state.disk.room() {
@@ -1334,11 +1361,11 @@ async fn budgeted_write(
                 .await
                 .is_ok_and(|s| s.fs_flags.contains(p1t::Fdflags::APPEND));
             let start = match at {
-                _ if append => b.size,
+                _ if append => size,
                 Some(offset) => offset as u64,
                 None => state.wasi.fd_tell(&mut mem, wfd).unwrap_or(0),
             };
-            let growth = start.saturating_add(len).saturating_sub(b.size);
+            let growth = start.saturating_add(len).saturating_sub(size);
             if growth > state.disk.room() {
                 state.disk.refuse(growth);
                 return Ok(errno(p1t::Errno::Nospc));
@@ -1352,12 +1379,27 @@ async fn budgeted_write(
             p1::fd_pwrite(&mut state.wasi, &mut mem, fd, iovs, n, offset, nwritten).await?
         }
     };
-    if r == errno(p1t::Errno::Success)
-        && let Some(b) = before
-        && let Some(after) = file_stat(&mut state.wasi, &mut mem, fd).await
-    {
-        state.disk.charge(after.size.saturating_sub(b.size));
+    if r != errno(p1t::Errno::Success) {
+        return Ok(r);
     }
+    let Some(size) = before else { return Ok(r) };
+    let size_after = match at {
+        // After an `fd_write` the position is where it ended, or for an append
+        // descriptor the file's new size (wasmtime-wasi asks it): no second stat.
+        None => state
+            .wasi
+            .fd_tell(&mut mem, p1t::Fd::from(fd as u32))
+            .ok()
+            .map(|end| end.max(size)),
+        // `fd_pwrite` leaves the position alone, and appends anyway on an append
+        // descriptor: ask the file.
+        Some(_) => file_stat(&mut state.wasi, &mut mem, fd)
+            .await
+            .map(|a| a.size),
+    };
+    let size_after = size_after.unwrap_or(size);
+    state.disk.charge(size_after.saturating_sub(size));
+    state.disk.resized(fd, size_after);
     Ok(r)
 }
 
