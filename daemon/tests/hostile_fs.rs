@@ -420,3 +420,36 @@ container = {{ image = "{IMAGE}", command = ["sh", "-c", "cd /tmp; i=0; while [ 
     assert!(dd_records_out(&log) <= 50, "{log}");
     no_sandbox_left(&p);
 }
+
+/// A wasm guest (wasip2 `attack`, wasip1 `attack-p1`) writes 300 MiB into a file
+/// it removed while open, under a 20 MiB cap: the WASI layer refuses the write
+/// past the cap (the walk never sees the file).
+fn hide(plugin_name: &str) {
+    let p = Project::new();
+    let toml = with_bystander(&format!(
+        "[[step]]\nname = \"hide\"\nwasm = \"{}\"\nargs = [\"hide\", \"--dir\", \"/tmp\", \"--mib\", \"300\"]\n",
+        plugin(plugin_name)
+    ));
+    run_hostile(&p, &toml, &[("MILLRACE_OUTPUT_CAP", "20MiB")]);
+    let e = step_error(&p, "hide");
+    assert!(
+        e.contains("more than the cap of 20MiB (MILLRACE_OUTPUT_CAP)") && e.contains("ENOSPC"),
+        "{plugin_name}: {e}"
+    );
+    let log = step_log(&p, "hide");
+    // Refused at the cap: 20 whole MiB fit, the 21st does not.
+    assert!(log.contains("after 20 MiB"), "{plugin_name}: {log}");
+    let statuses = step_statuses(&p, "latest");
+    assert!(statuses.contains(&("bystander".into(), "succeeded".into())));
+    no_sandbox_left(&p);
+}
+
+#[test]
+fn a_wasip2_guest_filling_a_file_deleted_while_open_is_refused_at_the_cap() {
+    hide("attack");
+}
+
+#[test]
+fn a_wasip1_guest_filling_a_file_deleted_while_open_is_refused_at_the_cap() {
+    hide("attack-p1");
+}

@@ -1169,7 +1169,11 @@ fn wrap_p1(linker: &mut Linker<P1State>) -> wasmtime::Result<()> {
         |mut caller: Caller<'_, P1State>, (fd, size): (i32, i64)| {
             Box::new(async move {
                 let (mut mem, state) = p1_parts(&mut caller)?;
-                let before = file_stat(&mut state.wasi, &mut mem, fd).await;
+                // A negative size is the real function's EINVAL.
+                let before = match size {
+                    0.. => file_stat(&mut state.wasi, &mut mem, fd).await,
+                    _ => None,
+                };
                 let size_now = before.as_ref().map(|b| b.size);
                 if let Some(now) = size_now {
                     let growth = (size as u64).saturating_sub(now);
