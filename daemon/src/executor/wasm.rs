@@ -217,11 +217,13 @@ struct Hits {
 /// deleted while open, one among millions of entries) escapes the cap.
 ///
 /// What counts is growth: a write past the end of a file adds what the file grew
-/// by (its size before and after), a rewrite in place adds nothing. Truncating a
-/// file gives its bytes back, and so does removing its last link (`unlink`, or a
-/// `rename` over it) unless the guest still holds it open: then the bytes stay
-/// counted until its last descriptor closes. Directories and symlinks are not
-/// counted (the entry limit bounds them); stdout and stderr are not files.
+/// by (a hole before it included: sparse files are not assumed), a rewrite in
+/// place adds nothing. Truncating a file gives its bytes back, and so does
+/// removing its last link (`unlink`, or a `rename` over it) unless the guest still
+/// holds it open: then the bytes stay counted until its last descriptor closes
+/// (wasip1; a wasip2 guest's until the step ends, as its descriptors' drops are
+/// not seen). Directories and symlinks are not counted (the entry limit bounds
+/// them); stdout and stderr are not files.
 struct Disk {
     cap: u64,
     used: u64,
