@@ -1612,6 +1612,7 @@ impl RunContext {
                         log: log.clone(),
                         memory,
                         timeout: Some(step.timeout.unwrap_or(DEFAULT_TIMEOUT)),
+                        disk: output_cap(),
                     };
                     if let Some((compute, target)) = self.engine.slurm_target(step) {
                         let stage_program = matches!(program, Program::Wasm(_));
@@ -2144,6 +2145,7 @@ impl RunContext {
                     writable: m.writable,
                 })
                 .collect(),
+            tmp_size: Some(output_cap()),
             labels,
             timeout,
             log,

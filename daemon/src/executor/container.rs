@@ -270,6 +270,10 @@ pub struct Spec {
     pub memory: u64,
     pub cpus: Option<f64>,
     pub binds: Vec<Bind>,
+    /// When set, `/tmp` is not the bind of `binds` but a tmpfs the engine makes
+    /// of this size (the disk cap): the kernel bounds it, files deleted while open
+    /// included, where a walk of a host directory cannot see them.
+    pub tmp_size: Option<u64>,
     pub labels: HashMap<String, String>,
     pub timeout: Duration,
     pub log: LogFile,
@@ -378,14 +382,23 @@ pub async fn run(
     let mounts = spec
         .binds
         .iter()
-        .map(|b| bollard::models::Mount {
-            source: Some(b.host.display().to_string()),
-            target: Some(b.guest.clone()),
-            typ: Some(bollard::models::MountType::BIND),
-            read_only: Some(!b.writable),
-            ..Default::default()
+        .map(|b| match spec.tmp_size {
+            Some(size) if b.guest == "/tmp" => tmpfs(&b.guest, size),
+            _ => bollard::models::Mount {
+                source: Some(b.host.display().to_string()),
+                target: Some(b.guest.clone()),
+                typ: Some(bollard::models::MountType::BIND),
+                read_only: Some(!b.writable),
+                ..Default::default()
+            },
         })
         .collect();
+    if let Some(size) = spec.tmp_size {
+        spec.log.note(&format!(
+            "/tmp is a tmpfs of {} (MILLRACE_OUTPUT_CAP, counted in the memory limit too): writes past it fail with ENOSPC",
+            crate::definition::format_size(size)
+        ));
+    }
     let memory = i64::try_from(spec.memory).unwrap_or(i64::MAX);
     let host_config = HostConfig {
         mounts: Some(mounts),
@@ -448,6 +461,21 @@ pub async fn run(
         "container finished"
     );
     outcome
+}
+
+/// A tmpfs at `target` of `size` bytes, mode 1777 like any `/tmp` (the step may
+/// run as any user).
+fn tmpfs(target: &str, size: u64) -> bollard::models::Mount {
+    bollard::models::Mount {
+        target: Some(target.to_string()),
+        typ: Some(bollard::models::MountType::TMPFS),
+        tmpfs_options: Some(bollard::models::MountTmpfsOptions {
+            size_bytes: Some(i64::try_from(size).unwrap_or(i64::MAX)),
+            mode: Some(0o1777),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
 }
 
 async fn follow(docker: &Docker, id: &str, spec: &Spec) -> Result<Outcome, String> {

@@ -490,6 +490,7 @@ async fn run_spec(spec: &JobSpec) -> JobResult {
         log,
         memory: spec.memory,
         timeout: Some(Duration::from_millis(spec.timeout_ms)),
+        disk: spec.output_cap,
     };
     // The cap on what the guest writes holds here as on the daemon's host.
     let watched: Vec<PathBuf> = spec
