@@ -363,6 +363,8 @@ async fn smoke(
             log,
             memory: 1 << 30,
             timeout: Some(Duration::from_secs(120)),
+            // The smoke script writes nothing; a small budget all the same.
+            disk: 64 << 20,
         };
         let outcome = wasm
             .run(&s.wasm, &s.content, sandbox)
