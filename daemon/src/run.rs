@@ -17,21 +17,17 @@ use crate::definition::{self, Environment, ParamValue, Pipeline, Reference, Step
 use crate::diagnostic::Report;
 use crate::executor::container::{self, ResolvedImage};
 use crate::executor::transfer;
-use crate::executor::wasm::{LogFile, Mount, Outcome, Sandbox, WasmRuntime};
-use crate::executor::workspace::{Overrun, Workspace, WorkspacePool, checked_size, watch};
+use crate::executor::wasm::WasmRuntime;
+use crate::executor::workspace::{Workspace, WorkspacePool, checked_size};
+use crate::executor::{self, AttemptCtx, AttemptSpec, Executor, Label, LogFile, Mount};
 use crate::graph::Graph;
-use crate::model::{
-    AttemptStatus, ContainerPlacement, Placement, RunStatus, SlurmPlacement, StepStatus,
-};
+use crate::model::{AttemptStatus, Placement, RunStatus, StepStatus};
 use crate::planner::{self, Decision, KeyParts, param_env_name};
 use crate::store::artifacts::Mode;
 use crate::store::db::NewRun;
 use crate::store::{Store, StoreError};
 
-/// Default memory limit of a wasm step.
-pub const DEFAULT_MEMORY: u64 = 2 << 30;
-/// A step without `timeout` is stopped after a day: wall time is always bounded.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+pub use crate::executor::{DEFAULT_MEMORY, DEFAULT_TIMEOUT};
 /// Largest log kept per step attempt, unless `MILLRACE_LOG_CAP` (a size such as
 /// `"64MiB"`) says otherwise.
 pub const LOG_CAP: u64 = 16 << 20;
@@ -216,9 +212,7 @@ impl Engine {
         &self,
         step: &definition::Step,
     ) -> Option<(String, crate::executor::slurm::Target)> {
-        let name = step.compute.as_ref()?.get_ref();
-        let c = self.computes.get(name)?;
-        Some((name.clone(), c.slurm.clone()?))
+        Executor::slurm_target(step, &self.computes)
     }
 
     /// The container engine a step runs on: its compute target's socket (and
@@ -257,7 +251,8 @@ impl Engine {
                 let resolved = match self.containers.connect(&socket).await {
                     Ok(docker) => container::resolve_image(&docker, &socket, &image, pull).await,
                     Err(e) => Err(e),
-                };
+                }
+                .map_err(|e| e.to_string());
                 seen.insert(key.clone(), resolved);
             }
             out.insert(i, seen[&key].clone());
@@ -1286,66 +1281,8 @@ fn cached_outputs(
 
 /// A step name as it may appear in a container's, a job's or a directory's
 /// name: anything but ASCII letters, digits, `-` and `_` becomes `-`.
-fn safe_name(name: &str) -> String {
-    name.chars()
-        .map(|ch| {
-            if ch.is_ascii_alphanumeric() || ch == '-' || ch == '_' {
-                ch
-            } else {
-                '-'
-            }
-        })
-        .collect()
-}
-
-/// The directories a step may write, as the disk watch names them.
-fn watched(out: &Path, tmp: &Path, meta: &Path) -> Vec<(String, PathBuf)> {
-    vec![
-        ("/out".into(), out.to_path_buf()),
-        ("/tmp".into(), tmp.to_path_buf()),
-        ("/millrace".into(), meta.to_path_buf()),
-    ]
-}
-
-fn overrun_message(o: &Overrun) -> String {
-    match o {
-        Overrun::Bytes(used) => disk_cap_message(*used),
-        Overrun::Limit(msg) => format!("{msg}; the step was stopped"),
-    }
-}
-
-fn disk_cap_message(used: u64) -> String {
-    format!(
-        "/out, /tmp and /millrace hold {}, more than the cap of {} (MILLRACE_OUTPUT_CAP); the step was stopped",
-        definition::format_size(used),
-        definition::format_size(output_cap())
-    )
-}
-
-/// How an attempt's program ended: `None` for exit 0, else (exit code, message).
-type AttemptResult = Result<Option<(Option<i32>, String)>, (Option<i32>, String)>;
-
-/// The failure, if any, a wasm or Python guest's outcome means.
-fn wasm_failure(outcome: Outcome, memory: u64) -> Option<(Option<i32>, String)> {
-    match outcome {
-        Outcome::Exited(0) => None,
-        Outcome::Exited(code) => Some((Some(code), format!("exited with code {code}"))),
-        // One line already, with the trap's cause (the whole error is in the log).
-        Outcome::Trapped(msg) => Some((None, format!("trapped: {msg}"))),
-        Outcome::Limit { code, message } => Some((code, message)),
-        Outcome::OutOfMemory(_) => Some((
-            None,
-            format!(
-                "memory limit of {} exceeded",
-                definition::format_size(memory)
-            ),
-        )),
-        Outcome::TimedOut(d) => Some((
-            None,
-            format!("timed out after {}", humantime::format_duration(d)),
-        )),
-    }
-}
+/// An attempt's outputs (name, digest), or its failure (exit code, message).
+type Attempted = Result<Vec<(String, String)>, (Option<i32>, String)>;
 
 /// What an attempt runs.
 enum Program {
@@ -1758,75 +1695,374 @@ impl RunContext {
         attempt: u32,
         inputs: &BTreeMap<String, String>,
         log_path: &Path,
-    ) -> Result<Vec<(String, String)>, (Option<i32>, String)> {
+    ) -> Attempted {
         let step = &self.pipeline.steps[i];
-        match &step.kind {
-            StepKind::Transfer { .. } => {
-                let source = inputs.get("from").cloned().unwrap_or_default();
-                let dest = self.transfer_destination(i);
-                if self.engine.store.overlaps(&dest) {
-                    return Err((
-                        None,
-                        format!(
-                            "transfer to {}: the destination overlaps the state directory {}; choose a path outside it",
-                            dest.display(),
-                            self.engine.store.root.display()
-                        ),
-                    ));
-                }
-                tokio::task::block_in_place(|| {
-                    transfer::publish(&self.engine.store.artifacts, &source, &dest)
-                })
-                .map(|()| Vec::new())
-                .map_err(|e| (None, format!("transfer to {}: {e}", dest.display())))
-            }
-            StepKind::Wasm { resolved, .. } => {
-                self.attempt_wasm(i, attempt, resolved, inputs, log_path)
-                    .await
-            }
+        let program = match &step.kind {
+            StepKind::Transfer { .. } => return self.attempt_transfer(i, attempt, inputs).await,
+            StepKind::Wasm { resolved, .. } => Program::Wasm(resolved.clone()),
             StepKind::Module {
                 resolved, module, ..
-            } if module.kind == "wasm" => {
-                self.attempt_wasm(i, attempt, resolved, inputs, log_path)
-                    .await
-            }
+            } if module.kind == "wasm" => Program::Wasm(resolved.clone()),
             StepKind::Module { module, .. } if module.kind == "python" => {
                 let code_dir = self
                     .materialised_code(&module.digest, attempt)
                     .map_err(|(c, e)| (c, format!("module {}: {e}", module.id)))?;
-                let program = Program::Python {
+                Program::Python {
                     code_dir,
                     entry: PathBuf::from(module.entry.as_deref().unwrap_or_default()),
-                };
-                self.attempt_program(i, attempt, &program, inputs, log_path)
-                    .await
+                }
             }
             StepKind::Python {
                 code_dir, entry, ..
             } => {
                 let digest = code_snapshot(&self.code_digests, self.store(), code_dir)
                     .map_err(|e| (None, e))?;
-                let program = Program::Python {
+                Program::Python {
                     code_dir: self.materialised_code(&digest, attempt)?,
                     entry: PathBuf::from(entry),
-                };
-                self.attempt_program(i, attempt, &program, inputs, log_path)
-                    .await
+                }
             }
-            StepKind::Module { module, .. } => Err((
+            StepKind::Module { module, .. } => {
+                return Err((
+                    None,
+                    format!("module {} is of unknown kind `{}`", module.id, module.kind),
+                ));
+            }
+            StepKind::Container(_) => match self.images.get(&i) {
+                Some(Ok(image)) => Program::Container(image.clone()),
+                Some(Err(e)) => return Err((None, e.clone())),
+                None => return Err((None, "the image was not resolved".into())),
+            },
+        };
+        let mut ws = self
+            .workspaces
+            .take()
+            .map_err(|e| (None, format!("cannot create the sandbox directories: {e}")))?;
+        let result = self
+            .attempt_in(&mut ws, i, attempt, &program, inputs, log_path)
+            .await;
+        self.workspaces.give_back(ws);
+        result
+    }
+
+    /// A transfer's attempt: no sandbox, no guest, no log.
+    async fn attempt_transfer(
+        &self,
+        i: usize,
+        attempt: u32,
+        inputs: &BTreeMap<String, String>,
+    ) -> Attempted {
+        let source = inputs.get("from").cloned().unwrap_or_default();
+        let dest = self.transfer_destination(i);
+        if self.engine.store.overlaps(&dest) {
+            return Err((
                 None,
-                format!("module {} is of unknown kind `{}`", module.id, module.kind),
-            )),
-            StepKind::Container(_) => {
-                let image = match self.images.get(&i) {
-                    Some(Ok(image)) => image.clone(),
-                    Some(Err(e)) => return Err((None, e.clone())),
-                    None => return Err((None, "the image was not resolved".into())),
+                format!(
+                    "transfer to {}: the destination overlaps the state directory {}; choose a path outside it",
+                    dest.display(),
+                    self.engine.store.root.display()
+                ),
+            ));
+        }
+        // The spec wants a log; a transfer writes none.
+        let log = LogFile::create(Path::new("/dev/null"), 0)
+            .map_err(|e| (None, format!("cannot open /dev/null: {e}")))?;
+        let spec = AttemptSpec {
+            program: executor::Program::Publish {
+                from: source,
+                to: dest,
+            },
+            args: Vec::new(),
+            env: Vec::new(),
+            mounts: Vec::new(),
+            memory: None,
+            cpus: None,
+            timeout: None,
+            log,
+            log_cap: 0,
+            disk_cap: u64::MAX,
+        };
+        let on_placement = |_: &Placement| {};
+        let ctx = self.attempt_ctx(i, attempt, None, &on_placement);
+        match Executor::Transfer.run(spec, &ctx).await {
+            Ok(_) => Ok(Vec::new()),
+            Err(e) => Err((None, e.to_string())),
+        }
+    }
+
+    /// What an executor is lent for attempt `attempt` of step `i`.
+    fn attempt_ctx<'a>(
+        &'a self,
+        i: usize,
+        attempt: u32,
+        wasm: Option<Arc<WasmRuntime>>,
+        on_placement: &'a (dyn Fn(&Placement) + Send + Sync),
+    ) -> AttemptCtx<'a> {
+        let name = self.pipeline.steps[i].name.get_ref();
+        // A Slurm job of this attempt that an earlier process submitted and did
+        // not see end is adopted, not submitted again.
+        let adopting = self
+            .adopting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(i, attempt));
+        let adopt = adopting
+            .then(|| {
+                self.store()
+                    .db()
+                    .read()
+                    .attempt_placement(self.run_id, name, attempt)
+                    .ok()
+                    .flatten()
+            })
+            .flatten()
+            .and_then(|p| match p {
+                Placement::Slurm(p) => Some(p),
+                _ => None,
+            });
+        let engine = self.engine.clone();
+        AttemptCtx {
+            label: Label {
+                instance: self.engine.instance(),
+                run: self.run_id,
+                step: name.clone(),
+                attempt,
+            },
+            on_placement,
+            adopt,
+            keep_on_drop: Arc::new(move || engine.is_draining()),
+            wasm,
+            containers: &self.engine.containers,
+            artifacts: &self.engine.store.artifacts,
+            work_dir: self.store().work_dir(self.run_id),
+        }
+    }
+
+    async fn attempt_in(
+        &self,
+        ws: &mut Workspace,
+        i: usize,
+        attempt: u32,
+        program: &Program,
+        inputs: &BTreeMap<String, String>,
+        log_path: &Path,
+    ) -> Attempted {
+        let step = &self.pipeline.steps[i];
+        let name = step.name.get_ref();
+        let fail = |e: String| (None, e);
+        let log = LogFile::create(log_path, log_cap())
+            .map_err(|e| fail(format!("cannot create log {}: {e}", log_path.display())))?;
+        // Renames and hard links only: cheap enough to do on the worker.
+        (|| -> Result<(), String> {
+            let mounts: Vec<&str> = inputs.keys().map(String::as_str).collect();
+            let outputs: Vec<&str> = step.outputs.iter().map(|o| o.get_ref().as_str()).collect();
+            ws.prepare(&mounts, &outputs)
+                .map_err(|e| format!("sandbox directories: {e}"))?;
+            for (mount, digest) in inputs {
+                self.engine
+                    .store
+                    .artifacts
+                    .materialise(digest, &ws.dir_in().join(mount))
+                    .map_err(|e| format!("input `{mount}`: {e}"))?;
+            }
+            Ok(())
+        })()
+        .map_err(fail)?;
+        let spec = self.attempt_spec(ws, i, attempt, program, log.clone())?;
+        let executor = Executor::for_step(step, &self.engine.computes);
+        let wasm = if executor.needs_wasm() {
+            Some(self.engine.wasm().await.map_err(|e| fail(e.to_string()))?)
+        } else {
+            None
+        };
+        // Where the attempt runs is recorded as soon as the executor says.
+        let on_placement = |p: &Placement| {
+            let recorded =
+                self.store()
+                    .db()
+                    .read()
+                    .set_attempt_placement(self.run_id, name, attempt, p);
+            if let Err(e) = recorded {
+                tracing::error!(step = %name, error = %e, "cannot record where the step runs");
+            }
+        };
+        let ctx = self.attempt_ctx(i, attempt, wasm, &on_placement);
+        let outcome = executor
+            .run(spec, &ctx)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        tokio::task::block_in_place(|| {
+            self.record_metrics(name, &ws.metrics_file(), &log);
+            if let Some(f) = outcome.failure() {
+                log.note(&format!("step failed: {}", f.message));
+                return Err((f.exit_code, f.message));
+            }
+            self.captured_outputs(ws, i, &log)
+        })
+    }
+
+    /// The spec of an attempt: the step's program, its interpolated arguments
+    /// and environment beside the `MILLRACE_*` variables, the sandbox mounts.
+    fn attempt_spec(
+        &self,
+        ws: &Workspace,
+        i: usize,
+        attempt: u32,
+        program: &Program,
+        log: LogFile,
+    ) -> Result<AttemptSpec, (Option<i32>, String)> {
+        let step = &self.pipeline.steps[i];
+        let name = step.name.get_ref();
+        let fail = |e: String| (None, e);
+        let (args, env) = planner::interpolated(step, &self.params);
+        let mut full_env: Vec<(String, String)> = vec![
+            ("MILLRACE_RUN_ID".into(), self.run_id.to_string()),
+            (
+                "MILLRACE_PIPELINE".into(),
+                self.pipeline.name.get_ref().clone(),
+            ),
+            ("MILLRACE_STEP".into(), name.clone()),
+            ("MILLRACE_ATTEMPT".into(), attempt.to_string()),
+            ("MILLRACE_METRICS".into(), "/millrace/metrics.jsonl".into()),
+            ("TMPDIR".into(), "/tmp".into()),
+        ];
+        full_env.extend(
+            self.params
+                .iter()
+                .map(|(k, v)| (param_env_name(k), v.to_string())),
+        );
+        full_env.extend(env);
+        let mount = |host: PathBuf, guest: &str, writable: bool| Mount {
+            host,
+            guest: guest.into(),
+            writable,
+        };
+        let mut mounts = vec![
+            mount(ws.dir_in(), "/in", false),
+            mount(ws.dir_out(), "/out", true),
+            mount(ws.dir_tmp(), "/tmp", true),
+            mount(ws.dir_meta(), "/millrace", true),
+        ];
+        let (program, args) = match program {
+            Program::Container(image) => {
+                let StepKind::Container(c) = &step.kind else {
+                    return Err(fail("not a container step".into()));
                 };
-                self.attempt_program(i, attempt, &Program::Container(image), inputs, log_path)
-                    .await
+                let launch = container::Launch {
+                    image: image.clone(),
+                    cmd: planner::container_command(step, &self.params, &args),
+                    entrypoint: c
+                        .entrypoint
+                        .as_ref()
+                        .map(|e| e.iter().map(|x| x.get_ref().clone()).collect()),
+                    workdir: c.workdir.as_ref().map(|w| w.get_ref().clone()),
+                    user: c.user.as_ref().map(|u| u.get_ref().clone()),
+                    network: c.network,
+                    read_only_root: c.read_only_root,
+                };
+                (executor::Program::Image(Box::new(launch)), args)
+            }
+            Program::Wasm(path) => {
+                let argv0 = path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| name.clone());
+                let digest = code_of(
+                    &self.code_digests,
+                    &self.images,
+                    self.store(),
+                    &self.pipeline,
+                    i,
+                )
+                .map_err(fail)?;
+                let program = executor::Program::Wasm {
+                    path: path.clone(),
+                    digest,
+                    shared: false,
+                };
+                (program, std::iter::once(argv0).chain(args).collect())
+            }
+            Program::Python { code_dir, entry } => {
+                let runtime = crate::executor::python::Runtime::locate()
+                    .ok_or_else(|| fail(crate::executor::python::missing()))?;
+                runtime.check().map_err(fail)?;
+                let digest = file_digest(&self.code_digests, self.store(), &runtime.wasm())
+                    .map_err(|e| fail(format!("the Python runtime: {e}")))?;
+                // HOME: a fresh directory of this attempt's scratch space.
+                std::fs::create_dir_all(ws.dir_tmp().join(".home"))
+                    .map_err(|e| fail(format!("sandbox directories: {e}")))?;
+                full_env.push(("HOME".into(), "/tmp/.home".into()));
+                full_env.push(("PYTHONTZPATH".into(), String::new()));
+                mounts.extend(runtime.mounts());
+                mounts.push(mount(code_dir.clone(), "/code", false));
+                // The runtime is at the same path on every Slurm node.
+                let program = executor::Program::Wasm {
+                    path: runtime.wasm(),
+                    digest,
+                    shared: true,
+                };
+                (program, crate::executor::python::argv(entry, args))
+            }
+        };
+        Ok(AttemptSpec {
+            program,
+            args,
+            env: full_env,
+            mounts,
+            memory: step.memory,
+            cpus: step.cpus,
+            timeout: step.timeout,
+            log,
+            log_cap: log_cap(),
+            disk_cap: output_cap(),
+        })
+    }
+
+    /// The declared outputs a succeeded attempt left in `/out`, within the cap,
+    /// moved into the store; anything else there is discarded.
+    fn captured_outputs(&self, ws: &Workspace, i: usize, log: &LogFile) -> Attempted {
+        let step = &self.pipeline.steps[i];
+        let dir_out = ws.dir_out();
+        if let Ok(rd) = std::fs::read_dir(&dir_out) {
+            for e in rd.flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                if !step.outputs.iter().any(|o| *o.get_ref() == n) {
+                    log.note(&format!(
+                        "/out/{} is not a declared output and was discarded",
+                        crate::store::artifacts::escape_controls(&n)
+                    ));
+                }
             }
         }
+        let mut size = 0u64;
+        for o in &step.outputs {
+            size += checked_size(
+                &dir_out.join(o.get_ref()),
+                &format!("output `{}`", o.get_ref()),
+            )
+            .map_err(|msg| {
+                log.note(&format!("step failed: {msg}"));
+                (None, msg)
+            })?;
+        }
+        if size > output_cap() {
+            let msg = format!(
+                "outputs hold {}, more than the cap of {} (MILLRACE_OUTPUT_CAP)",
+                definition::format_size(size),
+                definition::format_size(output_cap())
+            );
+            log.note(&format!("step failed: {msg}"));
+            return Err((None, msg));
+        }
+        let mut outs = Vec::new();
+        for o in &step.outputs {
+            let ingested = self
+                .store()
+                .ingest(&dir_out.join(o.get_ref()), Mode::Move)
+                .map_err(|e| (None, format!("output `{}`: {e}", o.get_ref())))?;
+            outs.push((o.get_ref().clone(), ingested.digest));
+        }
+        Ok(outs)
     }
 
     /// A code tree of the store, read-only in this run's work directory (hard links
@@ -1866,776 +2102,6 @@ impl RunContext {
         })
         .map_err(|e| (None, format!("the code: {e}")))?;
         Ok(code_dir)
-    }
-
-    async fn attempt_wasm(
-        &self,
-        i: usize,
-        attempt: u32,
-        wasm_path: &Path,
-        inputs: &BTreeMap<String, String>,
-        log_path: &Path,
-    ) -> Result<Vec<(String, String)>, (Option<i32>, String)> {
-        let program = Program::Wasm(wasm_path.to_path_buf());
-        self.attempt_program(i, attempt, &program, inputs, log_path)
-            .await
-    }
-
-    async fn attempt_program(
-        &self,
-        i: usize,
-        attempt: u32,
-        program: &Program,
-        inputs: &BTreeMap<String, String>,
-        log_path: &Path,
-    ) -> Result<Vec<(String, String)>, (Option<i32>, String)> {
-        let mut ws = self
-            .workspaces
-            .take()
-            .map_err(|e| (None, format!("cannot create the sandbox directories: {e}")))?;
-        let result = self
-            .attempt_in(&mut ws, i, attempt, program, inputs, log_path)
-            .await;
-        self.workspaces.give_back(ws);
-        result
-    }
-
-    async fn attempt_in(
-        &self,
-        ws: &mut Workspace,
-        i: usize,
-        attempt: u32,
-        program: &Program,
-        inputs: &BTreeMap<String, String>,
-        log_path: &Path,
-    ) -> Result<Vec<(String, String)>, (Option<i32>, String)> {
-        let step = &self.pipeline.steps[i];
-        let name = step.name.get_ref();
-        let fail = |e: String| (None, e);
-        let log = LogFile::create(log_path, log_cap())
-            .map_err(|e| fail(format!("cannot create log {}: {e}", log_path.display())))?;
-        let (dir_in, dir_out, dir_tmp, dir_meta) =
-            (ws.dir_in(), ws.dir_out(), ws.dir_tmp(), ws.dir_meta());
-        // Renames and hard links only: cheap enough to do on the worker.
-        (|| -> Result<(), String> {
-            let mounts: Vec<&str> = inputs.keys().map(String::as_str).collect();
-            let outputs: Vec<&str> = step.outputs.iter().map(|o| o.get_ref().as_str()).collect();
-            ws.prepare(&mounts, &outputs)
-                .map_err(|e| format!("sandbox directories: {e}"))?;
-            for (mount, digest) in inputs {
-                self.engine
-                    .store
-                    .artifacts
-                    .materialise(digest, &dir_in.join(mount))
-                    .map_err(|e| format!("input `{mount}`: {e}"))?;
-            }
-            Ok(())
-        })()
-        .map_err(fail)?;
-        let (args, env) = planner::interpolated(step, &self.params);
-        let mut full_env: Vec<(String, String)> = vec![
-            ("MILLRACE_RUN_ID".into(), self.run_id.to_string()),
-            (
-                "MILLRACE_PIPELINE".into(),
-                self.pipeline.name.get_ref().clone(),
-            ),
-            ("MILLRACE_STEP".into(), name.clone()),
-            ("MILLRACE_ATTEMPT".into(), attempt.to_string()),
-            ("MILLRACE_METRICS".into(), "/millrace/metrics.jsonl".into()),
-            ("TMPDIR".into(), "/tmp".into()),
-        ];
-        full_env.extend(
-            self.params
-                .iter()
-                .map(|(k, v)| (param_env_name(k), v.to_string())),
-        );
-        full_env.extend(env);
-        let mut mounts = vec![
-            Mount {
-                host: dir_in.clone(),
-                guest: "/in".into(),
-                writable: false,
-            },
-            Mount {
-                host: dir_out.clone(),
-                guest: "/out".into(),
-                writable: true,
-            },
-            Mount {
-                host: dir_tmp.clone(),
-                guest: "/tmp".into(),
-                writable: true,
-            },
-            Mount {
-                host: dir_meta.clone(),
-                guest: "/millrace".into(),
-                writable: true,
-            },
-        ];
-        let stopped_by: Arc<Mutex<Option<String>>> = Arc::default();
-        // What runs: the step's wasm, the Python runtime with the script, or a
-        // container. Each ends in `None` (exit 0) or the failure.
-        let run: std::pin::Pin<Box<dyn std::future::Future<Output = AttemptResult> + Send + '_>> =
-            match program {
-                Program::Container(image) => Box::pin(self.run_container(
-                    i,
-                    attempt,
-                    image,
-                    args,
-                    full_env,
-                    mounts,
-                    log.clone(),
-                    {
-                        // The container's stop carries a number: the message of a
-                        // limit comes back beside it.
-                        let stopped_by = stopped_by.clone();
-                        let dirs = watched(&dir_out, &dir_tmp, &dir_meta);
-                        async move {
-                            let over = watch(dirs, output_cap()).await;
-                            let used = match &over {
-                                Overrun::Bytes(used) => *used,
-                                Overrun::Limit(_) => 0,
-                            };
-                            *stopped_by.lock().unwrap_or_else(|e| e.into_inner()) =
-                                Some(overrun_message(&over));
-                            used
-                        }
-                    },
-                    stopped_by.clone(),
-                )),
-                Program::Wasm(_) | Program::Python { .. } => {
-                    let (wasm_path, run_digest, args, extra_mounts) = match program {
-                        Program::Wasm(path) => {
-                            let argv0 = path
-                                .file_name()
-                                .map(|n| n.to_string_lossy().into_owned())
-                                .unwrap_or_else(|| name.clone());
-                            let code = code_of(
-                                &self.code_digests,
-                                &self.images,
-                                self.store(),
-                                &self.pipeline,
-                                i,
-                            )
-                            .map_err(fail)?;
-                            (
-                                path.clone(),
-                                code,
-                                std::iter::once(argv0).chain(args).collect::<Vec<_>>(),
-                                Vec::new(),
-                            )
-                        }
-                        Program::Python { code_dir, entry } => {
-                            let runtime = crate::executor::python::Runtime::locate()
-                                .ok_or_else(|| fail(crate::executor::python::missing()))?;
-                            runtime.check().map_err(fail)?;
-                            let digest =
-                                file_digest(&self.code_digests, self.store(), &runtime.wasm())
-                                    .map_err(|e| fail(format!("the Python runtime: {e}")))?;
-                            // HOME: a fresh directory of this attempt's scratch space.
-                            std::fs::create_dir_all(dir_tmp.join(".home"))
-                                .map_err(|e| fail(format!("sandbox directories: {e}")))?;
-                            full_env.push(("HOME".into(), "/tmp/.home".into()));
-                            full_env.push(("PYTHONTZPATH".into(), String::new()));
-                            let mut mounts = runtime.mounts();
-                            mounts.push(Mount {
-                                host: code_dir.clone(),
-                                guest: "/code".into(),
-                                writable: false,
-                            });
-                            (
-                                runtime.wasm(),
-                                digest,
-                                crate::executor::python::argv(entry, args),
-                                mounts,
-                            )
-                        }
-                        Program::Container(_) => unreachable!("matched above"),
-                    };
-                    mounts.extend(extra_mounts);
-                    let memory = step.memory.unwrap_or(DEFAULT_MEMORY);
-                    let sandbox = Sandbox {
-                        args,
-                        env: full_env,
-                        mounts,
-                        log: log.clone(),
-                        memory,
-                        timeout: Some(step.timeout.unwrap_or(DEFAULT_TIMEOUT)),
-                    };
-                    if let Some((compute, target)) = self.engine.slurm_target(step) {
-                        let stage_program = matches!(program, Program::Wasm(_));
-                        Box::pin(self.run_slurm(
-                            i,
-                            attempt,
-                            (compute, target),
-                            (wasm_path, run_digest, stage_program),
-                            sandbox,
-                        ))
-                    } else {
-                        let wasm = self.engine.wasm().await.map_err(|e| fail(e.to_string()))?;
-                        Box::pin(async move {
-                            let outcome = wasm
-                                .run(&wasm_path, &run_digest, sandbox)
-                                .await
-                                .map_err(|e| fail(e.to_string()))?;
-                            Ok(wasm_failure(outcome, memory))
-                        })
-                    }
-                }
-            };
-        // The disk a step fills while it runs (/out, /tmp, /millrace) is watched
-        // too: past the cap or a limit the guest is stopped, before it fills the
-        // state directory's disk.
-        // (A container's watch is its own: it must be removed before the sandbox
-        // directories go to the next step.)
-        let watch_here = !matches!(program, Program::Container(_));
-        let failure = tokio::select! {
-            f = run => f?,
-            over = watch(watched(&dir_out, &dir_tmp, &dir_meta), output_cap()), if watch_here => {
-                let msg = overrun_message(&over);
-                log.note(&format!("step failed: {msg}"));
-                return Err((None, msg));
-            }
-        };
-        let metrics_file = ws.metrics_file();
-        tokio::task::block_in_place(|| {
-            self.record_metrics(name, &metrics_file, &log);
-            if let Some((code, msg)) = failure {
-                log.note(&format!("step failed: {msg}"));
-                return Err((code, msg));
-            }
-            if let Ok(rd) = std::fs::read_dir(&dir_out) {
-                for e in rd.flatten() {
-                    let n = e.file_name().to_string_lossy().into_owned();
-                    if !step.outputs.iter().any(|o| *o.get_ref() == n) {
-                        log.note(&format!(
-                            "/out/{} is not a declared output and was discarded",
-                            crate::store::artifacts::escape_controls(&n)
-                        ));
-                    }
-                }
-            }
-            let mut size = 0u64;
-            for o in &step.outputs {
-                size += checked_size(
-                    &dir_out.join(o.get_ref()),
-                    &format!("output `{}`", o.get_ref()),
-                )
-                .map_err(|msg| {
-                    log.note(&format!("step failed: {msg}"));
-                    (None, msg)
-                })?;
-            }
-            if size > output_cap() {
-                let msg = format!(
-                    "outputs hold {}, more than the cap of {} (MILLRACE_OUTPUT_CAP)",
-                    definition::format_size(size),
-                    definition::format_size(output_cap())
-                );
-                log.note(&format!("step failed: {msg}"));
-                return Err((None, msg));
-            }
-            let mut outs = Vec::new();
-            for o in &step.outputs {
-                let ingested = self
-                    .store()
-                    .ingest(&dir_out.join(o.get_ref()), Mode::Move)
-                    .map_err(|e| (None, format!("output `{}`: {e}", o.get_ref())))?;
-                outs.push((o.get_ref().clone(), ingested.digest));
-            }
-            Ok(outs)
-        })
-    }
-
-    /// Runs a wasm or Python attempt as a Slurm job: the sandbox directories of
-    /// the run's work dir are staged under the target's `shared_dir`, the job runs
-    /// `millrace exec-step` there, and `/out` and `/millrace` come back into the
-    /// local sandbox, so outputs and metrics are captured as for a local step.
-    async fn run_slurm(
-        &self,
-        i: usize,
-        attempt: u32,
-        (compute, target): (String, crate::executor::slurm::Target),
-        (program, digest, stage_program): (PathBuf, String, bool),
-        sandbox: Sandbox,
-    ) -> AttemptResult {
-        use crate::executor::slurm::{self, JobInfo, JobMount, JobResult, JobSpec};
-        let step = &self.pipeline.steps[i];
-        let name = step.name.get_ref();
-        let fail = |e: String| (None, e);
-        let log = sandbox.log.clone();
-        let safe = safe_name(name);
-        let staging = target
-            .shared_dir
-            .join(format!("millrace-{}", self.engine.instance()))
-            .join(format!("{}-{safe}-{attempt}", self.run_id));
-        let work = self.store().work_dir(self.run_id);
-        // Mounts inside the run's work dir are staged (m0, m1, …, in order); the
-        // others (the Python runtime) are expected at the same path on the nodes.
-        let staged: Vec<(PathBuf, Option<PathBuf>, String, bool)> = sandbox
-            .mounts
-            .iter()
-            .enumerate()
-            .map(|(k, m)| {
-                let copy = m
-                    .host
-                    .starts_with(&work)
-                    .then(|| staging.join(format!("m{k}")));
-                (m.host.clone(), copy, m.guest.clone(), m.writable)
-            })
-            .collect();
-        let result_path = staging.join("result.json");
-        let step_log = staging.join("step.log");
-        let job_out = staging.join("job.out");
-        let job_name = format!(
-            "millrace-{}-{}-{safe}-{attempt}",
-            &self.engine.instance()[..8],
-            self.run_id
-        );
-        let db_placement = |p: &SlurmPlacement| {
-            let p = Placement::Slurm(p.clone());
-            if let Err(e) =
-                self.store()
-                    .db()
-                    .read()
-                    .set_attempt_placement(self.run_id, name, attempt, &p)
-            {
-                tracing::error!(step = %name, error = %e, "cannot record the Slurm job");
-            }
-        };
-        // A job this attempt already submitted (the process that submitted it
-        // died): adopt it while Slurm knows it or its result is there.
-        let earlier = self
-            .store()
-            .db()
-            .read()
-            .attempt_placement(self.run_id, name, attempt)
-            .ok()
-            .flatten()
-            .and_then(|p| match p {
-                Placement::Slurm(p) if p.staging == staging.display().to_string() => Some(p),
-                _ => None,
-            });
-        let mut adopted = None;
-        let adopting = self
-            .adopting
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&(i, attempt));
-        if adopting && let Some(p) = &earlier {
-            // The id, or (a crash between sbatch and recording its answer) the
-            // job found by its unique name.
-            let id = match &p.job_id {
-                Some(id) => Some(id.clone()),
-                None => slurm::job_by_name(&p.job_name).await.map_err(fail)?,
-            };
-            if let Some(id) = id {
-                let known = slurm::job_info(&id).await.map_err(fail)?.is_some();
-                if known || result_path.exists() {
-                    log.reset();
-                    log.note(&format!("re-adopted Slurm job {id} after a restart"));
-                    let mut p = p.clone();
-                    p.job_id = Some(id.clone());
-                    db_placement(&p);
-                    adopted = Some((id, p));
-                }
-            }
-        }
-        // From here on, whatever ends this attempt early (cancel, an error) also
-        // cancels its job and removes its staged files; a daemon shutdown leaves
-        // both for the next start to adopt.
-        let mut guard = slurm::CancelOnDrop {
-            job: adopted.as_ref().map(|(id, _)| id.clone()),
-            staging: staging.clone(),
-            keep: Box::new({
-                let engine = self.engine.clone();
-                move || engine.is_draining()
-            }),
-        };
-        let (job, mut placement) = match adopted {
-            Some(a) => a,
-            None => {
-                let spec = tokio::task::block_in_place(|| -> Result<JobSpec, String> {
-                    let _ = remove_tree(&staging);
-                    std::fs::create_dir_all(&staging)
-                        .map_err(|e| format!("cannot create {}: {e}", staging.display()))?;
-                    // Only this daemon's user may read or plant files there.
-                    if let Some(dir) = staging.parent() {
-                        use std::os::unix::fs::PermissionsExt;
-                        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-                            .map_err(|e| format!("cannot restrict {}: {e}", dir.display()))?;
-                    }
-                    let mut mounts = Vec::new();
-                    for (host, copy, guest, writable) in &staged {
-                        if let Some(c) = copy {
-                            slurm::copy_tree(host, c).map_err(|e| {
-                                format!("cannot stage {guest} into {}: {e}", c.display())
-                            })?;
-                        }
-                        mounts.push(JobMount {
-                            host: copy.clone().unwrap_or_else(|| host.clone()),
-                            guest: guest.clone(),
-                            writable: *writable,
-                        });
-                    }
-                    let program = if stage_program {
-                        let p = staging.join("program.wasm");
-                        std::fs::copy(&program, &p)
-                            .map_err(|e| format!("cannot stage the program: {e}"))?;
-                        p
-                    } else {
-                        program.clone()
-                    };
-                    Ok(JobSpec {
-                        program,
-                        digest: digest.clone(),
-                        args: sandbox.args.clone(),
-                        env: sandbox.env.clone(),
-                        mounts,
-                        memory: sandbox.memory,
-                        timeout_ms: sandbox.timeout.unwrap_or(DEFAULT_TIMEOUT).as_millis() as u64,
-                        log: step_log.clone(),
-                        log_cap: log_cap(),
-                        result: result_path.clone(),
-                        output_cap: output_cap(),
-                    })
-                })
-                .map_err(fail)?;
-                let exe = std::env::current_exe()
-                    .map_err(|e| fail(format!("cannot find the millrace binary: {e}")))?;
-                let spec_path = staging.join("spec.json");
-                let script = staging.join("job.sh");
-                let quote =
-                    |p: &Path| format!("'{}'", p.display().to_string().replace('\'', "'\\''"));
-                std::fs::write(&spec_path, serde_json::to_vec_pretty(&spec).expect("plain data"))
-                    .and_then(|()| {
-                        std::fs::write(
-                            &script,
-                            format!(
-                                "#!/bin/sh\n# millrace: run {} step {name} attempt {attempt}\nexec {} exec-step {}\n",
-                                self.run_id,
-                                quote(&exe),
-                                quote(&spec_path)
-                            ),
-                        )
-                    })
-                    .map_err(|e| fail(format!("cannot write the job files: {e}")))?;
-                let mut placement = SlurmPlacement {
-                    compute: compute.clone(),
-                    staging: staging.display().to_string(),
-                    job_name: job_name.clone(),
-                    job_id: None,
-                    node: None,
-                };
-                // Recorded before sbatch: a crash in between leaves a named job to
-                // find, not an unknown one.
-                db_placement(&placement);
-                let args = slurm::sbatch_args(
-                    &target,
-                    &job_name,
-                    &job_out,
-                    step.timeout,
-                    step.memory,
-                    step.cpus,
-                );
-                let id = slurm::submit(&args, &script).await.map_err(fail)?;
-                placement.job_id = Some(id.clone());
-                db_placement(&placement);
-                log.note(&format!("submitted Slurm job {id} to `{compute}`"));
-                (id, placement)
-            }
-        };
-        guard.job = Some(job.clone());
-        let limit = sandbox.timeout.unwrap_or(DEFAULT_TIMEOUT);
-        // The executor on the node stops the guest at its timeout; Slurm's --time
-        // has a minute more; past both (and two minutes of grace) after the job
-        // started running, it is cancelled from here. Time in the queue does not
-        // count: a busy cluster is not a step's fault.
-        let mut deadline: Option<Instant> = None;
-        let mut offset = 0u64;
-        let tail = |offset: &mut u64| {
-            use std::io::{Read, Seek};
-            if let Ok(mut f) = std::fs::File::open(&step_log)
-                && f.seek(std::io::SeekFrom::Start(*offset)).is_ok()
-            {
-                let mut buf = Vec::new();
-                if f.read_to_end(&mut buf).is_ok() && !buf.is_empty() {
-                    *offset += buf.len() as u64;
-                    log.append(&buf);
-                }
-            }
-        };
-        // The result file (written by exec-step as its last act) is looked for
-        // every 50 ms; Slurm is asked every 50 ms at first, then less often.
-        let mut pause = Duration::from_millis(50);
-        let mut next_query = Instant::now();
-        let mut errors = 0;
-        let mut last: Option<JobInfo> = None;
-        let grace = limit + Duration::from_secs(120);
-        let note_node = |info: &JobInfo, placement: &mut SlurmPlacement| {
-            if placement.node.is_none()
-                && let Some(n) = info.nodes()
-            {
-                placement.node = Some(n.to_string());
-                db_placement(placement);
-                log.note(&format!("Slurm job {job} runs on {n}"));
-            }
-        };
-        loop {
-            tail(&mut offset);
-            if result_path.exists() {
-                if let Ok(Some(info)) = slurm::job_info(&job).await {
-                    note_node(&info, &mut placement);
-                    last = Some(info);
-                }
-                break;
-            }
-            if Instant::now() >= next_query {
-                match slurm::job_info(&job).await {
-                    Ok(Some(info)) => {
-                        errors = 0;
-                        note_node(&info, &mut placement);
-                        if deadline.is_none() && info.state() != "PENDING" {
-                            deadline = Some(Instant::now() + grace);
-                        }
-                        let finished = info.is_finished();
-                        last = Some(info);
-                        if finished {
-                            break;
-                        }
-                    }
-                    Ok(None) => {
-                        last = None;
-                        break;
-                    }
-                    Err(e) => {
-                        errors += 1;
-                        if errors >= 20 {
-                            return Err(fail(format!("lost track of Slurm job {job}: {e}")));
-                        }
-                    }
-                }
-                next_query = Instant::now() + pause;
-                pause = (pause * 2).min(Duration::from_secs(2));
-            }
-            if deadline.is_some_and(|d| Instant::now() > d) {
-                slurm::cancel(&job).await;
-                guard.job = None;
-                let _ = remove_tree(&staging);
-                return Ok(Some((
-                    None,
-                    format!(
-                        "timed out after {}; Slurm job {job} was cancelled",
-                        humantime::format_duration(limit)
-                    ),
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        guard.job = None;
-        tail(&mut offset);
-        let result: Option<JobResult> = std::fs::read_to_string(&result_path)
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok());
-        let job_text = std::fs::read_to_string(&job_out).unwrap_or_default();
-        if !job_text.trim().is_empty() {
-            log.note(&format!("Slurm job {job} output:"));
-            log.append(job_text.as_bytes());
-        }
-        let memory = sandbox.memory;
-        let failure = match (result, &last) {
-            (Some(JobResult::Exited { code: 0 }), _) => None,
-            (Some(JobResult::Exited { code }), _) => Some((
-                Some(code),
-                format!("exited with code {code} (Slurm job {job})"),
-            )),
-            (Some(JobResult::Trapped { message }), _) => {
-                Some((None, format!("trapped: {message} (Slurm job {job})")))
-            }
-            (Some(JobResult::Limit { code, message }), _) => {
-                Some((code, format!("{message} (Slurm job {job})")))
-            }
-            (Some(JobResult::OutOfMemory), _) => Some((
-                None,
-                format!(
-                    "memory limit of {} exceeded",
-                    definition::format_size(memory)
-                ),
-            )),
-            (Some(JobResult::TimedOut { ms }), _) => Some((
-                None,
-                format!(
-                    "timed out after {}",
-                    humantime::format_duration(Duration::from_millis(ms))
-                ),
-            )),
-            (Some(JobResult::DiskFull { used }), _) => Some((None, disk_cap_message(used))),
-            (Some(JobResult::Error { message }), _) => {
-                Some((None, format!("on the node (Slurm job {job}): {message}")))
-            }
-            (None, Some(info)) => Some((
-                info.exit_code(),
-                slurm::failure_message(&job, info, &job_text),
-            )),
-            (None, None) => Some((
-                None,
-                format!("Slurm job {job} ended without a result (it is no longer known to Slurm)"),
-            )),
-        };
-        let copied = tokio::task::block_in_place(|| -> Result<(), String> {
-            if failure.is_none() {
-                for (host, copy, guest, _) in &staged {
-                    if let Some(c) = copy
-                        && (guest == "/out" || guest == "/millrace")
-                    {
-                        remove_tree(host).map_err(|e| format!("{}: {e}", host.display()))?;
-                        slurm::copy_tree(c, host)
-                            .map_err(|e| format!("cannot copy {guest} back: {e}"))?;
-                    }
-                }
-            } else if let Some((host, Some(c), _, _)) =
-                staged.iter().find(|(_, _, g, _)| g == "/millrace")
-            {
-                // Metrics of a failed step are still recorded.
-                let _ = remove_tree(host).and_then(|()| slurm::copy_tree(c, host));
-            }
-            let _ = remove_tree(&staging);
-            Ok(())
-        });
-        copied.map_err(fail)?;
-        Ok(failure)
-    }
-
-    /// Runs a container step's attempt on its engine: the sandbox directories
-    /// bind-mounted where the step contract puts them.
-    #[allow(clippy::too_many_arguments)]
-    async fn run_container(
-        &self,
-        i: usize,
-        attempt: u32,
-        image: &ResolvedImage,
-        args: Vec<String>,
-        mut env: Vec<(String, String)>,
-        mounts: Vec<Mount>,
-        log: LogFile,
-        disk_full: impl std::future::Future<Output = u64> + Send,
-        stopped_by: Arc<Mutex<Option<String>>>,
-    ) -> AttemptResult {
-        let step = &self.pipeline.steps[i];
-        let StepKind::Container(c) = &step.kind else {
-            return Err((None, "not a container step".into()));
-        };
-        let name = step.name.get_ref();
-        let docker = self
-            .engine
-            .containers
-            .connect(&image.socket)
-            .await
-            .map_err(|e| (None, e))?;
-        if !env.iter().any(|(k, _)| k == "HOME") {
-            env.push(("HOME".into(), "/tmp".into()));
-        }
-        let memory = step.memory.unwrap_or(DEFAULT_MEMORY);
-        let timeout = step.timeout.unwrap_or(DEFAULT_TIMEOUT);
-        let safe = safe_name(name);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or_default();
-        let container_name = format!("millrace-{}-{safe}-{attempt}-{nanos:08x}", self.run_id);
-        let labels = HashMap::from([
-            (
-                container::LABEL_INSTANCE.to_string(),
-                self.engine.instance(),
-            ),
-            (container::LABEL_RUN.to_string(), self.run_id.to_string()),
-            (container::LABEL_STEP.to_string(), name.clone()),
-            (container::LABEL_ATTEMPT.to_string(), attempt.to_string()),
-        ]);
-        let placement = Placement::Container(ContainerPlacement {
-            engine: image.socket.clone(),
-            container: container_name.clone(),
-            image: image.name.clone(),
-            image_id: image.id.clone(),
-        });
-        if let Err(e) =
-            self.store()
-                .db()
-                .read()
-                .set_attempt_placement(self.run_id, name, attempt, &placement)
-        {
-            tracing::error!(step = %name, error = %e, "cannot record where the step runs");
-        }
-        let spec = container::Spec {
-            name: container_name,
-            image: image.clone(),
-            cmd: planner::container_command(step, &self.params, &args),
-            entrypoint: c
-                .entrypoint
-                .as_ref()
-                .map(|e| e.iter().map(|x| x.get_ref().clone()).collect()),
-            env,
-            workdir: c.workdir.as_ref().map(|w| w.get_ref().clone()),
-            user: c
-                .user
-                .as_ref()
-                .map(|u| u.get_ref().clone())
-                .unwrap_or_else(|| self.engine.containers.default_user(&image.socket)),
-            network: c.network,
-            read_only_root: c.read_only_root,
-            memory,
-            cpus: step.cpus,
-            binds: mounts
-                .into_iter()
-                .map(|m| container::Bind {
-                    host: m.host,
-                    guest: m.guest,
-                    writable: m.writable,
-                })
-                .collect(),
-            labels,
-            timeout,
-            log,
-        };
-        let limit = definition::format_size(memory);
-        Ok(
-            match container::run(&docker, spec, disk_full)
-                .await
-                .map_err(|e| (None, e))?
-            {
-                container::Outcome::Stopped(used) => Some((
-                    None,
-                    stopped_by
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .take()
-                        .unwrap_or_else(|| disk_cap_message(used)),
-                )),
-                container::Outcome::Exited(0) => None,
-                container::Outcome::Exited(code) => {
-                    Some((i32::try_from(code).ok(), format!("exited with code {code}")))
-                }
-                container::Outcome::OutOfMemory(true) => Some((
-                    Some(137),
-                    format!(
-                        "killed by the OOM killer: memory limit of {limit} exceeded (exit 137)"
-                    ),
-                )),
-                container::Outcome::OutOfMemory(false) => Some((
-                    Some(137),
-                    format!(
-                        "killed (exit 137, SIGKILL): most likely the memory limit of {limit} was exceeded"
-                    ),
-                )),
-                container::Outcome::TimedOut(d) => Some((
-                    None,
-                    format!(
-                        "timed out after {}; the container was killed and removed",
-                        humantime::format_duration(d)
-                    ),
-                )),
-            },
-        )
     }
 
     /// Reads the metrics file protocol: one JSON object per line,

@@ -1,7 +1,7 @@
 //! WASM steps under wasmtime + WASI: components (wasip2) and core modules
 //! (wasip1), told apart by their header.
 //!
-//! # What a step can do (deny by default)
+//! # How the sandbox holds (what a step can do: see [`crate::executor`])
 //!
 //! A fresh `WasiCtx` grants nothing; we add exactly:
 //! - `/in` read-only (one directory per input), `/out` read-write (one empty
@@ -107,30 +107,7 @@ pub enum WasmError {
     Engine(String),
 }
 
-/// How a step's program ended.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Outcome {
-    Exited(i32),
-    /// A trap or a host error, with wasmtime's message.
-    Trapped(String),
-    /// The memory limit was hit.
-    OutOfMemory(String),
-    TimedOut(Duration),
-    /// Another limit of the sandbox stopped the guest (`code` is `None`), or refused
-    /// it something before it exited non-zero (`code`): the message names the limit.
-    Limit {
-        code: Option<i32>,
-        message: String,
-    },
-}
-
-/// A host directory visible to the guest.
-#[derive(Debug, Clone)]
-pub struct Mount {
-    pub host: PathBuf,
-    pub guest: String,
-    pub writable: bool,
-}
+pub use super::{Mount, Outcome};
 
 /// Everything a step's program may see.
 pub struct Sandbox {
@@ -604,7 +581,12 @@ impl WasmRuntime {
         let result = match sandbox.timeout {
             Some(t) => match tokio::time::timeout(t, run).await {
                 Ok(r) => r,
-                Err(_) => return Ok(Outcome::TimedOut(t)),
+                Err(_) => {
+                    return Ok(Outcome::TimedOut {
+                        after: t,
+                        then: None,
+                    });
+                }
             },
             None => run.await,
         };
@@ -628,7 +610,10 @@ impl WasmRuntime {
                 if let Some(I32Exit(code)) = e.downcast_ref::<I32Exit>() {
                     exited(*code)
                 } else if let (Some(Trap::Interrupt), Some(t)) = (trap, sandbox.timeout) {
-                    Outcome::TimedOut(t)
+                    Outcome::TimedOut {
+                        after: t,
+                        then: None,
+                    }
                 } else {
                     // The whole error, backtrace included, for whoever reads the log.
                     note_error(&sandbox.log, &e);
@@ -636,7 +621,10 @@ impl WasmRuntime {
                     if hits.memory.load(Ordering::Relaxed)
                         || matches!(trap, Some(Trap::AllocationTooLarge))
                     {
-                        Outcome::OutOfMemory(msg)
+                        Outcome::OutOfMemory {
+                            limit: sandbox.memory,
+                            kill: super::Kill::Refused,
+                        }
                     } else if matches!(trap, Some(Trap::StackOverflow)) {
                         Outcome::Limit {
                             code: None,
