@@ -15,11 +15,17 @@
 //! - [`module`]: the versioned module registry; `module = "name@^1.2"` resolution.
 //! - [`trigger`]: cron schedules (DST-aware) and watched globs.
 //! - [`planner`]: cache keys over code, inputs, params, args and env; reuse decisions.
-//! - [`executor`]: what runs a step: [`executor::wasm`] (wasmtime + WASI),
-//!   [`executor::python`] (CPython on WASI, in the same sandbox),
-//!   [`executor::container`] (an OS image through the Docker Engine API),
-//!   [`executor::transfer`] (copy into a datastore); and where:
-//!   [`executor::slurm`] (a wasm or Python step as a Slurm batch job).
+//! - [`executor`]: what runs one attempt, behind one interface: an
+//!   [`executor::AttemptSpec`] in, an [`executor::Outcome`] out (with the one table
+//!   of failure messages), [`executor::Executor::for_step`] picking the arm:
+//!   [`executor::wasm`] (wasmtime + WASI), [`executor::python`] (CPython on WASI, in
+//!   the same sandbox), [`executor::container`] (an OS image through the Docker
+//!   Engine API), [`executor::slurm`] (a wasm or Python attempt as a Slurm batch
+//!   job: stage, submit, follow, collect), [`executor::transfer`] (copy into a
+//!   datastore). An executor knows no run or database: it reports where it runs
+//!   through a callback the engine records. A new executor is one file there plus
+//!   one arm of [`executor::Executor`]; what a step can do (deny by default) is
+//!   written once, in [`executor`].
 //! - [`run`]: one run's scheduler: parallel steps, retries, skips, resume.
 //! - [`store`]: SQLite records and the BLAKE3 artifact store.
 //! - [`daemon`]: the service: loads and hot-reloads pipelines, fires triggers,

@@ -312,7 +312,9 @@ impl Engine {
     pub async fn prepare_python(&self) -> Result<(PathBuf, String, bool), RunError> {
         let runtime = crate::executor::python::Runtime::locate()
             .ok_or_else(|| RunError::Params(crate::executor::python::missing()))?;
-        runtime.check().map_err(RunError::Params)?;
+        runtime
+            .check()
+            .map_err(|e| RunError::Params(e.to_string()))?;
         let memo = Mutex::new(HashMap::new());
         let digest = file_digest(&memo, &self.store, &runtime.wasm()).map_err(RunError::Params)?;
         let wasm = self.wasm().await?;
@@ -1985,7 +1987,7 @@ impl RunContext {
             Program::Python { code_dir, entry } => {
                 let runtime = crate::executor::python::Runtime::locate()
                     .ok_or_else(|| fail(crate::executor::python::missing()))?;
-                runtime.check().map_err(fail)?;
+                runtime.check().map_err(|e| fail(e.to_string()))?;
                 let digest = file_digest(&self.code_digests, self.store(), &runtime.wasm())
                     .map_err(|e| fail(format!("the Python runtime: {e}")))?;
                 // HOME: a fresh directory of this attempt's scratch space.
@@ -2040,9 +2042,9 @@ impl RunContext {
                 &dir_out.join(o.get_ref()),
                 &format!("output `{}`", o.get_ref()),
             )
-            .map_err(|msg| {
-                log.note(&format!("step failed: {msg}"));
-                (None, msg)
+            .map_err(|e| {
+                log.note(&format!("step failed: {e}"));
+                (None, e.to_string())
             })?;
         }
         if size > output_cap() {

@@ -32,7 +32,12 @@ pub enum ContainerError {
         "cannot reach the container engine at {socket}: {detail} (start it, e.g. `podman system service --time=0 unix:///run/podman/podman.sock`, or set `socket` on a [compute.NAME] kind = \"container\" target)"
     )]
     Unreachable { socket: String, detail: String },
-    /// The image is missing, cannot be pulled or inspected.
+    /// The image is not on the engine, and may not be pulled.
+    #[error(
+        "image `{image}` not found on the container engine at {socket}; build or load it there (millrace pulls only for a [compute.NAME] kind = \"container\" target with `pull = true`)"
+    )]
+    ImageNotFound { image: String, socket: String },
+    /// The image cannot be pulled or inspected.
     #[error("{0}")]
     Image(String),
     /// The engine refused or did not answer a call.
@@ -222,17 +227,7 @@ pub async fn resolve_image(
     image: &str,
     pull: bool,
 ) -> Result<ResolvedImage, ContainerError> {
-    resolve(docker, socket, image, pull)
-        .await
-        .map_err(ContainerError::Image)
-}
-
-async fn resolve(
-    docker: &Docker,
-    socket: &str,
-    image: &str,
-    pull: bool,
-) -> Result<ResolvedImage, String> {
+    let failed = ContainerError::Image;
     let inspect = || async {
         tokio::time::timeout(CALL_TIMEOUT, docker.inspect_image(image))
             .await
@@ -245,27 +240,36 @@ async fn resolve(
             let pull = async {
                 let mut stream = docker.create_image(Some(opts), None, None);
                 while let Some(progress) = stream.next().await {
-                    progress.map_err(|e| format!("cannot pull image `{image}`: {e}"))?;
+                    progress.map_err(|e| failed(format!("cannot pull image `{image}`: {e}")))?;
                 }
-                Ok::<(), String>(())
+                Ok::<(), ContainerError>(())
             };
             tokio::time::timeout(PULL_TIMEOUT, pull)
                 .await
-                .map_err(|_| format!("pulling image `{image}` took more than 30 minutes"))??;
+                .map_err(|_| {
+                    failed(format!("pulling image `{image}` took more than 30 minutes"))
+                })??;
             inspect()
                 .await
-                .map_err(|e| format!("image `{image}` after pulling it: {e}"))?
+                .map_err(|e| failed(format!("image `{image}` after pulling it: {e}")))?
         }
         Err(e) if not_found(&e) => {
-            return Err(format!(
-                "image `{image}` not found on the container engine at {socket}; build or load it there (millrace pulls only for a [compute.NAME] kind = \"container\" target with `pull = true`)"
-            ));
+            return Err(ContainerError::ImageNotFound {
+                image: image.to_string(),
+                socket: socket.to_string(),
+            });
         }
-        Err(e) => return Err(format!("cannot inspect image `{image}` at {socket}: {e}")),
+        Err(e) => {
+            return Err(failed(format!(
+                "cannot inspect image `{image}` at {socket}: {e}"
+            )));
+        }
     };
-    let id = found
-        .id
-        .ok_or_else(|| format!("the engine at {socket} gave no ID for image `{image}`"))?;
+    let id = found.id.ok_or_else(|| {
+        failed(format!(
+            "the engine at {socket} gave no ID for image `{image}`"
+        ))
+    })?;
     Ok(ResolvedImage {
         name: image.to_string(),
         id,
@@ -451,9 +455,7 @@ pub async fn run_attempt(
         timeout,
         log: spec.log,
     };
-    run(&docker, spec, stop)
-        .await
-        .map_err(ContainerError::Engine)
+    run(&docker, spec, stop).await
 }
 
 /// Creates, starts and waits for the container, streaming its output into the
@@ -464,7 +466,7 @@ async fn run(
     docker: &Docker,
     spec: Spec,
     stop: impl std::future::Future<Output = Outcome> + Send,
-) -> Result<Outcome, String> {
+) -> Result<Outcome, ContainerError> {
     // Typed mounts, not `host:guest:mode` strings: a path may hold a colon.
     let mounts = spec
         .binds
@@ -511,8 +513,17 @@ async fn run(
         .build();
     let created = tokio::time::timeout(CALL_TIMEOUT, docker.create_container(Some(opts), body))
         .await
-        .map_err(|_| "the container engine did not create the container within 30 s".to_string())?
-        .map_err(|e| format!("cannot create the container: {}", engine_message(&e)))?;
+        .map_err(|_| {
+            ContainerError::Engine(
+                "the container engine did not create the container within 30 s".into(),
+            )
+        })?
+        .map_err(|e| {
+            ContainerError::Engine(format!(
+                "cannot create the container: {}",
+                engine_message(&e)
+            ))
+        })?;
     tracing::debug!(container = %short(&created.id), "created");
     let removal = Removal {
         docker: docker.clone(),
@@ -541,7 +552,8 @@ async fn run(
     outcome
 }
 
-async fn follow(docker: &Docker, id: &str, spec: &Spec) -> Result<Outcome, String> {
+async fn follow(docker: &Docker, id: &str, spec: &Spec) -> Result<Outcome, ContainerError> {
+    let failed = ContainerError::Engine;
     // Attached before the start, the output stream holds everything the container
     // writes and ends when it exits (a `logs --follow` opened after a quick exit
     // can miss the end).
@@ -553,8 +565,15 @@ async fn follow(docker: &Docker, id: &str, spec: &Spec) -> Result<Outcome, Strin
         .build();
     let attached = tokio::time::timeout(CALL_TIMEOUT, docker.attach_container(id, Some(opts)))
         .await
-        .map_err(|_| "the container engine did not attach within 30 s".to_string())?
-        .map_err(|e| format!("cannot attach to the container: {}", engine_message(&e)))?;
+        .map_err(|_| {
+            ContainerError::Engine("the container engine did not attach within 30 s".into())
+        })?
+        .map_err(|e| {
+            ContainerError::Engine(format!(
+                "cannot attach to the container: {}",
+                engine_message(&e)
+            ))
+        })?;
     let (logs_done, mut logs_ended) = tokio::sync::watch::channel(false);
     let logs = {
         let log = spec.log.clone();
@@ -569,8 +588,17 @@ async fn follow(docker: &Docker, id: &str, spec: &Spec) -> Result<Outcome, Strin
     tracing::debug!(container = %short(id), "attached");
     tokio::time::timeout(CALL_TIMEOUT, docker.start_container(id, None))
         .await
-        .map_err(|_| "the container engine did not start the container within 30 s".to_string())?
-        .map_err(|e| format!("the container could not start: {}", engine_message(&e)))?;
+        .map_err(|_| {
+            ContainerError::Engine(
+                "the container engine did not start the container within 30 s".into(),
+            )
+        })?
+        .map_err(|e| {
+            ContainerError::Engine(format!(
+                "the container could not start: {}",
+                engine_message(&e)
+            ))
+        })?;
     tracing::debug!(container = %short(id), "started");
     // The exit, whichever tells first: the engine's wait, or the end of the
     // attached output followed by the container's state (podman's wait polls
@@ -581,8 +609,10 @@ async fn follow(docker: &Docker, id: &str, spec: &Spec) -> Result<Outcome, Strin
             Some(Ok(r)) => Ok(r.status_code),
             // bollard reports a non-zero exit as an error carrying the code.
             Some(Err(DockerError::DockerContainerWaitError { code, .. })) => Ok(code),
-            Some(Err(e)) => Err(format!("waiting for the container: {e}")),
-            None => Err("the container engine ended the wait without a status".to_string()),
+            Some(Err(e)) => Err(failed(format!("waiting for the container: {e}"))),
+            None => Err(failed(
+                "the container engine ended the wait without a status".into(),
+            )),
         }
     };
     let mut ended = logs_ended.clone();
@@ -591,7 +621,7 @@ async fn follow(docker: &Docker, id: &str, spec: &Spec) -> Result<Outcome, Strin
         let mut pause = Duration::from_millis(5);
         loop {
             if let Some(code) = exit_code(docker, id).await {
-                return Ok::<i64, String>(code);
+                return Ok::<i64, ContainerError>(code);
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_secs(1));

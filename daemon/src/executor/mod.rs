@@ -48,6 +48,7 @@
 //! - **Transfer** runs no guest code: it copies one artifact to a datastore path.
 
 pub mod container;
+mod log;
 pub mod python;
 pub mod slurm;
 pub mod transfer;
@@ -65,7 +66,7 @@ use crate::definition::{self, StepKind};
 use crate::model::{Placement, SlurmPlacement};
 use crate::store::artifacts::ArtifactStore;
 
-pub use wasm::LogFile;
+pub use log::LogFile;
 
 /// The memory limit of a step that sets no `memory`.
 pub const DEFAULT_MEMORY: u64 = 2 << 30;

@@ -20,11 +20,22 @@ pub fn tree_size(dir: &Path) -> u64 {
         .bytes
 }
 
+/// A tree past a walk limit, named as the step sees it (e.g. "output `o`").
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{limit} in {what}")]
+pub struct Overgrown {
+    pub limit: walk::Limit,
+    pub what: String,
+}
+
 /// What `dir` holds, or the limit it breaks, named with `what` (e.g. "output `o`").
-pub fn checked_size(dir: &Path, what: &str) -> Result<u64, String> {
+pub fn checked_size(dir: &Path, what: &str) -> Result<u64, Overgrown> {
     match walk::usage(dir, walk::max_depth(), walk::max_entries()) {
         (u, None) => Ok(u.bytes),
-        (_, Some(limit)) => Err(format!("{limit} in {what}")),
+        (_, Some(limit)) => Err(Overgrown {
+            limit,
+            what: what.to_string(),
+        }),
     }
 }
 
@@ -333,6 +344,7 @@ mod tests {
         }
         assert!(checked_size(&ws.dir_out().join("o"), "output `o`")
             .unwrap_err()
+            .to_string()
             .contains("directory depth limit of 256 levels exceeded (MILLRACE_MAX_DEPTH) in output `o`"));
         let started = Instant::now();
         ws.reset().unwrap();

@@ -96,8 +96,8 @@ pub async fn exec_step(spec_path: &Path) -> i32 {
 }
 
 async fn run_spec(spec: &JobSpec) -> JobResult {
-    use crate::executor::Outcome;
-    use crate::executor::wasm::{LogFile, Sandbox, WasmRuntime};
+    use crate::executor::wasm::{Sandbox, WasmRuntime};
+    use crate::executor::{LogFile, Outcome};
     let log = match LogFile::create(&spec.log, spec.log_cap) {
         Ok(l) => l,
         Err(e) => {
