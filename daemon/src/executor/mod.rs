@@ -484,6 +484,54 @@ mod tests {
 
     /// The table is what steps' records and the tests read: one wording per
     /// outcome, and the Slurm job named where the guest's own ending is told.
+    /// The kind picks the executor, and a wasm or Python step's `compute` moves it
+    /// to a Slurm cluster; a container's stays on its engine.
+    #[test]
+    fn a_step_s_kind_and_compute_pick_its_executor() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("t.py"), "print(1)\n").unwrap();
+        let mut env = definition::Environment::default();
+        env.computes.insert("hpc".into(), "slurm".into());
+        let text = r#"
+[[step]]
+name = "on_slurm"
+python = "t.py"
+outputs = ["o"]
+compute = "hpc"
+[[step]]
+name = "here"
+python = "t.py"
+outputs = ["o"]
+[[step]]
+name = "image"
+container = { image = "busybox" }
+outputs = ["o"]
+"#;
+        let (p, report) = definition::parse(&dir.path().join("p.toml"), text.into(), &env);
+        let p = p.unwrap_or_else(|| panic!("{report:?}"));
+        let computes = BTreeMap::from([(
+            "hpc".to_string(),
+            crate::config::Compute {
+                kind: "slurm".into(),
+                socket: None,
+                pull: false,
+                slurm: Some(slurm::Target::default()),
+            },
+        )]);
+        let picked: Vec<_> = p
+            .steps
+            .iter()
+            .map(|s| Executor::for_step(s, &computes))
+            .collect();
+        assert!(
+            matches!(&picked[0], Executor::Slurm { compute, .. } if compute == "hpc"),
+            "{picked:?}"
+        );
+        assert!(matches!(picked[1], Executor::Python), "{picked:?}");
+        assert!(matches!(picked[2], Executor::Container), "{picked:?}");
+        assert!(picked[1].needs_wasm() && !picked[0].needs_wasm());
+    }
+
     #[test]
     fn every_outcome_has_its_message() {
         assert_eq!(message(Outcome::Exited(0)), None);
