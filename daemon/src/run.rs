@@ -18,7 +18,7 @@ use crate::diagnostic::Report;
 use crate::executor::container::{self, ResolvedImage};
 use crate::executor::transfer;
 use crate::executor::wasm::WasmRuntime;
-use crate::executor::workspace::{Workspace, WorkspacePool, checked_size};
+use crate::executor::workspace::{self, Workspace, WorkspacePool, checked_size};
 use crate::executor::{self, AttemptCtx, AttemptSpec, Executor, Label, LogFile, Mount};
 use crate::graph::Graph;
 use crate::model::{AttemptStatus, Placement, RunStatus, StepStatus};
@@ -52,9 +52,6 @@ fn output_cap() -> u64 {
             .unwrap_or(10 << 30)
     })
 }
-
-/// Most metric lines read from one step.
-const MAX_METRIC_LINES: usize = 100_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -2106,66 +2103,15 @@ impl RunContext {
         Ok(code_dir)
     }
 
-    /// Reads the metrics file protocol: one JSON object per line,
-    /// `{"name": …, "value": …, "step": optional int}`.
+    /// Records the metrics the step wrote (see [`workspace::read_metrics`]).
     fn record_metrics(&self, step: &str, path: &Path, log: &LogFile) {
-        // A guest controls this file: read a bounded prefix only.
-        const MAX_METRICS_BYTES: u64 = 64 << 20;
-        // Neither a symlink out of the sandbox nor a FIFO that would block.
-        let opened = {
-            use std::os::unix::fs::OpenOptionsExt;
-            std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
-                .open(path)
-                .and_then(|f| {
-                    if f.metadata()?.is_file() {
-                        Ok(f)
-                    } else {
-                        Err(std::io::Error::other("not a regular file"))
-                    }
-                })
-        };
-        if let Err(e) = &opened
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            log.note(&format!("the metrics file was not read: {e}"));
-        }
-        let text = opened.and_then(|f| {
-            let mut s = String::new();
-            std::io::Read::read_to_string(&mut std::io::Read::take(f, MAX_METRICS_BYTES), &mut s)
-                .map(|_| s)
-        });
-        let Ok(text) = text else {
+        let Some(rows) = workspace::read_metrics(path, log) else {
             return;
         };
-        let mut rows = Vec::new();
-        for (n, line) in text.lines().enumerate().take(MAX_METRIC_LINES) {
-            if line.trim().is_empty() {
-                continue;
-            }
-            let parsed: Option<(String, f64, Option<i64>)> =
-                serde_json::from_str::<serde_json::Value>(line)
-                    .ok()
-                    .and_then(|v| {
-                        Some((
-                            v.get("name")?.as_str()?.to_string(),
-                            v.get("value")?.as_f64()?,
-                            v.get("step").and_then(|s| s.as_i64()),
-                        ))
-                    });
-            match parsed {
-                Some(row) => rows.push(row),
-                None => log.note(&format!(
-                    "metrics line {} ignored: expected {{\"name\": …, \"value\": number}}",
-                    n + 1
-                )),
-            }
-        }
         let result = self.store().db().batch(|b| {
             b.clear_metrics(self.run_id, step)?;
-            for (seq, (name, value, index)) in rows.iter().enumerate() {
-                b.record_metric(self.run_id, step, name, *value, *index, seq as i64)?;
+            for (seq, m) in rows.iter().enumerate() {
+                b.record_metric(self.run_id, step, &m.name, m.value, m.index, seq as i64)?;
             }
             Ok(())
         });
