@@ -26,7 +26,8 @@
 //!   through a callback the engine records. A new executor is one file there plus
 //!   one arm of [`executor::Executor`]; what a step can do (deny by default) is
 //!   written once, in [`executor`].
-//! - [`run`]: one run's scheduler: parallel steps, retries, skips, resume.
+//! - [`run`]: one run's scheduler: parallel steps, retries, skips, resume; one
+//!   attempt's spec, executor and outputs in `run/attempt.rs`.
 //! - [`store`]: SQLite records and the BLAKE3 artifact store.
 //! - [`daemon`]: the service: loads and hot-reloads pipelines, fires triggers,
 //!   queues runs under each pipeline's concurrency, recovers after a crash, and
