@@ -349,9 +349,9 @@ async fn smoke(
     let mut draws = Vec::new();
     for n in 0..2 {
         let log_path = work.join(format!("log{n}"));
-        let log = super::wasm::LogFile::create(&log_path, 1 << 20).map_err(|e| e.to_string())?;
+        let log = super::LogFile::create(&log_path, 1 << 20).map_err(|e| e.to_string())?;
         let mut mounts = runtime.mounts();
-        mounts.push(super::wasm::Mount {
+        mounts.push(super::Mount {
             host: code.clone(),
             guest: "/code".into(),
             writable: false,

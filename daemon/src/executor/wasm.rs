@@ -1,7 +1,7 @@
 //! WASM steps under wasmtime + WASI: components (wasip2) and core modules
 //! (wasip1), told apart by their header.
 //!
-//! # What a step can do (deny by default)
+//! # How the sandbox holds (what a step can do: see [`crate::executor`])
 //!
 //! A fresh `WasiCtx` grants nothing; we add exactly:
 //! - `/in` read-only (one directory per input), `/out` read-write (one empty
@@ -115,30 +115,8 @@ pub enum WasmError {
     Engine(String),
 }
 
-/// How a step's program ended.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Outcome {
-    Exited(i32),
-    /// A trap or a host error, with wasmtime's message.
-    Trapped(String),
-    /// The memory limit was hit.
-    OutOfMemory(String),
-    TimedOut(Duration),
-    /// Another limit of the sandbox stopped the guest (`code` is `None`), or refused
-    /// it something before it exited non-zero (`code`): the message names the limit.
-    Limit {
-        code: Option<i32>,
-        message: String,
-    },
-}
-
-/// A host directory visible to the guest.
-#[derive(Debug, Clone)]
-pub struct Mount {
-    pub host: PathBuf,
-    pub guest: String,
-    pub writable: bool,
-}
+use super::log::LogFile;
+pub use super::{Mount, Outcome};
 
 /// Everything a step's program may see.
 pub struct Sandbox {
@@ -756,10 +734,21 @@ impl WasmRuntime {
         let result = match sandbox.timeout {
             Some(t) => match tokio::time::timeout(t, run).await {
                 Ok(r) => r,
-                Err(_) => return Ok(Outcome::TimedOut(t)),
+                Err(_) => {
+                    return Ok(Outcome::TimedOut {
+                        after: t,
+                        then: None,
+                    });
+                }
             },
             None => run.await,
         };
+        Ok(self.ended(result, &hits, &sandbox))
+    }
+
+    /// How a guest that ran to an end (its own, or a trap) ended: the cause of a
+    /// trap is told by what the host refused ([`Hits`]), not by its message.
+    fn ended(&self, result: wasmtime::Result<i32>, hits: &Hits, sandbox: &Sandbox) -> Outcome {
         let disk_hit = *hits.disk.lock().unwrap_or_else(|e| e.into_inner());
         // A refused write fails the step however the guest ended (even with exit 0:
         // what it wrote is incomplete), unless its time ran out.
@@ -795,14 +784,17 @@ impl WasmRuntime {
                 Outcome::Exited(code)
             }
         };
-        Ok(match result {
+        match result {
             Ok(code) => exited(code),
             Err(e) => {
                 let trap = e.downcast_ref::<Trap>();
                 if let Some(I32Exit(code)) = e.downcast_ref::<I32Exit>() {
                     exited(*code)
                 } else if let (Some(Trap::Interrupt), Some(t)) = (trap, sandbox.timeout) {
-                    Outcome::TimedOut(t)
+                    Outcome::TimedOut {
+                        after: t,
+                        then: None,
+                    }
                 } else {
                     // The whole error, backtrace included, for whoever reads the log.
                     note_error(&sandbox.log, &e);
@@ -810,7 +802,10 @@ impl WasmRuntime {
                     if hits.memory.load(Ordering::Relaxed)
                         || matches!(trap, Some(Trap::AllocationTooLarge))
                     {
-                        Outcome::OutOfMemory(msg)
+                        Outcome::OutOfMemory {
+                            limit: sandbox.memory,
+                            kill: super::Kill::Refused,
+                        }
                     } else if matches!(trap, Some(Trap::StackOverflow)) {
                         Outcome::Limit {
                             code: None,
@@ -834,7 +829,7 @@ impl WasmRuntime {
                     }
                 }
             }
-        })
+        }
     }
 }
 
@@ -1869,80 +1864,6 @@ fn store_precompiled(dir: &Path, dest: &Path, bytes: &[u8]) {
     if let Err(e) = written {
         tracing::warn!("cannot store {}: {e}", dest.display());
         let _ = std::fs::remove_file(&tmp);
-    }
-}
-
-/// A step attempt's log: stdout and stderr interleaved in one file, capped in size.
-/// Output past the cap is dropped and a single notice is appended.
-#[derive(Clone)]
-pub struct LogFile {
-    inner: Arc<Mutex<LogInner>>,
-}
-
-struct LogInner {
-    file: std::fs::File,
-    written: u64,
-    cap: u64,
-    truncated: bool,
-}
-
-impl LogFile {
-    pub fn create(path: &Path, cap: u64) -> std::io::Result<LogFile> {
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)?;
-        Ok(LogFile {
-            inner: Arc::new(Mutex::new(LogInner {
-                file,
-                written: 0,
-                cap,
-                truncated: false,
-            })),
-        })
-    }
-
-    /// Appends a line from millrace itself (not the guest).
-    pub fn note(&self, line: &str) {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = writeln!(inner.file, "[millrace] {line}");
-    }
-
-    /// Empties the log (a re-adopted Slurm job's log is copied again from its
-    /// start, so nothing the previous process copied appears twice).
-    pub fn reset(&self) {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if inner.file.set_len(0).is_ok() {
-            inner.written = 0;
-            inner.truncated = false;
-        }
-    }
-
-    /// Appends output of the step (capped like the rest).
-    pub fn append(&self, buf: &[u8]) {
-        let _ = self.write(buf);
-    }
-
-    fn write(&self, buf: &[u8]) -> std::io::Result<()> {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let room = inner.cap.saturating_sub(inner.written) as usize;
-        if buf.len() <= room {
-            inner.file.write_all(buf)?;
-            inner.written += buf.len() as u64;
-        } else if !inner.truncated {
-            inner.file.write_all(&buf[..room])?;
-            inner.written = inner.cap;
-            inner.truncated = true;
-            let cap = inner.cap;
-            writeln!(
-                inner.file,
-                "\n[millrace] log truncated: output beyond {cap} bytes was dropped"
-            )?;
-        }
-        Ok(())
     }
 }
 
