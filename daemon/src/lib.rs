@@ -20,14 +20,21 @@
 //!   inputs, params, args and env ([`planner::key`], [`planner::code`],
 //!   [`planner::inputs`]), the one reuse decision ([`planner::Planner::decide`],
 //!   called by both `plan` and the run) and its explanation ([`planner::explain`]).
-//! - [`executor`]: what runs a step: [`executor::wasm`] (wasmtime + WASI),
-//!   [`executor::python`] (CPython on WASI, in the same sandbox; it starts from
-//!   [`executor::snapshot`], an interpreter with numpy, pandas and sklearn imported),
-//!   [`executor::container`] (an OS image through the Docker Engine API),
-//!   [`executor::transfer`] (copy into a datastore); and where:
-//!   [`executor::slurm`] (a wasm or Python step as a Slurm batch job).
+//! - [`executor`]: what runs one attempt, behind one interface: an
+//!   [`executor::AttemptSpec`] in, an [`executor::Outcome`] out (with the one table
+//!   of failure messages), [`executor::Executor::for_step`] picking the arm:
+//!   [`executor::wasm`] (wasmtime + WASI), [`executor::python`] (CPython on WASI, in
+//!   the same sandbox; it starts from [`executor::snapshot`], an interpreter with
+//!   numpy, pandas and sklearn imported), [`executor::container`] (an OS image
+//!   through the Docker Engine API), [`executor::slurm`] (a wasm or Python attempt
+//!   as a Slurm batch job: stage, submit, follow, collect), [`executor::transfer`]
+//!   (copy into a datastore). An executor knows no run or database: it reports
+//!   where it runs through a callback the engine records. A new executor is one
+//!   file there plus one arm of [`executor::Executor`]; what a step can do (deny by
+//!   default) is written once, in [`executor`].
 //! - [`run`]: one run's scheduler: parallel steps (each decided by the planner),
-//!   retries, skips, resume.
+//!   retries, skips, resume; one attempt's spec, executor and outputs in
+//!   `run/attempt.rs`.
 //! - [`store`]: SQLite records, the BLAKE3 artifact store, and `gc`.
 //! - [`view`]: what readers are shown: one [`view::RunView`] for the API,
 //!   `runs show --json` and the UI, with the OpenAPI schemas.

@@ -196,10 +196,6 @@ pub struct SlurmPlacement {
     pub node: Option<String>,
 }
 
-/// Default memory limit of a wasm or Python step (the planner reads it too: a
-/// Python step's memory decides which interpreter it starts from).
-pub const DEFAULT_MEMORY: u64 = 2 << 30;
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -105,6 +105,24 @@ reuse = false
     assert_eq!(d.stop(), 0);
     let d = Daemon::start(&p);
     assert_eq!(d.get(&format!("/api/v1/runs/{stuck}"))["status"], "failed");
+    // Counted from the store, so across restarts.
+    let agent = ureq::Agent::new_with_config(
+        ureq::Agent::config_builder()
+            .proxy(None)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build(),
+    );
+    let metrics = agent
+        .get(format!("{}/metrics", d.url()))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    assert!(
+        metrics.contains("\nmillrace_runs_given_up_after_crashes 1\n"),
+        "{metrics}"
+    );
     assert_eq!(
         d.get("/api/v1/status")["active_runs"],
         serde_json::json!([])

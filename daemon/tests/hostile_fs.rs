@@ -92,7 +92,7 @@ fn a_python_step_nesting_directories_by_descriptor_fails_with_the_depth_limit() 
     let p = Project::new();
     p.write(
         "deep.py",
-        "import os\nfd = os.open('/tmp', os.O_RDONLY | os.O_DIRECTORY)\nfor i in range(20000):\n    os.mkdir('a', dir_fd=fd)\n    nfd = os.open('a', os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)\n    os.close(fd)\n    fd = nfd\nprint('nested', i + 1)\n",
+        "import os\nfd = os.open('/tmp', os.O_RDONLY | os.O_DIRECTORY)\nfor i in range(5000):\n    os.mkdir('a', dir_fd=fd)\n    nfd = os.open('a', os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)\n    os.close(fd)\n    fd = nfd\nprint('nested', i + 1)\n",
     );
     let toml = with_bystander("[[step]]\nname = \"deep\"\npython = \"deep.py\"\n");
     run_hostile(&p, &toml, &[]);
@@ -343,4 +343,113 @@ fn the_daemon_serves_healthz_through_hostile_steps_and_runs_the_others() {
     assert_eq!(d.stop(), 0, "the daemon exits cleanly");
     crate::common::rehash_store(&p);
     no_sandbox_left(&p);
+}
+
+/// The MiB a `dd` reported it wrote (`N+0 records out` of 1 MiB blocks).
+fn dd_records_out(log: &str) -> u64 {
+    log.lines()
+        .find_map(|l| l.strip_suffix(" records out"))
+        .and_then(|r| r.split('+').next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no dd summary in the log:\n{log}"))
+}
+
+#[test]
+fn a_container_filling_a_file_deleted_while_open_in_tmp_is_stopped_by_the_kernel() {
+    // Issue 13: `exec 3>/tmp/f; rm /tmp/f` hid the file from the walk, and 600 MiB
+    // went through a 50 MiB cap. /tmp is now a tmpfs of the cap's size.
+    let p = Project::new();
+    let toml = with_bystander(&format!(
+        r#"[[step]]
+name = "hide"
+container = {{ image = "{IMAGE}", command = ["sh", "-c", "exec 3>/tmp/f; rm /tmp/f; dd if=/dev/zero bs=1M count=600 >&3"] }}
+"#
+    ));
+    run_hostile(&p, &toml, &[("MILLRACE_OUTPUT_CAP", "50MiB")]);
+    let log = step_log(&p, "hide");
+    assert!(log.contains("No space left on device"), "{log}");
+    assert!(
+        log.contains("/tmp is a tmpfs of 50MiB (MILLRACE_OUTPUT_CAP"),
+        "{log}"
+    );
+    assert!(dd_records_out(&log) <= 50, "{log}");
+    assert_eq!(step_error(&p, "hide"), "exited with code 1");
+    let statuses = step_statuses(&p, "latest");
+    assert!(statuses.contains(&("bystander".into(), "succeeded".into())));
+    no_sandbox_left(&p);
+}
+
+#[test]
+fn many_entries_in_tmp_do_not_let_bytes_past_the_cap() {
+    // Issue 13: 400 000 entries in /tmp made each walk slow, and 3 GiB got through
+    // between walks. The bytes are now counted where they are written: in the WASI
+    // layer (Python) and by the kernel (a container's /tmp), whatever the walk costs,
+    // so fewer entries show it (a debug build's Python makes ~500 directories a
+    // second on a loaded machine).
+    let p = Project::new();
+    p.write(
+        "wide.py",
+        "import os\nfor i in range(5000):\n    os.mkdir('/tmp/d%d' % i)\nf = open('/out/o/big', 'wb')\nn = 0\ntry:\n    for n in range(3072):\n        f.write(b'x' * (1 << 20))\nexcept OSError as e:\n    print('refused after', n, 'MiB:', e, flush=True)\n    raise\n",
+    );
+    let toml = format!(
+        r#"[[step]]
+name = "wide"
+python = "wide.py"
+outputs = ["o"]
+[[step]]
+name = "wide-container"
+container = {{ image = "{IMAGE}", command = ["sh", "-c", "cd /tmp; i=0; while [ $i -lt 20000 ]; do : > f$i; i=$((i+1)); done; dd if=/dev/zero of=/tmp/big bs=1M count=3072"] }}
+"#
+    );
+    run_hostile(&p, &toml, &[("MILLRACE_OUTPUT_CAP", "50MiB")]);
+    let e = step_error(&p, "wide");
+    assert!(
+        e.contains("more than the cap of 50MiB (MILLRACE_OUTPUT_CAP)"),
+        "{e}"
+    );
+    let log = step_log(&p, "wide");
+    let refused: u64 = log
+        .lines()
+        .find_map(|l| l.strip_prefix("refused after "))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(refused <= 50, "{log}");
+    let log = step_log(&p, "wide-container");
+    assert!(log.contains("No space left on device"), "{log}");
+    assert!(dd_records_out(&log) <= 50, "{log}");
+    no_sandbox_left(&p);
+}
+
+/// A wasm guest (wasip2 `attack`, wasip1 `attack-p1`) writes 300 MiB into a file
+/// it removed while open, under a 20 MiB cap: the WASI layer refuses the write
+/// past the cap (the walk never sees the file).
+fn hide(plugin_name: &str) {
+    let p = Project::new();
+    let toml = with_bystander(&format!(
+        "[[step]]\nname = \"hide\"\nwasm = \"{}\"\nargs = [\"hide\", \"--dir\", \"/tmp\", \"--mib\", \"300\"]\n",
+        plugin(plugin_name)
+    ));
+    run_hostile(&p, &toml, &[("MILLRACE_OUTPUT_CAP", "20MiB")]);
+    let e = step_error(&p, "hide");
+    assert!(
+        e.contains("more than the cap of 20MiB (MILLRACE_OUTPUT_CAP)") && e.contains("ENOSPC"),
+        "{plugin_name}: {e}"
+    );
+    let log = step_log(&p, "hide");
+    // Refused at the cap: 20 whole MiB fit, the 21st does not.
+    assert!(log.contains("after 20 MiB"), "{plugin_name}: {log}");
+    let statuses = step_statuses(&p, "latest");
+    assert!(statuses.contains(&("bystander".into(), "succeeded".into())));
+    no_sandbox_left(&p);
+}
+
+#[test]
+fn a_wasip2_guest_filling_a_file_deleted_while_open_is_refused_at_the_cap() {
+    hide("attack");
+}
+
+#[test]
+fn a_wasip1_guest_filling_a_file_deleted_while_open_is_refused_at_the_cap() {
+    hide("attack-p1");
 }

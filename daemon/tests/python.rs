@@ -335,3 +335,139 @@ fn filling_tmp_past_the_cap_stops_the_step_while_it_runs() {
     assert!(!step_log(&p, "fill").contains("never reached"));
     assert!(start.elapsed() < std::time::Duration::from_secs(30));
 }
+
+/// The bytes a guest wrote before a write was refused, from its own report.
+fn refused_after(log: &str) -> u64 {
+    log.lines()
+        .find_map(|l| l.strip_prefix("refused after "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no refusal in the log:\n{log}"))
+}
+
+#[test]
+fn a_file_deleted_while_open_counts_against_the_disk_cap() {
+    // Issue 13: the walk of /tmp no longer sees a file unlinked while open (600 MiB
+    // got through a 50 MiB cap); the WASI layer counts its bytes as they are written.
+    let p = Project::new();
+    p.write(
+        "code/hide.py",
+        "import os\nf = open('/tmp/x', 'wb')\nos.unlink('/tmp/x')\nn = 0\ntry:\n    for n in range(600):\n        f.write(b'x' * (1 << 20))\n        f.flush()\nexcept OSError as e:\n    print('refused after', n, 'MiB:', e, flush=True)\n    raise\nprint('never reached')\n",
+    );
+    let f = p.write(
+        "hide.toml",
+        "[[step]]\nname = \"hide\"\npython = \"code/hide.py\"\n",
+    );
+    let out = p
+        .cmd(&["run", f.to_str().unwrap()])
+        .env("MILLRACE_OUTPUT_CAP", "50MiB")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let e = step_error(&p, "hide");
+    assert!(
+        e.contains("more than the cap of 50MiB (MILLRACE_OUTPUT_CAP)") && e.contains("ENOSPC"),
+        "{e}"
+    );
+    eprintln!("{e}");
+    let log = step_log(&p, "hide");
+    assert!(!log.contains("never reached"), "{log}");
+    // Refused at the cap, before a byte past it reached the disk.
+    assert!(refused_after(&log) <= 50, "{log}");
+    assert!(log.contains("No space left on device"), "{log}");
+}
+
+#[test]
+fn rewritten_truncated_and_deleted_files_give_their_bytes_back() {
+    // 20 × 10 MiB under a 50 MiB cap: a file rewritten in place, one truncated and
+    // written again, temporary files deleted while open and closed, files deleted.
+    let p = Project::new();
+    p.write(
+        "code/churn.py",
+        r#"
+import os, tempfile
+chunk = b'x' * (1 << 20)
+for round in range(20):
+    with open('/tmp/same', 'wb') as f:
+        for i in range(10):
+            f.write(chunk)
+    with open('/tmp/same', 'r+b') as f:
+        for i in range(10):
+            f.write(chunk)
+    with tempfile.TemporaryFile() as t:
+        for i in range(10):
+            t.write(chunk)
+    with open('/tmp/gone', 'wb') as f:
+        f.write(chunk * 10)
+    os.rename('/tmp/gone', '/tmp/replaced')
+    with open('/tmp/shrunk', 'wb') as f:
+        f.write(chunk * 10)
+        f.truncate(0)
+os.unlink('/tmp/replaced')
+print('churned')
+"#,
+    );
+    let f = p.write(
+        "churn.toml",
+        "[[step]]\nname = \"churn\"\npython = \"code/churn.py\"\n",
+    );
+    let out = p
+        .cmd(&["run", f.to_str().unwrap()])
+        .env("MILLRACE_OUTPUT_CAP", "50MiB")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        stderr(&out),
+        step_log(&p, "churn")
+    );
+    assert!(step_log(&p, "churn").contains("churned"));
+}
+
+#[test]
+fn appends_and_positioned_writes_are_counted_and_an_unlinked_file_gives_its_bytes_back() {
+    let p = Project::new();
+    p.write(
+        "code/ways.py",
+        r#"
+import os
+chunk = b'x' * (1 << 20)
+def until_refused(what, write):
+    n = 0
+    try:
+        for n in range(30):
+            write(n)
+    except OSError as e:
+        print(what, 'refused after', n, flush=True)
+        return
+    print(what, 'never refused', flush=True)
+f = open('/tmp/a', 'ab')
+until_refused('append', lambda n: f.write(chunk))
+f.close()
+os.unlink('/tmp/a')
+fd = os.open('/tmp/p', os.O_WRONLY | os.O_CREAT)
+until_refused('pwrite', lambda n: os.pwrite(fd, chunk, n << 20))
+"#,
+    );
+    let f = p.write(
+        "ways.toml",
+        "[[step]]\nname = \"ways\"\npython = \"code/ways.py\"\n",
+    );
+    let out = p
+        .cmd(&["run", f.to_str().unwrap()])
+        .env("MILLRACE_OUTPUT_CAP", "20MiB")
+        .output()
+        .unwrap();
+    // The guest caught the errors and exited 0: the step fails all the same.
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        step_error(&p, "ways").contains("more than the cap of 20MiB"),
+        "{}",
+        step_error(&p, "ways")
+    );
+    let log = step_log(&p, "ways");
+    // Each got the whole budget: the unlinked file gave its 20 MiB back.
+    assert!(log.contains("append refused after 20"), "{log}");
+    assert!(log.contains("pwrite refused after 20"), "{log}");
+}

@@ -589,11 +589,18 @@ async fn prometheus(State(d): State<Arc<Daemon>>, headers: HeaderMap) -> ApiResu
         .runs_with_status(RunStatus::Queued)
         .map_err(ApiError::internal)?
         .len();
+    let given_up = d
+        .store()
+        .db()
+        .read()
+        .runs_given_up(super::MAX_CRASHES)
+        .map_err(ApiError::internal)?;
     let body = d.metrics.render(
         queued,
         d.active_runs().len(),
         d.engine.running_steps(),
         d.engine.wasm_stats(),
+        given_up,
     );
     let openmetrics = headers
         .get(axum::http::header::ACCEPT)

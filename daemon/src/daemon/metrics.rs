@@ -27,6 +27,7 @@ pub struct Metrics {
     running_runs: Gauge,
     running_steps: Gauge,
     precompiled: Family<Labels, Gauge>,
+    given_up: Gauge,
 }
 
 fn step_histogram() -> Histogram {
@@ -47,6 +48,7 @@ impl Metrics {
             running_runs: Gauge::default(),
             running_steps: Gauge::default(),
             precompiled: Family::default(),
+            given_up: Gauge::default(),
         };
         {
             let mut r = m.registry.lock().unwrap_or_else(|e| e.into_inner());
@@ -86,6 +88,11 @@ impl Metrics {
                 "precompiled_modules",
                 "Compiled wasm: loaded from the cache (hit) or compiled (miss), since start",
                 m.precompiled.clone(),
+            );
+            r.register(
+                "runs_given_up_after_crashes",
+                "Failed runs the daemon stopped resuming because the process stopped while running them 3 times (from the store)",
+                m.given_up.clone(),
             );
         }
         m
@@ -142,7 +149,10 @@ impl Metrics {
         running_runs: usize,
         running_steps: usize,
         precompiled: (u64, u64),
+        given_up: u64,
     ) -> String {
+        self.given_up
+            .set(i64::try_from(given_up).unwrap_or(i64::MAX));
         self.queue_depth.set(queued as i64);
         self.running_runs.set(running_runs as i64);
         self.running_steps.set(running_steps as i64);
@@ -194,6 +204,16 @@ pub fn to_prometheus_text(openmetrics: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn runs_given_up_are_a_gauge() {
+        let m = super::Metrics::new();
+        let text = super::to_prometheus_text(&m.render(0, 0, 0, (0, 0), 2));
+        assert!(
+            text.contains("# TYPE millrace_runs_given_up_after_crashes gauge\nmillrace_runs_given_up_after_crashes 2\n"),
+            "{text}"
+        );
+    }
+
     #[test]
     fn counters_get_their_total_names_in_the_classic_format() {
         let om = "# HELP x_runs Runs.\n# TYPE x_runs counter\nx_runs_total 1\n# HELP x_q Q.\n# TYPE x_q gauge\nx_q 0\n# EOF\n";

@@ -10,7 +10,6 @@
 //! ([`remove_orphans`]).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use bollard::Docker;
@@ -22,7 +21,29 @@ use bollard::query_parameters::{
 };
 use futures_util::StreamExt;
 
-use crate::executor::wasm::LogFile;
+use crate::executor::{AttemptCtx, AttemptSpec, Kill, LogFile, Mount, Outcome, Program};
+use crate::model::{ContainerPlacement, Placement};
+
+/// Why a container could not run (or an engine could not be used).
+#[derive(Debug, thiserror::Error)]
+pub enum ContainerError {
+    /// No engine answers at the socket; the message says how to start one.
+    #[error(
+        "cannot reach the container engine at {socket}: {detail} (start it, e.g. `podman system service --time=0 unix:///run/podman/podman.sock`, or set `socket` on a [compute.NAME] kind = \"container\" target)"
+    )]
+    Unreachable { socket: String, detail: String },
+    /// The image is not on the engine, and may not be pulled.
+    #[error(
+        "image `{image}` not found on the container engine at {socket}; build or load it there (millrace pulls only for a [compute.NAME] kind = \"container\" target with `pull = true`)"
+    )]
+    ImageNotFound { image: String, socket: String },
+    /// The image cannot be pulled or inspected.
+    #[error("{0}")]
+    Image(String),
+    /// The engine refused or did not answer a call.
+    #[error("{0}")]
+    Engine(String),
+}
 
 /// Label keys on every container millrace creates.
 pub const LABEL_INSTANCE: &str = "io.millrace.instance";
@@ -113,15 +134,14 @@ pub struct Engines {
 
 impl Engines {
     /// A client for `socket` (`unix:///path`, `/path` or `tcp://host:port`).
-    pub async fn connect(&self, socket: &str) -> Result<Docker, String> {
+    pub async fn connect(&self, socket: &str) -> Result<Docker, ContainerError> {
         let mut clients = self.clients.lock().await;
         if let Some(c) = clients.get(socket) {
             return Ok(c.clone());
         }
-        let unreachable = |e: String| {
-            format!(
-                "cannot reach the container engine at {socket}: {e} (start it, e.g. `podman system service --time=0 unix:///run/podman/podman.sock`, or set `socket` on a [compute.NAME] kind = \"container\" target)"
-            )
+        let unreachable = |detail: String| ContainerError::Unreachable {
+            socket: socket.to_string(),
+            detail,
         };
         // Requests carry no timeout of their own (a wait lasts as long as its
         // step); each call that must answer promptly is bounded here instead.
@@ -206,7 +226,8 @@ pub async fn resolve_image(
     socket: &str,
     image: &str,
     pull: bool,
-) -> Result<ResolvedImage, String> {
+) -> Result<ResolvedImage, ContainerError> {
+    let failed = ContainerError::Image;
     let inspect = || async {
         tokio::time::timeout(CALL_TIMEOUT, docker.inspect_image(image))
             .await
@@ -219,27 +240,36 @@ pub async fn resolve_image(
             let pull = async {
                 let mut stream = docker.create_image(Some(opts), None, None);
                 while let Some(progress) = stream.next().await {
-                    progress.map_err(|e| format!("cannot pull image `{image}`: {e}"))?;
+                    progress.map_err(|e| failed(format!("cannot pull image `{image}`: {e}")))?;
                 }
-                Ok::<(), String>(())
+                Ok::<(), ContainerError>(())
             };
             tokio::time::timeout(PULL_TIMEOUT, pull)
                 .await
-                .map_err(|_| format!("pulling image `{image}` took more than 30 minutes"))??;
+                .map_err(|_| {
+                    failed(format!("pulling image `{image}` took more than 30 minutes"))
+                })??;
             inspect()
                 .await
-                .map_err(|e| format!("image `{image}` after pulling it: {e}"))?
+                .map_err(|e| failed(format!("image `{image}` after pulling it: {e}")))?
         }
         Err(e) if not_found(&e) => {
-            return Err(format!(
-                "image `{image}` not found on the container engine at {socket}; build or load it there (millrace pulls only for a [compute.NAME] kind = \"container\" target with `pull = true`)"
-            ));
+            return Err(ContainerError::ImageNotFound {
+                image: image.to_string(),
+                socket: socket.to_string(),
+            });
         }
-        Err(e) => return Err(format!("cannot inspect image `{image}` at {socket}: {e}")),
+        Err(e) => {
+            return Err(failed(format!(
+                "cannot inspect image `{image}` at {socket}: {e}"
+            )));
+        }
     };
-    let id = found
-        .id
-        .ok_or_else(|| format!("the engine at {socket} gave no ID for image `{image}`"))?;
+    let id = found.id.ok_or_else(|| {
+        failed(format!(
+            "the engine at {socket} gave no ID for image `{image}`"
+        ))
+    })?;
     Ok(ResolvedImage {
         name: image.to_string(),
         id,
@@ -247,44 +277,45 @@ pub async fn resolve_image(
     })
 }
 
-/// A bind mount: host directory → path in the container.
-pub struct Bind {
-    pub host: PathBuf,
-    pub guest: String,
-    pub writable: bool,
+/// How a container step starts its image (what the step says beside its mounts
+/// and limits).
+#[derive(Debug, Clone)]
+pub struct Launch {
+    pub image: ResolvedImage,
+    /// The command, `None` for the image's own.
+    pub cmd: Option<Vec<String>>,
+    pub entrypoint: Option<Vec<String>>,
+    pub workdir: Option<String>,
+    /// `uid[:gid]` or a name the image knows; `None` for the daemon's own user
+    /// ([`Engines::default_user`]).
+    pub user: Option<String>,
+    pub network: bool,
+    pub read_only_root: bool,
 }
 
 /// Everything one container run needs.
-pub struct Spec {
+struct Spec {
     /// The container's name (unique per attempt).
-    pub name: String,
-    pub image: ResolvedImage,
-    pub cmd: Option<Vec<String>>,
-    pub entrypoint: Option<Vec<String>>,
-    pub env: Vec<(String, String)>,
-    pub workdir: Option<String>,
+    name: String,
+    image: ResolvedImage,
+    cmd: Option<Vec<String>>,
+    entrypoint: Option<Vec<String>>,
+    env: Vec<(String, String)>,
+    workdir: Option<String>,
     /// `uid[:gid]` or a name the image knows.
-    pub user: String,
-    pub network: bool,
-    pub read_only_root: bool,
-    pub memory: u64,
-    pub cpus: Option<f64>,
-    pub binds: Vec<Bind>,
-    pub labels: HashMap<String, String>,
-    pub timeout: Duration,
-    pub log: LogFile,
-}
-
-/// How a container ended.
-#[derive(Debug)]
-pub enum Outcome {
-    Exited(i64),
-    /// Killed at the memory limit: `true` when the engine says the OOM killer
-    /// did it, `false` for a bare SIGKILL (exit 137) it did not explain.
-    OutOfMemory(bool),
-    TimedOut(Duration),
-    /// Stopped from outside (the disk cap), with the value the stop carried.
-    Stopped(u64),
+    user: String,
+    network: bool,
+    read_only_root: bool,
+    memory: u64,
+    cpus: Option<f64>,
+    binds: Vec<Mount>,
+    /// When set, `/tmp` is not the bind of `binds` but a tmpfs the engine makes
+    /// of this size (the disk cap): the kernel bounds it, files deleted while open
+    /// included, where a walk of a host directory cannot see them.
+    tmp_size: Option<u64>,
+    labels: HashMap<String, String>,
+    timeout: Duration,
+    log: LogFile,
 }
 
 /// Removes the container when dropped, unless disarmed: a cancelled step (its
@@ -365,27 +396,103 @@ pub fn own_user() -> String {
     format!("{uid}:{gid}")
 }
 
+/// Runs a container step's attempt on its engine: the sandbox directories
+/// bind-mounted where the step contract puts them. Where it runs (engine,
+/// container name, image) is reported before the container is created. `stop`
+/// resolving (the disk cap) kills the container and is the outcome.
+pub async fn run_attempt(
+    spec: AttemptSpec,
+    ctx: &AttemptCtx<'_>,
+    stop: impl std::future::Future<Output = Outcome> + Send,
+) -> Result<Outcome, ContainerError> {
+    let (memory, timeout) = (spec.memory(), spec.timeout());
+    let Program::Image(launch) = spec.program else {
+        return Err(ContainerError::Engine("not a container step".into()));
+    };
+    let image = &launch.image;
+    let docker = ctx.containers.connect(&image.socket).await?;
+    let mut env = spec.env;
+    if !env.iter().any(|(k, _)| k == "HOME") {
+        env.push(("HOME".into(), "/tmp".into()));
+    }
+    let label = &ctx.label;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    let name = format!(
+        "millrace-{}-{}-{}-{nanos:08x}",
+        label.run,
+        label.safe_step(),
+        label.attempt
+    );
+    let labels = HashMap::from([
+        (LABEL_INSTANCE.to_string(), label.instance.clone()),
+        (LABEL_RUN.to_string(), label.run.to_string()),
+        (LABEL_STEP.to_string(), label.step.clone()),
+        (LABEL_ATTEMPT.to_string(), label.attempt.to_string()),
+    ]);
+    (ctx.on_placement)(&Placement::Container(ContainerPlacement {
+        engine: image.socket.clone(),
+        container: name.clone(),
+        image: image.name.clone(),
+        image_id: image.id.clone(),
+    }));
+    let user = launch
+        .user
+        .clone()
+        .unwrap_or_else(|| ctx.containers.default_user(&image.socket));
+    let spec = Spec {
+        name,
+        image: image.clone(),
+        cmd: launch.cmd.clone(),
+        entrypoint: launch.entrypoint.clone(),
+        env,
+        workdir: launch.workdir.clone(),
+        user,
+        network: launch.network,
+        read_only_root: launch.read_only_root,
+        memory,
+        cpus: spec.cpus,
+        binds: spec.mounts,
+        tmp_size: Some(spec.disk_cap),
+        labels,
+        timeout,
+        log: spec.log,
+    };
+    run(&docker, spec, stop).await
+}
+
 /// Creates, starts and waits for the container, streaming its output into the
 /// log; the container is removed whatever happens. `Err` is a container that
 /// could not run at all.
 /// `stop` resolving kills the container; it is removed before this returns.
-pub async fn run(
+async fn run(
     docker: &Docker,
     spec: Spec,
-    stop: impl std::future::Future<Output = u64> + Send,
-) -> Result<Outcome, String> {
+    stop: impl std::future::Future<Output = Outcome> + Send,
+) -> Result<Outcome, ContainerError> {
     // Typed mounts, not `host:guest:mode` strings: a path may hold a colon.
     let mounts = spec
         .binds
         .iter()
-        .map(|b| bollard::models::Mount {
-            source: Some(b.host.display().to_string()),
-            target: Some(b.guest.clone()),
-            typ: Some(bollard::models::MountType::BIND),
-            read_only: Some(!b.writable),
-            ..Default::default()
+        .map(|b| match spec.tmp_size {
+            Some(size) if b.guest == "/tmp" => tmpfs(&b.guest, size),
+            _ => bollard::models::Mount {
+                source: Some(b.host.display().to_string()),
+                target: Some(b.guest.clone()),
+                typ: Some(bollard::models::MountType::BIND),
+                read_only: Some(!b.writable),
+                ..Default::default()
+            },
         })
         .collect();
+    if let Some(size) = spec.tmp_size {
+        spec.log.note(&format!(
+            "/tmp is a tmpfs of {} (MILLRACE_OUTPUT_CAP, counted in the memory limit too): writes past it fail with ENOSPC",
+            crate::definition::format_size(size)
+        ));
+    }
     let memory = i64::try_from(spec.memory).unwrap_or(i64::MAX);
     let host_config = HostConfig {
         mounts: Some(mounts),
@@ -420,8 +527,17 @@ pub async fn run(
         .build();
     let created = tokio::time::timeout(CALL_TIMEOUT, docker.create_container(Some(opts), body))
         .await
-        .map_err(|_| "the container engine did not create the container within 30 s".to_string())?
-        .map_err(|e| format!("cannot create the container: {}", engine_message(&e)))?;
+        .map_err(|_| {
+            ContainerError::Engine(
+                "the container engine did not create the container within 30 s".into(),
+            )
+        })?
+        .map_err(|e| {
+            ContainerError::Engine(format!(
+                "cannot create the container: {}",
+                engine_message(&e)
+            ))
+        })?;
     tracing::debug!(container = %short(&created.id), "created");
     let removal = Removal {
         docker: docker.clone(),
@@ -437,7 +553,7 @@ pub async fn run(
     let t = std::time::Instant::now();
     let outcome = tokio::select! {
         o = follow(docker, &created.id, &spec) => o,
-        v = stop => Ok(Outcome::Stopped(v)),
+        o = stop => Ok(o),
     };
     let ran = t.elapsed();
     removal.now().await;
@@ -450,7 +566,23 @@ pub async fn run(
     outcome
 }
 
-async fn follow(docker: &Docker, id: &str, spec: &Spec) -> Result<Outcome, String> {
+/// A tmpfs at `target` of `size` bytes, mode 1777 like any `/tmp` (the step may
+/// run as any user).
+fn tmpfs(target: &str, size: u64) -> bollard::models::Mount {
+    bollard::models::Mount {
+        target: Some(target.to_string()),
+        typ: Some(bollard::models::MountType::TMPFS),
+        tmpfs_options: Some(bollard::models::MountTmpfsOptions {
+            size_bytes: Some(i64::try_from(size).unwrap_or(i64::MAX)),
+            mode: Some(0o1777),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+async fn follow(docker: &Docker, id: &str, spec: &Spec) -> Result<Outcome, ContainerError> {
+    let failed = ContainerError::Engine;
     // Attached before the start, the output stream holds everything the container
     // writes and ends when it exits (a `logs --follow` opened after a quick exit
     // can miss the end).
@@ -462,8 +594,15 @@ async fn follow(docker: &Docker, id: &str, spec: &Spec) -> Result<Outcome, Strin
         .build();
     let attached = tokio::time::timeout(CALL_TIMEOUT, docker.attach_container(id, Some(opts)))
         .await
-        .map_err(|_| "the container engine did not attach within 30 s".to_string())?
-        .map_err(|e| format!("cannot attach to the container: {}", engine_message(&e)))?;
+        .map_err(|_| {
+            ContainerError::Engine("the container engine did not attach within 30 s".into())
+        })?
+        .map_err(|e| {
+            ContainerError::Engine(format!(
+                "cannot attach to the container: {}",
+                engine_message(&e)
+            ))
+        })?;
     let (logs_done, mut logs_ended) = tokio::sync::watch::channel(false);
     let logs = {
         let log = spec.log.clone();
@@ -478,8 +617,17 @@ async fn follow(docker: &Docker, id: &str, spec: &Spec) -> Result<Outcome, Strin
     tracing::debug!(container = %short(id), "attached");
     tokio::time::timeout(CALL_TIMEOUT, docker.start_container(id, None))
         .await
-        .map_err(|_| "the container engine did not start the container within 30 s".to_string())?
-        .map_err(|e| format!("the container could not start: {}", engine_message(&e)))?;
+        .map_err(|_| {
+            ContainerError::Engine(
+                "the container engine did not start the container within 30 s".into(),
+            )
+        })?
+        .map_err(|e| {
+            ContainerError::Engine(format!(
+                "the container could not start: {}",
+                engine_message(&e)
+            ))
+        })?;
     tracing::debug!(container = %short(id), "started");
     // The exit, whichever tells first: the engine's wait, or the end of the
     // attached output followed by the container's state (podman's wait polls
@@ -490,8 +638,10 @@ async fn follow(docker: &Docker, id: &str, spec: &Spec) -> Result<Outcome, Strin
             Some(Ok(r)) => Ok(r.status_code),
             // bollard reports a non-zero exit as an error carrying the code.
             Some(Err(DockerError::DockerContainerWaitError { code, .. })) => Ok(code),
-            Some(Err(e)) => Err(format!("waiting for the container: {e}")),
-            None => Err("the container engine ended the wait without a status".to_string()),
+            Some(Err(e)) => Err(failed(format!("waiting for the container: {e}"))),
+            None => Err(failed(
+                "the container engine ended the wait without a status".into(),
+            )),
         }
     };
     let mut ended = logs_ended.clone();
@@ -500,7 +650,7 @@ async fn follow(docker: &Docker, id: &str, spec: &Spec) -> Result<Outcome, Strin
         let mut pause = Duration::from_millis(5);
         loop {
             if let Some(code) = exit_code(docker, id).await {
-                return Ok::<i64, String>(code);
+                return Ok::<i64, ContainerError>(code);
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_secs(1));
@@ -517,7 +667,10 @@ async fn follow(docker: &Docker, id: &str, spec: &Spec) -> Result<Outcome, Strin
         Ok(code) => code?,
         Err(_) => {
             logs.abort();
-            return Ok(Outcome::TimedOut(spec.timeout));
+            return Ok(Outcome::TimedOut {
+                after: spec.timeout,
+                then: Some("the container was killed and removed".into()),
+            });
         }
     };
     // The output stream ends with the container; give the last lines a moment.
@@ -534,9 +687,18 @@ async fn follow(docker: &Docker, id: &str, spec: &Spec) -> Result<Outcome, Strin
     // 137 is SIGKILL; under a memory limit the kernel's OOM killer is what sends
     // it (some engines on cgroup v1 do not report OOMKilled).
     Ok(if oom || code == 137 {
-        Outcome::OutOfMemory(oom)
+        Outcome::OutOfMemory {
+            limit: spec.memory,
+            kill: if oom { Kill::OomKiller } else { Kill::Sigkill },
+        }
     } else {
-        Outcome::Exited(code)
+        match i32::try_from(code) {
+            Ok(code) => Outcome::Exited(code),
+            Err(_) => Outcome::Lost {
+                code: None,
+                message: format!("exited with code {code}"),
+            },
+        }
     })
 }
 
@@ -573,7 +735,7 @@ pub async fn remove_orphans(
     docker: &Docker,
     instance: &str,
     is_live: impl Fn(i64) -> bool,
-) -> Result<usize, String> {
+) -> Result<usize, ContainerError> {
     let filters = HashMap::from([(
         "label".to_string(),
         vec![format!("{LABEL_INSTANCE}={instance}")],
@@ -584,8 +746,8 @@ pub async fn remove_orphans(
         .build();
     let list = tokio::time::timeout(CALL_TIMEOUT, docker.list_containers(Some(opts)))
         .await
-        .map_err(|_| "listing containers took more than 30 s".to_string())?
-        .map_err(|e| format!("cannot list containers: {e}"))?;
+        .map_err(|_| ContainerError::Engine("listing containers took more than 30 s".into()))?
+        .map_err(|e| ContainerError::Engine(format!("cannot list containers: {e}")))?;
     let mut removed = 0;
     for c in list {
         let labels = c.labels.unwrap_or_default();

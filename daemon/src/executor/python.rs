@@ -70,13 +70,13 @@ impl Runtime {
     }
 
     /// Checks the layout; the message says how to get the runtime.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), Incomplete> {
         for needed in ["python-snapshot.wasm", "lib/python315.zip", ".verified"] {
             if !self.dir.join(needed).exists() {
-                return Err(format!(
-                    "the Python runtime at {} is incomplete ({needed} is missing): run scripts/fetch-python-runtime.sh",
-                    self.dir.display()
-                ));
+                return Err(Incomplete {
+                    dir: self.dir.clone(),
+                    needed,
+                });
             }
         }
         Ok(())
@@ -98,6 +98,24 @@ impl Runtime {
             });
         }
         m
+    }
+}
+
+/// A runtime directory that lacks a file it needs.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "the Python runtime at {} is incomplete ({needed} is missing): run scripts/fetch-python-runtime.sh",
+    dir.display()
+)]
+pub struct Incomplete {
+    pub dir: PathBuf,
+    pub needed: &'static str,
+}
+
+/// For the cache-key code, whose errors are still messages.
+impl From<Incomplete> for String {
+    fn from(e: Incomplete) -> String {
+        e.to_string()
     }
 }
 

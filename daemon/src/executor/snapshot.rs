@@ -352,9 +352,9 @@ async fn smoke(
     let mut draws = Vec::new();
     for n in 0..2 {
         let log_path = work.join(format!("log{n}"));
-        let log = super::wasm::LogFile::create(&log_path, 1 << 20).map_err(|e| e.to_string())?;
+        let log = super::LogFile::create(&log_path, 1 << 20).map_err(|e| e.to_string())?;
         let mut mounts = runtime.mounts();
-        mounts.push(super::wasm::Mount {
+        mounts.push(super::Mount {
             host: code.clone(),
             guest: "/code".into(),
             writable: false,
@@ -366,6 +366,8 @@ async fn smoke(
             log,
             memory: 1 << 30,
             timeout: Some(Duration::from_secs(120)),
+            // The smoke script writes nothing; a small budget all the same.
+            disk: 64 << 20,
         };
         let outcome = wasm
             .run(&s.wasm, &s.content, sandbox)

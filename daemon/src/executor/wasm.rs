@@ -1,7 +1,7 @@
 //! WASM steps under wasmtime + WASI: components (wasip2) and core modules
 //! (wasip1), told apart by their header.
 //!
-//! # What a step can do (deny by default)
+//! # How the sandbox holds (what a step can do: see [`crate::executor`])
 //!
 //! A fresh `WasiCtx` grants nothing; we add exactly:
 //! - `/in` read-only (one directory per input), `/out` read-write (one empty
@@ -20,6 +20,9 @@
 //! - open descriptors bounded per guest (`MAX_DESCRIPTORS` for wasip1, where an open
 //!   past it is EMFILE; `MAX_HANDLES` host resources for wasip2, where it traps), and
 //!   within what the process can spare beside the daemon's own.
+//! - the bytes its files grow by bounded by `Sandbox::disk`, counted in the WASI
+//!   calls that write (a write past it is ENOSPC, and the step fails), so a file
+//!   deleted while open or hidden among millions of entries is counted as well.
 //!
 //! # Compile once
 //!
@@ -38,6 +41,7 @@ use std::time::{Duration, Instant};
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use wasmtime::component::Resource;
 use wasmtime::component::{Component, Linker as ComponentLinker, ResourceTable};
 use wasmtime::{
     AsContextMut, Caller, Config, Engine, Extern, InstanceAllocationStrategy, Linker, Module,
@@ -46,11 +50,15 @@ use wasmtime::{
 };
 use wasmtime_wasi::ResourceTableError;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::filesystem::{Descriptor as FsDescriptor, WasiFilesystemView as _};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p1::types as p1t;
 use wasmtime_wasi::p1::wasi_snapshot_preview1::{self as p1, WasiSnapshotPreview1 as _};
 use wasmtime_wasi::p2::bindings::CommandPre;
-use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError, StreamResult};
+use wasmtime_wasi::p2::bindings::filesystem::types::{
+    DescriptorFlags, DescriptorType, ErrorCode, HostDescriptor, OpenFlags, PathFlags,
+};
+use wasmtime_wasi::p2::{DynOutputStream, OutputStream, Pollable, StreamError, StreamResult};
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wiggle::{GuestMemory, GuestPtr};
 
@@ -107,30 +115,8 @@ pub enum WasmError {
     Engine(String),
 }
 
-/// How a step's program ended.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Outcome {
-    Exited(i32),
-    /// A trap or a host error, with wasmtime's message.
-    Trapped(String),
-    /// The memory limit was hit.
-    OutOfMemory(String),
-    TimedOut(Duration),
-    /// Another limit of the sandbox stopped the guest (`code` is `None`), or refused
-    /// it something before it exited non-zero (`code`): the message names the limit.
-    Limit {
-        code: Option<i32>,
-        message: String,
-    },
-}
-
-/// A host directory visible to the guest.
-#[derive(Debug, Clone)]
-pub struct Mount {
-    pub host: PathBuf,
-    pub guest: String,
-    pub writable: bool,
-}
+use super::log::LogFile;
+pub use super::{Mount, Outcome};
 
 /// Everything a step's program may see.
 pub struct Sandbox {
@@ -141,6 +127,9 @@ pub struct Sandbox {
     pub log: LogFile,
     pub memory: u64,
     pub timeout: Option<Duration>,
+    /// Bytes the guest may add to files (the disk cap over `/out`, `/tmp` and
+    /// `/millrace`): a write past it fails with ENOSPC before it reaches the host.
+    pub disk: u64,
 }
 
 enum Compiled {
@@ -166,6 +155,7 @@ struct P2State {
     ctx: WasiCtx,
     table: ResourceTable,
     limits: Limiter,
+    disk: Arc<Mutex<Disk>>,
 }
 
 impl WasiView for P2State {
@@ -184,6 +174,7 @@ struct P1State {
     open: usize,
     descriptor_limit: usize,
     log: LogFile,
+    disk: Disk,
 }
 
 /// Limits a guest ran into, read once it has ended: the cause of a trap is told by
@@ -194,6 +185,138 @@ struct Hits {
     memory: AtomicBool,
     /// An open was refused with EMFILE (wasip1).
     descriptors: AtomicBool,
+    /// The first write the disk budget refused: what the files held, and the
+    /// growth refused.
+    disk: Mutex<Option<(u64, u64)>>,
+}
+
+/// A guest's disk budget: the bytes its writes added to files, counted in the WASI
+/// layer before they reach the host, so that no file the host cannot walk (one
+/// deleted while open, one among millions of entries) escapes the cap.
+///
+/// What counts is growth: a write past the end of a file adds what the file grew
+/// by (a hole before it included: sparse files are not assumed), a rewrite in
+/// place adds nothing. Truncating a file gives its bytes back, and so does
+/// removing its last link (`unlink`, or a `rename` over it) unless the guest still
+/// holds it open: then the bytes stay counted until its last descriptor closes
+/// (wasip1; a wasip2 guest's until the step ends, as its descriptors' drops are
+/// not seen). Directories and symlinks are not counted (the entry limit bounds
+/// them); stdout and stderr are not files.
+struct Disk {
+    cap: u64,
+    used: u64,
+    hits: Arc<Hits>,
+    log: LogFile,
+    /// Regular files the guest holds open (wasip1), by descriptor: their inode as
+    /// WASI names it.
+    open: HashMap<i32, u64>,
+    /// How many of those descriptors each inode has.
+    refs: HashMap<u64, usize>,
+    /// The size of each of those inodes: stat at open, then kept by the wrappers
+    /// (every change of a guest's file goes through them), so a write needs no
+    /// stat of its own.
+    sizes: HashMap<u64, u64>,
+    /// Regular files a wasip2 guest opened, by metadata hash: alive while the
+    /// guest holds a descriptor or a stream of them (each holds the `Arc`).
+    held: Vec<((u64, u64), std::sync::Weak<std::fs::File>)>,
+}
+
+impl Disk {
+    fn new(cap: u64, hits: Arc<Hits>, log: LogFile) -> Disk {
+        Disk {
+            cap,
+            used: 0,
+            hits,
+            log,
+            open: HashMap::new(),
+            refs: HashMap::new(),
+            sizes: HashMap::new(),
+            held: Vec::new(),
+        }
+    }
+
+    /// Notes a file a wasip2 guest opened (forgetting those it let go).
+    fn hold(&mut self, hash: (u64, u64), file: &Arc<std::fs::File>) {
+        self.held.retain(|(_, f)| f.strong_count() > 0);
+        self.held.push((hash, Arc::downgrade(file)));
+    }
+
+    fn is_held(&self, hash: (u64, u64)) -> bool {
+        self.held
+            .iter()
+            .any(|(h, f)| *h == hash && f.strong_count() > 0)
+    }
+
+    fn room(&self) -> u64 {
+        self.cap.saturating_sub(self.used)
+    }
+
+    fn charge(&mut self, n: u64) {
+        self.used = self.used.saturating_add(n);
+    }
+
+    fn credit(&mut self, n: u64) {
+        self.used = self.used.saturating_sub(n);
+    }
+
+    /// Notes a refused growth of `n` bytes (the first one is logged and kept).
+    fn refuse(&mut self, n: u64) {
+        let mut first = self.hits.disk.lock().unwrap_or_else(|e| e.into_inner());
+        if first.is_none() {
+            *first = Some((self.used, n));
+            self.log.note(&format!(
+                "disk cap of {} over /out, /tmp and /millrace reached: writes that grow files fail with ENOSPC",
+                crate::definition::format_size(self.cap)
+            ));
+        }
+    }
+
+    fn opened(&mut self, fd: i32, ino: u64, size: u64) {
+        if let Some(old) = self.open.insert(fd, ino) {
+            self.release(old);
+        }
+        *self.refs.entry(ino).or_default() += 1;
+        self.sizes.insert(ino, size);
+    }
+
+    /// The size of the file open at `fd`, if tracked.
+    fn size_of(&self, fd: i32) -> Option<(u64, u64)> {
+        let ino = *self.open.get(&fd)?;
+        Some((ino, *self.sizes.get(&ino)?))
+    }
+
+    fn resized(&mut self, fd: i32, size: u64) {
+        if let Some(ino) = self.open.get(&fd) {
+            self.sizes.insert(*ino, size);
+        }
+    }
+
+    /// Forgets descriptor `fd`; whether it was the last of its inode.
+    fn closed(&mut self, fd: i32) -> bool {
+        match self.open.remove(&fd) {
+            Some(ino) => self.release(ino),
+            None => false,
+        }
+    }
+
+    fn release(&mut self, ino: u64) -> bool {
+        match self.refs.get_mut(&ino) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            Some(_) => {
+                self.refs.remove(&ino);
+                self.sizes.remove(&ino);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn is_open(&self, ino: u64) -> bool {
+        self.refs.contains_key(&ino)
+    }
 }
 
 /// `StoreLimits`, noting every refused memory growth in `Hits`.
@@ -315,6 +438,7 @@ impl WasmRuntime {
         let mut p2_linker = ComponentLinker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut p2_linker)
             .map_err(|e| WasmError::Engine(e.to_string()))?;
+        wrap_p2(&mut p2_linker).map_err(|e| WasmError::Engine(e.to_string()))?;
         // A thread, not a tokio task: a busy guest must not be able to starve the
         // clock that interrupts it.
         let ticker = engine.weak();
@@ -563,6 +687,11 @@ impl WasmRuntime {
                             ctx: b.build(),
                             table,
                             limits,
+                            disk: Arc::new(Mutex::new(Disk::new(
+                                sandbox.disk,
+                                hits.clone(),
+                                sandbox.log.clone(),
+                            ))),
                         },
                     );
                     store.limiter(|s| &mut s.limits);
@@ -583,6 +712,7 @@ impl WasmRuntime {
                             open: 0,
                             descriptor_limit: self.descriptor_limit,
                             log: sandbox.log.clone(),
+                            disk: Disk::new(sandbox.disk, hits.clone(), sandbox.log.clone()),
                         },
                     );
                     store.limiter(|s| &mut s.limits);
@@ -604,12 +734,45 @@ impl WasmRuntime {
         let result = match sandbox.timeout {
             Some(t) => match tokio::time::timeout(t, run).await {
                 Ok(r) => r,
-                Err(_) => return Ok(Outcome::TimedOut(t)),
+                Err(_) => {
+                    return Ok(Outcome::TimedOut {
+                        after: t,
+                        then: None,
+                    });
+                }
             },
             None => run.await,
         };
+        Ok(self.ended(result, &hits, &sandbox))
+    }
+
+    /// How a guest that ran to an end (its own, or a trap) ended: the cause of a
+    /// trap is told by what the host refused ([`Hits`]), not by its message.
+    fn ended(&self, result: wasmtime::Result<i32>, hits: &Hits, sandbox: &Sandbox) -> Outcome {
+        let disk_hit = *hits.disk.lock().unwrap_or_else(|e| e.into_inner());
+        // A refused write fails the step however the guest ended (even with exit 0:
+        // what it wrote is incomplete), unless its time ran out.
+        let disk_limit = |ended: String, code: Option<i32>| {
+            disk_hit.map(|(used, refused)| {
+                let size = crate::definition::format_size;
+                Outcome::Limit {
+                    code,
+                    message: format!(
+                        "/out, /tmp and /millrace hold {} and a write of {} more was refused (ENOSPC): more than the cap of {} (MILLRACE_OUTPUT_CAP); the step {ended}",
+                        size(used),
+                        size(refused),
+                        size(sandbox.disk)
+                    ),
+                }
+            })
+        };
         let exited = |code: i32| {
-            if code != 0 && hits.descriptors.load(Ordering::Relaxed) {
+            if let Some(limit) = disk_limit(
+                format!("exited with code {code}"),
+                (code != 0).then_some(code),
+            ) {
+                limit
+            } else if code != 0 && hits.descriptors.load(Ordering::Relaxed) {
                 Outcome::Limit {
                     code: Some(code),
                     message: format!(
@@ -621,14 +784,17 @@ impl WasmRuntime {
                 Outcome::Exited(code)
             }
         };
-        Ok(match result {
+        match result {
             Ok(code) => exited(code),
             Err(e) => {
                 let trap = e.downcast_ref::<Trap>();
                 if let Some(I32Exit(code)) = e.downcast_ref::<I32Exit>() {
                     exited(*code)
                 } else if let (Some(Trap::Interrupt), Some(t)) = (trap, sandbox.timeout) {
-                    Outcome::TimedOut(t)
+                    Outcome::TimedOut {
+                        after: t,
+                        then: None,
+                    }
                 } else {
                     // The whole error, backtrace included, for whoever reads the log.
                     note_error(&sandbox.log, &e);
@@ -636,7 +802,10 @@ impl WasmRuntime {
                     if hits.memory.load(Ordering::Relaxed)
                         || matches!(trap, Some(Trap::AllocationTooLarge))
                     {
-                        Outcome::OutOfMemory(msg)
+                        Outcome::OutOfMemory {
+                            limit: sandbox.memory,
+                            kill: super::Kill::Refused,
+                        }
                     } else if matches!(trap, Some(Trap::StackOverflow)) {
                         Outcome::Limit {
                             code: None,
@@ -653,12 +822,14 @@ impl WasmRuntime {
                                 self.handle_limit
                             ),
                         }
+                    } else if let Some(limit) = disk_limit(format!("trapped: {msg}"), None) {
+                        limit
                     } else {
                         Outcome::Trapped(msg)
                     }
                 }
             }
-        })
+        }
     }
 }
 
@@ -820,7 +991,11 @@ fn errno(e: p1t::Errno) -> i32 {
 ///   holding a runtime worker and deaf to timeouts and cancellation: a sleep of a
 ///   tick or longer becomes a timer of the runtime here;
 /// - `path_open`, `fd_close` and `fd_renumber` count the guest's descriptors, and
-///   an open past its limit is refused with EMFILE.
+///   an open past its limit is refused with EMFILE;
+/// - `fd_write`, `fd_pwrite` and `fd_filestat_set_size` keep the guest's files
+///   within its [`Disk`] budget (ENOSPC past it); `path_open` (`O_TRUNC`),
+///   `path_unlink_file`, `path_rename` and the closes give bytes back.
+///   (`fd_allocate` is refused by wasmtime-wasi itself: ENOTSUP.)
 fn wrap_p1(linker: &mut Linker<P1State>) -> wasmtime::Result<()> {
     linker.allow_shadowing(true);
     linker.func_wrap_async(
@@ -886,6 +1061,16 @@ fn wrap_p1(linker: &mut Linker<P1State>) -> wasmtime::Result<()> {
                     }
                     return Ok(errno(p1t::Errno::Mfile));
                 }
+                // A truncating open gives back what the file held.
+                let truncated = if p1t::Oflags::from_bits_truncate(oflags as u16)
+                    .contains(p1t::Oflags::TRUNC)
+                {
+                    let follow = p1t::Lookupflags::from_bits_truncate(lookup as u32)
+                        .contains(p1t::Lookupflags::SYMLINK_FOLLOW);
+                    path_stat(&mut state.wasi, &mut mem, fd, (path, path_len), follow).await
+                } else {
+                    None
+                };
                 let r = p1::path_open(
                     &mut state.wasi,
                     &mut mem,
@@ -902,6 +1087,18 @@ fn wrap_p1(linker: &mut Linker<P1State>) -> wasmtime::Result<()> {
                 .await?;
                 if r == errno(p1t::Errno::Success) {
                     state.open += 1;
+                    if let Some(t) = truncated {
+                        state.disk.credit(t.size);
+                    }
+                    let new_fd = mem
+                        .read(GuestPtr::<u32>::new(opened as u32))
+                        .ok()
+                        .map(|f| f as i32);
+                    if let Some(new_fd) = new_fd
+                        && let Some(st) = file_stat(&mut state.wasi, &mut mem, new_fd).await
+                    {
+                        state.disk.opened(new_fd, st.ino, st.size);
+                    }
                 }
                 Ok(r)
             })
@@ -913,9 +1110,11 @@ fn wrap_p1(linker: &mut Linker<P1State>) -> wasmtime::Result<()> {
         |mut caller: Caller<'_, P1State>, (fd,): (i32,)| {
             Box::new(async move {
                 let (mut mem, state) = p1_parts(&mut caller)?;
+                let held = held_stat(state, &mut mem, fd).await;
                 let r = p1::fd_close(&mut state.wasi, &mut mem, fd).await?;
                 if r == errno(p1t::Errno::Success) {
                     state.open = state.open.saturating_sub(1);
+                    closed(&mut state.disk, fd, held);
                 }
                 Ok(r)
             })
@@ -927,10 +1126,113 @@ fn wrap_p1(linker: &mut Linker<P1State>) -> wasmtime::Result<()> {
         |mut caller: Caller<'_, P1State>, (from, to): (i32, i32)| {
             Box::new(async move {
                 let (mut mem, state) = p1_parts(&mut caller)?;
+                let held = held_stat(state, &mut mem, to).await;
                 let r = p1::fd_renumber(&mut state.wasi, &mut mem, from, to).await?;
                 // `to` was closed and `from` took its number: one fewer.
                 if r == errno(p1t::Errno::Success) && from != to {
                     state.open = state.open.saturating_sub(1);
+                    closed(&mut state.disk, to, held);
+                    if let Some((ino, size)) = state.disk.size_of(from) {
+                        state.disk.closed(from);
+                        state.disk.opened(to, ino, size);
+                    }
+                }
+                Ok(r)
+            })
+        },
+    )?;
+    linker.func_wrap_async(
+        "wasi_snapshot_preview1",
+        "fd_write",
+        |mut caller: Caller<'_, P1State>, (fd, iovs, n, nwritten): (i32, i32, i32, i32)| {
+            Box::new(
+                async move { budgeted_write(&mut caller, fd, (iovs, n), None, nwritten).await },
+            )
+        },
+    )?;
+    linker.func_wrap_async(
+        "wasi_snapshot_preview1",
+        "fd_pwrite",
+        |mut caller: Caller<'_, P1State>,
+         (fd, iovs, n, offset, nwritten): (i32, i32, i32, i64, i32)| {
+            Box::new(async move {
+                budgeted_write(&mut caller, fd, (iovs, n), Some(offset), nwritten).await
+            })
+        },
+    )?;
+    linker.func_wrap_async(
+        "wasi_snapshot_preview1",
+        "fd_filestat_set_size",
+        |mut caller: Caller<'_, P1State>, (fd, size): (i32, i64)| {
+            Box::new(async move {
+                let (mut mem, state) = p1_parts(&mut caller)?;
+                // A negative size is the real function's EINVAL.
+                let before = match size {
+                    0.. => file_stat(&mut state.wasi, &mut mem, fd).await,
+                    _ => None,
+                };
+                let size_now = before.as_ref().map(|b| b.size);
+                if let Some(now) = size_now {
+                    let growth = (size as u64).saturating_sub(now);
+                    if growth > state.disk.room() {
+                        state.disk.refuse(growth);
+                        return Ok(errno(p1t::Errno::Nospc));
+                    }
+                }
+                let r = p1::fd_filestat_set_size(&mut state.wasi, &mut mem, fd, size).await?;
+                if r == errno(p1t::Errno::Success)
+                    && let Some(now) = size_now
+                {
+                    let size = size as u64;
+                    state.disk.charge(size.saturating_sub(now));
+                    state.disk.credit(now.saturating_sub(size));
+                    state.disk.resized(fd, size);
+                }
+                Ok(r)
+            })
+        },
+    )?;
+    linker.func_wrap_async(
+        "wasi_snapshot_preview1",
+        "path_unlink_file",
+        |mut caller: Caller<'_, P1State>, (fd, path, len): (i32, i32, i32)| {
+            Box::new(async move {
+                let (mut mem, state) = p1_parts(&mut caller)?;
+                let gone = path_stat(&mut state.wasi, &mut mem, fd, (path, len), false).await;
+                let r = p1::path_unlink_file(&mut state.wasi, &mut mem, fd, path, len).await?;
+                if r == errno(p1t::Errno::Success) {
+                    unlinked(&mut state.disk, gone);
+                }
+                Ok(r)
+            })
+        },
+    )?;
+    linker.func_wrap_async(
+        "wasi_snapshot_preview1",
+        "path_rename",
+        |mut caller: Caller<'_, P1State>,
+         (fd, old, old_len, new_fd, new, new_len): (i32, i32, i32, i32, i32, i32)| {
+            Box::new(async move {
+                let (mut mem, state) = p1_parts(&mut caller)?;
+                let replaced =
+                    path_stat(&mut state.wasi, &mut mem, new_fd, (new, new_len), false).await;
+                let moved = path_stat(&mut state.wasi, &mut mem, fd, (old, old_len), false).await;
+                let r = p1::path_rename(
+                    &mut state.wasi,
+                    &mut mem,
+                    fd,
+                    old,
+                    old_len,
+                    new_fd,
+                    new,
+                    new_len,
+                )
+                .await?;
+                // A rename onto another link of the same file removes nothing.
+                if r == errno(p1t::Errno::Success)
+                    && replaced.as_ref().map(|s| s.ino) != moved.as_ref().map(|s| s.ino)
+                {
+                    unlinked(&mut state.disk, replaced);
                 }
                 Ok(r)
             })
@@ -938,6 +1240,516 @@ fn wrap_p1(linker: &mut Linker<P1State>) -> wasmtime::Result<()> {
     )?;
     linker.allow_shadowing(false);
     Ok(())
+}
+
+/// The stat of `fd` if it is a regular file: what the disk budget counts (stdio,
+/// directories and anything else are not files that hold bytes).
+async fn file_stat(
+    wasi: &mut WasiP1Ctx,
+    mem: &mut GuestMemory<'_>,
+    fd: i32,
+) -> Option<p1t::Filestat> {
+    let st = wasi
+        .fd_filestat_get(mem, p1t::Fd::from(fd as u32))
+        .await
+        .ok()?;
+    (st.filetype == p1t::Filetype::RegularFile).then_some(st)
+}
+
+/// The stat of the regular file at the guest's `path` under directory `dir`.
+async fn path_stat(
+    wasi: &mut WasiP1Ctx,
+    mem: &mut GuestMemory<'_>,
+    dir: i32,
+    (path, len): (i32, i32),
+    follow: bool,
+) -> Option<p1t::Filestat> {
+    let flags = if follow {
+        p1t::Lookupflags::SYMLINK_FOLLOW
+    } else {
+        p1t::Lookupflags::empty()
+    };
+    let st = wasi
+        .path_filestat_get(
+            mem,
+            p1t::Fd::from(dir as u32),
+            flags,
+            GuestPtr::<str>::new((path as u32, len as u32)),
+        )
+        .await
+        .ok()?;
+    (st.filetype == p1t::Filetype::RegularFile).then_some(st)
+}
+
+/// The stat of `fd` if the disk budget tracks it as an open file (before it is
+/// closed: afterwards its size can no longer be asked).
+async fn held_stat(
+    state: &mut P1State,
+    mem: &mut GuestMemory<'_>,
+    fd: i32,
+) -> Option<p1t::Filestat> {
+    if !state.disk.open.contains_key(&fd) {
+        return None;
+    }
+    file_stat(&mut state.wasi, mem, fd).await
+}
+
+/// Descriptor `fd` (stat `held` before) was closed: the last descriptor of a file
+/// without links frees its bytes.
+fn closed(disk: &mut Disk, fd: i32, held: Option<p1t::Filestat>) {
+    if disk.closed(fd)
+        && let Some(st) = held
+        && st.nlink == 0
+    {
+        disk.credit(st.size);
+    }
+}
+
+/// The file (stat before) lost a link: its last one frees its bytes, unless the
+/// guest holds it open (then its last close does).
+fn unlinked(disk: &mut Disk, gone: Option<p1t::Filestat>) {
+    if let Some(st) = gone
+        && st.nlink == 1
+        && !disk.is_open(st.ino)
+    {
+        disk.credit(st.size);
+    }
+}
+
+/// The length of the first non-empty buffer of an iovec array: what one
+/// `fd_write` writes (wasmtime-wasi writes only that one). 0 if the guest's
+/// memory is wrong, which the real function reports.
+fn first_write_len(mem: &GuestMemory<'_>, (iovs, n): (i32, i32)) -> u64 {
+    let array = GuestPtr::<[p1t::Ciovec]>::new((iovs as u32, n as u32));
+    for at in array.iter() {
+        let Ok(iov) = at.and_then(|at| mem.read(at)) else {
+            return 0;
+        };
+        if iov.buf_len > 0 {
+            return u64::from(iov.buf_len);
+        }
+    }
+    0
+}
+
+/// `fd_write`, or `fd_pwrite` at `at`, within the disk budget: a write to a regular
+/// file that would grow the guest's files past the cap fails with ENOSPC before
+/// anything is written; what a write grew its file by is charged after it.
+async fn budgeted_write(
+    caller: &mut Caller<'_, P1State>,
+    fd: i32,
+    iovs: (i32, i32),
+    at: Option<i64>,
+    nwritten: i32,
+) -> wasmtime::Result<i32> {
+    let (mut mem, state) = p1_parts(caller)?;
+    // The size before: kept for the files the guest opened; asked otherwise (its
+    // stdio, which are no files and answer without a syscall).
+    let before = match state.disk.size_of(fd) {
+        Some((_, size)) => Some(size),
+        None => file_stat(&mut state.wasi, &mut mem, fd)
+            .await
+            .map(|st| st.size),
+    };
+    if let Some(size) = before {
+        let len = first_write_len(&mem, iovs);
+        // Far from the cap even if every byte grew the file: no more questions.
+        if len > state.disk.room() {
+            let wfd = p1t::Fd::from(fd as u32);
+            let append = state
+                .wasi
+                .fd_fdstat_get(&mut mem, wfd)
+                .await
+                .is_ok_and(|s| s.fs_flags.contains(p1t::Fdflags::APPEND));
+            let start = match at {
+                _ if append => size,
+                Some(offset) => offset as u64,
+                None => state.wasi.fd_tell(&mut mem, wfd).unwrap_or(0),
+            };
+            let growth = start.saturating_add(len).saturating_sub(size);
+            if growth > state.disk.room() {
+                state.disk.refuse(growth);
+                return Ok(errno(p1t::Errno::Nospc));
+            }
+        }
+    }
+    let (iovs, n) = iovs;
+    let r = match at {
+        None => p1::fd_write(&mut state.wasi, &mut mem, fd, iovs, n, nwritten).await?,
+        Some(offset) => {
+            p1::fd_pwrite(&mut state.wasi, &mut mem, fd, iovs, n, offset, nwritten).await?
+        }
+    };
+    if r != errno(p1t::Errno::Success) {
+        return Ok(r);
+    }
+    let Some(size) = before else { return Ok(r) };
+    let size_after = match at {
+        // After an `fd_write` the position is where it ended, or for an append
+        // descriptor the file's new size (wasmtime-wasi asks it): no second stat.
+        None => state
+            .wasi
+            .fd_tell(&mut mem, p1t::Fd::from(fd as u32))
+            .ok()
+            .map(|end| end.max(size)),
+        // `fd_pwrite` leaves the position alone, and appends anyway on an append
+        // descriptor: ask the file.
+        Some(_) => file_stat(&mut state.wasi, &mut mem, fd)
+            .await
+            .map(|a| a.size),
+    };
+    let size_after = size_after.unwrap_or(size);
+    state.disk.charge(size_after.saturating_sub(size));
+    state.disk.resized(fd, size_after);
+    Ok(r)
+}
+
+/// The wasip2 interface whose functions [`wrap_p2`] replaces (what
+/// `add_to_linker_async` defines; a component importing an older 0.2 version is
+/// linked to it too).
+const P2_FILESYSTEM: &str = "wasi:filesystem/types@0.2.12";
+
+/// The host file behind a wasip2 descriptor, if it is a file.
+fn p2_file(
+    table: &ResourceTable,
+    fd: &Resource<FsDescriptor>,
+) -> wasmtime::Result<Option<Arc<std::fs::File>>> {
+    Ok(match table.get(fd)? {
+        FsDescriptor::File(f) => Some(f.file.clone()),
+        FsDescriptor::Dir(_) => None,
+    })
+}
+
+/// A wasip2 filesystem result as the component ABI returns it: the error code,
+/// or a trap for anything that is not one.
+fn p2_result<T>(r: wasmtime_wasi::p2::FsResult<T>) -> wasmtime::Result<Result<T, ErrorCode>> {
+    match r {
+        Ok(v) => Ok(Ok(v)),
+        Err(e) => Ok(Err(e.downcast()?)),
+    }
+}
+
+/// What the regular file at `path` under `dir` holds, and its metadata hash
+/// (`None` for anything else or nothing there).
+async fn p2_path_stat(
+    view: &mut wasmtime_wasi::filesystem::WasiFilesystemCtxView<'_>,
+    dir: &Resource<FsDescriptor>,
+    flags: PathFlags,
+    path: &str,
+) -> Option<(u64, u64, (u64, u64))> {
+    let st = HostDescriptor::stat_at(view, Resource::new_borrow(dir.rep()), flags, path.into())
+        .await
+        .ok()?;
+    if st.type_ != DescriptorType::RegularFile {
+        return None;
+    }
+    let h =
+        HostDescriptor::metadata_hash_at(view, Resource::new_borrow(dir.rep()), flags, path.into())
+            .await
+            .ok()?;
+    Some((st.size, st.link_count, (h.lower, h.upper)))
+}
+
+/// An output stream of a file, within the guest's [`Disk`] budget.
+struct BudgetedStream {
+    inner: DynOutputStream,
+    file: Arc<std::fs::File>,
+    /// Where the next write lands; `None` for an append stream (the end).
+    at: Option<u64>,
+    disk: Arc<Mutex<Disk>>,
+}
+
+impl BudgetedStream {
+    /// Charges what writing `n` bytes grows the file by, or refuses it with ENOSPC.
+    /// (Charged before the write, which may finish in the background: a write that
+    /// then fails stays counted.)
+    fn admit(&mut self, n: usize) -> StreamResult<()> {
+        let size = self.file.metadata().map(|m| m.len()).unwrap_or(0);
+        let start = self.at.unwrap_or(size);
+        let growth = start.saturating_add(n as u64).saturating_sub(size);
+        let mut disk = self.disk.lock().unwrap_or_else(|e| e.into_inner());
+        if growth > disk.room() {
+            disk.refuse(growth);
+            return Err(StreamError::LastOperationFailed(wasmtime::Error::new(
+                std::io::Error::from_raw_os_error(libc::ENOSPC),
+            )));
+        }
+        disk.charge(growth);
+        if let Some(at) = &mut self.at {
+            *at = at.saturating_add(n as u64);
+        }
+        Ok(())
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl Pollable for BudgetedStream {
+    async fn ready(&mut self) {
+        self.inner.ready().await
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl OutputStream for BudgetedStream {
+    fn write(&mut self, bytes: bytes::Bytes) -> StreamResult<()> {
+        self.admit(bytes.len())?;
+        self.inner.write(bytes)
+    }
+
+    async fn blocking_write_and_flush(&mut self, bytes: bytes::Bytes) -> StreamResult<()> {
+        self.admit(bytes.len())?;
+        self.inner.blocking_write_and_flush(bytes).await
+    }
+
+    fn write_zeroes(&mut self, n: usize) -> StreamResult<()> {
+        self.admit(n)?;
+        self.inner.write_zeroes(n)
+    }
+
+    fn flush(&mut self) -> StreamResult<()> {
+        self.inner.flush()
+    }
+
+    fn check_write(&mut self) -> StreamResult<usize> {
+        self.inner.check_write()
+    }
+
+    async fn write_ready(&mut self) -> StreamResult<usize> {
+        self.inner.write_ready().await
+    }
+
+    async fn cancel(&mut self) {
+        self.inner.cancel().await
+    }
+}
+
+/// Replaces the stream `r` opened on `file` with a [`BudgetedStream`] of it.
+fn budgeted_stream(
+    table: &mut ResourceTable,
+    r: wasmtime_wasi::p2::FsResult<Resource<DynOutputStream>>,
+    file: Option<Arc<std::fs::File>>,
+    at: Option<u64>,
+    disk: Arc<Mutex<Disk>>,
+) -> wasmtime::Result<Result<Resource<DynOutputStream>, ErrorCode>> {
+    let stream = match p2_result(r)? {
+        Ok(s) => s,
+        Err(e) => return Ok(Err(e)),
+    };
+    let Some(file) = file else {
+        return Ok(Ok(stream));
+    };
+    let inner = table.delete(stream)?;
+    let wrapped: DynOutputStream = Box::new(BudgetedStream {
+        inner,
+        file,
+        at,
+        disk,
+    });
+    Ok(Ok(table.push(wrapped)?))
+}
+
+/// The wasip2 side of the [`Disk`] budget: the filesystem functions that grow
+/// files (`write-via-stream` and `append-via-stream`, whose streams are wrapped,
+/// `write`, `set-size`) fail with `insufficient-space` past it; `open-at` with
+/// `truncate`, `set-size`, `unlink-file-at` and `rename-at` give bytes back (a
+/// file unlinked while the guest holds it stays counted). wasip2 has no
+/// `allocate`.
+fn wrap_p2(linker: &mut ComponentLinker<P2State>) -> wasmtime::Result<()> {
+    linker.allow_shadowing(true);
+    let mut fs = linker.instance(P2_FILESYSTEM)?;
+    fs.func_wrap_async(
+        "[method]descriptor.write-via-stream",
+        |mut store: wasmtime::StoreContextMut<'_, P2State>,
+         (fd, offset): (Resource<FsDescriptor>, u64)| {
+            Box::new(async move {
+                let state = store.data_mut();
+                let disk = state.disk.clone();
+                let mut view = state.filesystem();
+                let file = p2_file(view.table, &fd)?;
+                let r = HostDescriptor::write_via_stream(&mut view, fd, offset);
+                Ok((budgeted_stream(view.table, r, file, Some(offset), disk)?,))
+            })
+        },
+    )?;
+    fs.func_wrap_async(
+        "[method]descriptor.append-via-stream",
+        |mut store: wasmtime::StoreContextMut<'_, P2State>, (fd,): (Resource<FsDescriptor>,)| {
+            Box::new(async move {
+                let state = store.data_mut();
+                let disk = state.disk.clone();
+                let mut view = state.filesystem();
+                let file = p2_file(view.table, &fd)?;
+                let r = HostDescriptor::append_via_stream(&mut view, fd);
+                Ok((budgeted_stream(view.table, r, file, None, disk)?,))
+            })
+        },
+    )?;
+    fs.func_wrap_async(
+        "[method]descriptor.write",
+        |mut store: wasmtime::StoreContextMut<'_, P2State>,
+         (fd, buf, offset): (Resource<FsDescriptor>, Vec<u8>, u64)| {
+            Box::new(async move {
+                let state = store.data_mut();
+                let disk = state.disk.clone();
+                let mut view = state.filesystem();
+                let file = p2_file(view.table, &fd)?;
+                let before = file
+                    .as_ref()
+                    .and_then(|f| f.metadata().ok())
+                    .map(|m| m.len());
+                if let Some(size) = before {
+                    let growth = offset.saturating_add(buf.len() as u64).saturating_sub(size);
+                    let mut d = disk.lock().unwrap_or_else(|e| e.into_inner());
+                    if growth > d.room() {
+                        d.refuse(growth);
+                        return Ok((Err(ErrorCode::InsufficientSpace),));
+                    }
+                }
+                let r = p2_result(HostDescriptor::write(&mut view, fd, buf, offset).await)?;
+                if r.is_ok()
+                    && let (Some(size), Some(f)) = (before, &file)
+                {
+                    let after = f.metadata().map(|m| m.len()).unwrap_or(size);
+                    disk.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .charge(after.saturating_sub(size));
+                }
+                Ok((r,))
+            })
+        },
+    )?;
+    fs.func_wrap_async(
+        "[method]descriptor.set-size",
+        |mut store: wasmtime::StoreContextMut<'_, P2State>,
+         (fd, size): (Resource<FsDescriptor>, u64)| {
+            Box::new(async move {
+                let state = store.data_mut();
+                let disk = state.disk.clone();
+                let mut view = state.filesystem();
+                let file = p2_file(view.table, &fd)?;
+                let before = file
+                    .as_ref()
+                    .and_then(|f| f.metadata().ok())
+                    .map(|m| m.len());
+                if let Some(now) = before {
+                    let growth = size.saturating_sub(now);
+                    let mut d = disk.lock().unwrap_or_else(|e| e.into_inner());
+                    if growth > d.room() {
+                        d.refuse(growth);
+                        return Ok((Err(ErrorCode::InsufficientSpace),));
+                    }
+                }
+                let r = p2_result(HostDescriptor::set_size(&mut view, fd, size).await)?;
+                if r.is_ok()
+                    && let Some(now) = before
+                {
+                    let mut d = disk.lock().unwrap_or_else(|e| e.into_inner());
+                    d.charge(size.saturating_sub(now));
+                    d.credit(now.saturating_sub(size));
+                }
+                Ok((r,))
+            })
+        },
+    )?;
+    fs.func_wrap_async(
+        "[method]descriptor.open-at",
+        |mut store: wasmtime::StoreContextMut<'_, P2State>,
+         (fd, path_flags, path, open_flags, flags): (
+            Resource<FsDescriptor>,
+            PathFlags,
+            String,
+            OpenFlags,
+            DescriptorFlags,
+        )| {
+            Box::new(async move {
+                let state = store.data_mut();
+                let disk = state.disk.clone();
+                let mut view = state.filesystem();
+                let truncated = if open_flags.contains(OpenFlags::TRUNCATE) {
+                    p2_path_stat(&mut view, &fd, path_flags, &path).await
+                } else {
+                    None
+                };
+                let r = p2_result(
+                    HostDescriptor::open_at(&mut view, fd, path_flags, path, open_flags, flags)
+                        .await,
+                )?;
+                if let Ok(opened) = &r {
+                    if let Some((size, _, _)) = truncated {
+                        disk.lock().unwrap_or_else(|e| e.into_inner()).credit(size);
+                    }
+                    if let Some(file) = p2_file(view.table, opened)? {
+                        let hash = HostDescriptor::metadata_hash(
+                            &mut view,
+                            Resource::new_borrow(opened.rep()),
+                        )
+                        .await;
+                        if let Ok(h) = hash {
+                            disk.lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .hold((h.lower, h.upper), &file);
+                        }
+                    }
+                }
+                Ok((r,))
+            })
+        },
+    )?;
+    fs.func_wrap_async(
+        "[method]descriptor.unlink-file-at",
+        |mut store: wasmtime::StoreContextMut<'_, P2State>,
+         (fd, path): (Resource<FsDescriptor>, String)| {
+            Box::new(async move {
+                let state = store.data_mut();
+                let disk = state.disk.clone();
+                let mut view = state.filesystem();
+                let gone = p2_path_stat(&mut view, &fd, PathFlags::empty(), &path).await;
+                let r = p2_result(HostDescriptor::unlink_file_at(&mut view, fd, path).await)?;
+                if r.is_ok() {
+                    p2_unlinked(&disk, gone);
+                }
+                Ok((r,))
+            })
+        },
+    )?;
+    fs.func_wrap_async(
+        "[method]descriptor.rename-at",
+        |mut store: wasmtime::StoreContextMut<'_, P2State>,
+         (fd, old, new_fd, new): (
+            Resource<FsDescriptor>,
+            String,
+            Resource<FsDescriptor>,
+            String,
+        )| {
+            Box::new(async move {
+                let state = store.data_mut();
+                let disk = state.disk.clone();
+                let mut view = state.filesystem();
+                let replaced = p2_path_stat(&mut view, &new_fd, PathFlags::empty(), &new).await;
+                let moved = p2_path_stat(&mut view, &fd, PathFlags::empty(), &old).await;
+                let r =
+                    p2_result(HostDescriptor::rename_at(&mut view, fd, old, new_fd, new).await)?;
+                // A rename onto another link of the same file removes nothing.
+                if r.is_ok() && replaced.map(|s| s.2) != moved.map(|s| s.2) {
+                    p2_unlinked(&disk, replaced);
+                }
+                Ok((r,))
+            })
+        },
+    )?;
+    linker.allow_shadowing(false);
+    Ok(())
+}
+
+/// A wasip2 file (size, links, hash before) lost a link: its last one frees its
+/// bytes unless the guest still holds the file.
+fn p2_unlinked(disk: &Mutex<Disk>, gone: Option<(u64, u64, (u64, u64))>) {
+    let mut d = disk.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((size, 1, hash)) = gone
+        && !d.is_held(hash)
+    {
+        d.credit(size);
+    }
 }
 
 /// A `poll_oneoff` that only sleeps: one subscription, to a relative monotonic or
@@ -1052,80 +1864,6 @@ fn store_precompiled(dir: &Path, dest: &Path, bytes: &[u8]) {
     if let Err(e) = written {
         tracing::warn!("cannot store {}: {e}", dest.display());
         let _ = std::fs::remove_file(&tmp);
-    }
-}
-
-/// A step attempt's log: stdout and stderr interleaved in one file, capped in size.
-/// Output past the cap is dropped and a single notice is appended.
-#[derive(Clone)]
-pub struct LogFile {
-    inner: Arc<Mutex<LogInner>>,
-}
-
-struct LogInner {
-    file: std::fs::File,
-    written: u64,
-    cap: u64,
-    truncated: bool,
-}
-
-impl LogFile {
-    pub fn create(path: &Path, cap: u64) -> std::io::Result<LogFile> {
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)?;
-        Ok(LogFile {
-            inner: Arc::new(Mutex::new(LogInner {
-                file,
-                written: 0,
-                cap,
-                truncated: false,
-            })),
-        })
-    }
-
-    /// Appends a line from millrace itself (not the guest).
-    pub fn note(&self, line: &str) {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = writeln!(inner.file, "[millrace] {line}");
-    }
-
-    /// Empties the log (a re-adopted Slurm job's log is copied again from its
-    /// start, so nothing the previous process copied appears twice).
-    pub fn reset(&self) {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if inner.file.set_len(0).is_ok() {
-            inner.written = 0;
-            inner.truncated = false;
-        }
-    }
-
-    /// Appends output of the step (capped like the rest).
-    pub fn append(&self, buf: &[u8]) {
-        let _ = self.write(buf);
-    }
-
-    fn write(&self, buf: &[u8]) -> std::io::Result<()> {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let room = inner.cap.saturating_sub(inner.written) as usize;
-        if buf.len() <= room {
-            inner.file.write_all(buf)?;
-            inner.written += buf.len() as u64;
-        } else if !inner.truncated {
-            inner.file.write_all(&buf[..room])?;
-            inner.written = inner.cap;
-            inner.truncated = true;
-            let cap = inner.cap;
-            writeln!(
-                inner.file,
-                "\n[millrace] log truncated: output beyond {cap} bytes was dropped"
-            )?;
-        }
-        Ok(())
     }
 }
 

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::executor::LogFile;
 use crate::store::walk;
 
 /// Bytes of regular files under `dir`, as far as the depth and entry limits go
@@ -20,11 +21,22 @@ pub fn tree_size(dir: &Path) -> u64 {
         .bytes
 }
 
+/// A tree past a walk limit, named as the step sees it (e.g. "output `o`").
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{limit} in {what}")]
+pub struct Overgrown {
+    pub limit: walk::Limit,
+    pub what: String,
+}
+
 /// What `dir` holds, or the limit it breaks, named with `what` (e.g. "output `o`").
-pub fn checked_size(dir: &Path, what: &str) -> Result<u64, String> {
+pub fn checked_size(dir: &Path, what: &str) -> Result<u64, Overgrown> {
     match walk::usage(dir, walk::max_depth(), walk::max_entries()) {
         (u, None) => Ok(u.bytes),
-        (_, Some(limit)) => Err(format!("{limit} in {what}")),
+        (_, Some(limit)) => Err(Overgrown {
+            limit,
+            what: what.to_string(),
+        }),
     }
 }
 
@@ -120,6 +132,76 @@ pub async fn watch_disk(dirs: Vec<PathBuf>, cap: u64) -> u64 {
         // Past a limit the bytes below it are not counted: report the cap broken.
         Overrun::Limit(_) => cap.saturating_add(1),
     }
+}
+
+/// Most metric lines read from one step.
+const MAX_METRIC_LINES: usize = 100_000;
+
+/// One line of a step's metrics file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Metric {
+    pub name: String,
+    pub value: f64,
+    /// The line's `step` (an epoch, an iteration), if it gave one.
+    pub index: Option<i64>,
+}
+
+/// Reads the metrics file protocol: one JSON object per line,
+/// `{"name": …, "value": …, "step": optional int}`. A line that is not one is
+/// noted in the log and skipped; `None` when the file could not be read (a
+/// missing file is no metrics, said nowhere).
+pub fn read_metrics(path: &Path, log: &LogFile) -> Option<Vec<Metric>> {
+    // A guest controls this file: read a bounded prefix only.
+    const MAX_METRICS_BYTES: u64 = 64 << 20;
+    // Neither a symlink out of the sandbox nor a FIFO that would block.
+    let opened = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+            .open(path)
+            .and_then(|f| {
+                if f.metadata()?.is_file() {
+                    Ok(f)
+                } else {
+                    Err(std::io::Error::other("not a regular file"))
+                }
+            })
+    };
+    if let Err(e) = &opened
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        log.note(&format!("the metrics file was not read: {e}"));
+    }
+    let text = opened.and_then(|f| {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::Read::take(f, MAX_METRICS_BYTES), &mut s)
+            .map(|_| s)
+    });
+    let text = text.ok()?;
+    let mut rows = Vec::new();
+    for (n, line) in text.lines().enumerate().take(MAX_METRIC_LINES) {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let parsed = serde_json::from_str::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| {
+                Some(Metric {
+                    name: v.get("name")?.as_str()?.to_string(),
+                    value: v.get("value")?.as_f64()?,
+                    index: v.get("step").and_then(|s| s.as_i64()),
+                })
+            });
+        match parsed {
+            Some(row) => rows.push(row),
+            None => log.note(&format!(
+                "metrics line {} ignored: expected {{\"name\": …, \"value\": number}}",
+                n + 1
+            )),
+        }
+    }
+    Some(rows)
 }
 
 /// One sandbox's directory tree.
@@ -333,6 +415,7 @@ mod tests {
         }
         assert!(checked_size(&ws.dir_out().join("o"), "output `o`")
             .unwrap_err()
+            .to_string()
             .contains("directory depth limit of 256 levels exceeded (MILLRACE_MAX_DEPTH) in output `o`"));
         let started = Instant::now();
         ws.reset().unwrap();

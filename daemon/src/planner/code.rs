@@ -73,7 +73,7 @@ pub fn python_variant(
         ));
     }
     let mut names = step.env.iter().map(|(k, _)| k.get_ref().as_str());
-    let memory = step.memory.unwrap_or(crate::model::DEFAULT_MEMORY);
+    let memory = step.memory.unwrap_or(crate::executor::DEFAULT_MEMORY);
     if let Some(why) = snapshot::unsuitable(memory, &mut names) {
         return Ok((Variant::Base(why), base));
     }

@@ -642,6 +642,17 @@ impl Batch<'_> {
             .is_some())
     }
 
+    /// Failed runs the process stopped in at least `crashes` times: those the
+    /// daemon gave up resuming (for `/metrics`).
+    pub fn runs_given_up(&self, crashes: i64) -> Result<u64> {
+        let n: i64 = self.conn.query_row(
+            "SELECT count(*) FROM runs WHERE status = ?1 AND crashes >= ?2",
+            params![RunStatus::Failed, crashes],
+            |r| r.get(0),
+        )?;
+        Ok(n.max(0) as u64)
+    }
+
     /// Runs in one status, oldest first (`queued` runs start in this order).
     pub fn runs_with_status(&self, status: RunStatus) -> Result<Vec<RunRow>> {
         let mut stmt = self.conn.prepare_cached(&format!(

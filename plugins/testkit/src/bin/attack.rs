@@ -19,7 +19,8 @@ usage: attack MODE [options]
                             so one runs at the deepest point the wasm stack reaches
   fds --file F --count N    open F N times and hold every descriptor
   names --dir D             write `x` and `x\\r` (carriage return) with different bytes
-  fill --dir D --mib N      write N MiB into D/fill, 1 MiB at a time";
+  fill --dir D --mib N      write N MiB into D/fill, 1 MiB at a time
+  hide --dir D --mib N      as fill, into a file removed while it is open (no walk sees it)";
 
 fn main() {
     csvkit::run("attack", USAGE, |p| {
@@ -85,6 +86,22 @@ fn main() {
                 let mib: u64 = args::number("mib", mib, 1024)?;
                 let mut f = std::fs::File::create(format!("{dir}/fill"))
                     .map_err(|e| Error::fail(format!("{dir}/fill: {e}")))?;
+                let chunk = vec![7u8; 1 << 20];
+                for i in 0..mib {
+                    f.write_all(&chunk)
+                        .map_err(|e| Error::fail(format!("after {i} MiB: {e}")))?;
+                }
+                println!("wrote {mib} MiB");
+                Ok(())
+            }
+            "hide" => {
+                use std::io::Write;
+                let dir = dir()?;
+                let mib: u64 = args::number("mib", mib, 1024)?;
+                let path = format!("{dir}/hidden");
+                let mut f = std::fs::File::create(&path)
+                    .map_err(|e| Error::fail(format!("{path}: {e}")))?;
+                std::fs::remove_file(&path).map_err(|e| Error::fail(format!("rm {path}: {e}")))?;
                 let chunk = vec![7u8; 1 << 20];
                 for i in 0..mib {
                     f.write_all(&chunk)

@@ -1,102 +1,12 @@
-//! Slurm compute targets: a step's attempt becomes a batch job. The daemon stages
-//! the step's sandbox directories under the target's `shared_dir` (a directory the
-//! submit host and every node see), submits `millrace exec-step SPEC` with
-//! `sbatch --parsable`, follows the job with `scontrol show job -o` (no accounting
-//! storage needed), streams the guest's log back, and copies the outputs back into
-//! the local sandbox, where they are captured exactly as for a local step: where a
-//! step ran never enters its cache key.
-//!
-//! On the node, `exec-step` runs the same wasm/Python executor as the daemon and
-//! writes `result.json`; the daemon reads it to report the same messages as for a
-//! local step, and falls back on the job's state (TIMEOUT, OUT_OF_MEMORY,
-//! NODE_FAIL, PREEMPTED, CANCELLED) when the job ended before it could write one.
+//! Slurm's client commands (`scontrol`, `squeue`, `sbatch`, `scancel`), each
+//! bounded in time, and what their answers mean.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
-/// A `[compute.NAME] kind = "slurm"` target.
-#[derive(Debug, Clone, Default)]
-pub struct Target {
-    pub partition: Option<String>,
-    pub account: Option<String>,
-    pub qos: Option<String>,
-    /// `--time` when the step has no `timeout`.
-    pub time_limit: Option<String>,
-    pub gpus: Option<String>,
-    pub gres: Option<String>,
-    /// `--cpus-per-task` when the step has no `cpus`.
-    pub cpus_per_task: Option<u32>,
-    /// `--mem` when the step has no `memory`.
-    pub mem: Option<String>,
-    pub extra_args: Vec<String>,
-    pub shared_dir: PathBuf,
-}
-
-/// What `millrace exec-step` runs on the node (the staged `spec.json`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct JobSpec {
-    /// The wasm program (the step's, staged; or the Python runtime on the node).
-    pub program: PathBuf,
-    /// Its content digest: the precompile cache key.
-    pub digest: String,
-    pub args: Vec<String>,
-    pub env: Vec<(String, String)>,
-    pub mounts: Vec<JobMount>,
-    pub memory: u64,
-    pub timeout_ms: u64,
-    /// The guest's stdout and stderr.
-    pub log: PathBuf,
-    pub log_cap: u64,
-    /// Where the outcome is written.
-    pub result: PathBuf,
-    /// What `/out`, `/tmp` and `/millrace` may hold together (MILLRACE_OUTPUT_CAP of
-    /// the daemon).
-    #[serde(default = "no_cap")]
-    pub output_cap: u64,
-}
-
-fn no_cap() -> u64 {
-    u64::MAX
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct JobMount {
-    pub host: PathBuf,
-    pub guest: String,
-    pub writable: bool,
-}
-
-/// How the guest ended on the node (`result.json`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "outcome", rename_all = "snake_case")]
-pub enum JobResult {
-    Exited {
-        code: i32,
-    },
-    Trapped {
-        message: String,
-    },
-    OutOfMemory,
-    TimedOut {
-        ms: u64,
-    },
-    /// Another limit of the sandbox (the wasm stack, descriptors); the message names it.
-    Limit {
-        code: Option<i32>,
-        message: String,
-    },
-    /// `/out` and `/tmp` grew past the output cap; the guest was stopped.
-    DiskFull {
-        used: u64,
-    },
-    /// exec-step itself failed (bad spec, cannot compile, …).
-    Error {
-        message: String,
-    },
-}
+use super::{SlurmError, Target};
 
 /// One line of `scontrol show job -o ID`, as key → value.
 #[derive(Debug, Clone, Default)]
@@ -187,28 +97,13 @@ pub fn state_message(job: &str, info: &JobInfo) -> String {
     }
 }
 
-/// Why a Slurm client command gave no output.
-enum CommandError {
-    /// It did not answer in time (it may still have acted).
-    TimedOut(String),
-    Failed(String),
-}
-
-impl From<CommandError> for String {
-    fn from(e: CommandError) -> String {
-        match e {
-            CommandError::TimedOut(m) | CommandError::Failed(m) => m,
-        }
-    }
-}
-
 /// Runs a Slurm client (`scontrol`, `squeue`, `sbatch`, `scancel`), bounded in
 /// time: a controller that does not answer makes it block for long.
 async fn slurm_command(
     program: &str,
     args: &[&str],
     secs: u64,
-) -> Result<std::process::Output, CommandError> {
+) -> Result<std::process::Output, SlurmError> {
     tokio::time::timeout(
         Duration::from_secs(secs),
         tokio::process::Command::new(program)
@@ -217,9 +112,9 @@ async fn slurm_command(
             .output(),
     )
     .await
-    .map_err(|_| CommandError::TimedOut(format!("{program} did not answer within {secs} s")))?
+    .map_err(|_| SlurmError::NoAnswer(format!("{program} did not answer within {secs} s")))?
     .map_err(|e| {
-        CommandError::Failed(format!(
+        SlurmError::Command(format!(
             "cannot run {program} (is Slurm's client installed?): {e}"
         ))
     })
@@ -227,7 +122,7 @@ async fn slurm_command(
 
 /// `scontrol show job -o ID`: `Ok(None)` when Slurm no longer knows the job
 /// (finished longer ago than MinJobAge, or never existed).
-pub async fn job_info(job: &str) -> Result<Option<JobInfo>, String> {
+pub async fn job_info(job: &str) -> Result<Option<JobInfo>, SlurmError> {
     let out = slurm_command("scontrol", &["show", "job", "-o", job], 30).await?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -235,19 +130,22 @@ pub async fn job_info(job: &str) -> Result<Option<JobInfo>, String> {
         if stderr.contains("Invalid job id") {
             return Ok(None);
         }
-        return Err(format!("scontrol show job {job}: {}", stderr.trim()));
+        return Err(SlurmError::Command(format!(
+            "scontrol show job {job}: {}",
+            stderr.trim()
+        )));
     }
     Ok(Some(JobInfo::parse(stdout.lines().next().unwrap_or(""))))
 }
 
 /// The id of the (one) queued or running job named `name`, via `squeue`.
-pub async fn job_by_name(name: &str) -> Result<Option<String>, String> {
+pub async fn job_by_name(name: &str) -> Result<Option<String>, SlurmError> {
     let out = slurm_command("squeue", &["-h", "-n", name, "-o", "%i"], 30).await?;
     if !out.status.success() {
-        return Err(format!(
+        return Err(SlurmError::Command(format!(
             "squeue -n {name}: {}",
             String::from_utf8_lossy(&out.stderr).trim()
-        ));
+        )));
     }
     Ok(String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -263,7 +161,7 @@ pub async fn cancel(job: &str) {
         Ok(o) => {
             tracing::warn!(job, error = %String::from_utf8_lossy(&o.stderr).trim(), "scancel failed")
         }
-        Err(e) => tracing::warn!(job, error = %String::from(e), "scancel"),
+        Err(e) => tracing::warn!(job, error = %e, "scancel"),
     }
 }
 
@@ -321,7 +219,7 @@ pub fn sbatch_args(
 pub const RUNTIME_OVERHEAD_MIB: u64 = 512;
 
 /// `sbatch ARGS SCRIPT` → the job id.
-pub async fn submit(args: &[String], script: &Path) -> Result<String, String> {
+pub async fn submit(args: &[String], script: &Path) -> Result<String, SlurmError> {
     let script = script.display().to_string();
     let all: Vec<&str> = args
         .iter()
@@ -330,28 +228,31 @@ pub async fn submit(args: &[String], script: &Path) -> Result<String, String> {
         .collect();
     let out = match slurm_command("sbatch", &all, 60).await {
         Ok(o) => o,
-        Err(CommandError::TimedOut(m)) => {
+        Err(e @ SlurmError::NoAnswer(_)) => {
             // It may have submitted the job all the same: no untracked job is left.
             if let Some(name) = args.iter().find_map(|a| a.strip_prefix("--job-name="))
                 && let Ok(Some(id)) = job_by_name(name).await
             {
                 cancel(&id).await;
             }
-            return Err(m);
+            return Err(e);
         }
-        Err(e) => return Err(e.into()),
+        Err(e) => return Err(e),
     };
     if !out.status.success() {
-        return Err(format!(
+        return Err(SlurmError::Command(format!(
             "sbatch refused the job: {}",
             String::from_utf8_lossy(&out.stderr).trim()
-        ));
+        )));
     }
     // `--parsable` prints `ID` or `ID;CLUSTER`.
     let text = String::from_utf8_lossy(&out.stdout);
     let id = text.trim().split(';').next().unwrap_or("").to_string();
     if id.is_empty() || !id.chars().all(|c| c.is_ascii_digit() || c == '_') {
-        return Err(format!("sbatch printed no job id: {}", text.trim()));
+        return Err(SlurmError::Command(format!(
+            "sbatch printed no job id: {}",
+            text.trim()
+        )));
     }
     Ok(id)
 }
@@ -369,7 +270,7 @@ pub fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
 pub struct CancelOnDrop {
     pub job: Option<String>,
     pub staging: PathBuf,
-    pub keep: Box<dyn Fn() -> bool + Send + Sync>,
+    pub keep: Arc<dyn Fn() -> bool + Send + Sync>,
 }
 
 impl Drop for CancelOnDrop {
@@ -414,107 +315,6 @@ fn cancel_blocking(job: &str) {
                 return;
             }
         }
-    }
-}
-
-/// `millrace exec-step SPEC`: runs the staged step on this node and writes its
-/// result. Exit code: the guest's (0 success), 1 for anything else.
-pub async fn exec_step(spec_path: &Path) -> i32 {
-    let spec: JobSpec = match std::fs::read_to_string(spec_path)
-        .map_err(|e| e.to_string())
-        .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))
-    {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("exec-step: cannot read {}: {e}", spec_path.display());
-            return 1;
-        }
-    };
-    let result = run_spec(&spec).await;
-    let code = match &result {
-        JobResult::Exited { code } => *code,
-        JobResult::Error { message } => {
-            eprintln!("exec-step: {message}");
-            1
-        }
-        _ => 1,
-    };
-    let text = serde_json::to_string(&result).expect("plain data serialises");
-    let tmp = spec.result.with_extension("json.part");
-    if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &spec.result)) {
-        eprintln!("exec-step: cannot write {}: {e}", spec.result.display());
-        return 1;
-    }
-    code
-}
-
-async fn run_spec(spec: &JobSpec) -> JobResult {
-    use crate::executor::wasm::{LogFile, Mount, Outcome, Sandbox, WasmRuntime};
-    let log = match LogFile::create(&spec.log, spec.log_cap) {
-        Ok(l) => l,
-        Err(e) => {
-            return JobResult::Error {
-                message: format!("cannot create the log {}: {e}", spec.log.display()),
-            };
-        }
-    };
-    let cache = match std::env::var_os("MILLRACE_CACHE") {
-        Some(d) if !d.is_empty() => PathBuf::from(d),
-        _ => spec
-            .result
-            .parent()
-            .and_then(Path::parent)
-            .map(|d| d.join("cache"))
-            .unwrap_or_else(|| PathBuf::from(".millrace-cache")),
-    };
-    let wasm = match WasmRuntime::new(&cache, 1) {
-        Ok(w) => w,
-        Err(e) => {
-            return JobResult::Error {
-                message: e.to_string(),
-            };
-        }
-    };
-    let sandbox = Sandbox {
-        args: spec.args.clone(),
-        env: spec.env.clone(),
-        mounts: spec
-            .mounts
-            .iter()
-            .map(|m| Mount {
-                host: m.host.clone(),
-                guest: m.guest.clone(),
-                writable: m.writable,
-            })
-            .collect(),
-        log,
-        memory: spec.memory,
-        timeout: Some(Duration::from_millis(spec.timeout_ms)),
-    };
-    // The cap on what the guest writes holds here as on the daemon's host.
-    let watched: Vec<PathBuf> = spec
-        .mounts
-        .iter()
-        .filter(|m| m.writable && matches!(m.guest.as_str(), "/out" | "/tmp" | "/millrace"))
-        .map(|m| m.host.clone())
-        .collect();
-    let ran = tokio::select! {
-        r = wasm.run(&spec.program, &spec.digest, sandbox) => r,
-        used = crate::executor::workspace::watch_disk(watched, spec.output_cap) => {
-            return JobResult::DiskFull { used };
-        }
-    };
-    match ran {
-        Ok(Outcome::Exited(code)) => JobResult::Exited { code },
-        Ok(Outcome::Trapped(message)) => JobResult::Trapped { message },
-        Ok(Outcome::OutOfMemory(_)) => JobResult::OutOfMemory,
-        Ok(Outcome::Limit { code, message }) => JobResult::Limit { code, message },
-        Ok(Outcome::TimedOut(d)) => JobResult::TimedOut {
-            ms: d.as_millis() as u64,
-        },
-        Err(e) => JobResult::Error {
-            message: e.to_string(),
-        },
     }
 }
 
