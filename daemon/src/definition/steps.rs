@@ -5,12 +5,12 @@ use std::path::Path;
 use std::time::Duration;
 
 use toml::Spanned;
-use toml::de::DeValue;
+use toml::de::{DeTable, DeValue};
 
 use super::walker::{NameRule, valid_env_name};
 use super::{
-    ContainerStep, Environment, MAX_TIMER, ModuleRef, Param, Reference, Retries, Sp, Step,
-    StepKind, Value, WASM32_MAX_MEMORY, Walker, format_size, parse_reference,
+    Environment, MAX_TIMER, ModuleRef, Param, Reference, Retries, Sp, Step, StepKind, Value,
+    WASM32_MAX_MEMORY, Walker, format_size, parse_reference,
 };
 use crate::diagnostic::{Diagnostic, display_path};
 
@@ -89,26 +89,9 @@ impl Walker {
             self.interpolation(a, text, params);
         }
         let env_vars = match t.get("env") {
-            Some(e) => self.string_table(e, "env"),
+            Some(e) => self.step_env(e, text, params),
             None => Vec::new(),
         };
-        for (k, v) in &env_vars {
-            self.interpolation(v, text, params);
-            if !valid_env_name(k.get_ref()) {
-                self.error(
-                    k.span(),
-                    format!("`{}` is not a valid environment variable name", k.get_ref()),
-                );
-            } else if k.get_ref().starts_with("MILLRACE_") {
-                self.error(
-                    k.span(),
-                    format!(
-                        "`{}`: the MILLRACE_ prefix is reserved for variables millrace sets",
-                        k.get_ref()
-                    ),
-                );
-            }
-        }
         let mut inputs = Vec::new();
         if let Some(i) = t.get("inputs") {
             for (mount, r) in self.string_table(i, "inputs") {
@@ -119,22 +102,9 @@ impl Walker {
             }
         }
         let outputs = match t.get("outputs") {
-            Some(o) => self.string_array(o, "outputs"),
+            Some(o) => self.step_outputs(o, &step_name),
             None => Vec::new(),
         };
-        let mut seen = HashSet::new();
-        for o in &outputs {
-            self.name(o, "output name", NameRule::Identifier);
-            if !seen.insert(o.get_ref().clone()) {
-                self.error(
-                    o.span(),
-                    format!(
-                        "output `{}` is declared twice in step `{step_name}`",
-                        o.get_ref()
-                    ),
-                );
-            }
-        }
         let after = match t.get("after") {
             Some(a) => self.string_array(a, "after"),
             None => Vec::new(),
@@ -163,32 +133,7 @@ impl Walker {
                 ),
             );
         }
-        let cpus = match t.get("cpus") {
-            Some(c) => match c.get_ref() {
-                DeValue::Integer(_) | DeValue::Float(_) => {
-                    let x: f64 = match c.get_ref() {
-                        DeValue::Integer(i) => {
-                            i64::from_str_radix(&i.as_str().replace('_', ""), i.radix())
-                                .map_or(-1.0, |n| n as f64)
-                        }
-                        DeValue::Float(f) => f.as_str().replace('_', "").parse().unwrap_or(-1.0),
-                        _ => -1.0,
-                    };
-                    if !(x > 0.0 && x <= 1024.0) {
-                        self.error(c.span(), "cpus must be a number greater than 0");
-                    }
-                    Some(x)
-                }
-                other => {
-                    self.error(
-                        c.span(),
-                        format!("cpus must be a number, not {}", other.type_str()),
-                    );
-                    None
-                }
-            },
-            None => None,
-        };
+        let cpus = t.get("cpus").and_then(|c| self.cpus(c));
         let retries = t
             .get("retries")
             .map(|r| self.retries(r))
@@ -202,49 +147,10 @@ impl Walker {
             .unwrap_or(true);
         let compute = t.get("compute").and_then(|c| self.string(c, "compute"));
         if let Some(c) = &compute {
-            match env.computes.get(c.get_ref()).map(String::as_str) {
-                None => self.diags.push(
-                    Diagnostic::error(c.span(), format!("unknown compute `{}`", c.get_ref()))
-                        .with_help(format!(
-                            "compute targets: {} (declared in the daemon config)",
-                            env.computes.keys().cloned().collect::<Vec<_>>().join(", ")
-                        )),
-                ),
-                Some("container") if !matches!(kind, Some(StepKind::Container(_)) | None) => self
-                    .error(
-                        c.span(),
-                        format!(
-                            "compute `{}` is a container engine: only `container` steps run there",
-                            c.get_ref()
-                        ),
-                    ),
-                Some("slurm") if matches!(kind, Some(StepKind::Container(_))) => self.error(
-                    c.span(),
-                    format!(
-                        "compute `{}` is a Slurm cluster: container steps do not run on Slurm in this version (wasm, python and module steps do)",
-                        c.get_ref()
-                    ),
-                ),
-                Some(_) => {}
-            }
+            self.compute(c, &kind, env);
         }
         if let Some(StepKind::Transfer { .. }) = &kind {
-            for key in [
-                "args", "env", "outputs", "timeout", "memory", "cpus", "compute",
-            ] {
-                if let Some(v) = t.get(key) {
-                    self.error(
-                        v.span(),
-                        format!("`{key}` does not apply to a transfer step"),
-                    );
-                }
-            }
-            if let Some(i) = t.get("inputs") {
-                self.error(
-                    i.span(),
-                    "a transfer step takes its input from `transfer.from`, not `inputs`",
-                );
-            }
+            self.transfer_keys(t);
         }
         Some(Step {
             name,
@@ -264,6 +170,130 @@ impl Walker {
         })
     }
 
+    /// `env = { NAME = "value" }`: interpolated values, names a process can carry,
+    /// none in the MILLRACE_ namespace.
+    fn step_env(
+        &mut self,
+        e: &Value<'_>,
+        text: &str,
+        params: &[Param],
+    ) -> Vec<(Sp<String>, Sp<String>)> {
+        let env_vars = self.string_table(e, "env");
+        for (k, v) in &env_vars {
+            self.interpolation(v, text, params);
+            if !valid_env_name(k.get_ref()) {
+                self.error(
+                    k.span(),
+                    format!("`{}` is not a valid environment variable name", k.get_ref()),
+                );
+            } else if k.get_ref().starts_with("MILLRACE_") {
+                self.error(
+                    k.span(),
+                    format!(
+                        "`{}`: the MILLRACE_ prefix is reserved for variables millrace sets",
+                        k.get_ref()
+                    ),
+                );
+            }
+        }
+        env_vars
+    }
+
+    /// `outputs = [...]`: names, each declared once.
+    fn step_outputs(&mut self, o: &Value<'_>, step_name: &str) -> Vec<Sp<String>> {
+        let outputs = self.string_array(o, "outputs");
+        let mut seen = HashSet::new();
+        for o in &outputs {
+            self.name(o, "output name", NameRule::Identifier);
+            if !seen.insert(o.get_ref().clone()) {
+                self.error(
+                    o.span(),
+                    format!(
+                        "output `{}` is declared twice in step `{step_name}`",
+                        o.get_ref()
+                    ),
+                );
+            }
+        }
+        outputs
+    }
+
+    fn cpus(&mut self, c: &Value<'_>) -> Option<f64> {
+        match c.get_ref() {
+            DeValue::Integer(_) | DeValue::Float(_) => {
+                let x: f64 = match c.get_ref() {
+                    DeValue::Integer(i) => {
+                        i64::from_str_radix(&i.as_str().replace('_', ""), i.radix())
+                            .map_or(-1.0, |n| n as f64)
+                    }
+                    DeValue::Float(f) => f.as_str().replace('_', "").parse().unwrap_or(-1.0),
+                    _ => -1.0,
+                };
+                if !(x > 0.0 && x <= 1024.0) {
+                    self.error(c.span(), "cpus must be a number greater than 0");
+                }
+                Some(x)
+            }
+            other => {
+                self.error(
+                    c.span(),
+                    format!("cpus must be a number, not {}", other.type_str()),
+                );
+                None
+            }
+        }
+    }
+
+    /// `compute = "…"`: a target the daemon config declares, of a kind that can run
+    /// this step.
+    fn compute(&mut self, c: &Sp<String>, kind: &Option<StepKind>, env: &Environment) {
+        match env.computes.get(c.get_ref()).map(String::as_str) {
+            None => self.diags.push(
+                Diagnostic::error(c.span(), format!("unknown compute `{}`", c.get_ref()))
+                    .with_help(format!(
+                        "compute targets: {} (declared in the daemon config)",
+                        env.computes.keys().cloned().collect::<Vec<_>>().join(", ")
+                    )),
+            ),
+            Some("container") if !matches!(kind, Some(StepKind::Container(_)) | None) => self
+                .error(
+                    c.span(),
+                    format!(
+                        "compute `{}` is a container engine: only `container` steps run there",
+                        c.get_ref()
+                    ),
+                ),
+            Some("slurm") if matches!(kind, Some(StepKind::Container(_))) => self.error(
+                c.span(),
+                format!(
+                    "compute `{}` is a Slurm cluster: container steps do not run on Slurm in this version (wasm, python and module steps do)",
+                    c.get_ref()
+                ),
+            ),
+            Some(_) => {}
+        }
+    }
+
+    /// The step keys a transfer step does not take (it runs no program).
+    fn transfer_keys(&mut self, t: &DeTable<'_>) {
+        for key in [
+            "args", "env", "outputs", "timeout", "memory", "cpus", "compute",
+        ] {
+            if let Some(v) = t.get(key) {
+                self.error(
+                    v.span(),
+                    format!("`{key}` does not apply to a transfer step"),
+                );
+            }
+        }
+        if let Some(i) = t.get("inputs") {
+            self.error(
+                i.span(),
+                "a transfer step takes its input from `transfer.from`, not `inputs`",
+            );
+        }
+    }
+
     fn step_kind(
         &mut self,
         kind: &str,
@@ -273,258 +303,197 @@ impl Walker {
         env: &Environment,
     ) -> Option<StepKind> {
         match kind {
-            "wasm" => {
-                let path = self.string(v, "wasm")?;
-                let resolved = dir.join(path.get_ref());
-                if !path.get_ref().ends_with(".wasm") {
-                    self.error(
-                        path.span(),
-                        format!("`{}` is not a .wasm file", path.get_ref()),
-                    );
-                } else if !resolved.is_file() {
-                    self.diags.push(
-                        Diagnostic::error(
-                            path.span(),
-                            format!("wasm file not found: {}", display_path(&resolved)),
-                        )
-                        .with_help("paths are relative to the pipeline file's directory"),
-                    );
-                }
-                Some(StepKind::Wasm { path, resolved })
-            }
-            "python" => {
-                let mut snapshot = true;
-                let (script, code) = match v.get_ref() {
-                    DeValue::Table(t) => {
-                        self.unknown_keys(t, &["script", "code", "snapshot"], "python");
-                        if let Some(b) = t
-                            .get("snapshot")
-                            .and_then(|b| self.boolean(b, "python.snapshot"))
-                        {
-                            snapshot = b;
-                        }
-                        let Some(script) = t
-                            .get("script")
-                            .and_then(|s| self.string(s, "python.script"))
-                        else {
-                            if !t.contains_key("script") {
-                                self.error(v.span(), "python needs a `script`");
-                            }
-                            return None;
-                        };
-                        let code = t.get("code").and_then(|c| self.string(c, "python.code"));
-                        (script, code)
-                    }
-                    _ => (self.string(v, "python")?, None),
-                };
-                let (code_dir, entry) = match &code {
-                    Some(c) => (dir.join(c.get_ref()), script.get_ref().clone()),
-                    None => {
-                        let full = Path::new(script.get_ref());
-                        (
-                            dir.join(full.parent().unwrap_or(Path::new(""))),
-                            full.file_name()
-                                .map(|n| n.to_string_lossy().into_owned())
-                                .unwrap_or_default(),
-                        )
-                    }
-                };
-                if let Some(c) = &code
-                    && !code_dir.is_dir()
-                {
-                    self.error(
-                        c.span(),
-                        format!("code directory not found: {}", display_path(&code_dir)),
-                    );
-                } else if !entry.ends_with(".py")
-                    || Path::new(&entry)
-                        .components()
-                        .any(|c| !matches!(c, std::path::Component::Normal(_)))
-                {
-                    self.error(
-                        script.span(),
-                        format!(
-                            "`{}` is not a .py script inside the code directory",
-                            script.get_ref()
-                        ),
-                    );
-                } else if !code_dir.join(&entry).is_file() {
-                    self.diags.push(
-                        Diagnostic::error(
-                            script.span(),
-                            format!(
-                                "python script not found: {}",
-                                display_path(&code_dir.join(&entry))
-                            ),
-                        )
-                        .with_help("paths are relative to the pipeline file's directory (a `script` to its `code`)"),
-                    );
-                }
-                Some(StepKind::Python {
-                    script,
-                    code_dir,
-                    entry,
-                    snapshot,
-                })
-            }
-            "container" => {
-                let t = self.table(v, "container")?;
-                self.unknown_keys(
-                    t,
-                    &[
-                        "image",
-                        "command",
-                        "entrypoint",
-                        "env",
-                        "workdir",
-                        "user",
-                        "network",
-                        "read_only_root",
-                    ],
-                    "container",
-                );
-                let image = match t
-                    .get("image")
-                    .and_then(|i| self.string(i, "container.image"))
-                {
-                    Some(i) if i.get_ref().trim().is_empty() => {
-                        self.error(i.span(), "container.image is empty");
-                        None
-                    }
-                    Some(i) => Some(i),
-                    None => {
-                        if !t.contains_key("image") {
-                            self.diags.push(
-                                Diagnostic::error(v.span(), "container needs an `image`")
-                                    .with_help("e.g. container = { image = \"localhost/eval:1\", command = [\"/eval\"] }"),
-                            );
-                        }
-                        None
-                    }
-                };
-                let command = t
-                    .get("command")
-                    .map(|c| self.string_array(c, "container.command"));
-                let entrypoint = t.get("entrypoint").and_then(|e| match e.get_ref() {
-                    DeValue::String(_) => self.string(e, "container.entrypoint").map(|s| vec![s]),
-                    _ => Some(self.string_array(e, "container.entrypoint")),
-                });
-                let env = t
-                    .get("env")
-                    .map(|e| self.string_table(e, "container.env"))
-                    .unwrap_or_default();
-                let workdir = t
-                    .get("workdir")
-                    .and_then(|w| self.string(w, "container.workdir"));
-                if let Some(w) = &workdir
-                    && !w.get_ref().starts_with('/')
-                {
-                    self.error(w.span(), "container.workdir must be an absolute path");
-                }
-                let user = t.get("user").and_then(|u| self.string(u, "container.user"));
-                let network = t
-                    .get("network")
-                    .and_then(|n| self.boolean(n, "container.network"))
-                    .unwrap_or(false);
-                let read_only_root = t
-                    .get("read_only_root")
-                    .and_then(|n| self.boolean(n, "container.read_only_root"))
-                    .unwrap_or(true);
-                Some(StepKind::Container(Box::new(ContainerStep {
-                    image: image?,
-                    command,
-                    entrypoint,
-                    env,
-                    workdir,
-                    user,
-                    network,
-                    read_only_root,
-                })))
-            }
-            "module" => {
-                let spec = self.string(v, "module")?;
-                match env.modules.resolve(spec.get_ref()) {
-                    Err(e) => {
-                        let mut d =
-                            Diagnostic::error(spec.span(), format!("step `{step}`: {}", e.message));
-                        if let Some(h) = e.help {
-                            d = d.with_help(h);
-                        }
-                        self.diags.push(d);
-                        None
-                    }
-                    Ok(r) => {
-                        if let Some(w) = &r.warning {
-                            self.diags.push(
-                                Diagnostic::warning(spec.span(), format!("step `{step}`: {w}"))
-                                    .with_help(format!(
-                                        "it still runs; pin another version of `{}` to silence this",
-                                        r.module.name
-                                    )),
-                            );
-                        }
-                        Some(StepKind::Module {
-                            spec,
-                            module: ModuleRef {
-                                id: r.module.id(),
-                                digest: r.module.digest.clone(),
-                                kind: r.module.kind.clone(),
-                                entry: r.module.entry.clone(),
-                                warning: r.warning,
-                            },
-                            resolved: r.path,
-                        })
-                    }
-                }
-            }
-            "transfer" => {
-                let t = self.table(v, "transfer")?;
-                self.unknown_keys(t, &["from", "to", "datastore"], "transfer");
-                let from = match t.get("from") {
-                    Some(f) => self
-                        .string(f, "transfer.from")
-                        .and_then(|r| self.reference(&r)),
-                    None => {
-                        self.error(
-                            v.span(),
-                            "transfer needs `from` (\"step.output\" or \"inputs.NAME\")",
-                        );
-                        None
-                    }
-                };
-                let to = match t.get("to") {
-                    Some(to) => self.string(to, "transfer.to"),
-                    None => {
-                        self.error(v.span(), "transfer needs `to` (a path in the datastore)");
-                        None
-                    }
-                };
-                if let Some(to) = &to {
-                    let p = Path::new(to.get_ref());
-                    if to.get_ref().is_empty()
-                        || p.is_absolute()
-                        || p.components()
-                            .any(|c| !matches!(c, std::path::Component::Normal(_)))
-                    {
-                        self.error(
-                            to.span(),
-                            format!("transfer.to `{}` must be a relative path inside the datastore, without `..`", to.get_ref()),
-                        );
-                    }
-                }
-                let datastore = t
-                    .get("datastore")
-                    .and_then(|d| self.string(d, "transfer.datastore"))
-                    .unwrap_or_else(|| Spanned::new(v.span(), "default".into()));
-                self.datastore(&datastore, env);
-                Some(StepKind::Transfer {
-                    from: from?,
-                    to: to?,
-                    datastore,
-                })
-            }
+            "wasm" => self.wasm_step(v, dir),
+            "python" => self.python_step(v, dir),
+            "container" => self.container_step(v),
+            "module" => self.module_step(v, step, env),
+            "transfer" => self.transfer_step(v, env),
             _ => unreachable!("STEP_KINDS"),
         }
+    }
+
+    /// `wasm = "plugins/x.wasm"`, resolved against the pipeline's directory.
+    fn wasm_step(&mut self, v: &Value<'_>, dir: &Path) -> Option<StepKind> {
+        let path = self.string(v, "wasm")?;
+        let resolved = dir.join(path.get_ref());
+        if !path.get_ref().ends_with(".wasm") {
+            self.error(
+                path.span(),
+                format!("`{}` is not a .wasm file", path.get_ref()),
+            );
+        } else if !resolved.is_file() {
+            self.diags.push(
+                Diagnostic::error(
+                    path.span(),
+                    format!("wasm file not found: {}", display_path(&resolved)),
+                )
+                .with_help("paths are relative to the pipeline file's directory"),
+            );
+        }
+        Some(StepKind::Wasm { path, resolved })
+    }
+
+    /// `python = "scripts/train.py"` or `python = { script, code, snapshot }`.
+    fn python_step(&mut self, v: &Value<'_>, dir: &Path) -> Option<StepKind> {
+        let mut snapshot = true;
+        let (script, code) = match v.get_ref() {
+            DeValue::Table(t) => {
+                self.unknown_keys(t, &["script", "code", "snapshot"], "python");
+                if let Some(b) = t
+                    .get("snapshot")
+                    .and_then(|b| self.boolean(b, "python.snapshot"))
+                {
+                    snapshot = b;
+                }
+                let Some(script) = t
+                    .get("script")
+                    .and_then(|s| self.string(s, "python.script"))
+                else {
+                    if !t.contains_key("script") {
+                        self.error(v.span(), "python needs a `script`");
+                    }
+                    return None;
+                };
+                let code = t.get("code").and_then(|c| self.string(c, "python.code"));
+                (script, code)
+            }
+            _ => (self.string(v, "python")?, None),
+        };
+        let (code_dir, entry) = match &code {
+            Some(c) => (dir.join(c.get_ref()), script.get_ref().clone()),
+            None => {
+                let full = Path::new(script.get_ref());
+                (
+                    dir.join(full.parent().unwrap_or(Path::new(""))),
+                    full.file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                )
+            }
+        };
+        if let Some(c) = &code
+            && !code_dir.is_dir()
+        {
+            self.error(
+                c.span(),
+                format!("code directory not found: {}", display_path(&code_dir)),
+            );
+        } else if !entry.ends_with(".py")
+            || Path::new(&entry)
+                .components()
+                .any(|c| !matches!(c, std::path::Component::Normal(_)))
+        {
+            self.error(
+                script.span(),
+                format!(
+                    "`{}` is not a .py script inside the code directory",
+                    script.get_ref()
+                ),
+            );
+        } else if !code_dir.join(&entry).is_file() {
+            self.diags.push(
+                Diagnostic::error(
+                    script.span(),
+                    format!(
+                        "python script not found: {}",
+                        display_path(&code_dir.join(&entry))
+                    ),
+                )
+                .with_help("paths are relative to the pipeline file's directory (a `script` to its `code`)"),
+            );
+        }
+        Some(StepKind::Python {
+            script,
+            code_dir,
+            entry,
+            snapshot,
+        })
+    }
+
+    /// `module = "name@req"`, resolved against the registry.
+    fn module_step(&mut self, v: &Value<'_>, step: &str, env: &Environment) -> Option<StepKind> {
+        let spec = self.string(v, "module")?;
+        match env.modules.resolve(spec.get_ref()) {
+            Err(e) => {
+                let mut d = Diagnostic::error(spec.span(), format!("step `{step}`: {}", e.message));
+                if let Some(h) = e.help {
+                    d = d.with_help(h);
+                }
+                self.diags.push(d);
+                None
+            }
+            Ok(r) => {
+                if let Some(w) = &r.warning {
+                    self.diags.push(
+                        Diagnostic::warning(spec.span(), format!("step `{step}`: {w}")).with_help(
+                            format!(
+                                "it still runs; pin another version of `{}` to silence this",
+                                r.module.name
+                            ),
+                        ),
+                    );
+                }
+                Some(StepKind::Module {
+                    spec,
+                    module: ModuleRef {
+                        id: r.module.id(),
+                        digest: r.module.digest.clone(),
+                        kind: r.module.kind.clone(),
+                        entry: r.module.entry.clone(),
+                        warning: r.warning,
+                    },
+                    resolved: r.path,
+                })
+            }
+        }
+    }
+
+    /// `transfer = { from, to, datastore }`.
+    fn transfer_step(&mut self, v: &Value<'_>, env: &Environment) -> Option<StepKind> {
+        let t = self.table(v, "transfer")?;
+        self.unknown_keys(t, &["from", "to", "datastore"], "transfer");
+        let from = match t.get("from") {
+            Some(f) => self
+                .string(f, "transfer.from")
+                .and_then(|r| self.reference(&r)),
+            None => {
+                self.error(
+                    v.span(),
+                    "transfer needs `from` (\"step.output\" or \"inputs.NAME\")",
+                );
+                None
+            }
+        };
+        let to = match t.get("to") {
+            Some(to) => self.string(to, "transfer.to"),
+            None => {
+                self.error(v.span(), "transfer needs `to` (a path in the datastore)");
+                None
+            }
+        };
+        if let Some(to) = &to {
+            let p = Path::new(to.get_ref());
+            if to.get_ref().is_empty()
+                || p.is_absolute()
+                || p.components()
+                    .any(|c| !matches!(c, std::path::Component::Normal(_)))
+            {
+                self.error(
+                    to.span(),
+                    format!("transfer.to `{}` must be a relative path inside the datastore, without `..`", to.get_ref()),
+                );
+            }
+        }
+        let datastore = t
+            .get("datastore")
+            .and_then(|d| self.string(d, "transfer.datastore"))
+            .unwrap_or_else(|| Spanned::new(v.span(), "default".into()));
+        self.datastore(&datastore, env);
+        Some(StepKind::Transfer {
+            from: from?,
+            to: to?,
+            datastore,
+        })
     }
 
     fn retries(&mut self, v: &Value<'_>) -> Retries {
