@@ -133,6 +133,18 @@ status_enum! {
 }
 
 impl StepStatus {
+    /// The status a reader is shown of a step of a run shown as `run`: a step still
+    /// marked running in an interrupted run ([`RunStatus::shown`]) stopped with its
+    /// process, and says so rather than "running N s so far". Only shown: the store
+    /// keeps `running`, and a resume starts the step anew.
+    pub fn shown(self, run: RunStatus) -> &'static str {
+        if self == StepStatus::Running && run == RunStatus::Interrupted {
+            "interrupted"
+        } else {
+            self.as_str()
+        }
+    }
+
     /// The step will not change again in this run (a resume starts it anew).
     pub fn is_terminal(self) -> bool {
         !matches!(self, StepStatus::Pending | StepStatus::Running)
@@ -199,6 +211,15 @@ pub struct SlurmPlacement {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_running_step_of_an_interrupted_run_is_shown_interrupted() {
+        let interrupted = RunStatus::Interrupted;
+        assert_eq!(StepStatus::Running.shown(interrupted), "interrupted");
+        assert_eq!(StepStatus::Running.shown(RunStatus::Running), "running");
+        assert_eq!(StepStatus::Succeeded.shown(interrupted), "succeeded");
+        assert_eq!(StepStatus::Pending.shown(interrupted), "pending");
+    }
 
     #[test]
     fn a_running_run_nobody_drives_is_shown_interrupted() {

@@ -406,7 +406,11 @@ fn show(store: &Store, spec: &str, args: &PipelinesArgs, json: bool) -> anyhow::
                 .map(|e| format!(" (entry {e})"))
                 .unwrap_or_default()
         );
-        println!("  digest      {}", m.digest);
+        println!(
+            "  digest      {} ({})",
+            m.digest,
+            registry::digest_label(&m.kind)
+        );
         println!("  size        {} bytes", m.size);
         println!(
             "  status      {}{}",

@@ -1,0 +1,135 @@
+//! The command line as a user reads it (issue 21): lineage of reused artifacts,
+//! interrupted steps, module digests, argument checks, help, `graph`, `--version`.
+
+use crate::common::{Project, plugin, stderr, wait_until_running};
+
+fn text(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// One `copy` step reading `data/a.txt`.
+fn copy_pipeline(p: &Project) -> String {
+    p.write("data/a.txt", "a\n");
+    p.write(
+        "copy.toml",
+        &format!(
+            r#"
+[inputs.a]
+path = "data/a.txt"
+[[step]]
+name = "c"
+wasm = "{}"
+inputs = {{ x = "inputs.a" }}
+outputs = ["out"]
+"#,
+            plugin("copy")
+        ),
+    )
+    .display()
+    .to_string()
+}
+
+#[test]
+fn lineage_names_a_run_that_reused_an_artifact_as_reusing_it() {
+    let p = Project::new();
+    let f = copy_pipeline(&p);
+    for _ in 0..2 {
+        let out = p.run(&["run", &f]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let l = p.run(&["lineage", "2:c.out"]);
+    let shown = text(&l);
+    assert!(shown.contains("produced by run 1 c.out"), "{shown}");
+    assert!(
+        shown.contains("reused by   run 2 c.out (from run 1)"),
+        "{shown}"
+    );
+    assert!(!shown.contains("produced by run 2"), "{shown}");
+    let v = p.json(&["lineage", "2:c.out"]);
+    let uses = v["uses"].as_array().unwrap();
+    let second = uses
+        .iter()
+        .find(|u| u["run_id"] == 2 && u["step"] == "c" && u["name"] == "out")
+        .unwrap();
+    assert_eq!(
+        (&second["role"], &second["reused_from"]),
+        (&"reused".into(), &1.into()),
+        "{v}"
+    );
+}
+
+#[test]
+fn runs_show_of_an_interrupted_run_shows_its_running_step_interrupted() {
+    let p = Project::new();
+    let f = p.write(
+        "slow.toml",
+        &format!(
+            r#"
+[[step]]
+name = "slow"
+wasm = "{}"
+args = ["--secs", "30"]
+"#,
+            plugin("sleep")
+        ),
+    );
+    let mut child = p
+        .cmd(&["run", f.to_str().unwrap()])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until_running(&p, "slow");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let show = p.run(&["runs", "show", "1"]);
+    let shown = text(&show);
+    assert!(shown.contains("interrupted"), "{shown}");
+    assert!(!shown.contains("so far"), "{shown}");
+    let line = shown.lines().find(|l| l.contains("slow")).unwrap();
+    assert!(line.contains("interrupted"), "{shown}");
+    let v = p.json(&["runs", "show", "1"]);
+    assert_eq!(v["status"], "interrupted");
+    assert_eq!(v["steps"][0]["status"], "interrupted", "{v}");
+}
+
+#[test]
+fn a_modules_digest_is_the_same_in_module_list_runs_show_and_lineage() {
+    let p = Project::new();
+    p.write(
+        "tool/main.py",
+        "import os\nos.makedirs('/out/out', exist_ok=True)\nopen('/out/out/x', 'w').write('x')\n",
+    );
+    let out = p.run(&[
+        "module",
+        "publish",
+        p.path("tool").to_str().unwrap(),
+        "--name",
+        "pytool",
+        "--version",
+        "1.0.0",
+        "--entry",
+        "main.py",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let f = p.write(
+        "m.toml",
+        "[[step]]\nname = \"m\"\nmodule = \"pytool@1.0.0\"\noutputs = [\"out\"]\n",
+    );
+    let out = p.run(&["run", f.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let list = p.json(&["module", "list"]);
+    let digest = list[0]["digest"].as_str().unwrap();
+    let short = &digest[..12];
+    let listed = text(&p.run(&["module", "list"]));
+    assert!(listed.contains(short), "{listed} lacks {short}");
+    let show = text(&p.run(&["runs", "show", "1"]));
+    assert!(
+        show.contains(&format!("module pytool@1.0.0 (code tree {short}")),
+        "{show}"
+    );
+    let lineage = text(&p.run(&["lineage", "1:m.out"]));
+    assert!(
+        lineage.contains(&format!("by module pytool@1.0.0 (code tree {short}")),
+        "{lineage}"
+    );
+}
