@@ -260,3 +260,40 @@ fn help_explains_every_argument_and_shows_examples() {
     let runs = text(&p.run(&["runs", "--help"]));
     assert!(runs.contains("How many runs to list"), "{runs}");
 }
+
+/// Checks `script` with `SHELL -n` (parse only), where that shell is installed.
+fn shell_accepts(shell: &str, script: &[u8]) -> Option<std::process::Output> {
+    use std::io::Write;
+    let mut child = std::process::Command::new(shell)
+        .arg("-n")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .ok()?;
+    child.stdin.take()?.write_all(script).ok()?;
+    child.wait_with_output().ok()
+}
+
+#[test]
+fn completions_are_scripts_their_shells_accept() {
+    let p = Project::new();
+    for shell in ["bash", "zsh", "fish"] {
+        let out = p.run(&["completions", shell]);
+        assert!(out.status.success(), "{shell}: {}", stderr(&out));
+        let script = text(&out);
+        assert!(script.contains("millrace"), "{shell}: {script}");
+        // Subcommands and their options are in it.
+        assert!(
+            script.contains("lineage") && script.contains("--no-reuse"),
+            "{shell}"
+        );
+        match shell_accepts(shell, &out.stdout) {
+            Some(checked) => assert!(checked.status.success(), "{shell} -n: {}", stderr(&checked)),
+            // bash is always there; zsh and fish only where installed.
+            None => assert_ne!(shell, "bash", "bash is not installed"),
+        }
+    }
+    let bad = p.run(&["completions", "tcsh"]);
+    assert_eq!(bad.status.code(), Some(2));
+}

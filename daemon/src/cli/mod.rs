@@ -267,6 +267,16 @@ enum Command {
         #[command(flatten)]
         connect: service::Connect,
     },
+    /// Print a shell completion script to stdout.
+    #[command(after_help = "Examples:
+  millrace completions bash > /etc/bash_completion.d/millrace
+  millrace completions zsh > \"${fpath[1]}/_millrace\"
+  millrace completions fish > ~/.config/fish/completions/millrace.fish")]
+    Completions {
+        /// The shell the script is for.
+        #[arg(value_enum)]
+        shell: CompletionShell,
+    },
     /// Next firings of cron triggers, in each trigger's time zone; with
     /// --simulate FROM TO every firing in that window (across DST changes).
     Schedule {
@@ -283,6 +293,14 @@ enum Command {
         #[arg(long, value_name = "N", default_value_t = 10)]
         count: usize,
     },
+}
+
+/// The shells `completions` writes for.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
 }
 
 #[derive(Subcommand, Debug)]
@@ -558,6 +576,22 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 .await;
             events.finish();
             finish_run(summary, json)
+        }
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            use clap_complete::Shell;
+            let shell = match shell {
+                CompletionShell::Bash => Shell::Bash,
+                CompletionShell::Zsh => Shell::Zsh,
+                CompletionShell::Fish => Shell::Fish,
+            };
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "millrace",
+                &mut std::io::stdout(),
+            );
+            Ok(0)
         }
         Command::ExecStep { spec } => Ok(crate::executor::slurm::exec_step(&spec).await),
         Command::Resume { run, config } => {
