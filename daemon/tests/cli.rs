@@ -297,3 +297,43 @@ fn completions_are_scripts_their_shells_accept() {
     let bad = p.run(&["completions", "tcsh"]);
     assert_eq!(bad.status.code(), Some(2));
 }
+
+/// `millrace ARGS` on a pseudo-terminal (util-linux `script`), its output as seen
+/// there; None where `script` is not installed.
+fn on_a_tty(p: &Project, args: &str, no_color: Option<&str>) -> Option<String> {
+    let line = format!(
+        "{} --state {} {args}",
+        env!("CARGO_BIN_EXE_millrace"),
+        p.path(".state").display()
+    );
+    let mut c = std::process::Command::new("script");
+    c.args(["-qec", &line, "/dev/null"]).env_remove("NO_COLOR");
+    c.env("TERM", "xterm");
+    if let Some(v) = no_color {
+        c.env("NO_COLOR", v);
+    }
+    let out = c.output().ok()?;
+    Some(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn errors_are_coloured_on_a_terminal_unless_no_color_is_set() {
+    let p = Project::new();
+    let Some(coloured) = on_a_tty(&p, "runs show 99", None) else {
+        eprintln!("skipped: `script` (util-linux) is not installed");
+        return;
+    };
+    assert!(
+        coloured.contains("\u{1b}[1;31merror\u{1b}[0m: run 99 not found"),
+        "{coloured:?}"
+    );
+    let plain = on_a_tty(&p, "runs show 99", Some("1")).unwrap();
+    assert!(plain.contains("error: run 99 not found"), "{plain:?}");
+    assert!(!plain.contains('\u{1b}'), "{plain:?}");
+    // An empty NO_COLOR does not count (no-color.org).
+    let empty = on_a_tty(&p, "runs show 99", Some("")).unwrap();
+    assert!(empty.contains("\u{1b}[1;31merror"), "{empty:?}");
+    // Piped: plain.
+    let piped = p.run(&["runs", "show", "99"]);
+    assert_eq!(stderr(&piped).trim_end(), "error: run 99 not found");
+}

@@ -29,6 +29,7 @@ mod module;
 mod progress;
 mod records;
 mod service;
+mod style;
 mod validate;
 
 use progress::{cancel_on_signal, finish_run, progress, run_error};
@@ -395,7 +396,7 @@ pub fn main() -> i32 {
         Ok(code) => code,
         Err(e) => {
             let (code, text) = error::report(&e);
-            eprintln!("{text}");
+            style::eprint_lines(&text);
             code
         }
     }
@@ -503,9 +504,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                         p.bytes as f64 / 1e6,
                         p.memory as f64 / f64::from(1 << 20)
                     ),
-                    Some(Err(why)) => eprintln!(
+                    Some(Err(why)) => style::eprint_lines(&format!(
                         "warning: no warm interpreter: {why}; Python steps run on the base runtime"
-                    ),
+                    )),
                     None => println!("warm interpreter: off (`[python] snapshot = false`)"),
                 }
             }

@@ -343,11 +343,11 @@ fn resolving_to(
     for f in pipeline_files(args)? {
         let Ok((Some(p), _)) = crate::graph::load(&f, &env) else {
             // Cannot tell what it uses: say so rather than leave it out.
-            eprintln!(
+            super::style::eprint_lines(&format!(
                 "warning: {} does not validate: its use of {} is unknown",
                 display_path(&f),
                 m.id()
-            );
+            ));
             continue;
         };
         for s in &p.steps {
