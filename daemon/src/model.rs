@@ -129,6 +129,9 @@ status_enum! {
         Skipped = "skipped",
         /// The run was cancelled before the step ended.
         Cancelled = "cancelled",
+        /// Shown, never stored: still marked running in a run whose process is
+        /// gone ([`StepStatus::shown`]).
+        Interrupted = "interrupted",
     }
 }
 
@@ -137,11 +140,11 @@ impl StepStatus {
     /// marked running in an interrupted run ([`RunStatus::shown`]) stopped with its
     /// process, and says so rather than "running N s so far". Only shown: the store
     /// keeps `running`, and a resume starts the step anew.
-    pub fn shown(self, run: RunStatus) -> &'static str {
+    pub fn shown(self, run: RunStatus) -> StepStatus {
         if self == StepStatus::Running && run == RunStatus::Interrupted {
-            "interrupted"
+            StepStatus::Interrupted
         } else {
-            self.as_str()
+            self
         }
     }
 
@@ -215,10 +218,19 @@ mod tests {
     #[test]
     fn a_running_step_of_an_interrupted_run_is_shown_interrupted() {
         let interrupted = RunStatus::Interrupted;
-        assert_eq!(StepStatus::Running.shown(interrupted), "interrupted");
-        assert_eq!(StepStatus::Running.shown(RunStatus::Running), "running");
-        assert_eq!(StepStatus::Succeeded.shown(interrupted), "succeeded");
-        assert_eq!(StepStatus::Pending.shown(interrupted), "pending");
+        assert_eq!(
+            StepStatus::Running.shown(interrupted),
+            StepStatus::Interrupted
+        );
+        assert_eq!(
+            StepStatus::Running.shown(RunStatus::Running),
+            StepStatus::Running
+        );
+        assert_eq!(
+            StepStatus::Succeeded.shown(interrupted),
+            StepStatus::Succeeded
+        );
+        assert_eq!(StepStatus::Pending.shown(interrupted), StepStatus::Pending);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use super::{Error, duration, run_id, time};
-use crate::model::{Placement, RunStatus};
+use crate::model::{Placement, RunStatus, StepStatus};
 use crate::planner::short;
 use crate::store::Store;
 
@@ -83,15 +83,11 @@ pub(super) fn runs_show(store: &Store, run: &str, json: bool) -> anyhow::Result<
     let id = run_id(store, run)?;
     let mut v = crate::view::RunView::load(store, id)?.context("run vanished")?;
     v.run.status = shown_status(store, id, v.run.status);
+    for s in &mut v.steps {
+        s.status = s.status.shown(v.run.status);
+    }
     if json {
-        let mut value = serde_json::to_value(&v)?;
-        // The steps as shown (`StepStatus::shown`), as in the text.
-        if let Some(steps) = value["steps"].as_array_mut() {
-            for (shown, s) in steps.iter_mut().zip(&v.steps) {
-                shown["status"] = s.status.shown(v.run.status).into();
-            }
-        }
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(0);
     }
     let r = &v.run;
@@ -132,8 +128,8 @@ pub(super) fn runs_show(store: &Store, run: &str, json: bool) -> anyhow::Result<
         } else {
             String::new()
         };
-        let status = s.status.shown(r.status);
-        let took = if status == "interrupted" {
+        let status = s.status;
+        let took = if status == StepStatus::Interrupted {
             "-".to_string()
         } else {
             duration(s.started_at, s.finished_at)
