@@ -337,3 +337,41 @@ fn errors_are_coloured_on_a_terminal_unless_no_color_is_set() {
     let piped = p.run(&["runs", "show", "99"]);
     assert_eq!(stderr(&piped).trim_end(), "error: run 99 not found");
 }
+
+#[test]
+fn the_manual_page_renders() {
+    let p = Project::new();
+    let out = p.run(&["manpage"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let page = text(&out);
+    assert!(
+        page.starts_with(".ie \\n(.g") || page.contains(".TH millrace 1"),
+        "{page}"
+    );
+    assert!(page.contains("lineage"), "{page}");
+    let dir = p.path("man");
+    let out = p.run(&["manpage", "-o", dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    for page in ["millrace.1", "millrace-run.1", "millrace-module-publish.1"] {
+        assert!(dir.join(page).is_file(), "{page} missing");
+    }
+    assert!(
+        !dir.join("millrace-exec-step.1").exists(),
+        "a hidden command has no page"
+    );
+    // man -l renders it (where man is installed).
+    let Ok(rendered) = std::process::Command::new("man")
+        .arg("-l")
+        .arg(dir.join("millrace-run.1"))
+        .env("MANPAGER", "cat")
+        .env("MANWIDTH", "100")
+        .output()
+    else {
+        eprintln!("skipped the rendering: man is not installed");
+        return;
+    };
+    assert!(rendered.status.success(), "{}", stderr(&rendered));
+    let shown = text(&rendered);
+    assert!(shown.contains("The pipeline file"), "{shown}");
+    assert!(shown.contains("Examples:"), "{shown}");
+}

@@ -278,6 +278,17 @@ enum Command {
         #[arg(value_enum)]
         shell: CompletionShell,
     },
+    /// Print the manual page (roff) to stdout, or write one page per command to a
+    /// directory.
+    #[command(after_help = "Examples:
+  millrace manpage | man -l -
+  millrace manpage -o /usr/local/share/man/man1   # millrace.1, millrace-run.1, …")]
+    Manpage {
+        /// Write millrace.1 and a page per command (millrace-run.1, …) into this
+        /// directory instead.
+        #[arg(short = 'o', long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
     /// Next firings of cron triggers, in each trigger's time zone; with
     /// --simulate FROM TO every firing in that window (across DST changes).
     Schedule {
@@ -592,6 +603,22 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 "millrace",
                 &mut std::io::stdout(),
             );
+            Ok(0)
+        }
+        Command::Manpage { dir } => {
+            use clap::CommandFactory;
+            let cmd = Cli::command();
+            match dir {
+                Some(dir) => {
+                    std::fs::create_dir_all(&dir)
+                        .with_context(|| format!("cannot create {}", dir.display()))?;
+                    clap_mangen::generate_to(cmd, &dir).with_context(|| {
+                        format!("cannot write the pages into {}", dir.display())
+                    })?;
+                    eprintln!("manual pages written to {}", display_path(&dir));
+                }
+                None => clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?,
+            }
             Ok(0)
         }
         Command::ExecStep { spec } => Ok(crate::executor::slurm::exec_step(&spec).await),
