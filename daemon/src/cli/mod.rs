@@ -5,7 +5,9 @@
 //! By command group: [`validate`] (reading pipeline files), [`progress`] (`run`
 //! and `resume` as they go), [`records`] (`runs`, `logs`, `metrics`, `lineage`,
 //! `output`, `gc`), [`graph`], [`module`], [`service`] (the daemon and its
-//! clients); here the arguments, the dispatch, `plan` and `explain`.
+//! clients), [`style`] (coloured `error:`/`warning:`); here the arguments (with
+//! their help, which `completions` and `manpage` render too), the dispatch,
+//! `plan`, `explain` and `--version`.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
