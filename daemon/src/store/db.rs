@@ -175,14 +175,18 @@ pub struct MetricRow {
     pub step_index: Option<i64>,
 }
 
-/// Where an artifact is used: produced as an output, or read as an input.
+/// Where an artifact is used: produced as an output, reused, or read as an input.
 #[derive(Debug, Clone, Serialize)]
 pub struct LineageRow {
     pub run_id: i64,
     pub pipeline: String,
     pub step: String,
     pub name: String,
+    /// `output` (this execution wrote it), `reused` (the step took it over from
+    /// `reused_from`), `input` (a step read it) or `pipeline input`.
     pub role: String,
+    /// For `reused`: the run whose execution produced it.
+    pub reused_from: Option<i64>,
 }
 
 const RUN_COLUMNS: &str = "id, pipeline, experiment, definition, params, trigger, no_reuse, status, created_at, started_at, finished_at, error, trigger_detail, warnings, module_pins";
