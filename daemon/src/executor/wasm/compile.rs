@@ -3,9 +3,10 @@
 
 use std::io::Write;
 use std::path::Path;
+use std::sync::atomic::Ordering;
 
 use wasmtime::component::Component;
-use wasmtime::{Config, InstanceAllocationStrategy, Module, PoolingAllocationConfig};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, Module, PoolingAllocationConfig};
 use wasmtime_wasi::p2::bindings::CommandPre;
 
 use super::{Compiled, HOST_STACK_HEADROOM, MAX_WASM_STACK, WasmError, WasmRuntime};
@@ -14,12 +15,18 @@ impl WasmRuntime {
     /// Compiles `path` into the cache ahead of its first use (`millrace runtime
     /// prepare`). Returns whether it was already there.
     pub fn precompile(&self, path: &Path, digest: &str) -> Result<bool, WasmError> {
-        let key = blake3::hash(format!("{digest}\n{}", self.engine_key).as_bytes())
-            .to_hex()
-            .to_string();
+        let key = self.cache_key(digest);
         let was_cached = self.cache_dir.join(format!("{key}.cwasm")).is_file();
         self.prepare(path, digest)?;
         Ok(was_cached)
+    }
+
+    /// The name of the compiled form of the code with content digest `digest`
+    /// in the cache: this engine's code only.
+    fn cache_key(&self, digest: &str) -> String {
+        blake3::hash(format!("{digest}\n{}", self.engine_key).as_bytes())
+            .to_hex()
+            .to_string()
     }
 
     /// Compiles (or loads the precompiled form of) the wasm at `path`, whose
@@ -33,9 +40,7 @@ impl WasmRuntime {
         {
             return Ok(c.clone());
         }
-        let key = blake3::hash(format!("{digest}\n{}", self.engine_key).as_bytes())
-            .to_hex()
-            .to_string();
+        let key = self.cache_key(digest);
         let cached = self.cache_dir.join(format!("{key}.cwasm"));
         // One compile at a time per module, across threads and processes: the
         // others wait, then load what it wrote.
@@ -52,90 +57,19 @@ impl WasmRuntime {
                 .ok()
                 .filter(|f| f.lock().is_ok())
         };
-        let read = |source| WasmError::Read {
-            path: path.to_path_buf(),
-            source,
-        };
-        let compile_err = |e: wasmtime::Error| WasmError::Compile {
-            path: path.to_path_buf(),
-            detail: format!("{e:#}"),
-        };
         let link_err = |e: wasmtime::Error| WasmError::Link {
             path: path.to_path_buf(),
             detail: format!("{e:#}"),
         };
-        let is_component = {
-            let mut header = [0u8; 8];
-            let mut f = std::fs::File::open(path).map_err(read)?;
-            std::io::Read::read_exact(&mut f, &mut header).map_err(|_| WasmError::NotWasm {
-                path: path.to_path_buf(),
-            })?;
-            match header {
-                [0, b'a', b's', b'm', 1, 0, 0, 0] => false,
-                [0, b'a', b's', b'm', _, _, 1, 0] => true,
-                _ => {
-                    return Err(WasmError::NotWasm {
-                        path: path.to_path_buf(),
-                    });
-                }
-            }
-        };
-        let compiled = if is_component {
-            // SAFETY: `cached` lives in our state directory and is only ever written
-            // by `store_precompiled` below from this engine's own output.
-            let loaded = cached
-                .is_file()
-                .then(|| unsafe { Component::deserialize_file(&self.engine, &cached) }.ok())
-                .flatten();
-            let component = match loaded {
-                Some(c) => {
-                    self.cache_hits
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    c
-                }
-                None => {
-                    let bytes = read_checked(path, digest)?;
-                    self.compiles
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let c = Component::new(&self.engine, &bytes).map_err(compile_err)?;
-                    match c.serialize() {
-                        Ok(bin) => store_precompiled(&self.cache_dir, &cached, &bin),
-                        Err(e) => tracing::warn!("cannot serialize {}: {e:#}", path.display()),
-                    }
-                    release_compiler_memory();
-                    c
-                }
-            };
+        let compiled = if is_component(path)? {
+            let component: Component = self.load_or_compile(path, digest, &cached)?;
             let pre = self
                 .p2_linker
                 .instantiate_pre(&component)
                 .map_err(link_err)?;
             Compiled::Component(CommandPre::new(pre).map_err(link_err)?)
         } else {
-            // SAFETY: as above.
-            let loaded = cached
-                .is_file()
-                .then(|| unsafe { Module::deserialize_file(&self.engine, &cached) }.ok())
-                .flatten();
-            let module = match loaded {
-                Some(m) => {
-                    self.cache_hits
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    m
-                }
-                None => {
-                    let bytes = read_checked(path, digest)?;
-                    self.compiles
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let m = Module::new(&self.engine, &bytes).map_err(compile_err)?;
-                    match m.serialize() {
-                        Ok(bin) => store_precompiled(&self.cache_dir, &cached, &bin),
-                        Err(e) => tracing::warn!("cannot serialize {}: {e:#}", path.display()),
-                    }
-                    release_compiler_memory();
-                    m
-                }
-            };
+            let module: Module = self.load_or_compile(path, digest, &cached)?;
             let pre = self.p1_linker.instantiate_pre(&module).map_err(link_err)?;
             if module.get_export("_start").is_some() {
                 Compiled::Module(pre)
@@ -152,6 +86,101 @@ impl WasmRuntime {
             .unwrap_or_else(|e| e.into_inner())
             .insert(digest.to_string(), compiled.clone());
         Ok(compiled)
+    }
+
+    /// The code at `path` (content digest `digest`): loaded from its precompiled
+    /// form `cached` when this engine can load that, otherwise compiled and
+    /// stored there.
+    fn load_or_compile<C: Code>(
+        &self,
+        path: &Path,
+        digest: &str,
+        cached: &Path,
+    ) -> Result<C, WasmError> {
+        // SAFETY: `cached` lives in our state directory and is only ever written
+        // by `store_precompiled` below from this engine's own output.
+        let loaded = cached
+            .is_file()
+            .then(|| unsafe { C::load(&self.engine, cached) }.ok())
+            .flatten();
+        if let Some(code) = loaded {
+            self.cache_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(code);
+        }
+        let bytes = read_checked(path, digest)?;
+        self.compiles.fetch_add(1, Ordering::Relaxed);
+        let code = C::compile(&self.engine, &bytes).map_err(|e| WasmError::Compile {
+            path: path.to_path_buf(),
+            detail: format!("{e:#}"),
+        })?;
+        match code.to_bytes() {
+            Ok(bin) => store_precompiled(&self.cache_dir, cached, &bin),
+            Err(e) => tracing::warn!("cannot serialize {}: {e:#}", path.display()),
+        }
+        release_compiler_memory();
+        Ok(code)
+    }
+}
+
+/// What the engine compiles and the cache keeps: a wasip2 component or a core
+/// module, compiled, serialized and loaded alike.
+trait Code: Sized {
+    /// # Safety
+    ///
+    /// `path` must hold what [`Code::to_bytes`] wrote for this engine: loading
+    /// maps it as executable code without checking it.
+    unsafe fn load(engine: &Engine, path: &Path) -> wasmtime::Result<Self>;
+    fn compile(engine: &Engine, bytes: &[u8]) -> wasmtime::Result<Self>;
+    fn to_bytes(&self) -> wasmtime::Result<Vec<u8>>;
+}
+
+impl Code for Component {
+    unsafe fn load(engine: &Engine, path: &Path) -> wasmtime::Result<Self> {
+        // SAFETY: the caller's.
+        unsafe { Component::deserialize_file(engine, path) }
+    }
+
+    fn compile(engine: &Engine, bytes: &[u8]) -> wasmtime::Result<Self> {
+        Component::new(engine, bytes)
+    }
+
+    fn to_bytes(&self) -> wasmtime::Result<Vec<u8>> {
+        self.serialize()
+    }
+}
+
+impl Code for Module {
+    unsafe fn load(engine: &Engine, path: &Path) -> wasmtime::Result<Self> {
+        // SAFETY: the caller's.
+        unsafe { Module::deserialize_file(engine, path) }
+    }
+
+    fn compile(engine: &Engine, bytes: &[u8]) -> wasmtime::Result<Self> {
+        Module::new(engine, bytes)
+    }
+
+    fn to_bytes(&self) -> wasmtime::Result<Vec<u8>> {
+        self.serialize()
+    }
+}
+
+/// Whether the wasm at `path` is a component (wasip2) rather than a core module
+/// (wasip1), told by its header.
+fn is_component(path: &Path) -> Result<bool, WasmError> {
+    let mut header = [0u8; 8];
+    let mut f = std::fs::File::open(path).map_err(|source| WasmError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    std::io::Read::read_exact(&mut f, &mut header).map_err(|_| WasmError::NotWasm {
+        path: path.to_path_buf(),
+    })?;
+    match header {
+        [0, b'a', b's', b'm', 1, 0, 0, 0] => Ok(false),
+        [0, b'a', b's', b'm', _, _, 1, 0] => Ok(true),
+        _ => Err(WasmError::NotWasm {
+            path: path.to_path_buf(),
+        }),
     }
 }
 
