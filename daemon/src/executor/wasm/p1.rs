@@ -45,6 +45,16 @@ fn errno(e: p1t::Errno) -> i32 {
 ///   (`fd_allocate` is refused by wasmtime-wasi itself: ENOTSUP.)
 pub(super) fn wrap_p1(linker: &mut Linker<P1State>) -> wasmtime::Result<()> {
     linker.allow_shadowing(true);
+    wrap_sleep(linker)?;
+    wrap_opens(linker)?;
+    wrap_writes(linker)?;
+    wrap_unlinks(linker)?;
+    linker.allow_shadowing(false);
+    Ok(())
+}
+
+/// `poll_oneoff`: a lone relative sleep of a tick or longer on a timer of the runtime.
+fn wrap_sleep(linker: &mut Linker<P1State>) -> wasmtime::Result<()> {
     linker.func_wrap_async(
         "wasi_snapshot_preview1",
         "poll_oneoff",
@@ -82,6 +92,12 @@ pub(super) fn wrap_p1(linker: &mut Linker<P1State>) -> wasmtime::Result<()> {
             })
         },
     )?;
+    Ok(())
+}
+
+/// `path_open`, `fd_close` and `fd_renumber`: the descriptor count, and the
+/// files the disk budget tracks.
+fn wrap_opens(linker: &mut Linker<P1State>) -> wasmtime::Result<()> {
     linker.func_wrap_async(
         "wasi_snapshot_preview1",
         "path_open",
@@ -188,6 +204,11 @@ pub(super) fn wrap_p1(linker: &mut Linker<P1State>) -> wasmtime::Result<()> {
             })
         },
     )?;
+    Ok(())
+}
+
+/// `fd_write`, `fd_pwrite` and `fd_filestat_set_size`: within the disk budget.
+fn wrap_writes(linker: &mut Linker<P1State>) -> wasmtime::Result<()> {
     linker.func_wrap_async(
         "wasi_snapshot_preview1",
         "fd_write",
@@ -239,6 +260,11 @@ pub(super) fn wrap_p1(linker: &mut Linker<P1State>) -> wasmtime::Result<()> {
             })
         },
     )?;
+    Ok(())
+}
+
+/// `path_unlink_file` and `path_rename`: a file's last link gives its bytes back.
+fn wrap_unlinks(linker: &mut Linker<P1State>) -> wasmtime::Result<()> {
     linker.func_wrap_async(
         "wasi_snapshot_preview1",
         "path_unlink_file",
@@ -285,7 +311,6 @@ pub(super) fn wrap_p1(linker: &mut Linker<P1State>) -> wasmtime::Result<()> {
             })
         },
     )?;
-    linker.allow_shadowing(false);
     Ok(())
 }
 

@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use wasmtime::component::{Linker as ComponentLinker, Resource, ResourceTable};
+use wasmtime::component::{Linker as ComponentLinker, LinkerInstance, Resource, ResourceTable};
 use wasmtime_wasi::filesystem::{Descriptor as FsDescriptor, WasiFilesystemView as _};
 use wasmtime_wasi::p2::bindings::filesystem::types::{
     DescriptorFlags, DescriptorType, ErrorCode, HostDescriptor, OpenFlags, PathFlags,
@@ -166,6 +166,15 @@ fn budgeted_stream(
 pub(super) fn wrap_p2(linker: &mut ComponentLinker<P2State>) -> wasmtime::Result<()> {
     linker.allow_shadowing(true);
     let mut fs = linker.instance(P2_FILESYSTEM)?;
+    wrap_streams(&mut fs)?;
+    wrap_writes(&mut fs)?;
+    wrap_unlinks(&mut fs)?;
+    linker.allow_shadowing(false);
+    Ok(())
+}
+
+/// `write-via-stream` and `append-via-stream`: their streams are [`BudgetedStream`]s.
+fn wrap_streams(fs: &mut LinkerInstance<'_, P2State>) -> wasmtime::Result<()> {
     fs.func_wrap_async(
         "[method]descriptor.write-via-stream",
         |mut store: wasmtime::StoreContextMut<'_, P2State>,
@@ -193,6 +202,11 @@ pub(super) fn wrap_p2(linker: &mut ComponentLinker<P2State>) -> wasmtime::Result
             })
         },
     )?;
+    Ok(())
+}
+
+/// `write` and `set-size`: within the disk budget.
+fn wrap_writes(fs: &mut LinkerInstance<'_, P2State>) -> wasmtime::Result<()> {
     fs.func_wrap_async(
         "[method]descriptor.write",
         |mut store: wasmtime::StoreContextMut<'_, P2State>,
@@ -260,6 +274,11 @@ pub(super) fn wrap_p2(linker: &mut ComponentLinker<P2State>) -> wasmtime::Result
             })
         },
     )?;
+    Ok(())
+}
+
+/// `open-at` (`truncate`), `unlink-file-at` and `rename-at`: bytes given back.
+fn wrap_unlinks(fs: &mut LinkerInstance<'_, P2State>) -> wasmtime::Result<()> {
     fs.func_wrap_async(
         "[method]descriptor.open-at",
         |mut store: wasmtime::StoreContextMut<'_, P2State>,
@@ -346,7 +365,6 @@ pub(super) fn wrap_p2(linker: &mut ComponentLinker<P2State>) -> wasmtime::Result
             })
         },
     )?;
-    linker.allow_shadowing(false);
     Ok(())
 }
 
