@@ -29,6 +29,14 @@
 //! Compiled code is kept in `<state>/cache/wasm/` under a key of the module's digest,
 //! the engine's compatibility hash and the wasmtime version; only files this code
 //! wrote there are ever deserialized. In-process, `InstancePre`s are reused.
+//!
+//! # Layout
+//!
+//! This file holds the runtime ([`WasmRuntime::run`], the [`Sandbox`], the epoch
+//! ticker); [`compile`] the engine's configuration and the compile cache; [`p1`]
+//! and [`p2`] the WASI functions wrapped around wasmtime-wasi's (sleeps, the
+//! descriptor cap, the [`disk`] budget); [`outcome`] how a guest ended; [`stdio`]
+//! its stdout and stderr into the step's log.
 
 mod compile;
 mod disk;
