@@ -51,6 +51,11 @@ use wasmtime_wasi::{FsPerms, HostMonotonicClock, HostWallClock, WasiCtxBuilder};
 
 use super::python::{ARGV0, PRELUDE, RUNTIME_NAME, Runtime};
 
+mod view;
+mod wasmbin;
+use view::*;
+use wasmbin::*;
+
 /// The modules preloaded unless `[python] preload` says otherwise.
 pub const DEFAULT_PRELOAD: &[&str] = &[
     "numpy",
@@ -442,41 +447,7 @@ pub fn build(
     let (module, compiled_instrumented) = instrumented_module(&engine, &instrumented, &d)?;
     drop(instrumented);
 
-    let out = MemoryOutputPipe::new(1 << 20);
-    let err = MemoryOutputPipe::new(1 << 20);
-    let mut b = WasiCtxBuilder::new();
-    b.args(&[ARGV0])
-        .stdout(out.clone())
-        .stderr(err.clone())
-        .secure_random(wasmtime_wasi::Deterministic::new(vec![0]))
-        .insecure_random(wasmtime_wasi::Deterministic::new(vec![0]))
-        .insecure_random_seed(0)
-        .wall_clock(FixedWall)
-        .monotonic_clock(FixedMonotonic);
-    // Only the standard library: nothing of the machine's enters the snapshot.
-    b.preopened_dir(runtime.dir.join("lib"), "/usr/local/lib", FsPerms::ReadOnly)
-        .map_err(|e| format!("the build sandbox: {e:#}"))?;
-    let mut store = Store::new(
-        &engine,
-        BuildState {
-            wasi: b.build_p1(),
-            inodes: std::collections::HashMap::new(),
-        },
-    );
-    let mut linker: Linker<BuildState> = Linker::new(&engine);
-    wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut BuildState| &mut s.wasi)
-        .map_err(|e| format!("the build linker: {e:#}"))?;
-    fixed_file_view(&mut linker).map_err(|e| format!("the build linker: {e:#}"))?;
-    linker
-        .func_wrap(
-            "host",
-            "call",
-            |_: wasmtime::Caller<'_, BuildState>, _: i32, _: i32, _: i32, _: i32| -> i32 { -1 },
-        )
-        .map_err(|e| format!("the build linker: {e:#}"))?;
-    let instance = linker
-        .instantiate(&mut store, &module)
-        .map_err(|e| format!("cannot instantiate the instrumented runtime: {e:#}"))?;
+    let (mut store, instance, err) = build_instance(&engine, &module, runtime)?;
     let guest_err = |e: wasmtime::Error, what: &str| {
         let stderr = String::from_utf8_lossy(&err.contents()).into_owned();
         format!(
@@ -599,225 +570,50 @@ pub fn lock(cache_dir: &Path, recipe: &str) -> Result<std::fs::File, String> {
     Ok(f)
 }
 
-struct BuildState {
-    wasi: WasiP1Ctx,
-    /// The build's inode numbers: the host's (a hash of device and inode), numbered
-    /// in the order the guest first sees them.
-    inodes: std::collections::HashMap<u64, u64>,
-}
-
-const P1: &str = "wasi_snapshot_preview1";
-
-/// Shadows the three WASI calls that tell the guest a file's identity and times
-/// (`fd_filestat_get`, `path_filestat_get`, `fd_readdir`) with ones that present a
-/// fixed view: inode numbers counted from 1 in the order the build meets them,
-/// one link, every timestamp the build's epoch. What the guest learns there ends
-/// up in the snapshot (in `os.stat` results and the heap they leave behind), and
-/// the host's values depend on where and how the runtime was unpacked: a copy of
-/// the same files at another path gave 751 different bytes.
-fn fixed_file_view(linker: &mut Linker<BuildState>) -> wasmtime::Result<()> {
-    use wasmtime_wasi::p1::wasi_snapshot_preview1 as p1;
-    use wasmtime_wasi::runtime::in_tokio;
-    linker.allow_shadowing(true);
-    linker.func_wrap(
-        P1,
-        "fd_filestat_get",
-        |mut c: wasmtime::Caller<'_, BuildState>, fd: i32, buf: i32| {
-            let errno = {
-                let (mut mem, state) = p1_parts(&mut c)?;
-                in_tokio(p1::fd_filestat_get(&mut state.wasi, &mut mem, fd, buf))?
-            };
-            if errno == 0 {
-                fix_filestat(&mut c, buf)?;
-            }
-            Ok(errno)
+/// The instrumented runtime instantiated in the build's sandbox: only the
+/// standard library mounted, fixed clocks, randomness and file identities.
+/// Returns the store, the instance and the guest's stderr (for error messages).
+fn build_instance(
+    engine: &Engine,
+    module: &Module,
+    runtime: &Runtime,
+) -> Result<(Store<BuildState>, wasmtime::Instance, MemoryOutputPipe), String> {
+    let out = MemoryOutputPipe::new(1 << 20);
+    let err = MemoryOutputPipe::new(1 << 20);
+    let mut b = WasiCtxBuilder::new();
+    b.args(&[ARGV0])
+        .stdout(out.clone())
+        .stderr(err.clone())
+        .secure_random(wasmtime_wasi::Deterministic::new(vec![0]))
+        .insecure_random(wasmtime_wasi::Deterministic::new(vec![0]))
+        .insecure_random_seed(0)
+        .wall_clock(FixedWall)
+        .monotonic_clock(FixedMonotonic);
+    // Only the standard library: nothing of the machine's enters the snapshot.
+    b.preopened_dir(runtime.dir.join("lib"), "/usr/local/lib", FsPerms::ReadOnly)
+        .map_err(|e| format!("the build sandbox: {e:#}"))?;
+    let mut store = Store::new(
+        engine,
+        BuildState {
+            wasi: b.build_p1(),
+            inodes: std::collections::HashMap::new(),
         },
-    )?;
-    linker.func_wrap(
-        P1,
-        "path_filestat_get",
-        |mut c: wasmtime::Caller<'_, BuildState>,
-         fd: i32,
-         flags: i32,
-         path: i32,
-         len: i32,
-         buf: i32| {
-            let errno = {
-                let (mut mem, state) = p1_parts(&mut c)?;
-                in_tokio(p1::path_filestat_get(
-                    &mut state.wasi,
-                    &mut mem,
-                    fd,
-                    flags,
-                    path,
-                    len,
-                    buf,
-                ))?
-            };
-            if errno == 0 {
-                fix_filestat(&mut c, buf)?;
-            }
-            Ok(errno)
-        },
-    )?;
-    linker.func_wrap(
-        P1,
-        "fd_readdir",
-        |mut c: wasmtime::Caller<'_, BuildState>,
-         fd: i32,
-         buf: i32,
-         len: i32,
-         cookie: i64,
-         used: i32| {
-            let errno = {
-                let (mut mem, state) = p1_parts(&mut c)?;
-                in_tokio(p1::fd_readdir(
-                    &mut state.wasi,
-                    &mut mem,
-                    fd,
-                    buf,
-                    len,
-                    cookie,
-                    used,
-                ))?
-            };
-            if errno == 0 {
-                fix_dirents(&mut c, buf, used)?;
-            }
-            Ok(errno)
-        },
-    )?;
-    linker.allow_shadowing(false);
-    Ok(())
-}
-
-/// What wasmtime-wasi's wasip1 functions take: the guest's memory and the context.
-fn p1_parts<'a>(
-    c: &'a mut wasmtime::Caller<'_, BuildState>,
-) -> wasmtime::Result<(wiggle::GuestMemory<'a>, &'a mut BuildState)> {
-    use wasmtime::AsContextMut;
-    use wasmtime_wasi::p1::wasi_snapshot_preview1::WasiSnapshotPreview1 as _;
-    let fuel = c.as_context_mut().hostcall_fuel();
-    let memory = c
-        .get_export("memory")
-        .and_then(wasmtime::Extern::into_memory)
-        .ok_or_else(|| wasmtime::format_err!("the runtime exports no `memory`"))?;
-    let (bytes, state) = memory.data_and_store_mut(c);
-    state.wasi.set_hostcall_fuel(fuel);
-    Ok((wiggle::GuestMemory::Unshared(bytes), state))
-}
-
-/// The guest's memory and the build's inode numbering.
-fn guest<'a>(
-    c: &'a mut wasmtime::Caller<'_, BuildState>,
-) -> wasmtime::Result<(&'a mut [u8], &'a mut std::collections::HashMap<u64, u64>)> {
-    let memory = c
-        .get_export("memory")
-        .and_then(wasmtime::Extern::into_memory)
-        .ok_or_else(|| wasmtime::format_err!("the runtime exports no `memory`"))?;
-    let (data, state) = memory.data_and_store_mut(c);
-    Ok((data, &mut state.inodes))
-}
-
-/// The build's number for the host's inode `ino` (0, a pipe's, stays 0).
-fn build_inode(inodes: &mut std::collections::HashMap<u64, u64>, ino: u64) -> u64 {
-    if ino == 0 {
-        return 0;
-    }
-    let next = inodes.len() as u64 + 1;
-    *inodes.entry(ino).or_insert(next)
-}
-
-fn field(data: &mut [u8], at: usize) -> wasmtime::Result<&mut [u8; 8]> {
-    at.checked_add(8)
-        .and_then(|end| data.get_mut(at..end))
-        .and_then(|b| <&mut [u8; 8]>::try_from(b).ok())
-        .ok_or_else(|| wasmtime::format_err!("a WASI result outside the guest's memory"))
-}
-
-/// A preview-1 `filestat` at `buf`: dev u64, ino u64, filetype u8, nlink u64 at
-/// 24, size at 32, atim, mtim, ctim at 40, 48, 56.
-fn fix_filestat(c: &mut wasmtime::Caller<'_, BuildState>, buf: i32) -> wasmtime::Result<()> {
-    let (data, inodes) = guest(c)?;
-    fixed_filestat(data, inodes, buf)
-}
-
-fn fixed_filestat(
-    data: &mut [u8],
-    inodes: &mut std::collections::HashMap<u64, u64>,
-    buf: i32,
-) -> wasmtime::Result<()> {
-    let at = buf as u32 as usize;
-    // All of it or nothing (the inode numbering is not advanced for a fault).
-    field(data, at + 56)?;
-    let ino = field(data, at + 8)?;
-    *ino = build_inode(inodes, u64::from_le_bytes(*ino)).to_le_bytes();
-    *field(data, at + 24)? = 1u64.to_le_bytes();
-    let epoch = (BUILD_EPOCH.as_nanos() as u64).to_le_bytes();
-    for time in [40, 48, 56] {
-        *field(data, at + time)? = epoch;
-    }
-    Ok(())
-}
-
-/// The `dirent`s `fd_readdir` wrote at `buf` (`*used` bytes; the last may be cut
-/// short): d_next u64, d_ino u64, d_namlen u32, d_type u8, then the name.
-fn fix_dirents(
-    c: &mut wasmtime::Caller<'_, BuildState>,
-    buf: i32,
-    used: i32,
-) -> wasmtime::Result<()> {
-    let (data, inodes) = guest(c)?;
-    fixed_dirents(data, inodes, buf, used)
-}
-
-fn fixed_dirents(
-    data: &mut [u8],
-    inodes: &mut std::collections::HashMap<u64, u64>,
-    buf: i32,
-    used: i32,
-) -> wasmtime::Result<()> {
-    let used_at = used as u32 as usize;
-    let used = data
-        .get(used_at..used_at + 4)
-        .and_then(|b| <[u8; 4]>::try_from(b).ok())
-        .map(u32::from_le_bytes)
-        .ok_or_else(|| wasmtime::format_err!("a WASI result outside the guest's memory"))?;
-    let (start, end) = (buf as u32 as usize, buf as u32 as usize + used as usize);
-    let mut at = start;
-    while at + 24 <= end {
-        let ino = field(data, at + 8)?;
-        *ino = build_inode(inodes, u64::from_le_bytes(*ino)).to_le_bytes();
-        let namlen = data
-            .get(at + 16..at + 20)
-            .and_then(|b| <[u8; 4]>::try_from(b).ok())
-            .map(u32::from_le_bytes)
-            .unwrap_or(u32::MAX);
-        at = at.saturating_add(24).saturating_add(namlen as usize);
-    }
-    Ok(())
-}
-
-struct FixedWall;
-
-impl HostWallClock for FixedWall {
-    fn resolution(&self) -> Duration {
-        Duration::from_secs(1)
-    }
-    fn now(&self) -> Duration {
-        BUILD_EPOCH
-    }
-}
-
-struct FixedMonotonic;
-
-impl HostMonotonicClock for FixedMonotonic {
-    fn resolution(&self) -> u64 {
-        1
-    }
-    fn now(&self) -> u64 {
-        0
-    }
+    );
+    let mut linker: Linker<BuildState> = Linker::new(engine);
+    wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut BuildState| &mut s.wasi)
+        .map_err(|e| format!("the build linker: {e:#}"))?;
+    fixed_file_view(&mut linker).map_err(|e| format!("the build linker: {e:#}"))?;
+    linker
+        .func_wrap(
+            "host",
+            "call",
+            |_: wasmtime::Caller<'_, BuildState>, _: i32, _: i32, _: i32, _: i32| -> i32 { -1 },
+        )
+        .map_err(|e| format!("the build linker: {e:#}"))?;
+    let instance = linker
+        .instantiate(&mut store, module)
+        .map_err(|e| format!("cannot instantiate the instrumented runtime: {e:#}"))?;
+    Ok((store, instance, err))
 }
 
 /// The engine that runs the instrumented module once. Unoptimised code: the
@@ -940,286 +736,5 @@ fn write_atomically(dest: &Path, bytes: &[u8]) -> Result<(), String> {
         })
 }
 
-// ---- The few bytes of the module format the recipe reads and rewrites. ----
-
-struct Reader<'a> {
-    b: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn new(b: &'a [u8]) -> Reader<'a> {
-        Reader { b, pos: 0 }
-    }
-
-    fn done(&self) -> bool {
-        self.pos >= self.b.len()
-    }
-
-    fn byte(&mut self) -> Result<u8, String> {
-        let v = *self.b.get(self.pos).ok_or("truncated module")?;
-        self.pos += 1;
-        Ok(v)
-    }
-
-    fn leb(&mut self) -> Result<u32, String> {
-        let mut v: u64 = 0;
-        for shift in (0..35).step_by(7) {
-            let b = self.byte()?;
-            v |= u64::from(b & 0x7f) << shift;
-            if b & 0x80 == 0 {
-                return u32::try_from(v).map_err(|_| "LEB128 out of range".to_string());
-            }
-        }
-        Err("LEB128 too long".into())
-    }
-
-    fn bytes(&mut self, n: usize) -> Result<&'a [u8], String> {
-        let end = self.pos.checked_add(n).ok_or("truncated module")?;
-        let v = self.b.get(self.pos..end).ok_or("truncated module")?;
-        self.pos = end;
-        Ok(v)
-    }
-
-    fn name(&mut self) -> Result<&'a str, String> {
-        let n = self.leb()? as usize;
-        std::str::from_utf8(self.bytes(n)?).map_err(|_| "a name is not UTF-8".to_string())
-    }
-}
-
-fn put_leb(out: &mut Vec<u8>, mut v: u32) {
-    loop {
-        let b = (v & 0x7f) as u8;
-        v >>= 7;
-        if v == 0 {
-            out.push(b);
-            return;
-        }
-        out.push(b | 0x80);
-    }
-}
-
-/// The sections of a core module: (id, start of the section header, payload).
-fn sections(wasm: &[u8]) -> Result<Vec<(u8, usize, std::ops::Range<usize>)>, String> {
-    if wasm.get(..8) != Some(&[0, b'a', b's', b'm', 1, 0, 0, 0]) {
-        return Err("not a core wasm module".into());
-    }
-    let mut r = Reader::new(wasm);
-    r.pos = 8;
-    let mut out = Vec::new();
-    while !r.done() {
-        let start = r.pos;
-        let id = r.byte()?;
-        let len = r.leb()? as usize;
-        let body = r.pos..r.pos.checked_add(len).ok_or("truncated module")?;
-        r.bytes(len)?;
-        out.push((id, start, body));
-    }
-    Ok(out)
-}
-
-/// The function indices of `names`, from the `name` section; an error names the
-/// first one missing (a runtime whose internals moved: no snapshot).
-fn func_indices(wasm: &[u8], names: &[&str]) -> Result<Vec<u32>, String> {
-    let mut found: Vec<Option<u32>> = vec![None; names.len()];
-    for (id, _, body) in sections(wasm)? {
-        if id != 0 {
-            continue;
-        }
-        let mut r = Reader::new(&wasm[body]);
-        if r.name()? != "name" {
-            continue;
-        }
-        while !r.done() {
-            let sub = r.byte()?;
-            let len = r.leb()? as usize;
-            let data = r.bytes(len)?;
-            if sub != 1 {
-                continue;
-            }
-            let mut f = Reader::new(data);
-            for _ in 0..f.leb()? {
-                let index = f.leb()?;
-                let name = f.name()?;
-                if let Some(k) = names.iter().position(|n| *n == name) {
-                    found[k].get_or_insert(index);
-                }
-            }
-        }
-    }
-    names
-        .iter()
-        .zip(found)
-        .map(|(n, i)| {
-            i.ok_or_else(|| {
-                format!("the runtime has no function `{n}` (an unknown wheel version?)")
-            })
-        })
-        .collect()
-}
-
-/// The export section: (name, kind, index).
-fn exports(wasm: &[u8]) -> Result<Vec<(String, u8, u32)>, String> {
-    let mut out = Vec::new();
-    for (id, _, body) in sections(wasm)? {
-        if id != 7 {
-            continue;
-        }
-        let mut r = Reader::new(&wasm[body]);
-        for _ in 0..r.leb()? {
-            let name = r.name()?.to_string();
-            let kind = r.byte()?;
-            let index = r.leb()?;
-            out.push((name, kind, index));
-        }
-    }
-    Ok(out)
-}
-
-/// The module with its export section replaced by `edit` of its exports.
-fn rewrite_exports(
-    wasm: &[u8],
-    edit: impl FnOnce(&mut Vec<(String, u8, u32)>),
-) -> Result<Vec<u8>, String> {
-    let mut list = exports(wasm)?;
-    edit(&mut list);
-    let mut body = Vec::new();
-    put_leb(&mut body, list.len() as u32);
-    for (name, kind, index) in &list {
-        put_leb(&mut body, name.len() as u32);
-        body.extend_from_slice(name.as_bytes());
-        body.push(*kind);
-        put_leb(&mut body, *index);
-    }
-    let mut out = Vec::with_capacity(wasm.len() + 64);
-    out.extend_from_slice(&wasm[..8]);
-    let mut replaced = false;
-    for (id, start, range) in sections(wasm)? {
-        if id == 7 {
-            out.push(7);
-            put_leb(&mut out, body.len() as u32);
-            out.extend_from_slice(&body);
-            replaced = true;
-        } else {
-            out.extend_from_slice(&wasm[start..range.end]);
-        }
-    }
-    if !replaced {
-        return Err("the module has no export section".into());
-    }
-    Ok(out)
-}
-
-/// The initial size of the module's (first) memory, in bytes.
-fn initial_memory(wasm: &[u8]) -> Result<u64, String> {
-    for (id, _, body) in sections(wasm)? {
-        if id != 5 {
-            continue;
-        }
-        let mut r = Reader::new(&wasm[body]);
-        if r.leb()? == 0 {
-            break;
-        }
-        let flags = r.byte()?;
-        if flags & 0x04 != 0 {
-            return Err("a 64-bit memory is not expected here".into());
-        }
-        return Ok(u64::from(r.leb()?) << 16);
-    }
-    Err("the module defines no memory".into())
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn module_names_are_dotted_identifiers() {
-        assert!(is_module_name("sklearn.linear_model"));
-        assert!(is_module_name("_x1.y"));
-        for bad in ["", "a..b", "1a", "os; import x", "a.b ", "a-b", ".a"] {
-            assert!(!is_module_name(bad), "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn the_recipe_names_the_preload_list() {
-        let a = recipe_digest("rt", &["numpy".into()]);
-        assert_ne!(a, recipe_digest("rt", &["numpy".into(), "pandas".into()]));
-        assert_ne!(a, recipe_digest("rt2", &["numpy".into()]));
-        assert_eq!(a, recipe_digest("rt", &["numpy".into()]));
-    }
-
-    #[test]
-    fn exports_are_rewritten_and_read_back() {
-        // (module (memory 3) (func) (export "f" (func 0)) (export "memory" (memory 0)))
-        let wasm: Vec<u8> = vec![
-            0, b'a', b's', b'm', 1, 0, 0, 0, // header
-            1, 4, 1, 0x60, 0, 0, // type: () -> ()
-            3, 2, 1, 0, // func 0: type 0
-            5, 3, 1, 0, 3, // memory: min 3
-            7, 14, 2, 1, b'f', 0, 0, 6, b'm', b'e', b'm', b'o', b'r', b'y', 2, 0, // exports
-            10, 4, 1, 2, 0, 0x0b, // code
-        ];
-        assert_eq!(initial_memory(&wasm).unwrap(), 3 << 16);
-        let more = rewrite_exports(&wasm, |e| e.push(("g".into(), 0, 0))).unwrap();
-        let names: Vec<String> = exports(&more).unwrap().into_iter().map(|e| e.0).collect();
-        assert_eq!(names, ["f", "memory", "g"]);
-        let back = rewrite_exports(&more, |e| e.retain(|x| x.0 != "g")).unwrap();
-        assert_eq!(back, wasm);
-        assert!(func_indices(&wasm, &["f"]).unwrap_err().contains("`f`"));
-    }
-
-    #[test]
-    fn the_build_sees_fixed_file_identities() {
-        let mut inodes = std::collections::HashMap::new();
-        // A filestat at 8: dev 1, a host inode hash, a regular file, two links,
-        // size 5, real times.
-        let mut mem = vec![0u8; 8 + 64];
-        let put = |m: &mut [u8], at: usize, v: u64| m[at..at + 8].copy_from_slice(&v.to_le_bytes());
-        put(&mut mem, 8, 1);
-        put(&mut mem, 16, 0xdead_beef_1234);
-        mem[24] = 4;
-        put(&mut mem, 32, 2);
-        put(&mut mem, 40, 5);
-        for t in [48, 56, 64] {
-            put(&mut mem, t, 1_764_000_000_123_456_789);
-        }
-        fixed_filestat(&mut mem, &mut inodes, 8).unwrap();
-        let get = |m: &[u8], at: usize| u64::from_le_bytes(m[at..at + 8].try_into().unwrap());
-        assert_eq!((get(&mem, 8), get(&mem, 16), mem[24]), (1, 1, 4));
-        assert_eq!((get(&mem, 32), get(&mem, 40)), (1, 5));
-        for t in [48, 56, 64] {
-            assert_eq!(get(&mem, t), BUILD_EPOCH.as_nanos() as u64);
-        }
-        assert!(fixed_filestat(&mut mem, &mut inodes, 16).is_err());
-
-        // Two dirents ("." of the same file, then "zip" of another), the second cut
-        // short after its header; `used` at 0.
-        let mut mem = vec![0u8; 4 + 24 + 1 + 24 + 2];
-        mem[..4].copy_from_slice(&(24u32 + 1 + 24 + 2).to_le_bytes());
-        put(&mut mem, 4 + 8, 0xdead_beef_1234);
-        mem[4 + 16..4 + 20].copy_from_slice(&1u32.to_le_bytes());
-        put(&mut mem, 4 + 25 + 8, 0x5555);
-        mem[4 + 25 + 16..4 + 25 + 20].copy_from_slice(&3u32.to_le_bytes());
-        fixed_dirents(&mut mem, &mut inodes, 4, 0).unwrap();
-        assert_eq!((get(&mem, 4 + 8), get(&mem, 4 + 25 + 8)), (1, 2));
-        assert_eq!(build_inode(&mut inodes, 0), 0);
-    }
-
-    #[test]
-    fn unsuitable_steps_say_why() {
-        assert!(
-            unsuitable(64 << 20, &mut std::iter::empty())
-                .unwrap()
-                .contains("floor")
-        );
-        let env = ["HOME", "SKLEARN_ASSUME_FINITE"];
-        assert!(
-            unsuitable(2 << 30, &mut env.into_iter())
-                .unwrap()
-                .contains("SKLEARN_ASSUME_FINITE")
-        );
-        assert!(unsuitable(2 << 30, &mut ["SEED"].into_iter()).is_none());
-    }
-}
+mod tests;
