@@ -17,9 +17,9 @@ use clap::{Parser, Subcommand};
 
 use crate::config::Config;
 use crate::diagnostic::display_path;
+use crate::engine::{Datastores, Engine, RunRequest};
 use crate::graph::Graph;
 use crate::planner::{Planned, short};
-use crate::run::{Datastores, Engine, RunRequest};
 use crate::store::Store;
 use crate::store::db::now_ms;
 

@@ -34,7 +34,7 @@ use futures_util::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::run::{Datastores, Engine};
+use crate::engine::{Datastores, Engine};
 use crate::store::Store;
 
 pub use pipelines::{FileState, Loaded};
