@@ -34,26 +34,67 @@ pub use crate::executor::{DEFAULT_MEMORY, DEFAULT_TIMEOUT};
 /// Largest log kept per step attempt, unless `MILLRACE_LOG_CAP` (a size such as
 /// `"64MiB"`) says otherwise.
 pub const LOG_CAP: u64 = 16 << 20;
+/// Most bytes a step's outputs may hold together, unless `MILLRACE_OUTPUT_CAP`
+/// says otherwise: a runaway step fails instead of filling the store.
+pub const OUTPUT_CAP: u64 = 10 << 30;
 
-fn log_cap() -> u64 {
-    static CAP: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *CAP.get_or_init(|| {
-        std::env::var("MILLRACE_LOG_CAP")
-            .ok()
-            .and_then(|v| definition::parse_size(&v).ok())
-            .unwrap_or(LOG_CAP)
-    })
+/// Everything an [`Engine`] is built from: the daemon config's parts it uses
+/// (none for `millrace run` without `--config`) and its limits, whose
+/// environment overrides are read here and nowhere else. The engine is complete
+/// once built from it.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Steps executing at once, across all runs (`max_parallel_steps`).
+    pub max_parallel: usize,
+    pub datastores: Datastores,
+    /// Compute targets steps may name (`local` is implicit).
+    pub computes: BTreeMap<String, crate::config::Compute>,
+    /// `[python]`: the warm interpreter's preload list, and whether steps use it.
+    pub python: crate::config::Python,
+    /// Largest log kept per step attempt (`MILLRACE_LOG_CAP`, default [`LOG_CAP`]).
+    pub log_cap: u64,
+    /// Most bytes a step's outputs (and its /tmp) may hold together
+    /// (`MILLRACE_OUTPUT_CAP`, default [`OUTPUT_CAP`]).
+    pub output_cap: u64,
 }
-/// Most bytes a step's outputs may hold together (`MILLRACE_OUTPUT_CAP`, default
-/// 10GiB): a runaway step fails instead of filling the store.
-fn output_cap() -> u64 {
-    static CAP: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *CAP.get_or_init(|| {
-        std::env::var("MILLRACE_OUTPUT_CAP")
-            .ok()
-            .and_then(|v| definition::parse_size(&v).ok())
-            .unwrap_or(10 << 30)
-    })
+
+impl EngineConfig {
+    /// No datastores or compute targets, the default `[python]`, `max_parallel`
+    /// steps at once (at least one), and the limits' environment overrides.
+    pub fn new(max_parallel: usize) -> EngineConfig {
+        EngineConfig {
+            max_parallel: max_parallel.max(1),
+            datastores: Datastores::default(),
+            computes: BTreeMap::new(),
+            python: crate::config::Python::default(),
+            log_cap: size_from_env("MILLRACE_LOG_CAP").unwrap_or(LOG_CAP),
+            output_cap: size_from_env("MILLRACE_OUTPUT_CAP").unwrap_or(OUTPUT_CAP),
+        }
+    }
+
+    /// With a daemon config's datastores, compute targets and `[python]` (its
+    /// `max_parallel_steps` is the caller's to pass to [`EngineConfig::new`]: the
+    /// CLI uses the host's CPUs instead).
+    pub fn with_config(mut self, config: &crate::config::Config) -> EngineConfig {
+        self.datastores = Datastores {
+            paths: config
+                .datastores
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        };
+        self.computes = config.computes.clone();
+        self.python = config.python.clone();
+        self
+    }
+}
+
+/// A size such as `"64MiB"` from the environment; unset or unreadable is `None`
+/// (the default applies).
+fn size_from_env(name: &str) -> Option<u64> {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| definition::parse_size(&v).ok())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -130,13 +171,8 @@ pub use crate::config::Datastores;
 /// The engine behind `millrace run`, `resume` and (later) the daemon.
 pub struct Engine {
     pub store: Arc<Store>,
-    pub max_parallel: usize,
-    pub datastores: Datastores,
+    config: EngineConfig,
     wasm: tokio::sync::OnceCell<Arc<WasmRuntime>>,
-    /// Compute targets steps may name (from the daemon config; `local` is implicit).
-    pub computes: BTreeMap<String, crate::config::Compute>,
-    /// `[python]`: the warm interpreter's preload list, and whether steps use it.
-    pub python: crate::config::Python,
     /// Container engine clients, by socket.
     containers: container::Engines,
     /// This state's instance id (see [`container::instance_of`]).
@@ -159,19 +195,25 @@ pub struct RunRequest {
 }
 
 impl Engine {
-    pub fn new(store: Arc<Store>, max_parallel: usize, datastores: Datastores) -> Engine {
+    pub fn new(store: Arc<Store>, config: EngineConfig) -> Engine {
+        let max_parallel = config.max_parallel.max(1);
         Engine {
             store,
-            max_parallel: max_parallel.max(1),
-            datastores,
+            config: EngineConfig {
+                max_parallel,
+                ..config
+            },
             wasm: tokio::sync::OnceCell::new(),
-            computes: BTreeMap::new(),
-            python: crate::config::Python::default(),
             containers: container::Engines::default(),
             instance: std::sync::OnceLock::new(),
-            slots: Arc::new(tokio::sync::Semaphore::new(max_parallel.max(1))),
+            slots: Arc::new(tokio::sync::Semaphore::new(max_parallel)),
             draining: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// What the engine was built from.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
     }
 
     /// From now on no run starts a new step; what is stopped is `interrupted`.
@@ -187,8 +229,8 @@ impl Engine {
     /// What pipelines are checked against now: the datastores, the compute
     /// targets and the current module registry.
     pub fn environment(&self) -> Result<Environment, RunError> {
-        let mut env = self.datastores.environment();
-        for (name, c) in &self.computes {
+        let mut env = self.config.datastores.environment();
+        for (name, c) in &self.config.computes {
             env.computes.insert(name.clone(), c.kind.clone());
         }
         env.modules = crate::module::ModuleIndex::load(&self.store)?;
@@ -200,7 +242,7 @@ impl Engine {
         &self,
         step: &definition::Step,
     ) -> Option<(String, crate::executor::slurm::Target)> {
-        Executor::slurm_target(step, &self.computes)
+        Executor::slurm_target(step, &self.config.computes)
     }
 
     /// The container engine a step runs on: its compute target's socket (and
@@ -209,7 +251,7 @@ impl Engine {
         let target = step
             .compute
             .as_ref()
-            .and_then(|c| self.computes.get(c.get_ref()));
+            .and_then(|c| self.config.computes.get(c.get_ref()));
         match target {
             Some(c) if c.kind == "container" => (
                 c.socket.clone().unwrap_or_else(container::default_socket),
@@ -265,6 +307,7 @@ impl Engine {
             return 0;
         }
         let mut sockets: Vec<String> = self
+            .config
             .computes
             .values()
             .filter(|c| c.kind == "container")
@@ -328,7 +371,7 @@ impl Engine {
             &wasm,
             &runtime,
             &digest,
-            &self.python.preload,
+            &self.config.python.preload,
             &self.store.wasm_cache_dir(),
         )
         .await
@@ -346,13 +389,13 @@ impl Engine {
 
     /// Steps executing now, across all runs.
     pub fn running_steps(&self) -> usize {
-        self.max_parallel - self.slots.available_permits()
+        self.config.max_parallel - self.slots.available_permits()
     }
 
     /// The wasm engine, built on first use (a no-op rerun never needs it).
     async fn wasm(&self) -> Result<Arc<WasmRuntime>, RunError> {
         let dir = self.store.wasm_cache_dir();
-        let parallel = self.max_parallel;
+        let parallel = self.config.max_parallel;
         Ok(self
             .wasm
             .get_or_try_init(|| async move { WasmRuntime::new(&dir, parallel) })
@@ -369,17 +412,18 @@ impl Engine {
         no_reuse: bool,
     ) -> Result<Vec<(String, Planned)>, RunError> {
         let params = p.resolve_params(overrides).map_err(RunError::Params)?;
-        let inputs = planner::pipeline_inputs(&self.store, &self.datastores, p, InputMode::Hash)?;
+        let inputs =
+            planner::pipeline_inputs(&self.store, &self.config.datastores, p, InputMode::Hash)?;
         let images = self.resolve_images(p).await;
         let planner = Planner::new(
             self.store.clone(),
             Arc::new(p.clone()),
             params.into(),
             Arc::new(images),
-            self.datastores.clone(),
+            self.config.datastores.clone(),
             no_reuse,
         )
-        .with_python(self.python.clone());
+        .with_python(self.config.python.clone());
         Ok(planner.plan(inputs)?)
     }
 }

@@ -116,7 +116,7 @@ impl Engine {
         let inputs = match tokio::task::block_in_place(|| {
             planner::pipeline_inputs(
                 &self.store,
-                &self.datastores,
+                &self.config.datastores,
                 &p,
                 InputMode::Snapshot { run: run_id },
             )
@@ -213,10 +213,10 @@ impl Engine {
             p.clone(),
             params.clone(),
             images.clone(),
-            self.datastores.clone(),
+            self.config.datastores.clone(),
             no_reuse,
         )
-        .with_python(self.python.clone())
+        .with_python(self.config.python.clone())
         .resuming(run_id, completed);
         Arc::new(RunContext {
             engine: self.clone(),
