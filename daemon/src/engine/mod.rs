@@ -1,7 +1,8 @@
-//! A run: the scheduler that walks one pipeline's graph. Steps start as soon as
-//! their inputs exist, up to `max_parallel_steps` at once; each is reused or
-//! executed (with retries) as [`Planner::decide`] says. A failed step skips its
-//! dependants while independent branches finish.
+//! The run engine: runs are created, queued, started and resumed
+//! (`lifecycle.rs`) and driven by the scheduler (`scheduler.rs`): steps start as
+//! soon as their inputs exist, up to `max_parallel_steps` at once; each is reused
+//! or executed (with retries, `step.rs`) as [`Planner::decide`] says. A failed
+//! step skips its dependants while independent branches finish.
 //!
 //! Everything is recorded as it happens, so a killed process leaves a run that
 //! `resume` can finish: completed steps keep their outputs, the rest run again.
