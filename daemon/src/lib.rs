@@ -35,9 +35,9 @@
 //! - [`engine`]: drives runs, built whole from one [`engine::EngineConfig`] (the
 //!   daemon config's datastores, compute targets and `[python]`; the log and output
 //!   caps with their environment overrides): the lifecycle (`engine/lifecycle.rs`:
-//!   create, enqueue, start, resume), the ready-queue loop (`engine/scheduler.rs`:
-//!   each step decided by the planner, dependants released or skipped, cancel and
-//!   shutdown sweeps), one step's attempts and retries (`engine/step.rs`), one
+//!   create, enqueue, start, resume, the locks a run holds), the ready-queue loop
+//!   (`engine/scheduler.rs`: each step decided by the planner, dependants released
+//!   or skipped, cancel and shutdown sweeps), one step's attempts and retries (`engine/step.rs`), one
 //!   attempt's spec, executor and outputs (`engine/attempt.rs`) and the run lock
 //!   (`engine/lock.rs`).
 //! - [`store`]: SQLite records, the BLAKE3 artifact store, and `gc`.

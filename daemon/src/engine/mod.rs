@@ -461,9 +461,8 @@ impl RunContext {
     }
 }
 
-/// Removes a sandbox directory, including read-only hard links to blobs.
-/// Removes a directory that holds what a guest wrote: at any depth, never
-/// recursing (see `walk::remove_tree`).
+/// Removes a directory that holds what a guest wrote (a sandbox, with read-only
+/// hard links to blobs): at any depth, never recursing (see `walk::remove_tree`).
 fn remove_tree(dir: &Path) -> std::io::Result<()> {
     crate::store::walk::remove_tree(dir)
 }

@@ -3,239 +3,21 @@
 //! executed ([`super::step`]); a failure skips its dependants; a cancel or a
 //! shutdown sweeps what did not end.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::task::JoinSet;
 
 use super::step::{StepDone, StepFailure, record_inputs};
-use super::{Engine, Event, EventSink, RunContext, RunError, RunLock, RunSummary, remove_tree};
-use crate::definition::{ParamValue, Pipeline, StepKind};
+use super::{Event, RunContext, RunError};
 use crate::executor::transfer;
-use crate::executor::workspace::WorkspacePool;
 use crate::graph::Graph;
 use crate::model::{RunStatus, StepStatus};
-use crate::planner::{self, Decision, InputMode, Known, Planner, Reusable};
-use crate::store::StoreError;
-
-impl Engine {
-    pub(super) async fn execute(
-        self: &Arc<Self>,
-        run_id: i64,
-        p: Arc<Pipeline>,
-        params: Vec<(String, ParamValue)>,
-        no_reuse: bool,
-        events: EventSink,
-        cancel: tokio_util::sync::CancellationToken,
-    ) -> Result<RunSummary, RunError> {
-        let started = Instant::now();
-        let _lock = match RunLock::acquire(&self.store, run_id) {
-            Ok(Some(l)) => l,
-            Ok(None) => return Err(RunError::Busy(run_id)),
-            Err(source) => {
-                return Err(RunError::Store(StoreError::Dir {
-                    path: self.store.root.join("locks"),
-                    source,
-                }));
-            }
-        };
-        // Held until the run ends; a `gc` sweeping now finishes first (a cancel or
-        // a shutdown meanwhile ends the wait).
-        let stop = || cancel.is_cancelled() || self.is_draining();
-        let Some(_store_lock) =
-            tokio::task::block_in_place(|| self.store.lock_shared_unless(&stop))?
-        else {
-            let status = if self.is_draining() {
-                // Left as it was (queued or running): the next start takes it up.
-                RunStatus::Interrupted
-            } else {
-                self.store.db().read().set_run_status(
-                    run_id,
-                    RunStatus::Cancelled,
-                    Some("cancelled while it waited for gc to finish"),
-                )?;
-                RunStatus::Cancelled
-            };
-            return Ok(RunSummary {
-                run_id,
-                pipeline: p.name.get_ref().clone(),
-                status,
-                executed: 0,
-                reused: 0,
-                failed: 0,
-                skipped: 0,
-                cancelled: 0,
-                seconds: started.elapsed().as_secs_f64(),
-            });
-        };
-        let result = self
-            .execute_locked(run_id, p, params, no_reuse, events, cancel, started)
-            .await;
-        if let Err(e @ (RunError::Db(_) | RunError::Store(_))) = &result {
-            // A record could not be written mid-run (most often: the disk is full).
-            // Removing the sandboxes frees what the steps wrote; then the failure
-            // may fit, and the run is not left `running` (it can be resumed).
-            let _ = tokio::task::block_in_place(|| remove_tree(&self.store.work_dir(run_id)));
-            let _ = self.store.db().read().set_run_status(
-                run_id,
-                RunStatus::Failed,
-                Some(&e.to_string()),
-            );
-        }
-        result
-    }
-
-    /// [`Engine::execute`] once the run and the store are locked.
-    #[allow(clippy::too_many_arguments)]
-    async fn execute_locked(
-        self: &Arc<Self>,
-        run_id: i64,
-        p: Arc<Pipeline>,
-        params: Vec<(String, ParamValue)>,
-        no_reuse: bool,
-        events: EventSink,
-        cancel: tokio_util::sync::CancellationToken,
-        started: Instant,
-    ) -> Result<RunSummary, RunError> {
-        // Only the process holding the lock may mark the run as running (a resume
-        // that finds it busy must not touch its status).
-        self.store
-            .db()
-            .read()
-            .set_run_status(run_id, RunStatus::Running, None)?;
-        let graph = Graph::new(&p);
-        let completed = self.insert_steps(run_id, &p, &graph)?;
-        events(&Event::RunStarted {
-            run: run_id,
-            pipeline: p.name.get_ref().clone(),
-            steps: p.steps.len(),
-        });
-
-        // Hashing (and on first sight copying) datasets is blocking work.
-        let inputs = match tokio::task::block_in_place(|| {
-            planner::pipeline_inputs(
-                &self.store,
-                &self.config.datastores,
-                &p,
-                InputMode::Snapshot { run: run_id },
-            )
-        }) {
-            Ok(i) => i,
-            Err(e) => {
-                let e = RunError::from(e);
-                self.store.db().read().set_run_status(
-                    run_id,
-                    RunStatus::Failed,
-                    Some(&e.to_string()),
-                )?;
-                return Err(e);
-            }
-        };
-        let ctx = self
-            .run_context(run_id, p.clone(), params, no_reuse, events, completed)
-            .await;
-        let mut schedule = Schedule::new(graph, Known::new(inputs, p.steps.len()));
-        schedule.drive(&ctx, &cancel).await?;
-        let run_status = schedule.record_end(&ctx)?;
-        drop(ctx);
-        let executed = schedule.count(StepStatus::Succeeded) + schedule.count(StepStatus::Failed);
-        let _ = tokio::task::block_in_place(|| {
-            if executed > 0 {
-                self.store.artifacts.sync();
-            }
-            remove_tree(&self.store.work_dir(run_id))
-        });
-        Ok(RunSummary {
-            run_id,
-            pipeline: p.name.get_ref().clone(),
-            status: run_status,
-            executed,
-            reused: schedule.count(StepStatus::Reused),
-            failed: schedule.count(StepStatus::Failed),
-            skipped: schedule.count(StepStatus::Skipped),
-            cancelled: schedule.count(StepStatus::Cancelled),
-            seconds: started.elapsed().as_secs_f64(),
-        })
-    }
-
-    /// Records the run's steps (a resume finds them there already) and returns
-    /// those that completed before: a resume keeps them.
-    fn insert_steps(
-        &self,
-        run_id: i64,
-        p: &Pipeline,
-        graph: &Graph,
-    ) -> Result<HashSet<usize>, RunError> {
-        let mut db = self.store.db();
-        db.batch(|b| {
-            for (pos, &i) in graph.order.iter().enumerate() {
-                let s = &p.steps[i];
-                let module = match &s.kind {
-                    StepKind::Module { module, .. } => Some(module.id.as_str()),
-                    _ => None,
-                };
-                b.insert_step(run_id, s.name.get_ref(), pos, s.kind.runtime_name(), module)?;
-            }
-            Ok(())
-        })?;
-        let earlier: HashMap<String, StepStatus> = db
-            .read()
-            .steps(run_id)?
-            .into_iter()
-            .map(|s| (s.name, s.status))
-            .collect();
-        Ok((0..p.steps.len())
-            .filter(|&i| {
-                matches!(
-                    earlier.get(p.steps[i].name.get_ref()),
-                    Some(StepStatus::Succeeded | StepStatus::Reused)
-                )
-            })
-            .collect())
-    }
-
-    /// What the run's step tasks share: its planner (with the images resolved
-    /// now), its events, the engine's step slots and the run's sandboxes.
-    async fn run_context(
-        self: &Arc<Self>,
-        run_id: i64,
-        p: Arc<Pipeline>,
-        params: Vec<(String, ParamValue)>,
-        no_reuse: bool,
-        events: EventSink,
-        completed: HashSet<usize>,
-    ) -> Arc<RunContext> {
-        let images = Arc::new(self.resolve_images(&p).await);
-        let params: Arc<[(String, ParamValue)]> = params.into();
-        let planner = Planner::new(
-            self.store.clone(),
-            p.clone(),
-            params.clone(),
-            images.clone(),
-            self.config.datastores.clone(),
-            no_reuse,
-        )
-        .with_python(self.config.python.clone())
-        .resuming(run_id, completed);
-        Arc::new(RunContext {
-            engine: self.clone(),
-            run_id,
-            pipeline: p,
-            params,
-            events,
-            semaphore: self.slots.clone(),
-            code_digests: planner.memo(),
-            images,
-            planner,
-            adopting: Mutex::new(Default::default()),
-            workspaces: WorkspacePool::new(self.store.work_dir(run_id)),
-        })
-    }
-}
+use crate::planner::{Decision, Known, Reusable};
 
 /// One run's ready-queue loop: which step next, and what follows when one ends.
-struct Schedule {
+pub(super) struct Schedule {
     graph: Graph,
     /// Per step, how many of the steps it reads from have not ended yet.
     waiting: Vec<usize>,
@@ -252,7 +34,7 @@ struct Schedule {
 }
 
 impl Schedule {
-    fn new(graph: Graph, known: Known) -> Schedule {
+    pub(super) fn new(graph: Graph, known: Known) -> Schedule {
         let waiting: Vec<usize> = graph.deps.iter().map(Vec::len).collect();
         let ready = graph
             .order
@@ -274,7 +56,7 @@ impl Schedule {
 
     /// Starts ready steps and takes in ended ones until nothing runs and
     /// nothing is ready.
-    async fn drive(
+    pub(super) async fn drive(
         &mut self,
         ctx: &Arc<RunContext>,
         cancel: &tokio_util::sync::CancellationToken,
@@ -428,13 +210,13 @@ impl Schedule {
         Ok(())
     }
 
-    fn count(&self, want: StepStatus) -> usize {
+    pub(super) fn count(&self, want: StepStatus) -> usize {
         self.status.iter().filter(|s| **s == Some(want)).count()
     }
 
     /// Once the loop is over: sweeps the steps that did not end (cancelled, or
     /// left pending by a shutdown) and records how the run ended.
-    fn record_end(&mut self, ctx: &RunContext) -> Result<RunStatus, RunError> {
+    pub(super) fn record_end(&mut self, ctx: &RunContext) -> Result<RunStatus, RunError> {
         // Stopped by a daemon shutdown: what did not finish stays pending for the
         // resume.
         let interrupted = ctx.engine.is_draining() && self.status.iter().any(Option::is_none);
