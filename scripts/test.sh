@@ -15,10 +15,18 @@ scripts/setup-slurm.sh >/dev/null
 echo "== plugin unit tests"
 (cd plugins && cargo test --quiet --target x86_64-unknown-linux-gnu -p csvkit)
 echo "== millrace tests"
-# promtool checks the daemon's /metrics (Debian's prometheus package).
-if ! command -v promtool >/dev/null && [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+# promtool checks the daemon's /metrics (Debian's prometheus package); zsh and fish
+# parse the generated completions, man renders the manual page, script(1) gives the
+# colour test a terminal.
+want=()
+command -v promtool >/dev/null || want+=(prometheus)
+command -v zsh >/dev/null || want+=(zsh)
+command -v fish >/dev/null || want+=(fish)
+command -v man >/dev/null || want+=(man-db)
+command -v script >/dev/null || want+=(bsdutils)
+if ((${#want[@]})) && [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${want[@]}" >/dev/null
 fi
 if command -v promtool >/dev/null; then export MILLRACE_REQUIRE_PROMTOOL=1; fi
 cargo test --workspace

@@ -293,6 +293,34 @@ fn config(w: &mut Walker, doc: &DeTable<'_>, path: &Path) -> Option<Config> {
         .get("resume_interrupted")
         .and_then(|v| w.boolean(v, "resume_interrupted"))
         .unwrap_or(true);
+    let api = api(w, doc, &resolve);
+    let datastores = datastores(w, doc, &resolve);
+    let mut computes = computes(w, doc, &resolve);
+    let python = python(w, doc);
+    let state_dir = state_dir?;
+    for c in computes.values_mut() {
+        if let Some(t) = &mut c.slurm
+            && t.shared_dir.as_os_str().is_empty()
+        {
+            t.shared_dir = state_dir.join("slurm");
+        }
+    }
+    Some(Config {
+        path: path.to_path_buf(),
+        pipelines: pipelines?,
+        state_dir,
+        max_parallel_steps,
+        shutdown_grace,
+        resume_interrupted,
+        python,
+        api,
+        datastores,
+        computes,
+    })
+}
+
+/// `[api]`: where the API listens and who may read it.
+fn api(w: &mut Walker, doc: &DeTable<'_>, resolve: &dyn Fn(&str) -> PathBuf) -> Api {
     let mut api = Api {
         listen: default_listen(),
         token_file: None,
@@ -342,6 +370,15 @@ fn config(w: &mut Walker, doc: &DeTable<'_>, path: &Path) -> Option<Config> {
             }
         }
     }
+    api
+}
+
+/// `[datastores.NAME]`: where each datastore is.
+fn datastores(
+    w: &mut Walker,
+    doc: &DeTable<'_>,
+    resolve: &dyn Fn(&str) -> PathBuf,
+) -> BTreeMap<String, PathBuf> {
     let mut datastores = BTreeMap::new();
     if let Some(v) = doc.get("datastores")
         && let Some(t) = w.table(v, "[datastores]")
@@ -361,6 +398,15 @@ fn config(w: &mut Walker, doc: &DeTable<'_>, path: &Path) -> Option<Config> {
             }
         }
     }
+    datastores
+}
+
+/// `[compute.NAME]`: the compute targets besides the implicit `local`.
+fn computes(
+    w: &mut Walker,
+    doc: &DeTable<'_>,
+    resolve: &dyn Fn(&str) -> PathBuf,
+) -> BTreeMap<String, Compute> {
     let mut computes = BTreeMap::new();
     if let Some(v) = doc.get("compute")
         && let Some(t) = w.table(v, "[compute]")
@@ -388,7 +434,7 @@ fn config(w: &mut Walker, doc: &DeTable<'_>, path: &Path) -> Option<Config> {
             };
             let socket = c.get("socket").and_then(|s| w.string(s, "socket"));
             let pull = c.get("pull").and_then(|p| w.boolean(p, "pull"));
-            let slurm = (kind == "slurm").then(|| slurm_target(w, c, &resolve));
+            let slurm = (kind == "slurm").then(|| slurm_target(w, c, resolve));
             if kind != "slurm" {
                 for key in SLURM_KEYS {
                     if let Some(v) = c.get(*key) {
@@ -426,6 +472,11 @@ fn config(w: &mut Walker, doc: &DeTable<'_>, path: &Path) -> Option<Config> {
             );
         }
     }
+    computes
+}
+
+/// `[python]`: the warm interpreter snapshot and what it preloads.
+fn python(w: &mut Walker, doc: &DeTable<'_>) -> Python {
     let mut python = Python::default();
     if let Some(v) = doc.get("python")
         && let Some(t) = w.table(v, "[python]")
@@ -456,26 +507,7 @@ fn config(w: &mut Walker, doc: &DeTable<'_>, path: &Path) -> Option<Config> {
             }
         }
     }
-    let state_dir = state_dir?;
-    for c in computes.values_mut() {
-        if let Some(t) = &mut c.slurm
-            && t.shared_dir.as_os_str().is_empty()
-        {
-            t.shared_dir = state_dir.join("slurm");
-        }
-    }
-    Some(Config {
-        path: path.to_path_buf(),
-        pipelines: pipelines?,
-        state_dir,
-        max_parallel_steps,
-        shutdown_grace,
-        resume_interrupted,
-        python,
-        api,
-        datastores,
-        computes,
-    })
+    python
 }
 
 /// Where datastores are: from the daemon config, or for `millrace run` the

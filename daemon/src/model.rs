@@ -129,10 +129,25 @@ status_enum! {
         Skipped = "skipped",
         /// The run was cancelled before the step ended.
         Cancelled = "cancelled",
+        /// Shown, never stored: still marked running in a run whose process is
+        /// gone ([`StepStatus::shown`]).
+        Interrupted = "interrupted",
     }
 }
 
 impl StepStatus {
+    /// The status a reader is shown of a step of a run shown as `run`: a step still
+    /// marked running in an interrupted run ([`RunStatus::shown`]) stopped with its
+    /// process, and says so rather than "running N s so far". Only shown: the store
+    /// keeps `running`, and a resume starts the step anew.
+    pub fn shown(self, run: RunStatus) -> StepStatus {
+        if self == StepStatus::Running && run == RunStatus::Interrupted {
+            StepStatus::Interrupted
+        } else {
+            self
+        }
+    }
+
     /// The step will not change again in this run (a resume starts it anew).
     pub fn is_terminal(self) -> bool {
         !matches!(self, StepStatus::Pending | StepStatus::Running)
@@ -199,6 +214,24 @@ pub struct SlurmPlacement {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_running_step_of_an_interrupted_run_is_shown_interrupted() {
+        let interrupted = RunStatus::Interrupted;
+        assert_eq!(
+            StepStatus::Running.shown(interrupted),
+            StepStatus::Interrupted
+        );
+        assert_eq!(
+            StepStatus::Running.shown(RunStatus::Running),
+            StepStatus::Running
+        );
+        assert_eq!(
+            StepStatus::Succeeded.shown(interrupted),
+            StepStatus::Succeeded
+        );
+        assert_eq!(StepStatus::Pending.shown(interrupted), StepStatus::Pending);
+    }
 
     #[test]
     fn a_running_run_nobody_drives_is_shown_interrupted() {

@@ -59,6 +59,18 @@ pub struct ResolveError {
     pub help: Option<String>,
 }
 
+/// What a module version's digest is the digest of, as the CLI labels it: the
+/// wasm file's bytes, or the Python code tree (what `module list`, `module show`,
+/// `runs show` and `lineage` all print; a step's cache key adds the runtime and
+/// entry to a Python module's, so its `key_parts.code` is another digest).
+pub fn digest_label(kind: &str) -> &'static str {
+    if kind == "python" {
+        "code tree"
+    } else {
+        "wasm file"
+    }
+}
+
 /// `name`, `name@1.2.0` (exact), `name@^1.2`, `name@~1.2`, `name@>=1, <2`.
 pub fn parse_spec(spec: &str) -> Result<(String, Option<String>), String> {
     let (name, req) = match spec.split_once('@') {

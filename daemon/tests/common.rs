@@ -170,8 +170,14 @@ pub fn step_statuses(p: &Project, run: &str) -> Vec<(String, String)> {
 pub fn wait_until_running(p: &Project, step: &str) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
-        if p.path(".state/millrace.db").exists() {
-            let show = p.json(&["runs", "show", "latest"]);
+        // The database exists a moment before the run's row: until then `runs show
+        // latest` says "there are no runs yet" (exit 2), which is not JSON.
+        let out = p
+            .path(".state/millrace.db")
+            .exists()
+            .then(|| p.run(&["--json", "runs", "show", "latest"]));
+        if let Some(out) = out.filter(|o| o.status.success()) {
+            let show: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
             let running = show["steps"].as_array().is_some_and(|a| {
                 a.iter()
                     .any(|s| s["name"] == step && s["status"] == "running")

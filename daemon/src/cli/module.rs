@@ -17,40 +17,55 @@ use crate::store::db::now_ms;
 #[derive(clap::Subcommand, Debug)]
 pub enum ModuleCommand {
     /// Store a .wasm file, or a Python code directory (with --entry), as NAME@VERSION.
+    #[command(after_help = "Examples:
+  millrace module publish plugins/dist/normalise.wasm --name normalise --version 1.0.0
+  millrace module publish code/ --name features --version 0.2.0 --entry features.py
+  millrace module publish model.wasm --name model --version 2.0.0-rc.1 --description \"new loss\"")]
     Publish {
+        /// The .wasm file, or the Python code directory.
         path: PathBuf,
+        /// The module's name (`module = \"NAME\"` in a step).
         #[arg(long)]
         name: String,
         /// Semver: 1.2.0, 2.0.0-rc.1
         #[arg(long)]
         version: String,
-        #[arg(long)]
+        /// A line saying what the version is (shown by `module show`).
+        #[arg(long, value_name = "TEXT")]
         description: Option<String>,
         /// The entry script of a Python code directory, e.g. train.py.
-        #[arg(long)]
+        #[arg(long, value_name = "SCRIPT")]
         entry: Option<String>,
     },
     /// Published modules (every version of NAME).
-    List { name: Option<String> },
+    List {
+        /// Only this module's versions.
+        name: Option<String>,
+    },
     /// One module (NAME) or version (NAME@VERSION): details, history, the pipelines
     /// that resolve to it today and the last runs that used it.
     Show {
+        /// NAME or NAME@VERSION.
         module: String,
         #[command(flatten)]
         pipelines: PipelinesArgs,
     },
     /// Mark NAME@VERSION deprecated: it still runs, with a warning.
     Deprecate {
+        /// NAME@VERSION.
         module: String,
-        #[arg(long)]
+        /// Why, and what to use instead (shown with the warning).
+        #[arg(long, value_name = "TEXT")]
         message: Option<String>,
         #[command(flatten)]
         pipelines: PipelinesArgs,
     },
     /// Mark NAME@VERSION disabled: pipelines resolving to it fail validation.
     Disable {
+        /// NAME@VERSION.
         module: String,
-        #[arg(long)]
+        /// Why (shown in the validation error).
+        #[arg(long, value_name = "TEXT")]
         message: Option<String>,
         /// Disable even though pipelines still resolve to it.
         #[arg(long)]
@@ -59,27 +74,40 @@ pub enum ModuleCommand {
         pipelines: PipelinesArgs,
     },
     /// Make a deprecated or disabled version active again.
-    Enable { module: String },
+    Enable {
+        /// NAME@VERSION.
+        module: String,
+    },
     /// Make VERSION what `module = "NAME"` resolves to.
-    Default { name: String, version: String },
+    Default {
+        /// The module's name.
+        name: String,
+        /// The version a bare `module = "NAME"` then resolves to.
+        version: String,
+    },
     /// Write NAME@VERSION (code and metadata) to one archive file.
     Export {
+        /// NAME@VERSION.
         module: String,
-        #[arg(short = 'o', long)]
+        /// The archive file to write.
+        #[arg(short = 'o', long, value_name = "FILE")]
         output: PathBuf,
     },
     /// Publish a module from an archive written by `module export`.
-    Import { file: PathBuf },
+    Import {
+        /// The archive file.
+        file: PathBuf,
+    },
 }
 
 /// Where impact analysis looks for pipelines.
 #[derive(clap::Args, Debug, Clone)]
 pub struct PipelinesArgs {
     /// A directory of pipeline files (default: the daemon config's pipelines directory).
-    #[arg(long = "pipelines")]
+    #[arg(long = "pipelines", value_name = "DIR")]
     dir: Vec<PathBuf>,
     /// The daemon config whose pipelines directory to look in.
-    #[arg(long, env = "MILLRACE_CONFIG")]
+    #[arg(long, env = "MILLRACE_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
 }
 
@@ -315,11 +343,11 @@ fn resolving_to(
     for f in pipeline_files(args)? {
         let Ok((Some(p), _)) = crate::graph::load(&f, &env) else {
             // Cannot tell what it uses: say so rather than leave it out.
-            eprintln!(
+            super::style::eprint_lines(&format!(
                 "warning: {} does not validate: its use of {} is unknown",
                 display_path(&f),
                 m.id()
-            );
+            ));
             continue;
         };
         for s in &p.steps {
@@ -406,7 +434,11 @@ fn show(store: &Store, spec: &str, args: &PipelinesArgs, json: bool) -> anyhow::
                 .map(|e| format!(" (entry {e})"))
                 .unwrap_or_default()
         );
-        println!("  digest      {}", m.digest);
+        println!(
+            "  digest      {} ({})",
+            m.digest,
+            registry::digest_label(&m.kind)
+        );
         println!("  size        {} bytes", m.size);
         println!(
             "  status      {}{}",

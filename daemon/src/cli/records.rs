@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use super::{Error, duration, run_id, time};
-use crate::model::{Placement, RunStatus};
+use crate::model::{Placement, RunStatus, StepStatus};
 use crate::planner::short;
 use crate::store::Store;
 
@@ -52,17 +52,40 @@ pub(super) fn runs_list(
             r.pipeline,
             r.status,
             time(r.started_at),
-            duration(r.started_at, r.finished_at),
+            if r.status == RunStatus::Interrupted {
+                "-".to_string()
+            } else {
+                duration(r.started_at, r.finished_at)
+            },
             r.trigger
         );
     }
     Ok(0)
 }
 
+/// `tool@1.1.0 (wasm file 1a2b3c4d)`: a module version with the digest the
+/// registry lists for it (`module list`), not the step's `key_parts.code` (for a
+/// Python module that also covers the runtime and entry).
+pub(super) fn module_shown(store: &Store, id: &str) -> String {
+    let digest = id.split_once('@').and_then(|(name, version)| {
+        let versions = store.db().read().module_versions(Some(name)).ok()?;
+        let m = versions.into_iter().find(|m| m.version == version)?;
+        Some(format!(
+            " ({} {})",
+            crate::module::digest_label(&m.kind),
+            short(&m.digest)
+        ))
+    });
+    format!("{id}{}", digest.unwrap_or_default())
+}
+
 pub(super) fn runs_show(store: &Store, run: &str, json: bool) -> anyhow::Result<i32> {
     let id = run_id(store, run)?;
     let mut v = crate::view::RunView::load(store, id)?.context("run vanished")?;
     v.run.status = shown_status(store, id, v.run.status);
+    for s in &mut v.steps {
+        s.status = s.status.shown(v.run.status);
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(0);
@@ -76,11 +99,13 @@ pub(super) fn runs_show(store: &Store, run: &str, json: bool) -> anyhow::Result<
         "  params      {}",
         crate::store::artifacts::escape_controls(&r.params.to_string())
     );
-    println!(
-        "  started     {}  ({})",
-        time(r.started_at),
+    // An interrupted run has no end: "N s so far" would grow forever.
+    let took = if r.status == RunStatus::Interrupted {
+        "interrupted".to_string()
+    } else {
         duration(r.started_at, r.finished_at)
-    );
+    };
+    println!("  started     {}  ({took})", time(r.started_at));
     if let Some(e) = &r.error {
         println!("  error       {e}");
     }
@@ -103,20 +128,18 @@ pub(super) fn runs_show(store: &Store, run: &str, json: bool) -> anyhow::Result<
         } else {
             String::new()
         };
-        println!(
-            "  {:width$}  {:9}  {:>8}{attempts}  {extra}",
-            s.name,
-            s.status,
+        let status = s.status;
+        let took = if status == StepStatus::Interrupted {
+            "-".to_string()
+        } else {
             duration(s.started_at, s.finished_at)
+        };
+        println!(
+            "  {:width$}  {status:11}  {took:>8}{attempts}  {extra}",
+            s.name,
         );
         if let Some(m) = &s.module {
-            let digest = s
-                .key_parts
-                .as_ref()
-                .and_then(|k| k["code"].as_str())
-                .map(|d| format!(" {}", short(d)))
-                .unwrap_or_default();
-            println!("  {:width$}    module {m}{digest}", "");
+            println!("  {:width$}    module {}", "", module_shown(store, m));
         }
         match &s.placement {
             Some(Placement::Slurm(p)) => println!(
@@ -307,16 +330,9 @@ pub(super) fn lineage(store: &Store, artifact: &str, json: bool) -> anyhow::Resu
     println!("artifact {digest}  ({files} files, {size} bytes)");
     for r in rows {
         let module = || {
-            store
-                .db()
-                .read()
-                .step(r.run_id, &r.step)
-                .ok()
-                .flatten()
-                .and_then(|s| {
-                    let code = s.key_parts.as_ref()?["code"].as_str()?.to_string();
-                    Some(format!(" by module {} {}", s.module?, short(&code)))
-                })
+            // (The read ends before module_shown reads again.)
+            let step = store.db().read().step(r.run_id, &r.step).ok().flatten();
+            step.and_then(|s| Some(format!(" by module {}", module_shown(store, &s.module?))))
                 .unwrap_or_default()
         };
         match r.role.as_str() {
@@ -327,6 +343,14 @@ pub(super) fn lineage(store: &Store, artifact: &str, json: bool) -> anyhow::Resu
                 r.name,
                 r.pipeline,
                 module()
+            ),
+            "reused" => println!(
+                "  reused by   run {} {}.{} (from run {}) ({})",
+                r.run_id,
+                r.step,
+                r.name,
+                r.reused_from.map_or("?".to_string(), |f| f.to_string()),
+                r.pipeline
             ),
             "input" => println!(
                 "  read by     run {} {} as /in/{} ({})",

@@ -26,10 +26,6 @@ pub(super) fn environment_for(
 }
 
 /// Loads and checks a pipeline file; bad configuration exits 78 with every error.
-pub(super) fn load(path: &Path, state: &Path) -> anyhow::Result<(Pipeline, String)> {
-    load_in(path, &environment(state)?)
-}
-
 pub(super) fn load_in(
     path: &Path,
     env: &definition::Environment,
@@ -138,15 +134,65 @@ pub(super) fn validate_with(
     Ok(if bad > 0 { EXIT_CONFIG } else { 0 })
 }
 
+/// `--param K=V…` as given: each key once, nothing around the `=`. A repeated key
+/// is refused (which one should win is a guess), and so is `n= 5` or `n =5`: the
+/// shell split or quoted something the user did not mean, and a trimmed value
+/// would run with another param than the one typed.
 pub(super) fn parse_params(raw: &[String]) -> anyhow::Result<Vec<(String, String)>> {
-    raw.iter()
-        .map(|p| match p.split_once('=') {
-            Some((k, v)) if !k.is_empty() => {
-                let k = k.trim();
-                crate::definition::check_param_value(k, v).map_err(Error::usage)?;
-                Ok((k.to_string(), v.to_string()))
-            }
-            _ => Err(Error::usage(format!("--param expects KEY=VALUE, got `{p}`")).into()),
-        })
-        .collect()
+    let mut out: Vec<(String, String)> = Vec::with_capacity(raw.len());
+    for p in raw {
+        let Some((k, v)) = p.split_once('=').filter(|(k, _)| !k.trim().is_empty()) else {
+            return Err(Error::usage(format!("--param expects KEY=VALUE, got `{p}`")).into());
+        };
+        if k.trim() != k || v.starts_with(char::is_whitespace) {
+            return Err(Error::usage(format!(
+                "--param `{p}`: no spaces around `=` (write `{}={}`)",
+                k.trim(),
+                v.trim_start()
+            ))
+            .into());
+        }
+        if out.iter().any(|(seen, _)| seen == k) {
+            return Err(Error::usage(format!("--param `{k}` is given more than once")).into());
+        }
+        crate::definition::check_param_value(k, v).map_err(Error::usage)?;
+        out.push((k.to_string(), v.to_string()));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(raw: &[&str]) -> Result<Vec<(String, String)>, String> {
+        let raw: Vec<String> = raw.iter().map(|s| s.to_string()).collect();
+        parse_params(&raw).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn params_are_key_equals_value_each_key_once_without_spaces() {
+        assert_eq!(
+            parsed(&["n=5", "c=0.7", "s=a b"]).unwrap(),
+            vec![
+                ("n".into(), "5".into()),
+                ("c".into(), "0.7".into()),
+                ("s".into(), "a b".into())
+            ]
+        );
+        assert_eq!(parsed(&["e="]).unwrap(), vec![("e".into(), "".into())]);
+        let twice = parsed(&["n=5", "n=6"]).unwrap_err();
+        assert!(twice.contains("`n` is given more than once"), "{twice}");
+        for spaced in ["n= 5", "n =5", " n=5", "n = 5"] {
+            let e = parsed(&[spaced]).unwrap_err();
+            assert!(
+                e.contains("no spaces around `=` (write `n=5`)"),
+                "{spaced}: {e}"
+            );
+        }
+        for bad in ["n", "=5", " =5"] {
+            let e = parsed(&[bad]).unwrap_err();
+            assert!(e.contains("expects KEY=VALUE"), "{bad}: {e}");
+        }
+    }
 }

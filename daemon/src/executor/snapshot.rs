@@ -12,8 +12,10 @@
 //! preopen table lazily; the step's mounts are found afresh) and
 //! `clear_unused_stack` zeroes the dead stack so the bytes do not depend on it.
 //! We export them, let Wizer instrument the module, run the imports in a build
-//! sandbox that sees only the standard library, with a fixed clock and fixed
-//! randomness (the output is byte-identical across builds), reset the preopens and
+//! sandbox that sees only the standard library, with a fixed clock, fixed
+//! randomness and fixed file identities (inode numbers, link counts and times, see
+//! `fixed_file_view`: the output is byte-identical across builds, wherever the
+//! runtime is unpacked), reset the preopens and
 //! snapshot the memory and globals into a new module with exactly the base's
 //! exports. The run's own randomness comes back at `run`: the wheel's
 //! `_reactor._refresh` reseeds `random` and `numpy.random`.
@@ -35,9 +37,9 @@
 //!
 //! A step's cache key names the variant it ran on through its runtime digest: the
 //! base runtime's digest, or the *recipe* digest (runtime, preload list, prelude,
-//! wasmtime-wizer and millrace versions). The snapshot's bytes are not part of it
-//! (they depend on the zip file's inode and mtime), so a rebuilt snapshot reuses
-//! earlier results and a changed preload list does not.
+//! wasmtime-wizer and millrace versions). The snapshot's bytes are not part of it:
+//! the recipe fixes them and is known before a build of minutes, so a rebuilt
+//! snapshot reuses earlier results and a changed preload list does not.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -116,7 +118,8 @@ pub fn preload_code(preload: &[String]) -> String {
 pub fn recipe_digest(runtime_digest: &str, preload: &[String]) -> String {
     blake3::hash(
         format!(
-            "millrace-python-snapshot/1\n{RUNTIME_NAME}\n{runtime_digest}\n{}\n{PRELUDE}\nwasmtime-wizer {WIZER_VERSION}\nmillrace {}",
+            // 2: the build's fixed file view (`fixed_file_view`).
+            "millrace-python-snapshot/2\n{RUNTIME_NAME}\n{runtime_digest}\n{}\n{PRELUDE}\nwasmtime-wizer {WIZER_VERSION}\nmillrace {}",
             preload_code(preload),
             env!("CARGO_PKG_VERSION")
         )
@@ -453,10 +456,17 @@ pub fn build(
     // Only the standard library: nothing of the machine's enters the snapshot.
     b.preopened_dir(runtime.dir.join("lib"), "/usr/local/lib", FsPerms::ReadOnly)
         .map_err(|e| format!("the build sandbox: {e:#}"))?;
-    let mut store = Store::new(&engine, BuildState { wasi: b.build_p1() });
+    let mut store = Store::new(
+        &engine,
+        BuildState {
+            wasi: b.build_p1(),
+            inodes: std::collections::HashMap::new(),
+        },
+    );
     let mut linker: Linker<BuildState> = Linker::new(&engine);
     wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut BuildState| &mut s.wasi)
         .map_err(|e| format!("the build linker: {e:#}"))?;
+    fixed_file_view(&mut linker).map_err(|e| format!("the build linker: {e:#}"))?;
     linker
         .func_wrap(
             "host",
@@ -591,6 +601,201 @@ pub fn lock(cache_dir: &Path, recipe: &str) -> Result<std::fs::File, String> {
 
 struct BuildState {
     wasi: WasiP1Ctx,
+    /// The build's inode numbers: the host's (a hash of device and inode), numbered
+    /// in the order the guest first sees them.
+    inodes: std::collections::HashMap<u64, u64>,
+}
+
+const P1: &str = "wasi_snapshot_preview1";
+
+/// Shadows the three WASI calls that tell the guest a file's identity and times
+/// (`fd_filestat_get`, `path_filestat_get`, `fd_readdir`) with ones that present a
+/// fixed view: inode numbers counted from 1 in the order the build meets them,
+/// one link, every timestamp the build's epoch. What the guest learns there ends
+/// up in the snapshot (in `os.stat` results and the heap they leave behind), and
+/// the host's values depend on where and how the runtime was unpacked: a copy of
+/// the same files at another path gave 751 different bytes.
+fn fixed_file_view(linker: &mut Linker<BuildState>) -> wasmtime::Result<()> {
+    use wasmtime_wasi::p1::wasi_snapshot_preview1 as p1;
+    use wasmtime_wasi::runtime::in_tokio;
+    linker.allow_shadowing(true);
+    linker.func_wrap(
+        P1,
+        "fd_filestat_get",
+        |mut c: wasmtime::Caller<'_, BuildState>, fd: i32, buf: i32| {
+            let errno = {
+                let (mut mem, state) = p1_parts(&mut c)?;
+                in_tokio(p1::fd_filestat_get(&mut state.wasi, &mut mem, fd, buf))?
+            };
+            if errno == 0 {
+                fix_filestat(&mut c, buf)?;
+            }
+            Ok(errno)
+        },
+    )?;
+    linker.func_wrap(
+        P1,
+        "path_filestat_get",
+        |mut c: wasmtime::Caller<'_, BuildState>,
+         fd: i32,
+         flags: i32,
+         path: i32,
+         len: i32,
+         buf: i32| {
+            let errno = {
+                let (mut mem, state) = p1_parts(&mut c)?;
+                in_tokio(p1::path_filestat_get(
+                    &mut state.wasi,
+                    &mut mem,
+                    fd,
+                    flags,
+                    path,
+                    len,
+                    buf,
+                ))?
+            };
+            if errno == 0 {
+                fix_filestat(&mut c, buf)?;
+            }
+            Ok(errno)
+        },
+    )?;
+    linker.func_wrap(
+        P1,
+        "fd_readdir",
+        |mut c: wasmtime::Caller<'_, BuildState>,
+         fd: i32,
+         buf: i32,
+         len: i32,
+         cookie: i64,
+         used: i32| {
+            let errno = {
+                let (mut mem, state) = p1_parts(&mut c)?;
+                in_tokio(p1::fd_readdir(
+                    &mut state.wasi,
+                    &mut mem,
+                    fd,
+                    buf,
+                    len,
+                    cookie,
+                    used,
+                ))?
+            };
+            if errno == 0 {
+                fix_dirents(&mut c, buf, used)?;
+            }
+            Ok(errno)
+        },
+    )?;
+    linker.allow_shadowing(false);
+    Ok(())
+}
+
+/// What wasmtime-wasi's wasip1 functions take: the guest's memory and the context.
+fn p1_parts<'a>(
+    c: &'a mut wasmtime::Caller<'_, BuildState>,
+) -> wasmtime::Result<(wiggle::GuestMemory<'a>, &'a mut BuildState)> {
+    use wasmtime::AsContextMut;
+    use wasmtime_wasi::p1::wasi_snapshot_preview1::WasiSnapshotPreview1 as _;
+    let fuel = c.as_context_mut().hostcall_fuel();
+    let memory = c
+        .get_export("memory")
+        .and_then(wasmtime::Extern::into_memory)
+        .ok_or_else(|| wasmtime::format_err!("the runtime exports no `memory`"))?;
+    let (bytes, state) = memory.data_and_store_mut(c);
+    state.wasi.set_hostcall_fuel(fuel);
+    Ok((wiggle::GuestMemory::Unshared(bytes), state))
+}
+
+/// The guest's memory and the build's inode numbering.
+fn guest<'a>(
+    c: &'a mut wasmtime::Caller<'_, BuildState>,
+) -> wasmtime::Result<(&'a mut [u8], &'a mut std::collections::HashMap<u64, u64>)> {
+    let memory = c
+        .get_export("memory")
+        .and_then(wasmtime::Extern::into_memory)
+        .ok_or_else(|| wasmtime::format_err!("the runtime exports no `memory`"))?;
+    let (data, state) = memory.data_and_store_mut(c);
+    Ok((data, &mut state.inodes))
+}
+
+/// The build's number for the host's inode `ino` (0, a pipe's, stays 0).
+fn build_inode(inodes: &mut std::collections::HashMap<u64, u64>, ino: u64) -> u64 {
+    if ino == 0 {
+        return 0;
+    }
+    let next = inodes.len() as u64 + 1;
+    *inodes.entry(ino).or_insert(next)
+}
+
+fn field(data: &mut [u8], at: usize) -> wasmtime::Result<&mut [u8; 8]> {
+    at.checked_add(8)
+        .and_then(|end| data.get_mut(at..end))
+        .and_then(|b| <&mut [u8; 8]>::try_from(b).ok())
+        .ok_or_else(|| wasmtime::format_err!("a WASI result outside the guest's memory"))
+}
+
+/// A preview-1 `filestat` at `buf`: dev u64, ino u64, filetype u8, nlink u64 at
+/// 24, size at 32, atim, mtim, ctim at 40, 48, 56.
+fn fix_filestat(c: &mut wasmtime::Caller<'_, BuildState>, buf: i32) -> wasmtime::Result<()> {
+    let (data, inodes) = guest(c)?;
+    fixed_filestat(data, inodes, buf)
+}
+
+fn fixed_filestat(
+    data: &mut [u8],
+    inodes: &mut std::collections::HashMap<u64, u64>,
+    buf: i32,
+) -> wasmtime::Result<()> {
+    let at = buf as u32 as usize;
+    // All of it or nothing (the inode numbering is not advanced for a fault).
+    field(data, at + 56)?;
+    let ino = field(data, at + 8)?;
+    *ino = build_inode(inodes, u64::from_le_bytes(*ino)).to_le_bytes();
+    *field(data, at + 24)? = 1u64.to_le_bytes();
+    let epoch = (BUILD_EPOCH.as_nanos() as u64).to_le_bytes();
+    for time in [40, 48, 56] {
+        *field(data, at + time)? = epoch;
+    }
+    Ok(())
+}
+
+/// The `dirent`s `fd_readdir` wrote at `buf` (`*used` bytes; the last may be cut
+/// short): d_next u64, d_ino u64, d_namlen u32, d_type u8, then the name.
+fn fix_dirents(
+    c: &mut wasmtime::Caller<'_, BuildState>,
+    buf: i32,
+    used: i32,
+) -> wasmtime::Result<()> {
+    let (data, inodes) = guest(c)?;
+    fixed_dirents(data, inodes, buf, used)
+}
+
+fn fixed_dirents(
+    data: &mut [u8],
+    inodes: &mut std::collections::HashMap<u64, u64>,
+    buf: i32,
+    used: i32,
+) -> wasmtime::Result<()> {
+    let used_at = used as u32 as usize;
+    let used = data
+        .get(used_at..used_at + 4)
+        .and_then(|b| <[u8; 4]>::try_from(b).ok())
+        .map(u32::from_le_bytes)
+        .ok_or_else(|| wasmtime::format_err!("a WASI result outside the guest's memory"))?;
+    let (start, end) = (buf as u32 as usize, buf as u32 as usize + used as usize);
+    let mut at = start;
+    while at + 24 <= end {
+        let ino = field(data, at + 8)?;
+        *ino = build_inode(inodes, u64::from_le_bytes(*ino)).to_le_bytes();
+        let namlen = data
+            .get(at + 16..at + 20)
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .map(u32::from_le_bytes)
+            .unwrap_or(u32::MAX);
+        at = at.saturating_add(24).saturating_add(namlen as usize);
+    }
+    Ok(())
 }
 
 struct FixedWall;
@@ -963,6 +1168,43 @@ mod tests {
         let back = rewrite_exports(&more, |e| e.retain(|x| x.0 != "g")).unwrap();
         assert_eq!(back, wasm);
         assert!(func_indices(&wasm, &["f"]).unwrap_err().contains("`f`"));
+    }
+
+    #[test]
+    fn the_build_sees_fixed_file_identities() {
+        let mut inodes = std::collections::HashMap::new();
+        // A filestat at 8: dev 1, a host inode hash, a regular file, two links,
+        // size 5, real times.
+        let mut mem = vec![0u8; 8 + 64];
+        let put = |m: &mut [u8], at: usize, v: u64| m[at..at + 8].copy_from_slice(&v.to_le_bytes());
+        put(&mut mem, 8, 1);
+        put(&mut mem, 16, 0xdead_beef_1234);
+        mem[24] = 4;
+        put(&mut mem, 32, 2);
+        put(&mut mem, 40, 5);
+        for t in [48, 56, 64] {
+            put(&mut mem, t, 1_764_000_000_123_456_789);
+        }
+        fixed_filestat(&mut mem, &mut inodes, 8).unwrap();
+        let get = |m: &[u8], at: usize| u64::from_le_bytes(m[at..at + 8].try_into().unwrap());
+        assert_eq!((get(&mem, 8), get(&mem, 16), mem[24]), (1, 1, 4));
+        assert_eq!((get(&mem, 32), get(&mem, 40)), (1, 5));
+        for t in [48, 56, 64] {
+            assert_eq!(get(&mem, t), BUILD_EPOCH.as_nanos() as u64);
+        }
+        assert!(fixed_filestat(&mut mem, &mut inodes, 16).is_err());
+
+        // Two dirents ("." of the same file, then "zip" of another), the second cut
+        // short after its header; `used` at 0.
+        let mut mem = vec![0u8; 4 + 24 + 1 + 24 + 2];
+        mem[..4].copy_from_slice(&(24u32 + 1 + 24 + 2).to_le_bytes());
+        put(&mut mem, 4 + 8, 0xdead_beef_1234);
+        mem[4 + 16..4 + 20].copy_from_slice(&1u32.to_le_bytes());
+        put(&mut mem, 4 + 25 + 8, 0x5555);
+        mem[4 + 25 + 16..4 + 25 + 20].copy_from_slice(&3u32.to_le_bytes());
+        fixed_dirents(&mut mem, &mut inodes, 4, 0).unwrap();
+        assert_eq!((get(&mem, 4 + 8), get(&mem, 4 + 25 + 8)), (1, 2));
+        assert_eq!(build_inode(&mut inodes, 0), 0);
     }
 
     #[test]

@@ -200,16 +200,21 @@ impl Batch<'_> {
         Ok(())
     }
 
-    /// Where an artifact was produced and read.
+    /// Where an artifact was produced, reused and read. A reused step records the
+    /// outputs it took over too; its role is `reused` (with the run that produced
+    /// them), never `output`: only the execution that wrote the bytes produced them.
     pub fn lineage(&self, artifact: &str) -> Result<Vec<LineageRow>> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT o.run_id, r.pipeline, o.step, o.output, 'output' FROM step_outputs o JOIN runs r ON r.id = o.run_id
+            "SELECT o.run_id, r.pipeline, o.step, o.output,
+                    CASE WHEN s.reused_from IS NULL THEN 'output' ELSE 'reused' END, s.reused_from
+               FROM step_outputs o JOIN runs r ON r.id = o.run_id
+               LEFT JOIN steps s ON s.run_id = o.run_id AND s.name = o.step
                WHERE o.artifact = ?1
              UNION ALL
-             SELECT i.run_id, r.pipeline, i.step, i.mount, 'input' FROM step_inputs i JOIN runs r ON r.id = i.run_id
+             SELECT i.run_id, r.pipeline, i.step, i.mount, 'input', NULL FROM step_inputs i JOIN runs r ON r.id = i.run_id
                WHERE i.artifact = ?1
              UNION ALL
-             SELECT p.run_id, r.pipeline, '', p.name, 'pipeline input' FROM run_inputs p JOIN runs r ON r.id = p.run_id
+             SELECT p.run_id, r.pipeline, '', p.name, 'pipeline input', NULL FROM run_inputs p JOIN runs r ON r.id = p.run_id
                WHERE p.artifact = ?1
              ORDER BY 1, 3",
         )?;
@@ -221,6 +226,7 @@ impl Batch<'_> {
                     step: r.get(2)?,
                     name: r.get(3)?,
                     role: r.get(4)?,
+                    reused_from: r.get(5)?,
                 })
             })?
             .collect::<rusqlite::Result<_>>()?;

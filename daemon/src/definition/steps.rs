@@ -1,0 +1,542 @@
+//! `[[step]]`: the keys every step has, and what each kind of step runs.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::Duration;
+
+use toml::Spanned;
+use toml::de::{DeTable, DeValue};
+
+use super::walker::{NameRule, valid_env_name};
+use super::{
+    Environment, MAX_TIMER, ModuleRef, Param, Reference, Retries, Sp, Step, StepKind, Value,
+    WASM32_MAX_MEMORY, Walker, format_size, parse_reference,
+};
+use crate::diagnostic::{Diagnostic, display_path};
+
+const STEP_KEYS: &[&str] = &[
+    "name",
+    "description",
+    "wasm",
+    "python",
+    "container",
+    "module",
+    "transfer",
+    "compute",
+    "args",
+    "env",
+    "inputs",
+    "outputs",
+    "after",
+    "timeout",
+    "memory",
+    "cpus",
+    "retries",
+    "reuse",
+];
+const STEP_KINDS: &[&str] = &["wasm", "python", "container", "module", "transfer"];
+
+impl Walker {
+    pub(super) fn step(
+        &mut self,
+        v: &Value<'_>,
+        text: &str,
+        params: &[Param],
+        dir: &Path,
+        env: &Environment,
+    ) -> Option<Step> {
+        let t = self.table(v, "step")?;
+        self.unknown_keys(t, STEP_KEYS, "[[step]]");
+        let name = match t.get("name") {
+            Some(n) => {
+                let n = self.string(n, "step name")?;
+                self.name(&n, "step name", NameRule::Identifier);
+                n
+            }
+            None => {
+                self.error(v.span(), "a [[step]] needs a `name`");
+                return None;
+            }
+        };
+        let step_name = name.get_ref().clone();
+        let kinds: Vec<&str> = STEP_KINDS
+            .iter()
+            .copied()
+            .filter(|k| t.contains_key(*k))
+            .collect();
+        let kind = match kinds.as_slice() {
+            [one] => self.step_kind(one, &t[*one], &step_name, dir, env),
+            [] => {
+                self.diags.push(
+                    Diagnostic::error(name.span(), format!("step `{step_name}` does not say what to run"))
+                        .with_help("add one of: wasm = \"x.wasm\", python = \"x.py\", container = {…}, module = \"name@version\", transfer = {…}"),
+                );
+                None
+            }
+            [_, second, ..] => {
+                self.error(
+                    t[*second].span(),
+                    format!("step `{step_name}` has both `{}` and `{second}`: a step runs exactly one thing", kinds[0]),
+                );
+                None
+            }
+        };
+        let args = match t.get("args") {
+            Some(a) => self.string_array(a, "args"),
+            None => Vec::new(),
+        };
+        for a in &args {
+            self.interpolation(a, text, params);
+        }
+        let env_vars = match t.get("env") {
+            Some(e) => self.step_env(e, text, params),
+            None => Vec::new(),
+        };
+        let mut inputs = Vec::new();
+        if let Some(i) = t.get("inputs") {
+            for (mount, r) in self.string_table(i, "inputs") {
+                self.name(&mount, "input mount name", NameRule::Identifier);
+                if let Some(r) = self.reference(&r) {
+                    inputs.push((mount, r));
+                }
+            }
+        }
+        let outputs = match t.get("outputs") {
+            Some(o) => self.step_outputs(o, &step_name),
+            None => Vec::new(),
+        };
+        let after = match t.get("after") {
+            Some(a) => self.string_array(a, "after"),
+            None => Vec::new(),
+        };
+        let timeout = t.get("timeout").and_then(|d| self.duration(d, "timeout"));
+        if let (Some(d), Some(v)) = (timeout, t.get("timeout"))
+            && (d.is_zero() || d > MAX_TIMER)
+        {
+            self.error(
+                v.span(),
+                "timeout must be greater than zero and at most a year",
+            );
+        }
+        let memory = t.get("memory").and_then(|m| self.size(m, "memory"));
+        if let (
+            Some(m),
+            Some(StepKind::Wasm { .. } | StepKind::Python { .. } | StepKind::Module { .. }),
+        ) = (memory, &kind)
+            && m > WASM32_MAX_MEMORY
+        {
+            self.error(
+                t["memory"].span(),
+                format!(
+                    "memory {}: a wasm32 sandbox can address at most 4GiB",
+                    format_size(m)
+                ),
+            );
+        }
+        let cpus = t.get("cpus").and_then(|c| self.cpus(c));
+        let retries = t
+            .get("retries")
+            .map(|r| self.retries(r))
+            .unwrap_or(Retries {
+                attempts: 1,
+                backoff: Duration::from_secs(1),
+            });
+        let reuse = t
+            .get("reuse")
+            .and_then(|r| self.boolean(r, "reuse"))
+            .unwrap_or(true);
+        let compute = t.get("compute").and_then(|c| self.string(c, "compute"));
+        if let Some(c) = &compute {
+            self.compute(c, &kind, env);
+        }
+        if let Some(StepKind::Transfer { .. }) = &kind {
+            self.transfer_keys(t);
+        }
+        Some(Step {
+            name,
+            span: v.span(),
+            kind: kind?,
+            args,
+            env: env_vars,
+            inputs,
+            outputs,
+            after,
+            timeout,
+            memory,
+            cpus,
+            retries,
+            reuse,
+            compute,
+        })
+    }
+
+    /// `env = { NAME = "value" }`: interpolated values, names a process can carry,
+    /// none in the MILLRACE_ namespace.
+    fn step_env(
+        &mut self,
+        e: &Value<'_>,
+        text: &str,
+        params: &[Param],
+    ) -> Vec<(Sp<String>, Sp<String>)> {
+        let env_vars = self.string_table(e, "env");
+        for (k, v) in &env_vars {
+            self.interpolation(v, text, params);
+            if !valid_env_name(k.get_ref()) {
+                self.error(
+                    k.span(),
+                    format!("`{}` is not a valid environment variable name", k.get_ref()),
+                );
+            } else if k.get_ref().starts_with("MILLRACE_") {
+                self.error(
+                    k.span(),
+                    format!(
+                        "`{}`: the MILLRACE_ prefix is reserved for variables millrace sets",
+                        k.get_ref()
+                    ),
+                );
+            }
+        }
+        env_vars
+    }
+
+    /// `outputs = [...]`: names, each declared once.
+    fn step_outputs(&mut self, o: &Value<'_>, step_name: &str) -> Vec<Sp<String>> {
+        let outputs = self.string_array(o, "outputs");
+        let mut seen = HashSet::new();
+        for o in &outputs {
+            self.name(o, "output name", NameRule::Identifier);
+            if !seen.insert(o.get_ref().clone()) {
+                self.error(
+                    o.span(),
+                    format!(
+                        "output `{}` is declared twice in step `{step_name}`",
+                        o.get_ref()
+                    ),
+                );
+            }
+        }
+        outputs
+    }
+
+    fn cpus(&mut self, c: &Value<'_>) -> Option<f64> {
+        match c.get_ref() {
+            DeValue::Integer(_) | DeValue::Float(_) => {
+                let x: f64 = match c.get_ref() {
+                    DeValue::Integer(i) => {
+                        i64::from_str_radix(&i.as_str().replace('_', ""), i.radix())
+                            .map_or(-1.0, |n| n as f64)
+                    }
+                    DeValue::Float(f) => f.as_str().replace('_', "").parse().unwrap_or(-1.0),
+                    _ => -1.0,
+                };
+                if !(x > 0.0 && x <= 1024.0) {
+                    self.error(c.span(), "cpus must be a number greater than 0");
+                }
+                Some(x)
+            }
+            other => {
+                self.error(
+                    c.span(),
+                    format!("cpus must be a number, not {}", other.type_str()),
+                );
+                None
+            }
+        }
+    }
+
+    /// `compute = "…"`: a target the daemon config declares, of a kind that can run
+    /// this step.
+    fn compute(&mut self, c: &Sp<String>, kind: &Option<StepKind>, env: &Environment) {
+        match env.computes.get(c.get_ref()).map(String::as_str) {
+            None => self.diags.push(
+                Diagnostic::error(c.span(), format!("unknown compute `{}`", c.get_ref()))
+                    .with_help(format!(
+                        "compute targets: {} (declared in the daemon config)",
+                        env.computes.keys().cloned().collect::<Vec<_>>().join(", ")
+                    )),
+            ),
+            Some("container") if !matches!(kind, Some(StepKind::Container(_)) | None) => self
+                .error(
+                    c.span(),
+                    format!(
+                        "compute `{}` is a container engine: only `container` steps run there",
+                        c.get_ref()
+                    ),
+                ),
+            Some("slurm") if matches!(kind, Some(StepKind::Container(_))) => self.error(
+                c.span(),
+                format!(
+                    "compute `{}` is a Slurm cluster: container steps do not run on Slurm in this version (wasm, python and module steps do)",
+                    c.get_ref()
+                ),
+            ),
+            Some(_) => {}
+        }
+    }
+
+    /// The step keys a transfer step does not take (it runs no program).
+    fn transfer_keys(&mut self, t: &DeTable<'_>) {
+        for key in [
+            "args", "env", "outputs", "timeout", "memory", "cpus", "compute",
+        ] {
+            if let Some(v) = t.get(key) {
+                self.error(
+                    v.span(),
+                    format!("`{key}` does not apply to a transfer step"),
+                );
+            }
+        }
+        if let Some(i) = t.get("inputs") {
+            self.error(
+                i.span(),
+                "a transfer step takes its input from `transfer.from`, not `inputs`",
+            );
+        }
+    }
+
+    fn step_kind(
+        &mut self,
+        kind: &str,
+        v: &Value<'_>,
+        step: &str,
+        dir: &Path,
+        env: &Environment,
+    ) -> Option<StepKind> {
+        match kind {
+            "wasm" => self.wasm_step(v, dir),
+            "python" => self.python_step(v, dir),
+            "container" => self.container_step(v),
+            "module" => self.module_step(v, step, env),
+            "transfer" => self.transfer_step(v, env),
+            _ => unreachable!("STEP_KINDS"),
+        }
+    }
+
+    /// `wasm = "plugins/x.wasm"`, resolved against the pipeline's directory.
+    fn wasm_step(&mut self, v: &Value<'_>, dir: &Path) -> Option<StepKind> {
+        let path = self.string(v, "wasm")?;
+        let resolved = dir.join(path.get_ref());
+        if !path.get_ref().ends_with(".wasm") {
+            self.error(
+                path.span(),
+                format!("`{}` is not a .wasm file", path.get_ref()),
+            );
+        } else if !resolved.is_file() {
+            self.diags.push(
+                Diagnostic::error(
+                    path.span(),
+                    format!("wasm file not found: {}", display_path(&resolved)),
+                )
+                .with_help("paths are relative to the pipeline file's directory"),
+            );
+        }
+        Some(StepKind::Wasm { path, resolved })
+    }
+
+    /// `python = "scripts/train.py"` or `python = { script, code, snapshot }`.
+    fn python_step(&mut self, v: &Value<'_>, dir: &Path) -> Option<StepKind> {
+        let mut snapshot = true;
+        let (script, code) = match v.get_ref() {
+            DeValue::Table(t) => {
+                self.unknown_keys(t, &["script", "code", "snapshot"], "python");
+                if let Some(b) = t
+                    .get("snapshot")
+                    .and_then(|b| self.boolean(b, "python.snapshot"))
+                {
+                    snapshot = b;
+                }
+                let Some(script) = t
+                    .get("script")
+                    .and_then(|s| self.string(s, "python.script"))
+                else {
+                    if !t.contains_key("script") {
+                        self.error(v.span(), "python needs a `script`");
+                    }
+                    return None;
+                };
+                let code = t.get("code").and_then(|c| self.string(c, "python.code"));
+                (script, code)
+            }
+            _ => (self.string(v, "python")?, None),
+        };
+        let (code_dir, entry) = match &code {
+            Some(c) => (dir.join(c.get_ref()), script.get_ref().clone()),
+            None => {
+                let full = Path::new(script.get_ref());
+                (
+                    dir.join(full.parent().unwrap_or(Path::new(""))),
+                    full.file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                )
+            }
+        };
+        if let Some(c) = &code
+            && !code_dir.is_dir()
+        {
+            self.error(
+                c.span(),
+                format!("code directory not found: {}", display_path(&code_dir)),
+            );
+        } else if !entry.ends_with(".py")
+            || Path::new(&entry)
+                .components()
+                .any(|c| !matches!(c, std::path::Component::Normal(_)))
+        {
+            self.error(
+                script.span(),
+                format!(
+                    "`{}` is not a .py script inside the code directory",
+                    script.get_ref()
+                ),
+            );
+        } else if !code_dir.join(&entry).is_file() {
+            self.diags.push(
+                Diagnostic::error(
+                    script.span(),
+                    format!(
+                        "python script not found: {}",
+                        display_path(&code_dir.join(&entry))
+                    ),
+                )
+                .with_help("paths are relative to the pipeline file's directory (a `script` to its `code`)"),
+            );
+        }
+        Some(StepKind::Python {
+            script,
+            code_dir,
+            entry,
+            snapshot,
+        })
+    }
+
+    /// `module = "name@req"`, resolved against the registry.
+    fn module_step(&mut self, v: &Value<'_>, step: &str, env: &Environment) -> Option<StepKind> {
+        let spec = self.string(v, "module")?;
+        match env.modules.resolve(spec.get_ref()) {
+            Err(e) => {
+                let mut d = Diagnostic::error(spec.span(), format!("step `{step}`: {}", e.message));
+                if let Some(h) = e.help {
+                    d = d.with_help(h);
+                }
+                self.diags.push(d);
+                None
+            }
+            Ok(r) => {
+                if let Some(w) = &r.warning {
+                    self.diags.push(
+                        Diagnostic::warning(spec.span(), format!("step `{step}`: {w}")).with_help(
+                            format!(
+                                "it still runs; pin another version of `{}` to silence this",
+                                r.module.name
+                            ),
+                        ),
+                    );
+                }
+                Some(StepKind::Module {
+                    spec,
+                    module: ModuleRef {
+                        id: r.module.id(),
+                        digest: r.module.digest.clone(),
+                        kind: r.module.kind.clone(),
+                        entry: r.module.entry.clone(),
+                        warning: r.warning,
+                    },
+                    resolved: r.path,
+                })
+            }
+        }
+    }
+
+    /// `transfer = { from, to, datastore }`.
+    fn transfer_step(&mut self, v: &Value<'_>, env: &Environment) -> Option<StepKind> {
+        let t = self.table(v, "transfer")?;
+        self.unknown_keys(t, &["from", "to", "datastore"], "transfer");
+        let from = match t.get("from") {
+            Some(f) => self
+                .string(f, "transfer.from")
+                .and_then(|r| self.reference(&r)),
+            None => {
+                self.error(
+                    v.span(),
+                    "transfer needs `from` (\"step.output\" or \"inputs.NAME\")",
+                );
+                None
+            }
+        };
+        let to = match t.get("to") {
+            Some(to) => self.string(to, "transfer.to"),
+            None => {
+                self.error(v.span(), "transfer needs `to` (a path in the datastore)");
+                None
+            }
+        };
+        if let Some(to) = &to {
+            let p = Path::new(to.get_ref());
+            if to.get_ref().is_empty()
+                || p.is_absolute()
+                || p.components()
+                    .any(|c| !matches!(c, std::path::Component::Normal(_)))
+            {
+                self.error(
+                    to.span(),
+                    format!("transfer.to `{}` must be a relative path inside the datastore, without `..`", to.get_ref()),
+                );
+            }
+        }
+        let datastore = t
+            .get("datastore")
+            .and_then(|d| self.string(d, "transfer.datastore"))
+            .unwrap_or_else(|| Spanned::new(v.span(), "default".into()));
+        self.datastore(&datastore, env);
+        Some(StepKind::Transfer {
+            from: from?,
+            to: to?,
+            datastore,
+        })
+    }
+
+    fn retries(&mut self, v: &Value<'_>) -> Retries {
+        let mut r = Retries {
+            attempts: 1,
+            backoff: Duration::from_secs(1),
+        };
+        let Some(t) = self.table(v, "retries") else {
+            return r;
+        };
+        self.unknown_keys(t, &["attempts", "backoff"], "retries");
+        if let Some(a) = t
+            .get("attempts")
+            .and_then(|a| self.integer(a, "retries.attempts"))
+        {
+            if !(1..=100).contains(&a) {
+                self.error(
+                    t["attempts"].span(),
+                    format!("retries.attempts must be between 1 and 100, got {a}"),
+                );
+            } else {
+                r.attempts = a as u32;
+            }
+        }
+        if let Some(b) = t
+            .get("backoff")
+            .and_then(|b| self.timer_duration(b, "retries.backoff"))
+        {
+            r.backoff = b;
+        }
+        r
+    }
+
+    fn reference(&mut self, s: &Sp<String>) -> Option<Sp<Reference>> {
+        match parse_reference(s.get_ref()) {
+            Some(r) => Some(Spanned::new(s.span(), r)),
+            None => {
+                self.diags.push(
+                    Diagnostic::error(s.span(), format!("`{}` is not a data reference", s.get_ref()))
+                        .with_help("write \"STEP.OUTPUT\" for a step's output or \"inputs.NAME\" for a pipeline input"),
+                );
+                None
+            }
+        }
+    }
+}
