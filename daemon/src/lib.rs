@@ -32,9 +32,14 @@
 //!   where it runs through a callback the engine records. A new executor is one
 //!   file there plus one arm of [`executor::Executor`]; what a step can do (deny by
 //!   default) is written once, in [`executor`].
-//! - [`run`]: one run's scheduler: parallel steps (each decided by the planner),
-//!   retries, skips, resume; one attempt's spec, executor and outputs in
-//!   `run/attempt.rs`.
+//! - [`engine`]: drives runs, built whole from one [`engine::EngineConfig`] (the
+//!   daemon config's datastores, compute targets and `[python]`; the log and output
+//!   caps with their environment overrides): the lifecycle (`engine/lifecycle.rs`:
+//!   create, enqueue, start, resume, the locks a run holds), the ready-queue loop
+//!   (`engine/scheduler.rs`: each step decided by the planner, dependants released
+//!   or skipped, cancel and shutdown sweeps), one step's attempts and retries (`engine/step.rs`), one
+//!   attempt's spec, executor and outputs (`engine/attempt.rs`) and the run lock
+//!   (`engine/lock.rs`).
 //! - [`store`]: SQLite records, the BLAKE3 artifact store, and `gc`.
 //! - [`view`]: what readers are shown: one [`view::RunView`] for the API,
 //!   `runs show --json` and the UI, with the OpenAPI schemas.
@@ -55,12 +60,12 @@ pub mod config;
 pub mod daemon;
 pub mod definition;
 pub mod diagnostic;
+pub mod engine;
 pub mod executor;
 pub mod graph;
 pub mod model;
 pub mod module;
 pub mod planner;
-pub mod run;
 pub mod store;
 pub mod trigger;
 pub mod view;

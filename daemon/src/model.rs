@@ -114,7 +114,7 @@ impl RunStatus {
 
 status_enum! {
     /// Where one step of one run is. The engine reports only the terminal states
-    /// ([`crate::run::Event::StepFinished`]); the store also keeps the two before.
+    /// ([`crate::engine::Event::StepFinished`]); the store also keeps the two before.
     StepStatus, "step status" {
         /// Not started (also: left for the resume by a daemon shutdown).
         Pending = "pending",

@@ -19,9 +19,9 @@ use clap::{Parser, Subcommand};
 
 use crate::config::Config;
 use crate::diagnostic::display_path;
+use crate::engine::{Engine, EngineConfig, RunRequest};
 use crate::graph::Graph;
 use crate::planner::{Planned, short};
-use crate::run::{Datastores, Engine, RunRequest};
 use crate::store::Store;
 use crate::store::db::now_ms;
 
@@ -461,10 +461,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             let state = config
                 .as_ref()
                 .map_or(cli.state.clone(), |c| c.state_dir.clone());
-            let python = config.map(|c| c.python).unwrap_or_default();
-            let mut engine = Arc::into_inner(engine(&state, None)?).context("engine in use")?;
-            engine.python = python;
-            let engine = Arc::new(engine);
+            let engine = engine_for(&state, None, config)?;
             let started = std::time::Instant::now();
             eprintln!("preparing the Python runtime (the first time takes a few minutes)…");
             let (dir, digest, cached) = engine.prepare_python().await.map_err(run_error)?;
@@ -483,11 +480,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 );
             }
             // The warm interpreter fails closed: without it, steps run on the base.
-            let snapshot = if engine.python.snapshot {
+            let snapshot = if engine.config().python.snapshot {
                 if !json {
                     eprintln!(
                         "building the warm interpreter with {} imported (the first time takes a few minutes)…",
-                        engine.python.preload.join(", ")
+                        engine.config().python.preload.join(", ")
                     );
                 }
                 Some(engine.prepare_python_snapshot().await)
@@ -723,37 +720,25 @@ fn open_store(state: &Path) -> anyhow::Result<Arc<Store>> {
     })?))
 }
 
-fn engine(state: &Path, max_parallel: Option<usize>) -> anyhow::Result<Arc<Engine>> {
+/// The engine of `state`, its datastores, compute targets and `[python]` from
+/// a daemon config when one is given; `max_parallel` steps at once, else as
+/// many as the host has CPUs.
+fn engine_for(
+    state: &Path,
+    max_parallel: Option<usize>,
+    config: Option<Config>,
+) -> anyhow::Result<Arc<Engine>> {
     let store = open_store(state)?;
     let parallel = max_parallel.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(2)
     });
-    Ok(Arc::new(Engine::new(
-        store,
-        parallel,
-        Datastores::default(),
-    )))
-}
-
-/// An engine whose compute targets and datastores come from a daemon config.
-fn engine_for(
-    state: &Path,
-    max_parallel: Option<usize>,
-    config: Option<Config>,
-) -> anyhow::Result<Arc<Engine>> {
-    let engine = engine(state, max_parallel)?;
-    let Some(config) = config else {
-        return Ok(engine);
-    };
-    let mut engine = Arc::into_inner(engine).context("engine in use")?;
-    engine.computes = config.computes;
-    engine.python = config.python;
-    engine.datastores = Datastores {
-        paths: config.datastores.into_iter().collect(),
-    };
-    Ok(Arc::new(engine))
+    let mut engine_config = EngineConfig::new(parallel);
+    if let Some(config) = &config {
+        engine_config = engine_config.with_config(config);
+    }
+    Ok(Arc::new(Engine::new(store, engine_config)))
 }
 
 /// `42`, or `latest`/`last` for the newest run.

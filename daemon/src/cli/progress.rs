@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use super::Error;
 use super::validate::summary_line;
+use crate::engine::{Event, RunError, RunSummary};
 use crate::model::StepStatus;
-use crate::run::{Event, RunError, RunSummary};
 
 pub(super) fn run_error(e: RunError) -> anyhow::Error {
     match e {
@@ -78,7 +78,7 @@ pub(super) fn progress(json: bool, steps: usize) -> Arc<Progress> {
 }
 
 impl Progress {
-    pub(super) fn sink(self: &Arc<Self>) -> crate::run::EventSink {
+    pub(super) fn sink(self: &Arc<Self>) -> crate::engine::EventSink {
         let me = self.clone();
         Arc::new(move |e: &Event| me.event(e))
     }

@@ -14,7 +14,7 @@ use crate::store::Store;
 
 /// What a reader is told of a run's status ([`RunStatus::shown`]).
 pub(super) fn shown_status(store: &Store, id: i64, status: RunStatus) -> RunStatus {
-    status.shown(|| crate::run::RunLock::is_held(store, id))
+    status.shown(|| crate::engine::RunLock::is_held(store, id))
 }
 
 pub(super) fn runs_list(
@@ -210,7 +210,8 @@ pub(super) async fn logs(
         }
         out.flush()?;
         let r = store.db().read().run(id)?.context("run vanished")?;
-        if !follow || r.status != RunStatus::Running || !crate::run::RunLock::is_held(store, id) {
+        if !follow || r.status != RunStatus::Running || !crate::engine::RunLock::is_held(store, id)
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -423,7 +424,7 @@ pub(super) fn output_cmd(
 
 pub(super) fn gc(store: &Store, keep: i64, json: bool) -> anyhow::Result<i32> {
     use crate::store::gc::{self, GcError};
-    let held = |id| crate::run::RunLock::is_held(store, id);
+    let held = |id| crate::engine::RunLock::is_held(store, id);
     let c = gc::collect(store, keep, &held).map_err(|e| match e {
         GcError::Refused(m) => Error::usage(m).into(),
         other => anyhow::Error::new(other),

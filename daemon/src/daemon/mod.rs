@@ -34,7 +34,7 @@ use futures_util::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::run::{Datastores, Engine};
+use crate::engine::{Engine, EngineConfig};
 use crate::store::Store;
 
 pub use pipelines::{FileState, Loaded};
@@ -259,16 +259,10 @@ pub async fn serve(
 impl Daemon {
     /// The daemon of one state directory, complete, before anything of it runs.
     fn new(config: Config, store: Arc<Store>) -> anyhow::Result<Daemon> {
-        let datastores = Datastores {
-            paths: config
-                .datastores
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-        };
-        let mut engine = Engine::new(store, config.max_parallel_steps, datastores);
-        engine.computes = config.computes.clone();
-        engine.python = config.python.clone();
+        let engine = Engine::new(
+            store,
+            EngineConfig::new(config.max_parallel_steps).with_config(&config),
+        );
         let token = load_token(&config)?;
         Ok(Daemon {
             config,

@@ -8,8 +8,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Active, Daemon, State};
 use crate::definition::{Overlap, Pipeline};
+use crate::engine::{Event, EventSink, RunError, RunRequest};
 use crate::model::{RunStatus, StepStatus};
-use crate::run::{Event, EventSink, RunError, RunRequest};
 use crate::store::db::{Batch, DbError};
 
 /// What became of a firing or an API call.

@@ -19,7 +19,7 @@ impl Daemon {
     pub(super) fn recover(&self) -> anyhow::Result<()> {
         let mut db = self.store().db();
         for r in db.read().runs_with_status(RunStatus::Running)? {
-            if crate::run::RunLock::is_held(self.store(), r.id) {
+            if crate::engine::RunLock::is_held(self.store(), r.id) {
                 continue; // a `millrace run` in another process
             }
             // Counted before the run is resumed: if the resume kills the process

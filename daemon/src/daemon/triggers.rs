@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Daemon, SubmitError};
 use crate::definition::{Catchup, Pipeline, TriggerKind};
-use crate::run::RunRequest;
+use crate::engine::RunRequest;
 use crate::trigger::cron::{self, Schedule};
 use crate::trigger::watch::{self, FileSet};
 

@@ -194,7 +194,7 @@ pub(super) async fn status(State(d): State<Arc<Daemon>>) -> ApiResult {
         "active_runs": d.active_runs().iter().map(|(id, p)| json!({ "id": id, "pipeline": p })).collect::<Vec<_>>(),
         "queued_runs": queued.iter().map(|r| json!({ "id": r.id, "pipeline": r.pipeline })).collect::<Vec<_>>(),
         "running_steps": d.engine.running_steps(),
-        "max_parallel_steps": d.engine.max_parallel,
+        "max_parallel_steps": d.engine.config().max_parallel,
         "counters": d.counters.to_json(),
     }))
     .into_response())

@@ -11,8 +11,8 @@ use serde_json::{Value, json};
 
 use super::{ApiError, ApiResult, ErrorBody, MAX_BODY, ParamScalar};
 use crate::daemon::{Daemon, SubmitError, Submitted};
+use crate::engine::RunRequest;
 use crate::model::RunStatus;
-use crate::run::RunRequest;
 use crate::view::{Metric, RunRecord, RunView};
 
 #[derive(serde::Serialize, utoipa::ToSchema)]

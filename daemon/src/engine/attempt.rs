@@ -8,8 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::{
-    RunContext, SNAPSHOTS, code_of, code_snapshot, file_digest, log_cap, output_cap,
-    python_variant, remove_tree,
+    RunContext, SNAPSHOTS, code_of, code_snapshot, file_digest, python_variant, remove_tree,
 };
 use crate::definition::{self, StepKind};
 use crate::executor::container::{self, ResolvedImage};
@@ -193,7 +192,7 @@ impl RunContext {
         let step = &self.pipeline.steps[i];
         let name = step.name.get_ref();
         let fail = |e: String| (None, e);
-        let log = LogFile::create(log_path, log_cap())
+        let log = LogFile::create(log_path, self.engine.config.log_cap)
             .map_err(|e| fail(format!("cannot create log {}: {e}", log_path.display())))?;
         // Renames and hard links only: cheap enough to do on the worker.
         (|| -> Result<(), String> {
@@ -212,7 +211,7 @@ impl RunContext {
         })()
         .map_err(fail)?;
         let spec = self.attempt_spec(ws, i, attempt, program, log.clone())?;
-        let executor = Executor::for_step(step, &self.engine.computes);
+        let executor = Executor::for_step(step, &self.engine.config.computes);
         let wasm = if executor.needs_wasm() {
             Some(self.engine.wasm().await.map_err(|e| fail(e.to_string()))?)
         } else {
@@ -314,7 +313,7 @@ impl RunContext {
                     &self.code_digests,
                     &self.images,
                     self.store(),
-                    &self.engine.python,
+                    &self.engine.config.python,
                     &self.pipeline,
                     i,
                 )
@@ -332,9 +331,13 @@ impl RunContext {
                 runtime.check().map_err(|e| fail(e.to_string()))?;
                 // The variant the step's key named (the choice is memoised for the
                 // run): the warm interpreter, or the base runtime.
-                let (variant, _) =
-                    python_variant(&self.code_digests, self.store(), &self.engine.python, step)
-                        .map_err(fail)?;
+                let (variant, _) = python_variant(
+                    &self.code_digests,
+                    self.store(),
+                    &self.engine.config.python,
+                    step,
+                )
+                .map_err(fail)?;
                 log.note(&variant.note());
                 let (path, digest) = match variant {
                     crate::executor::snapshot::Variant::Warm(s) => (s.wasm, s.content),
@@ -369,8 +372,8 @@ impl RunContext {
             cpus: step.cpus,
             timeout: step.timeout,
             log,
-            log_cap: log_cap(),
-            disk_cap: output_cap(),
+            log_cap: self.engine.config.log_cap,
+            disk_cap: self.engine.config.output_cap,
         })
     }
 
@@ -401,11 +404,11 @@ impl RunContext {
                 (None, e.to_string())
             })?;
         }
-        if size > output_cap() {
+        if size > self.engine.config.output_cap {
             let msg = format!(
                 "outputs hold {}, more than the cap of {} (MILLRACE_OUTPUT_CAP)",
                 definition::format_size(size),
-                definition::format_size(output_cap())
+                definition::format_size(self.engine.config.output_cap)
             );
             log.note(&format!("step failed: {msg}"));
             return Err((None, msg));

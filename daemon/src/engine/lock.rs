@@ -1,0 +1,34 @@
+//! The run lock: one process drives a run at a time.
+
+use crate::store::Store;
+
+/// Held while a process drives a run; `resume` refuses a run whose lock is held.
+pub struct RunLock {
+    _file: std::fs::File,
+}
+
+impl RunLock {
+    /// The lock, `None` while another process holds it, or the error that kept
+    /// us from asking (out of descriptors, say: that is not "busy", and a
+    /// dispatcher taking it for busy would pick the run again at once).
+    pub fn acquire(store: &Store, run: i64) -> std::io::Result<Option<RunLock>> {
+        let dir = store.root.join("locks");
+        std::fs::create_dir_all(&dir)?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(format!("run-{run}.lock")))?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(RunLock { _file: file })),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => Err(e),
+        }
+    }
+
+    /// Whether some process is driving the run now (when we cannot tell, yes:
+    /// the safe answer for gc, recovery and the orphan sweep).
+    pub fn is_held(store: &Store, run: i64) -> bool {
+        !matches!(RunLock::acquire(store, run), Ok(Some(_)))
+    }
+}
