@@ -19,12 +19,12 @@ use clap::{Parser, Subcommand};
 
 use crate::config::Config;
 use crate::diagnostic::display_path;
-use crate::engine::{Engine, EngineConfig, RunRequest};
-use crate::graph::Graph;
-use crate::planner::{Planned, short};
+use crate::engine::{Engine, EngineConfig};
+use crate::planner::short;
 use crate::store::Store;
 use crate::store::db::now_ms;
 
+mod commands;
 mod error;
 mod graph;
 mod module;
@@ -34,11 +34,8 @@ mod service;
 mod style;
 mod validate;
 
-use progress::{cancel_on_signal, finish_run, progress, run_error};
 use records::{gc, lineage, logs, metrics, output_cmd, runs_list, runs_show};
-use validate::{
-    environment, environment_for, expand_dirs, load_in, parse_params, validate, validate_with,
-};
+use validate::{environment, expand_dirs, parse_params, validate, validate_with};
 
 pub use error::{EXIT_CANCELLED, EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Error};
 
@@ -456,72 +453,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Module { cmd } => module::run(&cli.state, cmd, json),
         Command::Runtime {
             cmd: RuntimeCommand::Prepare { config },
-        } => {
-            let config = config.as_deref().map(service::load_config).transpose()?;
-            let state = config
-                .as_ref()
-                .map_or(cli.state.clone(), |c| c.state_dir.clone());
-            let engine = engine_for(&state, None, config)?;
-            let started = std::time::Instant::now();
-            eprintln!("preparing the Python runtime (the first time takes a few minutes)…");
-            let (dir, digest, cached) = engine.prepare_python().await.map_err(run_error)?;
-            let base_seconds = started.elapsed().as_secs_f64();
-            let what = if cached {
-                "already compiled"
-            } else {
-                "compiled"
-            };
-            if !json {
-                println!(
-                    "python runtime {} ({}) {what} in {base_seconds:.1}s; cache {}",
-                    display_path(&dir),
-                    short(&digest),
-                    display_path(&engine.store.wasm_cache_dir())
-                );
-            }
-            // The warm interpreter fails closed: without it, steps run on the base.
-            let snapshot = if engine.config().python.snapshot {
-                if !json {
-                    eprintln!(
-                        "building the warm interpreter with {} imported (the first time takes a few minutes)…",
-                        engine.config().python.preload.join(", ")
-                    );
-                }
-                Some(engine.prepare_python_snapshot().await)
-            } else {
-                None
-            };
-            if json {
-                let snap = match &snapshot {
-                    Some(Ok(p)) => serde_json::json!(p),
-                    Some(Err(why)) => serde_json::json!({"error": why}),
-                    None => serde_json::json!({"error": "`[python] snapshot = false`"}),
-                };
-                println!(
-                    "{}",
-                    serde_json::json!({"runtime": display_path(&dir), "digest": digest, "cached": cached, "seconds": base_seconds, "snapshot": snap})
-                );
-            } else {
-                match &snapshot {
-                    Some(Ok(p)) => println!(
-                        "warm interpreter {} ({}) {} in {:.1}s + compiled in {:.1}s; {} preloaded; {:.1} MB, {:.1} MiB initial memory",
-                        display_path(&p.path),
-                        short(&p.recipe),
-                        if p.cached { "already built" } else { "built" },
-                        p.build_seconds,
-                        p.compile_seconds,
-                        p.preload.join(", "),
-                        p.bytes as f64 / 1e6,
-                        p.memory as f64 / f64::from(1 << 20)
-                    ),
-                    Some(Err(why)) => style::eprint_lines(&format!(
-                        "warning: no warm interpreter: {why}; Python steps run on the base runtime"
-                    )),
-                    None => println!("warm interpreter: off (`[python] snapshot = false`)"),
-                }
-            }
-            Ok(0)
-        }
+        } => commands::runtime_prepare(&cli.state, config.as_deref(), json).await,
         Command::Trigger {
             pipeline,
             params,
@@ -545,17 +477,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             pipeline,
             format,
             config,
-        } => {
-            let config = config.as_deref().map(service::load_config).transpose()?;
-            let (p, _) = load_in(&pipeline, &environment_for(&cli.state, config.as_ref())?)?;
-            let g = Graph::new(&p);
-            if json {
-                println!("{}", serde_json::to_string_pretty(&graph::json(&g, &p))?);
-            } else {
-                print!("{}", graph::render(&g, &p, format));
-            }
-            Ok(0)
-        }
+        } => commands::graph(&cli.state, &pipeline, format, config.as_deref(), json),
         Command::Run {
             pipeline,
             params,
@@ -563,75 +485,20 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             max_parallel,
             config,
         } => {
-            let config = config.as_deref().map(service::load_config).transpose()?;
-            let (p, text) = load_in(&pipeline, &environment_for(&cli.state, config.as_ref())?)?;
-            let params = parse_params(&params)?;
-            let engine = engine_for(&cli.state, max_parallel, config)?;
-            let cancel = cancel_on_signal();
-            let events = progress(json, p.steps.len());
-            let req = RunRequest {
+            let run = commands::RunArgs {
+                pipeline,
                 params,
                 no_reuse,
-                trigger: "cli".into(),
-                trigger_detail: None,
+                max_parallel,
+                config,
             };
-            let summary = engine
-                .run(
-                    &p,
-                    &text,
-                    &std::path::absolute(&pipeline)?,
-                    req,
-                    events.sink(),
-                    cancel,
-                )
-                .await;
-            events.finish();
-            finish_run(summary, json)
+            commands::run(&cli.state, run, json).await
         }
-        Command::Completions { shell } => {
-            use clap::CommandFactory;
-            use clap_complete::Shell;
-            let shell = match shell {
-                CompletionShell::Bash => Shell::Bash,
-                CompletionShell::Zsh => Shell::Zsh,
-                CompletionShell::Fish => Shell::Fish,
-            };
-            clap_complete::generate(
-                shell,
-                &mut Cli::command(),
-                "millrace",
-                &mut std::io::stdout(),
-            );
-            Ok(0)
-        }
-        Command::Manpage { dir } => {
-            use clap::CommandFactory;
-            let cmd = Cli::command();
-            match dir {
-                Some(dir) => {
-                    std::fs::create_dir_all(&dir)
-                        .with_context(|| format!("cannot create {}", dir.display()))?;
-                    clap_mangen::generate_to(cmd, &dir).with_context(|| {
-                        format!("cannot write the pages into {}", dir.display())
-                    })?;
-                    eprintln!("manual pages written to {}", display_path(&dir));
-                }
-                None => clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?,
-            }
-            Ok(0)
-        }
+        Command::Completions { shell } => commands::completions(shell),
+        Command::Manpage { dir } => commands::manpage(dir.as_deref()),
         Command::ExecStep { spec } => Ok(crate::executor::slurm::exec_step(&spec).await),
         Command::Resume { run, config } => {
-            let config = config.as_deref().map(service::load_config).transpose()?;
-            let engine = engine_for(&cli.state, None, config)?;
-            let id = run_id(&engine.store, &run)?;
-            // Containers a killed `millrace run` left behind go first.
-            engine.remove_orphan_containers().await;
-            let steps = engine.store.db().read().steps(id)?.len();
-            let events = progress(json, steps);
-            let summary = engine.resume(id, events.sink(), cancel_on_signal()).await;
-            events.finish();
-            finish_run(summary, json)
+            commands::resume(&cli.state, &run, config.as_deref(), json).await
         }
         Command::Plan {
             pipeline,
@@ -639,38 +506,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             no_reuse,
             config,
         } => {
-            let config = config.as_deref().map(service::load_config).transpose()?;
-            let (p, _) = load_in(&pipeline, &environment_for(&cli.state, config.as_ref())?)?;
-            let params = parse_params(&params)?;
-            let engine = engine_for(&cli.state, None, config)?;
-            let plan = engine
-                .plan(&p, &params, no_reuse)
-                .await
-                .map_err(run_error)?;
-            if json {
-                let rows: Vec<_> = plan
-                    .iter()
-                    .map(|(s, d)| serde_json::json!({"step": s, "plan": d}))
-                    .collect();
-                println!("{}", serde_json::to_string_pretty(&rows)?);
-            } else {
-                let width = plan.iter().map(|(s, _)| s.len()).max().unwrap_or(0);
-                for (step, d) in &plan {
-                    match d {
-                        Planned::Reuse { run, .. } => {
-                            println!("{step:width$}  reuse  from run {run}")
-                        }
-                        Planned::Run { reason } => println!("{step:width$}  run    {reason}"),
-                        Planned::Pending { upstream } => {
-                            println!(
-                                "{step:width$}  run?   after {} (reused if its inputs come out unchanged)",
-                                upstream.join(", ")
-                            )
-                        }
-                    }
-                }
-            }
-            Ok(0)
+            commands::plan(
+                &cli.state,
+                &pipeline,
+                &params,
+                no_reuse,
+                config.as_deref(),
+                json,
+            )
+            .await
         }
         Command::Runs {
             show: Some(RunsCommand::Show { run }),
