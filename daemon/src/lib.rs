@@ -10,7 +10,9 @@
 //! - [`diagnostic`]: `file:line:col` errors with the offending text and a caret.
 //! - [`config`]: the daemon config (pipelines directory, state, API, datastores,
 //!   compute targets: local, container engines, Slurm clusters).
-//! - [`definition`]: a pipeline file → [`definition::Pipeline`], every mistake reported.
+//! - [`definition`]: a pipeline file → [`definition::Pipeline`], every mistake reported;
+//!   split by what it walks (`params`, `steps`, `container`, `triggers`, `values`, and
+//!   the `walker` shared with the daemon config).
 //! - [`graph`]: references and cycles checked; the DAG of steps; [`graph::load`]
 //!   reads a pipeline file completely (the walk, then these checks).
 //! - [`module`]: the versioned module registry; `module = "name@^1.2"` resolution;
