@@ -378,6 +378,38 @@ fn a_file_deleted_while_open_counts_against_the_disk_cap() {
 }
 
 #[test]
+fn a_write_far_past_the_end_is_charged_for_the_hole_it_makes() {
+    // A review found that one byte written at 1 TiB was accepted (the check looked
+    // at the write's length, not where it started), and the hole it left was then
+    // filled with 700 MiB under a 50 MiB cap, in a file deleted while open.
+    let p = Project::new();
+    p.write(
+        "code/hole.py",
+        "import os\nfd = os.open('/tmp/big', os.O_RDWR | os.O_CREAT)\ntry:\n    os.pwrite(fd, b'x', 1 << 40)\nexcept OSError as e:\n    print('pwrite refused:', e, flush=True)\nf = open('/tmp/seek', 'wb')\ntry:\n    f.seek(1 << 40)\n    f.write(b'x')\n    f.flush()\nexcept OSError as e:\n    print('seek write refused:', e, flush=True)\nos.unlink('/tmp/big')\nos.lseek(fd, 0, 0)\nfor n in range(200):\n    os.write(fd, b'x' * (1 << 20))\nprint('filled the hole', flush=True)\n",
+    );
+    let f = p.write(
+        "hole.toml",
+        "[[step]]\nname = \"hole\"\npython = \"code/hole.py\"\n",
+    );
+    let out = p
+        .cmd(&["run", f.to_str().unwrap()])
+        .env("MILLRACE_OUTPUT_CAP", "50MiB")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let log = step_log(&p, "hole");
+    assert!(log.contains("pwrite refused:"), "{log}");
+    assert!(log.contains("seek write refused:"), "{log}");
+    // The file never grew, so filling "its hole" is growth too, and refused.
+    assert!(!log.contains("filled the hole"), "{log}");
+    let e = step_error(&p, "hole");
+    assert!(
+        e.contains("more than the cap of 50MiB (MILLRACE_OUTPUT_CAP)") && e.contains("ENOSPC"),
+        "{e}"
+    );
+}
+
+#[test]
 fn rewritten_truncated_and_deleted_files_give_their_bytes_back() {
     // 20 × 10 MiB under a 50 MiB cap: a file rewritten in place, one truncated and
     // written again, temporary files deleted while open and closed, files deleted.

@@ -68,7 +68,13 @@ impl Disk {
         self.cap.saturating_sub(self.used)
     }
 
+    /// Charges growth a write made. Past the cap it is also a refusal: the checks
+    /// before each write should make that impossible, and if one missed a way to
+    /// grow a file the step still fails instead of succeeding over its cap.
     pub(super) fn charge(&mut self, n: u64) {
+        if self.used.saturating_add(n) > self.cap {
+            self.refuse(n);
+        }
         self.used = self.used.saturating_add(n);
     }
 

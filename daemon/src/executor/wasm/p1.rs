@@ -425,20 +425,28 @@ async fn budgeted_write(
     };
     if let Some(size) = before {
         let len = first_write_len(&mem, iovs);
-        // Far from the cap even if every byte grew the file: no more questions.
-        if len > state.disk.room() {
-            let wfd = p1t::Fd::from(fd as u32);
+        let wfd = p1t::Fd::from(fd as u32);
+        // Where the write starts matters as much as its length: one byte at 1 TiB
+        // grows the file by 1 TiB (a hole whose blocks later writes fill without
+        // growing it). The position is the descriptor's, kept in memory.
+        let start = match at {
+            Some(offset) => offset as u64,
+            None => state.wasi.fd_tell(&mut mem, wfd).unwrap_or(0),
+        };
+        // The most the write can grow the file: by its end past the size, or by its
+        // length on an append descriptor (which writes at the end wherever it is).
+        let worst = start.saturating_add(len).saturating_sub(size).max(len);
+        if worst > state.disk.room() {
             let append = state
                 .wasi
                 .fd_fdstat_get(&mut mem, wfd)
                 .await
                 .is_ok_and(|s| s.fs_flags.contains(p1t::Fdflags::APPEND));
-            let start = match at {
-                _ if append => size,
-                Some(offset) => offset as u64,
-                None => state.wasi.fd_tell(&mut mem, wfd).unwrap_or(0),
+            let growth = if append {
+                len
+            } else {
+                start.saturating_add(len).saturating_sub(size)
             };
-            let growth = start.saturating_add(len).saturating_sub(size);
             if growth > state.disk.room() {
                 state.disk.refuse(growth);
                 return Ok(errno(p1t::Errno::Nospc));
