@@ -82,6 +82,22 @@ impl Disk {
         self.used = self.used.saturating_sub(n);
     }
 
+    /// Whether a file may grow by `growth` more bytes; `false` notes the refusal
+    /// (the caller answers ENOSPC).
+    pub(super) fn admit(&mut self, growth: u64) -> bool {
+        if growth > self.room() {
+            self.refuse(growth);
+            return false;
+        }
+        true
+    }
+
+    /// A file set from `before` to `after` bytes: growth charged, shrinking given back.
+    pub(super) fn set_size(&mut self, before: u64, after: u64) {
+        self.charge(after.saturating_sub(before));
+        self.credit(before.saturating_sub(after));
+    }
+
     /// Notes a refused growth of `n` bytes (the first one is logged and kept).
     pub(super) fn refuse(&mut self, n: u64) {
         let mut first = self.hits.disk.lock().unwrap_or_else(|e| e.into_inner());

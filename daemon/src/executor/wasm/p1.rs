@@ -240,20 +240,17 @@ fn wrap_writes(linker: &mut Linker<P1State>) -> wasmtime::Result<()> {
                     _ => None,
                 };
                 let size_now = before.as_ref().map(|b| b.size);
-                if let Some(now) = size_now {
-                    let growth = (size as u64).saturating_sub(now);
-                    if growth > state.disk.room() {
-                        state.disk.refuse(growth);
-                        return Ok(errno(p1t::Errno::Nospc));
-                    }
+                if let Some(now) = size_now
+                    && !state.disk.admit((size as u64).saturating_sub(now))
+                {
+                    return Ok(errno(p1t::Errno::Nospc));
                 }
                 let r = p1::fd_filestat_set_size(&mut state.wasi, &mut mem, fd, size).await?;
                 if r == errno(p1t::Errno::Success)
                     && let Some(now) = size_now
                 {
                     let size = size as u64;
-                    state.disk.charge(size.saturating_sub(now));
-                    state.disk.credit(now.saturating_sub(size));
+                    state.disk.set_size(now, size);
                     state.disk.resized(fd, size);
                 }
                 Ok(r)
@@ -447,8 +444,7 @@ async fn budgeted_write(
             } else {
                 start.saturating_add(len).saturating_sub(size)
             };
-            if growth > state.disk.room() {
-                state.disk.refuse(growth);
+            if !state.disk.admit(growth) {
                 return Ok(errno(p1t::Errno::Nospc));
             }
         }

@@ -77,8 +77,7 @@ impl BudgetedStream {
         let start = self.at.unwrap_or(size);
         let growth = start.saturating_add(n as u64).saturating_sub(size);
         let mut disk = self.disk.lock().unwrap_or_else(|e| e.into_inner());
-        if growth > disk.room() {
-            disk.refuse(growth);
+        if !disk.admit(growth) {
             return Err(StreamError::LastOperationFailed(wasmtime::Error::new(
                 std::io::Error::from_raw_os_error(libc::ENOSPC),
             )));
@@ -222,9 +221,7 @@ fn wrap_writes(fs: &mut LinkerInstance<'_, P2State>) -> wasmtime::Result<()> {
                     .map(|m| m.len());
                 if let Some(size) = before {
                     let growth = offset.saturating_add(buf.len() as u64).saturating_sub(size);
-                    let mut d = disk.lock().unwrap_or_else(|e| e.into_inner());
-                    if growth > d.room() {
-                        d.refuse(growth);
+                    if !disk.lock().unwrap_or_else(|e| e.into_inner()).admit(growth) {
                         return Ok((Err(ErrorCode::InsufficientSpace),));
                     }
                 }
@@ -256,9 +253,7 @@ fn wrap_writes(fs: &mut LinkerInstance<'_, P2State>) -> wasmtime::Result<()> {
                     .map(|m| m.len());
                 if let Some(now) = before {
                     let growth = size.saturating_sub(now);
-                    let mut d = disk.lock().unwrap_or_else(|e| e.into_inner());
-                    if growth > d.room() {
-                        d.refuse(growth);
+                    if !disk.lock().unwrap_or_else(|e| e.into_inner()).admit(growth) {
                         return Ok((Err(ErrorCode::InsufficientSpace),));
                     }
                 }
@@ -266,9 +261,9 @@ fn wrap_writes(fs: &mut LinkerInstance<'_, P2State>) -> wasmtime::Result<()> {
                 if r.is_ok()
                     && let Some(now) = before
                 {
-                    let mut d = disk.lock().unwrap_or_else(|e| e.into_inner());
-                    d.charge(size.saturating_sub(now));
-                    d.credit(now.saturating_sub(size));
+                    disk.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .set_size(now, size);
                 }
                 Ok((r,))
             })
