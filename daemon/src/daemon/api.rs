@@ -61,7 +61,7 @@ pub enum ParamScalar {
         runs::run_metrics, runs::step_log, runs::cancel, pipelines::modules, prometheus),
     components(schemas(ErrorBody, ErrorDetail, RunStatus, StepStatus, AttemptStatus, ParamScalar, runs::RunsPage, runs::Queued, runs::Cancelling, runs::RunMetrics, runs::CreateRun,
         RunRecord, RunView, RunInput, StepView, StepInput, StepOutput, AttemptView, Why, Metric)),
-    modifiers(&Bearer)
+    modifiers(&Bearer, &RequestLimits)
 )]
 pub struct ApiDoc;
 
@@ -75,6 +75,47 @@ impl utoipa::Modify for Bearer {
             "bearer",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
+    }
+}
+
+/// The request limits hold for every request, before routing: each operation
+/// documents their answers (a URI over [`MAX_URI`], headers over
+/// [`MAX_HEADER_BYTES`]) in the error shape.
+struct RequestLimits;
+
+impl utoipa::Modify for RequestLimits {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        let answer = |description: &str| {
+            ResponseBuilder::new()
+                .description(description)
+                .content(
+                    "application/json",
+                    ContentBuilder::new()
+                        .schema(Some(Ref::from_schema_name("ErrorBody")))
+                        .build(),
+                )
+                .build()
+        };
+        for item in openapi.paths.paths.values_mut() {
+            let operations = [
+                &mut item.get,
+                &mut item.post,
+                &mut item.put,
+                &mut item.delete,
+            ];
+            for op in operations.into_iter().flatten() {
+                for (status, description) in [
+                    ("414", "Request URI over 8 KiB"),
+                    ("431", "Request headers over 64 KiB or 100 fields"),
+                ] {
+                    op.responses
+                        .responses
+                        .entry(status.to_string())
+                        .or_insert_with(|| answer(description).into());
+                }
+            }
+        }
     }
 }
 
