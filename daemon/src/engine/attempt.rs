@@ -229,8 +229,9 @@ impl RunContext {
             }
         };
         let ctx = self.attempt_ctx(i, attempt, wasm, &on_placement);
-        let outcome = executor
-            .run(spec, &ctx)
+        let outcome = self
+            .engine
+            .execute_attempt(&executor, spec, &ctx)
             .await
             .map_err(|e| fail(e.to_string()))?;
         tokio::task::block_in_place(|| {
