@@ -149,12 +149,33 @@ pub enum StepKind {
         /// The code in the store: the wasm blob (or the Python code tree).
         resolved: PathBuf,
     },
-    /// `transfer = { from, to, datastore }`: copy an artifact into a datastore.
+    /// `transfer = { from, to, datastore, mode }`: copy an artifact into a datastore.
     Transfer {
         from: Sp<Reference>,
         to: Sp<String>,
         datastore: Sp<String>,
+        mode: TransferMode,
     },
+}
+
+/// How a transfer meets what its destination holds (`transfer.mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TransferMode {
+    /// The destination becomes the artifact, whole (one atomic swap).
+    #[default]
+    Replace,
+    /// The artifact's files are written into the destination, each atomically;
+    /// files it does not hold are left alone.
+    Merge,
+}
+
+impl TransferMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransferMode::Replace => "replace",
+            TransferMode::Merge => "merge",
+        }
+    }
 }
 
 impl StepKind {
