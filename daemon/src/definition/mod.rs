@@ -227,6 +227,9 @@ impl std::fmt::Display for Reference {
 pub struct Environment {
     /// Datastore names; `default` is always present.
     pub datastores: Vec<String>,
+    /// Where the datastores are (none: each is the pipeline's directory, as for
+    /// `millrace run` without a config). A watch must look inside one of them.
+    pub datastore_paths: crate::config::Datastores,
     /// Compute target name → kind (`local`, `container`, `slurm`).
     pub computes: std::collections::BTreeMap<String, String>,
     /// The module registry `module = "…"` resolves against.
@@ -237,6 +240,7 @@ impl Default for Environment {
     fn default() -> Self {
         Environment {
             datastores: vec!["default".into()],
+            datastore_paths: Default::default(),
             computes: [("local".to_string(), "local".to_string())].into(),
             modules: Default::default(),
         }
@@ -347,11 +351,12 @@ impl Walker {
             .get("inputs")
             .map(|v| self.inputs(v, env))
             .unwrap_or_default();
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let triggers = match doc.get("trigger") {
             Some(v) => self
                 .array_of_tables(v, "trigger")
                 .iter()
-                .filter_map(|t| self.trigger(t, &params))
+                .filter_map(|t| self.trigger(t, &params, &dir, env))
                 .collect(),
             None => Vec::new(),
         };
@@ -368,7 +373,6 @@ impl Walker {
                 );
             }
         }
-        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let steps: Vec<Step> = match doc.get("step") {
             Some(v) => self
                 .array_of_tables(v, "step")
