@@ -24,4 +24,5 @@ mod run;
 mod sandbox;
 mod schedule;
 mod slurm;
+mod transfer;
 mod ui;

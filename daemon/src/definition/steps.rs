@@ -9,8 +9,8 @@ use toml::de::{DeTable, DeValue};
 
 use super::walker::{NameRule, valid_env_name};
 use super::{
-    Environment, MAX_TIMER, ModuleRef, Param, Reference, Retries, Sp, Step, StepKind, Value,
-    WASM32_MAX_MEMORY, Walker, format_size, parse_reference,
+    Environment, MAX_TIMER, ModuleRef, Param, Reference, Retries, Sp, Step, StepKind, TransferMode,
+    Value, WASM32_MAX_MEMORY, Walker, format_size, parse_reference,
 };
 use crate::diagnostic::{Diagnostic, display_path};
 
@@ -448,10 +448,10 @@ impl Walker {
         }
     }
 
-    /// `transfer = { from, to, datastore }`.
+    /// `transfer = { from, to, datastore, mode }`.
     fn transfer_step(&mut self, v: &Value<'_>, env: &Environment) -> Option<StepKind> {
         let t = self.table(v, "transfer")?;
-        self.unknown_keys(t, &["from", "to", "datastore"], "transfer");
+        self.unknown_keys(t, &["from", "to", "datastore", "mode"], "transfer");
         let from = match t.get("from") {
             Some(f) => self
                 .string(f, "transfer.from")
@@ -489,10 +489,25 @@ impl Walker {
             .and_then(|d| self.string(d, "transfer.datastore"))
             .unwrap_or_else(|| Spanned::new(v.span(), "default".into()));
         self.datastore(&datastore, env);
+        let mode = match t.get("mode").and_then(|m| self.string(m, "transfer.mode")) {
+            None => TransferMode::Replace,
+            Some(m) => match m.get_ref().as_str() {
+                "replace" => TransferMode::Replace,
+                "merge" => TransferMode::Merge,
+                other => {
+                    self.error(
+                        m.span(),
+                        format!("unknown transfer.mode `{other}`: expected replace or merge"),
+                    );
+                    TransferMode::Replace
+                }
+            },
+        };
         Some(StepKind::Transfer {
             from: from?,
             to: to?,
             datastore,
+            mode,
         })
     }
 

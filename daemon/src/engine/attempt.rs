@@ -113,6 +113,10 @@ impl RunContext {
             program: executor::Program::Publish {
                 from: source,
                 to: dest,
+                mode: match &self.pipeline.steps[i].kind {
+                    crate::definition::StepKind::Transfer { mode, .. } => *mode,
+                    _ => unreachable!("only transfers publish"),
+                },
             },
             args: Vec::new(),
             env: Vec::new(),
