@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use super::values::Mounts;
 use super::walker::NameRule;
 use super::{MAX_GLOB_CHARS, Param, ParamValue, Sp, Value, Walker};
 use crate::diagnostic::{Diagnostic, Span};
@@ -60,7 +61,12 @@ pub enum Catchup {
 }
 
 impl Walker {
-    pub(super) fn trigger(&mut self, v: &Value<'_>, params: &[Param]) -> Option<Trigger> {
+    pub(super) fn trigger(
+        &mut self,
+        v: &Value<'_>,
+        text: &str,
+        params: &[Param],
+    ) -> Option<Trigger> {
         let t = self.table(v, "trigger")?;
         let kinds: Vec<&str> = ["cron", "watch", "after"]
             .into_iter()
@@ -131,6 +137,20 @@ impl Walker {
             }
         } else if let Some(g) = t.get("watch") {
             let glob = self.string(g, "watch")?;
+            // `${params.NAME}` resolves now, with the trigger's own params over
+            // the defaults: the daemon watches one fixed glob.
+            self.interpolation(&glob, text, params, Mounts::Path);
+            let defaults: Vec<(String, ParamValue)> = params
+                .iter()
+                .map(|p| (p.name.get_ref().clone(), p.value.clone()))
+                .collect();
+            let own: Vec<(String, ParamValue)> = trigger_params
+                .iter()
+                .map(|(k, v)| (k.get_ref().clone(), v.clone()))
+                .collect();
+            let resolved =
+                super::resolve(glob.get_ref(), &super::paths::overridden(&defaults, &own));
+            let glob = Sp::new(glob.span(), resolved);
             // Bounded before it is compiled: globset panics when a glob's regex
             // exceeds the regex size limit (a megabyte-long glob, found by
             // fuzzing).
