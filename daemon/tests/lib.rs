@@ -17,6 +17,7 @@ mod hostile_store;
 mod hostile_text;
 mod hostile_wasm;
 mod modules;
+mod params;
 mod python;
 mod python_warm;
 mod run;

@@ -325,3 +325,23 @@ pub(super) fn overridden(
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::escapes;
+
+    #[test]
+    fn a_resolved_path_stays_inside_its_datastore() {
+        assert_eq!(escapes("data/2026-11-30", false), None);
+        // `data/${params.day}` with day = "/etc" is `data//etc`: still inside.
+        assert_eq!(escapes("data//etc", false), None);
+        assert_eq!(escapes("/etc", false), Some("is absolute"));
+        assert_eq!(
+            escapes("data/../../etc", false),
+            Some("has a `..` component")
+        );
+        assert_eq!(escapes("", false), Some("is empty"));
+        assert_eq!(escapes("./data", false), None);
+        assert_eq!(escapes("./out", true), Some("has a `.` component"));
+    }
+}

@@ -344,4 +344,85 @@ mod tests {
             vec!["param `c` changed: float:0.5 → float:0.7"]
         );
     }
+
+    fn pipeline(text: &str) -> crate::definition::Pipeline {
+        let (p, report) = crate::graph::parse(
+            std::path::Path::new("/nowhere/p.toml"),
+            text.into(),
+            &crate::definition::Environment::default(),
+        );
+        p.unwrap_or_else(|| panic!("{report}"))
+    }
+
+    #[test]
+    fn a_key_and_the_environment_hold_only_the_params_the_step_uses() {
+        let p = pipeline(
+            r#"
+[params]
+a = 1
+b = "x"
+day = "2026-11-30"
+unused = true
+[inputs.daily]
+path = "data/${params.day}"
+[[step]]
+name = "cmd"
+container = { image = "img", command = ["run", "${params.a}"] }
+params = ["b"]
+outputs = ["o"]
+[[step]]
+name = "reads"
+container = { image = "img" }
+inputs = { d = "inputs.daily" }
+[[step]]
+name = "publish"
+transfer = { from = "cmd.o", to = "out/${params.day}" }
+"#,
+        );
+        let run: Vec<(String, ParamValue)> = vec![
+            ("a".into(), ParamValue::Integer(2)),
+            ("b".into(), ParamValue::String("y".into())),
+            ("day".into(), ParamValue::String("2026-12-01".into())),
+            ("unused".into(), ParamValue::Bool(false)),
+        ];
+        let params = |i: usize| {
+            let k = key_parts(&p.steps[i], &run, "code", BTreeMap::new());
+            let env: Vec<String> = param_env(&p.steps[i], &run)
+                .into_iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            (k.params.into_iter().collect::<Vec<_>>(), env)
+        };
+        let pair = |k: &str, v: &str| (k.to_string(), v.to_string());
+        assert_eq!(
+            params(0),
+            (
+                vec![pair("a", "integer:2"), pair("b", "string:y")],
+                vec!["MILLRACE_PARAM_A=2".into(), "MILLRACE_PARAM_B=y".into()]
+            )
+        );
+        // Through the path of the input it reads.
+        assert_eq!(
+            params(1),
+            (
+                vec![pair("day", "string:2026-12-01")],
+                vec!["MILLRACE_PARAM_DAY=2026-12-01".into()]
+            )
+        );
+        assert_eq!(params(2).0, vec![pair("day", "string:2026-12-01")]);
+        assert_eq!(
+            p.steps[2].transfer_location(&run),
+            Some(("default".into(), "out/2026-12-01".into()))
+        );
+        // A param nobody uses changes no key.
+        let mut other = run.clone();
+        other[3].1 = ParamValue::Bool(true);
+        for (i, s) in p.steps.iter().enumerate() {
+            assert_eq!(
+                key_parts(s, &run, "code", BTreeMap::new()).key(),
+                key_parts(s, &other, "code", BTreeMap::new()).key(),
+                "step {i}"
+            );
+        }
+    }
 }
