@@ -18,6 +18,7 @@ mod hostile_text;
 mod hostile_wasm;
 mod modules;
 mod operate;
+mod params;
 mod python;
 mod python_warm;
 mod run;

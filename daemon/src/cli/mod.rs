@@ -665,6 +665,23 @@ fn explain(store: &Store, run: &str, step: &str, json: bool) -> anyhow::Result<i
     if let Some(k) = &s.cache_key {
         println!("  cache key {}", short(k));
     }
+    // The params in the key: the ones the step uses, and only those.
+    if let Some(params) = s
+        .key_parts
+        .as_ref()
+        .and_then(|k| k.get("params"))
+        .and_then(|p| p.as_object())
+    {
+        if params.is_empty() {
+            println!("  params: none (the step uses no param)");
+        } else {
+            let shown: Vec<String> = params
+                .iter()
+                .map(|(k, v)| format!("{k} = {}", v.as_str().unwrap_or_default()))
+                .collect();
+            println!("  params: {}", shown.join(", "));
+        }
+    }
     Ok(0)
 }
 
