@@ -222,7 +222,8 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     signals: impl Stream<Item = Signal>,
 ) -> Result<(), ServeError> {
-    let store = Arc::new(Store::open(&config.state_dir)?);
+    let engine_config = EngineConfig::new(config.max_parallel_steps).with_config(&config);
+    let store = Arc::new(Store::open_with(&config.state_dir, &engine_config.store)?);
     // Held until this returns.
     let _lock = lock_state_dir(&config)?;
     let addr = listener.local_addr()?;
@@ -233,7 +234,7 @@ pub async fn serve(
              set `public_read = false` in [api], or listen on 127.0.0.1 behind a proxy that authenticates"
         );
     }
-    let d = Arc::new(Daemon::new(config, store)?);
+    let d = Arc::new(Daemon::new(config, store, engine_config)?);
     d.recover()?;
     // Containers of steps that were running when the last process died: found by
     // label and removed before their runs resume.
@@ -284,11 +285,12 @@ pub async fn serve(
 
 impl Daemon {
     /// The daemon of one state directory, complete, before anything of it runs.
-    fn new(config: Config, store: Arc<Store>) -> Result<Daemon, ServeError> {
-        let engine = Engine::new(
-            store,
-            EngineConfig::new(config.max_parallel_steps).with_config(&config),
-        );
+    fn new(
+        config: Config,
+        store: Arc<Store>,
+        engine_config: EngineConfig,
+    ) -> Result<Daemon, ServeError> {
+        let engine = Engine::new(store, engine_config);
         let token = load_token(&config)?;
         Ok(Daemon {
             config,
