@@ -574,9 +574,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
 }
 
 pub(super) fn open_store(state: &Path) -> anyhow::Result<Arc<Store>> {
-    Ok(Arc::new(Store::open(state).with_context(|| {
-        format!("cannot open the state directory {}", state.display())
-    })?))
+    open_store_with(state, &EngineConfig::store_from_env())
+}
+
+fn open_store_with(state: &Path, config: &crate::store::StoreConfig) -> anyhow::Result<Arc<Store>> {
+    Ok(Arc::new(Store::open_with(state, config).with_context(
+        || format!("cannot open the state directory {}", state.display()),
+    )?))
 }
 
 /// The engine of `state`, its datastores, compute targets and `[python]` from
@@ -587,7 +591,6 @@ fn engine_for(
     max_parallel: Option<usize>,
     config: Option<Config>,
 ) -> anyhow::Result<Arc<Engine>> {
-    let store = open_store(state)?;
     let parallel = max_parallel.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -597,6 +600,7 @@ fn engine_for(
     if let Some(config) = &config {
         engine_config = engine_config.with_config(config);
     }
+    let store = open_store_with(state, &engine_config.store)?;
     Ok(Arc::new(Engine::new(store, engine_config)))
 }
 
