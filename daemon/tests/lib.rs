@@ -17,6 +17,8 @@ mod hostile_store;
 mod hostile_text;
 mod hostile_wasm;
 mod modules;
+mod operate;
+mod params;
 mod python;
 mod python_warm;
 mod run;

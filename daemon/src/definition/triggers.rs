@@ -1,11 +1,11 @@
 //! `[[trigger]]`: cron, watch and after, checked here and fired by the daemon.
 
-use std::time::Duration;
-
 use std::path::Path;
+use std::time::Duration;
 
 use toml::Spanned;
 
+use super::values::Mounts;
 use super::walker::NameRule;
 use super::{Environment, MAX_GLOB_CHARS, Param, ParamValue, Sp, Value, Walker};
 use crate::diagnostic::{Diagnostic, Span};
@@ -71,6 +71,7 @@ impl Walker {
     pub(super) fn trigger(
         &mut self,
         v: &Value<'_>,
+        text: &str,
         params: &[Param],
         dir: &Path,
         env: &Environment,
@@ -151,6 +152,20 @@ impl Walker {
                 .unwrap_or_else(|| Spanned::new(g.span(), "default".into()));
             let known = env.datastores.iter().any(|s| s == datastore.get_ref());
             self.datastore(&datastore, env);
+            // `${params.NAME}` resolves now, with the trigger's own params over
+            // the defaults: the daemon watches one fixed glob.
+            self.interpolation(&glob, text, params, Mounts::Path);
+            let defaults: Vec<(String, ParamValue)> = params
+                .iter()
+                .map(|p| (p.name.get_ref().clone(), p.value.clone()))
+                .collect();
+            let own: Vec<(String, ParamValue)> = trigger_params
+                .iter()
+                .map(|(k, v)| (k.get_ref().clone(), v.clone()))
+                .collect();
+            let resolved =
+                super::resolve(glob.get_ref(), &super::paths::overridden(&defaults, &own));
+            let glob = Sp::new(glob.span(), resolved);
             // Bounded before it is compiled: globset panics when a glob's regex
             // exceeds the regex size limit (a megabyte-long glob, found by
             // fuzzing).

@@ -32,7 +32,8 @@ use code::Memo;
 pub use explain::{Explanation, Reason, explain};
 pub use inputs::{InputMode, Known, pipeline_inputs};
 pub use key::{
-    KeyParts, container_command, interpolated, key_parts, param_env_name, params_json, short,
+    ContainerSettings, KeyParts, container_command, container_settings_of, interpolated, key_parts,
+    param_env, param_env_name, params_json, short,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -240,16 +241,15 @@ impl Planner {
         Ok(out)
     }
 
-    /// Where a transfer step publishes; `None` for any other step.
+    /// Where a transfer step publishes, under the run's params; `None` for any
+    /// other step.
     pub fn destination(&self, i: usize) -> Option<PathBuf> {
-        match &self.pipeline.steps[i].kind {
-            StepKind::Transfer { to, datastore, .. } => Some(
-                self.datastores
-                    .path(datastore.get_ref(), &self.pipeline.dir)
-                    .join(to.get_ref()),
-            ),
-            _ => None,
-        }
+        let (datastore, to) = self.pipeline.steps[i].transfer_location(&self.params)?;
+        Some(
+            self.datastores
+                .path(&datastore, &self.pipeline.dir)
+                .join(to),
+        )
     }
 
     /// Whether transfer `i`'s `destination` still holds the artifact `digest`: a

@@ -57,6 +57,7 @@ impl Fixture {
             &self.store,
             &Datastores::default(),
             &self.pipeline,
+            &[],
             InputMode::Hash,
         )
         .unwrap()
