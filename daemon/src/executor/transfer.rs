@@ -274,7 +274,7 @@ fn merge(artifacts: &ArtifactStore, digest: &str, dest: &Path) -> Result<(), Tra
                     if there == Some(Kind::Dir) {
                         return Err(TransferError::Conflict {
                             path: target,
-                            what: "the artifact has a file where a directory is",
+                            what: "a directory is where the artifact has a file",
                         });
                     }
                     if there == Some(Kind::File) && holds_file(&dir, &name, e.size, &e.digest) {
@@ -495,5 +495,44 @@ mod tests {
         assert!(merged(&store, &digest, &dest, &|_, _| None).is_ok());
         std::fs::write(dest.join("a.csv"), "b\n").unwrap();
         assert!(merged(&store, &digest, &dest, &|_, _| None).is_err());
+    }
+
+    #[test]
+    fn a_merge_removes_nothing_in_the_way_of_the_artifact() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ArtifactStore::open(&tmp.path().join("objects")).unwrap();
+        let src = tmp.path().join("src");
+        std::fs::create_dir_all(src.join("sub")).unwrap();
+        std::fs::write(src.join("sub/c.csv"), "c\n").unwrap();
+        std::fs::write(src.join("a.csv"), "a\n").unwrap();
+        let digest = store
+            .ingest_dir(&src, Mode::Copy, &|_, _| None)
+            .unwrap()
+            .digest;
+        let conflict = |dest: &Path| match publish(&store, &digest, dest, TransferMode::Merge) {
+            Err(TransferError::Conflict { what, .. }) => what,
+            other => panic!("{other:?}"),
+        };
+        // A file where the artifact has a directory.
+        let dest = tmp.path().join("d1");
+        std::fs::create_dir_all(&dest).unwrap();
+        std::fs::write(dest.join("sub"), "mine").unwrap();
+        assert_eq!(
+            conflict(&dest),
+            "a file is where the artifact has a directory"
+        );
+        assert_eq!(std::fs::read_to_string(dest.join("sub")).unwrap(), "mine");
+        // A directory where it has a file.
+        let dest = tmp.path().join("d2");
+        std::fs::create_dir_all(dest.join("a.csv/inner")).unwrap();
+        assert_eq!(
+            conflict(&dest),
+            "a directory is where the artifact has a file"
+        );
+        assert!(dest.join("a.csv/inner").is_dir());
+        // A file where the destination should be.
+        let dest = tmp.path().join("d3");
+        std::fs::write(&dest, "mine").unwrap();
+        assert_eq!(conflict(&dest), "the destination is not a directory");
     }
 }
