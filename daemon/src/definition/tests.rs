@@ -231,6 +231,12 @@ fn a_watch_glob_resolves_with_its_triggers_params_over_the_defaults() {
         .collect();
     assert_eq!(globs, ["inbox/d0/*.csv", "inbox/d1/*.csv"]);
     // An unknown param in a glob is located like any other.
-    let out = check(&text.replace("${params.day}/*.csv\"\n[[trigger]]", "${params.dy}/*.csv\"\n[[trigger]]"));
-    assert!(out.contains("p.toml:4:16: error: unknown param `dy`"), "{out}");
+    let out = check(&text.replace(
+        "${params.day}/*.csv\"\n[[trigger]]",
+        "${params.dy}/*.csv\"\n[[trigger]]",
+    ));
+    assert!(
+        out.contains("p.toml:4:16: error: unknown param `dy`"),
+        "{out}"
+    );
 }
