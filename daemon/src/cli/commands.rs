@@ -52,7 +52,7 @@ pub async fn run(state: &Path, args: RunArgs, json: bool) -> anyhow::Result<i32>
         )
         .await;
     events.finish();
-    finish_run(summary, json)
+    finish_run(summary, &engine.store, json)
 }
 
 /// `millrace resume RUN`: the run's remaining steps, under its own definition.
@@ -71,7 +71,7 @@ pub async fn resume(
     let events = progress(json, steps);
     let summary = engine.resume(id, events.sink(), cancel_on_signal()).await;
     events.finish();
-    finish_run(summary, json)
+    finish_run(summary, &engine.store, json)
 }
 
 /// `millrace plan PIPELINE`: what each step would do, without running anything.

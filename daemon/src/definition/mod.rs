@@ -161,12 +161,33 @@ pub enum StepKind {
         /// The code in the store: the wasm blob (or the Python code tree).
         resolved: PathBuf,
     },
-    /// `transfer = { from, to, datastore }`: copy an artifact into a datastore.
+    /// `transfer = { from, to, datastore, mode }`: copy an artifact into a datastore.
     Transfer {
         from: Sp<Reference>,
         to: Sp<String>,
         datastore: Sp<String>,
+        mode: TransferMode,
     },
+}
+
+/// How a transfer meets what its destination holds (`transfer.mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TransferMode {
+    /// The destination becomes the artifact, whole (one atomic swap).
+    #[default]
+    Replace,
+    /// The artifact's files are written into the destination, each atomically;
+    /// files it does not hold are left alone.
+    Merge,
+}
+
+impl TransferMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransferMode::Replace => "replace",
+            TransferMode::Merge => "merge",
+        }
+    }
 }
 
 impl StepKind {
@@ -218,6 +239,9 @@ impl std::fmt::Display for Reference {
 pub struct Environment {
     /// Datastore names; `default` is always present.
     pub datastores: Vec<String>,
+    /// Where the datastores are (none: each is the pipeline's directory, as for
+    /// `millrace run` without a config). A watch must look inside one of them.
+    pub datastore_paths: crate::config::Datastores,
     /// Compute target name → kind (`local`, `container`, `slurm`).
     pub computes: std::collections::BTreeMap<String, String>,
     /// The module registry `module = "…"` resolves against.
@@ -228,6 +252,7 @@ impl Default for Environment {
     fn default() -> Self {
         Environment {
             datastores: vec!["default".into()],
+            datastore_paths: Default::default(),
             computes: [("local".to_string(), "local".to_string())].into(),
             modules: Default::default(),
         }
@@ -344,11 +369,12 @@ impl Walker {
             .get("inputs")
             .map(|v| self.inputs(v, env))
             .unwrap_or_default();
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let triggers = match doc.get("trigger") {
             Some(v) => self
                 .array_of_tables(v, "trigger")
                 .iter()
-                .filter_map(|t| self.trigger(t, text, &params))
+                .filter_map(|t| self.trigger(t, text, &params, &dir, env))
                 .collect(),
             None => Vec::new(),
         };
@@ -365,7 +391,6 @@ impl Walker {
                 );
             }
         }
-        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let steps: Vec<Step> = match doc.get("step") {
             Some(v) => self
                 .array_of_tables(v, "step")

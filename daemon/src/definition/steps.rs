@@ -10,8 +10,8 @@ use toml::de::{DeTable, DeValue};
 use super::values::Mounts;
 use super::walker::{NameRule, declared_list, valid_env_name};
 use super::{
-    Environment, MAX_TIMER, ModuleRef, Param, Reference, Retries, Sp, Step, StepKind, Value,
-    WASM32_MAX_MEMORY, Walker, format_size, parse_reference,
+    Environment, MAX_TIMER, ModuleRef, Param, Reference, Retries, Sp, Step, StepKind, TransferMode,
+    Value, WASM32_MAX_MEMORY, Walker, format_size, parse_reference,
 };
 use crate::diagnostic::{Diagnostic, closest, display_path};
 
@@ -490,10 +490,10 @@ impl Walker {
         }
     }
 
-    /// `transfer = { from, to, datastore }`.
+    /// `transfer = { from, to, datastore, mode }`.
     fn transfer_step(&mut self, v: &Value<'_>, env: &Environment) -> Option<StepKind> {
         let t = self.table(v, "transfer")?;
-        self.unknown_keys(t, &["from", "to", "datastore"], "transfer");
+        self.unknown_keys(t, &["from", "to", "datastore", "mode"], "transfer");
         let from = match t.get("from") {
             Some(f) => self
                 .string(f, "transfer.from")
@@ -534,10 +534,25 @@ impl Walker {
         if !super::paths::templated(datastore.get_ref()) {
             self.datastore(&datastore, env);
         }
+        let mode = match t.get("mode").and_then(|m| self.string(m, "transfer.mode")) {
+            None => TransferMode::Replace,
+            Some(m) => match m.get_ref().as_str() {
+                "replace" => TransferMode::Replace,
+                "merge" => TransferMode::Merge,
+                other => {
+                    self.error(
+                        m.span(),
+                        format!("unknown transfer.mode `{other}`: expected replace or merge"),
+                    );
+                    TransferMode::Replace
+                }
+            },
+        };
         Some(StepKind::Transfer {
             from: from?,
             to: to?,
             datastore,
+            mode,
         })
     }
 

@@ -113,6 +113,10 @@ impl RunContext {
             program: executor::Program::Publish {
                 from: source,
                 to: dest,
+                mode: match &self.pipeline.steps[i].kind {
+                    crate::definition::StepKind::Transfer { mode, .. } => *mode,
+                    _ => unreachable!("only transfers publish"),
+                },
             },
             args: Vec::new(),
             env: Vec::new(),
@@ -229,8 +233,9 @@ impl RunContext {
             }
         };
         let ctx = self.attempt_ctx(i, attempt, wasm, &on_placement);
-        let outcome = executor
-            .run(spec, &ctx)
+        let outcome = self
+            .engine
+            .execute_attempt(&executor, spec, &ctx)
             .await
             .map_err(|e| fail(e.to_string()))?;
         tokio::task::block_in_place(|| {
