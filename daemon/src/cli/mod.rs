@@ -638,6 +638,7 @@ fn explain(store: &Store, run: &str, step: &str, json: bool) -> anyhow::Result<i
                 "run": id, "step": step, "status": s.status, "cache_key": s.cache_key,
                 "reused_from": s.reused_from, "compared_with": prev,
                 "explanation": verdict, "changes": changes, "key_parts": s.key_parts,
+                "python": s.python,
             }))?
         );
         return Ok(0);
@@ -649,6 +650,9 @@ fn explain(store: &Store, run: &str, step: &str, json: bool) -> anyhow::Result<i
     }
     if let Some(k) = &s.cache_key {
         println!("  cache key {}", short(k));
+    }
+    if let Some(py) = &s.python {
+        println!("  python: {py}");
     }
     Ok(0)
 }
