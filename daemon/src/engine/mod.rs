@@ -28,6 +28,8 @@ mod lifecycle;
 mod lock;
 mod scheduler;
 mod step;
+#[cfg(test)]
+mod tests;
 
 pub use lock::RunLock;
 
@@ -183,7 +185,22 @@ pub struct Engine {
     /// Set when the daemon shuts down: runs start no new step, and a run stopped
     /// now ends `interrupted` (to be resumed), not `cancelled`.
     draining: std::sync::atomic::AtomicBool,
+    /// What runs an attempt's spec in the scheduler's unit tests, in place of the
+    /// executor (`engine/tests.rs`).
+    #[cfg(test)]
+    fake: Option<FakeExecutor>,
 }
+
+/// An attempt's spec to its outcome: the scheduler's unit tests' executor.
+#[cfg(test)]
+pub(crate) type FakeExecutor = Arc<
+    dyn Fn(
+            crate::executor::AttemptSpec,
+        )
+            -> std::pin::Pin<Box<dyn std::future::Future<Output = crate::executor::Outcome> + Send>>
+        + Send
+        + Sync,
+>;
 
 /// A request to run a pipeline.
 #[derive(Debug, Clone, Default)]
@@ -209,7 +226,33 @@ impl Engine {
             instance: std::sync::OnceLock::new(),
             slots: Arc::new(tokio::sync::Semaphore::new(max_parallel)),
             draining: std::sync::atomic::AtomicBool::new(false),
+            #[cfg(test)]
+            fake: None,
         }
+    }
+
+    /// An engine whose attempts `fake` runs instead of the executors.
+    #[cfg(test)]
+    pub(crate) fn with_fake_executor(self, fake: FakeExecutor) -> Engine {
+        Engine {
+            fake: Some(fake),
+            ..self
+        }
+    }
+
+    /// Runs an attempt's spec on `executor` (in unit tests, on the fake if one
+    /// was given).
+    async fn execute_attempt(
+        &self,
+        executor: &Executor,
+        spec: crate::executor::AttemptSpec,
+        ctx: &crate::executor::AttemptCtx<'_>,
+    ) -> Result<crate::executor::Outcome, crate::executor::ExecError> {
+        #[cfg(test)]
+        if let Some(fake) = &self.fake {
+            return Ok(fake(spec).await);
+        }
+        executor.run(spec, ctx).await
     }
 
     /// What the engine was built from.
@@ -413,8 +456,13 @@ impl Engine {
         no_reuse: bool,
     ) -> Result<Vec<(String, Planned)>, RunError> {
         let params = p.resolve_params(overrides).map_err(RunError::Params)?;
-        let inputs =
-            planner::pipeline_inputs(&self.store, &self.config.datastores, p, InputMode::Hash)?;
+        let inputs = planner::pipeline_inputs(
+            &self.store,
+            &self.config.datastores,
+            p,
+            &params,
+            InputMode::Hash,
+        )?;
         let images = self.resolve_images(p).await;
         let planner = Planner::new(
             self.store.clone(),
