@@ -22,7 +22,7 @@ export MILLRACE_CACHE="${MILLRACE_CACHE:-$root/target/tmp/millrace-cache}"
 if [[ "${BENCH_NO_BUILD:-0}" != 1 ]]; then
     (cd "$root" && cargo build --release -p millrace)
     "$root/scripts/fetch-python-runtime.sh" >/dev/null
-    "$bin" --state "$root/target/tmp/prepare-state" runtime prepare >/dev/null
+    "$bin" runtime prepare --cache "$MILLRACE_CACHE" >/dev/null
 fi
 [[ -x /usr/bin/time ]] || { echo "bench: /usr/bin/time is required (apt-get install time)" >&2; exit 1; }
 work="$(mktemp -d)"

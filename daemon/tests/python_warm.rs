@@ -496,6 +496,38 @@ python = { script = "hi.py", code = "code", snapshot = false }
     assert!(text.contains("  python: the base runtime"), "{text}");
 }
 
+/// `runtime prepare --cache DIR` compiles into DIR and needs no state directory.
+/// DIR starts as hard links of the shared cache (never written in place here:
+/// both are found compiled and built), so the test takes seconds.
+#[test]
+fn runtime_prepare_uses_the_cache_it_is_given_and_no_state() {
+    warm();
+    let p = Project::new();
+    let cache = p.path("cache");
+    let copied = std::process::Command::new("cp")
+        .arg("-al")
+        .arg(crate::common::shared_cache())
+        .arg(&cache)
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    let out = p
+        .cmd(&["runtime", "prepare", "--cache", "cache"])
+        .env_remove("MILLRACE_CACHE")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}\n{}", stderr(&out));
+    assert!(
+        text.contains("already compiled in")
+            && text.contains("; cache cache\n")
+            && text.contains("warm interpreter cache/python/"),
+        "{text}"
+    );
+    assert!(text.contains("already built"), "{text}");
+    assert!(!p.path(".state").exists(), "a state directory was made");
+}
+
 #[test]
 fn memory_limits_and_deadlines_hold_on_the_warm_interpreter() {
     warm();

@@ -333,10 +333,17 @@ enum RuntimeCommand {
     /// Compile the Python runtime into the cache, then build and compile the warm
     /// interpreter with the `[python] preload` modules imported (minutes, once per
     /// machine, version and preload list; later steps load it in milliseconds).
+    #[command(after_help = "Examples:\n  \
+        millrace runtime prepare --config /etc/millrace/millrace.toml\n  \
+        millrace runtime prepare --cache /var/cache/millrace/wasm")]
     Prepare {
         /// The daemon config whose `[python]` section and state directory apply.
         #[arg(long, env = "MILLRACE_CONFIG")]
         config: Option<PathBuf>,
+        /// Compile into this cache directory (what the daemon then reads as
+        /// `MILLRACE_CACHE`); no state directory is needed.
+        #[arg(long, value_name = "DIR")]
+        cache: Option<PathBuf>,
     },
 }
 
@@ -466,8 +473,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Daemon { config } => service::daemon(config.as_deref()).await,
         Command::Module { cmd } => module::run(&cli.state, cmd, json),
         Command::Runtime {
-            cmd: RuntimeCommand::Prepare { config },
-        } => commands::runtime_prepare(&cli.state, config.as_deref(), json).await,
+            cmd: RuntimeCommand::Prepare { config, cache },
+        } => commands::runtime_prepare(&cli.state, config.as_deref(), cache, json).await,
         Command::Trigger {
             pipeline,
             params,
@@ -587,7 +594,15 @@ fn engine_for(
     max_parallel: Option<usize>,
     config: Option<Config>,
 ) -> anyhow::Result<Arc<Engine>> {
-    let store = open_store(state)?;
+    engine_on(open_store(state)?, max_parallel, config)
+}
+
+/// As [`engine_for`], on a store already open.
+fn engine_on(
+    store: Arc<Store>,
+    max_parallel: Option<usize>,
+    config: Option<Config>,
+) -> anyhow::Result<Arc<Engine>> {
     let parallel = max_parallel.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())

@@ -77,6 +77,8 @@ pub struct Store {
     pub root: PathBuf,
     db: Mutex<Db>,
     pub artifacts: ArtifactStore,
+    /// `runtime prepare --cache DIR`: the precompile cache, over `MILLRACE_CACHE`.
+    cache: Option<PathBuf>,
 }
 
 impl Store {
@@ -107,7 +109,14 @@ impl Store {
             root,
             db: Mutex::new(db),
             artifacts,
+            cache: None,
         })
+    }
+
+    /// The same store, compiling into `dir` instead of the usual cache.
+    pub fn with_cache_dir(mut self, dir: PathBuf) -> Store {
+        self.cache = Some(dir);
+        self
     }
 
     /// The database; hold the guard only for a few statements.
@@ -129,6 +138,9 @@ impl Store {
     /// the tests and several state directories share one compile of the Python
     /// runtime). Only millrace writes there; no guest ever sees it.
     pub fn wasm_cache_dir(&self) -> PathBuf {
+        if let Some(d) = &self.cache {
+            return d.clone();
+        }
         match std::env::var_os("MILLRACE_CACHE") {
             Some(d) if !d.is_empty() => PathBuf::from(d),
             _ => self.root.join("cache").join("wasm"),
