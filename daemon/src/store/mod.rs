@@ -133,6 +133,7 @@ impl Store {
         })
     }
 
+
     /// The database; hold the guard only for a few statements.
     pub fn db(&self) -> MutexGuard<'_, Db> {
         // A panic while holding the lock leaves the connection usable: SQLite rolls
