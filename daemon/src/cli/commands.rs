@@ -104,6 +104,14 @@ pub async fn plan(
         match d {
             Planned::Reuse { run, .. } => println!("{step:width$}  reuse  from run {run}"),
             Planned::Run { reason } => println!("{step:width$}  run    {reason}"),
+            Planned::Items {
+                executed,
+                reused,
+                run,
+            } => println!(
+                "{step:width$}  items  {executed} to execute, {reused} reused{}",
+                crate::view::items_named(run)
+            ),
             Planned::Pending { upstream } => println!(
                 "{step:width$}  run?   after {} (reused if its inputs come out unchanged)",
                 upstream.join(", ")

@@ -96,7 +96,7 @@ impl RunContext {
                     adopt == Some(attempt),
                 )
             }));
-            let result = self.attempt(i, attempt, &inputs, &log_path).await;
+            let result = self.attempt(i, None, attempt, &inputs, &log_path).await;
             match result {
                 Ok(outputs) => {
                     return self.succeed(i, attempt, outputs, &key, started);
@@ -198,7 +198,7 @@ impl RunContext {
     }
 
     /// Records and reports a step's final failure.
-    fn fail_step(
+    pub(super) fn fail_step(
         &self,
         name: &str,
         detail: String,
