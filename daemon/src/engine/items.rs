@@ -91,9 +91,11 @@ impl RunContext {
         let mut done: Vec<(String, Vec<(String, String)>)> = Vec::with_capacity(items.len());
         let mut failed: Vec<(String, String)> = Vec::new();
         let (mut executed, mut reused) = (0usize, 0usize);
+        let mut latest_from = None;
         for it in items {
-            if let Some((_, outs)) = it.reused {
+            if let Some((run, outs)) = it.reused {
                 reused += 1;
+                latest_from = latest_from.max(Some(run));
                 done.push((it.name, outs));
                 continue;
             }
@@ -151,6 +153,14 @@ impl RunContext {
             Ok(m) => m,
             Err(e) => return self.fail_step(&name, e, started),
         };
+        // Every item reused: the step executed nothing and is reused, from the
+        // latest run its items came from.
+        let all_reused = executed == 0 && reused > 0;
+        let (status, from) = if all_reused {
+            (StepStatus::Reused, latest_from)
+        } else {
+            (StepStatus::Succeeded, None)
+        };
         let recorded = self.store().db().batch(|b| {
             for m in &outputs {
                 if b.artifact(&m.digest)?.is_none() {
@@ -158,7 +168,7 @@ impl RunContext {
                 }
                 b.record_step_output(self.run_id, &name, &m.output, &m.digest)?;
             }
-            b.finish_step(self.run_id, &name, StepStatus::Succeeded, None, None)
+            b.finish_step(self.run_id, &name, status, from, None)
         });
         if let Err(e) = recorded {
             return self.fail_step(
@@ -169,12 +179,13 @@ impl RunContext {
         }
         (self.events)(&Event::StepFinished {
             step: name.clone(),
-            status: StepStatus::Succeeded,
+            status,
             detail: counts,
             elapsed: started.elapsed(),
         });
         Ok(StepDone {
             outputs: outputs.into_iter().map(|m| (m.output, m.digest)).collect(),
+            reused: all_reused,
         })
     }
 

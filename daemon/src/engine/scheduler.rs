@@ -208,7 +208,11 @@ impl Schedule {
     ) -> Result<(), RunError> {
         match result {
             Ok(done) => {
-                self.status[i] = Some(StepStatus::Succeeded);
+                self.status[i] = Some(if done.reused {
+                    StepStatus::Reused
+                } else {
+                    StepStatus::Succeeded
+                });
                 self.known.settle(i, done.outputs);
                 if !self.cancelled {
                     release(&self.graph, i, &mut self.waiting, &mut self.ready);

@@ -11,6 +11,8 @@ use crate::model::{AttemptStatus, Placement, StepStatus};
 
 pub(super) struct StepDone {
     pub(super) outputs: Vec<(String, String)>,
+    /// Nothing executed: a `foreach` step whose items were all reused.
+    pub(super) reused: bool,
 }
 
 pub(super) enum StepFailure {
@@ -182,7 +184,10 @@ impl RunContext {
             detail,
             elapsed: started.elapsed(),
         });
-        Ok(StepDone { outputs })
+        Ok(StepDone {
+            outputs,
+            reused: false,
+        })
     }
 
     /// The attempt of step `i` whose Slurm job a previous process submitted and
