@@ -305,3 +305,118 @@ impl Graph {
         cycles
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A graph from `deps[i]`, the steps step `i` waits for.
+    fn graph(deps: &[&[usize]]) -> Graph {
+        let deps: Vec<Vec<usize>> = deps.iter().map(|d| d.to_vec()).collect();
+        let mut dependants = vec![Vec::new(); deps.len()];
+        for (i, ds) in deps.iter().enumerate() {
+            for &d in ds {
+                dependants[d].push(i);
+            }
+        }
+        Graph {
+            deps,
+            dependants,
+            order: Vec::new(),
+        }
+    }
+
+    /// `steps` parsed beside a (fake) `s.wasm`, which parsing only looks for.
+    fn parse_steps(steps: &str) -> (Option<Pipeline>, Report) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("s.wasm"), b"\0asm").unwrap();
+        let text = format!("name = \"p\"\n[inputs.a]\npath = \"a.txt\"\n{steps}");
+        parse(&dir.path().join("p.toml"), text, &Environment::default())
+    }
+
+    fn step(name: &str, inputs: &str, after: &str) -> String {
+        format!(
+            "[[step]]\nname = \"{name}\"\nwasm = \"s.wasm\"\ninputs = {{ {inputs} }}\noutputs = [\"out\"]\nafter = [{after}]\n"
+        )
+    }
+
+    fn errors(report: &Report) -> Vec<String> {
+        report
+            .diagnostics
+            .iter()
+            .filter(|d| d.severity == crate::diagnostic::Severity::Error)
+            .map(|d| d.message.clone())
+            .collect()
+    }
+
+    #[test]
+    fn the_order_puts_every_step_after_its_dependencies_and_keeps_file_order_otherwise() {
+        // 3 waits for 0 and 1, 1 waits for 2.
+        let g = graph(&[&[], &[2], &[], &[0, 1]]);
+        assert_eq!(g.topological_order(), [0, 2, 1, 3]);
+        let g = graph(&[&[], &[], &[], &[]]);
+        assert_eq!(g.topological_order(), [0, 1, 2, 3]);
+        // A chain written backwards runs forwards.
+        let g = graph(&[&[1], &[2], &[3], &[]]);
+        assert_eq!(g.topological_order(), [3, 2, 1, 0]);
+    }
+
+    #[test]
+    fn steps_on_a_cycle_are_left_out_of_the_order() {
+        let g = graph(&[&[1], &[0], &[], &[0]]);
+        assert_eq!(g.topological_order(), [2]);
+    }
+
+    #[test]
+    fn each_cycle_is_found_once_dependency_first() {
+        // 0 -> 1 -> 2 -> 0 (0 waits for 1, …) and, apart, 3 <-> 4; 5 waits for both.
+        let g = graph(&[&[1], &[2], &[0], &[4], &[3], &[0, 3]]);
+        assert_eq!(g.cycles(), [vec![2, 1, 0], vec![4, 3]]);
+        let diamond = graph(&[&[], &[0], &[0], &[1, 2]]);
+        assert!(diamond.cycles().is_empty());
+    }
+
+    #[test]
+    fn a_parsed_pipeline_orders_by_data_and_after_edges_without_duplicates() {
+        let (p, report) = parse_steps(
+            &[
+                step("last", "x = \"mid.out\", y = \"mid.out\"", "\"first\""),
+                step("mid", "x = \"first.out\"", ""),
+                step("first", "x = \"inputs.a\"", ""),
+                step("alone", "x = \"inputs.a\"", ""),
+            ]
+            .concat(),
+        );
+        let p = p.unwrap_or_else(|| panic!("{report}"));
+        let g = Graph::new(&p);
+        assert_eq!(g.deps, [vec![1, 2], vec![2], vec![], vec![]]);
+        assert_eq!(g.dependants, [vec![], vec![0], vec![0, 1], vec![]]);
+        // Of the steps ready at once, the one first in the file goes first.
+        assert_eq!(g.order, [2, 1, 0, 3]);
+    }
+
+    #[test]
+    fn a_cycle_through_data_and_after_is_an_error_naming_it() {
+        let (p, report) = parse_steps(
+            &[
+                step("a", "x = \"c.out\"", ""),
+                step("b", "x = \"a.out\"", ""),
+                step("c", "x = \"inputs.a\"", "\"b\""),
+                step("ok", "x = \"inputs.a\"", ""),
+            ]
+            .concat(),
+        );
+        assert!(p.is_none());
+        assert_eq!(
+            errors(&report),
+            ["cycle in the step graph: [ b -> c -> a -> b ]"]
+        );
+    }
+
+    #[test]
+    fn a_step_after_itself_is_a_cycle() {
+        let (p, report) = parse_steps(&step("a", "x = \"inputs.a\"", "\"a\""));
+        assert!(p.is_none());
+        assert_eq!(errors(&report).len(), 1, "{report}");
+    }
+}

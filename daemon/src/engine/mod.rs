@@ -21,7 +21,7 @@ use crate::executor::workspace::WorkspacePool;
 use crate::model::{RunStatus, StepStatus};
 use crate::planner::code::{Memo, SNAPSHOTS, code_of, code_snapshot, file_digest, python_variant};
 use crate::planner::{self, InputMode, PlanError, Planned, Planner};
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreConfig, StoreError, walk};
 
 mod attempt;
 mod items;
@@ -29,6 +29,8 @@ mod lifecycle;
 mod lock;
 mod scheduler;
 mod step;
+#[cfg(test)]
+mod tests;
 
 pub use lock::RunLock;
 
@@ -58,6 +60,10 @@ pub struct EngineConfig {
     /// Most bytes a step's outputs (and its /tmp) may hold together
     /// (`MILLRACE_OUTPUT_CAP`, default [`OUTPUT_CAP`]).
     pub output_cap: u64,
+    /// The store's walk limits (`MILLRACE_MAX_DEPTH`, `MILLRACE_MAX_ENTRIES`) and
+    /// compiled-code cache (`MILLRACE_CACHE`): the store the engine runs on is
+    /// opened with it ([`Store::open_with`]).
+    pub store: StoreConfig,
 }
 
 impl EngineConfig {
@@ -71,6 +77,30 @@ impl EngineConfig {
             python: crate::config::Python::default(),
             log_cap: size_from_env("MILLRACE_LOG_CAP").unwrap_or(LOG_CAP),
             output_cap: size_from_env("MILLRACE_OUTPUT_CAP").unwrap_or(OUTPUT_CAP),
+            store: EngineConfig::store_from_env(),
+        }
+    }
+
+    /// The store's part alone, with its environment overrides: also for the
+    /// commands that open a store without an engine. An unset, empty or
+    /// unreadable variable (or a zero limit) leaves the default.
+    pub fn store_from_env() -> StoreConfig {
+        let count = |name: &str| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .filter(|&n| n > 0)
+        };
+        StoreConfig {
+            limits: walk::Limits {
+                depth: count("MILLRACE_MAX_DEPTH")
+                    .and_then(|n| usize::try_from(n).ok())
+                    .unwrap_or(walk::DEFAULT_MAX_DEPTH),
+                entries: count("MILLRACE_MAX_ENTRIES").unwrap_or(walk::DEFAULT_MAX_ENTRIES),
+            },
+            wasm_cache: std::env::var_os("MILLRACE_CACHE")
+                .filter(|d| !d.is_empty())
+                .map(PathBuf::from),
         }
     }
 
@@ -184,7 +214,22 @@ pub struct Engine {
     /// Set when the daemon shuts down: runs start no new step, and a run stopped
     /// now ends `interrupted` (to be resumed), not `cancelled`.
     draining: std::sync::atomic::AtomicBool,
+    /// What runs an attempt's spec in the scheduler's unit tests, in place of the
+    /// executor (`engine/tests.rs`).
+    #[cfg(test)]
+    fake: Option<FakeExecutor>,
 }
+
+/// An attempt's spec to its outcome: the scheduler's unit tests' executor.
+#[cfg(test)]
+pub(crate) type FakeExecutor = Arc<
+    dyn Fn(
+            crate::executor::AttemptSpec,
+        )
+            -> std::pin::Pin<Box<dyn std::future::Future<Output = crate::executor::Outcome> + Send>>
+        + Send
+        + Sync,
+>;
 
 /// A request to run a pipeline.
 #[derive(Debug, Clone, Default)]
@@ -210,7 +255,33 @@ impl Engine {
             instance: std::sync::OnceLock::new(),
             slots: Arc::new(tokio::sync::Semaphore::new(max_parallel)),
             draining: std::sync::atomic::AtomicBool::new(false),
+            #[cfg(test)]
+            fake: None,
         }
+    }
+
+    /// An engine whose attempts `fake` runs instead of the executors.
+    #[cfg(test)]
+    pub(crate) fn with_fake_executor(self, fake: FakeExecutor) -> Engine {
+        Engine {
+            fake: Some(fake),
+            ..self
+        }
+    }
+
+    /// Runs an attempt's spec on `executor` (in unit tests, on the fake if one
+    /// was given).
+    async fn execute_attempt(
+        &self,
+        executor: &Executor,
+        spec: crate::executor::AttemptSpec,
+        ctx: &crate::executor::AttemptCtx<'_>,
+    ) -> Result<crate::executor::Outcome, crate::executor::ExecError> {
+        #[cfg(test)]
+        if let Some(fake) = &self.fake {
+            return Ok(fake(spec).await);
+        }
+        executor.run(spec, ctx).await
     }
 
     /// What the engine was built from.
@@ -414,8 +485,13 @@ impl Engine {
         no_reuse: bool,
     ) -> Result<Vec<(String, Planned)>, RunError> {
         let params = p.resolve_params(overrides).map_err(RunError::Params)?;
-        let inputs =
-            planner::pipeline_inputs(&self.store, &self.config.datastores, p, InputMode::Hash)?;
+        let inputs = planner::pipeline_inputs(
+            &self.store,
+            &self.config.datastores,
+            p,
+            &params,
+            InputMode::Hash,
+        )?;
         let images = self.resolve_images(p).await;
         let planner = Planner::new(
             self.store.clone(),

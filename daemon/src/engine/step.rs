@@ -98,7 +98,11 @@ impl RunContext {
                     adopt == Some(attempt),
                 )
             }));
-            let result = self.attempt(i, None, attempt, &inputs, &log_path).await;
+            // Boxed: an attempt's future (the executor's whole state machine,
+            // ~7 KB in a debug build) would otherwise be inlined in this one,
+            // which every spawned step holds while it waits for a slot: 999
+            // waiting fan-out steps held 8.5 MB (docs/design.md, "Memory").
+            let result = Box::pin(self.attempt(i, None, attempt, &inputs, &log_path)).await;
             match result {
                 Ok(outputs) => {
                     return self.succeed(i, attempt, outputs, &key, started);

@@ -438,24 +438,33 @@ impl Batch<'_> {
     /// Fails a run that is not to be resumed, with the steps and attempts a crash
     /// left `running` (nothing runs them any more). Use inside a batch.
     pub fn fail_abandoned_run(&self, id: i64, error: &str) -> Result<()> {
+        self.end_abandoned_run(id, RunStatus::Failed, error)
+    }
+
+    /// Ends as cancelled a run no process drives any more (`millrace cancel` of an
+    /// interrupted run): its steps and attempts still marked running are cancelled,
+    /// so nothing resumes it. Use inside a batch.
+    pub fn cancel_abandoned_run(&self, id: i64, error: &str) -> Result<()> {
+        self.end_abandoned_run(id, RunStatus::Cancelled, error)
+    }
+
+    fn end_abandoned_run(&self, id: i64, end: RunStatus, error: &str) -> Result<()> {
+        let (step, attempt) = match end {
+            RunStatus::Cancelled => (StepStatus::Cancelled, AttemptStatus::Cancelled),
+            _ => (StepStatus::Failed, AttemptStatus::Failed),
+        };
         let now = now_ms();
         self.conn.execute(
             "UPDATE steps SET status = ?4, error = ?2, finished_at = ?3
              WHERE run_id = ?1 AND status = ?5",
-            params![id, error, now, StepStatus::Failed, StepStatus::Running],
+            params![id, error, now, step, StepStatus::Running],
         )?;
         self.conn.execute(
             "UPDATE attempts SET status = ?4, error = ?2, finished_at = ?3
              WHERE run_id = ?1 AND status = ?5",
-            params![
-                id,
-                error,
-                now,
-                AttemptStatus::Failed,
-                AttemptStatus::Running
-            ],
+            params![id, error, now, attempt, AttemptStatus::Running],
         )?;
-        self.set_run_status(id, RunStatus::Failed, Some(error))
+        self.set_run_status(id, end, Some(error))
     }
 
     /// Whether any run ever had a container step.
@@ -547,94 +556,4 @@ impl Batch<'_> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn migrations_apply_once_and_runs_round_trip() {
-        let tmp = tempfile::tempdir().unwrap();
-        let path = tmp.path().join("m.db");
-        let mut db = Db::open(&path).unwrap();
-        let id = db
-            .batch(|b| {
-                b.record_definition("d1", "p", "/p.toml", "name = 'p'")?;
-                b.create_run(&NewRun {
-                    pipeline: "p",
-                    experiment: "p",
-                    definition: "d1",
-                    params: &serde_json::json!({"c": 0.5}),
-                    trigger: "cli",
-                    trigger_detail: None,
-                    no_reuse: false,
-                    status: RunStatus::Running,
-                    warnings: &[],
-                    module_pins: &Default::default(),
-                })
-            })
-            .unwrap();
-        drop(db);
-        let db = Db::open(&path).unwrap();
-        let run = db.read().run(id).unwrap().unwrap();
-        assert_eq!(run.params["c"], 0.5);
-        assert_eq!(run.status, RunStatus::Running);
-    }
-
-    #[test]
-    fn crashes_are_counted_and_an_abandoned_run_fails_with_its_running_steps() {
-        let mut db = Db::open_in_memory().unwrap();
-        let id = db
-            .batch(|b| {
-                b.record_definition("d1", "p", "/p.toml", "name = 'p'")?;
-                let id = b.create_run(&NewRun {
-                    pipeline: "p",
-                    experiment: "p",
-                    definition: "d1",
-                    params: &serde_json::json!({}),
-                    trigger: "api",
-                    trigger_detail: None,
-                    no_reuse: false,
-                    status: RunStatus::Running,
-                    warnings: &[],
-                    module_pins: &Default::default(),
-                })?;
-                b.insert_step(id, "s", 0, "wasm", None)?;
-                b.start_step(id, "s")?;
-                b.start_attempt(id, "s", 1, "/log", false)?;
-                Ok(id)
-            })
-            .unwrap();
-        assert_eq!(db.read().run_crashes(id).unwrap(), 0);
-        assert_eq!(db.read().record_crash(id, "stopped").unwrap(), 1);
-        assert_eq!(db.read().record_crash(id, "stopped").unwrap(), 2);
-        assert_eq!(
-            db.read().run(id).unwrap().unwrap().status,
-            RunStatus::Interrupted
-        );
-        db.batch(|b| b.fail_abandoned_run(id, "gave up")).unwrap();
-        let run = db.read().run(id).unwrap().unwrap();
-        assert_eq!(
-            (run.status, run.error.as_deref()),
-            (RunStatus::Failed, Some("gave up"))
-        );
-        let step = db.read().step(id, "s").unwrap().unwrap();
-        assert_eq!(
-            (step.status, step.error.as_deref()),
-            (StepStatus::Failed, Some("gave up"))
-        );
-        assert_eq!(
-            db.read().attempts(id, "s").unwrap()[0].status,
-            AttemptStatus::Failed
-        );
-        assert_eq!(db.read().run_crashes(id).unwrap(), 2);
-    }
-
-    #[test]
-    fn foreign_keys_are_enforced() {
-        let db = Db::open_in_memory().unwrap();
-        let err = db
-            .read()
-            .record_step_output(42, "s", "o", "nope")
-            .unwrap_err();
-        assert!(err.to_string().contains("FOREIGN KEY"), "{err}");
-    }
-}
+mod tests;
