@@ -375,7 +375,12 @@ pub fn items_named(names: &[String]) -> String {
     if names.is_empty() {
         return String::new();
     }
-    let shown: Vec<&str> = names.iter().take(10).map(String::as_str).collect();
+    // Item names are file names a user or a step chose.
+    let shown: Vec<String> = names
+        .iter()
+        .take(10)
+        .map(|n| crate::store::artifacts::escape_controls(n))
+        .collect();
     let more = match names.len().saturating_sub(10) {
         0 => String::new(),
         n => format!(" and {n} more"),

@@ -249,6 +249,36 @@ mod tests {
     }
 
     #[test]
+    fn foreach_items_are_counted_by_step_and_result() {
+        use crate::model::StepStatus;
+        let m = super::Metrics::new();
+        let row = |item: &str, status| crate::store::db::ItemRow {
+            item: item.into(),
+            status,
+            cache_key: String::new(),
+            reused_from: None,
+            attempts: 1,
+            error: None,
+            started_at: None,
+            finished_at: None,
+        };
+        let rows = vec![
+            row("a", StepStatus::Succeeded),
+            row("b", StepStatus::Reused),
+            row("c", StepStatus::Reused),
+            row("d", StepStatus::Failed),
+        ];
+        m.items_finished("p", &[("score".into(), rows)]);
+        let text = super::to_prometheus_text(&m.render(0, 0, 0, (0, 0), 0));
+        for (result, n) in [("executed", 1), ("reused", 2), ("failed", 1)] {
+            let line = format!(
+                "millrace_foreach_items_total{{pipeline=\"p\",step=\"score\",result=\"{result}\"}} {n}\n"
+            );
+            assert!(text.contains(&line), "{line} in {text}");
+        }
+    }
+
+    #[test]
     fn counters_get_their_total_names_in_the_classic_format() {
         let om = "# HELP x_runs Runs.\n# TYPE x_runs counter\nx_runs_total 1\n# HELP x_q Q.\n# TYPE x_q gauge\nx_q 0\n# EOF\n";
         assert_eq!(

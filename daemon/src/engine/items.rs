@@ -247,10 +247,9 @@ impl RunContext {
                     false,
                 )
             }));
-            match self
-                .attempt(i, Some(item), attempt, &inputs, &log_path)
-                .await
-            {
+            // Boxed, as in `execute_step`: a thousand items waiting for a slot
+            // must not each hold an attempt's whole state machine.
+            match Box::pin(self.attempt(i, Some(item), attempt, &inputs, &log_path)).await {
                 Ok(outputs) => {
                     let recorded = self.store().db().batch(|b| {
                         b.finish_attempt(
