@@ -161,7 +161,13 @@ outputs = ["out"]
     let show = p.json(&["runs", "show", "latest"]);
     assert_eq!(show["steps"][1]["status"], "skipped", "{show}");
 
-    // Unchanged: the items that succeeded are reused, the failed one runs again.
+    // Resumed: the items that succeeded in this run keep their outputs; only
+    // the failed one executes again (and fails again).
+    let out = p.run(&["resume", "latest"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(counts(&items(&p, "score")), (4, 0, 3, 1));
+
+    // A new run, unchanged: the same.
     let out = p.run(&["run", f]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert_eq!(counts(&items(&p, "score")), (4, 0, 3, 1));
