@@ -159,6 +159,9 @@ pub(super) fn runs_show(store: &Store, run: &str, json: bool) -> anyhow::Result<
             ),
             None => {}
         }
+        if let Some(py) = &s.python {
+            println!("  {:width$}    python: {py}", "");
+        }
         if let Some(items) = &s.items {
             println!("  {:width$}    {}", "", items.summary());
             let failed = items.list.iter().filter(|i| i.status == StepStatus::Failed);

@@ -353,6 +353,16 @@ impl RunContext {
                 )
                 .map_err(fail)?;
                 log.note(&variant.note());
+                // The step's record says which it was (`runs show`, `explain`, the
+                // API); a failure to record it does not fail the step.
+                let recorded =
+                    self.store()
+                        .db()
+                        .read()
+                        .set_step_python(self.run_id, name, &variant.record());
+                if let Err(e) = recorded {
+                    tracing::error!(step = %name, error = %e, "cannot record the Python variant");
+                }
                 let (path, digest) = match variant {
                     crate::executor::snapshot::Variant::Warm(s) => (s.wasm, s.content),
                     crate::executor::snapshot::Variant::Base(_) => (

@@ -181,6 +181,12 @@ ALTER TABLE stat_cache ADD COLUMN ctime_ns INTEGER NOT NULL DEFAULT -1;
 ALTER TABLE runs ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0;
 "#,
     r#"
+-- Which interpreter a Python step ran on (JSON, `snapshot::VariantRecord`): the
+-- warm interpreter or the base runtime, and why the base. Written when an attempt
+-- starts; null for other runtimes and for steps that did not run.
+ALTER TABLE steps ADD COLUMN python TEXT;
+"#,
+    r#"
 -- The items of `foreach` steps: one execution (or reuse) per top-level entry of
 -- the step's foreach input, with its own cache key. An item's key finds an earlier
 -- succeeded or reused item (of any run) whose outputs stand in for its own.
