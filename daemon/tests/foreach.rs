@@ -225,3 +225,46 @@ fn foreach_over_a_file_input_fails_saying_so() {
         "{error}"
     );
 }
+
+#[test]
+fn foreach_over_a_step_output_runs_once_per_entry_it_wrote() {
+    let p = Project::new();
+    p.write("inbox/a.csv", "a\n");
+    p.write("inbox/sub/b.csv", "b\n");
+    let copy = plugin("copy");
+    let f = p.write(
+        "fe.toml",
+        &format!(
+            r#"
+[inputs.inbox]
+path = "inbox"
+[[step]]
+name = "split"
+wasm = "{copy}"
+args = ["--out", "parts"]
+inputs = {{ inbox = "inputs.inbox" }}
+outputs = ["parts"]
+[[step]]
+name = "each"
+wasm = "{copy}"
+args = ["--out", "done"]
+inputs = {{ part = "split.parts" }}
+foreach = "split.parts"
+outputs = ["done"]
+"#
+        ),
+    );
+    let out = p.run(&["run", f.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Two entries: the file `a.csv` and the directory `sub`.
+    let items = items(&p, "each");
+    assert_eq!(counts(&items), (2, 2, 0, 0));
+    let names: Vec<&str> = items["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["a.csv", "sub"]);
+    assert_eq!(exported(&p, "each.done"), ["a.csv", "sub"]);
+}
