@@ -39,7 +39,9 @@
 //!   caps with their environment overrides): the lifecycle (`engine/lifecycle.rs`:
 //!   create, enqueue, start, resume, the locks a run holds), the ready-queue loop
 //!   (`engine/scheduler.rs`: each step decided by the planner, dependants released
-//!   or skipped, cancel and shutdown sweeps), one step's attempts and retries (`engine/step.rs`), one
+//!   or skipped, cancel and shutdown sweeps), one step's attempts and retries (`engine/step.rs`), a
+//!   `foreach` step's items, each reused or executed, and their merged outputs
+//!   (`engine/items.rs`), one
 //!   attempt's spec, executor and outputs (`engine/attempt.rs`) and the run lock
 //!   (`engine/lock.rs`).
 //! - [`store`]: SQLite records, the BLAKE3 artifact store, and `gc`.

@@ -670,6 +670,9 @@ fn explain(store: &Store, run: &str, step: &str, json: bool) -> anyhow::Result<i
         .ok_or_else(|| Error::usage(format!("run {id} has no step `{step}`")))?;
     let e = crate::planner::explain(store, &r, &s)?;
     let (verdict, changes, prev) = (e.explanation, e.changes, e.compared_with);
+    // A foreach step: each item was reused or executed on its own key.
+    let rows = store.db().read().items(id, step)?;
+    let items = (!rows.is_empty()).then(|| crate::view::ItemsView::of(rows));
     if json {
         println!(
             "{}",
@@ -678,6 +681,7 @@ fn explain(store: &Store, run: &str, step: &str, json: bool) -> anyhow::Result<i
                 "reused_from": s.reused_from, "compared_with": prev,
                 "explanation": verdict, "changes": changes, "key_parts": s.key_parts,
                 "python": s.python,
+                "items": items,
             }))?
         );
         return Ok(0);
@@ -686,6 +690,24 @@ fn explain(store: &Store, run: &str, step: &str, json: bool) -> anyhow::Result<i
     println!("  {verdict}");
     for c in &changes {
         println!("    - {c}");
+    }
+    if let Some(items) = &items {
+        println!("  {}", items.summary());
+        let ran: Vec<&crate::view::ItemView> = items
+            .list
+            .iter()
+            .filter(|i| i.status != crate::model::StepStatus::Reused)
+            .collect();
+        for i in ran.iter().take(20) {
+            let name = crate::store::artifacts::escape_controls(&i.name);
+            match &i.error {
+                Some(e) => println!("    - {name} {}: {e}", i.status),
+                None => println!("    - {name} {} (no earlier item had its key)", i.status),
+            }
+        }
+        if ran.len() > 20 {
+            println!("    … and {} more", ran.len() - 20);
+        }
     }
     if let Some(k) = &s.cache_key {
         println!("  cache key {}", short(k));
