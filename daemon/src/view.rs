@@ -106,6 +106,11 @@ pub struct StepView {
     /// null for the in-process runtimes.
     #[schema(value_type = Option<Object>)]
     pub placement: Option<Placement>,
+    /// A Python step's interpreter: `{"variant":"warm","recipe":…,"detail":…}` or
+    /// `{"variant":"base","reason":…,"detail":…}` (`reason`: `config_off`,
+    /// `step_off`, `memory_below_floor`, `import_time_env`, `unavailable`); null
+    /// for other runtimes and for steps that did not run (reused, skipped).
+    pub python: Option<crate::executor::snapshot::VariantRecord>,
     /// Every attempt, first to last (a retried step has several).
     pub attempts: Vec<AttemptView>,
     /// What the step read, mounted at `/in/MOUNT`.
@@ -250,6 +255,7 @@ fn step_view(store: &Store, run: &RunRow, s: StepRow) -> crate::store::db::Resul
         error: s.error,
         module: s.module,
         placement,
+        python: s.python,
         attempts: attempts.into_iter().map(AttemptView::from).collect(),
         inputs: inputs
             .into_iter()

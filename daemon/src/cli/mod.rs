@@ -333,10 +333,17 @@ enum RuntimeCommand {
     /// Compile the Python runtime into the cache, then build and compile the warm
     /// interpreter with the `[python] preload` modules imported (minutes, once per
     /// machine, version and preload list; later steps load it in milliseconds).
+    #[command(after_help = "Examples:\n  \
+        millrace runtime prepare --config /etc/millrace/millrace.toml\n  \
+        millrace runtime prepare --cache /var/cache/millrace/wasm")]
     Prepare {
         /// The daemon config whose `[python]` section and state directory apply.
         #[arg(long, env = "MILLRACE_CONFIG")]
         config: Option<PathBuf>,
+        /// Compile into this cache directory (what the daemon then reads as
+        /// `MILLRACE_CACHE`); no state directory is needed.
+        #[arg(long, value_name = "DIR")]
+        cache: Option<PathBuf>,
     },
 }
 
@@ -466,8 +473,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Daemon { config } => service::daemon(config.as_deref()).await,
         Command::Module { cmd } => module::run(&cli.state, cmd, json),
         Command::Runtime {
-            cmd: RuntimeCommand::Prepare { config },
-        } => commands::runtime_prepare(&cli.state, config.as_deref(), json).await,
+            cmd: RuntimeCommand::Prepare { config, cache },
+        } => commands::runtime_prepare(&cli.state, config.as_deref(), cache, json).await,
         Command::Trigger {
             pipeline,
             params,
@@ -574,9 +581,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
 }
 
 pub(super) fn open_store(state: &Path) -> anyhow::Result<Arc<Store>> {
-    Ok(Arc::new(Store::open(state).with_context(|| {
-        format!("cannot open the state directory {}", state.display())
-    })?))
+    open_store_with(state, &EngineConfig::store_from_env())
+}
+
+fn open_store_with(state: &Path, config: &crate::store::StoreConfig) -> anyhow::Result<Arc<Store>> {
+    Ok(Arc::new(Store::open_with(state, config).with_context(
+        || format!("cannot open the state directory {}", state.display()),
+    )?))
 }
 
 /// The engine of `state`, its datastores, compute targets and `[python]` from
@@ -587,7 +598,16 @@ fn engine_for(
     max_parallel: Option<usize>,
     config: Option<Config>,
 ) -> anyhow::Result<Arc<Engine>> {
-    let store = open_store(state)?;
+    engine_with_cache(state, max_parallel, config, None)
+}
+
+/// As [`engine_for`], compiling into `cache` (over `MILLRACE_CACHE`) when given.
+fn engine_with_cache(
+    state: &Path,
+    max_parallel: Option<usize>,
+    config: Option<Config>,
+    cache: Option<PathBuf>,
+) -> anyhow::Result<Arc<Engine>> {
     let parallel = max_parallel.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -597,6 +617,10 @@ fn engine_for(
     if let Some(config) = &config {
         engine_config = engine_config.with_config(config);
     }
+    if let Some(dir) = cache {
+        engine_config.store.wasm_cache = Some(dir);
+    }
+    let store = open_store_with(state, &engine_config.store)?;
     Ok(Arc::new(Engine::new(store, engine_config)))
 }
 
@@ -653,6 +677,7 @@ fn explain(store: &Store, run: &str, step: &str, json: bool) -> anyhow::Result<i
                 "run": id, "step": step, "status": s.status, "cache_key": s.cache_key,
                 "reused_from": s.reused_from, "compared_with": prev,
                 "explanation": verdict, "changes": changes, "key_parts": s.key_parts,
+                "python": s.python,
             }))?
         );
         return Ok(0);
@@ -664,6 +689,9 @@ fn explain(store: &Store, run: &str, step: &str, json: bool) -> anyhow::Result<i
     }
     if let Some(k) = &s.cache_key {
         println!("  cache key {}", short(k));
+    }
+    if let Some(py) = &s.python {
+        println!("  python: {py}");
     }
     // The params in the key: the ones the step uses, and only those.
     if let Some(params) = s

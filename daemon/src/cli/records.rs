@@ -159,6 +159,9 @@ pub(super) fn runs_show(store: &Store, run: &str, json: bool) -> anyhow::Result<
             ),
             None => {}
         }
+        if let Some(py) = &s.python {
+            println!("  {:width$}    python: {py}", "");
+        }
         for o in &s.outputs {
             println!("  {:width$}    → {} {}", "", o.output, short(&o.artifact));
         }

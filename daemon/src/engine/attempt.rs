@@ -127,6 +127,7 @@ impl RunContext {
             log,
             log_cap: 0,
             disk_cap: u64::MAX,
+            walk: self.store().limits(),
         };
         let on_placement = |_: &Placement| {};
         let ctx = self.attempt_ctx(i, attempt, None, &on_placement);
@@ -341,6 +342,16 @@ impl RunContext {
                 )
                 .map_err(fail)?;
                 log.note(&variant.note());
+                // The step's record says which it was (`runs show`, `explain`, the
+                // API); a failure to record it does not fail the step.
+                let recorded =
+                    self.store()
+                        .db()
+                        .read()
+                        .set_step_python(self.run_id, name, &variant.record());
+                if let Err(e) = recorded {
+                    tracing::error!(step = %name, error = %e, "cannot record the Python variant");
+                }
                 let (path, digest) = match variant {
                     crate::executor::snapshot::Variant::Warm(s) => (s.wasm, s.content),
                     crate::executor::snapshot::Variant::Base(_) => (
@@ -376,6 +387,7 @@ impl RunContext {
             log,
             log_cap: self.engine.config.log_cap,
             disk_cap: self.engine.config.output_cap,
+            walk: self.store().limits(),
         })
     }
 
@@ -400,6 +412,7 @@ impl RunContext {
             size += checked_size(
                 &dir_out.join(o.get_ref()),
                 &format!("output `{}`", o.get_ref()),
+                self.store().limits(),
             )
             .map_err(|e| {
                 log.note(&format!("step failed: {e}"));

@@ -180,4 +180,10 @@ ALTER TABLE stat_cache ADD COLUMN ctime_ns INTEGER NOT NULL DEFAULT -1;
 -- third stop the daemon fails it instead of crash-looping (daemon::recover).
 ALTER TABLE runs ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0;
 "#,
+    r#"
+-- Which interpreter a Python step ran on (JSON, `snapshot::VariantRecord`): the
+-- warm interpreter or the base runtime, and why the base. Written when an attempt
+-- starts; null for other runtimes and for steps that did not run.
+ALTER TABLE steps ADD COLUMN python TEXT;
+"#,
 ];
