@@ -45,8 +45,9 @@ chain_runs=$("$millrace" --json runs --pipeline wine-chain --limit 2 | python3 -
 say "the published summary (config/pipelines/published/wine-stats/stats.json)"
 head -c 400 "$pipelines/published/wine-stats/stats.json"; echo
 
-say "Python: retrain a scikit-learn model (in the WASI sandbox) with two values of C"
+say "Python: retrain a scikit-learn model (in the WASI sandbox) with two values of C; prepare does not use C, so the second run reuses it"
 "$millrace" run "$pipelines/retrain.toml"
+"$millrace" plan "$pipelines/retrain.toml" --param c=0.05
 "$millrace" run "$pipelines/retrain.toml" --param c=0.05
 retrain_runs=$("$millrace" --json runs --pipeline wine-retrain --limit 2 | python3 -c 'import json,sys; print(" ".join(str(r["id"]) for r in json.load(sys.stdin)))')
 # shellcheck disable=SC2086

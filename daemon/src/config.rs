@@ -202,6 +202,13 @@ impl Config {
                 env.datastores.push(k.clone());
             }
         }
+        env.datastore_paths = Datastores {
+            paths: self
+                .datastores
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        };
         for (k, c) in &self.computes {
             env.computes.insert(k.clone(), c.kind.clone());
         }
@@ -520,12 +527,22 @@ pub struct Datastores {
 
 impl Datastores {
     /// Where datastore `name` is: its configured path, else the pipeline's own
-    /// directory.
+    /// directory. The one base of every path a pipeline writes without a
+    /// directory of its own: an input's `path`, a transfer's `to` and a watch
+    /// glob, each in its `datastore` (`default` unless it names one).
     pub fn path(&self, name: &str, pipeline_dir: &Path) -> PathBuf {
         match self.paths.get(name) {
             Some(p) => p.clone(),
             None => pipeline_dir.to_path_buf(),
         }
+    }
+
+    /// The directories a pipeline in `pipeline_dir` may watch: every datastore's
+    /// and its own.
+    pub fn roots(&self, pipeline_dir: &Path) -> Vec<PathBuf> {
+        let mut roots: Vec<PathBuf> = self.paths.values().cloned().collect();
+        roots.push(pipeline_dir.to_path_buf());
+        roots
     }
 
     pub fn environment(&self) -> Environment {
@@ -535,6 +552,7 @@ impl Datastores {
                 env.datastores.push(k.clone());
             }
         }
+        env.datastore_paths = self.clone();
         env
     }
 }

@@ -155,6 +155,7 @@ echo "$MILLRACE_PARAM_GREETING $FROM_IMAGE_TABLE $MILLRACE_STEP" >> /out/probe/p
 echo '{{"name":"rows","value":3}}' >> "$MILLRACE_METRICS"
 echo sorted the rows
 """]
+params = ["greeting"]
 inputs = {{ rows = "inputs.rows" }}
 outputs = ["sorted", "probe"]
 memory = "64MiB"

@@ -209,6 +209,7 @@ n = 0
 [[step]]
 name = "work"
 python = "code/work.py"
+params = ["n"]
 outputs = ["result"]
 reuse = false
 "#,

@@ -443,11 +443,13 @@ fn a_full_disk_fails_a_run_cleanly_and_reads_still_work() {
 fn a_watch_over_the_state_directory_is_not_fired_by_the_daemons_own_writes() {
     use crate::daemon::Daemon;
     let p = Project::new();
-    // The glob covers the project, the state directory included.
+    // The glob covers the project, the state directory included: the project is
+    // the datastore (a watch looks inside a datastore or beside its pipeline).
+    crate::daemon::config(&p, "[datastores.default]\npath = \".\"\n");
     p.write(
         "pipelines/w.toml",
         &format!(
-            "name = \"w\"\n[[trigger]]\nwatch = \"../{{drop,.state}}/**\"\ndebounce = \"200ms\"\n[[step]]\nname = \"s\"\nwasm = \"{}\"\n",
+            "name = \"w\"\n[[trigger]]\nwatch = \"{{drop,.state}}/**\"\ndebounce = \"200ms\"\n[[step]]\nname = \"s\"\nwasm = \"{}\"\n",
             plugin("noop")
         ),
     );

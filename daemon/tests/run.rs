@@ -48,7 +48,7 @@ outputs = ["out"]
     )
 }
 
-fn summary(p: &Project, args: &[&str]) -> serde_json::Value {
+pub(crate) fn summary(p: &Project, args: &[&str]) -> serde_json::Value {
     let mut all = vec!["run"];
     all.extend_from_slice(args);
     p.json(&all)
@@ -452,7 +452,7 @@ transfer = {{ from = "make.model", to = "models/latest" }}
 }
 
 /// `plan --json` as (step, decision, reason).
-fn plan_of(p: &Project, f: &str) -> Vec<(String, String, String)> {
+pub(crate) fn plan_of(p: &Project, f: &str) -> Vec<(String, String, String)> {
     p.json(&["plan", f])
         .as_array()
         .unwrap()
@@ -469,7 +469,7 @@ fn plan_of(p: &Project, f: &str) -> Vec<(String, String, String)> {
 
 /// Runs `f` and checks that every step did what `plan` said just before: a
 /// reuse is reused, a run is executed (a pending step may do either).
-fn run_as_planned(p: &Project, f: &str) -> Vec<(String, String, String)> {
+pub(crate) fn run_as_planned(p: &Project, f: &str) -> Vec<(String, String, String)> {
     let plan = plan_of(p, f);
     let s = summary(p, &[f]);
     let run = s["run_id"].as_i64().unwrap().to_string();

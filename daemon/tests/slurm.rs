@@ -85,6 +85,7 @@ outputs = ["out"]
 [[step]]
 name = "train"
 python = {{ script = "train.py", code = "code" }}
+params = ["c"]
 inputs = {{ data = "prepare.out" }}
 outputs = ["model"]
 {compute}

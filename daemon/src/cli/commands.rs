@@ -52,7 +52,7 @@ pub async fn run(state: &Path, args: RunArgs, json: bool) -> anyhow::Result<i32>
         )
         .await;
     events.finish();
-    finish_run(summary, json)
+    finish_run(summary, &engine.store, json)
 }
 
 /// `millrace resume RUN`: the run's remaining steps, under its own definition.
@@ -71,7 +71,7 @@ pub async fn resume(
     let events = progress(json, steps);
     let summary = engine.resume(id, events.sink(), cancel_on_signal()).await;
     events.finish();
-    finish_run(summary, json)
+    finish_run(summary, &engine.store, json)
 }
 
 /// `millrace plan PIPELINE`: what each step would do, without running anything.
@@ -91,23 +91,29 @@ pub async fn plan(
         .plan(&p, &params, no_reuse)
         .await
         .map_err(run_error)?;
+    // The params each step uses: the only ones in its key and its environment.
+    let uses = |step: &str| p.step(step).map(|s| s.uses.clone()).unwrap_or_default();
     if json {
         let rows: Vec<_> = plan
             .iter()
-            .map(|(s, d)| serde_json::json!({"step": s, "plan": d}))
+            .map(|(s, d)| serde_json::json!({"step": s, "plan": d, "params": uses(s)}))
             .collect();
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(0);
     }
     let width = plan.iter().map(|(s, _)| s.len()).max().unwrap_or(0);
     for (step, d) in &plan {
-        match d {
-            Planned::Reuse { run, .. } => println!("{step:width$}  reuse  from run {run}"),
-            Planned::Run { reason } => println!("{step:width$}  run    {reason}"),
-            Planned::Pending { upstream } => println!(
+        let line = match d {
+            Planned::Reuse { run, .. } => format!("{step:width$}  reuse  from run {run}"),
+            Planned::Run { reason } => format!("{step:width$}  run    {reason}"),
+            Planned::Pending { upstream } => format!(
                 "{step:width$}  run?   after {} (reused if its inputs come out unchanged)",
                 upstream.join(", ")
             ),
+        };
+        match uses(step).as_slice() {
+            [] => println!("{line}"),
+            used => println!("{line}  (params: {})", used.join(", ")),
         }
     }
     Ok(0)

@@ -82,10 +82,16 @@ fn text(g: &Graph, p: &Pipeline) -> String {
             from: f,
             to,
             datastore,
+            mode,
         } = &s.kind
         {
+            // A merge says so; a replace (the default) prints as it always has.
+            let merge = match mode {
+                crate::definition::TransferMode::Merge => " (merge)",
+                crate::definition::TransferMode::Replace => "",
+            };
             from.push(format!(
-                "{} → {}:{}",
+                "{} → {}:{}{merge}",
                 f.get_ref(),
                 datastore.get_ref(),
                 to.get_ref()

@@ -262,6 +262,20 @@ enum Command {
         #[command(flatten)]
         connect: service::Connect,
     },
+    /// Stop a queued or running run: through the daemon when it owns the run, else
+    /// by stopping the `millrace run`/`resume` process that drives it.
+    #[command(after_help = "Examples:
+  millrace cancel 42
+  millrace cancel latest --config /etc/millrace/millrace.toml
+
+An interrupted run (its process is gone) is recorded as cancelled, so that
+neither the daemon nor `millrace resume` takes it up again.")]
+    Cancel {
+        /// A run id, or `latest`.
+        run: String,
+        #[command(flatten)]
+        connect: service::Connect,
+    },
     /// What the running daemon has loaded, which files are invalid, what runs.
     Status {
         #[command(flatten)]
@@ -467,6 +481,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             )
         }
         Command::Status { connect } => service::status(&connect, &cli.state, json),
+        Command::Cancel { run, connect } => service::cancel(&connect, &cli.state, &run, json),
         Command::Schedule {
             paths,
             config,
@@ -558,7 +573,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     }
 }
 
-fn open_store(state: &Path) -> anyhow::Result<Arc<Store>> {
+pub(super) fn open_store(state: &Path) -> anyhow::Result<Arc<Store>> {
     open_store_with(state, &EngineConfig::store_from_env())
 }
 
@@ -590,7 +605,7 @@ fn engine_for(
 }
 
 /// `42`, or `latest`/`last` for the newest run.
-fn run_id(store: &Store, text: &str) -> anyhow::Result<i64> {
+pub(super) fn run_id(store: &Store, text: &str) -> anyhow::Result<i64> {
     if text == "latest" || text == "last" {
         return store
             .db()
@@ -653,6 +668,23 @@ fn explain(store: &Store, run: &str, step: &str, json: bool) -> anyhow::Result<i
     }
     if let Some(k) = &s.cache_key {
         println!("  cache key {}", short(k));
+    }
+    // The params in the key: the ones the step uses, and only those.
+    if let Some(params) = s
+        .key_parts
+        .as_ref()
+        .and_then(|k| k.get("params"))
+        .and_then(|p| p.as_object())
+    {
+        if params.is_empty() {
+            println!("  params: none (the step uses no param)");
+        } else {
+            let shown: Vec<String> = params
+                .iter()
+                .map(|(k, v)| format!("{k} = {}", v.as_str().unwrap_or_default()))
+                .collect();
+            println!("  params: {}", shown.join(", "));
+        }
     }
     Ok(0)
 }

@@ -9,6 +9,8 @@ use super::Error;
 use super::validate::summary_line;
 use crate::engine::{Event, RunError, RunSummary};
 use crate::model::StepStatus;
+use crate::store::Store;
+use crate::view::RunView;
 
 pub(super) fn run_error(e: RunError) -> anyhow::Error {
     match e {
@@ -22,7 +24,13 @@ pub(super) fn run_error(e: RunError) -> anyhow::Error {
     }
 }
 
-pub(super) fn finish_run(summary: Result<RunSummary, RunError>, json: bool) -> anyhow::Result<i32> {
+/// The summary of a run driven by this process, with each failed step's error
+/// and the end of its log, and the exit code.
+pub(super) fn finish_run(
+    summary: Result<RunSummary, RunError>,
+    store: &Store,
+    json: bool,
+) -> anyhow::Result<i32> {
     let s = summary.map_err(run_error)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&s)?);
@@ -31,6 +39,15 @@ pub(super) fn finish_run(summary: Result<RunSummary, RunError>, json: bool) -> a
             "run {} {}: {} executed, {} reused, {} failed, {} skipped in {:.2}s",
             s.run_id, s.status, s.executed, s.reused, s.failed, s.skipped, s.seconds
         );
+        if s.failed > 0
+            && let Some(view) = RunView::load(store, s.run_id)?
+        {
+            let log_of = |step: &str| {
+                let attempts = store.db().read().attempts(s.run_id, step).ok()?;
+                log_tail(std::path::Path::new(attempts.last()?.log_path.as_ref()?))
+            };
+            eprint!("{}", failed_steps(&serde_json::to_value(&view)?, log_of));
+        }
     }
     Ok(super::error::run_exit_code(s.status))
 }
@@ -137,4 +154,76 @@ impl Progress {
             b.finish_and_clear();
         }
     }
+}
+
+/// The log lines a failed step's summary quotes.
+const TAIL_LINES: usize = 20;
+
+/// For each failed step of a finished run (its [`crate::view::RunView`] as JSON,
+/// from the store or the API): its error, the last [`TAIL_LINES`] lines of its
+/// log and the command that shows the rest. `log_of(step)` gives the step's
+/// latest log. Empty when no step failed.
+pub(super) fn failed_steps(
+    run: &serde_json::Value,
+    log_of: impl Fn(&str) -> Option<String>,
+) -> String {
+    let id = run["id"].as_i64().unwrap_or(0);
+    let mut out = String::new();
+    let failed = run["steps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["status"].as_str() == Some(StepStatus::Failed.as_str()));
+    for step in failed {
+        let name = step["name"].as_str().unwrap_or("?");
+        let error = step["error"].as_str().unwrap_or("failed");
+        out.push_str(&format!("  step `{name}` failed: {error}\n"));
+        let log = log_of(name).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        if !lines.is_empty() {
+            let from = lines.len().saturating_sub(TAIL_LINES);
+            let shown = if from > 0 {
+                format!("last {} of {} log lines", lines.len() - from, lines.len())
+            } else {
+                "its log".to_string()
+            };
+            out.push_str(&format!("  {shown}:\n"));
+            for l in &lines[from..] {
+                out.push_str(&format!("    | {}\n", printable(l)));
+            }
+        }
+        out.push_str(&format!("  (the whole log: millrace logs {id} {name})\n"));
+    }
+    out
+}
+
+/// A guest-written log line made safe for a terminal: control characters
+/// (escape sequences could rewrite the screen or the title) are shown escaped.
+fn printable(line: &str) -> String {
+    line.chars()
+        .flat_map(|c| {
+            if c.is_control() && c != '\t' {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
+}
+
+/// The end of a log file: its last 64 KiB, enough for [`TAIL_LINES`] lines.
+pub(super) fn log_tail(path: &std::path::Path) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).ok()?;
+    let len = f.metadata().ok()?.len();
+    let start = len.saturating_sub(64 * 1024);
+    f.seek(SeekFrom::Start(start)).ok()?;
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf).ok()?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    // A partial first line (cut by the window) is dropped.
+    Some(match (start > 0, text.find('\n')) {
+        (true, Some(i)) => text[i + 1..].to_string(),
+        _ => text,
+    })
 }

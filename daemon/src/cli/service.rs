@@ -1,5 +1,5 @@
-//! The commands that run or talk to the daemon: `daemon`, `trigger`, `status`,
-//! `schedule`, and `validate --config`.
+//! The commands that run or talk to the daemon: `daemon`, `trigger`, `cancel`,
+//! `status`, `schedule`, and `validate --config`.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -137,6 +137,19 @@ pub fn validate_config(
 }
 
 /// An HTTP client for the daemon's API.
+/// The daemon config `c` names (if any) and the state directory it uses (else
+/// `--state`).
+fn daemon_state(c: &Connect, state: &Path) -> anyhow::Result<(Option<Config>, PathBuf)> {
+    let config = match config_path(c.config.as_deref()) {
+        Some(p) => Some(load_config(&p)?),
+        None => None,
+    };
+    let state_dir = config
+        .as_ref()
+        .map_or_else(|| state.to_path_buf(), |c| c.state_dir.clone());
+    Ok((config, state_dir))
+}
+
 struct Client {
     agent: ureq::Agent,
     url: String,
@@ -145,13 +158,7 @@ struct Client {
 
 impl Client {
     fn connect(c: &Connect, state: &Path) -> anyhow::Result<Client> {
-        let config = match config_path(c.config.as_deref()) {
-            Some(p) => Some(load_config(&p)?),
-            None => None,
-        };
-        let state_dir = config
-            .as_ref()
-            .map_or_else(|| state.to_path_buf(), |c| c.state_dir.clone());
+        let (config, state_dir) = daemon_state(c, state)?;
         let endpoint: Option<Value> =
             std::fs::read_to_string(crate::daemon::endpoint_file(&state_dir))
                 .ok()
@@ -194,6 +201,18 @@ impl Client {
     }
 
     fn call(&self, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<(u16, Value)> {
+        let (status, text) = self.request(method, path, body)?;
+        let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Ok((status, value))
+    }
+
+    /// The status and the body as text (a step's log is not JSON).
+    fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<(u16, String)> {
         let url = format!("{}{path}", self.url);
         let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
         let result = tokio::task::block_in_place(|| match (method, body) {
@@ -220,8 +239,7 @@ impl Client {
         })?;
         let status = resp.status().as_u16();
         let text = resp.body_mut().read_to_string().unwrap_or_default();
-        let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        Ok((status, value))
+        Ok((status, text))
     }
 }
 
@@ -288,8 +306,123 @@ pub fn trigger(
                 if let Some(e) = r["error"].as_str() {
                     println!("  {e}");
                 }
+                let log_of = |step: &str| match client.request(
+                    "GET",
+                    &format!("/api/v1/runs/{id}/steps/{step}/logs"),
+                    None,
+                ) {
+                    Ok((200, text)) => Some(text),
+                    _ => None,
+                };
+                print!("{}", super::progress::failed_steps(&r, log_of));
             }
             return Ok(super::error::run_exit_code(status));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `millrace cancel RUN`: through the daemon when it owns the run (queued, or
+/// running in the daemon), else by signalling the `millrace run`/`resume` process
+/// that drives it (it stops the run as Ctrl-C would); an interrupted run, which
+/// no process drives, is recorded as cancelled so nothing resumes it.
+pub fn cancel(c: &Connect, state: &Path, run: &str, json: bool) -> anyhow::Result<i32> {
+    let (_, state_dir) = daemon_state(c, state)?;
+    let store = super::open_store(&state_dir)?;
+    let id = super::run_id(&store, run)?;
+    let status = |store: &crate::store::Store| -> anyhow::Result<RunStatus> {
+        let r = store.db().read().run(id)?;
+        Ok(r.map_or(RunStatus::Failed, |r| r.status))
+    };
+    let done = |how: &str, status: RunStatus| -> anyhow::Result<i32> {
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({ "run_id": id, "status": status, "how": how })
+            );
+        } else {
+            println!("run {id} {status} ({how})");
+        }
+        Ok(0)
+    };
+    let daemon_pid = std::fs::read_to_string(crate::daemon::endpoint_file(&state_dir))
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        .and_then(|e| e["pid"].as_u64())
+        .and_then(|p| u32::try_from(p).ok())
+        .filter(|&p| alive(p));
+    let holder = crate::engine::RunLock::holder(&store, id);
+    match status(&store)? {
+        s if s.is_terminal() && s != RunStatus::Interrupted => Err(Error::usage(format!(
+            "run {id} already ended ({s}): there is nothing to cancel"
+        ))
+        .into()),
+        // A queued run waits for the daemon's dispatcher; only it may take it off.
+        s @ (RunStatus::Queued | RunStatus::Running)
+            if daemon_pid.is_some() && (s == RunStatus::Queued || holder == daemon_pid) =>
+        {
+            let client = Client::connect(c, state)?;
+            let (code, v) = client.call("POST", &format!("/api/v1/runs/{id}/cancel"), None)?;
+            if code != 202 {
+                return Err(api_error(code, &v));
+            }
+            let end = wait_terminal(|| status(&store))?;
+            done("through the daemon", end)
+        }
+        RunStatus::Running if holder.is_some() => {
+            let pid = holder.unwrap_or_default();
+            // SIGTERM: `run` and `resume` stop the run as for Ctrl-C (recorded
+            // cancelled, resumable); a signal is all another process can be sent.
+            let pid_t = libc::pid_t::try_from(pid)
+                .map_err(|_| anyhow::anyhow!("run {id}: bad pid {pid} in its lock"))?;
+            // SAFETY: kill(2) with a pid read from the run's lock, which that
+            // process holds (checked just now), and a plain termination signal.
+            if unsafe { libc::kill(pid_t, libc::SIGTERM) } != 0 {
+                let e = std::io::Error::last_os_error();
+                return Err(anyhow::anyhow!(
+                    "cannot signal process {pid}, which drives run {id}: {e}"
+                ));
+            }
+            let end = wait_terminal(|| status(&store))?;
+            done(&format!("process {pid} stopped it"), end)
+        }
+        RunStatus::Queued => Err(Error::usage(format!(
+            "run {id} is queued for a daemon that is not running; start it, or cancel with --url"
+        ))
+        .into()),
+        _ if crate::engine::RunLock::is_held(&store, id) => Err(anyhow::anyhow!(
+            "run {id} is being started by another process; try again"
+        )),
+        _ => {
+            let mut db = store.db();
+            db.batch(|b| b.cancel_abandoned_run(id, "cancelled after its process had stopped"))?;
+            done(
+                "it was interrupted; nothing will resume it",
+                RunStatus::Cancelled,
+            )
+        }
+    }
+}
+
+/// Whether process `pid` exists.
+fn alive(pid: u32) -> bool {
+    // SAFETY: kill(2) with signal 0 only checks that the process exists.
+    libc::pid_t::try_from(pid).is_ok_and(|p| unsafe { libc::kill(p, 0) } == 0)
+}
+
+/// Waits (up to a minute: a step is stopped within its grace period) for the
+/// run to end, and gives its status.
+fn wait_terminal(status: impl Fn() -> anyhow::Result<RunStatus>) -> anyhow::Result<RunStatus> {
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = status()?;
+        if s.is_terminal() {
+            return Ok(s);
+        }
+        if std::time::Instant::now() > until {
+            return Err(anyhow::anyhow!(
+                "asked to cancel, but the run is still {s} after 60 s"
+            ));
         }
         std::thread::sleep(Duration::from_millis(100));
     }

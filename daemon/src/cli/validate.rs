@@ -20,6 +20,7 @@ pub(super) fn environment_for(
     if let Some(c) = config {
         let from = c.environment();
         env.datastores = from.datastores;
+        env.datastore_paths = from.datastore_paths;
         env.computes = from.computes;
     }
     Ok(env)

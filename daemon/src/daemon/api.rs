@@ -30,7 +30,7 @@ mod pipelines;
 mod runs;
 
 use pipelines::{healthz, modules, pipeline, pipelines, status};
-use runs::{cancel, create_run, run, run_metrics, runs, step_log};
+use runs::{cancel, create_run, resume, run, run_metrics, runs, step_log};
 
 /// The error shape of every failed call.
 #[derive(serde::Serialize, utoipa::ToSchema)]
@@ -58,8 +58,8 @@ pub enum ParamScalar {
 #[openapi(
     info(title = "millrace", description = "The millrace daemon's REST API"),
     paths(pipelines::healthz, pipelines::status, pipelines::pipelines, pipelines::pipeline, runs::create_run, runs::runs, runs::run,
-        runs::run_metrics, runs::step_log, runs::cancel, pipelines::modules, prometheus),
-    components(schemas(ErrorBody, ErrorDetail, RunStatus, StepStatus, AttemptStatus, ParamScalar, runs::RunsPage, runs::Queued, runs::Cancelling, runs::RunMetrics, runs::CreateRun,
+        runs::run_metrics, runs::step_log, runs::cancel, runs::resume, pipelines::modules, prometheus),
+    components(schemas(ErrorBody, ErrorDetail, RunStatus, StepStatus, AttemptStatus, ParamScalar, runs::RunsPage, runs::Queued, runs::Cancelling, runs::Resuming, runs::RunMetrics, runs::CreateRun,
         RunRecord, RunView, RunInput, StepView, StepInput, StepOutput, AttemptView, Why, Metric)),
     modifiers(&Bearer, &RequestLimits)
 )]
@@ -153,6 +153,7 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/api/v1/runs", get(runs))
         .route("/api/v1/runs/{id}", get(run))
         .route("/api/v1/runs/{id}/cancel", post(cancel))
+        .route("/api/v1/runs/{id}/resume", post(resume))
         .route("/api/v1/runs/{id}/metrics", get(run_metrics))
         .route("/api/v1/runs/{id}/steps/{step}/logs", get(step_log))
         .route("/api/v1/modules", get(modules))

@@ -174,6 +174,42 @@ impl Daemon {
         Ok(false)
     }
 
+    /// Queues a failed, cancelled or interrupted run to finish, reusing what
+    /// succeeded (as `millrace resume` does, under the daemon's slots and the
+    /// pipeline's concurrency). `Err(reason)` when it cannot be resumed.
+    pub fn resume(&self, run: i64) -> Result<Result<(), String>, SubmitError> {
+        if self.shutdown.is_cancelled() {
+            return Err(SubmitError::ShuttingDown);
+        }
+        // Under the state lock, as `cancel`: the dispatcher picks queued runs under it.
+        let st = self.state();
+        if st.active.contains_key(&run) {
+            // Also for a moment after its status is final: the daemon is still
+            // recording its end.
+            return Ok(Err(format!("run {run} is running or finishing; try again")));
+        }
+        let db = self.store().db();
+        let Some(r) = db.read().run(run)? else {
+            return Ok(Err(format!("no run {run}")));
+        };
+        let shown = r
+            .status
+            .shown(|| crate::engine::RunLock::is_held(self.store(), run));
+        match shown {
+            RunStatus::Failed | RunStatus::Cancelled | RunStatus::Interrupted => {}
+            s => {
+                return Ok(Err(format!(
+                    "run {run} is {s}: only a failed, cancelled or interrupted run can be resumed"
+                )));
+            }
+        }
+        db.read().set_run_status(run, RunStatus::Queued, None)?;
+        drop(db);
+        drop(st);
+        self.wake.notify_one();
+        Ok(Ok(()))
+    }
+
     /// Runs executing now: (run id, pipeline).
     pub fn active_runs(&self) -> Vec<(i64, String)> {
         let mut v: Vec<(i64, String)> = self

@@ -54,8 +54,19 @@ pub(super) fn start(d: &Arc<Daemon>, p: Arc<Pipeline>, token: CancellationToken)
                     }
                 });
             }
-            TriggerKind::Watch { glob, debounce } => {
-                let files = match FileSet::new(glob.get_ref(), &p.dir) {
+            TriggerKind::Watch {
+                glob,
+                datastore,
+                debounce,
+            } => {
+                // The same base as the pipeline's inputs: the datastore's directory.
+                let datastores = &d.engine.config().datastores;
+                let files = match FileSet::in_datastore(
+                    glob.get_ref(),
+                    datastore.get_ref(),
+                    datastores,
+                    &p.dir,
+                ) {
                     Ok(f) => f.excluding(&d.store().root),
                     Err(e) => {
                         tracing::error!(pipeline = %p.name.get_ref(), "trigger {}: {e}", i + 1);
@@ -65,7 +76,12 @@ pub(super) fn start(d: &Arc<Daemon>, p: Arc<Pipeline>, token: CancellationToken)
                 let task = WatchTask {
                     d: d.clone(),
                     pipeline: p.name.get_ref().clone(),
-                    id: rank(format!("watch {}", glob.get_ref())),
+                    // `watch GLOB` as before datastores could be named, so a
+                    // default-datastore watch keeps its cursor.
+                    id: rank(match datastore.get_ref().as_str() {
+                        "default" => format!("watch {}", glob.get_ref()),
+                        other => format!("watch {} in {other}", glob.get_ref()),
+                    }),
                     files: Arc::new(files),
                     debounce: *debounce,
                     params,

@@ -14,6 +14,7 @@
 
 mod container;
 mod params;
+mod paths;
 mod steps;
 #[cfg(test)]
 mod tests;
@@ -23,6 +24,7 @@ mod walker;
 
 pub use container::ContainerStep;
 pub use params::{Param, ParamValue, check_param_value};
+pub use paths::resolve;
 pub use triggers::{Catchup, Trigger, TriggerKind};
 pub use values::{
     Piece, format_size, interpolate, interpolation_pieces, parse_duration, parse_reference,
@@ -63,6 +65,9 @@ pub struct Pipeline {
     pub dir: PathBuf,
     /// BLAKE3 of the file's bytes: the version of the pipeline a run used.
     pub digest: String,
+    /// The datastores the daemon config declared when the file was read: what a
+    /// templated `datastore = "${params.x}"` may resolve to.
+    pub datastores: Vec<String>,
     /// Step name → index in `steps` (the first step of a name).
     step_index: std::collections::HashMap<String, usize>,
     /// Input name → index in `inputs`.
@@ -100,6 +105,13 @@ pub struct Step {
     pub kind: StepKind,
     pub args: Vec<Sp<String>>,
     pub env: Vec<(Sp<String>, Sp<String>)>,
+    /// `params = ["c"]`: params the step reads without interpolating them.
+    pub params: Vec<Sp<String>>,
+    /// Every param the step uses, sorted: those it names in `params` and those
+    /// interpolated into its args, env, container settings, the paths of the
+    /// inputs it reads and its transfer destination. Only these enter its key
+    /// and its environment (see [`Step::scoped_params`]).
+    pub uses: Vec<String>,
     /// `inputs = { mount = "reference" }`, mounted at `/in/<mount>`.
     pub inputs: Vec<(Sp<String>, Sp<Reference>)>,
     /// `outputs = [...]`, captured from `/out/<name>`.
@@ -149,12 +161,33 @@ pub enum StepKind {
         /// The code in the store: the wasm blob (or the Python code tree).
         resolved: PathBuf,
     },
-    /// `transfer = { from, to, datastore }`: copy an artifact into a datastore.
+    /// `transfer = { from, to, datastore, mode }`: copy an artifact into a datastore.
     Transfer {
         from: Sp<Reference>,
         to: Sp<String>,
         datastore: Sp<String>,
+        mode: TransferMode,
     },
+}
+
+/// How a transfer meets what its destination holds (`transfer.mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TransferMode {
+    /// The destination becomes the artifact, whole (one atomic swap).
+    #[default]
+    Replace,
+    /// The artifact's files are written into the destination, each atomically;
+    /// files it does not hold are left alone.
+    Merge,
+}
+
+impl TransferMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransferMode::Replace => "replace",
+            TransferMode::Merge => "merge",
+        }
+    }
 }
 
 impl StepKind {
@@ -206,6 +239,9 @@ impl std::fmt::Display for Reference {
 pub struct Environment {
     /// Datastore names; `default` is always present.
     pub datastores: Vec<String>,
+    /// Where the datastores are (none: each is the pipeline's directory, as for
+    /// `millrace run` without a config). A watch must look inside one of them.
+    pub datastore_paths: crate::config::Datastores,
     /// Compute target name → kind (`local`, `container`, `slurm`).
     pub computes: std::collections::BTreeMap<String, String>,
     /// The module registry `module = "…"` resolves against.
@@ -216,11 +252,18 @@ impl Default for Environment {
     fn default() -> Self {
         Environment {
             datastores: vec!["default".into()],
+            datastore_paths: Default::default(),
             computes: [("local".to_string(), "local".to_string())].into(),
             modules: Default::default(),
         }
     }
 }
+
+/// Where a step's inputs are mounted in its sandbox (`/in/MOUNT`), for every
+/// runtime: what `${inputs.MOUNT}` expands to, and the engine's mount list.
+pub const IN_DIR: &str = "/in";
+/// Where a step writes its outputs (`/out/NAME`): what `${outputs.NAME}` expands to.
+pub const OUT_DIR: &str = "/out";
 
 /// The longest debounce, backoff or grace period (and step timeout).
 pub(crate) const MAX_TIMER: Duration = Duration::from_secs(366 * 24 * 3600);
@@ -326,11 +369,12 @@ impl Walker {
             .get("inputs")
             .map(|v| self.inputs(v, env))
             .unwrap_or_default();
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let triggers = match doc.get("trigger") {
             Some(v) => self
                 .array_of_tables(v, "trigger")
                 .iter()
-                .filter_map(|t| self.trigger(t, &params))
+                .filter_map(|t| self.trigger(t, text, &params, &dir, env))
                 .collect(),
             None => Vec::new(),
         };
@@ -347,7 +391,6 @@ impl Walker {
                 );
             }
         }
-        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let steps: Vec<Step> = match doc.get("step") {
             Some(v) => self
                 .array_of_tables(v, "step")
@@ -371,7 +414,7 @@ impl Walker {
             .enumerate()
             .map(|(i, x)| (x.name.get_ref().clone(), i))
             .collect();
-        Some(Pipeline {
+        let mut pipeline = Pipeline {
             step_index,
             input_index,
             name,
@@ -384,7 +427,10 @@ impl Walker {
             steps,
             dir,
             digest: blake3::hash(text.as_bytes()).to_hex().to_string(),
-        })
+            datastores: env.datastores.clone(),
+        };
+        self.scope(&mut pipeline, text);
+        Some(pipeline)
     }
 
     fn concurrency(&mut self, v: &Value<'_>) -> Concurrency {
@@ -457,7 +503,10 @@ impl Walker {
                 .get("datastore")
                 .and_then(|d| self.string(d, &format!("{what}.datastore")))
                 .unwrap_or_else(|| Spanned::new(k.span(), "default".into()));
-            self.datastore(&datastore, env);
+            // A templated name is checked once resolved (see `paths`).
+            if !paths::templated(datastore.get_ref()) {
+                self.datastore(&datastore, env);
+            }
             if let Some(path) = path {
                 if path.get_ref().is_empty() {
                     self.error(path.span(), format!("{what}.path is empty"));

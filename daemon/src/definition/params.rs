@@ -180,6 +180,8 @@ impl Walker {
 
 impl Pipeline {
     /// The params of a run: the declared defaults overridden by `overrides`.
+    /// Refused when a path written with `${params.…}` would then leave its
+    /// datastore (or name no datastore): checked before a run is created.
     pub fn resolve_params(
         &self,
         overrides: &[(String, String)],
@@ -207,6 +209,7 @@ impl Pipeline {
                 .parse_like(v)
                 .map_err(|e| format!("param `{k}`: {e}"))?;
         }
+        self.check_locations(&values)?;
         Ok(values)
     }
 }

@@ -7,12 +7,13 @@ use std::time::Duration;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
-use super::walker::{NameRule, valid_env_name};
+use super::values::Mounts;
+use super::walker::{NameRule, declared_list, valid_env_name};
 use super::{
-    Environment, MAX_TIMER, ModuleRef, Param, Reference, Retries, Sp, Step, StepKind, Value,
-    WASM32_MAX_MEMORY, Walker, format_size, parse_reference,
+    Environment, MAX_TIMER, ModuleRef, Param, Reference, Retries, Sp, Step, StepKind, TransferMode,
+    Value, WASM32_MAX_MEMORY, Walker, format_size, parse_reference,
 };
-use crate::diagnostic::{Diagnostic, display_path};
+use crate::diagnostic::{Diagnostic, closest, display_path};
 
 const STEP_KEYS: &[&str] = &[
     "name",
@@ -25,6 +26,7 @@ const STEP_KEYS: &[&str] = &[
     "compute",
     "args",
     "env",
+    "params",
     "inputs",
     "outputs",
     "after",
@@ -85,11 +87,8 @@ impl Walker {
             Some(a) => self.string_array(a, "args"),
             None => Vec::new(),
         };
-        for a in &args {
-            self.interpolation(a, text, params);
-        }
-        let env_vars = match t.get("env") {
-            Some(e) => self.step_env(e, text, params),
+        let named_params = match t.get("params") {
+            Some(p) => self.step_params(p, params),
             None => Vec::new(),
         };
         let mut inputs = Vec::new();
@@ -103,6 +102,21 @@ impl Walker {
         }
         let outputs = match t.get("outputs") {
             Some(o) => self.step_outputs(o, &step_name),
+            None => Vec::new(),
+        };
+        // After the mounts and outputs: `${inputs.MOUNT}` and `${outputs.NAME}`
+        // are checked against them.
+        let mount_names: Vec<&str> = inputs.iter().map(|(m, _)| m.get_ref().as_str()).collect();
+        let output_names: Vec<&str> = outputs.iter().map(|o| o.get_ref().as_str()).collect();
+        let mounts = Mounts::Step {
+            inputs: &mount_names,
+            outputs: &output_names,
+        };
+        for a in &args {
+            self.interpolation(a, text, params, mounts);
+        }
+        let env_vars = match t.get("env") {
+            Some(e) => self.step_env(e, text, params, mounts),
             None => Vec::new(),
         };
         let after = match t.get("after") {
@@ -158,6 +172,9 @@ impl Walker {
             kind: kind?,
             args,
             env: env_vars,
+            params: named_params,
+            // Filled in by the pipeline walk, which knows the inputs' paths.
+            uses: Vec::new(),
             inputs,
             outputs,
             after,
@@ -177,10 +194,11 @@ impl Walker {
         e: &Value<'_>,
         text: &str,
         params: &[Param],
+        mounts: Mounts<'_>,
     ) -> Vec<(Sp<String>, Sp<String>)> {
         let env_vars = self.string_table(e, "env");
         for (k, v) in &env_vars {
-            self.interpolation(v, text, params);
+            self.interpolation(v, text, params, mounts);
             if !valid_env_name(k.get_ref()) {
                 self.error(
                     k.span(),
@@ -197,6 +215,30 @@ impl Walker {
             }
         }
         env_vars
+    }
+
+    /// `params = ["c", "test_size"]`: declared params the step reads without
+    /// interpolating them (a script reading `MILLRACE_PARAM_C`), each once.
+    fn step_params(&mut self, v: &Value<'_>, params: &[Param]) -> Vec<Sp<String>> {
+        let names = self.string_array(v, "params");
+        let known: Vec<&str> = params.iter().map(|p| p.name.get_ref().as_str()).collect();
+        let mut seen = HashSet::new();
+        for n in &names {
+            if !known.contains(&n.get_ref().as_str()) {
+                let mut d = Diagnostic::error(n.span(), format!("unknown param `{}`", n.get_ref()));
+                d = match closest(n.get_ref(), known.iter().copied()) {
+                    Some(c) => d.with_help(format!(
+                        "did you mean `{c}`? {}",
+                        declared_list("params", &known)
+                    )),
+                    None => d.with_help(declared_list("params", &known)),
+                };
+                self.diags.push(d);
+            } else if !seen.insert(n.get_ref().clone()) {
+                self.error(n.span(), format!("param `{}` is named twice", n.get_ref()));
+            }
+        }
+        names
     }
 
     /// `outputs = [...]`: names, each declared once.
@@ -277,7 +319,7 @@ impl Walker {
     /// The step keys a transfer step does not take (it runs no program).
     fn transfer_keys(&mut self, t: &DeTable<'_>) {
         for key in [
-            "args", "env", "outputs", "timeout", "memory", "cpus", "compute",
+            "args", "env", "params", "outputs", "timeout", "memory", "cpus", "compute",
         ] {
             if let Some(v) = t.get(key) {
                 self.error(
@@ -448,10 +490,10 @@ impl Walker {
         }
     }
 
-    /// `transfer = { from, to, datastore }`.
+    /// `transfer = { from, to, datastore, mode }`.
     fn transfer_step(&mut self, v: &Value<'_>, env: &Environment) -> Option<StepKind> {
         let t = self.table(v, "transfer")?;
-        self.unknown_keys(t, &["from", "to", "datastore"], "transfer");
+        self.unknown_keys(t, &["from", "to", "datastore", "mode"], "transfer");
         let from = match t.get("from") {
             Some(f) => self
                 .string(f, "transfer.from")
@@ -488,11 +530,29 @@ impl Walker {
             .get("datastore")
             .and_then(|d| self.string(d, "transfer.datastore"))
             .unwrap_or_else(|| Spanned::new(v.span(), "default".into()));
-        self.datastore(&datastore, env);
+        // A templated name is checked once resolved (see `paths`).
+        if !super::paths::templated(datastore.get_ref()) {
+            self.datastore(&datastore, env);
+        }
+        let mode = match t.get("mode").and_then(|m| self.string(m, "transfer.mode")) {
+            None => TransferMode::Replace,
+            Some(m) => match m.get_ref().as_str() {
+                "replace" => TransferMode::Replace,
+                "merge" => TransferMode::Merge,
+                other => {
+                    self.error(
+                        m.span(),
+                        format!("unknown transfer.mode `{other}`: expected replace or merge"),
+                    );
+                    TransferMode::Replace
+                }
+            },
+        };
         Some(StepKind::Transfer {
             from: from?,
             to: to?,
             datastore,
+            mode,
         })
     }
 

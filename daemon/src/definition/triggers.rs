@@ -1,9 +1,13 @@
 //! `[[trigger]]`: cron, watch and after, checked here and fired by the daemon.
 
+use std::path::Path;
 use std::time::Duration;
 
+use toml::Spanned;
+
+use super::values::Mounts;
 use super::walker::NameRule;
-use super::{MAX_GLOB_CHARS, Param, ParamValue, Sp, Value, Walker};
+use super::{Environment, MAX_GLOB_CHARS, Param, ParamValue, Sp, Value, Walker};
 use crate::diagnostic::{Diagnostic, Span};
 
 #[derive(Debug, Clone)]
@@ -42,8 +46,11 @@ pub enum TriggerKind {
         timezone: Option<Sp<String>>,
         catchup: Catchup,
     },
+    /// `watch = GLOB` in `datastore` (default `default`): relative to the
+    /// datastore's directory, as an input's `path` is.
     Watch {
         glob: Sp<String>,
+        datastore: Sp<String>,
         debounce: Duration,
     },
     After {
@@ -60,7 +67,15 @@ pub enum Catchup {
 }
 
 impl Walker {
-    pub(super) fn trigger(&mut self, v: &Value<'_>, params: &[Param]) -> Option<Trigger> {
+    /// `dir` is the pipeline's directory; `env` says where the datastores are.
+    pub(super) fn trigger(
+        &mut self,
+        v: &Value<'_>,
+        text: &str,
+        params: &[Param],
+        dir: &Path,
+        env: &Environment,
+    ) -> Option<Trigger> {
         let t = self.table(v, "trigger")?;
         let kinds: Vec<&str> = ["cron", "watch", "after"]
             .into_iter()
@@ -68,7 +83,7 @@ impl Walker {
             .collect();
         let allowed: &[&str] = match kinds.as_slice() {
             ["cron"] => &["cron", "timezone", "catchup", "params"],
-            ["watch"] => &["watch", "debounce", "params"],
+            ["watch"] => &["watch", "datastore", "debounce", "params"],
             ["after"] => &["after", "params"],
             [] => {
                 self.error(
@@ -131,6 +146,26 @@ impl Walker {
             }
         } else if let Some(g) = t.get("watch") {
             let glob = self.string(g, "watch")?;
+            let datastore = t
+                .get("datastore")
+                .and_then(|d| self.string(d, "datastore"))
+                .unwrap_or_else(|| Spanned::new(g.span(), "default".into()));
+            let known = env.datastores.iter().any(|s| s == datastore.get_ref());
+            self.datastore(&datastore, env);
+            // `${params.NAME}` resolves now, with the trigger's own params over
+            // the defaults: the daemon watches one fixed glob.
+            self.interpolation(&glob, text, params, Mounts::Path);
+            let defaults: Vec<(String, ParamValue)> = params
+                .iter()
+                .map(|p| (p.name.get_ref().clone(), p.value.clone()))
+                .collect();
+            let own: Vec<(String, ParamValue)> = trigger_params
+                .iter()
+                .map(|(k, v)| (k.get_ref().clone(), v.clone()))
+                .collect();
+            let resolved =
+                super::resolve(glob.get_ref(), &super::paths::overridden(&defaults, &own));
+            let glob = Sp::new(glob.span(), resolved);
             // Bounded before it is compiled: globset panics when a glob's regex
             // exceeds the regex size limit (a megabyte-long glob, found by
             // fuzzing).
@@ -142,12 +177,18 @@ impl Walker {
                 );
             } else if let Err(e) = crate::trigger::watch::check_glob(glob.get_ref()) {
                 self.error(glob.span(), e);
+            } else if known {
+                self.watch_inside(&glob, &datastore, dir, env);
             }
             let debounce = t
                 .get("debounce")
                 .and_then(|d| self.timer_duration(d, "debounce"))
                 .unwrap_or(Duration::from_secs(2));
-            TriggerKind::Watch { glob, debounce }
+            TriggerKind::Watch {
+                glob,
+                datastore,
+                debounce,
+            }
         } else {
             let pipeline = self.string(&t["after"], "after")?;
             self.name(&pipeline, "pipeline name", NameRule::Pipeline);
@@ -158,5 +199,49 @@ impl Walker {
             kind,
             params: trigger_params,
         })
+    }
+
+    /// A watch looks only inside a datastore or the pipeline's directory: a
+    /// pipeline file must not turn the daemon into a watcher of `/etc`, and what
+    /// it watches is what its inputs can read.
+    fn watch_inside(
+        &mut self,
+        glob: &Sp<String>,
+        datastore: &Sp<String>,
+        dir: &Path,
+        env: &Environment,
+    ) {
+        let paths = &env.datastore_paths;
+        let Ok(files) = crate::trigger::watch::FileSet::in_datastore(
+            glob.get_ref(),
+            datastore.get_ref(),
+            paths,
+            dir,
+        ) else {
+            return; // check_glob reported it
+        };
+        let roots = paths.roots(dir);
+        if !files.inside(&roots) {
+            let roots: Vec<String> = roots
+                .iter()
+                .map(|r| crate::diagnostic::display_path(r))
+                .collect();
+            self.diags.push(
+                Diagnostic::error(
+                    glob.span(),
+                    format!(
+                        "the watch `{}` looks at {}, outside every datastore and the pipeline's directory",
+                        glob.get_ref(),
+                        crate::diagnostic::display_path(&files.base)
+                    ),
+                )
+                .with_help(format!(
+                    "a watch glob is relative to its datastore (`{}` is {}), as an input path is; it may look inside: {}",
+                    datastore.get_ref(),
+                    crate::diagnostic::display_path(&paths.path(datastore.get_ref(), dir)),
+                    roots.join(", ")
+                )),
+            );
+        }
     }
 }

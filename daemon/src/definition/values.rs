@@ -4,12 +4,32 @@
 use std::time::Duration;
 
 use super::walker::{declared_list, value_span};
-use super::{Param, Reference, Sp, Walker};
+use super::{IN_DIR, OUT_DIR, Param, Reference, Sp, Walker};
 use crate::diagnostic::{Diagnostic, closest};
 
+/// What a string's `${inputs.NAME}` and `${outputs.NAME}` may name: a step's
+/// mounts and declared outputs in its `args`, `env` and container settings;
+/// nothing in a path (an input's `path`, a transfer's `to`, a watch glob), which
+/// is resolved on the host before any sandbox exists.
+#[derive(Clone, Copy)]
+pub(super) enum Mounts<'a> {
+    Step {
+        inputs: &'a [&'a str],
+        outputs: &'a [&'a str],
+    },
+    Path,
+}
+
 impl Walker {
-    /// Checks every `${…}` in a string: only `${params.NAME}` of declared params.
-    pub(super) fn interpolation(&mut self, s: &Sp<String>, text: &str, params: &[Param]) {
+    /// Checks every `${…}` in a string: `${params.NAME}` of declared params, and
+    /// where `mounts` allows, `${inputs.MOUNT}` and `${outputs.NAME}` of the step.
+    pub(super) fn interpolation(
+        &mut self,
+        s: &Sp<String>,
+        text: &str,
+        params: &[Param],
+        mounts: Mounts<'_>,
+    ) {
         for piece in interpolation_pieces(s.get_ref()) {
             match piece {
                 Piece::Literal(_) => {}
@@ -31,13 +51,52 @@ impl Walker {
                         self.diags.push(d);
                     }
                 }
+                Piece::Input { name, at } | Piece::Output { name, at } => {
+                    let (what, len) = match piece {
+                        Piece::Input { .. } => ("inputs", name.len() + 10),
+                        _ => ("outputs", name.len() + 11),
+                    };
+                    let span = value_span(text, s, at..at + len);
+                    let Mounts::Step { inputs, outputs } = mounts else {
+                        self.diags.push(
+                            Diagnostic::error(
+                                span,
+                                format!("`${{{what}.{name}}}` in a path: a path is resolved on the host, where no sandbox exists"),
+                            )
+                            .with_help("only `${params.NAME}` is expanded in a path"),
+                        );
+                        continue;
+                    };
+                    let (known, kind) = if what == "inputs" {
+                        (inputs, "input mounts of this step")
+                    } else {
+                        (outputs, "outputs of this step")
+                    };
+                    if !known.contains(&name) {
+                        let mut d = Diagnostic::error(
+                            span,
+                            format!(
+                                "unknown {} `{name}` in `${{{what}.{name}}}`",
+                                &what[..what.len() - 1]
+                            ),
+                        );
+                        d = match closest(name, known.iter().copied()) {
+                            Some(c) => d.with_help(format!(
+                                "did you mean `{c}`? {}",
+                                declared_list(kind, known)
+                            )),
+                            None => d.with_help(declared_list(kind, known)),
+                        };
+                        self.diags.push(d);
+                    }
+                }
                 Piece::Bad { text: bad, at } => {
                     self.diags.push(
                         Diagnostic::error(
                             value_span(text, s, at..at + bad.len()),
                             format!("bad interpolation `{bad}`"),
                         )
-                        .with_help("write `${params.NAME}`; a literal `$` followed by `{` is written `$${`"),
+                        .with_help("write `${params.NAME}`, `${inputs.MOUNT}` or `${outputs.NAME}`; a literal `$` followed by `{` is written `$${`"),
                     );
                 }
             }
@@ -61,12 +120,23 @@ pub fn parse_reference(s: &str) -> Option<Reference> {
     })
 }
 
-/// One piece of a string with `${params.NAME}` interpolations.
+/// One piece of a string with `${params.NAME}`, `${inputs.MOUNT}` and
+/// `${outputs.NAME}` interpolations.
 #[derive(Debug, PartialEq)]
 pub enum Piece<'a> {
     Literal(&'a str),
     /// `at` is the byte offset of the `$`.
     Param {
+        name: &'a str,
+        at: usize,
+    },
+    /// A step's input mount: expands to `/in/MOUNT`.
+    Input {
+        name: &'a str,
+        at: usize,
+    },
+    /// A step's output: expands to `/out/NAME`.
+    Output {
         name: &'a str,
         at: usize,
     },
@@ -76,7 +146,8 @@ pub enum Piece<'a> {
     },
 }
 
-/// Splits a string into literals and `${params.NAME}` references; `$${` is a literal `${`.
+/// Splits a string into literals and `${params.NAME}` (`${inputs.MOUNT}`,
+/// `${outputs.NAME}`) references; `$${` is a literal `${`.
 /// Offsets are bytes of `s`, always at character boundaries: the scan moves from
 /// one `$` to the next (an ASCII byte), never into a multi-byte character.
 pub fn interpolation_pieces(s: &str) -> Vec<Piece<'_>> {
@@ -100,12 +171,18 @@ pub fn interpolation_pieces(s: &str) -> Vec<Piece<'_>> {
             match tail.find('}') {
                 Some(end) => {
                     let inner = &tail[2..end];
-                    match inner.strip_prefix("params.") {
-                        Some(name) if !name.is_empty() => out.push(Piece::Param { name, at: i }),
-                        _ => out.push(Piece::Bad {
+                    let named = |prefix: &str| inner.strip_prefix(prefix).filter(|n| !n.is_empty());
+                    if let Some(name) = named("params.") {
+                        out.push(Piece::Param { name, at: i })
+                    } else if let Some(name) = named("inputs.") {
+                        out.push(Piece::Input { name, at: i })
+                    } else if let Some(name) = named("outputs.") {
+                        out.push(Piece::Output { name, at: i })
+                    } else {
+                        out.push(Piece::Bad {
                             text: &tail[..=end],
                             at: i,
-                        }),
+                        })
                     }
                     rest = i + end + 1;
                 }
@@ -125,13 +202,17 @@ pub fn interpolation_pieces(s: &str) -> Vec<Piece<'_>> {
     out
 }
 
-/// Expands `${params.NAME}`; names were checked by validation.
+/// Expands `${params.NAME}` by `params`, and `${inputs.MOUNT}` and
+/// `${outputs.NAME}` to the paths the sandbox mounts them at ([`IN_DIR`],
+/// [`OUT_DIR`]); names were checked by validation.
 pub fn interpolate(s: &str, params: &dyn Fn(&str) -> Option<String>) -> String {
     interpolation_pieces(s)
         .into_iter()
         .map(|p| match p {
             Piece::Literal(l) => l.to_string(),
             Piece::Param { name, .. } => params(name).unwrap_or_default(),
+            Piece::Input { name, .. } => format!("{IN_DIR}/{name}"),
+            Piece::Output { name, .. } => format!("{OUT_DIR}/{name}"),
             Piece::Bad { text, .. } => text.to_string(),
         })
         .collect()

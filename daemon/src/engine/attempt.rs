@@ -16,7 +16,7 @@ use crate::executor::wasm::WasmRuntime;
 use crate::executor::workspace::{self, Workspace, checked_size};
 use crate::executor::{self, AttemptCtx, AttemptSpec, Executor, Label, LogFile, Mount};
 use crate::model::Placement;
-use crate::planner::{self, param_env_name};
+use crate::planner;
 use crate::store::artifacts::Mode;
 
 /// An attempt's outputs (name, digest), or its failure (exit code, message).
@@ -113,6 +113,10 @@ impl RunContext {
             program: executor::Program::Publish {
                 from: source,
                 to: dest,
+                mode: match &self.pipeline.steps[i].kind {
+                    crate::definition::StepKind::Transfer { mode, .. } => *mode,
+                    _ => unreachable!("only transfers publish"),
+                },
             },
             args: Vec::new(),
             env: Vec::new(),
@@ -270,20 +274,18 @@ impl RunContext {
             ("MILLRACE_METRICS".into(), "/millrace/metrics.jsonl".into()),
             ("TMPDIR".into(), "/tmp".into()),
         ];
-        full_env.extend(
-            self.params
-                .iter()
-                .map(|(k, v)| (param_env_name(k), v.to_string())),
-        );
+        // Only the params the step uses, as in its key.
+        full_env.extend(planner::param_env(step, &self.params));
         full_env.extend(env);
         let mount = |host: PathBuf, guest: &str, writable: bool| Mount {
             host,
             guest: guest.into(),
             writable,
         };
+        // `${inputs.m}` and `${outputs.o}` expand to paths under these.
         let mut mounts = vec![
-            mount(ws.dir_in(), "/in", false),
-            mount(ws.dir_out(), "/out", true),
+            mount(ws.dir_in(), definition::IN_DIR, false),
+            mount(ws.dir_out(), definition::OUT_DIR, true),
             mount(ws.dir_tmp(), "/tmp", true),
             mount(ws.dir_meta(), "/millrace", true),
         ];
@@ -292,15 +294,14 @@ impl RunContext {
                 let StepKind::Container(c) = &step.kind else {
                     return Err(fail("not a container step".into()));
                 };
+                let settings = planner::container_settings_of(step, &self.params)
+                    .ok_or_else(|| fail("not a container step".into()))?;
                 let launch = container::Launch {
                     image: image.clone(),
                     cmd: planner::container_command(step, &self.params, &args),
-                    entrypoint: c
-                        .entrypoint
-                        .as_ref()
-                        .map(|e| e.iter().map(|x| x.get_ref().clone()).collect()),
-                    workdir: c.workdir.as_ref().map(|w| w.get_ref().clone()),
-                    user: c.user.as_ref().map(|u| u.get_ref().clone()),
+                    entrypoint: settings.entrypoint,
+                    workdir: settings.workdir,
+                    user: settings.user,
                     network: c.network,
                     read_only_root: c.read_only_root,
                 };

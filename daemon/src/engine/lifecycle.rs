@@ -251,6 +251,7 @@ impl Engine {
                 &self.store,
                 &self.config.datastores,
                 &p,
+                &params,
                 InputMode::Snapshot { run: run_id },
             )
         }) {

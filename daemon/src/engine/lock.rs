@@ -20,10 +20,27 @@ impl RunLock {
             .write(true)
             .open(dir.join(format!("run-{run}.lock")))?;
         match file.try_lock() {
-            Ok(()) => Ok(Some(RunLock { _file: file })),
+            Ok(()) => {
+                // Who drives the run, for `millrace cancel` (best effort: the
+                // lock itself is what counts).
+                use std::io::Write;
+                let _ = file.set_len(0);
+                let _ = write!(&file, "{}", std::process::id());
+                Ok(Some(RunLock { _file: file }))
+            }
             Err(std::fs::TryLockError::WouldBlock) => Ok(None),
             Err(std::fs::TryLockError::Error(e)) => Err(e),
         }
+    }
+
+    /// The process driving the run now, as it recorded itself; `None` when no
+    /// process holds the lock (or the holder's pid cannot be read).
+    pub fn holder(store: &Store, run: i64) -> Option<u32> {
+        if !RunLock::is_held(store, run) {
+            return None;
+        }
+        let path = store.root.join("locks").join(format!("run-{run}.lock"));
+        std::fs::read_to_string(path).ok()?.trim().parse().ok()
     }
 
     /// Whether some process is driving the run now (when we cannot tell, yes:

@@ -484,8 +484,13 @@ impl Engine {
         no_reuse: bool,
     ) -> Result<Vec<(String, Planned)>, RunError> {
         let params = p.resolve_params(overrides).map_err(RunError::Params)?;
-        let inputs =
-            planner::pipeline_inputs(&self.store, &self.config.datastores, p, InputMode::Hash)?;
+        let inputs = planner::pipeline_inputs(
+            &self.store,
+            &self.config.datastores,
+            p,
+            &params,
+            InputMode::Hash,
+        )?;
         let images = self.resolve_images(p).await;
         let planner = Planner::new(
             self.store.clone(),

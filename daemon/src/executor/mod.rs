@@ -95,8 +95,13 @@ pub enum Program {
     },
     /// A container image and how to start it.
     Image(Box<container::Launch>),
-    /// Copy the artifact `from` (a digest) to the datastore path `to`.
-    Publish { from: String, to: PathBuf },
+    /// Copy the artifact `from` (a digest) to the datastore path `to`, replacing
+    /// it whole or merging into it.
+    Publish {
+        from: String,
+        to: PathBuf,
+        mode: crate::definition::TransferMode,
+    },
 }
 
 /// Everything one attempt needs, whatever runs it.
@@ -429,8 +434,8 @@ impl Executor {
         let cap = spec.disk_cap;
         let watch = workspace::watch(spec.watched(), cap, spec.walk);
         match (self, &spec.program) {
-            (Executor::Transfer, Program::Publish { from, to }) => {
-                tokio::task::block_in_place(|| transfer::publish(ctx.artifacts, from, to))
+            (Executor::Transfer, Program::Publish { from, to, mode }) => {
+                tokio::task::block_in_place(|| transfer::publish(ctx.artifacts, from, to, *mode))
                     .map(|()| Outcome::Exited(0))
                     .map_err(|source| ExecError::Transfer {
                         to: to.clone(),

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use crate::definition::{self, Pipeline, StepKind};
+use crate::definition::{self, Pipeline, StepKind, TransferMode};
 use crate::executor::container::ResolvedImage;
 use crate::store::Store;
 use crate::store::artifacts::Mode;
@@ -259,9 +259,19 @@ pub fn code_of(
         // The registry recorded the digest when the version was published; the
         // executor checks the bytes against it before compiling.
         StepKind::Module { module, .. } => Ok(module.digest.clone()),
-        StepKind::Transfer { to, datastore, .. } => {
-            Ok(format!("{}:{}", datastore.get_ref(), to.get_ref()))
-        }
+        // The destination, and a merge's mode: a replace and a merge to the same
+        // place leave different things there. A replace's part is what it was
+        // before modes existed, so its earlier executions stay reusable; the mode
+        // comes first so that `explain`'s shortened code part shows it.
+        StepKind::Transfer {
+            to,
+            datastore,
+            mode,
+            ..
+        } => Ok(match mode {
+            TransferMode::Replace => format!("{}:{}", datastore.get_ref(), to.get_ref()),
+            TransferMode::Merge => format!("merge:{}:{}", datastore.get_ref(), to.get_ref()),
+        }),
         // The image's content digest, never its tag: a retagged image re-executes.
         StepKind::Container(_) => match images.get(&i) {
             Some(Ok(image)) => Ok(image.digest().to_string()),

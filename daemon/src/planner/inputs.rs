@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use super::PlanError;
 use crate::config::Datastores;
-use crate::definition::{Input, Pipeline, Reference};
+use crate::definition::{Input, ParamValue, Pipeline, Reference};
 use crate::store::Store;
 use crate::store::artifacts::Mode;
 
@@ -20,11 +20,13 @@ pub enum InputMode {
     Snapshot { run: i64 },
 }
 
-/// The digest of every pipeline input, by name.
+/// The digest of every pipeline input, by name, its location resolved with the
+/// run's `params` (the resolved host path is what a run records).
 pub fn pipeline_inputs(
     store: &Store,
     datastores: &Datastores,
     p: &Pipeline,
+    params: &[(String, ParamValue)],
     mode: InputMode,
 ) -> Result<HashMap<String, String>, PlanError> {
     let recorded: HashMap<String, String> = match mode {
@@ -51,7 +53,7 @@ pub fn pipeline_inputs(
             out.insert(name.clone(), d.clone());
             continue;
         }
-        let path = input_path(store, datastores, p, input)?;
+        let path = input_path(store, datastores, p, input, params)?;
         let ingested = store
             .ingest(&path, ingest_mode)
             .map_err(|e| PlanError::Input {
@@ -93,11 +95,11 @@ fn input_path(
     datastores: &Datastores,
     p: &Pipeline,
     input: &Input,
+    params: &[(String, ParamValue)],
 ) -> Result<PathBuf, PlanError> {
     let name = input.name.get_ref();
-    let path = datastores
-        .path(input.datastore.get_ref(), &p.dir)
-        .join(input.path.get_ref());
+    let (datastore, rel) = p.input_location(input, params);
+    let path = datastores.path(&datastore, &p.dir).join(rel);
     if !path.exists() {
         return Err(PlanError::Input {
             name: name.clone(),

@@ -1,7 +1,7 @@
 //! Cache keys. A step's cache key is a BLAKE3 digest over its [`KeyParts`]: the
 //! runtime and its version, the code digest, args and env after interpolation, the
-//! params, the declared outputs and the content digest of every input. No
-//! timestamp enters it. [`KeyParts`] is stored with each step so `explain` can name
+//! params the step uses ([`Step::uses`]), the declared outputs and the content
+//! digest of every input. No timestamp enters it. [`KeyParts`] is stored with each step so `explain` can name
 //! the component that changed.
 
 use std::collections::BTreeMap;
@@ -19,7 +19,8 @@ pub struct KeyParts {
     pub code: String,
     pub args: Vec<String>,
     pub env: BTreeMap<String, String>,
-    /// Every param of the run: each is visible to the step as `MILLRACE_PARAM_*`.
+    /// The params the step uses ([`Step::uses`]), each visible to it as
+    /// `MILLRACE_PARAM_*`; the run's other params are neither here nor there.
     pub params: BTreeMap<String, String>,
     pub outputs: Vec<String>,
     /// Input mount → artifact digest.
@@ -33,7 +34,8 @@ pub struct KeyParts {
 impl KeyParts {
     pub fn key(&self) -> String {
         let canonical = serde_json::to_string(self).expect("plain data serialises");
-        blake3::hash(format!("millrace-key-v1\n{canonical}").as_bytes())
+        // v2: `params` holds the params the step uses, not every param of the run.
+        blake3::hash(format!("millrace-key-v2\n{canonical}").as_bytes())
             .to_hex()
             .to_string()
     }
@@ -119,17 +121,33 @@ pub fn param_env_name(param: &str) -> String {
     )
 }
 
-/// A step's args and env after `${params.x}` interpolation.
+/// The `MILLRACE_PARAM_*` variables of step `step` in a run with `params`: one
+/// for each param the step uses, exactly those in its key.
+pub fn param_env(step: &Step, params: &[(String, ParamValue)]) -> Vec<(String, String)> {
+    step.scoped_params(params)
+        .iter()
+        .map(|(k, v)| (param_env_name(k), v.to_string()))
+        .collect()
+}
+
+/// The lookup `${params.NAME}` expands by: the params the step uses.
+fn lookup(scoped: &[(String, ParamValue)]) -> impl Fn(&str) -> Option<String> + '_ {
+    |name: &str| {
+        scoped
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.to_string())
+    }
+}
+
+/// A step's args and env after interpolation (`${params.x}`, `${inputs.m}`,
+/// `${outputs.o}`).
 pub fn interpolated(
     step: &Step,
     params: &[(String, ParamValue)],
 ) -> (Vec<String>, BTreeMap<String, String>) {
-    let lookup = |name: &str| {
-        params
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.to_string())
-    };
+    let scoped = step.scoped_params(params);
+    let lookup = lookup(&scoped);
     let args = step
         .args
         .iter()
@@ -158,12 +176,8 @@ pub fn container_command(
     let StepKind::Container(c) = &step.kind else {
         return None;
     };
-    let lookup = |name: &str| {
-        params
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.to_string())
-    };
+    let scoped = step.scoped_params(params);
+    let lookup = lookup(&scoped);
     let mut cmd: Vec<String> = c
         .command
         .iter()
@@ -172,6 +186,30 @@ pub fn container_command(
         .collect();
     cmd.extend(args.iter().cloned());
     (c.command.is_some() || !cmd.is_empty()).then_some(cmd)
+}
+
+/// A container's `entrypoint`, `workdir` and `user`, interpolated.
+pub struct ContainerSettings {
+    pub entrypoint: Option<Vec<String>>,
+    pub workdir: Option<String>,
+    pub user: Option<String>,
+}
+
+pub fn container_settings_of(
+    step: &Step,
+    params: &[(String, ParamValue)],
+) -> Option<ContainerSettings> {
+    let StepKind::Container(c) = &step.kind else {
+        return None;
+    };
+    let scoped = step.scoped_params(params);
+    let lookup = lookup(&scoped);
+    let one = |s: &crate::definition::Sp<String>| interpolate(s.get_ref(), &lookup);
+    Some(ContainerSettings {
+        entrypoint: c.entrypoint.as_ref().map(|e| e.iter().map(one).collect()),
+        workdir: c.workdir.as_ref().map(one),
+        user: c.user.as_ref().map(one),
+    })
 }
 
 /// The container settings that enter a step's key (see [`KeyParts::container`]).
@@ -191,15 +229,16 @@ fn container_settings(
             .map(|c| json(&c))
             .unwrap_or_else(|| "(image CMD)".into()),
     );
-    if let Some(e) = &c.entrypoint {
-        let e: Vec<String> = e.iter().map(|x| x.get_ref().clone()).collect();
-        m.insert("entrypoint".into(), json(&e));
-    }
-    if let Some(w) = &c.workdir {
-        m.insert("workdir".into(), w.get_ref().clone());
-    }
-    if let Some(u) = &c.user {
-        m.insert("user".into(), u.get_ref().clone());
+    if let Some(s) = container_settings_of(step, params) {
+        if let Some(e) = &s.entrypoint {
+            m.insert("entrypoint".into(), json(e));
+        }
+        if let Some(w) = s.workdir {
+            m.insert("workdir".into(), w);
+        }
+        if let Some(u) = s.user {
+            m.insert("user".into(), u);
+        }
     }
     m.insert(
         "network".into(),
@@ -249,7 +288,8 @@ pub fn key_parts(
         code: code.to_string(),
         args,
         env,
-        params: params
+        params: step
+            .scoped_params(params)
             .iter()
             .map(|(k, v)| (k.clone(), format!("{}:{v}", v.type_name())))
             .collect(),
@@ -303,5 +343,86 @@ mod tests {
             c.changes_since(&a),
             vec!["param `c` changed: float:0.5 → float:0.7"]
         );
+    }
+
+    fn pipeline(text: &str) -> crate::definition::Pipeline {
+        let (p, report) = crate::graph::parse(
+            std::path::Path::new("/nowhere/p.toml"),
+            text.into(),
+            &crate::definition::Environment::default(),
+        );
+        p.unwrap_or_else(|| panic!("{report}"))
+    }
+
+    #[test]
+    fn a_key_and_the_environment_hold_only_the_params_the_step_uses() {
+        let p = pipeline(
+            r#"
+[params]
+a = 1
+b = "x"
+day = "2026-11-30"
+unused = true
+[inputs.daily]
+path = "data/${params.day}"
+[[step]]
+name = "cmd"
+container = { image = "img", command = ["run", "${params.a}"] }
+params = ["b"]
+outputs = ["o"]
+[[step]]
+name = "reads"
+container = { image = "img" }
+inputs = { d = "inputs.daily" }
+[[step]]
+name = "publish"
+transfer = { from = "cmd.o", to = "out/${params.day}" }
+"#,
+        );
+        let run: Vec<(String, ParamValue)> = vec![
+            ("a".into(), ParamValue::Integer(2)),
+            ("b".into(), ParamValue::String("y".into())),
+            ("day".into(), ParamValue::String("2026-12-01".into())),
+            ("unused".into(), ParamValue::Bool(false)),
+        ];
+        let params = |i: usize| {
+            let k = key_parts(&p.steps[i], &run, "code", BTreeMap::new());
+            let env: Vec<String> = param_env(&p.steps[i], &run)
+                .into_iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            (k.params.into_iter().collect::<Vec<_>>(), env)
+        };
+        let pair = |k: &str, v: &str| (k.to_string(), v.to_string());
+        assert_eq!(
+            params(0),
+            (
+                vec![pair("a", "integer:2"), pair("b", "string:y")],
+                vec!["MILLRACE_PARAM_A=2".into(), "MILLRACE_PARAM_B=y".into()]
+            )
+        );
+        // Through the path of the input it reads.
+        assert_eq!(
+            params(1),
+            (
+                vec![pair("day", "string:2026-12-01")],
+                vec!["MILLRACE_PARAM_DAY=2026-12-01".into()]
+            )
+        );
+        assert_eq!(params(2).0, vec![pair("day", "string:2026-12-01")]);
+        assert_eq!(
+            p.steps[2].transfer_location(&run),
+            Some(("default".into(), "out/2026-12-01".into()))
+        );
+        // A param nobody uses changes no key.
+        let mut other = run.clone();
+        other[3].1 = ParamValue::Bool(true);
+        for (i, s) in p.steps.iter().enumerate() {
+            assert_eq!(
+                key_parts(s, &run, "code", BTreeMap::new()).key(),
+                key_parts(s, &other, "code", BTreeMap::new()).key(),
+                "step {i}"
+            );
+        }
     }
 }

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::config::Datastores;
-use crate::definition::{ParamValue, Pipeline, StepKind};
+use crate::definition::{ParamValue, Pipeline, StepKind, TransferMode};
 use crate::executor::container::ResolvedImage;
 use crate::graph::Graph;
 use crate::store::Store;
@@ -32,7 +32,8 @@ use code::Memo;
 pub use explain::{Explanation, Reason, explain};
 pub use inputs::{InputMode, Known, pipeline_inputs};
 pub use key::{
-    KeyParts, container_command, interpolated, key_parts, param_env_name, params_json, short,
+    ContainerSettings, KeyParts, container_command, container_settings_of, interpolated, key_parts,
+    param_env, param_env_name, params_json, short,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -190,7 +191,7 @@ impl Planner {
                 Some(from) => match self.destination(i) {
                     // A transfer is reused only while the destination still holds
                     // the artifact.
-                    Some(destination) if !self.holds(&destination, key.inputs.get("from")) => {
+                    Some(destination) if !self.holds(i, &destination, key.inputs.get("from")) => {
                         Reason::DestinationChanged {
                             run: from.run,
                             destination,
@@ -240,25 +241,63 @@ impl Planner {
         Ok(out)
     }
 
-    /// Where a transfer step publishes; `None` for any other step.
+    /// Where a transfer step publishes, under the run's params; `None` for any
+    /// other step.
     pub fn destination(&self, i: usize) -> Option<PathBuf> {
-        match &self.pipeline.steps[i].kind {
-            StepKind::Transfer { to, datastore, .. } => Some(
-                self.datastores
-                    .path(datastore.get_ref(), &self.pipeline.dir)
-                    .join(to.get_ref()),
-            ),
-            _ => None,
-        }
+        let (datastore, to) = self.pipeline.steps[i].transfer_location(&self.params)?;
+        Some(
+            self.datastores
+                .path(&datastore, &self.pipeline.dir)
+                .join(to),
+        )
     }
 
-    /// Whether `destination` holds exactly the artifact `digest`.
-    fn holds(&self, destination: &std::path::Path, digest: Option<&String>) -> bool {
+    /// Whether transfer `i`'s `destination` still holds the artifact `digest`: a
+    /// replace's is exactly the artifact; a merge's has every file of it, intact
+    /// (and whatever else).
+    fn holds(&self, i: usize, destination: &std::path::Path, digest: Option<&String>) -> bool {
+        if let StepKind::Transfer {
+            mode: TransferMode::Merge,
+            ..
+        } = &self.pipeline.steps[i].kind
+        {
+            return digest.is_some_and(|d| self.holds_merged(destination, d));
+        }
         let current = destination
             .exists()
             .then(|| self.store.ingest(destination, Mode::Hash).ok())
             .flatten();
         current.map(|c| c.digest).as_ref() == digest
+    }
+
+    /// Whether every file of artifact `digest` is at `destination` as the artifact
+    /// has it. The files hashed to find out go to the stat cache, so an unchanged
+    /// destination is read once, then checked by stat.
+    fn holds_merged(&self, destination: &std::path::Path, digest: &str) -> bool {
+        let known = |path: &std::path::Path, stat: &crate::store::artifacts::FileStat| {
+            self.store
+                .db()
+                .read()
+                .stat_lookup(path, stat)
+                .ok()
+                .flatten()
+        };
+        match crate::executor::transfer::merged(&self.store.artifacts, digest, destination, &known)
+        {
+            Ok(hashed) => {
+                if !hashed.is_empty() {
+                    // A cache that could not be written costs a hash next time.
+                    let _ = self.store.db().batch(|b| {
+                        for (file, stat, d) in &hashed {
+                            b.stat_record(file, stat, d)?;
+                        }
+                        Ok(())
+                    });
+                }
+                true
+            }
+            Err(_) => false,
+        }
     }
 
     /// The outputs of the execution a cache key points at, if all are intact.

@@ -57,6 +57,7 @@ impl Fixture {
             &self.store,
             &Datastores::default(),
             &self.pipeline,
+            &[],
             InputMode::Hash,
         )
         .unwrap()
@@ -227,7 +228,13 @@ fn a_transfer_is_reused_only_while_its_destination_holds_the_artifact() {
     std::fs::create_dir_all(f.path("models")).unwrap();
     // A run snapshots its inputs into the store; the transfer publishes from there.
     f.store.ingest(&f.path("data/a.txt"), Mode::Copy).unwrap();
-    crate::executor::transfer::publish(&f.store.artifacts, &key.inputs["from"], &dest).unwrap();
+    crate::executor::transfer::publish(
+        &f.store.artifacts,
+        &key.inputs["from"],
+        &dest,
+        crate::definition::TransferMode::Replace,
+    )
+    .unwrap();
     assert!(matches!(
         planner.decide(0, &f.known()).unwrap(),
         Decision::Reuse { .. }

@@ -436,24 +436,33 @@ impl Batch<'_> {
     /// Fails a run that is not to be resumed, with the steps and attempts a crash
     /// left `running` (nothing runs them any more). Use inside a batch.
     pub fn fail_abandoned_run(&self, id: i64, error: &str) -> Result<()> {
+        self.end_abandoned_run(id, RunStatus::Failed, error)
+    }
+
+    /// Ends as cancelled a run no process drives any more (`millrace cancel` of an
+    /// interrupted run): its steps and attempts still marked running are cancelled,
+    /// so nothing resumes it. Use inside a batch.
+    pub fn cancel_abandoned_run(&self, id: i64, error: &str) -> Result<()> {
+        self.end_abandoned_run(id, RunStatus::Cancelled, error)
+    }
+
+    fn end_abandoned_run(&self, id: i64, end: RunStatus, error: &str) -> Result<()> {
+        let (step, attempt) = match end {
+            RunStatus::Cancelled => (StepStatus::Cancelled, AttemptStatus::Cancelled),
+            _ => (StepStatus::Failed, AttemptStatus::Failed),
+        };
         let now = now_ms();
         self.conn.execute(
             "UPDATE steps SET status = ?4, error = ?2, finished_at = ?3
              WHERE run_id = ?1 AND status = ?5",
-            params![id, error, now, StepStatus::Failed, StepStatus::Running],
+            params![id, error, now, step, StepStatus::Running],
         )?;
         self.conn.execute(
             "UPDATE attempts SET status = ?4, error = ?2, finished_at = ?3
              WHERE run_id = ?1 AND status = ?5",
-            params![
-                id,
-                error,
-                now,
-                AttemptStatus::Failed,
-                AttemptStatus::Running
-            ],
+            params![id, error, now, attempt, AttemptStatus::Running],
         )?;
-        self.set_run_status(id, RunStatus::Failed, Some(error))
+        self.set_run_status(id, end, Some(error))
     }
 
     /// Whether any run ever had a container step.

@@ -1,4 +1,6 @@
-//! Watch triggers: a glob of files, relative to the pipeline's directory.
+//! Watch triggers: a glob of files in a datastore, resolved against the same base
+//! as an input's `path` ([`crate::config::Datastores::path`]: the datastore's
+//! directory, which is the pipeline's own unless the daemon config places it).
 //!
 //! notify (inotify) reports changes under the glob's base directory; the debouncer
 //! holds them until the trigger's quiet period has passed. Then the matching files
@@ -16,13 +18,13 @@ use globset::{GlobBuilder, GlobMatcher};
 /// hashed.
 pub const SETTLE: Duration = Duration::from_millis(200);
 
-/// A watch trigger's files, resolved against the pipeline's directory.
+/// A watch trigger's files, resolved against their datastore's directory.
 #[derive(Debug, Clone)]
 pub struct FileSet {
     /// The glob as written.
     pub glob: String,
-    /// The pipeline's directory: cursor paths and the `changed` list are relative
-    /// to it.
+    /// The datastore's directory: cursor paths and the `changed` list are
+    /// relative to it, as input paths are.
     pub dir: PathBuf,
     /// The deepest directory of the glob without wildcards: what is watched.
     pub base: PathBuf,
@@ -53,6 +55,18 @@ fn is_pattern(component: &str) -> bool {
 }
 
 impl FileSet {
+    /// The files `glob` matches in datastore `datastore` of a pipeline in
+    /// `pipeline_dir`: where an input path in that datastore would be.
+    pub fn in_datastore(
+        glob: &str,
+        datastore: &str,
+        datastores: &crate::config::Datastores,
+        pipeline_dir: &Path,
+    ) -> Result<FileSet, String> {
+        FileSet::new(glob, &datastores.path(datastore, pipeline_dir))
+    }
+
+    /// The files `glob` matches, relative to `dir`.
     pub fn new(glob: &str, dir: &Path) -> Result<FileSet, String> {
         let full = lexical_join(dir, Path::new(glob));
         let mut base = PathBuf::new();
@@ -85,6 +99,13 @@ impl FileSet {
             self.exclude.push(real);
         }
         self
+    }
+
+    /// Whether what is watched lies inside one of `roots` (both compared
+    /// absolute, `.` and `..` folded, without touching the file system).
+    pub fn inside(&self, roots: &[PathBuf]) -> bool {
+        let base = normal(&self.base);
+        roots.iter().any(|r| base.starts_with(normal(r)))
     }
 
     fn excluded(&self, path: &Path) -> bool {
@@ -174,6 +195,12 @@ pub fn changed(before: &BTreeMap<String, String>, now: &BTreeMap<String, String>
     out
 }
 
+/// `p` made absolute (against the working directory) with `.` and `..` folded.
+fn normal(p: &Path) -> PathBuf {
+    let absolute = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    lexical_join(&absolute, Path::new(""))
+}
+
 /// `dir/glob` with `.` and `..` folded away without touching the file system.
 fn lexical_join(dir: &Path, rel: &Path) -> PathBuf {
     let mut out = PathBuf::new();
@@ -205,6 +232,22 @@ mod tests {
         let f = FileSet::new("drop.csv", Path::new("/p")).expect("valid");
         assert_eq!(f.base, Path::new("/p"));
         assert!(check_glob("data/[.csv").is_err());
+    }
+
+    #[test]
+    fn a_watch_is_inside_a_root_only_if_its_base_is() {
+        let roots = [PathBuf::from("/srv/data"), PathBuf::from("/p")];
+        let inside =
+            |glob: &str, dir: &str| FileSet::new(glob, Path::new(dir)).unwrap().inside(&roots);
+        assert!(inside("inbox/*.csv", "/srv/data"));
+        assert!(inside("**/*.csv", "/srv/data"));
+        assert!(inside("*.csv", "/p"));
+        assert!(inside("../data/in/*.csv", "/srv/other"));
+        assert!(!inside("/etc/*.conf", "/p"));
+        assert!(!inside("../*.csv", "/p"));
+        assert!(!inside("../../etc/*", "/srv/data"));
+        // A sibling whose name starts like a root is not inside it.
+        assert!(!inside("/srv/database/*.csv", "/p"));
     }
 
     #[test]

@@ -466,3 +466,140 @@ wasm = "{noop}"
         "{runs:?}"
     );
 }
+
+#[test]
+fn with_a_default_datastore_in_the_config_a_drop_into_its_inbox_is_scored() {
+    let p = Project::new();
+    let copy = plugin("copy");
+    // As config/millrace.toml and the systemd install have it: the default
+    // datastore elsewhere than the pipelines, and a second one.
+    crate::daemon::config(
+        &p,
+        "[datastores.default]\npath = \"data\"\n[datastores.drops]\npath = \"drops\"\n",
+    );
+    p.write("data/inbox/.keep", "");
+    p.write("drops/in/.keep", "");
+    p.write(
+        "pipelines/score.toml",
+        &format!(
+            r#"
+[params]
+changed = ""
+[inputs.inbox]
+path = "inbox"
+[[trigger]]
+watch = "inbox/*.csv"
+debounce = "300ms"
+[[step]]
+name = "score"
+wasm = "{copy}"
+inputs = {{ x = "inputs.inbox" }}
+outputs = ["scored"]
+args = ["--out", "scored"]
+[[step]]
+name = "deliver"
+transfer = {{ from = "score.scored", to = "outbox", mode = "merge" }}
+"#
+        ),
+    );
+    // A watch may name its datastore, as an input does.
+    p.write(
+        "pipelines/named.toml",
+        &format!(
+            r#"
+[params]
+changed = ""
+[inputs.d]
+path = "in"
+datastore = "drops"
+[[trigger]]
+watch = "in/*.csv"
+datastore = "drops"
+debounce = "300ms"
+[[step]]
+name = "a"
+wasm = "{copy}"
+inputs = {{ d = "inputs.d" }}
+outputs = ["out"]
+[[step]]
+name = "deliver"
+transfer = {{ from = "a.out", to = "got", datastore = "drops" }}
+"#
+        ),
+    );
+    let d = Daemon::in_process(&p);
+    settled(&d, "score", 1);
+    settled(&d, "named", 1);
+    // Beside the pipeline file: not the datastore, not watched. Then into the
+    // datastore's inbox: fires, and the run reads it.
+    p.write("pipelines/inbox/beside.csv", "no\n");
+    p.write("data/inbox/a.csv", "a,1\n");
+    let runs = wait_runs(&d, "score", 1);
+    assert_eq!(
+        runs[0]["trigger_detail"]["changed"],
+        serde_json::json!(["inbox/a.csv"]),
+        "{runs:?}"
+    );
+    assert_eq!(runs[0]["params"]["changed"], "inbox/a.csv");
+    assert_eq!(
+        std::fs::read_to_string(p.path("data/outbox/a.csv")).unwrap(),
+        "a,1\n"
+    );
+    p.write("drops/in/b.csv", "b,1\n");
+    let named = wait_runs(&d, "named", 1);
+    assert_eq!(
+        named[0]["trigger_detail"]["changed"],
+        serde_json::json!(["in/b.csv"])
+    );
+    assert_eq!(
+        std::fs::read_to_string(p.path("drops/got/b.csv")).unwrap(),
+        "b,1\n"
+    );
+    settled(&d, "score", 1);
+    assert_eq!(d.runs("score").len(), 1, "{:?}", d.runs("score"));
+    assert!(!p.path("pipelines/outbox").exists());
+    assert_eq!(d.stop(), 0);
+}
+
+#[test]
+fn validate_with_a_config_refuses_a_watch_outside_every_datastore() {
+    let p = Project::new();
+    let noop = plugin("noop");
+    let config = crate::daemon::config(&p, "[datastores.default]\npath = \"data\"\n");
+    let step = format!("[[step]]\nname = \"a\"\nwasm = \"{noop}\"\n");
+    p.write(
+        "pipelines/etc.toml",
+        &format!("[[trigger]]\nwatch = \"/etc/*.conf\"\n{step}"),
+    );
+    p.write(
+        "pipelines/up.toml",
+        &format!("[[trigger]]\nwatch = \"../../*.csv\"\n{step}"),
+    );
+    // Inside the datastore, by a relative or an absolute glob: accepted.
+    p.write(
+        "pipelines/ok.toml",
+        &format!(
+            "[[trigger]]\nwatch = \"inbox/*.csv\"\n[[trigger]]\nwatch = \"{}/in/*.csv\"\n{step}",
+            p.path("data").display()
+        ),
+    );
+    let out = p.run(&["validate", "--config", config.to_str().unwrap()]);
+    assert_eq!(
+        out.status.code(),
+        Some(78),
+        "{}",
+        crate::common::stderr(&out)
+    );
+    let err = crate::common::stderr(&out);
+    assert!(
+        err.contains("etc.toml:2:9: error: the watch `/etc/*.conf` looks at /etc, outside every datastore and the pipeline's directory"),
+        "{err}"
+    );
+    assert!(
+        err.contains("up.toml:2:9: error: the watch `../../*.csv`"),
+        "{err}"
+    );
+    assert!(!err.contains("ok.toml"), "{err}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("ok.toml: ok"), "{stdout}");
+}

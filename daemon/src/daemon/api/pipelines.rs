@@ -63,7 +63,7 @@ pub(super) fn pipeline_json(
                         "next": next, "params": params,
                     })
                 }
-                TriggerKind::Watch { glob, debounce } => json!({
+                TriggerKind::Watch { glob, debounce, .. } => json!({
                     "kind": "watch", "watch": glob.get_ref(),
                     "debounce_ms": debounce.as_millis() as u64, "params": params,
                 }),

@@ -35,6 +35,12 @@ pub struct Cancelling {
 }
 
 #[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Resuming {
+    run_id: i64,
+    queued: bool,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
 pub struct RunMetrics {
     run: i64,
     metrics: Vec<Metric>,
@@ -426,6 +432,41 @@ pub(super) async fn read_from(path: &std::path::Path, offset: u64) -> Vec<u8> {
     let mut buf = Vec::new();
     let _ = f.take(1 << 20).read_to_end(&mut buf).await;
     buf
+}
+
+#[utoipa::path(post, path = "/api/v1/runs/{id}/resume", tag = "runs",
+    params(("id" = i64, Path, description = "Run id")),
+    responses((status = 202, description = "Queued to finish, reusing what succeeded", body = Resuming),
+        (status = 401, description = "No or wrong token", body = ErrorBody),
+        (status = 404, description = "No such run", body = ErrorBody),
+        (status = 409, description = "Neither failed, cancelled nor interrupted", body = ErrorBody),
+        (status = 503, description = "The daemon is shutting down", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub(super) async fn resume(State(d): State<Arc<Daemon>>, Path(id): Path<String>) -> ApiResult {
+    let id = run_id(&id)?;
+    let exists = d
+        .store()
+        .db()
+        .read()
+        .run(id)
+        .map_err(ApiError::internal)?
+        .is_some();
+    if !exists {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no run {id}")));
+    }
+    match d.resume(id) {
+        Ok(Ok(())) => Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({ "run_id": id, "queued": true })),
+        )
+            .into_response()),
+        Ok(Err(why)) => Err(ApiError::new(StatusCode::CONFLICT, why)),
+        Err(crate::daemon::SubmitError::ShuttingDown) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the daemon is shutting down",
+        )),
+        Err(e) => Err(ApiError::internal(e)),
+    }
 }
 
 #[utoipa::path(post, path = "/api/v1/runs/{id}/cancel", tag = "runs",
