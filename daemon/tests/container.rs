@@ -2,10 +2,15 @@
 //! `scripts/setup-containers.sh` starts (it exports `DOCKER_HOST`) together with
 //! the registry-free test image `localhost/millrace-busybox:1`.
 
-use std::io::{Read, Write};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use bollard::Docker;
+use bollard::models::{ContainerConfig, ContainerCreateBody, ContainerSummaryStateEnum};
+use bollard::query_parameters::{
+    CommitContainerOptions, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
+    RemoveImageOptionsBuilder,
+};
 
 use crate::common::{Project, eventually, stderr, step_error, step_log, step_statuses};
 use crate::daemon::Daemon;
@@ -19,94 +24,107 @@ fn socket() -> String {
     host.trim_start_matches("unix://").to_string()
 }
 
-/// One Docker API call over the unix socket: (status, JSON body).
-fn engine(method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-    let mut s = std::os::unix::net::UnixStream::connect(socket()).unwrap_or_else(|e| {
-        panic!(
-            "no container engine at {}: {e} (run scripts/setup-containers.sh)",
-            socket()
-        )
-    });
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    write!(
-        s,
-        "{method} /v1.41{path} HTTP/1.0\r\nHost: engine\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let text = String::from_utf8_lossy(&raw);
-    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (
-        status,
-        serde_json::from_str(rest.trim()).unwrap_or(Value::String(rest.to_string())),
-    )
+/// `call` with a client of the engine, on a runtime of its own: the tests are
+/// synchronous, and each call is short.
+fn engine<T>(call: impl AsyncFnOnce(&Docker) -> T) -> T {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let docker = Docker::connect_with_unix(&socket(), 60, bollard::API_DEFAULT_VERSION)
+            .unwrap_or_else(|e| {
+                panic!(
+                    "no container engine at {}: {e} (run scripts/setup-containers.sh)",
+                    socket()
+                )
+            });
+        call(&docker).await
+    })
+}
+
+/// Whether the container `id` exists (running or not).
+fn container_exists(id: &str) -> bool {
+    engine(async |d| match d.inspect_container(id, None).await {
+        Ok(_) => true,
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) => false,
+        Err(e) => panic!("inspecting container {id}: {e}"),
+    })
 }
 
 /// Containers (running or not) of run `run` of the project's state directory.
-fn containers_of(p: &Project, run: &str) -> Vec<Value> {
+fn containers_of(p: &Project, run: &str) -> Vec<bollard::models::ContainerSummary> {
     let instance = millrace::executor::container::instance_of(&p.path(".state"));
-    let filters = serde_json::json!({ "label": [
-        format!("io.millrace.instance={instance}"),
-        format!("io.millrace.run={run}"),
-    ] })
-    .to_string();
-    let (status, v) = engine(
-        "GET",
-        &format!("/containers/json?all=1&filters={}", urlencode(&filters)),
-        None,
-    );
-    assert_eq!(status, 200, "{v}");
-    v.as_array().cloned().unwrap_or_default()
+    let filters = HashMap::from([(
+        "label".to_string(),
+        vec![
+            format!("io.millrace.instance={instance}"),
+            format!("io.millrace.run={run}"),
+        ],
+    )]);
+    let opts = ListContainersOptionsBuilder::new()
+        .all(true)
+        .filters(&filters)
+        .build();
+    engine(async |d| d.list_containers(Some(opts)).await).expect("listing containers")
 }
 
 /// The id of run `run`'s container once it runs (a minute at most).
 fn running_container(p: &Project, run: &str) -> String {
     eventually(60, || {
         containers_of(p, run)
-            .iter()
-            .find(|c| c["State"].as_str() == Some("running"))
-            .map(|c| c["Id"].as_str().unwrap().to_string())
+            .into_iter()
+            .find(|c| c.state == Some(ContainerSummaryStateEnum::RUNNING))
+            .and_then(|c| c.id)
             .ok_or("the container never started".to_string())
     })
-}
-
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 /// A new image ID under `repo:tag`: a commit of a container of the base image
 /// with one more env var (`stamp`).
 fn commit_image(repo: &str, tag: &str, stamp: &str) -> String {
-    let (status, c) = engine(
-        "POST",
-        "/containers/create",
-        Some(serde_json::json!({ "Image": IMAGE, "Cmd": ["true"] })),
-    );
-    assert_eq!(status, 201, "{c}");
-    let id = c["Id"].as_str().unwrap().to_string();
-    let changes = urlencode(&format!("ENV STAMP={stamp}"));
-    let (status, v) = engine(
-        "POST",
-        &format!("/commit?container={id}&repo={repo}&tag={tag}&changes={changes}"),
-        Some(serde_json::json!({})),
-    );
-    assert_eq!(status, 201, "{v}");
-    engine("DELETE", &format!("/containers/{id}?force=1"), None);
-    let (_, img) = engine("GET", &format!("/images/{repo}:{tag}/json"), None);
-    img["Id"].as_str().unwrap().to_string()
+    engine(async |d| {
+        let body = ContainerCreateBody {
+            image: Some(IMAGE.to_string()),
+            cmd: Some(vec!["true".to_string()]),
+            ..Default::default()
+        };
+        let id = d
+            .create_container(
+                None::<bollard::query_parameters::CreateContainerOptions>,
+                body,
+            )
+            .await
+            .expect("creating a container of the base image")
+            .id;
+        let commit = CommitContainerOptions {
+            container: Some(id.clone()),
+            repo: Some(repo.to_string()),
+            tag: Some(tag.to_string()),
+            changes: Some(format!("ENV STAMP={stamp}")),
+            ..Default::default()
+        };
+        d.commit_container(commit, ContainerConfig::default())
+            .await
+            .expect("committing the image");
+        let force = RemoveContainerOptionsBuilder::new().force(true).build();
+        d.remove_container(&id, Some(force))
+            .await
+            .expect("removing the committed container");
+        d.inspect_image(&format!("{repo}:{tag}"))
+            .await
+            .expect("the committed image")
+            .id
+            .expect("an image id")
+    })
+}
+
+/// Removes image `id`, whatever uses it.
+fn remove_image(id: &str) {
+    let force = RemoveImageOptionsBuilder::new().force(true).build();
+    engine(async |d| d.remove_image(id, Some(force), None).await).expect("removing the image");
 }
 
 #[test]
@@ -309,7 +327,7 @@ outputs = ["o"]
     let explain = String::from_utf8_lossy(&explain.stdout);
     assert!(explain.contains("code changed"), "{explain}");
     for id in [&first, &second] {
-        engine("DELETE", &format!("/images/{id}?force=1"), None);
+        remove_image(id);
     }
 }
 
@@ -382,12 +400,13 @@ outputs = ["done"]
     let id = d.trigger("slow");
     let orphan = running_container(&p, &id.to_string());
     d.kill9();
-    let (status, _) = engine("GET", &format!("/containers/{orphan}/json"), None);
-    assert_eq!(status, 200, "the killed daemon's container outlives it");
+    assert!(
+        container_exists(&orphan),
+        "the killed daemon's container outlives it"
+    );
     let d = Daemon::start(&p);
     let r = d.wait_status(id, "succeeded");
-    let (status, _) = engine("GET", &format!("/containers/{orphan}/json"), None);
-    assert_eq!(status, 404, "the orphan was removed");
+    assert!(!container_exists(&orphan), "the orphan was removed");
     assert!(
         d.log_text()
             .contains("removing a container left behind by an interrupted step"),

@@ -270,3 +270,35 @@ outputs = ["out"]
         assert!(env.contains(want), "{want} missing from {env}");
     }
 }
+
+/// A container sees the same mount paths and only the params it uses, through its
+/// own settings (`command`, `workdir`) as through `args`.
+#[test]
+fn a_container_step_expands_mounts_and_params_in_its_settings() {
+    let p = Project::new();
+    p.write("data/rows.txt", "b\na\n");
+    let f = p.write(
+        "c.toml",
+        r#"
+[params]
+sep = "-"
+unused = 7
+[inputs.rows]
+path = "data/rows.txt"
+[[step]]
+name = "sort"
+container = { image = "localhost/millrace-busybox:1", command = ["sh", "-c"], workdir = "${inputs.rows}" }
+args = ["sort rows.txt > ${outputs.out}/sorted.txt; pwd > ${outputs.out}/pwd.txt; env | grep MILLRACE_PARAM_ | sort > ${outputs.out}/env.txt; echo ${params.sep} >> ${outputs.out}/env.txt"]
+inputs = { rows = "inputs.rows" }
+outputs = ["out"]
+"#,
+    );
+    let out = p.run(&["run", f.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = p.run(&["output", "1", "sort.out", "-o", "got"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let read = |f: &str| std::fs::read_to_string(p.path(&format!("got/{f}"))).unwrap();
+    assert_eq!(read("sorted.txt"), "a\nb\n");
+    assert_eq!(read("pwd.txt"), "/in/rows\n");
+    assert_eq!(read("env.txt"), "MILLRACE_PARAM_SEP=-\n-\n");
+}

@@ -8,7 +8,7 @@ use anyhow::Context;
 
 use super::progress::{cancel_on_signal, finish_run, progress, run_error};
 use super::validate::{environment_for, load_in, parse_params};
-use super::{Cli, CompletionShell, engine_for, engine_on, graph, run_id, service, style};
+use super::{Cli, CompletionShell, engine_for, engine_with_cache, graph, run_id, service, style};
 use crate::diagnostic::display_path;
 use crate::engine::RunRequest;
 use crate::graph::Graph;
@@ -167,13 +167,7 @@ pub async fn runtime_prepare(
                     (d.clone(), Some(Scratch(d)))
                 }
             };
-            let store = crate::store::Store::open(&state)
-                .with_context(|| format!("cannot open the state directory {}", state.display()))?
-                .with_cache_dir(dir);
-            (
-                engine_on(std::sync::Arc::new(store), None, config)?,
-                scratch,
-            )
+            (engine_with_cache(&state, None, config, Some(dir))?, scratch)
         }
     };
     let started = std::time::Instant::now();

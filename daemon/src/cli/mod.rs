@@ -611,9 +611,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
 }
 
 pub(super) fn open_store(state: &Path) -> anyhow::Result<Arc<Store>> {
-    Ok(Arc::new(Store::open(state).with_context(|| {
-        format!("cannot open the state directory {}", state.display())
-    })?))
+    open_store_with(state, &EngineConfig::store_from_env())
+}
+
+fn open_store_with(state: &Path, config: &crate::store::StoreConfig) -> anyhow::Result<Arc<Store>> {
+    Ok(Arc::new(Store::open_with(state, config).with_context(
+        || format!("cannot open the state directory {}", state.display()),
+    )?))
 }
 
 /// The engine of `state`, its datastores, compute targets and `[python]` from
@@ -624,14 +628,15 @@ fn engine_for(
     max_parallel: Option<usize>,
     config: Option<Config>,
 ) -> anyhow::Result<Arc<Engine>> {
-    engine_on(open_store(state)?, max_parallel, config)
+    engine_with_cache(state, max_parallel, config, None)
 }
 
-/// As [`engine_for`], on a store already open.
-fn engine_on(
-    store: Arc<Store>,
+/// As [`engine_for`], compiling into `cache` (over `MILLRACE_CACHE`) when given.
+fn engine_with_cache(
+    state: &Path,
     max_parallel: Option<usize>,
     config: Option<Config>,
+    cache: Option<PathBuf>,
 ) -> anyhow::Result<Arc<Engine>> {
     let parallel = max_parallel.unwrap_or_else(|| {
         std::thread::available_parallelism()
@@ -642,6 +647,10 @@ fn engine_on(
     if let Some(config) = &config {
         engine_config = engine_config.with_config(config);
     }
+    if let Some(dir) = cache {
+        engine_config.store.wasm_cache = Some(dir);
+    }
+    let store = open_store_with(state, &engine_config.store)?;
     Ok(Arc::new(Engine::new(store, engine_config)))
 }
 

@@ -604,14 +604,13 @@ fn import(store: &Store, file: &Path, json: bool) -> anyhow::Result<i32> {
             // time cubic in its depth, and the store would refuse it anyway.
             let depth = entry.path().map(|p| p.components().count()).unwrap_or(0);
             entries += 1;
-            if depth > crate::store::walk::max_depth() + 2
-                || entries > crate::store::walk::max_entries()
-            {
+            let limits = store.limits();
+            if depth > limits.depth + 2 || entries > limits.entries {
                 return Err(Error::config(format!(
                     "{}: the archive nests deeper than {} levels or holds more than {} entries (MILLRACE_MAX_DEPTH, MILLRACE_MAX_ENTRIES); nothing was imported",
                     file.display(),
-                    crate::store::walk::max_depth(),
-                    crate::store::walk::max_entries()
+                    limits.depth,
+                    limits.entries
                 ))
                 .into());
             }

@@ -42,6 +42,32 @@ pub use queue::{SubmitError, Submitted};
 pub use recover::MAX_CRASHES;
 pub use signal::Signal;
 
+/// Why the daemon could not start (or stopped with an error). Its messages are
+/// the CLI's; the I/O causes are kept as they are.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Db(#[from] crate::store::db::DbError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("the API token file {} is empty", .0.display())]
+    EmptyToken(PathBuf),
+    // `error`, not `source`: the message already says it, once.
+    #[error("cannot read the API token file {}: {error}", path.display())]
+    Token {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error(
+        "another millrace daemon is using the state directory {} (it holds {})",
+        state_dir.display(),
+        lock.display()
+    )]
+    Busy { state_dir: PathBuf, lock: PathBuf },
+}
+
 struct Active {
     pipeline: String,
     cancel: CancellationToken,
@@ -160,15 +186,15 @@ pub fn endpoint_file(state_dir: &Path) -> PathBuf {
 
 /// Reads the API token, creating `<state>/api-token` (0600) on first start when
 /// the config names no token file.
-fn load_token(config: &Config) -> anyhow::Result<String> {
+fn load_token(config: &Config) -> Result<String, ServeError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let path = config.token_path();
     match std::fs::read_to_string(&path) {
         Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_string()),
-        Ok(_) => anyhow::bail!("the API token file {} is empty", path.display()),
+        Ok(_) => return Err(ServeError::EmptyToken(path)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && config.api.token_file.is_none() => {}
-        Err(e) => anyhow::bail!("cannot read the API token file {}: {e}", path.display()),
+        Err(error) => return Err(ServeError::Token { path, error }),
     }
     let mut bytes = [0u8; 32];
     let mut f = std::fs::File::open("/dev/urandom")?;
@@ -195,8 +221,9 @@ pub async fn serve(
     config: Config,
     listener: tokio::net::TcpListener,
     signals: impl Stream<Item = Signal>,
-) -> anyhow::Result<()> {
-    let store = Arc::new(Store::open(&config.state_dir)?);
+) -> Result<(), ServeError> {
+    let engine_config = EngineConfig::new(config.max_parallel_steps).with_config(&config);
+    let store = Arc::new(Store::open_with(&config.state_dir, &engine_config.store)?);
     // Held until this returns.
     let _lock = lock_state_dir(&config)?;
     let addr = listener.local_addr()?;
@@ -207,7 +234,7 @@ pub async fn serve(
              set `public_read = false` in [api], or listen on 127.0.0.1 behind a proxy that authenticates"
         );
     }
-    let d = Arc::new(Daemon::new(config, store)?);
+    let d = Arc::new(Daemon::new(config, store, engine_config)?);
     d.recover()?;
     // Containers of steps that were running when the last process died: found by
     // label and removed before their runs resume.
@@ -258,11 +285,12 @@ pub async fn serve(
 
 impl Daemon {
     /// The daemon of one state directory, complete, before anything of it runs.
-    fn new(config: Config, store: Arc<Store>) -> anyhow::Result<Daemon> {
-        let engine = Engine::new(
-            store,
-            EngineConfig::new(config.max_parallel_steps).with_config(&config),
-        );
+    fn new(
+        config: Config,
+        store: Arc<Store>,
+        engine_config: EngineConfig,
+    ) -> Result<Daemon, ServeError> {
+        let engine = Engine::new(store, engine_config);
         let token = load_token(&config)?;
         Ok(Daemon {
             config,
@@ -283,7 +311,7 @@ impl Daemon {
 /// One daemon per state directory: two would fire every trigger twice. The
 /// lock is the returned file's; it ends when the file is dropped (or the
 /// process dies).
-pub fn lock_state_dir(config: &Config) -> anyhow::Result<std::fs::File> {
+pub fn lock_state_dir(config: &Config) -> Result<std::fs::File, ServeError> {
     let lock_path = config.state_dir.join("daemon.lock");
     let lock = std::fs::OpenOptions::new()
         .create(true)
@@ -291,11 +319,10 @@ pub fn lock_state_dir(config: &Config) -> anyhow::Result<std::fs::File> {
         .write(true)
         .open(&lock_path)?;
     if lock.try_lock().is_err() {
-        anyhow::bail!(
-            "another millrace daemon is using the state directory {} (it holds {})",
-            config.state_dir.display(),
-            lock_path.display()
-        );
+        return Err(ServeError::Busy {
+            state_dir: config.state_dir.clone(),
+            lock: lock_path,
+        });
     }
     Ok(lock)
 }
@@ -339,4 +366,51 @@ async fn shutdown(d: &Arc<Daemon>) {
         }
     }
     tracing::info!("stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &Path) -> Config {
+        let text = format!(
+            "pipelines = \"p\"\nstate_dir = \"{}\"\n[api]\nlisten = \"127.0.0.1:0\"\n",
+            dir.join("state").display()
+        );
+        let (c, report) = crate::config::parse(&dir.join("millrace.toml"), text);
+        let c = c.unwrap_or_else(|| panic!("{report}"));
+        std::fs::create_dir_all(&c.state_dir).unwrap();
+        c
+    }
+
+    #[test]
+    fn a_second_lock_on_a_state_directory_names_the_lock_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = config(dir.path());
+        let _held = lock_state_dir(&c).unwrap();
+        let err = lock_state_dir(&c).unwrap_err();
+        assert!(matches!(err, ServeError::Busy { .. }));
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "another millrace daemon is using the state directory {} (it holds {})",
+                c.state_dir.display(),
+                c.state_dir.join("daemon.lock").display()
+            )
+        );
+    }
+
+    #[test]
+    fn the_token_is_created_once_and_an_empty_token_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = config(dir.path());
+        let token = load_token(&c).unwrap();
+        assert_eq!(token.len(), 64);
+        assert_eq!(load_token(&c).unwrap(), token);
+        std::fs::write(c.token_path(), "\n").unwrap();
+        assert_eq!(
+            load_token(&c).unwrap_err().to_string(),
+            format!("the API token file {} is empty", c.token_path().display())
+        );
+    }
 }

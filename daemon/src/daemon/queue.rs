@@ -430,7 +430,9 @@ mod tests {
         let (config, report) = crate::config::load(&config_path).unwrap();
         let config = config.unwrap_or_else(|| panic!("{report}"));
         let store = Arc::new(crate::store::Store::open(&config.state_dir).unwrap());
-        let d = Arc::new(Daemon::new(config, store).unwrap());
+        let engine_config =
+            crate::engine::EngineConfig::new(config.max_parallel_steps).with_config(&config);
+        let d = Arc::new(Daemon::new(config, store, engine_config).unwrap());
         d.reload();
         assert!(
             d.pipeline("p").is_some(),

@@ -16,7 +16,7 @@ impl Daemon {
     /// At start: runs a crash left `running` are `interrupted`; interrupted runs
     /// the daemon owned are queued again to finish (`resume_interrupted`), unless
     /// the process already stopped [`MAX_CRASHES`] times while running them.
-    pub(super) fn recover(&self) -> anyhow::Result<()> {
+    pub(super) fn recover(&self) -> crate::store::db::Result<()> {
         let mut db = self.store().db();
         for r in db.read().runs_with_status(RunStatus::Running)? {
             if crate::engine::RunLock::is_held(self.store(), r.id) {

@@ -127,6 +127,7 @@ impl RunContext {
             log,
             log_cap: 0,
             disk_cap: u64::MAX,
+            walk: self.store().limits(),
         };
         let on_placement = |_: &Placement| {};
         let ctx = self.attempt_ctx(i, attempt, None, &on_placement);
@@ -386,6 +387,7 @@ impl RunContext {
             log,
             log_cap: self.engine.config.log_cap,
             disk_cap: self.engine.config.output_cap,
+            walk: self.store().limits(),
         })
     }
 
@@ -410,6 +412,7 @@ impl RunContext {
             size += checked_size(
                 &dir_out.join(o.get_ref()),
                 &format!("output `{}`", o.get_ref()),
+                self.store().limits(),
             )
             .map_err(|e| {
                 log.note(&format!("step failed: {e}"));

@@ -21,7 +21,7 @@ use crate::executor::workspace::WorkspacePool;
 use crate::model::{RunStatus, StepStatus};
 use crate::planner::code::{Memo, SNAPSHOTS, code_of, code_snapshot, file_digest, python_variant};
 use crate::planner::{self, InputMode, PlanError, Planned, Planner};
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreConfig, StoreError, walk};
 
 mod attempt;
 mod lifecycle;
@@ -59,6 +59,10 @@ pub struct EngineConfig {
     /// Most bytes a step's outputs (and its /tmp) may hold together
     /// (`MILLRACE_OUTPUT_CAP`, default [`OUTPUT_CAP`]).
     pub output_cap: u64,
+    /// The store's walk limits (`MILLRACE_MAX_DEPTH`, `MILLRACE_MAX_ENTRIES`) and
+    /// compiled-code cache (`MILLRACE_CACHE`): the store the engine runs on is
+    /// opened with it ([`Store::open_with`]).
+    pub store: StoreConfig,
 }
 
 impl EngineConfig {
@@ -72,6 +76,30 @@ impl EngineConfig {
             python: crate::config::Python::default(),
             log_cap: size_from_env("MILLRACE_LOG_CAP").unwrap_or(LOG_CAP),
             output_cap: size_from_env("MILLRACE_OUTPUT_CAP").unwrap_or(OUTPUT_CAP),
+            store: EngineConfig::store_from_env(),
+        }
+    }
+
+    /// The store's part alone, with its environment overrides: also for the
+    /// commands that open a store without an engine. An unset, empty or
+    /// unreadable variable (or a zero limit) leaves the default.
+    pub fn store_from_env() -> StoreConfig {
+        let count = |name: &str| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .filter(|&n| n > 0)
+        };
+        StoreConfig {
+            limits: walk::Limits {
+                depth: count("MILLRACE_MAX_DEPTH")
+                    .and_then(|n| usize::try_from(n).ok())
+                    .unwrap_or(walk::DEFAULT_MAX_DEPTH),
+                entries: count("MILLRACE_MAX_ENTRIES").unwrap_or(walk::DEFAULT_MAX_ENTRIES),
+            },
+            wasm_cache: std::env::var_os("MILLRACE_CACHE")
+                .filter(|d| !d.is_empty())
+                .map(PathBuf::from),
         }
     }
 

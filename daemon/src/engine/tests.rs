@@ -142,9 +142,11 @@ fn step_statuses(engine: &Engine, run: i64) -> HashMap<String, StepStatus> {
         .collect()
 }
 
+/// A step whose key is its own (its name is an argument): two steps reading
+/// the same input would otherwise share a key, and one could reuse the other.
 fn wasm_step(name: &str, inputs: &str) -> String {
     format!(
-        "[[step]]\nname = \"{name}\"\nwasm = \"step.wasm\"\ninputs = {{ {inputs} }}\noutputs = [\"out\"]\n"
+        "[[step]]\nname = \"{name}\"\nwasm = \"step.wasm\"\nargs = [\"{name}\"]\ninputs = {{ {inputs} }}\noutputs = [\"out\"]\n"
     )
 }
 

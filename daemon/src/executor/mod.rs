@@ -122,6 +122,8 @@ pub struct AttemptSpec {
     pub log_cap: u64,
     /// What `/out`, `/tmp` and `/millrace` may hold together.
     pub disk_cap: u64,
+    /// The depth and entry limits of their walks.
+    pub walk: crate::store::walk::Limits,
 }
 
 impl AttemptSpec {
@@ -430,7 +432,7 @@ impl Executor {
     /// watched meanwhile; past it the program is stopped.
     pub async fn run(&self, spec: AttemptSpec, ctx: &AttemptCtx<'_>) -> Result<Outcome, ExecError> {
         let cap = spec.disk_cap;
-        let watch = workspace::watch(spec.watched(), cap);
+        let watch = workspace::watch(spec.watched(), cap, spec.walk);
         match (self, &spec.program) {
             (Executor::Transfer, Program::Publish { from, to, mode }) => {
                 tokio::task::block_in_place(|| transfer::publish(ctx.artifacts, from, to, *mode))

@@ -13,14 +13,6 @@ use std::time::{Duration, Instant};
 use crate::executor::LogFile;
 use crate::store::walk;
 
-/// Bytes of regular files under `dir`, as far as the depth and entry limits go
-/// (a symlink at `dir` is not followed: it holds nothing).
-pub fn tree_size(dir: &Path) -> u64 {
-    walk::usage(dir, walk::max_depth(), walk::max_entries())
-        .0
-        .bytes
-}
-
 /// A tree past a walk limit, named as the step sees it (e.g. "output `o`").
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{limit} in {what}")]
@@ -30,8 +22,8 @@ pub struct Overgrown {
 }
 
 /// What `dir` holds, or the limit it breaks, named with `what` (e.g. "output `o`").
-pub fn checked_size(dir: &Path, what: &str) -> Result<u64, Overgrown> {
-    match walk::usage(dir, walk::max_depth(), walk::max_entries()) {
+pub fn checked_size(dir: &Path, what: &str, limits: walk::Limits) -> Result<u64, Overgrown> {
+    match walk::usage(dir, limits.depth, limits.entries) {
         (u, None) => Ok(u.bytes),
         (_, Some(limit)) => Err(Overgrown {
             limit,
@@ -51,14 +43,14 @@ pub enum Overrun {
 
 /// Resolves when the directories (with their names in the sandbox) hold more than
 /// `cap` bytes together, or one breaks the depth limit, or together the entry
-/// limit: the disk cap on a step's writable directories. The kernel cannot
+/// limit (`limits`): the disk cap on a step's writable directories. The kernel cannot
 /// enforce it on a bind-mounted host directory for an unprivileged daemon, so it
 /// is polled. A walk costs what the trees hold, so walks are spaced to keep them
 /// under a tenth of a core's time (every 50 ms for small trees, at most every
 /// 5 s); between walks, one `statvfs` every 50 ms watches the free space of their
 /// filesystem, and a fall larger than what is left under the cap walks at once.
 /// So a guest writing fast is seen within ~50 ms however large its trees.
-pub async fn watch(dirs: Vec<(String, PathBuf)>, cap: u64) -> Overrun {
+pub async fn watch(dirs: Vec<(String, PathBuf)>, cap: u64, limits: walk::Limits) -> Overrun {
     const TICK: Duration = Duration::from_millis(50);
     let mut interval = TICK;
     let mut last_walk: Option<(Instant, u64, Option<u64>)> = None;
@@ -78,7 +70,7 @@ pub async fn watch(dirs: Vec<(String, PathBuf)>, cap: u64) -> Overrun {
         let dirs = dirs.clone();
         let started = Instant::now();
         let seen = tokio::task::spawn_blocking(move || -> Result<u64, Overrun> {
-            let (depth, mut entries_left) = (walk::max_depth(), walk::max_entries());
+            let (depth, mut entries_left) = (limits.depth, limits.entries);
             let mut bytes = 0u64;
             for (name, d) in &dirs {
                 let (u, limit) = walk::usage(d, depth, entries_left);
@@ -86,7 +78,7 @@ pub async fn watch(dirs: Vec<(String, PathBuf)>, cap: u64) -> Overrun {
                 if let Some(limit) = limit {
                     let limit = match limit {
                         // The count is over all the directories together.
-                        walk::Limit::Entries(_) => walk::Limit::Entries(walk::max_entries()),
+                        walk::Limit::Entries(_) => walk::Limit::Entries(limits.entries),
                         l => l,
                     };
                     return Err(Overrun::Limit(format!("{limit} in {name}")));
@@ -122,12 +114,12 @@ fn free_bytes(dir: &Path) -> Option<u64> {
 
 /// [`watch`] for the bytes alone (a Slurm job reports only those): resolves with
 /// what the directories hold once it is more than `cap`, or a limit is broken.
-pub async fn watch_disk(dirs: Vec<PathBuf>, cap: u64) -> u64 {
+pub async fn watch_disk(dirs: Vec<PathBuf>, cap: u64, limits: walk::Limits) -> u64 {
     let named = dirs
         .into_iter()
         .map(|d| (d.display().to_string(), d))
         .collect();
-    match watch(named, cap).await {
+    match watch(named, cap, limits).await {
         Overrun::Bytes(used) => used,
         // Past a limit the bytes below it are not counted: report the cap broken.
         Overrun::Limit(_) => cap.saturating_add(1),
@@ -413,10 +405,18 @@ mod tests {
         for i in 0..5_000 {
             fs::create_dir(ws.dir_tmp().join(format!("d{i}"))).unwrap();
         }
-        assert!(checked_size(&ws.dir_out().join("o"), "output `o`")
+        assert!(
+            checked_size(
+                &ws.dir_out().join("o"),
+                "output `o`",
+                walk::Limits::default()
+            )
             .unwrap_err()
             .to_string()
-            .contains("directory depth limit of 256 levels exceeded (MILLRACE_MAX_DEPTH) in output `o`"));
+            .contains(
+                "directory depth limit of 256 levels exceeded (MILLRACE_MAX_DEPTH) in output `o`"
+            )
+        );
         let started = Instant::now();
         ws.reset().unwrap();
         eprintln!("reset: {:?}", started.elapsed());

@@ -77,12 +77,28 @@ pub struct Store {
     pub root: PathBuf,
     db: Mutex<Db>,
     pub artifacts: ArtifactStore,
-    /// `runtime prepare --cache DIR`: the precompile cache, over `MILLRACE_CACHE`.
-    cache: Option<PathBuf>,
+    /// Where compiled wasm is kept (see [`Store::wasm_cache_dir`]).
+    wasm_cache: PathBuf,
+}
+
+/// What a store is opened with: the walk limits and the compiled-code cache.
+/// `millrace` builds it with the engine's configuration
+/// (`engine::EngineConfig::store`, where the environment overrides are read).
+#[derive(Debug, Clone, Default)]
+pub struct StoreConfig {
+    pub limits: walk::Limits,
+    /// Precompiled wasm elsewhere than `<state>/cache/wasm` (`MILLRACE_CACHE`).
+    pub wasm_cache: Option<PathBuf>,
 }
 
 impl Store {
+    /// The store at `root` with the default limits and cache: the tests' and the
+    /// library's; `millrace` itself opens with [`Store::open_with`].
     pub fn open(root: &Path) -> Result<Store, StoreError> {
+        Store::open_with(root, &StoreConfig::default())
+    }
+
+    pub fn open_with(root: &Path, config: &StoreConfig) -> Result<Store, StoreError> {
         let dir_err = |source| StoreError::Dir {
             path: root.to_path_buf(),
             source,
@@ -104,20 +120,19 @@ impl Store {
             })?;
         }
         let db = Db::open(&db_path)?;
-        let artifacts = ArtifactStore::open(&root.join("objects"))?;
+        let artifacts = ArtifactStore::open(&root.join("objects"))?.with_limits(config.limits);
+        let wasm_cache = config
+            .wasm_cache
+            .clone()
+            .unwrap_or_else(|| root.join("cache").join("wasm"));
         Ok(Store {
             root,
             db: Mutex::new(db),
             artifacts,
-            cache: None,
+            wasm_cache,
         })
     }
 
-    /// The same store, compiling into `dir` instead of the usual cache.
-    pub fn with_cache_dir(mut self, dir: PathBuf) -> Store {
-        self.cache = Some(dir);
-        self
-    }
 
     /// The database; hold the guard only for a few statements.
     pub fn db(&self) -> MutexGuard<'_, Db> {
@@ -134,17 +149,17 @@ impl Store {
         self.root.join("logs").join(run.to_string())
     }
 
-    /// Precompiled wasm: `<state>/cache/wasm`, or `$MILLRACE_CACHE` when set (so
-    /// the tests and several state directories share one compile of the Python
-    /// runtime). Only millrace writes there; no guest ever sees it.
+    /// Precompiled wasm: `<state>/cache/wasm`, or the configured cache
+    /// (`MILLRACE_CACHE`, so the tests and several state directories share one
+    /// compile of the Python runtime). Only millrace writes there; no guest ever
+    /// sees it.
     pub fn wasm_cache_dir(&self) -> PathBuf {
-        if let Some(d) = &self.cache {
-            return d.clone();
-        }
-        match std::env::var_os("MILLRACE_CACHE") {
-            Some(d) if !d.is_empty() => PathBuf::from(d),
-            _ => self.root.join("cache").join("wasm"),
-        }
+        self.wasm_cache.clone()
+    }
+
+    /// What the walks of guest-written trees stop at.
+    pub fn limits(&self) -> walk::Limits {
+        self.artifacts.limits()
     }
 
     /// Takes the store lock shared, waiting while `gc` holds it: every process that

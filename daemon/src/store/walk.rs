@@ -22,28 +22,25 @@ pub const DEFAULT_MAX_DEPTH: usize = 256;
 /// together while it runs.
 pub const DEFAULT_MAX_ENTRIES: u64 = 1_000_000;
 
-/// The depth limit (`MILLRACE_MAX_DEPTH`, default [`DEFAULT_MAX_DEPTH`]).
-pub fn max_depth() -> usize {
-    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *V.get_or_init(|| {
-        std::env::var("MILLRACE_MAX_DEPTH")
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .filter(|&n| n > 0)
-            .unwrap_or(DEFAULT_MAX_DEPTH)
-    })
+/// The depth and entry limits of the walks of what a guest wrote. The engine's
+/// configuration holds them (`EngineConfig::store`, with the environment
+/// overrides `MILLRACE_MAX_DEPTH` and `MILLRACE_MAX_ENTRIES`); a store and an
+/// attempt's spec carry them to the walks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Limits {
+    /// Most directory levels below a walk's root.
+    pub depth: usize,
+    /// Most files and directories in one walk.
+    pub entries: u64,
 }
 
-/// The entry limit (`MILLRACE_MAX_ENTRIES`, default [`DEFAULT_MAX_ENTRIES`]).
-pub fn max_entries() -> u64 {
-    static V: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *V.get_or_init(|| {
-        std::env::var("MILLRACE_MAX_ENTRIES")
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .filter(|&n| n > 0)
-            .unwrap_or(DEFAULT_MAX_ENTRIES)
-    })
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            depth: DEFAULT_MAX_DEPTH,
+            entries: DEFAULT_MAX_ENTRIES,
+        }
+    }
 }
 
 /// A limit a walk stopped at.
@@ -563,11 +560,10 @@ impl Drain {
 /// over), regular files and directories only, by descriptor and without recursion:
 /// a Slurm step's `/out` comes back this way from the shared directory. Deeper
 /// than the depth limit is an error naming it.
-pub fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
+pub fn copy_tree(from: &Path, to: &Path, depth_limit: usize) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     use std::rc::Rc;
     std::fs::create_dir_all(to)?;
-    let depth_limit = max_depth();
     // Pending directories hold their parents' descriptors and are opened when
     // their turn comes: one pair of descriptors per level, however wide.
     type Pending = (Rc<Dir>, Rc<Dir>, Option<CString>, usize);

@@ -258,9 +258,9 @@ pub async fn submit(args: &[String], script: &Path) -> Result<String, SlurmError
 }
 
 /// Copies a directory tree (files and directories only; symlinks are skipped).
-pub fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+pub fn copy_tree(from: &Path, to: &Path, depth_limit: usize) -> std::io::Result<()> {
     // What comes back is the guest's: copied without recursion, depth-limited.
-    crate::store::walk::copy_tree(from, to)
+    crate::store::walk::copy_tree(from, to, depth_limit)
 }
 
 /// Cancels the job and removes its staging directory when dropped, unless

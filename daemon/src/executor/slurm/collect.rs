@@ -65,6 +65,7 @@ pub(super) fn copy_back(
     staged: &[Staged],
     files: &Files,
     outcome: &Outcome,
+    depth_limit: usize,
 ) -> Result<(), SlurmError> {
     if outcome.failure().is_none() {
         for s in staged {
@@ -74,7 +75,7 @@ pub(super) fn copy_back(
             {
                 remove_tree(host)
                     .map_err(|e| SlurmError::Stage(format!("{}: {e}", host.display())))?;
-                copy_tree(c, host)
+                copy_tree(c, host, depth_limit)
                     .map_err(|e| SlurmError::Stage(format!("cannot copy {guest} back: {e}")))?;
             }
         }
@@ -82,7 +83,7 @@ pub(super) fn copy_back(
         && let Some(c) = &s.copy
     {
         // Metrics of a failed step are still recorded.
-        let _ = remove_tree(&s.mount.host).and_then(|()| copy_tree(c, &s.mount.host));
+        let _ = remove_tree(&s.mount.host).and_then(|()| copy_tree(c, &s.mount.host, depth_limit));
     }
     let _ = remove_tree(&files.dir);
     Ok(())

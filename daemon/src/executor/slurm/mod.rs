@@ -150,7 +150,7 @@ pub async fn run_attempt(
     };
     guard.job = None;
     let outcome = collect::outcome(&job, &files, last.as_ref(), &spec);
-    tokio::task::block_in_place(|| collect::copy_back(&staged, &files, &outcome))?;
+    tokio::task::block_in_place(|| collect::copy_back(&staged, &files, &outcome, spec.walk.depth))?;
     Ok(outcome)
 }
 

@@ -29,6 +29,9 @@ pub struct JobSpec {
     /// the daemon).
     #[serde(default = "no_cap")]
     pub output_cap: u64,
+    /// The daemon's walk limits (MILLRACE_MAX_DEPTH, MILLRACE_MAX_ENTRIES).
+    #[serde(default)]
+    pub walk: crate::store::walk::Limits,
 }
 
 fn no_cap() -> u64 {
@@ -141,7 +144,7 @@ async fn run_spec(spec: &JobSpec) -> JobResult {
         .collect();
     let ran = tokio::select! {
         r = wasm.run(&spec.program, &spec.digest, sandbox) => r,
-        used = crate::executor::workspace::watch_disk(watched, spec.output_cap) => {
+        used = crate::executor::workspace::watch_disk(watched, spec.output_cap, spec.walk) => {
             return JobResult::DiskFull { used };
         }
     };

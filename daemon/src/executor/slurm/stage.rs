@@ -76,7 +76,7 @@ pub(super) fn write(
     let mut mounts = Vec::new();
     for s in staged {
         if let Some(c) = &s.copy {
-            copy_tree(&s.mount.host, c).map_err(|e| {
+            copy_tree(&s.mount.host, c, spec.walk.depth).map_err(|e| {
                 err(format!(
                     "cannot stage {} into {}: {e}",
                     s.mount.guest,
@@ -116,6 +116,7 @@ pub(super) fn write(
         log_cap: spec.log_cap,
         result: files.result.clone(),
         output_cap: spec.disk_cap,
+        walk: spec.walk,
     };
     let exe = std::env::current_exe()
         .map_err(|e| err(format!("cannot find the millrace binary: {e}")))?;

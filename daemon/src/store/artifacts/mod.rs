@@ -147,6 +147,8 @@ pub enum Mode {
 #[derive(Debug, Clone)]
 pub struct ArtifactStore {
     root: PathBuf,
+    /// What a walk of a guest's output (and a materialised tree's depth) stops at.
+    limits: walk::Limits,
 }
 
 impl ArtifactStore {
@@ -157,7 +159,17 @@ impl ArtifactStore {
         }
         Ok(ArtifactStore {
             root: root.to_path_buf(),
+            limits: walk::Limits::default(),
         })
+    }
+
+    /// The same store, walking within `limits`.
+    pub fn with_limits(self, limits: walk::Limits) -> ArtifactStore {
+        ArtifactStore { limits, ..self }
+    }
+
+    pub fn limits(&self) -> walk::Limits {
+        self.limits
     }
 
     pub fn blob_path(&self, digest: &str) -> PathBuf {
@@ -203,7 +215,7 @@ impl ArtifactStore {
             }
         })?;
         let entry_limit = if mode == Mode::Move {
-            walk::max_entries()
+            self.limits.entries
         } else {
             // A user's dataset is as large as it is; only what a guest wrote is bounded.
             u64::MAX
@@ -214,7 +226,7 @@ impl ArtifactStore {
             mode,
             known,
             &mut out,
-            walk::max_depth(),
+            self.limits.depth,
             entry_limit,
         )?;
         out.digest = digest;
@@ -581,7 +593,7 @@ impl ArtifactStore {
         fs::create_dir_all(dest).map_err(io_err(dest))?;
         // The root is the host's choice (a sandbox mount, `output -o DIR`): followed.
         let root = Rc::new(Dir::open_following(dest).map_err(io_err(dest))?);
-        let depth_limit = walk::max_depth();
+        let depth_limit = self.limits.depth;
         let (file_mode, dir_mode) = if link { (0o444, 0o755) } else { (0o644, 0o755) };
         let exists = |path: &Path, e: io::Error| {
             if e.kind() == io::ErrorKind::AlreadyExists {
