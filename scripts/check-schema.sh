@@ -31,3 +31,27 @@ done
 # The schema named in each file's header (a relative path, as editors resolve it).
 RUST_LOG=warn "$taplo" check "${files[@]}"
 echo "check-schema: ${#files[@]} files valid against docs/schema/"
+
+# The rejected golden cases (daemon/tests/ui/*.toml): those whose mistake a schema can
+# express (an unknown key, a wrong type or value, two kinds in one step, broken TOML)
+# must fail it too; the others (references, cycles, paths, durations, names) are
+# well-formed and must pass it, so the schema is not stricter than the parser.
+schema_rejects=(bad_trigger concurrency_mistakes container_mistakes invalid_toml invalid_utf8
+    transfer_mode two_kinds unknown_compute unknown_key wrong_type)
+pipeline_schema="file://$root/docs/schema/pipeline.schema.json"
+for f in daemon/tests/ui/*.toml; do
+    name="$(basename "$f" .toml)"
+    if RUST_LOG=off "$taplo" check --schema "$pipeline_schema" "$f" >/dev/null 2>&1; then
+        verdict=accepted
+    else
+        verdict=rejected
+    fi
+    want=accepted
+    [[ " ${schema_rejects[*]} " == *" $name "* ]] && want=rejected
+    if [[ $verdict != "$want" ]]; then
+        echo "check-schema: the schema $verdict $f, which it should have $want ($name.err says why the parser refuses it)" >&2
+        RUST_LOG=warn "$taplo" check --schema "$pipeline_schema" "$f" >&2 || true
+        exit 1
+    fi
+done
+echo "check-schema: the golden cases: ${#schema_rejects[@]} rejected by the schema as by the parser, the rest well-formed"
