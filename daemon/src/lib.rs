@@ -56,6 +56,8 @@
 //!   concurrency (`daemon/queue.rs`), crash recovery (`daemon/recover.rs`), the
 //!   process's signals ([`daemon::signal`]), the REST API with its OpenAPI document
 //!   and the web UI ([`daemon::api`]) and Prometheus metrics ([`daemon::metrics`]).
+//! - [`schema`]: JSON Schemas of the pipeline file and the daemon config, their keys
+//!   asked of the parser (`millrace schema`, `docs/schema/`).
 //! - [`cli`]: the `millrace` command line over all of the above, by command group;
 //!   its exit codes in one place (`cli/error.rs`); graph drawing (`cli/graph.rs`).
 
@@ -72,6 +74,7 @@ pub mod graph;
 pub mod model;
 pub mod module;
 pub mod planner;
+pub mod schema;
 pub mod store;
 pub mod trigger;
 pub mod view;

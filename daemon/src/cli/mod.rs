@@ -302,6 +302,16 @@ neither the daemon nor `millrace resume` takes it up again.")]
         #[arg(short = 'o', long, value_name = "DIR")]
         dir: Option<PathBuf>,
     },
+    /// Print the JSON Schema of a pipeline file or of the daemon config (for taplo
+    /// and editors; docs/schema/ holds them, scripts/schema.sh rewrites them).
+    #[command(after_help = "Examples:
+  millrace schema pipeline > docs/schema/pipeline.schema.json
+  taplo check --schema file://$PWD/docs/schema/config.schema.json config/millrace.toml")]
+    Schema {
+        /// Which file the schema is for.
+        #[arg(value_enum)]
+        which: SchemaWhich,
+    },
     /// Next firings of cron triggers, in each trigger's time zone; with
     /// --simulate FROM TO every firing in that window (across DST changes).
     Schedule {
@@ -318,6 +328,15 @@ neither the daemon nor `millrace resume` takes it up again.")]
         #[arg(long, value_name = "N", default_value_t = 10)]
         count: usize,
     },
+}
+
+/// The files `schema` describes.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum SchemaWhich {
+    /// A pipeline file (`*.toml` in the pipelines directory).
+    Pipeline,
+    /// The daemon config (`millrace.toml`).
+    Config,
 }
 
 /// The shells `completions` writes for.
@@ -518,6 +537,17 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Completions { shell } => commands::completions(shell),
         Command::Manpage { dir } => commands::manpage(dir.as_deref()),
+        Command::Schema { which } => {
+            let which = match which {
+                SchemaWhich::Pipeline => crate::schema::Which::Pipeline,
+                SchemaWhich::Config => crate::schema::Which::Config,
+            };
+            print!(
+                "{}",
+                crate::schema::text(which).map_err(anyhow::Error::msg)?
+            );
+            Ok(0)
+        }
         Command::ExecStep { spec } => Ok(crate::executor::slurm::exec_step(&spec).await),
         Command::Resume { run, config } => {
             commands::resume(&cli.state, &run, config.as_deref(), json).await
