@@ -433,6 +433,7 @@ impl Walker {
             datastores: env.datastores.clone(),
         };
         self.scope(&mut pipeline, text);
+        self.code_beside_data(&pipeline, env);
         Some(pipeline)
     }
 
