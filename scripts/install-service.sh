@@ -8,7 +8,8 @@
 #   /etc/tmpfiles.d/millrace.conf               /srv/millrace/data, /etc/millrace/pipelines
 #   /etc/millrace/millrace.toml                 config/millrace.toml, the packaged config
 #   /etc/millrace/api-token                     generated once, root:millrace 0640
-#   /etc/millrace/pipelines/                    the example pipeline (systemd/pipelines/)
+#   /etc/millrace/pipelines/                    the example pipeline (systemd/pipelines/), its
+#                                               plugins/ a link to /usr/lib/millrace/plugins
 #   /srv/millrace/data/wine/wine.csv            its dataset, in the datastore `default`
 #   /var/cache/millrace/wasm/                   the Python runtime compiled ahead of the
 #                                               first Python step ($MILLRACE_CACHE)
@@ -147,6 +148,13 @@ if ((example)); then
         install -D -m 0644 "$root/systemd/pipelines/python/profile.py" \
             /etc/millrace/pipelines/python/profile.py
         say "installed the example pipeline /etc/millrace/pipelines/wine-profile.toml"
+    fi
+    # The example names its plugin `plugins/csv-clean.wasm`, beside itself (in the
+    # checkout, systemd/pipelines/plugins links to plugins/dist): here a link to the
+    # package's plugins, which an upgrade replaces while the path stays.
+    if [[ ! -e /etc/millrace/pipelines/plugins && ! -L /etc/millrace/pipelines/plugins ]]; then
+        ln -s /usr/lib/millrace/plugins /etc/millrace/pipelines/plugins
+        say "linked /etc/millrace/pipelines/plugins to /usr/lib/millrace/plugins"
     fi
     if [[ ! -e /srv/millrace/data/wine/wine.csv ]]; then
         install -d -o millrace -g millrace -m 0750 /srv/millrace/data/wine

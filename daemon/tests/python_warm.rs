@@ -399,6 +399,135 @@ python = { script = "hi.py", code = "code", snapshot = false }
     );
 }
 
+/// `runs show` (text and JSON, the API's `RunView`) and `explain` say which
+/// interpreter each Python step ran on, and why the base runtime.
+#[test]
+fn runs_show_and_explain_say_which_interpreter_a_step_used() {
+    warm();
+    let p = Project::new();
+    p.write("code/hi.py", "print('hi')\n");
+    // A script of its own: with the snapshot off its key must not equal `small`'s.
+    p.write("code/warm.py", "print('warm')\n");
+    let f = p.write(
+        "variants.toml",
+        r#"
+[[step]]
+name = "warm"
+python = { script = "warm.py", code = "code" }
+[[step]]
+name = "small"
+python = { script = "hi.py", code = "code" }
+memory = "64MiB"
+[[step]]
+name = "env"
+python = { script = "hi.py", code = "code" }
+env = { OMP_NUM_THREADS = "1" }
+[[step]]
+name = "off"
+python = { script = "hi.py", code = "code", snapshot = false }
+"#,
+    );
+    let f = f.to_str().unwrap();
+    let out = p.run(&["run", f]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let shown = |p: &Project| -> serde_json::Value {
+        let out = p.run(&["--json", "runs", "show", "latest"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let view = shown(&p);
+    let python = |v: &serde_json::Value, step: &str| -> serde_json::Value {
+        v["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == step)
+            .unwrap()["python"]
+            .clone()
+    };
+    assert_eq!(python(&view, "warm")["variant"], "warm", "{view}");
+    assert_eq!(python(&view, "warm")["recipe"].as_str().unwrap().len(), 64);
+    for (step, reason) in [
+        ("small", "memory_below_floor"),
+        ("env", "import_time_env"),
+        ("off", "step_off"),
+    ] {
+        let py = python(&view, step);
+        assert_eq!(
+            (&py["variant"], &py["reason"]),
+            (&"base".into(), &reason.into()),
+            "{step}: {py}"
+        );
+    }
+    assert!(
+        python(&view, "env")["detail"]
+            .as_str()
+            .unwrap()
+            .contains("OMP_NUM_THREADS")
+    );
+    let text = String::from_utf8(p.run(&["runs", "show", "latest"]).stdout).unwrap();
+    assert!(
+        text.contains("python: the warm interpreter (snapshot "),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "python: the base runtime: its memory limit of 64MiB is below the snapshot's floor of 128MiB"
+        ),
+        "{text}"
+    );
+
+    // The same pipeline with the snapshot off in the config: the warm step runs
+    // again and `explain` names the interpreter as what changed; the others keep
+    // their keys and are reused (no interpreter ran: null).
+    let cold = config(&p, "snapshot = false");
+    let out = p.run(&["run", f, "--config", &cold]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let view = shown(&p);
+    assert_eq!(python(&view, "warm")["reason"], "config_off", "{view}");
+    assert!(python(&view, "small").is_null(), "{view}");
+    let out = p.run(&["explain", "latest", "warm"]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("python interpreter changed: the warm interpreter (snapshot ")
+            && text.contains("→ the base runtime: `[python] snapshot = false`"),
+        "{text}"
+    );
+    assert!(text.contains("  python: the base runtime"), "{text}");
+}
+
+/// `runtime prepare --cache DIR` compiles into DIR and needs no state directory.
+/// DIR starts as hard links of the shared cache (never written in place here:
+/// both are found compiled and built), so the test takes seconds.
+#[test]
+fn runtime_prepare_uses_the_cache_it_is_given_and_no_state() {
+    warm();
+    let p = Project::new();
+    let cache = p.path("cache");
+    let copied = std::process::Command::new("cp")
+        .arg("-al")
+        .arg(crate::common::shared_cache())
+        .arg(&cache)
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    let out = p
+        .cmd(&["runtime", "prepare", "--cache", "cache"])
+        .env_remove("MILLRACE_CACHE")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}\n{}", stderr(&out));
+    assert!(
+        text.contains("already compiled in")
+            && text.contains("; cache cache\n")
+            && text.contains("warm interpreter cache/python/"),
+        "{text}"
+    );
+    assert!(text.contains("already built"), "{text}");
+    assert!(!p.path(".state").exists(), "a state directory was made");
+}
+
 #[test]
 fn memory_limits_and_deadlines_hold_on_the_warm_interpreter() {
     warm();

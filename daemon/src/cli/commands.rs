@@ -8,7 +8,7 @@ use anyhow::Context;
 
 use super::progress::{cancel_on_signal, finish_run, progress, run_error};
 use super::validate::{environment_for, load_in, parse_params};
-use super::{Cli, CompletionShell, engine_for, graph, run_id, service, style};
+use super::{Cli, CompletionShell, engine_for, engine_with_cache, graph, run_id, service, style};
 use crate::diagnostic::display_path;
 use crate::engine::RunRequest;
 use crate::graph::Graph;
@@ -106,6 +106,14 @@ pub async fn plan(
         let line = match d {
             Planned::Reuse { run, .. } => format!("{step:width$}  reuse  from run {run}"),
             Planned::Run { reason } => format!("{step:width$}  run    {reason}"),
+            Planned::Items {
+                executed,
+                reused,
+                run,
+            } => format!(
+                "{step:width$}  items  {executed} to execute, {reused} reused{}",
+                crate::view::items_named(run)
+            ),
             Planned::Pending { upstream } => format!(
                 "{step:width$}  run?   after {} (reused if its inputs come out unchanged)",
                 upstream.join(", ")
@@ -143,13 +151,33 @@ pub fn graph(
 pub async fn runtime_prepare(
     state: &Path,
     config: Option<&Path>,
+    cache: Option<PathBuf>,
     json: bool,
 ) -> anyhow::Result<i32> {
     let config = config.map(service::load_config).transpose()?;
-    let state = config
-        .as_ref()
-        .map_or(state.to_path_buf(), |c| c.state_dir.clone());
-    let engine = engine_for(&state, None, config)?;
+    let (engine, _scratch) = match cache {
+        None => {
+            let state = config
+                .as_ref()
+                .map_or(state.to_path_buf(), |c| c.state_dir.clone());
+            (engine_for(&state, None, config)?, None)
+        }
+        // Only the cache is wanted: the hashing the compile does needs a store, so a
+        // throwaway one unless a config names the state.
+        Some(dir) => {
+            let dir = std::path::absolute(&dir)
+                .with_context(|| format!("the cache directory {}", dir.display()))?;
+            let (state, scratch) = match &config {
+                Some(c) => (c.state_dir.clone(), None),
+                None => {
+                    let d = std::env::temp_dir()
+                        .join(format!("millrace-prepare-{}", std::process::id()));
+                    (d.clone(), Some(Scratch(d)))
+                }
+            };
+            (engine_with_cache(&state, None, config, Some(dir))?, scratch)
+        }
+    };
     let started = std::time::Instant::now();
     eprintln!("preparing the Python runtime (the first time takes a few minutes)…");
     let (dir, digest, cached) = engine.prepare_python().await.map_err(run_error)?;
@@ -208,6 +236,15 @@ pub async fn runtime_prepare(
         None => println!("warm interpreter: off (`[python] snapshot = false`)"),
     }
     Ok(0)
+}
+
+/// A scratch directory, removed when dropped.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// `millrace completions SHELL`: the completion script on stdout.

@@ -302,6 +302,16 @@ neither the daemon nor `millrace resume` takes it up again.")]
         #[arg(short = 'o', long, value_name = "DIR")]
         dir: Option<PathBuf>,
     },
+    /// Print the JSON Schema of a pipeline file or of the daemon config (for taplo
+    /// and editors; docs/schema/ holds them, scripts/schema.sh rewrites them).
+    #[command(after_help = "Examples:
+  millrace schema pipeline > docs/schema/pipeline.schema.json
+  taplo check --schema file://$PWD/docs/schema/config.schema.json config/millrace.toml")]
+    Schema {
+        /// Which file the schema is for.
+        #[arg(value_enum)]
+        which: SchemaWhich,
+    },
     /// Next firings of cron triggers, in each trigger's time zone; with
     /// --simulate FROM TO every firing in that window (across DST changes).
     Schedule {
@@ -320,6 +330,15 @@ neither the daemon nor `millrace resume` takes it up again.")]
     },
 }
 
+/// The files `schema` describes.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum SchemaWhich {
+    /// A pipeline file (`*.toml` in the pipelines directory).
+    Pipeline,
+    /// The daemon config (`millrace.toml`).
+    Config,
+}
+
 /// The shells `completions` writes for.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum CompletionShell {
@@ -333,10 +352,17 @@ enum RuntimeCommand {
     /// Compile the Python runtime into the cache, then build and compile the warm
     /// interpreter with the `[python] preload` modules imported (minutes, once per
     /// machine, version and preload list; later steps load it in milliseconds).
+    #[command(after_help = "Examples:\n  \
+        millrace runtime prepare --config /etc/millrace/millrace.toml\n  \
+        millrace runtime prepare --cache /var/cache/millrace/wasm")]
     Prepare {
         /// The daemon config whose `[python]` section and state directory apply.
         #[arg(long, env = "MILLRACE_CONFIG")]
         config: Option<PathBuf>,
+        /// Compile into this cache directory (what the daemon then reads as
+        /// `MILLRACE_CACHE`); no state directory is needed.
+        #[arg(long, value_name = "DIR")]
+        cache: Option<PathBuf>,
     },
 }
 
@@ -466,8 +492,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Daemon { config } => service::daemon(config.as_deref()).await,
         Command::Module { cmd } => module::run(&cli.state, cmd, json),
         Command::Runtime {
-            cmd: RuntimeCommand::Prepare { config },
-        } => commands::runtime_prepare(&cli.state, config.as_deref(), json).await,
+            cmd: RuntimeCommand::Prepare { config, cache },
+        } => commands::runtime_prepare(&cli.state, config.as_deref(), cache, json).await,
         Command::Trigger {
             pipeline,
             params,
@@ -511,6 +537,17 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Completions { shell } => commands::completions(shell),
         Command::Manpage { dir } => commands::manpage(dir.as_deref()),
+        Command::Schema { which } => {
+            let which = match which {
+                SchemaWhich::Pipeline => crate::schema::Which::Pipeline,
+                SchemaWhich::Config => crate::schema::Which::Config,
+            };
+            print!(
+                "{}",
+                crate::schema::text(which).map_err(anyhow::Error::msg)?
+            );
+            Ok(0)
+        }
         Command::ExecStep { spec } => Ok(crate::executor::slurm::exec_step(&spec).await),
         Command::Resume { run, config } => {
             commands::resume(&cli.state, &run, config.as_deref(), json).await
@@ -591,6 +628,16 @@ fn engine_for(
     max_parallel: Option<usize>,
     config: Option<Config>,
 ) -> anyhow::Result<Arc<Engine>> {
+    engine_with_cache(state, max_parallel, config, None)
+}
+
+/// As [`engine_for`], compiling into `cache` (over `MILLRACE_CACHE`) when given.
+fn engine_with_cache(
+    state: &Path,
+    max_parallel: Option<usize>,
+    config: Option<Config>,
+    cache: Option<PathBuf>,
+) -> anyhow::Result<Arc<Engine>> {
     let parallel = max_parallel.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -599,6 +646,9 @@ fn engine_for(
     let mut engine_config = EngineConfig::new(parallel);
     if let Some(config) = &config {
         engine_config = engine_config.with_config(config);
+    }
+    if let Some(dir) = cache {
+        engine_config.store.wasm_cache = Some(dir);
     }
     let store = open_store_with(state, &engine_config.store)?;
     Ok(Arc::new(Engine::new(store, engine_config)))
@@ -650,6 +700,9 @@ fn explain(store: &Store, run: &str, step: &str, json: bool) -> anyhow::Result<i
         .ok_or_else(|| Error::usage(format!("run {id} has no step `{step}`")))?;
     let e = crate::planner::explain(store, &r, &s)?;
     let (verdict, changes, prev) = (e.explanation, e.changes, e.compared_with);
+    // A foreach step: each item was reused or executed on its own key.
+    let rows = store.db().read().items(id, step)?;
+    let items = (!rows.is_empty()).then(|| crate::view::ItemsView::of(rows));
     if json {
         println!(
             "{}",
@@ -657,6 +710,8 @@ fn explain(store: &Store, run: &str, step: &str, json: bool) -> anyhow::Result<i
                 "run": id, "step": step, "status": s.status, "cache_key": s.cache_key,
                 "reused_from": s.reused_from, "compared_with": prev,
                 "explanation": verdict, "changes": changes, "key_parts": s.key_parts,
+                "python": s.python,
+                "items": items,
             }))?
         );
         return Ok(0);
@@ -666,8 +721,29 @@ fn explain(store: &Store, run: &str, step: &str, json: bool) -> anyhow::Result<i
     for c in &changes {
         println!("    - {c}");
     }
+    if let Some(items) = &items {
+        println!("  {}", items.summary());
+        let ran: Vec<&crate::view::ItemView> = items
+            .list
+            .iter()
+            .filter(|i| i.status != crate::model::StepStatus::Reused)
+            .collect();
+        for i in ran.iter().take(20) {
+            let name = crate::store::artifacts::escape_controls(&i.name);
+            match &i.error {
+                Some(e) => println!("    - {name} {}: {e}", i.status),
+                None => println!("    - {name} {} (no earlier item had its key)", i.status),
+            }
+        }
+        if ran.len() > 20 {
+            println!("    … and {} more", ran.len() - 20);
+        }
+    }
     if let Some(k) = &s.cache_key {
         println!("  cache key {}", short(k));
+    }
+    if let Some(py) = &s.python {
+        println!("  python: {py}");
     }
     // The params in the key: the ones the step uses, and only those.
     if let Some(params) = s

@@ -228,7 +228,7 @@ fn unload_gone(st: &mut State, paths: &[PathBuf]) {
             && let Some(l) = st.pipelines.remove(&name)
         {
             l.triggers.cancel();
-            tracing::info!(pipeline = %name, "unloaded: {} was removed", display_path(&path));
+            tracing::info!(pipeline = %name, "{name} unloaded: {} was removed", display_path(&path));
         }
     }
 }

@@ -113,7 +113,7 @@ impl Daemon {
                     "skipped: `{name}` already has {} run(s) (max_runs = {max}, overlap = \"skip\")",
                     busy.len() + queued
                 );
-                tracing::info!(pipeline = %name, trigger = %req.trigger, "{why}");
+                tracing::info!(pipeline = %name, trigger = %req.trigger, "{name} not queued ({}): {why}", req.trigger);
                 return Ok(Submitted::Skipped(why));
             }
             Overlap::Cancel if busy.len() + queued >= max => self.supersede(&st, name, &busy),
@@ -121,7 +121,7 @@ impl Daemon {
         }
         let id = self.engine.enqueue(&p, &l.text, &l.path, &req, also)?;
         drop(st);
-        tracing::info!(pipeline = %name, run = id, trigger = %req.trigger, "queued");
+        tracing::info!(pipeline = %name, run = id, trigger = %req.trigger, "run {id} of {name} queued ({})", req.trigger);
         self.wake.notify_one();
         Ok(Submitted::Queued(id))
     }
@@ -146,7 +146,7 @@ impl Daemon {
         drop(db);
         for id in busy {
             if let Some(a) = st.active.get(id) {
-                tracing::info!(pipeline = %name, run = id, "cancelling: a newer run supersedes it");
+                tracing::info!(pipeline = %name, run = id, "run {id} of {name} cancelling: a newer run supersedes it");
                 a.cancel.cancel();
             }
         }
@@ -281,7 +281,7 @@ impl Daemon {
 
     /// Runs one queued run to its end, then lets `after` triggers fire.
     async fn drive(self: Arc<Self>, id: i64, pipeline: String, cancel: CancellationToken) {
-        tracing::info!(pipeline = %pipeline, run = id, "started");
+        tracing::info!(pipeline = %pipeline, run = id, "run {id} of {pipeline} started");
         self.metrics.run_started(&pipeline);
         // In its own task: a panic in the engine fails this run instead of
         // leaving it `running` with its pipeline blocked.
@@ -299,17 +299,18 @@ impl Daemon {
                 tracing::info!(
                     pipeline = %pipeline, run = id, status = %s.status,
                     executed = s.executed, reused = s.reused, failed = s.failed,
-                    "finished in {:.2}s", s.seconds
+                    "run {id} of {pipeline} {} in {:.2}s: {} executed, {} reused, {} failed",
+                    s.status, s.seconds, s.executed, s.reused, s.failed
                 );
                 s.status == RunStatus::Succeeded
             }
             Err(e @ RunError::Busy(_)) => {
                 // Another process (`millrace resume`) drives it: its status is theirs.
-                tracing::warn!(pipeline = %pipeline, run = id, "{e}");
+                tracing::warn!(pipeline = %pipeline, run = id, "run {id} of {pipeline}: {e}");
                 false
             }
             Err(e) => {
-                tracing::error!(pipeline = %pipeline, run = id, "cannot run: {e}");
+                tracing::error!(pipeline = %pipeline, run = id, "run {id} of {pipeline} cannot run: {e}");
                 self.fail_unstarted(id, &e);
                 false
             }
@@ -318,8 +319,15 @@ impl Daemon {
         {
             let db = self.store().db();
             if let (Ok(Some(run)), Ok(steps)) = (db.read().run(id), db.read().steps(id)) {
+                // A foreach step's items, by step.
+                let items: Vec<(String, Vec<crate::store::db::ItemRow>)> = steps
+                    .iter()
+                    .filter_map(|s| Some((s.name.clone(), db.read().items(id, &s.name).ok()?)))
+                    .filter(|(_, rows)| !rows.is_empty())
+                    .collect();
                 drop(db);
                 self.metrics.run_finished(&run, &steps);
+                self.metrics.items_finished(&run.pipeline, &items);
             }
         }
         if succeeded {
@@ -376,7 +384,7 @@ fn log_events(run: i64) -> EventSink {
     Arc::new(move |e: &Event| match e {
         Event::RunStarted { .. } => {}
         Event::StepStarted { step, attempt } => {
-            tracing::debug!(run, step = %step, attempt, "step started");
+            tracing::debug!(run, step = %step, attempt, "run {run} step {step} started (attempt {attempt})");
         }
         Event::StepFinished {
             step,
@@ -385,9 +393,11 @@ fn log_events(run: i64) -> EventSink {
             elapsed,
         } => match status {
             StepStatus::Failed => {
-                tracing::warn!(run, step = %step, "step failed after {:.2}s: {detail}", elapsed.as_secs_f64())
+                tracing::warn!(run, step = %step, "run {run} step {step} failed after {:.2}s: {detail}", elapsed.as_secs_f64())
             }
-            _ => tracing::debug!(run, step = %step, status = %status, "{detail}"),
+            _ => {
+                tracing::debug!(run, step = %step, status = %status, "run {run} step {step} {status}: {detail}")
+            }
         },
     })
 }

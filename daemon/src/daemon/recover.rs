@@ -27,7 +27,7 @@ impl Daemon {
             let crashes = db
                 .read()
                 .record_crash(r.id, "the process running it stopped (crash or kill)")?;
-            tracing::warn!(pipeline = %r.pipeline, run = r.id, crashes, "interrupted: its process stopped while it was running");
+            tracing::warn!(pipeline = %r.pipeline, run = r.id, crashes, "run {} of {} interrupted: its process stopped while it was running", r.id, r.pipeline);
         }
         if !self.config.resume_interrupted {
             return Ok(());
@@ -54,11 +54,11 @@ impl Daemon {
                      it is not resumed again (`millrace resume {}` tries once more)",
                     r.id
                 );
-                tracing::error!(pipeline = %r.pipeline, run = r.id, "failed: {msg}");
+                tracing::error!(pipeline = %r.pipeline, run = r.id, "run {} of {} failed: {msg}", r.id, r.pipeline);
                 db.batch(|b| b.fail_abandoned_run(r.id, &msg))?;
                 continue;
             }
-            tracing::info!(pipeline = %r.pipeline, run = r.id, "queued to resume");
+            tracing::info!(pipeline = %r.pipeline, run = r.id, "run {} of {} queued to resume", r.id, r.pipeline);
             db.read().set_run_status(r.id, RunStatus::Queued, None)?;
         }
         Ok(())

@@ -69,7 +69,7 @@ pub(super) fn start(d: &Arc<Daemon>, p: Arc<Pipeline>, token: CancellationToken)
                 ) {
                     Ok(f) => f.excluding(&d.store().root),
                     Err(e) => {
-                        tracing::error!(pipeline = %p.name.get_ref(), "trigger {}: {e}", i + 1);
+                        tracing::error!(pipeline = %p.name.get_ref(), "{}: trigger {}: {e}", p.name.get_ref(), i + 1);
                         continue;
                     }
                 };
@@ -129,7 +129,7 @@ impl Daemon {
             if chain.contains(&name) {
                 tracing::warn!(
                     pipeline = %name,
-                    "not fired: `after` triggers form a cycle ({} -> {name})",
+                    "{name} not fired: `after` triggers form a cycle ({} -> {name})",
                     chain.join(" -> ")
                 );
                 continue;
@@ -145,7 +145,7 @@ impl Daemon {
                 })),
             };
             if let Err(e) = self.submit(&name, req, |_| Ok(())) {
-                tracing::error!(pipeline = %name, "after `{upstream}`: {e}");
+                tracing::error!(pipeline = %name, "{name}: after `{upstream}`: {e}");
             }
         }
     }
@@ -175,7 +175,7 @@ impl CronTask {
             let last = match last {
                 Ok(l) => l,
                 Err(e) => {
-                    tracing::error!(pipeline = %self.pipeline, "cron: {e}");
+                    tracing::error!(pipeline = %self.pipeline, "{}: cron: {e}", self.pipeline);
                     tokio::time::sleep(Duration::from_secs(5)).await;
                     continue;
                 }
@@ -212,7 +212,7 @@ impl CronTask {
             self.counted(|t| t.checks += 1);
             if due.is_empty() {
                 let Some(next) = self.schedule.next_after(last.max(now)) else {
-                    tracing::warn!(pipeline = %self.pipeline, "cron `{}` never fires again", self.schedule.expr);
+                    tracing::warn!(pipeline = %self.pipeline, "{}: cron `{}` never fires again", self.pipeline, self.schedule.expr);
                     return;
                 };
                 // Sleep in bounded steps so a wall-clock jump is noticed.
@@ -245,7 +245,8 @@ impl CronTask {
             return;
         };
         let on_time = now - latest <= ON_TIME;
-        let missed = count - usize::from(on_time);
+        let gap = cron::missed(due, count, first, on_time);
+        let missed = gap.count;
         let mut cursor = last_ms;
         let mut submit = |at: chrono::DateTime<Utc>, detail: Option<serde_json::Value>| {
             let (pipeline, id, ms) = (&self.pipeline, &self.id, at.timestamp_millis());
@@ -279,7 +280,7 @@ impl CronTask {
                 }
                 Err(SubmitError::AlreadyFired(_)) => {}
                 Err(e) => {
-                    tracing::error!(pipeline = %self.pipeline, "cron: {e}");
+                    tracing::error!(pipeline = %self.pipeline, "{}: cron: {e}", self.pipeline);
                     // The firing is consumed all the same: never fire it twice.
                     if self
                         .d
@@ -299,8 +300,8 @@ impl CronTask {
         if missed > 0 {
             tracing::info!(
                 pipeline = %self.pipeline,
-                "cron `{}`: {missed} firing(s) missed while the daemon was down (catchup = {:?})",
-                self.schedule.expr, self.catchup
+                "{}: cron `{}`: {missed} firing(s) missed while the daemon was down (catchup = {:?})",
+                self.pipeline, self.schedule.expr, self.catchup
             );
         }
         let plain = serde_json::json!({ "scheduled": scheduled(latest) });
@@ -315,7 +316,8 @@ impl CronTask {
                 if count > due.len() {
                     tracing::warn!(
                         pipeline = %self.pipeline,
-                        "cron: only the latest {MAX_REPLAY} of {count} missed firings are replayed"
+                        "{}: cron: only the latest {MAX_REPLAY} of {count} missed firings are replayed",
+                        self.pipeline
                     );
                 }
                 for t in due {
@@ -327,14 +329,18 @@ impl CronTask {
                 }
             }
             Catchup::Coalesce => {
-                let from = first.map_or(latest, |f| f.with_timezone(&Utc));
+                // The same count as `latest` reports: an on-time latest firing is
+                // the one this run is, not a missed one.
+                let utc = |t: Option<chrono::DateTime<chrono_tz::Tz>>| {
+                    t.map_or(latest, |t| t.with_timezone(&Utc))
+                };
                 submit(
                     latest,
                     Some(serde_json::json!({
                         "scheduled": scheduled(latest),
-                        "missed_from": scheduled(from),
-                        "missed_to": scheduled(latest),
-                        "missed_count": count,
+                        "missed_from": scheduled(utc(gap.from)),
+                        "missed_to": scheduled(utc(gap.to)),
+                        "missed_count": missed,
                     })),
                 );
             }
@@ -366,7 +372,7 @@ impl WatchTask {
                         Ok(w) => break w,
                         Err(e) => tracing::error!(
                             pipeline = %self.pipeline,
-                            "watch `{}`: cannot watch {}: {e}", self.files.glob, self.files.base.display()
+                            "{}: watch `{}`: cannot watch {}: {e}", self.pipeline, self.files.glob, self.files.base.display()
                         ),
                     }
                 }
@@ -388,7 +394,7 @@ impl WatchTask {
                         let base_gone = e.paths.iter().any(|p| *p == self.files.base)
                             && matches!(e.kind, notify::EventKind::Remove(_) | notify::EventKind::Modify(notify::event::ModifyKind::Name(_)));
                         if base_gone || e.need_rescan() {
-                            tracing::info!(pipeline = %self.pipeline, "watch `{}`: {} changed; watching it afresh", self.files.glob, self.files.base.display());
+                            tracing::info!(pipeline = %self.pipeline, "{}: watch `{}`: {} changed; watching it afresh", self.pipeline, self.files.glob, self.files.base.display());
                             break;
                         }
                         if e.paths.iter().any(|p| self.files.matches(p)) {
@@ -428,7 +434,7 @@ impl WatchTask {
         let Ok(Some(now)) =
             tokio::task::spawn_blocking(move || files.settle_and_hash(SETTLE_PATIENCE)).await
         else {
-            tracing::warn!(pipeline = %self.pipeline, "watch `{}`: files kept changing; waiting for the next change", self.files.glob);
+            tracing::warn!(pipeline = %self.pipeline, "{}: watch `{}`: files kept changing; waiting for the next change", self.pipeline, self.files.glob);
             return;
         };
         let (id, glob) = (&self.id, &self.files.glob);
@@ -441,7 +447,7 @@ impl WatchTask {
         let (seen, before) = match (seen, before) {
             (Ok(s), Ok(b)) => (s, b),
             (Err(e), _) | (_, Err(e)) => {
-                tracing::error!(pipeline = %self.pipeline, "watch: {e}");
+                tracing::error!(pipeline = %self.pipeline, "{}: watch: {e}", self.pipeline);
                 return;
             }
         };
@@ -461,7 +467,7 @@ impl WatchTask {
         if changed.is_empty() {
             return;
         }
-        tracing::info!(pipeline = %self.pipeline, "watch `{glob}`: {} file(s) changed", changed.len());
+        tracing::info!(pipeline = %self.pipeline, "{}: watch `{glob}`: {} file(s) changed", self.pipeline, changed.len());
         let req = RunRequest {
             params: self.params.clone(),
             no_reuse: false,
@@ -473,7 +479,7 @@ impl WatchTask {
         }) {
             Ok(_) => self.counted(|t| t.cursor_moves += 1),
             Err(SubmitError::AlreadyFired(_)) => {}
-            Err(e) => tracing::error!(pipeline = %self.pipeline, "watch: {e}"),
+            Err(e) => tracing::error!(pipeline = %self.pipeline, "{}: watch: {e}", self.pipeline),
         }
     }
 }

@@ -75,8 +75,10 @@ impl Walker {
         let workdir = t
             .get("workdir")
             .and_then(|w| self.string(w, "container.workdir"));
+        // `${inputs.m}` and `${outputs.o}` are absolute (`/in/m`, `/out/o`); a
+        // param is not known to be, so it goes after a `/`.
         if let Some(w) = &workdir
-            && !w.get_ref().starts_with('/')
+            && !super::interpolate(w.get_ref(), &|_| Some("x".into())).starts_with('/')
         {
             self.error(w.span(), "container.workdir must be an absolute path");
         }

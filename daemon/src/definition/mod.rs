@@ -124,6 +124,9 @@ pub struct Step {
     pub retries: Retries,
     pub reuse: bool,
     pub compute: Option<Sp<String>>,
+    /// `foreach = "inputs.inbox"`: the mount (one of `inputs`) whose artifact's
+    /// top-level entries are the step's items, each executed alone at that mount.
+    pub foreach: Option<Sp<String>>,
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -211,3 +211,32 @@ fn float_params_keep_their_decimal_point() {
     );
     assert!(ParamValue::Integer(1).parse_like("x").is_err());
 }
+
+#[test]
+fn a_watch_glob_resolves_with_its_triggers_params_over_the_defaults() {
+    let text = "[params]\nday = \"d0\"\n[[trigger]]\nwatch = \"inbox/${params.day}/*.csv\"\n[[trigger]]\nwatch = \"inbox/${params.day}/*.csv\"\nparams = { day = \"d1\" }\n[[step]]\nname = \"a\"\ntransfer = { from = \"inputs.x\", to = \"y\" }\n[inputs.x]\npath = \"x\"\n";
+    let (p, r) = crate::graph::parse(
+        Path::new("/nowhere/p.toml"),
+        text.into(),
+        &Environment::default(),
+    );
+    let p = p.unwrap_or_else(|| panic!("{r}"));
+    let globs: Vec<&str> = p
+        .triggers
+        .iter()
+        .map(|t| match &t.kind {
+            TriggerKind::Watch { glob, .. } => glob.get_ref().as_str(),
+            _ => "",
+        })
+        .collect();
+    assert_eq!(globs, ["inbox/d0/*.csv", "inbox/d1/*.csv"]);
+    // An unknown param in a glob is located like any other.
+    let out = check(&text.replace(
+        "${params.day}/*.csv\"\n[[trigger]]",
+        "${params.dy}/*.csv\"\n[[trigger]]",
+    ));
+    assert!(
+        out.contains("p.toml:4:16: error: unknown param `dy`"),
+        "{out}"
+    );
+}

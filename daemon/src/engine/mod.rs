@@ -24,6 +24,7 @@ use crate::planner::{self, InputMode, PlanError, Planned, Planner};
 use crate::store::{Store, StoreConfig, StoreError, walk};
 
 mod attempt;
+mod items;
 mod lifecycle;
 mod lock;
 mod scheduler;
@@ -418,7 +419,7 @@ impl Engine {
         runtime
             .check()
             .map_err(|e| RunError::Params(e.to_string()))?;
-        let memo = Mutex::new(HashMap::new());
+        let memo = Memo::default();
         let digest = file_digest(&memo, &self.store, &runtime.wasm()).map_err(RunError::Params)?;
         let wasm = self.wasm().await?;
         let cached = tokio::task::block_in_place(|| wasm.precompile(&runtime.wasm(), &digest))?;
@@ -434,7 +435,7 @@ impl Engine {
         let runtime = crate::executor::python::Runtime::locate()
             .ok_or_else(crate::executor::python::missing)?;
         runtime.check()?;
-        let memo = Mutex::new(HashMap::new());
+        let memo = Memo::default();
         let digest = tokio::task::block_in_place(|| {
             crate::planner::code::runtime_digest(&memo, &self.store)
         })?;

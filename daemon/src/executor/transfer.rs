@@ -110,12 +110,20 @@ fn staging_name(name: &str) -> String {
     format!("{}{}-{seq}", staging_prefix(name), std::process::id())
 }
 
-/// The process that wrote the staging copy `entry`, if that is what it is:
-/// `.<name>.millrace-<pid>-<seq>`.
+/// A merge's staging copies are `.millrace-merge-<pid>-<seq>`, whatever the
+/// file's name: short, so that a file whose name is near the 255-byte limit
+/// still has one.
+const MERGE_STAGING: &str = ".millrace-merge-";
+
+fn merge_staging_name() -> String {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{MERGE_STAGING}{}-{seq}", std::process::id())
+}
+
+/// The process that wrote the merge's staging copy `entry`, if that is what it is.
 fn staging_pid(entry: &str) -> Option<i32> {
-    let rest = entry.strip_prefix('.')?;
-    let (_, tail) = rest.rsplit_once(".millrace-")?;
-    let (pid, seq) = tail.split_once('-')?;
+    let (pid, seq) = entry.strip_prefix(MERGE_STAGING)?.split_once('-')?;
     seq.parse::<u64>().ok()?;
     pid.parse().ok()
 }
@@ -266,13 +274,13 @@ fn merge(artifacts: &ArtifactStore, digest: &str, dest: &Path) -> Result<(), Tra
                     if there == Some(Kind::Dir) {
                         return Err(TransferError::Conflict {
                             path: target,
-                            what: "the artifact has a file where a directory is",
+                            what: "a directory is where the artifact has a file",
                         });
                     }
                     if there == Some(Kind::File) && holds_file(&dir, &name, e.size, &e.digest) {
                         continue;
                     }
-                    write_file(artifacts, &dir, &name, &e.name, &e.digest, &target)?;
+                    write_file(artifacts, &dir, &name, &e.digest, &target)?;
                     changed = true;
                 }
             }
@@ -353,18 +361,25 @@ fn write_file(
     artifacts: &ArtifactStore,
     dir: &Dir,
     name: &CStr,
-    shown_name: &str,
     digest: &str,
     target: &Path,
 ) -> Result<(), TransferError> {
-    let staging = CString::new(staging_name(shown_name)).map_err(|e| TransferError::Io {
+    let staging = CString::new(merge_staging_name()).map_err(|e| TransferError::Io {
         path: target.to_path_buf(),
         source: io::Error::other(e),
     })?;
     let written = (|| -> io::Result<()> {
         let blob = artifacts.blob_path(digest);
         let mut src = std::fs::File::open(&blob)?;
-        let mut f = dir.create_new(&staging, 0o644)?;
+        let mut f = match dir.create_new(&staging, 0o644) {
+            // No copy of this process has the name: a process that had our pid
+            // before left it. Replaced, as a replace's staging tree is.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                dir.unlink(&staging)?;
+                dir.create_new(&staging, 0o644)?
+            }
+            other => other?,
+        };
         io::copy(&mut src, &mut f)?;
         f.sync_all()?;
         dir.rename(&staging, dir, name)
@@ -434,11 +449,14 @@ mod tests {
 
     #[test]
     fn staging_copies_are_named_by_their_process() {
-        assert_eq!(staging_pid(".a.csv.millrace-42-7"), Some(42));
-        assert_eq!(staging_pid(".x.millrace-y.millrace-42-7"), Some(42));
-        assert_eq!(staging_pid("a.csv.millrace-42-7"), None);
-        assert_eq!(staging_pid(".a.csv.millrace-42"), None);
-        assert_eq!(staging_pid(".a.csv"), None);
+        assert_eq!(staging_pid(".millrace-merge-42-7"), Some(42));
+        assert_eq!(
+            staging_pid(&merge_staging_name()),
+            Some(std::process::id() as i32)
+        );
+        assert_eq!(staging_pid("millrace-merge-42-7"), None);
+        assert_eq!(staging_pid(".millrace-merge-42"), None);
+        assert_eq!(staging_pid(".a.csv.millrace-42-7"), None);
     }
 
     #[test]
@@ -449,8 +467,11 @@ mod tests {
         std::fs::create_dir_all(&src).unwrap();
         std::fs::write(src.join("a.csv"), "a\n").unwrap();
         // A guest may name a file like a staging copy: it is the artifact's.
-        let named_like = ".b.csv.millrace-999999999-0";
+        let named_like = ".millrace-merge-999999999-0";
         std::fs::write(src.join(named_like), "b\n").unwrap();
+        // A name at the 255-byte limit still gets a staging copy.
+        let long = "l".repeat(255);
+        std::fs::write(src.join(&long), "l\n").unwrap();
         let digest = store
             .ingest_dir(&src, Mode::Copy, &|_, _| None)
             .unwrap()
@@ -458,9 +479,9 @@ mod tests {
         let dest = tmp.path().join("dest");
         std::fs::create_dir_all(&dest).unwrap();
         // What a killed merge left (no process has that pid), and one of ours.
-        let stale = ".a.csv.millrace-999999998-3";
+        let stale = ".millrace-merge-999999998-3";
         std::fs::write(dest.join(stale), "half").unwrap();
-        let live = format!(".c.csv.millrace-{}-0", std::process::id());
+        let live = format!(".millrace-merge-{}-999999", std::process::id());
         std::fs::write(dest.join(&live), "in progress").unwrap();
         publish(&store, &digest, &dest, TransferMode::Merge).unwrap();
         let mut names: Vec<String> = std::fs::read_dir(&dest)
@@ -468,11 +489,50 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         names.sort();
-        let mut expected = [live.as_str(), named_like, "a.csv"];
+        let mut expected = [live.as_str(), named_like, "a.csv", long.as_str()];
         expected.sort();
         assert_eq!(names, expected);
         assert!(merged(&store, &digest, &dest, &|_, _| None).is_ok());
         std::fs::write(dest.join("a.csv"), "b\n").unwrap();
         assert!(merged(&store, &digest, &dest, &|_, _| None).is_err());
+    }
+
+    #[test]
+    fn a_merge_removes_nothing_in_the_way_of_the_artifact() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ArtifactStore::open(&tmp.path().join("objects")).unwrap();
+        let src = tmp.path().join("src");
+        std::fs::create_dir_all(src.join("sub")).unwrap();
+        std::fs::write(src.join("sub/c.csv"), "c\n").unwrap();
+        std::fs::write(src.join("a.csv"), "a\n").unwrap();
+        let digest = store
+            .ingest_dir(&src, Mode::Copy, &|_, _| None)
+            .unwrap()
+            .digest;
+        let conflict = |dest: &Path| match publish(&store, &digest, dest, TransferMode::Merge) {
+            Err(TransferError::Conflict { what, .. }) => what,
+            other => panic!("{other:?}"),
+        };
+        // A file where the artifact has a directory.
+        let dest = tmp.path().join("d1");
+        std::fs::create_dir_all(&dest).unwrap();
+        std::fs::write(dest.join("sub"), "mine").unwrap();
+        assert_eq!(
+            conflict(&dest),
+            "a file is where the artifact has a directory"
+        );
+        assert_eq!(std::fs::read_to_string(dest.join("sub")).unwrap(), "mine");
+        // A directory where it has a file.
+        let dest = tmp.path().join("d2");
+        std::fs::create_dir_all(dest.join("a.csv/inner")).unwrap();
+        assert_eq!(
+            conflict(&dest),
+            "a directory is where the artifact has a file"
+        );
+        assert!(dest.join("a.csv/inner").is_dir());
+        // A file where the destination should be.
+        let dest = tmp.path().join("d3");
+        std::fs::write(&dest, "mine").unwrap();
+        assert_eq!(conflict(&dest), "the destination is not a directory");
     }
 }

@@ -2,7 +2,7 @@
 //! directory (snapshotted into the store) with the runtime, a module's recorded
 //! digest, a container's image ID, a transfer's destination. Every digest is
 //! memoised per run (a [`Memo`]), so a file is hashed once however many steps or
-//! attempts read it.
+//! attempts read it, and the warm interpreter is looked up once per recipe.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -10,11 +10,44 @@ use std::sync::Mutex;
 
 use crate::definition::{self, Pipeline, StepKind, TransferMode};
 use crate::executor::container::ResolvedImage;
+use crate::executor::snapshot::{self, BaseReason, Snapshot, Variant};
 use crate::store::Store;
 use crate::store::artifacts::Mode;
 
-/// Digests already computed, by path (and by `runtime:`/`snapshot:` pseudo-paths).
-pub type Memo = Mutex<HashMap<PathBuf, String>>;
+/// What a run has already computed about its steps' code.
+#[derive(Default)]
+pub struct Memo {
+    /// Digests, by path (and by `runtime:`/`snapshot:` pseudo-paths).
+    digests: Mutex<HashMap<PathBuf, String>>,
+    /// The warm interpreter of each recipe: built, or why not. Looked up once per
+    /// run, so its keys and attempts agree even if a build lands mid-run.
+    snapshots: Mutex<HashMap<String, Result<Snapshot, String>>>,
+}
+
+impl Memo {
+    fn get(&self, key: &Path) -> Option<String> {
+        self.digests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .cloned()
+    }
+
+    fn put(&self, key: PathBuf, digest: &str) {
+        self.digests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, digest.to_string());
+    }
+
+    /// The snapshot of `recipe`, found in `cache_dir` on the first call.
+    fn snapshot(&self, cache_dir: &Path, recipe: &str) -> Result<Snapshot, String> {
+        let mut map = self.snapshots.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(recipe.to_string())
+            .or_insert_with(|| snapshot::find(cache_dir, recipe))
+            .clone()
+    }
+}
 
 /// The Python runtime's digest: the interpreter module, the standard library and
 /// packages zip, and matplotlib's data. A different runtime is different code.
@@ -23,8 +56,8 @@ pub fn runtime_digest(memo: &Memo, store: &Store) -> Result<String, String> {
         crate::executor::python::Runtime::locate().ok_or_else(crate::executor::python::missing)?;
     runtime.check()?;
     let key = PathBuf::from(format!("runtime:{}", runtime.dir.display()));
-    if let Some(d) = memo.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
-        return Ok(d.clone());
+    if let Some(d) = memo.get(&key) {
+        return Ok(d);
     }
     let wasm = file_digest(memo, store, &runtime.wasm())
         .map_err(|e| format!("the Python runtime: {e}"))?;
@@ -43,9 +76,7 @@ pub fn runtime_digest(memo: &Memo, store: &Store) -> Result<String, String> {
     let digest = blake3::hash(format!("{wasm}\n{}\n{mpl}", lib.digest).as_bytes())
         .to_hex()
         .to_string();
-    memo.lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(key, digest.clone());
+    memo.put(key, &digest);
     Ok(digest)
 }
 
@@ -57,56 +88,27 @@ pub fn python_variant(
     store: &Store,
     python: &crate::config::Python,
     step: &definition::Step,
-) -> Result<(crate::executor::snapshot::Variant, String), String> {
-    use crate::executor::snapshot::{self, Variant};
+) -> Result<(Variant, String), String> {
     let base = runtime_digest(memo, store)?;
+    let off = |why| Ok((Variant::Base(why), base.clone()));
     if !python.snapshot {
-        return Ok((Variant::Base("`[python] snapshot = false`".into()), base));
+        return off(BaseReason::ConfigOff);
     }
     if let StepKind::Python {
         snapshot: false, ..
     } = &step.kind
     {
-        return Ok((
-            Variant::Base("the step says `snapshot = false`".into()),
-            base,
-        ));
+        return off(BaseReason::StepOff);
     }
     let mut names = step.env.iter().map(|(k, _)| k.get_ref().as_str());
     let memory = step.memory.unwrap_or(crate::executor::DEFAULT_MEMORY);
     if let Some(why) = snapshot::unsuitable(memory, &mut names) {
-        return Ok((Variant::Base(why), base));
+        return off(why);
     }
     let recipe = snapshot::recipe_digest(&base, &python.preload);
-    let key = PathBuf::from(format!("python-snapshot:{recipe}"));
-    let found = memo
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(&key)
-        .cloned();
-    let found = match found {
-        Some(f) => f,
-        None => {
-            let f = match snapshot::find(&store.wasm_cache_dir(), &recipe) {
-                Ok(s) => format!("+{}", serde_json::to_string(&s).unwrap_or_default()),
-                Err(why) => format!("-{why}"),
-            };
-            memo.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(key, f.clone());
-            f
-        }
-    };
-    match found.split_at_checked(1) {
-        Some(("+", json)) => match serde_json::from_str::<snapshot::Snapshot>(json) {
-            Ok(mut s) => {
-                s.wasm = snapshot::dir(&store.wasm_cache_dir()).join(format!("{recipe}.wasm"));
-                Ok((Variant::Warm(s), recipe))
-            }
-            Err(e) => Ok((Variant::Base(e.to_string()), base)),
-        },
-        Some((_, why)) => Ok((Variant::Base(why.to_string()), base)),
-        None => Ok((Variant::Base(String::new()), base)),
+    match memo.snapshot(&store.wasm_cache_dir(), &recipe) {
+        Ok(s) => Ok((Variant::Warm(s), recipe)),
+        Err(why) => off(BaseReason::Unavailable(why)),
     }
 }
 
@@ -119,8 +121,8 @@ const MAX_CODE_BYTES: u64 = 256 << 20;
 /// `__pycache__` and the state directory are left out.
 pub fn code_snapshot(memo: &Memo, store: &Store, dir: &Path) -> Result<String, String> {
     let key = PathBuf::from(format!("snapshot:{}", dir.display()));
-    if let Some(d) = memo.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
-        return Ok(d.clone());
+    if let Some(d) = memo.get(&key) {
+        return Ok(d);
     }
     let err = |e: String| format!("the code directory {}: {e}", dir.display());
     if store.inside(dir) {
@@ -176,9 +178,7 @@ pub fn code_snapshot(memo: &Memo, store: &Store, dir: &Path) -> Result<String, S
     });
     let _ = crate::store::walk::remove_tree(&tmp);
     let digest = result?;
-    memo.lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(key, digest.clone());
+    memo.put(key, &digest);
     Ok(digest)
 }
 
@@ -193,8 +193,8 @@ pub fn snapshot_code_dir(store: &Store, dir: &Path) -> Result<String, String> {
 
 /// A file's content digest, hashed once per process (and remembered by stat).
 pub fn file_digest(memo: &Memo, store: &Store, path: &Path) -> Result<String, String> {
-    if let Some(d) = memo.lock().unwrap_or_else(|e| e.into_inner()).get(path) {
-        return Ok(d.clone());
+    if let Some(d) = memo.get(path) {
+        return Ok(d);
     }
     let ingested = store.ingest(path, Mode::Hash).map_err(|e| e.to_string())?;
     // The tree wraps the one file; the digest is the file's own.
@@ -204,9 +204,7 @@ pub fn file_digest(memo: &Memo, store: &Store, path: &Path) -> Result<String, St
         .ok()
         .and_then(|e| e.first().map(|e| e.digest.clone()))
         .unwrap_or(ingested.digest);
-    memo.lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(path.to_path_buf(), digest.clone());
+    memo.put(path.to_path_buf(), &digest);
     Ok(digest)
 }
 

@@ -145,7 +145,15 @@ pub fn explain(store: &Store, run: &RunRow, s: &StepRow) -> Result<Explanation> 
                 ),
                 vec![],
             ),
-            Comparison::Changed { run, changes } => {
+            Comparison::Changed { run, mut changes } => {
+                // A Python step's code digest names its interpreter: say so when
+                // that is what moved, rather than only "code changed".
+                if let (Some(now), Some(then)) =
+                    (&s.python, prev.as_ref().and_then(|p| p.row.python.as_ref()))
+                    && now.variant != then.variant
+                {
+                    changes.insert(0, format!("python interpreter changed: {then} → {now}"));
+                }
                 (format!("executed: compared with run {run}:"), changes)
             }
         },

@@ -18,6 +18,7 @@ use serde::Serialize;
 use crate::model::{AttemptStatus, Placement, RunStatus, StepStatus};
 
 mod artifacts;
+mod items;
 mod migrations;
 mod modules;
 mod steps;
@@ -25,6 +26,7 @@ mod triggers;
 
 use migrations::MIGRATIONS;
 
+pub use items::{CachedItem, ItemRow};
 pub use modules::ModuleVersion;
 
 #[derive(Debug, thiserror::Error)]
@@ -149,6 +151,8 @@ pub struct StepRow {
     pub error: Option<String>,
     /// `name@version` of the module version the step ran.
     pub module: Option<String>,
+    /// A Python step's interpreter: warm or base, and why the base.
+    pub python: Option<crate::executor::snapshot::VariantRecord>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -190,7 +194,7 @@ pub struct LineageRow {
 }
 
 const RUN_COLUMNS: &str = "id, pipeline, experiment, definition, params, trigger, no_reuse, status, created_at, started_at, finished_at, error, trigger_detail, warnings, module_pins";
-const STEP_COLUMNS: &str = "run_id, name, position, runtime, status, cache_key, key_parts, reused_from, attempts, started_at, finished_at, error, module";
+const STEP_COLUMNS: &str = "run_id, name, position, runtime, status, cache_key, key_parts, reused_from, attempts, started_at, finished_at, error, module, python";
 
 fn run_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRow> {
     let params: String = r.get(4)?;
@@ -237,6 +241,9 @@ fn step_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StepRow> {
         finished_at: r.get(10)?,
         error: r.get(11)?,
         module: r.get(12)?,
+        python: r
+            .get::<_, Option<String>>(13)?
+            .and_then(|p| serde_json::from_str(&p).ok()),
     })
 }
 

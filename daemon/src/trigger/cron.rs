@@ -26,6 +26,47 @@ pub struct Schedule {
     interval: bool,
 }
 
+/// The firings a cron trigger did not run on time: what `catchup = "latest"` and
+/// `"coalesce"` report (`missed_count`, `missed_from`, `missed_to`), computed in
+/// one place so the two policies agree on the same gap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Missed {
+    pub count: usize,
+    /// The oldest missed firing.
+    pub from: Option<DateTime<Tz>>,
+    /// The newest missed firing.
+    pub to: Option<DateTime<Tz>>,
+}
+
+/// Of the `count` firings due since a trigger's cursor (`due`: the latest of
+/// them, oldest first; `first`: the oldest of all), the missed ones: all of them,
+/// but the latest when it is on time, since that one runs as scheduled.
+pub fn missed(
+    due: &[DateTime<Tz>],
+    count: usize,
+    first: Option<DateTime<Tz>>,
+    latest_on_time: bool,
+) -> Missed {
+    let n = count.saturating_sub(usize::from(latest_on_time));
+    if n == 0 {
+        return Missed {
+            count: 0,
+            from: None,
+            to: None,
+        };
+    }
+    let to = if latest_on_time {
+        due.len().checked_sub(2).map(|i| due[i])
+    } else {
+        due.last().copied()
+    };
+    Missed {
+        count: n,
+        from: first.or_else(|| due.first().copied()),
+        to,
+    }
+}
+
 /// Why a cron trigger does not parse, by the key at fault.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ScheduleError {
@@ -319,6 +360,32 @@ mod tests {
         );
         // An interval keeps firing on every real instant.
         assert_eq!(f("0 * * * *", autumn).len(), 5, "one per real hour");
+    }
+
+    /// Eleven firings since the cursor, the latest of them just now: ten were
+    /// missed, from the first to the one before the latest. Down past the latest
+    /// too, all eleven were.
+    #[test]
+    fn missed_firings_leave_out_an_on_time_latest() {
+        let s = Schedule::parse("*/1 * * * * *", None).expect("valid");
+        let (from, to) = (at("2026-01-01T00:00:00Z"), at("2026-01-01T00:00:11Z"));
+        let (due, count) = s.between(from, to, 1000);
+        let first = s.first_between(from, to);
+        assert_eq!((due.len(), count), (11, 11));
+        let m = missed(&due, count, first, true);
+        assert_eq!(m.count, 10);
+        let shown = |t: Option<DateTime<Tz>>| t.map(|t| t.to_rfc3339());
+        assert_eq!(shown(m.from).as_deref(), Some("2026-01-01T00:00:01+00:00"));
+        assert_eq!(shown(m.to).as_deref(), Some("2026-01-01T00:00:10+00:00"));
+        let m = missed(&due, count, first, false);
+        assert_eq!(m.count, 11);
+        assert_eq!(shown(m.to).as_deref(), Some("2026-01-01T00:00:11+00:00"));
+        // Only the latest is due, on time: nothing was missed.
+        assert_eq!(missed(&due[10..], 1, due.last().copied(), true).count, 0);
+        // A tail shorter than the gap still names its oldest firing.
+        let (tail, count) = s.between(from, to, 3);
+        assert_eq!(missed(&tail, count, first, true).count, 10);
+        assert_eq!(shown(missed(&tail, count, first, true).from), shown(first));
     }
 
     #[test]

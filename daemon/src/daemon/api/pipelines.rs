@@ -63,8 +63,12 @@ pub(super) fn pipeline_json(
                         "next": next, "params": params,
                     })
                 }
-                TriggerKind::Watch { glob, debounce, .. } => json!({
-                    "kind": "watch", "watch": glob.get_ref(),
+                TriggerKind::Watch {
+                    glob,
+                    datastore,
+                    debounce,
+                } => json!({
+                    "kind": "watch", "watch": glob.get_ref(), "datastore": datastore.get_ref(),
                     "debounce_ms": debounce.as_millis() as u64, "params": params,
                 }),
                 TriggerKind::After { pipeline } => json!({

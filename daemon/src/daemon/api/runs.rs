@@ -237,7 +237,7 @@ pub(super) fn run_id(id: &str) -> Result<i64, ApiError> {
 /// with digests: the [`RunView`] that `millrace runs show --json` prints too.
 #[utoipa::path(get, path = "/api/v1/runs/{id}", tag = "runs",
     params(("id" = i64, Path, description = "Run id")),
-    responses((status = 200, description = "The run, its inputs, and per step: status, timing, attempts, placement, module, reuse source, explain, inputs and outputs with digests", body = RunView),
+    responses((status = 200, description = "The run, its inputs, and per step: status, timing, attempts, placement, Python interpreter (warm or base, and why), module, reuse source, explain, inputs and outputs with digests", body = RunView),
         (status = 404, description = "No such run", body = ErrorBody)))]
 pub(super) async fn run(State(d): State<Arc<Daemon>>, Path(id): Path<String>) -> ApiResult {
     let id = run_id(&id)?;

@@ -187,22 +187,69 @@ pub fn find(cache_dir: &Path, recipe: &str) -> Result<Snapshot, String> {
 
 /// Why a step with this memory limit and env must run on the base runtime, if it
 /// must: pure in the step's config, decided before its cache key.
-pub fn unsuitable(memory: u64, env_names: &mut dyn Iterator<Item = &str>) -> Option<String> {
+pub fn unsuitable(memory: u64, env_names: &mut dyn Iterator<Item = &str>) -> Option<BaseReason> {
     if memory < MEMORY_FLOOR {
-        return Some(format!(
-            "its memory limit of {} is below the snapshot's floor of {}",
-            crate::definition::format_size(memory),
-            crate::definition::format_size(MEMORY_FLOOR)
-        ));
+        return Some(BaseReason::MemoryBelowFloor {
+            memory,
+            floor: MEMORY_FLOOR,
+        });
     }
     for name in env_names {
         if IMPORT_TIME_ENV.iter().any(|p| name.starts_with(p)) {
-            return Some(format!(
-                "its env sets {name}, which a preloaded library reads when it is imported"
-            ));
+            return Some(BaseReason::ImportTimeEnv {
+                name: name.to_string(),
+            });
         }
     }
     None
+}
+
+/// Why a Python step runs on the base runtime rather than the warm interpreter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BaseReason {
+    /// `[python] snapshot = false` in the daemon config.
+    ConfigOff,
+    /// `python = { …, snapshot = false }` on the step.
+    StepOff,
+    /// The step's memory limit is below the snapshot's initial memory.
+    MemoryBelowFloor { memory: u64, floor: u64 },
+    /// The step's env sets a variable a preloaded library reads when imported.
+    ImportTimeEnv { name: String },
+    /// No usable snapshot: none built, its build failed, or its files are gone.
+    Unavailable(String),
+}
+
+impl BaseReason {
+    /// The reason's name in records and the API (`VariantRecord::reason`).
+    pub fn code(&self) -> BaseCode {
+        match self {
+            BaseReason::ConfigOff => BaseCode::ConfigOff,
+            BaseReason::StepOff => BaseCode::StepOff,
+            BaseReason::MemoryBelowFloor { .. } => BaseCode::MemoryBelowFloor,
+            BaseReason::ImportTimeEnv { .. } => BaseCode::ImportTimeEnv,
+            BaseReason::Unavailable(_) => BaseCode::Unavailable,
+        }
+    }
+}
+
+impl std::fmt::Display for BaseReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BaseReason::ConfigOff => f.write_str("`[python] snapshot = false`"),
+            BaseReason::StepOff => f.write_str("the step says `snapshot = false`"),
+            BaseReason::MemoryBelowFloor { memory, floor } => write!(
+                f,
+                "its memory limit of {} is below the snapshot's floor of {}",
+                crate::definition::format_size(*memory),
+                crate::definition::format_size(*floor)
+            ),
+            BaseReason::ImportTimeEnv { name } => write!(
+                f,
+                "its env sets {name}, which a preloaded library reads when it is imported"
+            ),
+            BaseReason::Unavailable(why) => f.write_str(why),
+        }
+    }
 }
 
 /// The runtime a Python step runs on.
@@ -211,7 +258,7 @@ pub enum Variant {
     /// The snapshot with the preload list imported.
     Warm(Snapshot),
     /// `python-snapshot.wasm`, and why not the warm one.
-    Base(String),
+    Base(BaseReason),
 }
 
 impl Variant {
@@ -227,6 +274,83 @@ impl Variant {
             Variant::Base(why) => {
                 format!("python: the base runtime, not the warm interpreter: {why}")
             }
+        }
+    }
+
+    /// What the step's record keeps of the choice (`steps.python`).
+    pub fn record(&self) -> VariantRecord {
+        match self {
+            Variant::Warm(s) => VariantRecord {
+                variant: VariantName::Warm,
+                recipe: Some(s.recipe.clone()),
+                reason: None,
+                detail: format!("{} preloaded", s.preload.join(", ")),
+            },
+            Variant::Base(why) => VariantRecord {
+                variant: VariantName::Base,
+                recipe: None,
+                reason: Some(why.code()),
+                detail: why.to_string(),
+            },
+        }
+    }
+}
+
+/// `warm` or `base`.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum VariantName {
+    /// The warm interpreter: the snapshot with the preload list imported.
+    Warm,
+    /// The base runtime: every import at the step's start.
+    Base,
+}
+
+/// Why the base runtime, by name.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum BaseCode {
+    /// `[python] snapshot = false` in the daemon config.
+    ConfigOff,
+    /// `snapshot = false` on the step.
+    StepOff,
+    /// The step's memory limit is below the snapshot's floor (128 MiB).
+    MemoryBelowFloor,
+    /// The step's env sets a variable a preloaded library reads at import.
+    ImportTimeEnv,
+    /// No snapshot is built, its build failed, or its files are missing.
+    Unavailable,
+}
+
+/// Which interpreter a Python step ran on, as its record keeps it (`steps.python`
+/// as JSON) and `runs show`, `explain` and the API print it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct VariantRecord {
+    pub variant: VariantName,
+    /// The warm interpreter's recipe digest (the runtime part of the step's key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipe: Option<String>,
+    /// Why the base runtime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<BaseCode>,
+    /// In words: the preload list, or why the base runtime.
+    pub detail: String,
+}
+
+impl std::fmt::Display for VariantRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.variant {
+            VariantName::Warm => write!(
+                f,
+                "the warm interpreter (snapshot {})",
+                &self.recipe.as_deref().unwrap_or_default()
+                    [..12.min(self.recipe.as_deref().map_or(0, str::len))]
+            ),
+            VariantName::Base => write!(f, "the base runtime: {}", self.detail),
         }
     }
 }

@@ -76,16 +76,47 @@ fn the_build_sees_fixed_file_identities() {
 
 #[test]
 fn unsuitable_steps_say_why() {
-    assert!(
-        unsuitable(64 << 20, &mut std::iter::empty())
-            .unwrap()
-            .contains("floor")
+    let low = unsuitable(64 << 20, &mut std::iter::empty()).unwrap();
+    assert_eq!(
+        low,
+        BaseReason::MemoryBelowFloor {
+            memory: 64 << 20,
+            floor: MEMORY_FLOOR
+        }
     );
+    assert!(low.to_string().contains("floor"));
     let env = ["HOME", "SKLEARN_ASSUME_FINITE"];
-    assert!(
-        unsuitable(2 << 30, &mut env.into_iter())
-            .unwrap()
-            .contains("SKLEARN_ASSUME_FINITE")
-    );
+    let env = unsuitable(2 << 30, &mut env.into_iter()).unwrap();
+    assert_eq!(env.code(), BaseCode::ImportTimeEnv);
+    assert!(env.to_string().contains("SKLEARN_ASSUME_FINITE"));
     assert!(unsuitable(2 << 30, &mut ["SEED"].into_iter()).is_none());
+}
+
+/// The record a step keeps names the variant and the reason by a stable name
+/// (the API's `python.variant` and `python.reason`).
+#[test]
+fn variant_records_keep_their_json() {
+    let base = Variant::Base(BaseReason::ImportTimeEnv {
+        name: "OMP_NUM_THREADS".into(),
+    })
+    .record();
+    let json = serde_json::to_value(&base).unwrap();
+    assert_eq!(json["variant"], "base");
+    assert_eq!(json["reason"], "import_time_env");
+    assert!(json.get("recipe").is_none());
+    assert_eq!(serde_json::from_value::<VariantRecord>(json).unwrap(), base);
+    let warm = VariantRecord {
+        variant: VariantName::Warm,
+        recipe: Some("0123456789abcdef".into()),
+        reason: None,
+        detail: "numpy preloaded".into(),
+    };
+    assert_eq!(
+        warm.to_string(),
+        "the warm interpreter (snapshot 0123456789ab)"
+    );
+    assert_eq!(
+        Variant::Base(BaseReason::ConfigOff).record().to_string(),
+        "the base runtime: `[python] snapshot = false`"
+    );
 }

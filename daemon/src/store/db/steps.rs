@@ -37,6 +37,20 @@ impl Batch<'_> {
         Ok(())
     }
 
+    /// The interpreter a Python step runs on (`snapshot::Variant::record`).
+    pub fn set_step_python(
+        &self,
+        run: i64,
+        step: &str,
+        variant: &crate::executor::snapshot::VariantRecord,
+    ) -> Result<()> {
+        let variant = serde_json::to_string(variant).expect("plain data");
+        self.conn
+            .prepare_cached("UPDATE steps SET python = ?3 WHERE run_id = ?1 AND name = ?2")?
+            .execute(params![run, step, variant])?;
+        Ok(())
+    }
+
     pub fn start_step(&self, run: i64, step: &str) -> Result<()> {
         self.conn
             .prepare_cached(
