@@ -133,7 +133,6 @@ impl Store {
         })
     }
 
-
     /// The database; hold the guard only for a few statements.
     pub fn db(&self) -> MutexGuard<'_, Db> {
         // A panic while holding the lock leaves the connection usable: SQLite rolls
