@@ -245,3 +245,40 @@ fn unknown_secrets_and_readable_secret_files_are_located_errors() {
         "{t}"
     );
 }
+
+/// A container step gets the same: a read-only bind at /run/secrets, its
+/// variable, its log masked (the rootless engine of `scripts/setup-containers.sh`).
+#[test]
+fn a_container_step_reads_its_secret_read_only() {
+    let p = Project::new();
+    let cfg = p.write(
+        "millrace.toml",
+        "pipelines = \"pipelines\"\nstate_dir = \".state\"\n[secrets.db]\nfile = \"db\"\n",
+    );
+    private(&p, "db", &format!("{VALUE}\n"), 0o600);
+    let f = p.write(
+        "pipelines/c.toml",
+        &format!(
+            r#"
+[[step]]
+name = "c"
+container = {{ image = "{}", command = ["sh", "-c", "cat /run/secrets/db; echo env=$DB_PASSWORD; echo x > /run/secrets/db || echo read-only; mkdir /out/o; cp /run/secrets/db /out/o/"] }}
+secrets = ["db"]
+secret_env = {{ DB_PASSWORD = "db" }}
+outputs = ["o"]
+"#,
+            "localhost/millrace-busybox:1"
+        ),
+    );
+    let o = p.run(&[
+        "run",
+        f.to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    let log = step_log(&p, "c");
+    assert!(o.status.success(), "{}\n{log}", stderr(&o));
+    assert!(log.contains("***\nenv=***\n"), "{log}");
+    assert!(log.contains("read-only"), "{log}");
+    assert!(!log.contains(VALUE), "{log}");
+}
