@@ -282,3 +282,45 @@ outputs = ["o"]
     assert!(log.contains("read-only"), "{log}");
     assert!(!log.contains(VALUE), "{log}");
 }
+
+/// A Slurm job gets the same: its secrets are copied into the job's staging
+/// directory (owner only), masked in the node's log, and gone with the job's
+/// files: nothing under the shared directory holds the value afterwards.
+#[test]
+fn a_slurm_step_reads_its_secret_and_the_shared_dir_keeps_nothing() {
+    let p = Project::new();
+    private(&p, "secrets/db", &format!("{VALUE}\n"), 0o600);
+    let cfg = p.write(
+        "millrace.toml",
+        "pipelines = \"pipelines\"\nstate_dir = \".state\"\n[secrets.db]\nfile = \"secrets/db\"\n[compute.cluster]\nkind = \"slurm\"\nshared_dir = \"shared\"\n",
+    );
+    p.write("pipelines/leaky.py", LEAKY);
+    let f = p.write(
+        "pipelines/leak.toml",
+        &format!("{PIPELINE}compute = \"cluster\"\n"),
+    );
+    let o = p.run(&[
+        "run",
+        f.to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    let log = step_log(&p, "leaky");
+    assert!(o.status.success(), "{}\n{log}", stderr(&o));
+    assert!(log.contains("submitted Slurm job"), "{log}");
+    assert!(
+        log.contains("file: ***") && log.contains("env: ***"),
+        "{log}"
+    );
+    let mut hits = Vec::new();
+    files_holding(p.dir.path(), VALUE.as_bytes(), &mut hits);
+    hits.retain(|h| *h != p.path("secrets/db"));
+    assert!(!hits.is_empty(), "the output holds the value");
+    for h in &hits {
+        assert!(
+            h.to_string_lossy().contains("/blobs/"),
+            "the value is in {}",
+            h.display()
+        );
+    }
+}

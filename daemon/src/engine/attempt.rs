@@ -216,7 +216,7 @@ impl RunContext {
         })()
         .map_err(fail)?;
         let executor = Executor::for_step(step, &self.engine.config.computes);
-        let secrets = self.staged_secrets(i, attempt, &executor, &log)?;
+        let secrets = self.staged_secrets(i, attempt, &log)?;
         let mut spec = self.attempt_spec(ws, i, attempt, program, log.clone())?;
         if let Some(staged) = &secrets {
             spec.mounts.push(Mount {
@@ -268,12 +268,12 @@ impl RunContext {
 
     /// Step `i`'s secrets staged for this attempt, their values masked in its
     /// log from now on; `None` when it names none. A secret that cannot be read
-    /// fails the attempt, naming the secret.
+    /// fails the attempt, naming the secret. (A Slurm job copies them into its
+    /// staging directory, 0700 with the files' 0600, removed with the job's files.)
     fn staged_secrets(
         &self,
         i: usize,
         attempt: u32,
-        executor: &Executor,
         log: &LogFile,
     ) -> Result<Option<executor::secrets::Staged>, (Option<i32>, String)> {
         let step = &self.pipeline.steps[i];
@@ -284,15 +284,6 @@ impl RunContext {
             log.note(&e);
             (None, e)
         };
-        // A Slurm job's files are staged under the shared directory and its
-        // environment is written into its spec there: not yet a place for a
-        // secret, so such a step is refused rather than leaking it.
-        if let Executor::Slurm { compute, .. } = executor {
-            return Err(failed(format!(
-                "secrets are not yet passed to Slurm jobs: step `{}` names secrets and runs on `{compute}`",
-                step.name.get_ref()
-            )));
-        }
         let names: Vec<String> = step.secrets.iter().map(|s| s.get_ref().clone()).collect();
         let tag = format!("{}-{i}-{attempt}", self.run_id);
         let staged = executor::secrets::stage(&names, self.engine.config.secrets.as_ref(), &tag)

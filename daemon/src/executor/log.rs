@@ -119,6 +119,12 @@ impl LogFile {
         inner.redact.dedup();
     }
 
+    /// The values this log masks (for a log written elsewhere: a Slurm node's).
+    pub fn redactions(&self) -> Vec<Vec<u8>> {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.redact.clone()
+    }
+
     /// `text` with the secrets masked, for what is recorded beside the log (a
     /// failure's message).
     pub fn redacted(&self, text: &str) -> String {
