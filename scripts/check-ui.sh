@@ -36,6 +36,8 @@ listen = "127.0.0.1:0"
 TOML
 cat >"$work/pipelines/ui-chain.toml" <<TOML
 description = "A chain for the UI check"
+[params]
+secs = 1
 [inputs.data]
 path = "data.csv"
 [[trigger]]
@@ -49,7 +51,7 @@ outputs = ["out"]
 [[step]]
 name = "nap"
 wasm = "$root/plugins/dist/sleep.wasm"
-args = ["--secs", "1"]
+args = ["--secs", "\${params.secs}"]
 inputs = { x = "copy.out" }
 reuse = false
 [[step]]

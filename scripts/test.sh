@@ -31,6 +31,8 @@ fi
 if command -v promtool >/dev/null; then export MILLRACE_REQUIRE_PROMTOOL=1; fi
 cargo test --workspace
 MILLRACE_FUZZ_SECS=60 cargo test -p millrace --test integration fuzz:: -- --nocapture
+echo "== example pipelines and configs against docs/schema/ (taplo)"
+scripts/check-schema.sh
 echo "== REST API against its OpenAPI document (schemathesis)"
 scripts/check-api.sh
 echo "== web UI in headless Chromium (playwright-core)"

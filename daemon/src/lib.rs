@@ -36,12 +36,16 @@
 //!   default) is written once, in [`executor`].
 //! - [`engine`]: drives runs, built whole from one [`engine::EngineConfig`] (the
 //!   daemon config's datastores, compute targets and `[python]`; the log and output
-//!   caps with their environment overrides): the lifecycle (`engine/lifecycle.rs`:
+//!   caps, the walk limits and the compiled-code cache, with their environment
+//!   overrides, read there and nowhere else): the lifecycle (`engine/lifecycle.rs`:
 //!   create, enqueue, start, resume, the locks a run holds), the ready-queue loop
 //!   (`engine/scheduler.rs`: each step decided by the planner, dependants released
-//!   or skipped, cancel and shutdown sweeps), one step's attempts and retries (`engine/step.rs`), one
+//!   or skipped, cancel and shutdown sweeps), one step's attempts and retries (`engine/step.rs`), a
+//!   `foreach` step's items, each reused or executed, and their merged outputs
+//!   (`engine/items.rs`), one
 //!   attempt's spec, executor and outputs (`engine/attempt.rs`) and the run lock
-//!   (`engine/lock.rs`).
+//!   (`engine/lock.rs`); the scheduler's unit tests run attempts on a fake executor
+//!   (`engine/tests.rs`).
 //! - [`store`]: SQLite records, the BLAKE3 artifact store, and `gc`.
 //! - [`view`]: what readers are shown: one [`view::RunView`] for the API,
 //!   `runs show --json` and the UI, with the OpenAPI schemas.
@@ -52,6 +56,8 @@
 //!   concurrency (`daemon/queue.rs`), crash recovery (`daemon/recover.rs`), the
 //!   process's signals ([`daemon::signal`]), the REST API with its OpenAPI document
 //!   and the web UI ([`daemon::api`]) and Prometheus metrics ([`daemon::metrics`]).
+//! - [`schema`]: JSON Schemas of the pipeline file and the daemon config, their keys
+//!   asked of the parser (`millrace schema`, `docs/schema/`).
 //! - [`cli`]: the `millrace` command line over all of the above, by command group;
 //!   its exit codes in one place (`cli/error.rs`); graph drawing (`cli/graph.rs`).
 
@@ -68,6 +74,7 @@ pub mod graph;
 pub mod model;
 pub mod module;
 pub mod planner;
+pub mod schema;
 pub mod store;
 pub mod trigger;
 pub mod view;

@@ -118,6 +118,79 @@ pub struct StepView {
     pub outputs: Vec<StepOutput>,
     /// Why it ran or which run it reused; null when that cannot be told.
     pub explain: Option<Why>,
+    /// A `foreach` step's items and how each ended; null for any other step.
+    pub items: Option<ItemsView>,
+}
+
+/// A `foreach` step's items: counted by how they ended, and each listed.
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
+pub struct ItemsView {
+    pub total: usize,
+    pub executed: usize,
+    pub reused: usize,
+    pub failed: usize,
+    /// Not ended: pending, running, or cancelled with the run.
+    pub other: usize,
+    /// By name.
+    pub list: Vec<ItemView>,
+}
+
+/// One item of a `foreach` step: a top-level entry of its foreach input.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct ItemView {
+    /// The entry's name (`$MILLRACE_ITEM`); its attempts and log are recorded
+    /// under `STEP[NAME]`.
+    pub name: String,
+    pub status: StepStatus,
+    pub cache_key: String,
+    /// The run whose item this one reused.
+    pub reused_from: Option<i64>,
+    pub attempts: i64,
+    pub error: Option<String>,
+}
+
+impl ItemsView {
+    pub fn of(rows: Vec<crate::store::db::ItemRow>) -> ItemsView {
+        let mut v = ItemsView {
+            total: rows.len(),
+            ..ItemsView::default()
+        };
+        for r in rows {
+            match r.status {
+                StepStatus::Succeeded => v.executed += 1,
+                StepStatus::Reused => v.reused += 1,
+                StepStatus::Failed => v.failed += 1,
+                _ => v.other += 1,
+            }
+            v.list.push(ItemView {
+                name: r.item,
+                status: r.status,
+                cache_key: r.cache_key,
+                reused_from: r.reused_from,
+                attempts: r.attempts,
+                error: r.error,
+            });
+        }
+        v
+    }
+
+    /// `N items: X executed, Y reused[, Z failed][, W not ended]`.
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "{} item{}: {} executed, {} reused",
+            self.total,
+            if self.total == 1 { "" } else { "s" },
+            self.executed,
+            self.reused
+        );
+        if self.failed > 0 {
+            s += &format!(", {} failed", self.failed);
+        }
+        if self.other > 0 {
+            s += &format!(", {} not ended", self.other);
+        }
+        s
+    }
 }
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -208,9 +281,11 @@ impl RunView {
             let db = store.db();
             (db.read().steps(id)?, db.read().run_inputs(id)?)
         };
+        let foreach = foreach_steps(store, &run);
         let mut views = Vec::with_capacity(steps.len());
         for s in steps {
-            views.push(step_view(store, &run, s)?);
+            let is_foreach = foreach.contains(&s.name);
+            views.push(step_view(store, &run, s, is_foreach)?);
         }
         Ok(Some(RunView {
             run: run.into(),
@@ -227,15 +302,24 @@ impl RunView {
     }
 }
 
-fn step_view(store: &Store, run: &RunRow, s: StepRow) -> crate::store::db::Result<StepView> {
-    let (attempts, outputs, inputs) = {
+fn step_view(
+    store: &Store,
+    run: &RunRow,
+    s: StepRow,
+    foreach: bool,
+) -> crate::store::db::Result<StepView> {
+    let (attempts, outputs, inputs, items) = {
         let db = store.db();
         (
             db.read().attempts(run.id, &s.name)?,
             db.read().step_outputs(run.id, &s.name)?,
             db.read().step_inputs(run.id, &s.name)?,
+            db.read().items(run.id, &s.name)?,
         )
     };
+    // A foreach step whose input holds nothing has no item rows: it is told
+    // apart by its definition.
+    let items = (foreach || !items.is_empty()).then(|| ItemsView::of(items));
     let explain = crate::planner::explain(store, run, &s).ok().map(|e| Why {
         explanation: e.explanation,
         changes: e.changes,
@@ -270,5 +354,42 @@ fn step_view(store: &Store, run: &RunRow, s: StepRow) -> crate::store::db::Resul
             .map(|(output, artifact)| StepOutput { output, artifact })
             .collect(),
         explain,
+        items,
     })
+}
+
+/// The steps of `run`'s definition that have `foreach` (the recorded text, read
+/// as plain TOML: only its keys matter here).
+fn foreach_steps(store: &Store, run: &RunRow) -> std::collections::HashSet<String> {
+    let Ok(Some((_, text))) = store.db().read().definition(&run.definition) else {
+        return Default::default();
+    };
+    let Ok(doc) = text.parse::<toml::Table>() else {
+        return Default::default();
+    };
+    doc.get("step")
+        .and_then(|s| s.as_array())
+        .into_iter()
+        .flatten()
+        .filter(|t| t.get("foreach").is_some())
+        .filter_map(|t| Some(t.get("name")?.as_str()?.to_string()))
+        .collect()
+}
+
+/// `: a, b, c` for up to ten names, then `and N more`; empty for none.
+pub fn items_named(names: &[String]) -> String {
+    if names.is_empty() {
+        return String::new();
+    }
+    // Item names are file names a user or a step chose.
+    let shown: Vec<String> = names
+        .iter()
+        .take(10)
+        .map(|n| crate::store::artifacts::escape_controls(n))
+        .collect();
+    let more = match names.len().saturating_sub(10) {
+        0 => String::new(),
+        n => format!(" and {n} more"),
+    };
+    format!(": {}{more}", shown.join(", "))
 }

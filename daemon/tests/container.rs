@@ -121,10 +121,10 @@ fn commit_image(repo: &str, tag: &str, stamp: &str) -> String {
     })
 }
 
-/// Removes image `id`, whatever uses it.
+/// Removes image `id`, whatever uses it: cleanup, so a failure is no test's.
 fn remove_image(id: &str) {
     let force = RemoveImageOptionsBuilder::new().force(true).build();
-    engine(async |d| d.remove_image(id, Some(force), None).await).expect("removing the image");
+    let _ = engine(async |d| d.remove_image(id, Some(force), None).await);
 }
 
 #[test]

@@ -713,3 +713,29 @@ fn api_bodies_and_document(d: &Daemon) {
         .unwrap();
     assert_eq!(r.status().as_u16(), 400);
 }
+
+/// The log (the terminal's, and journald's MESSAGE) says which run of which
+/// pipeline, and what fired it, in its text; the fields stay for machines.
+#[test]
+fn log_lines_name_the_run_the_pipeline_and_the_trigger() {
+    let p = Project::new();
+    let noop = plugin("noop");
+    p.write(
+        "pipelines/hello.toml",
+        &format!("[[step]]\nname = \"a\"\nwasm = \"{noop}\"\n"),
+    );
+    let d = Daemon::in_process(&p);
+    let id = d.trigger("hello");
+    runs_ended(&d, 1);
+    let log = d.log_text();
+    for line in [
+        format!("run {id} of hello queued (api)"),
+        format!("run {id} of hello started"),
+        format!("run {id} of hello succeeded in "),
+    ] {
+        assert!(log.contains(&line), "no `{line}` in:\n{log}");
+    }
+    assert!(log.contains(": 1 executed, 0 reused, 0 failed"), "{log}");
+    // The structured fields are still there.
+    assert!(log.contains(&format!("run={id}")), "{log}");
+}

@@ -10,6 +10,7 @@ mod container;
 mod crash;
 mod daemon;
 mod exit_codes;
+mod foreach;
 mod fuzz;
 mod hostile_api;
 mod hostile_fs;

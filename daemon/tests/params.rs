@@ -302,3 +302,86 @@ outputs = ["out"]
     assert_eq!(read("pwd.txt"), "/in/rows\n");
     assert_eq!(read("env.txt"), "MILLRACE_PARAM_SEP=-\n-\n");
 }
+
+/// A Python step: argparse-style paths from `${inputs.M}`/`${outputs.O}` are the
+/// paths its sandbox mounts, and it sees only the params it names.
+#[test]
+fn a_python_step_reads_and_writes_where_its_args_say() {
+    let p = Project::new();
+    p.write("data/rows.csv", "x\n1\n2\n");
+    p.write(
+        "code/count.py",
+        r#"
+import os, sys
+src, dst = sys.argv[1], sys.argv[2]
+rows = open(os.path.join(src, "rows.csv")).read().split()[1:]
+os.makedirs(dst, exist_ok=True)
+seen = sorted(k for k in os.environ if k.startswith("MILLRACE_PARAM_"))
+with open(os.path.join(dst, "count.txt"), "w") as f:
+    f.write(f"{src} {dst} {len(rows)} {' '.join(seen)}\n")
+"#,
+    );
+    let f = p.write(
+        "py.toml",
+        r#"
+[params]
+scale = 2
+other = "x"
+[inputs.rows]
+path = "data/rows.csv"
+[[step]]
+name = "count"
+python = { script = "count.py", code = "code" }
+args = ["${inputs.data}", "${outputs.result}"]
+params = ["scale"]
+inputs = { data = "inputs.rows" }
+outputs = ["result"]
+"#,
+    );
+    let out = p.run(&["run", f.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = p.run(&["output", "1", "count.result", "-o", "got"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        std::fs::read_to_string(p.path("got/count.txt")).unwrap(),
+        "/in/data /out/result 2 MILLRACE_PARAM_SCALE\n"
+    );
+}
+
+/// Through the API: a run whose params would resolve a path out of its datastore
+/// is refused (422) and never recorded; a good one records the directory it read.
+#[test]
+fn the_api_refuses_a_param_that_leaves_the_datastore_and_shows_the_resolved_path() {
+    use crate::common::Daemon;
+    let p = Project::new();
+    p.write("pipelines/data/2026-12-01/rows.csv", "x\n2\n");
+    p.write("pipelines/data/2026-11-30/rows.csv", "x\n1\n");
+    p.write(
+        "pipelines/daily.toml",
+        &format!(
+            "[params]\nday = \"2026-11-30\"\n[inputs.rows]\npath = \"data/${{params.day}}\"\n[[step]]\nname = \"copy\"\nwasm = \"{}\"\ninputs = {{ rows = \"inputs.rows\" }}\noutputs = [\"out\"]\n",
+            plugin("copy")
+        ),
+    );
+    let d = Daemon::in_process(&p);
+    let (status, v) = d.post(
+        "/api/v1/pipelines/daily/runs",
+        serde_json::json!({"params": {"day": "../../x"}}),
+        None,
+    );
+    assert_eq!(status, 422, "{v}");
+    let m = v["error"]["message"].as_str().unwrap();
+    assert!(m.contains("it would leave its datastore"), "{m}");
+    assert!(d.runs("daily").is_empty());
+    let (status, v) = d.post(
+        "/api/v1/pipelines/daily/runs",
+        serde_json::json!({"params": {"day": "2026-12-01"}}),
+        None,
+    );
+    assert_eq!(status, 202, "{v}");
+    let id = v["run_id"].as_i64().unwrap();
+    let run = d.wait_status(id, "succeeded");
+    let path = run["inputs"][0]["path"].as_str().unwrap();
+    assert!(path.ends_with("data/2026-12-01"), "{run}");
+    assert_eq!(d.stop(), 0);
+}

@@ -106,6 +106,14 @@ pub async fn plan(
         let line = match d {
             Planned::Reuse { run, .. } => format!("{step:width$}  reuse  from run {run}"),
             Planned::Run { reason } => format!("{step:width$}  run    {reason}"),
+            Planned::Items {
+                executed,
+                reused,
+                run,
+            } => format!(
+                "{step:width$}  items  {executed} to execute, {reused} reused{}",
+                crate::view::items_named(run)
+            ),
             Planned::Pending { upstream } => format!(
                 "{step:width$}  run?   after {} (reused if its inputs come out unchanged)",
                 upstream.join(", ")

@@ -302,6 +302,16 @@ neither the daemon nor `millrace resume` takes it up again.")]
         #[arg(short = 'o', long, value_name = "DIR")]
         dir: Option<PathBuf>,
     },
+    /// Print the JSON Schema of a pipeline file or of the daemon config (for taplo
+    /// and editors; docs/schema/ holds them, scripts/schema.sh rewrites them).
+    #[command(after_help = "Examples:
+  millrace schema pipeline > docs/schema/pipeline.schema.json
+  taplo check --schema file://$PWD/docs/schema/config.schema.json config/millrace.toml")]
+    Schema {
+        /// Which file the schema is for.
+        #[arg(value_enum)]
+        which: SchemaWhich,
+    },
     /// Next firings of cron triggers, in each trigger's time zone; with
     /// --simulate FROM TO every firing in that window (across DST changes).
     Schedule {
@@ -318,6 +328,15 @@ neither the daemon nor `millrace resume` takes it up again.")]
         #[arg(long, value_name = "N", default_value_t = 10)]
         count: usize,
     },
+}
+
+/// The files `schema` describes.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum SchemaWhich {
+    /// A pipeline file (`*.toml` in the pipelines directory).
+    Pipeline,
+    /// The daemon config (`millrace.toml`).
+    Config,
 }
 
 /// The shells `completions` writes for.
@@ -518,6 +537,17 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Completions { shell } => commands::completions(shell),
         Command::Manpage { dir } => commands::manpage(dir.as_deref()),
+        Command::Schema { which } => {
+            let which = match which {
+                SchemaWhich::Pipeline => crate::schema::Which::Pipeline,
+                SchemaWhich::Config => crate::schema::Which::Config,
+            };
+            print!(
+                "{}",
+                crate::schema::text(which).map_err(anyhow::Error::msg)?
+            );
+            Ok(0)
+        }
         Command::ExecStep { spec } => Ok(crate::executor::slurm::exec_step(&spec).await),
         Command::Resume { run, config } => {
             commands::resume(&cli.state, &run, config.as_deref(), json).await
@@ -670,6 +700,9 @@ fn explain(store: &Store, run: &str, step: &str, json: bool) -> anyhow::Result<i
         .ok_or_else(|| Error::usage(format!("run {id} has no step `{step}`")))?;
     let e = crate::planner::explain(store, &r, &s)?;
     let (verdict, changes, prev) = (e.explanation, e.changes, e.compared_with);
+    // A foreach step: each item was reused or executed on its own key.
+    let rows = store.db().read().items(id, step)?;
+    let items = (!rows.is_empty()).then(|| crate::view::ItemsView::of(rows));
     if json {
         println!(
             "{}",
@@ -678,6 +711,7 @@ fn explain(store: &Store, run: &str, step: &str, json: bool) -> anyhow::Result<i
                 "reused_from": s.reused_from, "compared_with": prev,
                 "explanation": verdict, "changes": changes, "key_parts": s.key_parts,
                 "python": s.python,
+                "items": items,
             }))?
         );
         return Ok(0);
@@ -686,6 +720,24 @@ fn explain(store: &Store, run: &str, step: &str, json: bool) -> anyhow::Result<i
     println!("  {verdict}");
     for c in &changes {
         println!("    - {c}");
+    }
+    if let Some(items) = &items {
+        println!("  {}", items.summary());
+        let ran: Vec<&crate::view::ItemView> = items
+            .list
+            .iter()
+            .filter(|i| i.status != crate::model::StepStatus::Reused)
+            .collect();
+        for i in ran.iter().take(20) {
+            let name = crate::store::artifacts::escape_controls(&i.name);
+            match &i.error {
+                Some(e) => println!("    - {name} {}: {e}", i.status),
+                None => println!("    - {name} {} (no earlier item had its key)", i.status),
+            }
+        }
+        if ran.len() > 20 {
+            println!("    … and {} more", ran.len() - 20);
+        }
     }
     if let Some(k) = &s.cache_key {
         println!("  cache key {}", short(k));

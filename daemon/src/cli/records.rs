@@ -162,6 +162,18 @@ pub(super) fn runs_show(store: &Store, run: &str, json: bool) -> anyhow::Result<
         if let Some(py) = &s.python {
             println!("  {:width$}    python: {py}", "");
         }
+        if let Some(items) = &s.items {
+            println!("  {:width$}    {}", "", items.summary());
+            let failed = items.list.iter().filter(|i| i.status == StepStatus::Failed);
+            for i in failed.take(10) {
+                println!(
+                    "  {:width$}      failed {}: {}",
+                    "",
+                    crate::store::artifacts::escape_controls(&i.name),
+                    i.error.as_deref().unwrap_or("")
+                );
+            }
+        }
         for o in &s.outputs {
             println!("  {:width$}    → {} {}", "", o.output, short(&o.artifact));
         }
@@ -193,6 +205,15 @@ pub(super) async fn logs(
     };
     let mut offsets: std::collections::HashMap<String, u64> = Default::default();
     let mut out = std::io::stdout().lock();
+    // A foreach step's items log under `STEP[ITEM]`.
+    let mut rows: Vec<String> = Vec::new();
+    for name in &names {
+        rows.push(name.clone());
+        for item in store.db().read().items(id, name)? {
+            rows.push(format!("{name}[{}]", item.item));
+        }
+    }
+    let names = rows;
     loop {
         for name in &names {
             for a in store.db().read().attempts(id, name)? {

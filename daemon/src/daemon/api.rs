@@ -23,7 +23,8 @@ use tokio_util::sync::CancellationToken;
 use super::Daemon;
 use crate::model::{AttemptStatus, RunStatus, StepStatus};
 use crate::view::{
-    AttemptView, Metric, RunInput, RunRecord, RunView, StepInput, StepOutput, StepView, Why,
+    AttemptView, ItemView, ItemsView, Metric, RunInput, RunRecord, RunView, StepInput, StepOutput,
+    StepView, Why,
 };
 
 mod pipelines;
@@ -61,7 +62,7 @@ pub enum ParamScalar {
         runs::run_metrics, runs::step_log, runs::cancel, runs::resume, pipelines::modules, prometheus),
     components(schemas(ErrorBody, ErrorDetail, RunStatus, StepStatus, AttemptStatus, ParamScalar, runs::RunsPage, runs::Queued, runs::Cancelling, runs::Resuming, runs::RunMetrics, runs::CreateRun,
         RunRecord, RunView, RunInput, StepView, StepInput, StepOutput, AttemptView, Why, Metric,
-        crate::executor::snapshot::VariantRecord, crate::executor::snapshot::VariantName, crate::executor::snapshot::BaseCode)),
+        crate::executor::snapshot::VariantRecord, crate::executor::snapshot::VariantName, crate::executor::snapshot::BaseCode, ItemsView, ItemView)),
     modifiers(&Bearer, &RequestLimits)
 )]
 pub struct ApiDoc;

@@ -22,6 +22,7 @@ pub struct Metrics {
     runs_finished: Family<Labels, Counter>,
     step_seconds: HistogramFamily,
     reuse: Family<Labels, Counter>,
+    items: Family<Labels, Counter>,
     trigger_latency: Histogram,
     queue_depth: Gauge,
     running_runs: Gauge,
@@ -43,6 +44,7 @@ impl Metrics {
             runs_finished: Family::default(),
             step_seconds: Family::new_with_constructor(step_histogram),
             reuse: Family::default(),
+            items: Family::default(),
             trigger_latency: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             queue_depth: Gauge::default(),
             running_runs: Gauge::default(),
@@ -71,6 +73,11 @@ impl Metrics {
                 "reuse",
                 "Step cache decisions: hit (reused) or miss (executed)",
                 m.reuse.clone(),
+            );
+            r.register(
+                "foreach_items",
+                "Items of foreach steps, by pipeline, step and result (executed, reused, failed)",
+                m.items.clone(),
             );
             r.register(
                 "trigger_to_first_step_seconds",
@@ -139,6 +146,33 @@ impl Metrics {
         if let Some(first) = steps.iter().filter_map(|s| s.started_at).min() {
             self.trigger_latency
                 .observe((first - run.created_at).max(0) as f64 / 1000.0);
+        }
+    }
+
+    /// A run's foreach steps ended: their items counted by how each ended. The
+    /// labels are the step, not the item: an inbox of a million files must not
+    /// make a million series.
+    pub fn items_finished(
+        &self,
+        pipeline: &str,
+        steps: &[(String, Vec<crate::store::db::ItemRow>)],
+    ) {
+        for (step, rows) in steps {
+            for r in rows {
+                let result = match r.status {
+                    StepStatus::Succeeded => "executed",
+                    StepStatus::Reused => "reused",
+                    StepStatus::Failed => "failed",
+                    _ => continue,
+                };
+                self.items
+                    .get_or_create(&vec![
+                        ("pipeline".into(), pipeline.into()),
+                        ("step".into(), step.clone()),
+                        ("result".into(), result.into()),
+                    ])
+                    .inc();
+            }
         }
     }
 
@@ -212,6 +246,36 @@ mod tests {
             text.contains("# TYPE millrace_runs_given_up_after_crashes gauge\nmillrace_runs_given_up_after_crashes 2\n"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn foreach_items_are_counted_by_step_and_result() {
+        use crate::model::StepStatus;
+        let m = super::Metrics::new();
+        let row = |item: &str, status| crate::store::db::ItemRow {
+            item: item.into(),
+            status,
+            cache_key: String::new(),
+            reused_from: None,
+            attempts: 1,
+            error: None,
+            started_at: None,
+            finished_at: None,
+        };
+        let rows = vec![
+            row("a", StepStatus::Succeeded),
+            row("b", StepStatus::Reused),
+            row("c", StepStatus::Reused),
+            row("d", StepStatus::Failed),
+        ];
+        m.items_finished("p", &[("score".into(), rows)]);
+        let text = super::to_prometheus_text(&m.render(0, 0, 0, (0, 0), 0));
+        for (result, n) in [("executed", 1), ("reused", 2), ("failed", 1)] {
+            let line = format!(
+                "millrace_foreach_items_total{{pipeline=\"p\",step=\"score\",result=\"{result}\"}} {n}\n"
+            );
+            assert!(text.contains(&line), "{line} in {text}");
+        }
     }
 
     #[test]

@@ -319,8 +319,15 @@ impl Daemon {
         {
             let db = self.store().db();
             if let (Ok(Some(run)), Ok(steps)) = (db.read().run(id), db.read().steps(id)) {
+                // A foreach step's items, by step.
+                let items: Vec<(String, Vec<crate::store::db::ItemRow>)> = steps
+                    .iter()
+                    .filter_map(|s| Some((s.name.clone(), db.read().items(id, &s.name).ok()?)))
+                    .filter(|(_, rows)| !rows.is_empty())
+                    .collect();
                 drop(db);
                 self.metrics.run_finished(&run, &steps);
+                self.metrics.items_finished(&run.pipeline, &items);
             }
         }
         if succeeded {

@@ -129,6 +129,9 @@ pub struct Step {
     pub secrets: Vec<Sp<String>>,
     /// `secret_env = { DB_PASSWORD = "db" }`: variable → one of `secrets`.
     pub secret_env: Vec<(Sp<String>, Sp<String>)>,
+    /// `foreach = "inputs.inbox"`: the mount (one of `inputs`) whose artifact's
+    /// top-level entries are the step's items, each executed alone at that mount.
+    pub foreach: Option<Sp<String>>,
 }
 
 #[derive(Debug, Clone, Copy)]

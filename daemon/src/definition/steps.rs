@@ -37,6 +37,7 @@ const STEP_KEYS: &[&str] = &[
     "reuse",
     "secrets",
     "secret_env",
+    "foreach",
 ];
 const STEP_KINDS: &[&str] = &["wasm", "python", "container", "module", "transfer"];
 
@@ -169,6 +170,17 @@ impl Walker {
             self.transfer_keys(t);
         }
         let (secrets, secret_env) = self.step_secrets(t, &env_vars, &kind, env);
+        let foreach = match (t.get("foreach"), &kind) {
+            (Some(f), Some(StepKind::Transfer { .. })) => {
+                self.error(
+                    f.span(),
+                    "`foreach` does not apply to a transfer step: it publishes one artifact whole",
+                );
+                None
+            }
+            (Some(f), _) => self.foreach(f, &inputs, &step_name),
+            (None, _) => None,
+        };
         Some(Step {
             name,
             span: v.span(),
@@ -189,6 +201,7 @@ impl Walker {
             compute,
             secrets,
             secret_env,
+            foreach,
         })
     }
 
@@ -280,6 +293,56 @@ impl Walker {
             }
         }
         (names, vars)
+    }
+
+    /// `foreach = "REFERENCE"`: the reference of one of the step's `inputs`,
+    /// whose mount then holds one item at a time. Requiring the input (rather
+    /// than mounting it implicitly) keeps one place that says where data is
+    /// mounted.
+    fn foreach(
+        &mut self,
+        f: &Value<'_>,
+        inputs: &[(Sp<String>, Sp<Reference>)],
+        step_name: &str,
+    ) -> Option<Sp<String>> {
+        let s = self.string(f, "foreach")?;
+        let r = self.reference(&s)?;
+        let mut mounts = inputs.iter().filter(|(_, i)| i.get_ref() == r.get_ref());
+        match (mounts.next(), mounts.next()) {
+            (Some((m, _)), None) => Some(Spanned::new(s.span(), m.get_ref().clone())),
+            (None, _) => {
+                let hint = match r.get_ref() {
+                    Reference::Input(n) => n.clone(),
+                    Reference::Output { output, .. } => output.clone(),
+                };
+                self.diags.push(
+                    Diagnostic::error(
+                        s.span(),
+                        format!(
+                            "step `{step_name}`: foreach `{}` is not one of its inputs",
+                            s.get_ref()
+                        ),
+                    )
+                    .with_help(format!(
+                        "mount it too, e.g. inputs = {{ {hint} = \"{}\" }}: each item is mounted alone at that mount",
+                        s.get_ref()
+                    )),
+                );
+                None
+            }
+            (Some((a, _)), Some((b, _))) => {
+                self.error(
+                    s.span(),
+                    format!(
+                        "step `{step_name}`: foreach `{}` is mounted twice (`{}` and `{}`); mount it once",
+                        s.get_ref(),
+                        a.get_ref(),
+                        b.get_ref()
+                    ),
+                );
+                None
+            }
+        }
     }
 
     /// `env = { NAME = "value" }`: interpolated values, names a process can carry,

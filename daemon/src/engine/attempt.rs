@@ -30,10 +30,13 @@ enum Program {
 }
 
 impl RunContext {
-    /// One attempt in a fresh sandbox directory; outputs are ingested only on success.
+    /// One attempt in a fresh sandbox directory; outputs are ingested only on
+    /// success. `item`: the `foreach` item it executes (its mount then holds only
+    /// that item).
     pub(super) async fn attempt(
         &self,
         i: usize,
+        item: Option<&str>,
         attempt: u32,
         inputs: &BTreeMap<String, String>,
         log_path: &Path,
@@ -81,7 +84,7 @@ impl RunContext {
             .take()
             .map_err(|e| (None, format!("cannot create the sandbox directories: {e}")))?;
         let result = self
-            .attempt_in(&mut ws, i, attempt, &program, inputs, log_path)
+            .attempt_in(&mut ws, i, item, attempt, &program, inputs, log_path)
             .await;
         self.workspaces.give_back(ws);
         result
@@ -130,22 +133,24 @@ impl RunContext {
             walk: self.store().limits(),
         };
         let on_placement = |_: &Placement| {};
-        let ctx = self.attempt_ctx(i, attempt, None, &on_placement);
+        let ctx = self.attempt_ctx(i, None, attempt, None, &on_placement);
         match Executor::Transfer.run(spec, &ctx).await {
             Ok(_) => Ok(Vec::new()),
             Err(e) => Err((None, e.to_string())),
         }
     }
 
-    /// What an executor is lent for attempt `attempt` of step `i`.
+    /// What an executor is lent for attempt `attempt` of step `i` (or of its item).
     fn attempt_ctx<'a>(
         &'a self,
         i: usize,
+        item: Option<&str>,
         attempt: u32,
         wasm: Option<Arc<WasmRuntime>>,
         on_placement: &'a (dyn Fn(&Placement) + Send + Sync),
     ) -> AttemptCtx<'a> {
-        let name = self.pipeline.steps[i].name.get_ref();
+        let step = self.pipeline.steps[i].name.get_ref();
+        let name = &super::items::row_name(step, item);
         // A Slurm job of this attempt that an earlier process submitted and did
         // not see end is adopted, not submitted again.
         let adopting = self
@@ -172,7 +177,7 @@ impl RunContext {
             label: Label {
                 instance: self.engine.instance(),
                 run: self.run_id,
-                step: name.clone(),
+                step: super::items::label_name(step, item),
                 attempt,
             },
             on_placement,
@@ -185,17 +190,19 @@ impl RunContext {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn attempt_in(
         &self,
         ws: &mut Workspace,
         i: usize,
+        item: Option<&str>,
         attempt: u32,
         program: &Program,
         inputs: &BTreeMap<String, String>,
         log_path: &Path,
     ) -> Attempted {
         let step = &self.pipeline.steps[i];
-        let name = step.name.get_ref();
+        let name = &super::items::row_name(step.name.get_ref(), item);
         let fail = |e: String| (None, e);
         let log = LogFile::create(log_path, self.engine.config.log_cap)
             .map_err(|e| fail(format!("cannot create log {}: {e}", log_path.display())))?;
@@ -217,7 +224,7 @@ impl RunContext {
         .map_err(fail)?;
         let executor = Executor::for_step(step, &self.engine.config.computes);
         let secrets = self.staged_secrets(i, attempt, &log)?;
-        let mut spec = self.attempt_spec(ws, i, attempt, program, log.clone())?;
+        let mut spec = self.attempt_spec(ws, i, item, attempt, program, log.clone())?;
         if let Some(staged) = &secrets {
             spec.mounts.push(Mount {
                 host: staged.dir().to_path_buf(),
@@ -248,7 +255,7 @@ impl RunContext {
                 tracing::error!(step = %name, error = %e, "cannot record where the step runs");
             }
         };
-        let ctx = self.attempt_ctx(i, attempt, wasm, &on_placement);
+        let ctx = self.attempt_ctx(i, item, attempt, wasm, &on_placement);
         let outcome = self.engine.execute_attempt(&executor, spec, &ctx).await;
         // The guest is done: what the log held back for a secret split across
         // writes is written, and the staged values are removed.
@@ -298,6 +305,7 @@ impl RunContext {
         &self,
         ws: &Workspace,
         i: usize,
+        item: Option<&str>,
         attempt: u32,
         program: &Program,
         log: LogFile,
@@ -317,6 +325,9 @@ impl RunContext {
             ("MILLRACE_METRICS".into(), "/millrace/metrics.jsonl".into()),
             ("TMPDIR".into(), "/tmp".into()),
         ];
+        if let Some(item) = item {
+            full_env.push((planner::ITEM_ENV.into(), item.into()));
+        }
         // Only the params the step uses, as in its key.
         full_env.extend(planner::param_env(step, &self.params));
         full_env.extend(env);

@@ -24,6 +24,7 @@ use crate::planner::{self, InputMode, PlanError, Planned, Planner};
 use crate::store::{Store, StoreConfig, StoreError, walk};
 
 mod attempt;
+mod items;
 mod lifecycle;
 mod lock;
 mod scheduler;

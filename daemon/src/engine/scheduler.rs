@@ -95,6 +95,19 @@ impl Schedule {
         let (parts, reuse) = match ctx.planner.decide(i, &self.known)? {
             Decision::Reuse { key, from } => (key, Some(from)),
             Decision::Run { key, .. } => (key, None),
+            Decision::Items { key, items } => {
+                self.deferred.push(Deferred::Key {
+                    i,
+                    key: key.key(),
+                    parts: key.to_json(),
+                });
+                let ctx = ctx.clone();
+                self.running.spawn(async move {
+                    let r = ctx.execute_items(i, key.inputs, items).await;
+                    (i, r)
+                });
+                return Ok(());
+            }
             // An upstream step did not produce what this one reads: handled
             // as skipped.
             Decision::Pending { .. } => return Ok(()),
@@ -195,7 +208,11 @@ impl Schedule {
     ) -> Result<(), RunError> {
         match result {
             Ok(done) => {
-                self.status[i] = Some(StepStatus::Succeeded);
+                self.status[i] = Some(if done.reused {
+                    StepStatus::Reused
+                } else {
+                    StepStatus::Succeeded
+                });
                 self.known.settle(i, done.outputs);
                 if !self.cancelled {
                     release(&self.graph, i, &mut self.waiting, &mut self.ready);
@@ -257,13 +274,17 @@ impl Schedule {
             if s.is_none() {
                 *s = Some(StepStatus::Cancelled);
                 let name = ctx.pipeline.steps[i].name.get_ref();
-                ctx.store().db().read().finish_step(
-                    ctx.run_id,
-                    name,
-                    StepStatus::Cancelled,
-                    None,
-                    Some("the run was cancelled"),
-                )?;
+                ctx.store().db().batch(|b| {
+                    b.finish_step(
+                        ctx.run_id,
+                        name,
+                        StepStatus::Cancelled,
+                        None,
+                        Some("the run was cancelled"),
+                    )?;
+                    // A foreach step's items that did not end.
+                    b.cancel_items(ctx.run_id, name, "the run was cancelled")
+                })?;
             }
         }
         Ok(())

@@ -11,6 +11,8 @@ use crate::model::{AttemptStatus, Placement, StepStatus};
 
 pub(super) struct StepDone {
     pub(super) outputs: Vec<(String, String)>,
+    /// Nothing executed: a `foreach` step whose items were all reused.
+    pub(super) reused: bool,
 }
 
 pub(super) enum StepFailure {
@@ -100,7 +102,7 @@ impl RunContext {
             // ~7 KB in a debug build) would otherwise be inlined in this one,
             // which every spawned step holds while it waits for a slot: 999
             // waiting fan-out steps held 8.5 MB (docs/design.md, "Memory").
-            let result = Box::pin(self.attempt(i, attempt, &inputs, &log_path)).await;
+            let result = Box::pin(self.attempt(i, None, attempt, &inputs, &log_path)).await;
             match result {
                 Ok(outputs) => {
                     return self.succeed(i, attempt, outputs, &key, started);
@@ -186,7 +188,10 @@ impl RunContext {
             detail,
             elapsed: started.elapsed(),
         });
-        Ok(StepDone { outputs })
+        Ok(StepDone {
+            outputs,
+            reused: false,
+        })
     }
 
     /// The attempt of step `i` whose Slurm job a previous process submitted and
@@ -202,7 +207,7 @@ impl RunContext {
     }
 
     /// Records and reports a step's final failure.
-    fn fail_step(
+    pub(super) fn fail_step(
         &self,
         name: &str,
         detail: String,

@@ -27,7 +27,7 @@ use crate::executor::container::ResolvedImage;
 use crate::graph::Graph;
 use crate::store::Store;
 use crate::store::artifacts::Mode;
-use crate::store::db::DbError;
+use crate::store::db::{CachedItem, DbError};
 use code::Memo;
 pub use explain::{Explanation, Reason, explain};
 pub use inputs::{InputMode, Known, pipeline_inputs};
@@ -66,7 +66,40 @@ pub enum Decision {
     /// The step has no key: its code cannot be read, or its image did not resolve.
     /// A run fails it without an attempt.
     Unkeyed { error: String },
+    /// A `foreach` step: `key` is the step's (over the whole artifact), and each
+    /// item is decided on its own key.
+    Items { key: KeyParts, items: Vec<Item> },
 }
+
+/// One item of a `foreach` step: a top-level entry of its foreach input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Item {
+    /// The entry's name (`$MILLRACE_ITEM`).
+    pub name: String,
+    /// A tree holding only this entry: what the item's mount holds.
+    pub input: String,
+    /// The step's key parts with this item's tree in place of the whole artifact
+    /// and `MILLRACE_ITEM` in the env: its key differs per item, and a change to
+    /// one item changes no other's.
+    pub key: KeyParts,
+    /// `Some(reason)`: the item executes. `None`: `reused` stands in for it.
+    pub run: Option<Reason>,
+    /// The earlier item with this key: its run and outputs (all intact).
+    pub reused: Option<CachedItem>,
+}
+
+/// One output of a `foreach` step: its items' merged, with the total size and
+/// file count (the sums of theirs: a path two items hold is a conflict).
+#[derive(Debug, Clone)]
+pub struct Merged {
+    pub output: String,
+    pub digest: String,
+    pub size: u64,
+    pub files: u64,
+}
+
+/// The environment variable holding an item's name.
+pub const ITEM_ENV: &str = "MILLRACE_ITEM";
 
 /// What `plan` shows for one step (its JSON is `millrace plan --json`'s).
 #[derive(Debug, Clone, Serialize)]
@@ -79,6 +112,13 @@ pub enum Planned {
     /// Depends on a step that will execute: decided once that step's outputs exist
     /// (unchanged outputs still allow reuse).
     Pending { upstream: Vec<String> },
+    /// A `foreach` step: how many items will execute and how many are reused,
+    /// and the names of those that will execute.
+    Items {
+        executed: usize,
+        reused: usize,
+        run: Vec<String>,
+    },
 }
 
 /// One pipeline's reuse decisions under one set of params.
@@ -181,6 +221,9 @@ impl Planner {
                 },
             });
         }
+        if let Some(mount) = &step.foreach {
+            return self.decide_items(i, key, mount.get_ref());
+        }
         let reason = if !step.reuse {
             Reason::ReuseOff
         } else if self.no_reuse {
@@ -235,10 +278,159 @@ impl Planner {
                         .collect(),
                 },
                 Decision::Unkeyed { error } => Planned::Run { reason: error },
+                Decision::Items { items, .. } => {
+                    let run: Vec<String> = items
+                        .iter()
+                        .filter(|it| it.run.is_some())
+                        .map(|it| it.name.clone())
+                        .collect();
+                    // Every item reused: the merged outputs are known, and what
+                    // reads them can be decided.
+                    if run.is_empty()
+                        && let Ok(outs) = self.merge_items(i, &items)
+                    {
+                        known.settle(i, outs.into_iter().map(|m| (m.output, m.digest)));
+                    }
+                    Planned::Items {
+                        executed: run.len(),
+                        reused: items.len() - run.len(),
+                        run,
+                    }
+                }
             };
             out.push((name.clone(), planned));
         }
         Ok(out)
+    }
+
+    /// A `foreach` step: each top-level entry of its foreach input (mounted at
+    /// `mount`) decided on its own key. An input that is a single file has no
+    /// entries to iterate over: the step fails, saying so.
+    fn decide_items(&self, i: usize, key: KeyParts, mount: &str) -> Result<Decision, PlanError> {
+        let step = &self.pipeline.steps[i];
+        if let Some(error) = self.foreach_over_file(i, mount) {
+            return Ok(Decision::Unkeyed { error });
+        }
+        let Some(whole) = key.inputs.get(mount) else {
+            return Ok(Decision::Unkeyed {
+                error: format!("foreach: input `{mount}` is not known"),
+            });
+        };
+        let entries = match self.store.artifacts.items(whole) {
+            Ok(e) => e,
+            Err(e) => {
+                return Ok(Decision::Unkeyed {
+                    error: format!("foreach over `{mount}`: {e}"),
+                });
+            }
+        };
+        let mut items = Vec::with_capacity(entries.len());
+        for (entry, tree) in entries {
+            let mut k = key.clone();
+            k.inputs.insert(mount.to_string(), tree.clone());
+            k.env.insert(ITEM_ENV.to_string(), entry.name.clone());
+            let (run, reused) = if !step.reuse {
+                (Some(Reason::ReuseOff), None)
+            } else if self.no_reuse {
+                (Some(Reason::NoReuse), None)
+            } else {
+                match self.cached_item(&k.key())? {
+                    Some(found) => (None, Some(found)),
+                    None => (Some(Reason::NotCached), None),
+                }
+            };
+            items.push(Item {
+                name: entry.name,
+                input: tree,
+                key: k,
+                run,
+                reused,
+            });
+        }
+        Ok(Decision::Items { key, items })
+    }
+
+    /// Why a `foreach` over mount `mount` of step `i` cannot iterate: its
+    /// pipeline input is a file, not a directory. (A step output's artifact does
+    /// not say whether it was a file: one written as a file is one item.)
+    fn foreach_over_file(&self, i: usize, mount: &str) -> Option<String> {
+        let step = &self.pipeline.steps[i];
+        let (_, r) = step.inputs.iter().find(|(m, _)| m.get_ref() == mount)?;
+        let crate::definition::Reference::Input(name) = r.get_ref() else {
+            return None;
+        };
+        let input = self
+            .pipeline
+            .inputs
+            .iter()
+            .find(|x| x.name.get_ref() == name)?;
+        let (datastore, rel) = self.pipeline.input_location(input, &self.params);
+        let path = self
+            .datastores
+            .path(&datastore, &self.pipeline.dir)
+            .join(rel);
+        path.is_file().then(|| {
+            format!(
+                "foreach `inputs.{name}`: {} is a single file; foreach runs once per entry of a directory",
+                path.display()
+            )
+        })
+    }
+
+    /// The outputs of an earlier item with this key, if all are intact.
+    fn cached_item(&self, key: &str) -> Result<Option<CachedItem>, DbError> {
+        let Some((run, outs)) = self.store.db().read().item_cache(key)? else {
+            return Ok(None);
+        };
+        let all = outs.iter().all(|(_, d)| self.store.verify(d).is_ok());
+        Ok(all.then_some((run, outs)))
+    }
+
+    /// A `foreach` step's outputs: per declared output, the union of its items'
+    /// (output, merged digest, total size and files). `items` pairs each item's
+    /// name with its outputs. Two items holding one path is an error naming both.
+    pub fn merge_outputs(
+        &self,
+        i: usize,
+        items: &[(String, Vec<(String, String)>)],
+    ) -> Result<Vec<Merged>, String> {
+        let mut out = Vec::new();
+        for o in &self.pipeline.steps[i].outputs {
+            let o = o.get_ref();
+            let mut trees = Vec::with_capacity(items.len());
+            let (mut size, mut files) = (0u64, 0u64);
+            for (item, outs) in items {
+                let Some((_, d)) = outs.iter().find(|(n, _)| n == o) else {
+                    return Err(format!("item `{item}` has no output `{o}`"));
+                };
+                if let Ok(Some((s, f))) = self.store.db().read().artifact(d) {
+                    size += s;
+                    files += f;
+                }
+                trees.push((item.clone(), d.clone()));
+            }
+            let merged = self
+                .store
+                .artifacts
+                .merge(&trees)
+                .map_err(|e| format!("output `{o}`: {e}"))?;
+            out.push(Merged {
+                output: o.clone(),
+                digest: merged,
+                size,
+                files,
+            });
+        }
+        Ok(out)
+    }
+
+    /// [`Planner::merge_outputs`] of decided items that are all reused.
+    fn merge_items(&self, i: usize, items: &[Item]) -> Result<Vec<Merged>, String> {
+        let outs: Vec<(String, Vec<(String, String)>)> = items
+            .iter()
+            .filter_map(|it| Some((it.name.clone(), it.reused.as_ref()?.1.clone())))
+            .collect();
+        self.merge_outputs(i, &outs)
     }
 
     /// Where a transfer step publishes, under the run's params; `None` for any

@@ -18,6 +18,7 @@ use serde::Serialize;
 use crate::model::{AttemptStatus, Placement, RunStatus, StepStatus};
 
 mod artifacts;
+mod items;
 mod migrations;
 mod modules;
 mod steps;
@@ -25,6 +26,7 @@ mod triggers;
 
 use migrations::MIGRATIONS;
 
+pub use items::{CachedItem, ItemRow};
 pub use modules::ModuleVersion;
 
 #[derive(Debug, thiserror::Error)]

@@ -50,6 +50,10 @@ if (stepRows !== steps.steps.length) fail(`run view lists ${stepRows} steps`);
 // The container step names its image and digest.
 const placement = await page.textContent("tr[data-step='render'] .placement");
 if (!/millrace-busybox:1 [0-9a-f]{12}/.test(placement)) fail("container placement: " + JSON.stringify(placement));
+// The params in a step's key: the one it uses.
+const used = await page.textContent("tr[data-step='nap'] .params");
+if (used !== "params secs = 1") fail("nap params: " + JSON.stringify(used));
+if (await page.$("tr[data-step='copy'] .params")) fail("copy shows params it does not use");
 await shot("3-run");
 // Its log.
 await page.click("button[data-log='nap']");

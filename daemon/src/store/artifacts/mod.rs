@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 
 use crate::store::walk::{self, Dir, DirEntry, Kind};
 
+mod items;
 mod tree;
+pub use items::MergeError;
 use tree::{entry_name, entry_name_bytes, parse_tree, tree_text};
 
 #[derive(Debug, thiserror::Error)]

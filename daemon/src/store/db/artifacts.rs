@@ -263,7 +263,8 @@ impl Batch<'_> {
         self.conn.execute(
             "DELETE FROM artifacts WHERE digest NOT IN (SELECT artifact FROM step_outputs)
                AND digest NOT IN (SELECT artifact FROM step_inputs) AND digest NOT IN (SELECT artifact FROM run_inputs)
-               AND digest NOT IN (SELECT artifact FROM modules)",
+               AND digest NOT IN (SELECT artifact FROM modules)
+               AND digest NOT IN (SELECT artifact FROM item_outputs)",
             [],
         )?;
         self.conn.execute(

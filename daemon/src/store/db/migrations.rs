@@ -186,4 +186,34 @@ ALTER TABLE runs ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0;
 -- starts; null for other runtimes and for steps that did not run.
 ALTER TABLE steps ADD COLUMN python TEXT;
 "#,
+    r#"
+-- The items of `foreach` steps: one execution (or reuse) per top-level entry of
+-- the step's foreach input, with its own cache key. An item's key finds an earlier
+-- succeeded or reused item (of any run) whose outputs stand in for its own.
+CREATE TABLE step_items (
+    run_id      INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    step        TEXT NOT NULL,
+    item        TEXT NOT NULL,
+    -- The item's own artifact: a tree holding only that entry.
+    input       TEXT NOT NULL,
+    cache_key   TEXT NOT NULL,
+    status      TEXT NOT NULL,
+    reused_from INTEGER,
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    error       TEXT,
+    started_at  INTEGER,
+    finished_at INTEGER,
+    PRIMARY KEY (run_id, step, item)
+);
+CREATE INDEX step_items_by_key ON step_items(cache_key, run_id);
+CREATE TABLE item_outputs (
+    run_id   INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    step     TEXT NOT NULL,
+    item     TEXT NOT NULL,
+    output   TEXT NOT NULL,
+    artifact TEXT NOT NULL,
+    PRIMARY KEY (run_id, step, item, output)
+);
+CREATE INDEX item_outputs_by_artifact ON item_outputs(artifact);
+"#,
 ];
