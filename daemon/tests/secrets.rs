@@ -84,7 +84,12 @@ fn a_secret_reaches_the_step_and_only_the_output_it_writes() {
             .unwrap();
         r.body_mut().read_to_string().unwrap()
     };
+    let ui = {
+        let mut r = Daemon::agent().get(d.url()).call().unwrap();
+        r.body_mut().read_to_string().unwrap()
+    };
     let api = [
+        ui,
         run.to_string(),
         d.get("/api/v1/runs?pipeline=leak").to_string(),
         d.get("/api/v1/pipelines/leak").to_string(),
@@ -323,4 +328,46 @@ fn a_slurm_step_reads_its_secret_and_the_shared_dir_keeps_nothing() {
             h.display()
         );
     }
+}
+
+/// A wasm step (the testkit's `env`, which prints its environment and writes it
+/// to its output): its variable is masked in the log, kept in the output.
+#[test]
+fn a_wasm_step_gets_its_secret_variable_masked_in_its_log() {
+    let p = Project::new();
+    let cfg = p.write(
+        "millrace.toml",
+        "pipelines = \"pipelines\"\nstate_dir = \".state\"\n[secrets.db]\nenv = \"MILLRACE_TEST_DB\"\n",
+    );
+    let f = p.write(
+        "pipelines/w.toml",
+        &format!(
+            "[[step]]\nname = \"w\"\nwasm = \"{}\"\nsecrets = [\"db\"]\nsecret_env = {{ DB_PASSWORD = \"db\" }}\noutputs = [\"out\"]\n",
+            crate::common::plugin("env")
+        ),
+    );
+    let o = p
+        .cmd(&[
+            "run",
+            f.to_str().unwrap(),
+            "--config",
+            cfg.to_str().unwrap(),
+        ])
+        .env("MILLRACE_TEST_DB", VALUE)
+        .output()
+        .unwrap();
+    let log = step_log(&p, "w");
+    assert!(o.status.success(), "{}\n{log}", stderr(&o));
+    assert!(log.contains("DB_PASSWORD=***\n"), "{log}");
+    assert!(!log.contains(VALUE), "{log}");
+    let mut hits = Vec::new();
+    files_holding(p.dir.path(), VALUE.as_bytes(), &mut hits);
+    assert_eq!(hits.len(), 1, "{hits:?}");
+    assert!(
+        std::fs::read_to_string(&hits[0])
+            .unwrap()
+            .contains(&format!("DB_PASSWORD={VALUE}\n")),
+        "{}",
+        hits[0].display()
+    );
 }
