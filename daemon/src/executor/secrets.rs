@@ -88,8 +88,7 @@ pub fn stage(
     // also of several state directories in one process.
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir =
-        std::env::temp_dir().join(format!("millrace-secrets-{}-{n}-{tag}", std::process::id()));
+    let dir = base_dir().join(format!("millrace-secrets-{}-{n}-{tag}", std::process::id()));
     // A left-over directory of a crashed attempt with this label is removed,
     // then the directory is made afresh (`create`, not `create_all`: one that
     // appears meanwhile is refused, not used).
@@ -110,6 +109,20 @@ pub fn stage(
         written.map_err(|e| format!("cannot stage secret `{name}`: {e}"))?;
     }
     Ok(staged)
+}
+
+/// Where attempts' secrets are staged: systemd's `RuntimeDirectory=` (a tmpfs
+/// under `/run` that the service's user alone may enter and that a container
+/// engine outside the unit's private `/tmp` sees too), else `$TMPDIR`.
+fn base_dir() -> PathBuf {
+    std::env::var_os("RUNTIME_DIRECTORY")
+        .and_then(|v| {
+            // Several directories are listed with `:`; the first is the unit's.
+            let first = v.to_string_lossy().split(':').next()?.to_string();
+            let p = PathBuf::from(first);
+            (p.is_absolute() && p.is_dir()).then_some(p)
+        })
+        .unwrap_or_else(std::env::temp_dir)
 }
 
 fn read(name: &str, source: &Secret) -> Result<Vec<u8>, String> {
