@@ -688,6 +688,46 @@ mod tests {
     }
 
     #[test]
+    fn a_secret_has_one_source_and_a_name_a_file_can_carry() {
+        let base = "pipelines = \"p\"\nstate_dir = \"s\"\n";
+        let (c, r) = parse(
+            Path::new("/x/m.toml"),
+            format!(
+                "{base}[secrets.db]\nfile = \"secrets/db\"\n[secrets.api]\nenv = \"API_KEY\"\n"
+            ),
+        );
+        assert!(!r.has_errors(), "{}", r.to_string());
+        let c = c.unwrap();
+        assert_eq!(c.secrets["db"], Secret::File("/x/secrets/db".into()));
+        assert_eq!(c.secrets["api"], Secret::Env("API_KEY".into()));
+        assert_eq!(
+            c.environment().secrets,
+            Some(vec!["api".to_string(), "db".to_string()])
+        );
+        let (c, r) = parse(
+            Path::new("/x/m.toml"),
+            format!(
+                "{base}[secrets.a]\nfile = \"f\"\nenv = \"E\"\n[secrets.b]\n[secrets.\"../x\"]\nenv = \"E\"\n[secrets.c]\nenv = \"1-no\"\n"
+            ),
+        );
+        assert!(c.is_none());
+        let text = r.to_string();
+        assert!(
+            text.contains("m.toml:5:7: error: [secrets.a] has both `file` and `env`"),
+            "{text}"
+        );
+        assert!(
+            text.contains("[secrets.b] needs `file = \"PATH\"` or `env = \"VARIABLE\"`"),
+            "{text}"
+        );
+        assert!(text.contains("bad secret name `../x`"), "{text}");
+        assert!(
+            text.contains("`1-no` is not a valid environment variable name"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn example_shape_parses_and_paths_resolve_against_the_file() {
         let (c, r) = parse(
             Path::new("/etc/millrace/millrace.toml"),
