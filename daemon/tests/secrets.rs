@@ -371,3 +371,60 @@ fn a_wasm_step_gets_its_secret_variable_masked_in_its_log() {
         hits[0].display()
     );
 }
+
+/// `sbatch` passes its environment into the job, and Slurm keeps it in its
+/// state: an `env = "…"` secret of the daemon is not in it.
+#[test]
+fn an_env_secret_of_the_daemon_does_not_reach_slurm_s_job_environment() {
+    let p = Project::new();
+    let cfg = p.write(
+        "millrace.toml",
+        "pipelines = \"pipelines\"\nstate_dir = \".state\"\n[secrets.db]\nenv = \"MILLRACE_TEST_DB\"\n[compute.cluster]\nkind = \"slurm\"\nshared_dir = \"shared\"\n",
+    );
+    let f = p.write(
+        "pipelines/w.toml",
+        &format!(
+            "[[step]]\nname = \"w\"\nwasm = \"{}\"\nsecrets = [\"db\"]\noutputs = [\"out\"]\ncompute = \"cluster\"\n",
+            crate::common::plugin("env")
+        ),
+    );
+    let o = p
+        .cmd(&[
+            "run",
+            f.to_str().unwrap(),
+            "--config",
+            cfg.to_str().unwrap(),
+        ])
+        .env("MILLRACE_TEST_DB", VALUE)
+        .env("MILLRACE_TEST_NOT_SECRET", "plain-marker-31")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}\n{}", stderr(&o), step_log(&p, "w"));
+    let show = p.json(&["runs", "show", "latest"]);
+    let job = show["steps"][0]["attempts"][0]["placement"]["job_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{show}"))
+        .to_string();
+    let config = std::process::Command::new("scontrol")
+        .args(["show", "config"])
+        .output()
+        .unwrap();
+    let state = String::from_utf8_lossy(&config.stdout)
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("StateSaveLocation")
+                .map(|v| v.trim().trim_start_matches('=').trim().to_string())
+        })
+        .unwrap();
+    let env_file = (0..10)
+        .map(|h| PathBuf::from(&state).join(format!("hash.{h}/job.{job}/environment")))
+        .find(|f| f.exists())
+        .unwrap_or_else(|| panic!("job {job}'s environment is not under {state}"));
+    let env = std::fs::read(&env_file).unwrap();
+    let holds = |s: &str| env.windows(s.len()).any(|w| w == s.as_bytes());
+    assert!(
+        holds("plain-marker-31"),
+        "the file is the job's environment"
+    );
+    assert!(!holds(VALUE), "the secret is in {}", env_file.display());
+}

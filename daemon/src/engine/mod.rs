@@ -122,6 +122,7 @@ impl EngineConfig {
         self.computes = config.computes.clone();
         self.python = config.python.clone();
         self.secrets = Some(config.secrets.clone());
+        crate::executor::secrets::hide_from_children(&config.secrets);
         self
     }
 }

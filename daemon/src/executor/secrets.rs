@@ -14,6 +14,28 @@ use crate::config::{Secret, file_mode};
 /// Where a step sees its secrets, one file per name.
 pub const GUEST_DIR: &str = "/run/secrets";
 
+/// The daemon's variables that hold `env = "…"` secrets: removed from the
+/// environment of every program millrace starts (`sbatch` would otherwise pass
+/// them into each job, and Slurm keeps a job's environment).
+static HIDDEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Adds the variables of `secrets` to those children never inherit.
+pub fn hide_from_children(secrets: &BTreeMap<String, Secret>) {
+    let mut hidden = HIDDEN.lock().unwrap_or_else(|e| e.into_inner());
+    for s in secrets.values() {
+        if let Secret::Env(var) = s
+            && !hidden.contains(var)
+        {
+            hidden.push(var.clone());
+        }
+    }
+}
+
+/// The variables a child process must not inherit.
+pub fn hidden_vars() -> Vec<String> {
+    HIDDEN.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
 /// An attempt's staged secrets; dropping it removes them.
 pub struct Staged {
     dir: PathBuf,
