@@ -52,9 +52,18 @@ say "Python: retrain a scikit-learn model (in the WASI sandbox) with two values 
 retrain_runs=$("$millrace" --json runs --pipeline wine-retrain --limit 2 | python3 -c 'import json,sys; print(" ".join(str(r["id"]) for r in json.load(sys.stdin)))')
 # shellcheck disable=SC2086
 "$millrace" metrics $retrain_runs
-say "batch scoring: the inbox scored with the published model (config/pipelines/outbox/)"
+say "batch scoring: each CSV of the inbox scored with the published model (config/pipelines/outbox/)"
 "$millrace" run "$pipelines/score.toml"
 head -4 "$pipelines/outbox/batch-001.csv"
+say "a new CSV in the inbox: only it is scored (one item executes, the others are reused) and merged into outbox/"
+drop="$pipelines/inbox/batch-demo.csv"
+trap 'rm -f "$drop"' EXIT
+head -21 "$pipelines/inbox/batch-001.csv" >"$drop"
+"$millrace" plan "$pipelines/score.toml"
+"$millrace" run "$pipelines/score.toml"
+rm -f "$drop"
+trap - EXIT
+ls "$pipelines/outbox"
 
 say "three runtimes in one graph: clean (WASM) → profile (Python) → render (container) → publish"
 "$millrace" run "$pipelines/report.toml"
@@ -95,6 +104,20 @@ for _ in $(seq 300); do
     sleep 0.1
 done
 "$millrace" runs --limit 4
+say "drop a CSV into the watched inbox: the daemon scores just that file"
+drop="$pipelines/inbox/batch-drop.csv"
+trap 'rm -f "$drop"; kill "$daemon_pid" 2>/dev/null || true' EXIT
+last_score() {
+    "$millrace" --json runs --pipeline wine-score --limit 1 |
+        python3 -c 'import json,sys; r=json.load(sys.stdin); print("%d %s" % (r[0]["id"], r[0]["status"]) if r and r[0]["trigger"].startswith("watch") else "")'
+}
+head -11 "$pipelines/inbox/batch-001.csv" >"$drop"
+for _ in $(seq 600); do
+    case "$(last_score)" in *succeeded | *failed) break ;; esac
+    sleep 0.1
+done
+"$millrace" runs show "$(last_score | cut -d' ' -f1)"
+rm -f "$drop"
 kill -TERM "$daemon_pid"
 wait "$daemon_pid" || true
 trap - EXIT

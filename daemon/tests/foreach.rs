@@ -268,3 +268,32 @@ outputs = ["done"]
     assert_eq!(names, ["a.csv", "sub"]);
     assert_eq!(exported(&p, "each.done"), ["a.csv", "sub"]);
 }
+
+#[test]
+fn a_script_whose_code_directory_holds_the_inbox_is_warned_about() {
+    // The code directory is part of the key: an inbox inside it would make every
+    // drop re-execute every item. `validate` says so at the step's `python`.
+    let p = Project::new();
+    p.write("inbox/a.csv", "1\n");
+    p.write("score.py", "print(1)\n");
+    p.write("src/score.py", "print(1)\n");
+    let beside = p.write(
+        "beside.toml",
+        "[inputs.inbox]\npath = \"inbox\"\n[[step]]\nname = \"score\"\npython = \"score.py\"\ninputs = { inbox = \"inputs.inbox\" }\nforeach = \"inputs.inbox\"\n",
+    );
+    let out = p.run(&["validate", beside.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("beside.toml:5:10: warning: step `score`'s code directory (the pipeline's directory) holds data: input `inbox` (inbox)"),
+        "{err}"
+    );
+    assert!(err.contains("code = \"src\""), "{err}");
+    let own = p.write(
+        "own.toml",
+        "[inputs.inbox]\npath = \"inbox\"\n[[step]]\nname = \"score\"\npython = { script = \"score.py\", code = \"src\" }\ninputs = { inbox = \"inputs.inbox\" }\nforeach = \"inputs.inbox\"\n",
+    );
+    let out = p.run(&["validate", own.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("warning"), "{}", stderr(&out));
+}

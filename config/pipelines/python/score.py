@@ -1,4 +1,6 @@
-"""Score every CSV of the inbox with the published model; one scored CSV each."""
+"""Score the CSVs at /in/inbox/ with the published model; one scored CSV each.
+
+Run once per inbox file (the step's `foreach`), it sees that one file there."""
 import os
 import pickle
 

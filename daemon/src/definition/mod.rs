@@ -442,6 +442,7 @@ impl Walker {
             datastores: env.datastores.clone(),
         };
         self.scope(&mut pipeline, text);
+        self.code_beside_data(&pipeline, env);
         Some(pipeline)
     }
 

@@ -312,6 +312,84 @@ impl Walker {
     }
 }
 
+impl Walker {
+    /// A Python step's code directory is part of its key (`/code` is a snapshot of
+    /// it), so data kept inside it (a pipeline input, a transfer's destination)
+    /// re-executes the step at every change of that data: each drop into an inbox
+    /// beside the script would re-score the whole inbox. Said once per step, at its
+    /// `python`, with the way out.
+    pub(super) fn code_beside_data(&mut self, p: &Pipeline, env: &super::Environment) {
+        let lexical = |path: &std::path::Path| -> std::path::PathBuf {
+            path.components()
+                .filter(|c| !matches!(c, std::path::Component::CurDir))
+                .collect()
+        };
+        let mut data: Vec<(String, std::path::PathBuf)> = Vec::new();
+        for i in &p.inputs {
+            if !templated(i.path.get_ref()) && !templated(i.datastore.get_ref()) {
+                let at = env
+                    .datastore_paths
+                    .path(i.datastore.get_ref(), &p.dir)
+                    .join(i.path.get_ref());
+                data.push((format!("input `{}`", i.name.get_ref()), lexical(&at)));
+            }
+        }
+        for s in &p.steps {
+            if let StepKind::Transfer { to, datastore, .. } = &s.kind
+                && !templated(to.get_ref())
+                && !templated(datastore.get_ref())
+            {
+                let at = env
+                    .datastore_paths
+                    .path(datastore.get_ref(), &p.dir)
+                    .join(to.get_ref());
+                data.push((
+                    format!("step `{}`'s destination", s.name.get_ref()),
+                    lexical(&at),
+                ));
+            }
+        }
+        for s in &p.steps {
+            let StepKind::Python {
+                script,
+                code_dir,
+                entry,
+                ..
+            } = &s.kind
+            else {
+                continue;
+            };
+            let code = lexical(code_dir);
+            let inside: Vec<String> = data
+                .iter()
+                .filter(|(_, at)| at.starts_with(&code))
+                .map(|(what, at)| format!("{what} ({})", crate::diagnostic::display_path(at)))
+                .collect();
+            if inside.is_empty() {
+                continue;
+            }
+            let shown = if code == lexical(&p.dir) {
+                "(the pipeline's directory)".to_string()
+            } else {
+                crate::diagnostic::display_path(code_dir)
+            };
+            self.diags.push(
+                Diagnostic::warning(
+                    script.span(),
+                    format!(
+                        "step `{}`'s code directory {shown} holds data: {}; every change to it changes the step's code, so the step executes again each time",
+                        s.name.get_ref(),
+                        inside.join(", ")
+                    ),
+                )
+                .with_help(format!(
+                    "give the script a directory of its own: python = {{ script = \"{entry}\", code = \"src\" }}"
+                )),
+            );
+        }
+    }
+}
+
 /// `defaults` with `own` (a trigger's params) over them.
 pub(super) fn overridden(
     defaults: &[(String, ParamValue)],
