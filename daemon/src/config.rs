@@ -31,6 +31,18 @@ pub struct Config {
     pub datastores: BTreeMap<String, PathBuf>,
     pub computes: BTreeMap<String, Compute>,
     pub python: Python,
+    /// `[secrets.NAME]`: where each secret's value is read from at run time.
+    pub secrets: BTreeMap<String, Secret>,
+}
+
+/// Where a `[secrets.NAME]` value comes from. Only the source is kept: the value
+/// is read when a step that names the secret starts (SPEC "Secrets").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Secret {
+    /// `file = "/etc/millrace/secrets/db"`: readable by its owner only.
+    File(PathBuf),
+    /// `env = "DB_PASSWORD"`: a variable of the daemon's own environment.
+    Env(String),
 }
 
 /// `[python]`: the warm interpreter Python steps start from (SPEC "Python steps").
@@ -91,6 +103,7 @@ const KEYS: &[&str] = &[
     "datastores",
     "compute",
     "python",
+    "secrets",
 ];
 const API_KEYS: &[&str] = &["listen", "token_file", "public_read", "allowed_hosts"];
 /// Keys of a `[compute.NAME]` table beyond the Slurm ones; each is checked
@@ -212,6 +225,7 @@ impl Config {
         for (k, c) in &self.computes {
             env.computes.insert(k.clone(), c.kind.clone());
         }
+        env.secrets = Some(self.secrets.keys().cloned().collect());
         env
     }
 
@@ -304,6 +318,7 @@ fn config(w: &mut Walker, doc: &DeTable<'_>, path: &Path) -> Option<Config> {
     let datastores = datastores(w, doc, &resolve);
     let mut computes = computes(w, doc, &resolve);
     let python = python(w, doc);
+    let secrets = secrets(w, doc, &resolve);
     let state_dir = state_dir?;
     for c in computes.values_mut() {
         if let Some(t) = &mut c.slurm
@@ -323,7 +338,94 @@ fn config(w: &mut Walker, doc: &DeTable<'_>, path: &Path) -> Option<Config> {
         api,
         datastores,
         computes,
+        secrets,
     })
+}
+
+/// `[secrets.NAME]`: `file = "PATH"` or `env = "VAR"`, exactly one. A file that
+/// its group or others may read is refused here, where the mistake is located;
+/// one that does not exist yet is the run's business (the step fails, naming it).
+fn secrets(
+    w: &mut Walker,
+    doc: &DeTable<'_>,
+    resolve: &dyn Fn(&str) -> PathBuf,
+) -> BTreeMap<String, Secret> {
+    let mut secrets = BTreeMap::new();
+    let Some(v) = doc.get("secrets") else {
+        return secrets;
+    };
+    let Some(t) = w.table(v, "[secrets]") else {
+        return secrets;
+    };
+    for (name, v) in t {
+        let what = format!("[secrets.{}]", name.get_ref());
+        if !crate::definition::is_identifier(name.get_ref()) {
+            w.error(
+                name.span(),
+                format!(
+                    "bad secret name `{}`: use lowercase letters, digits, `_` and `-`, starting with a letter, at most 63 characters",
+                    name.get_ref()
+                ),
+            );
+            continue;
+        }
+        let Some(d) = w.table(v, &what) else { continue };
+        w.unknown_keys(d, &["file", "env"], &what);
+        let source = match (d.get("file"), d.get("env")) {
+            (Some(f), None) => w.string(f, "file").and_then(|f| {
+                let path = resolve(f.get_ref());
+                match file_mode(&path) {
+                    Some(mode) if mode & 0o077 != 0 => {
+                        w.error(
+                            f.span(),
+                            format!(
+                                "{what}: {} is readable by its group or others (mode {:04o}): `chmod 600` it",
+                                path.display(),
+                                mode & 0o7777
+                            ),
+                        );
+                        None
+                    }
+                    _ => Some(Secret::File(path)),
+                }
+            }),
+            (None, Some(e)) => w.string(e, "env").and_then(|e| {
+                if crate::definition::valid_env_name(e.get_ref()) {
+                    Some(Secret::Env(e.into_inner()))
+                } else {
+                    w.error(
+                        e.span(),
+                        format!("`{}` is not a valid environment variable name", e.get_ref()),
+                    );
+                    None
+                }
+            }),
+            (Some(_), Some(e)) => {
+                w.error(
+                    e.span(),
+                    format!("{what} has both `file` and `env`: a secret has one source"),
+                );
+                None
+            }
+            (None, None) => {
+                w.error(
+                    v.span(),
+                    format!("{what} needs `file = \"PATH\"` or `env = \"VARIABLE\"`"),
+                );
+                None
+            }
+        };
+        if let Some(source) = source {
+            secrets.insert(name.get_ref().to_string(), source);
+        }
+    }
+    secrets
+}
+
+/// A file's permission bits, if it can be looked at.
+pub fn file_mode(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).ok().map(|m| m.permissions().mode())
 }
 
 /// `[api]`: where the API listens and who may read it.
@@ -583,6 +685,46 @@ mod tests {
         let text = r.to_string();
         assert!(text.contains("is not a module name"), "{text}");
         assert!(text.contains("warm"), "{text}");
+    }
+
+    #[test]
+    fn a_secret_has_one_source_and_a_name_a_file_can_carry() {
+        let base = "pipelines = \"p\"\nstate_dir = \"s\"\n";
+        let (c, r) = parse(
+            Path::new("/x/m.toml"),
+            format!(
+                "{base}[secrets.db]\nfile = \"secrets/db\"\n[secrets.api]\nenv = \"API_KEY\"\n"
+            ),
+        );
+        assert!(!r.has_errors(), "{}", r.to_string());
+        let c = c.unwrap();
+        assert_eq!(c.secrets["db"], Secret::File("/x/secrets/db".into()));
+        assert_eq!(c.secrets["api"], Secret::Env("API_KEY".into()));
+        assert_eq!(
+            c.environment().secrets,
+            Some(vec!["api".to_string(), "db".to_string()])
+        );
+        let (c, r) = parse(
+            Path::new("/x/m.toml"),
+            format!(
+                "{base}[secrets.a]\nfile = \"f\"\nenv = \"E\"\n[secrets.b]\n[secrets.\"../x\"]\nenv = \"E\"\n[secrets.c]\nenv = \"1-no\"\n"
+            ),
+        );
+        assert!(c.is_none());
+        let text = r.to_string();
+        assert!(
+            text.contains("m.toml:5:7: error: [secrets.a] has both `file` and `env`"),
+            "{text}"
+        );
+        assert!(
+            text.contains("[secrets.b] needs `file = \"PATH\"` or `env = \"VARIABLE\"`"),
+            "{text}"
+        );
+        assert!(text.contains("bad secret name `../x`"), "{text}");
+        assert!(
+            text.contains("`1-no` is not a valid environment variable name"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -145,6 +145,12 @@ const TABLES: &[Table] = &[
         which: Which::Config,
         doc: "[python]\nzz_schema_probe = 0\n",
     },
+    Table {
+        context: "[secrets.x]",
+        id: "secret",
+        which: Which::Config,
+        doc: "[secrets.x]\nenv = \"X\"\nzz_schema_probe = 0\n",
+    },
 ];
 
 /// The keys the parser accepts in `table`, in its order: from the walker's
@@ -308,6 +314,8 @@ fn ty(id: &str, key: &str) -> Option<Value> {
         }
         ("step", "retries") => sub("retries", "Attempts after a failure")?,
         ("step", "reuse") => boolean("false: always execute"),
+        ("step", "secrets") => strings("Secrets of the daemon config, read at /run/secrets/NAME"),
+        ("step", "secret_env") => string_map("Variable → one of the step's secrets"),
         ("step", "foreach") => string("A reference whose items each run the step"),
         ("python", "script") => string("The script, relative to `code`"),
         ("python", "code") => string("The code directory, mounted at /code"),
@@ -348,6 +356,17 @@ fn ty(id: &str, key: &str) -> Option<Value> {
             "additionalProperties": sub("compute", "A compute target")?,
         }),
         ("config", "python") => sub("config.python", "Python steps' warm interpreter")?,
+        ("config", "secrets") => {
+            let mut secret = sub("secret", "A secret: exactly one of file, env")?;
+            secret["oneOf"] = json!([{ "required": ["file"] }, { "required": ["env"] }]);
+            json!({
+                "type": "object",
+                "description": "Secrets steps name in `secrets`: values never enter a key, a record or a log",
+                "additionalProperties": secret,
+            })
+        }
+        ("secret", "file") => string("A file readable by its owner only"),
+        ("secret", "env") => string("A variable of the daemon's environment"),
         ("api", "listen") => string("host:port"),
         ("api", "token_file") => string("The bearer token's file"),
         ("api", "public_read") => boolean("GET without the token"),

@@ -25,6 +25,7 @@ mod python_warm;
 mod run;
 mod sandbox;
 mod schedule;
+mod secrets;
 mod slurm;
 mod transfer;
 mod ui;

@@ -22,6 +22,7 @@ pub(super) fn environment_for(
         env.datastores = from.datastores;
         env.datastore_paths = from.datastore_paths;
         env.computes = from.computes;
+        env.secrets = from.secrets;
     }
     Ok(env)
 }

@@ -30,7 +30,7 @@ pub use values::{
     Piece, format_size, interpolate, interpolation_pieces, parse_duration, parse_reference,
     parse_size,
 };
-pub(crate) use walker::{Value, Walker};
+pub(crate) use walker::{Value, Walker, is_identifier, valid_env_name};
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -124,6 +124,11 @@ pub struct Step {
     pub retries: Retries,
     pub reuse: bool,
     pub compute: Option<Sp<String>>,
+    /// `secrets = ["db"]`: daemon-config secrets the step reads at
+    /// `/run/secrets/NAME`. Names only: a value is never part of a definition.
+    pub secrets: Vec<Sp<String>>,
+    /// `secret_env = { DB_PASSWORD = "db" }`: variable → one of `secrets`.
+    pub secret_env: Vec<(Sp<String>, Sp<String>)>,
     /// `foreach = "inputs.inbox"`: the mount (one of `inputs`) whose artifact's
     /// top-level entries are the step's items, each executed alone at that mount.
     pub foreach: Option<Sp<String>>,
@@ -249,6 +254,9 @@ pub struct Environment {
     pub computes: std::collections::BTreeMap<String, String>,
     /// The module registry `module = "…"` resolves against.
     pub modules: std::sync::Arc<crate::module::ModuleIndex>,
+    /// The `[secrets.NAME]` of the daemon config; `None` when checked without
+    /// one, so a step's `secrets` cannot be checked (and is refused, saying so).
+    pub secrets: Option<Vec<String>>,
 }
 
 impl Default for Environment {
@@ -258,6 +266,7 @@ impl Default for Environment {
             datastore_paths: Default::default(),
             computes: [("local".to_string(), "local".to_string())].into(),
             modules: Default::default(),
+            secrets: None,
         }
     }
 }

@@ -35,6 +35,8 @@ const STEP_KEYS: &[&str] = &[
     "cpus",
     "retries",
     "reuse",
+    "secrets",
+    "secret_env",
     "foreach",
 ];
 const STEP_KINDS: &[&str] = &["wasm", "python", "container", "module", "transfer"];
@@ -167,6 +169,7 @@ impl Walker {
         if let Some(StepKind::Transfer { .. }) = &kind {
             self.transfer_keys(t);
         }
+        let (secrets, secret_env) = self.step_secrets(t, &env_vars, &kind, env);
         let foreach = match (t.get("foreach"), &kind) {
             (Some(f), Some(StepKind::Transfer { .. })) => {
                 self.error(
@@ -196,8 +199,100 @@ impl Walker {
             retries,
             reuse,
             compute,
+            secrets,
+            secret_env,
             foreach,
         })
+    }
+
+    /// `secrets = ["db"]` and `secret_env = { VAR = "db" }`: names of the daemon
+    /// config's `[secrets.NAME]`, each once; every variable names one of the
+    /// step's `secrets` and no variable of its `env`.
+    #[allow(clippy::type_complexity)]
+    fn step_secrets(
+        &mut self,
+        t: &DeTable<'_>,
+        env_vars: &[(Sp<String>, Sp<String>)],
+        kind: &Option<StepKind>,
+        env: &Environment,
+    ) -> (Vec<Sp<String>>, Vec<(Sp<String>, Sp<String>)>) {
+        let names = match t.get("secrets") {
+            Some(v) => self.string_array(v, "secrets"),
+            None => Vec::new(),
+        };
+        let vars = match t.get("secret_env") {
+            Some(v) => self.string_table(v, "secret_env"),
+            None => Vec::new(),
+        };
+        if let (Some(StepKind::Transfer { .. }), Some(v)) =
+            (kind, t.get("secrets").or_else(|| t.get("secret_env")))
+        {
+            self.error(v.span(), "a transfer runs no code: it takes no secrets");
+        }
+        let mut seen = HashSet::new();
+        for n in &names {
+            let name = n.get_ref();
+            match &env.secrets {
+                None => self.diags.push(
+                    Diagnostic::error(n.span(), format!("secret `{name}` cannot be checked without the daemon config"))
+                        .with_help(format!("secrets come from the daemon config: pass --config FILE, which must define [secrets.{name}]")),
+                ),
+                Some(known) if !known.contains(name) => {
+                    let known: Vec<&str> = known.iter().map(String::as_str).collect();
+                    let mut d = Diagnostic::error(n.span(), format!("unknown secret `{name}`"));
+                    d = match closest(name, known.iter().copied()) {
+                        Some(c) => d.with_help(format!(
+                            "did you mean `{c}`? {}",
+                            declared_list("secrets", &known)
+                        )),
+                        None => d.with_help(declared_list("secrets", &known)),
+                    };
+                    self.diags.push(d);
+                }
+                Some(_) => {}
+            }
+            if !seen.insert(name.clone()) {
+                self.error(n.span(), format!("secret `{name}` is named twice"));
+            }
+        }
+        for (var, secret) in &vars {
+            if !valid_env_name(var.get_ref()) {
+                self.error(
+                    var.span(),
+                    format!(
+                        "`{}` is not a valid environment variable name",
+                        var.get_ref()
+                    ),
+                );
+            } else if var.get_ref().starts_with("MILLRACE_") {
+                self.error(
+                    var.span(),
+                    format!(
+                        "`{}`: the MILLRACE_ prefix is reserved for variables millrace sets",
+                        var.get_ref()
+                    ),
+                );
+            } else if env_vars.iter().any(|(k, _)| k.get_ref() == var.get_ref()) {
+                self.error(
+                    var.span(),
+                    format!("`{}` is set by both `env` and `secret_env`", var.get_ref()),
+                );
+            }
+            if !names.iter().any(|n| n.get_ref() == secret.get_ref()) {
+                self.diags.push(
+                    Diagnostic::error(
+                        secret.span(),
+                        format!(
+                            "secret_env `{}` names `{}`, which is not in this step's `secrets`",
+                            var.get_ref(),
+                            secret.get_ref()
+                        ),
+                    )
+                    .with_help(format!("add it: secrets = [\"{}\"]", secret.get_ref())),
+                );
+            }
+        }
+        (names, vars)
     }
 
     /// `foreach = "REFERENCE"`: the reference of one of the step's `inputs`,

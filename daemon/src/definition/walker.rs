@@ -225,6 +225,11 @@ pub(super) enum NameRule {
     Identifier,
 }
 
+/// A step-like name (`[a-z][a-z0-9_-]*`): also a secret's, which becomes a file name.
+pub(crate) fn is_identifier(s: &str) -> bool {
+    valid_name(s, NameRule::Identifier)
+}
+
 pub(super) fn valid_name(s: &str, rule: NameRule) -> bool {
     let mut chars = s.chars();
     let first_ok = match (chars.next(), rule) {
@@ -242,7 +247,7 @@ pub(super) fn valid_name(s: &str, rule: NameRule) -> bool {
         })
 }
 
-pub(super) fn valid_env_name(s: &str) -> bool {
+pub(crate) fn valid_env_name(s: &str) -> bool {
     let mut chars = s.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')

@@ -222,8 +222,23 @@ impl RunContext {
             Ok(())
         })()
         .map_err(fail)?;
-        let spec = self.attempt_spec(ws, i, item, attempt, program, log.clone())?;
         let executor = Executor::for_step(step, &self.engine.config.computes);
+        let secrets = self.staged_secrets(i, attempt, &log)?;
+        let mut spec = self.attempt_spec(ws, i, item, attempt, program, log.clone())?;
+        if let Some(staged) = &secrets {
+            spec.mounts.push(Mount {
+                host: staged.dir().to_path_buf(),
+                guest: executor::secrets::GUEST_DIR.into(),
+                writable: false,
+            });
+            for (var, secret) in &step.secret_env {
+                let value = staged.env_value(secret.get_ref()).map_err(|e| {
+                    log.note(&e);
+                    fail(e)
+                })?;
+                spec.env.push((var.get_ref().clone(), value));
+            }
+        }
         let wasm = if executor.needs_wasm() {
             Some(self.engine.wasm().await.map_err(|e| fail(e.to_string()))?)
         } else {
@@ -241,19 +256,47 @@ impl RunContext {
             }
         };
         let ctx = self.attempt_ctx(i, item, attempt, wasm, &on_placement);
-        let outcome = self
-            .engine
-            .execute_attempt(&executor, spec, &ctx)
-            .await
-            .map_err(|e| fail(e.to_string()))?;
+        let outcome = self.engine.execute_attempt(&executor, spec, &ctx).await;
+        // The guest is done: what the log held back for a secret split across
+        // writes is written, and the staged values are removed.
+        log.finish();
+        drop(secrets);
+        let outcome = outcome.map_err(|e| fail(log.redacted(&e.to_string())))?;
         tokio::task::block_in_place(|| {
             self.record_metrics(name, &ws.metrics_file(), &log);
             if let Some(f) = outcome.failure() {
-                log.note(&format!("step failed: {}", f.message));
-                return Err((f.exit_code, f.message));
+                let message = log.redacted(&f.message);
+                log.note(&format!("step failed: {message}"));
+                return Err((f.exit_code, message));
             }
             self.captured_outputs(ws, i, &log)
         })
+    }
+
+    /// Step `i`'s secrets staged for this attempt, their values masked in its
+    /// log from now on; `None` when it names none. A secret that cannot be read
+    /// fails the attempt, naming the secret. (A Slurm job copies them into its
+    /// staging directory, 0700 with the files' 0600, removed with the job's files.)
+    fn staged_secrets(
+        &self,
+        i: usize,
+        attempt: u32,
+        log: &LogFile,
+    ) -> Result<Option<executor::secrets::Staged>, (Option<i32>, String)> {
+        let step = &self.pipeline.steps[i];
+        if step.secrets.is_empty() {
+            return Ok(None);
+        }
+        let failed = |e: String| {
+            log.note(&e);
+            (None, e)
+        };
+        let names: Vec<String> = step.secrets.iter().map(|s| s.get_ref().clone()).collect();
+        let tag = format!("{}-{i}-{attempt}", self.run_id);
+        let staged = executor::secrets::stage(&names, self.engine.config.secrets.as_ref(), &tag)
+            .map_err(failed)?;
+        log.redact(staged.redactions());
+        Ok(Some(staged))
     }
 
     /// The spec of an attempt: the step's program, its interpolated arguments

@@ -64,6 +64,9 @@ pub struct EngineConfig {
     /// compiled-code cache (`MILLRACE_CACHE`): the store the engine runs on is
     /// opened with it ([`Store::open_with`]).
     pub store: StoreConfig,
+    /// `[secrets.NAME]` of the daemon config; `None` without a config, so that a
+    /// pipeline naming a secret is refused, saying a config is needed.
+    pub secrets: Option<BTreeMap<String, crate::config::Secret>>,
 }
 
 impl EngineConfig {
@@ -78,6 +81,7 @@ impl EngineConfig {
             log_cap: size_from_env("MILLRACE_LOG_CAP").unwrap_or(LOG_CAP),
             output_cap: size_from_env("MILLRACE_OUTPUT_CAP").unwrap_or(OUTPUT_CAP),
             store: EngineConfig::store_from_env(),
+            secrets: None,
         }
     }
 
@@ -117,6 +121,8 @@ impl EngineConfig {
         };
         self.computes = config.computes.clone();
         self.python = config.python.clone();
+        self.secrets = Some(config.secrets.clone());
+        crate::executor::secrets::hide_from_children(&config.secrets);
         self
     }
 }
@@ -306,6 +312,11 @@ impl Engine {
         for (name, c) in &self.config.computes {
             env.computes.insert(name.clone(), c.kind.clone());
         }
+        env.secrets = self
+            .config
+            .secrets
+            .as_ref()
+            .map(|s| s.keys().cloned().collect());
         env.modules = crate::module::ModuleIndex::load(&self.store)?;
         Ok(env)
     }

@@ -24,7 +24,8 @@
 //! - **Files**: `/in` read-only (one directory per input), `/out` read-write (one
 //!   empty directory per output), `/tmp` read-write scratch, `/millrace` with the
 //!   metrics file; a Python step also sees its code at `/code` and the standard
-//!   library under `/usr/local/lib`, read-only. No other host path. Under WASI,
+//!   library under `/usr/local/lib`, read-only; a step naming `secrets` sees
+//!   them under `/run/secrets`, read-only ([`secrets`]). No other host path. Under WASI,
 //!   `..`, absolute paths and symlinks leading out of a mount are refused by its
 //!   capability checks; in a container the root filesystem is the image's,
 //!   read-only unless the step says otherwise.
@@ -50,6 +51,7 @@
 pub mod container;
 mod log;
 pub mod python;
+pub mod secrets;
 pub mod slurm;
 pub mod snapshot;
 pub mod transfer;

@@ -29,6 +29,14 @@ pub struct KeyParts {
     /// workdir, user, network, root filesystem. (The image is `code`, by digest.)
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub container: BTreeMap<String, String>,
+    /// The secrets the step reads, by name, and the variables it reads them
+    /// through (`secret_env`). Never their values: rotating a password does not
+    /// re-run a step (`--no-reuse` does). Absent when empty, so the keys of steps
+    /// without secrets are those they always were.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secret_env: BTreeMap<String, String>,
 }
 
 impl KeyParts {
@@ -80,6 +88,19 @@ impl KeyParts {
             "container",
             &old.container,
             &self.container,
+            &mut out,
+            |v| v.to_string(),
+        );
+        if self.secrets != old.secrets {
+            out.push(format!(
+                "secrets changed: {:?} → {:?}",
+                old.secrets, self.secrets
+            ));
+        }
+        diff_maps(
+            "secret_env",
+            &old.secret_env,
+            &self.secret_env,
             &mut out,
             |v| v.to_string(),
         );
@@ -296,6 +317,16 @@ pub fn key_parts(
         outputs: step.outputs.iter().map(|o| o.get_ref().clone()).collect(),
         inputs,
         container,
+        secrets: {
+            let mut names: Vec<String> = step.secrets.iter().map(|s| s.get_ref().clone()).collect();
+            names.sort();
+            names
+        },
+        secret_env: step
+            .secret_env
+            .iter()
+            .map(|(k, v)| (k.get_ref().clone(), v.get_ref().clone()))
+            .collect(),
     }
 }
 
@@ -323,6 +354,8 @@ mod tests {
             outputs: vec!["out".into()],
             inputs: BTreeMap::from([("data".into(), "bbbb".into())]),
             container: BTreeMap::new(),
+            secrets: Vec::new(),
+            secret_env: BTreeMap::new(),
         }
     }
 

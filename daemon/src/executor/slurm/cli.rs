@@ -104,20 +104,20 @@ async fn slurm_command(
     args: &[&str],
     secs: u64,
 ) -> Result<std::process::Output, SlurmError> {
-    tokio::time::timeout(
-        Duration::from_secs(secs),
-        tokio::process::Command::new(program)
-            .args(args)
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .map_err(|_| SlurmError::NoAnswer(format!("{program} did not answer within {secs} s")))?
-    .map_err(|e| {
-        SlurmError::Command(format!(
-            "cannot run {program} (is Slurm's client installed?): {e}"
-        ))
-    })
+    let mut command = tokio::process::Command::new(program);
+    command.args(args).kill_on_drop(true);
+    // `sbatch` passes its environment into the job: not the daemon's secrets.
+    for var in crate::executor::secrets::hidden_vars() {
+        command.env_remove(var);
+    }
+    tokio::time::timeout(Duration::from_secs(secs), command.output())
+        .await
+        .map_err(|_| SlurmError::NoAnswer(format!("{program} did not answer within {secs} s")))?
+        .map_err(|e| {
+            SlurmError::Command(format!(
+                "cannot run {program} (is Slurm's client installed?): {e}"
+            ))
+        })
 }
 
 /// `scontrol show job -o ID`: `Ok(None)` when Slurm no longer knows the job

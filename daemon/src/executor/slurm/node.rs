@@ -32,6 +32,10 @@ pub struct JobSpec {
     /// The daemon's walk limits (MILLRACE_MAX_DEPTH, MILLRACE_MAX_ENTRIES).
     #[serde(default)]
     pub walk: crate::store::walk::Limits,
+    /// The step's secret values, masked in the node's log as in the daemon's
+    /// (this file is its owner's alone, and removed with the job's).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub redact: Vec<Vec<u8>>,
 }
 
 fn no_cap() -> u64 {
@@ -109,6 +113,7 @@ async fn run_spec(spec: &JobSpec) -> JobResult {
             };
         }
     };
+    log.redact(spec.redact.iter().cloned());
     let cache = match std::env::var_os("MILLRACE_CACHE") {
         Some(d) if !d.is_empty() => PathBuf::from(d),
         _ => spec

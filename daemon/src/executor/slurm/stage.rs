@@ -39,17 +39,16 @@ pub(super) struct Staged {
     pub copy: Option<PathBuf>,
 }
 
-/// Mounts inside the run's work dir are staged (m0, m1, …, in order); the others
-/// (the Python runtime) are expected at the same path on the nodes.
+/// Mounts inside the run's work dir, and the step's secrets, are staged (m0, m1,
+/// …, in order); the others (the Python runtime) are expected at the same path
+/// on the nodes.
 pub(super) fn plan(mounts: &[Mount], work: &Path, staging: &Path) -> Vec<Staged> {
     mounts
         .iter()
         .enumerate()
         .map(|(k, m)| Staged {
             mount: m.clone(),
-            copy: m
-                .host
-                .starts_with(work)
+            copy: (m.host.starts_with(work) || m.guest == crate::executor::secrets::GUEST_DIR)
                 .then(|| staging.join(format!("m{k}"))),
         })
         .collect()
@@ -117,13 +116,15 @@ pub(super) fn write(
         result: files.result.clone(),
         output_cap: spec.disk_cap,
         walk: spec.walk,
+        redact: spec.log.redactions(),
     };
     let exe = std::env::current_exe()
         .map_err(|e| err(format!("cannot find the millrace binary: {e}")))?;
     let quote = |p: &Path| format!("'{}'", p.display().to_string().replace('\'', "'\\''"));
     let text = serde_json::to_vec_pretty(&job)
         .map_err(|e| err(format!("cannot write the job files: {e}")))?;
-    std::fs::write(&files.spec, text)
+    // The spec holds the step's environment, secrets included: its owner's alone.
+    private_write(&files.spec, &text)
         .and_then(|()| {
             std::fs::write(
                 &files.script,
@@ -138,4 +139,17 @@ pub(super) fn write(
             )
         })
         .map_err(|e| err(format!("cannot write the job files: {e}")))
+}
+
+/// Writes a file only its owner may read (mode 0600 from its creation).
+fn private_write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?
+        .write_all(bytes)
 }
