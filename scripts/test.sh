@@ -15,7 +15,7 @@ scripts/setup-slurm.sh >/dev/null
 echo "== plugin unit tests"
 (cd plugins && cargo test --quiet --target x86_64-unknown-linux-gnu -p csvkit)
 echo "== millrace tests"
-# promtool checks the daemon's /metrics (Debian's prometheus package); zsh and fish
+# promtool checks the daemon's /metrics and docs/alerts.yml (Debian's prometheus package); zsh and fish
 # parse the generated completions, man renders the manual page, script(1) gives the
 # colour test a terminal.
 want=()
@@ -28,7 +28,12 @@ if ((${#want[@]})) && [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; the
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${want[@]}" >/dev/null
 fi
-if command -v promtool >/dev/null; then export MILLRACE_REQUIRE_PROMTOOL=1; fi
+if command -v promtool >/dev/null; then
+    export MILLRACE_REQUIRE_PROMTOOL=1
+    # The sample alert rules (the tests check a real daemon's /metrics with
+    # `promtool check metrics`, and these rules again).
+    promtool check rules docs/alerts.yml
+fi
 cargo test --workspace
 MILLRACE_FUZZ_SECS=60 cargo test -p millrace --test integration fuzz:: -- --nocapture
 echo "== example pipelines and configs against docs/schema/ (taplo)"

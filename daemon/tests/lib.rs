@@ -17,6 +17,7 @@ mod hostile_fs;
 mod hostile_store;
 mod hostile_text;
 mod hostile_wasm;
+mod metrics;
 mod modules;
 mod operate;
 mod params;

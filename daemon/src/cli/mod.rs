@@ -377,7 +377,7 @@ enum RunsCommand {
 
 /// The wasmtime this binary embeds: the `=` pin in daemon/Cargo.toml
 /// (`the_wasmtime_version_is_the_pinned_one` keeps the two equal).
-const WASMTIME_VERSION: &str = "48.0.8";
+pub(crate) const WASMTIME_VERSION: &str = "48.0.8";
 
 /// `--version`: ours, wasmtime's and the Python runtime's (where it is found, as a
 /// Python step would find it: `$MILLRACE_PYTHON_RUNTIME`, else beside the binary).

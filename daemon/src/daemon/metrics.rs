@@ -1,23 +1,39 @@
 //! `GET /metrics`: the daemon's own numbers in the Prometheus text format
 //! (prometheus-client). Counters and histograms are fed when a run ends, from its
-//! recorded steps; gauges are read at scrape time.
+//! recorded steps; gauges are read at scrape time. What an alert is written on
+//! (the last success and last status of each pipeline) is also read from the
+//! store at start, so that "no success for 26 h" survives a restart. The
+//! `process_*` family is the process collector's ([`process`]).
 
 use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
 
-use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::text::{encode_eof, encode_registry};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::model::StepStatus;
+use crate::model::{RunStatus, StepStatus};
+
+mod process;
 
 type Labels = Vec<(String, String)>;
 type HistogramFamily = Family<Labels, Histogram, fn() -> Histogram>;
 
+/// The statuses of `millrace_pipeline_last_run_status`: how a run can end (an
+/// interrupted run is resumed, so it has not ended).
+const FINISHED: [RunStatus; 3] = [
+    RunStatus::Succeeded,
+    RunStatus::Failed,
+    RunStatus::Cancelled,
+];
+
 pub struct Metrics {
     registry: Mutex<Registry>,
+    /// Unprefixed: the `process_*` names every Prometheus client exports.
+    process: Registry,
     runs_started: Family<Labels, Counter>,
     runs_finished: Family<Labels, Counter>,
     step_seconds: HistogramFamily,
@@ -29,6 +45,9 @@ pub struct Metrics {
     running_steps: Gauge,
     precompiled: Family<Labels, Gauge>,
     given_up: Gauge,
+    last_success: Family<Labels, Gauge<f64, AtomicU64>>,
+    last_status: Family<Labels, Gauge>,
+    step_failures: Family<Labels, Counter>,
 }
 
 fn step_histogram() -> Histogram {
@@ -38,7 +57,7 @@ fn step_histogram() -> Histogram {
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let m = Metrics {
+        let mut m = Metrics {
             registry: Mutex::new(Registry::with_prefix("millrace")),
             runs_started: Family::default(),
             runs_finished: Family::default(),
@@ -51,7 +70,13 @@ impl Metrics {
             running_steps: Gauge::default(),
             precompiled: Family::default(),
             given_up: Gauge::default(),
+            last_success: Family::default(),
+            last_status: Family::default(),
+            step_failures: Family::default(),
+            process: Registry::default(),
         };
+        m.process
+            .register_collector(Box::new(process::ProcessCollector));
         {
             let mut r = m.registry.lock().unwrap_or_else(|e| e.into_inner());
             r.register(
@@ -101,8 +126,84 @@ impl Metrics {
                 "Failed runs the daemon stopped resuming because the process stopped while running them 3 times (from the store)",
                 m.given_up.clone(),
             );
+            r.register(
+                "pipeline_last_success_timestamp_seconds",
+                "When the newest succeeded run of each pipeline finished (Unix time; from the store at start)",
+                m.last_success.clone(),
+            );
+            r.register(
+                "pipeline_last_run_status",
+                "1 for the status of each pipeline's newest finished run, 0 for the other statuses (from the store at start)",
+                m.last_status.clone(),
+            );
+            r.register(
+                "step_failures",
+                "Steps that failed, by pipeline and step, counted when their run ends",
+                m.step_failures.clone(),
+            );
+            let build_info: Family<Labels, Gauge> = Family::default();
+            build_info
+                .get_or_create(&vec![
+                    ("version".into(), env!("CARGO_PKG_VERSION").into()),
+                    ("wasmtime".into(), crate::cli::WASMTIME_VERSION.into()),
+                    (
+                        "python_runtime".into(),
+                        crate::executor::python::RUNTIME_NAME.into(),
+                    ),
+                ])
+                .set(1);
+            r.register(
+                "build_info",
+                "1, labelled with the versions `millrace --version` prints",
+                build_info,
+            );
         }
         m
+    }
+
+    /// How a pipeline's run ended, at `finished_at` (ms): the state set of its last
+    /// status, and its last success if it succeeded. An older run that ends later
+    /// (a resumed one) does not move the last success back.
+    pub fn run_ended(&self, pipeline: &str, status: RunStatus, finished_at: Option<i64>) {
+        if !FINISHED.contains(&status) {
+            return;
+        }
+        for s in FINISHED {
+            self.last_status
+                .get_or_create(&vec![
+                    ("pipeline".into(), pipeline.into()),
+                    ("status".into(), s.to_string()),
+                ])
+                .set(i64::from(s == status));
+        }
+        if let (RunStatus::Succeeded, Some(ms)) = (status, finished_at) {
+            let g = self
+                .last_success
+                .get_or_create(&vec![("pipeline".into(), pipeline.into())]);
+            let secs = ms as f64 / 1000.0;
+            if secs > g.get() {
+                g.set(secs);
+            }
+        }
+    }
+
+    /// At start: each loaded pipeline's last status and last success, from the
+    /// store (a pipeline with no finished run gets no series).
+    pub fn restore<'a>(
+        &self,
+        db: &crate::store::db::Batch<'_>,
+        pipelines: impl IntoIterator<Item = &'a str>,
+    ) -> crate::store::db::Result<()> {
+        for p in pipelines {
+            let (last, success) = db.last_outcomes(p)?;
+            if let Some(ms) = success {
+                self.run_ended(p, RunStatus::Succeeded, Some(ms));
+            }
+            if let Some(status) = last {
+                self.run_ended(p, status, None);
+            }
+        }
+        Ok(())
     }
 
     pub fn run_started(&self, pipeline: &str) {
@@ -123,7 +224,16 @@ impl Metrics {
                 ("status".into(), run.status.to_string()),
             ])
             .inc();
+        self.run_ended(&run.pipeline, run.status, run.finished_at);
         for s in steps {
+            if s.status == StepStatus::Failed {
+                self.step_failures
+                    .get_or_create(&vec![
+                        ("pipeline".into(), run.pipeline.clone()),
+                        ("step".into(), s.name.clone()),
+                    ])
+                    .inc();
+            }
             match s.status {
                 StepStatus::Reused => {
                     self.reuse
@@ -198,7 +308,9 @@ impl Metrics {
             .set(precompiled.1 as i64);
         let mut out = String::new();
         let r = self.registry.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = encode(&mut out, &r);
+        let _ = encode_registry(&mut out, &r);
+        let _ = encode_registry(&mut out, &self.process);
+        let _ = encode_eof(&mut out);
         out
     }
 }

@@ -246,6 +246,18 @@ pub async fn serve(
         );
     }
     d.reload();
+    {
+        // What alerts are written on outlives the process: the last success and
+        // status of each loaded pipeline, from the store.
+        let names: Vec<String> = d.state().pipelines.keys().cloned().collect();
+        let db = d.store().db();
+        if let Err(e) = d
+            .metrics
+            .restore(&db.read(), names.iter().map(String::as_str))
+        {
+            tracing::warn!("/metrics: the pipelines' last runs cannot be read: {e}");
+        }
+    }
     tokio::spawn(d.clone().dispatch());
     d.wake.notify_one();
     triggers::watch_pipelines_dir(&d);

@@ -496,6 +496,31 @@ impl Batch<'_> {
         Ok(n.max(0) as u64)
     }
 
+    /// A pipeline's newest ended run's status (succeeded, failed or cancelled)
+    /// and when its newest succeeded run finished (ms): `/metrics` at start.
+    pub fn last_outcomes(&self, pipeline: &str) -> Result<(Option<RunStatus>, Option<i64>)> {
+        let last = self
+            .conn
+            .query_row(
+                "SELECT status FROM runs WHERE pipeline = ?1 AND status IN (?2, ?3, ?4)
+                 ORDER BY finished_at DESC, id DESC LIMIT 1",
+                params![
+                    pipeline,
+                    RunStatus::Succeeded,
+                    RunStatus::Failed,
+                    RunStatus::Cancelled
+                ],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let success = self.conn.query_row(
+            "SELECT max(finished_at) FROM runs WHERE pipeline = ?1 AND status = ?2",
+            params![pipeline, RunStatus::Succeeded],
+            |r| r.get(0),
+        )?;
+        Ok((last, success))
+    }
+
     /// Runs in one status, oldest first (`queued` runs start in this order).
     pub fn runs_with_status(&self, status: RunStatus) -> Result<Vec<RunRow>> {
         let mut stmt = self.conn.prepare_cached(&format!(
