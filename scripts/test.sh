@@ -30,9 +30,11 @@ if ((${#want[@]})) && [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; the
 fi
 if command -v promtool >/dev/null; then
     export MILLRACE_REQUIRE_PROMTOOL=1
-    # The sample alert rules (the tests check a real daemon's /metrics with
-    # `promtool check metrics`, and these rules again).
+    # The sample alert rules, and that they fire on the series the daemon
+    # exports (the tests check a real daemon's /metrics with `promtool check
+    # metrics`, and these rules again).
     promtool check rules docs/alerts.yml
+    promtool test rules docs/alerts.test.yml
 fi
 cargo test --workspace
 MILLRACE_FUZZ_SECS=60 cargo test -p millrace --test integration fuzz:: -- --nocapture

@@ -194,19 +194,25 @@ fn last_success_status_step_failures_build_and_process_survive_a_restart() {
     assert_eq!(d.stop(), 0);
 }
 
-/// The sample alert rules parse and their expressions are valid PromQL.
+/// The sample alert rules parse, their expressions are valid PromQL, and their
+/// unit tests (docs/alerts.test.yml, whose series carry the names and labels
+/// checked against a real daemon above) see them fire.
 #[test]
-fn the_sample_alert_rules_check() {
+fn the_sample_alert_rules_check_and_fire_on_the_daemons_series() {
     let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/alerts.yml");
+    let tests = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/alerts.test.yml");
     let text = std::fs::read_to_string(rules).unwrap();
+    let series = std::fs::read_to_string(tests).unwrap();
     for name in [
-        "millrace_pipeline_last_success_timestamp_seconds",
-        "millrace_pipeline_last_run_status",
-        "millrace_step_failures_total",
-        "process_resident_memory_bytes",
-        "up{job=\"millrace\"} == 0",
+        "millrace_pipeline_last_success_timestamp_seconds{",
+        "millrace_pipeline_last_run_status{",
+        "millrace_step_failures_total{",
+        "process_resident_memory_bytes{",
+        "up{job=\"millrace\"",
     ] {
         assert!(text.contains(name), "{name} in {rules}");
+        assert!(series.contains(name), "{name} in {tests}");
     }
     promtool(&["check", "rules", rules], "");
+    promtool(&["test", "rules", tests], "");
 }
