@@ -164,7 +164,7 @@ impl Metrics {
     /// How a pipeline's run ended, at `finished_at` (ms): the state set of its last
     /// status, and its last success if it succeeded. An older run that ends later
     /// (a resumed one) does not move the last success back.
-    pub fn run_ended(&self, pipeline: &str, status: RunStatus, finished_at: Option<i64>) {
+    fn set_last_outcome(&self, pipeline: &str, status: RunStatus, finished_at: Option<i64>) {
         if !FINISHED.contains(&status) {
             return;
         }
@@ -197,10 +197,10 @@ impl Metrics {
         for p in pipelines {
             let (last, success) = db.last_outcomes(p)?;
             if let Some(ms) = success {
-                self.run_ended(p, RunStatus::Succeeded, Some(ms));
+                self.set_last_outcome(p, RunStatus::Succeeded, Some(ms));
             }
             if let Some(status) = last {
-                self.run_ended(p, status, None);
+                self.set_last_outcome(p, status, None);
             }
         }
         Ok(())
@@ -224,7 +224,7 @@ impl Metrics {
                 ("status".into(), run.status.to_string()),
             ])
             .inc();
-        self.run_ended(&run.pipeline, run.status, run.finished_at);
+        self.set_last_outcome(&run.pipeline, run.status, run.finished_at);
         for s in steps {
             if s.status == StepStatus::Failed {
                 self.step_failures
@@ -388,6 +388,28 @@ mod tests {
             );
             assert!(text.contains(&line), "{line} in {text}");
         }
+    }
+
+    #[test]
+    fn the_last_status_is_a_state_set_and_the_last_success_only_moves_forward() {
+        use crate::model::RunStatus;
+        let m = super::Metrics::new();
+        m.set_last_outcome("p", RunStatus::Succeeded, Some(2_000_500));
+        m.set_last_outcome("p", RunStatus::Failed, Some(3_000_000));
+        // A resumed older run that succeeds now: its status counts, its time
+        // (before the last success) does not.
+        m.set_last_outcome("p", RunStatus::Succeeded, Some(1_000_000));
+        m.set_last_outcome("p", RunStatus::Interrupted, Some(4_000_000));
+        let text = super::to_prometheus_text(&m.render(0, 0, 0, (0, 0), 0));
+        for want in [
+            "millrace_pipeline_last_success_timestamp_seconds{pipeline=\"p\"} 2000.5\n",
+            "millrace_pipeline_last_run_status{pipeline=\"p\",status=\"succeeded\"} 1\n",
+            "millrace_pipeline_last_run_status{pipeline=\"p\",status=\"failed\"} 0\n",
+            "millrace_pipeline_last_run_status{pipeline=\"p\",status=\"cancelled\"} 0\n",
+        ] {
+            assert!(text.contains(want), "{want} in {text}");
+        }
+        assert!(!text.contains("status=\"interrupted\""), "{text}");
     }
 
     #[test]
