@@ -385,3 +385,31 @@ fn the_api_refuses_a_param_that_leaves_the_datastore_and_shows_the_resolved_path
     assert!(path.ends_with("data/2026-12-01"), "{run}");
     assert_eq!(d.stop(), 0);
 }
+
+#[test]
+fn a_script_reading_a_param_its_step_does_not_use_is_warned_about() {
+    // The environment holds only the params a step uses: a script that reads
+    // MILLRACE_PARAM_C without `params = ["c"]` would fail at run time with a
+    // KeyError. `validate` says so first, at the step's `python`.
+    let p = Project::new();
+    p.write("src/train.py", "import os\nc = float(os.environ['MILLRACE_PARAM_C'])\nn = os.environ.get('MILLRACE_PARAM_N_JOBS')\n");
+    let f = p.write(
+        "t.toml",
+        "[params]\nc = 1.0\nn-jobs = 2\nunused = 3\n[[step]]\nname = \"train\"\npython = { script = \"train.py\", code = \"src\" }\noutputs = [\"m\"]\n",
+    );
+    let out = p.run(&["validate", f.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("t.toml:7:21: warning: step `train`'s script train.py reads MILLRACE_PARAM_C, MILLRACE_PARAM_N_JOBS, but the step does not use `c`, `n-jobs`"),
+        "{err}"
+    );
+    assert!(err.contains("params = [\"c\", \"n-jobs\"]"), "{err}");
+    let fixed = p.write(
+        "ok.toml",
+        "[params]\nc = 1.0\nn-jobs = 2\n[[step]]\nname = \"train\"\npython = { script = \"train.py\", code = \"src\" }\nparams = [\"c\", \"n-jobs\"]\noutputs = [\"m\"]\n",
+    );
+    let out = p.run(&["validate", fixed.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("warning"), "{}", stderr(&out));
+}

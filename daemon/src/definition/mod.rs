@@ -443,6 +443,7 @@ impl Walker {
         };
         self.scope(&mut pipeline, text);
         self.code_beside_data(&pipeline, env);
+        self.params_read_but_not_used(&pipeline);
         Some(pipeline)
     }
 

@@ -390,6 +390,74 @@ impl Walker {
     }
 }
 
+impl Walker {
+    /// A Python script that reads `MILLRACE_PARAM_X` for a declared param `x` its
+    /// step does not use sees no such variable (a step's environment holds only
+    /// the params it uses): said at the step's `python`, with the `params = [...]`
+    /// that fixes it. Only the entry script is read, as text (its first MiB).
+    pub(super) fn params_read_but_not_used(&mut self, p: &Pipeline) {
+        const PREFIX: &str = "MILLRACE_PARAM_";
+        for s in &p.steps {
+            let StepKind::Python {
+                script,
+                code_dir,
+                entry,
+                ..
+            } = &s.kind
+            else {
+                continue;
+            };
+            let Ok(f) = std::fs::File::open(code_dir.join(entry)) else {
+                continue;
+            };
+            let mut text = String::new();
+            if std::io::Read::read_to_string(&mut std::io::Read::take(f, 1 << 20), &mut text)
+                .is_err()
+            {
+                continue;
+            }
+            let mut missing: Vec<String> = Vec::new();
+            for (at, _) in text.match_indices(PREFIX) {
+                let var: String = text[at + PREFIX.len()..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                let Some(param) = p
+                    .params
+                    .iter()
+                    .find(|q| q.name.get_ref().to_ascii_uppercase().replace('-', "_") == var)
+                else {
+                    continue;
+                };
+                let name = param.name.get_ref();
+                if !s.uses.contains(name) && !missing.contains(name) {
+                    missing.push(name.clone());
+                }
+            }
+            if missing.is_empty() {
+                continue;
+            }
+            let quoted: Vec<String> = missing.iter().map(|m| format!("\"{m}\"")).collect();
+            let vars: Vec<String> = missing
+                .iter()
+                .map(|m| format!("{PREFIX}{}", m.to_ascii_uppercase().replace('-', "_")))
+                .collect();
+            self.diags.push(
+                Diagnostic::warning(
+                    script.span(),
+                    format!(
+                        "step `{}`'s script {entry} reads {}, but the step does not use {}: its environment holds only the params it uses",
+                        s.name.get_ref(),
+                        vars.join(", "),
+                        missing.iter().map(|m| format!("`{m}`")).collect::<Vec<_>>().join(", ")
+                    ),
+                )
+                .with_help(format!("name them on the step: params = [{}]", quoted.join(", "))),
+            );
+        }
+    }
+}
+
 /// `defaults` with `own` (a trigger's params) over them.
 pub(super) fn overridden(
     defaults: &[(String, ParamValue)],
