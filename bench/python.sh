@@ -69,6 +69,12 @@ for variant in warm base; do
         curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break
         sleep 0.1
     done
+    # The watch has taken its first look (a file dropped before it is its baseline).
+    for _ in $(seq 300); do
+        curl -sf -H "Authorization: Bearer $(cat "$work/.state/api-token")" "http://127.0.0.1:$port/api/v1/status" |
+            python3 -c 'import json,sys; sys.exit(0 if any(t["pipeline"] == "wine-score" and t["checks"] > 0 for t in json.load(sys.stdin)["counters"]["triggers"]) else 1)' && break
+        sleep 0.1
+    done
     # A first drop outside the clock: the daemon's first step loads the compiled runtime.
     for i in $(seq 0 "$reps"); do
         name="bench-$variant-$i.csv"
