@@ -10,6 +10,7 @@ use super::validate::summary_line;
 use crate::engine::{Event, RunError, RunSummary};
 use crate::model::StepStatus;
 use crate::store::Store;
+use crate::store::artifacts::escape_controls;
 use crate::view::RunView;
 
 pub(super) fn run_error(e: RunError) -> anyhow::Error {
@@ -189,26 +190,14 @@ pub(super) fn failed_steps(
             };
             out.push_str(&format!("  {shown}:\n"));
             for l in &lines[from..] {
-                out.push_str(&format!("    | {}\n", printable(l)));
+                // A guest wrote these lines: escape sequences and bidi overrides
+                // must not rewrite the operator's terminal.
+                out.push_str(&format!("    | {}\n", escape_controls(l)));
             }
         }
         out.push_str(&format!("  (the whole log: millrace logs {id} {name})\n"));
     }
     out
-}
-
-/// A guest-written log line made safe for a terminal: control characters
-/// (escape sequences could rewrite the screen or the title) are shown escaped.
-fn printable(line: &str) -> String {
-    line.chars()
-        .flat_map(|c| {
-            if c.is_control() && c != '\t' {
-                c.escape_default().collect::<Vec<_>>()
-            } else {
-                vec![c]
-            }
-        })
-        .collect()
 }
 
 /// The end of a log file: its last 64 KiB, enough for [`TAIL_LINES`] lines.

@@ -352,13 +352,13 @@ pub fn cancel(c: &Connect, state: &Path, run: &str, json: bool) -> anyhow::Resul
         .and_then(|p| u32::try_from(p).ok())
         .filter(|&p| alive(p));
     let holder = crate::engine::RunLock::holder(&store, id);
-    match status(&store)? {
-        s if s.is_terminal() && s != RunStatus::Interrupted => Err(Error::usage(format!(
+    match (status(&store)?, holder) {
+        (s, _) if s.is_terminal() && s != RunStatus::Interrupted => Err(Error::usage(format!(
             "run {id} already ended ({s}): there is nothing to cancel"
         ))
         .into()),
         // A queued run waits for the daemon's dispatcher; only it may take it off.
-        s @ (RunStatus::Queued | RunStatus::Running)
+        (s @ (RunStatus::Queued | RunStatus::Running), _)
             if daemon_pid.is_some() && (s == RunStatus::Queued || holder == daemon_pid) =>
         {
             let client = Client::connect(c, state)?;
@@ -369,8 +369,7 @@ pub fn cancel(c: &Connect, state: &Path, run: &str, json: bool) -> anyhow::Resul
             let end = wait_terminal(|| status(&store))?;
             done("through the daemon", end)
         }
-        RunStatus::Running if holder.is_some() => {
-            let pid = holder.unwrap_or_default();
+        (RunStatus::Running, Some(pid)) => {
             // SIGTERM: `run` and `resume` stop the run as for Ctrl-C (recorded
             // cancelled, resumable); a signal is all another process can be sent.
             let pid_t = libc::pid_t::try_from(pid)
@@ -386,7 +385,7 @@ pub fn cancel(c: &Connect, state: &Path, run: &str, json: bool) -> anyhow::Resul
             let end = wait_terminal(|| status(&store))?;
             done(&format!("process {pid} stopped it"), end)
         }
-        RunStatus::Queued => Err(Error::usage(format!(
+        (RunStatus::Queued, _) => Err(Error::usage(format!(
             "run {id} is queued for a daemon that is not running; start it, or cancel with --url"
         ))
         .into()),

@@ -12,22 +12,27 @@ impl RunLock {
     /// us from asking (out of descriptors, say: that is not "busy", and a
     /// dispatcher taking it for busy would pick the run again at once).
     pub fn acquire(store: &Store, run: i64) -> std::io::Result<Option<RunLock>> {
-        let dir = store.root.join("locks");
-        std::fs::create_dir_all(&dir)?;
+        let Some(file) = Self::lock_file(store, run)? else {
+            return Ok(None);
+        };
+        // Who drives the run, for `millrace cancel` (best effort: the lock itself
+        // is what counts).
+        use std::io::Write;
+        let _ = file.set_len(0);
+        let _ = write!(&file, "{}", std::process::id());
+        Ok(Some(RunLock { _file: file }))
+    }
+
+    /// The run's lock file, locked; `None` while another process holds it.
+    fn lock_file(store: &Store, run: i64) -> std::io::Result<Option<std::fs::File>> {
+        std::fs::create_dir_all(store.root.join("locks"))?;
         let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
-            .open(dir.join(format!("run-{run}.lock")))?;
+            .open(Self::path(store, run))?;
         match file.try_lock() {
-            Ok(()) => {
-                // Who drives the run, for `millrace cancel` (best effort: the
-                // lock itself is what counts).
-                use std::io::Write;
-                let _ = file.set_len(0);
-                let _ = write!(&file, "{}", std::process::id());
-                Ok(Some(RunLock { _file: file }))
-            }
+            Ok(()) => Ok(Some(file)),
             Err(std::fs::TryLockError::WouldBlock) => Ok(None),
             Err(std::fs::TryLockError::Error(e)) => Err(e),
         }
@@ -39,13 +44,21 @@ impl RunLock {
         if !RunLock::is_held(store, run) {
             return None;
         }
-        let path = store.root.join("locks").join(format!("run-{run}.lock"));
-        std::fs::read_to_string(path).ok()?.trim().parse().ok()
+        std::fs::read_to_string(Self::path(store, run))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     /// Whether some process is driving the run now (when we cannot tell, yes:
     /// the safe answer for gc, recovery and the orphan sweep).
+    /// Asking takes the lock for a moment and leaves the recorded holder as it is.
     pub fn is_held(store: &Store, run: i64) -> bool {
-        !matches!(RunLock::acquire(store, run), Ok(Some(_)))
+        !matches!(RunLock::lock_file(store, run), Ok(Some(_)))
+    }
+
+    fn path(store: &Store, run: i64) -> std::path::PathBuf {
+        store.root.join("locks").join(format!("run-{run}.lock"))
     }
 }
