@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use crate::definition::TransferMode;
-use crate::store::artifacts::{ArtifactStore, EntryKind, FileStat};
+use crate::store::artifacts::{ArtifactStore, EntryKind, FileStat, shown};
 use crate::store::walk::{self, Dir, Kind};
 
 #[derive(Debug, thiserror::Error)]
@@ -39,10 +39,6 @@ pub enum TransferError {
     /// A merge met something at a path that it would have to remove.
     #[error("{}: {what}; a merge removes nothing that is there", shown(path))]
     Conflict { path: PathBuf, what: &'static str },
-}
-
-fn shown(p: &Path) -> String {
-    crate::store::artifacts::escape_controls(&p.to_string_lossy())
 }
 
 /// Publishes artifact `digest` at `dest` (a directory), as `mode` says.

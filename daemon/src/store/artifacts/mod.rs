@@ -40,7 +40,7 @@ pub enum ArtifactError {
 
 /// A path as printed: a guest chooses file names, and a terminal must not take
 /// one for an escape sequence.
-fn shown(p: &Path) -> String {
+pub(crate) fn shown(p: &Path) -> String {
     escape_controls(&p.to_string_lossy())
 }
 
